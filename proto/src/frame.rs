@@ -1,0 +1,431 @@
+//! Frames: the sealed JSON objects that travel through the broker.
+//!
+//! Two versions, told apart by the frame itself (DESIGN.md "Wire format"):
+//!
+//! - **v1**, the original NES frame, `{"cipherkey","ciphertext","signature"}`:
+//!   AES-256-CBC under a 48-byte key+IV wrapped with RSA PKCS#1 v1.5; the signature
+//!   (PSS, maximum salt) travels in clear beside the ciphertext.
+//! - **v2**, the default, `{"v":2,"cipherkey","nonce","ciphertext"}`: AES-256-GCM under a
+//!   32-byte key wrapped with RSA-OAEP-SHA-256; the signature is encrypted with the
+//!   message, so only the recipient learns who signed, and nobody can test a guess of a
+//!   short message against a clear signature.
+//!
+//! Opening is two steps, because the key that verifies the signature belongs to the inner
+//! `from`, which is only known after decryption: [`decrypt`] gives a [`Decrypted`], whose
+//! [`Decrypted::verify`] with the sender's signing key gives an [`Opened`]. Nothing in a
+//! `Decrypted` may be shown or stored before it is verified.
+//!
+//! Every refusal is a [`FrameError`]; bytes from the network never cause a panic.
+
+use crate::b64;
+use crate::inner::{Inner, ID_BYTES};
+use crate::keys::{KeyError, PrivateKey, PublicKey};
+use crate::username::Username;
+use aes::cipher::{block_padding::Pkcs7, BlockDecryptMut, BlockEncryptMut, KeyIvInit};
+use aes_gcm::aead::{Aead, Payload};
+use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
+use rand::RngCore;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use zeroize::Zeroizing;
+
+/// Frames larger than this are refused unread (DESIGN.md "Receiving rules").
+pub const MAX_FRAME_BYTES: usize = 256 * 1024;
+/// A timestamp further than this in the future is refused.
+pub const MAX_FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;
+/// Associated data prefix of v2's AES-GCM (followed by the raw cipherkey bytes).
+pub const V2_AAD_PREFIX: &[u8] = b"NES/2";
+
+/// The wire format version of a frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Version {
+    /// The original NES frame (no `"v"` field).
+    V1,
+    /// `"v": 2`.
+    V2,
+}
+
+impl Version {
+    /// 1 or 2.
+    pub fn number(self) -> u32 {
+        match self {
+            Version::V1 => 1,
+            Version::V2 => 2,
+        }
+    }
+}
+
+/// Why a frame was refused (or could not be sealed).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FrameError {
+    /// Larger than [`MAX_FRAME_BYTES`].
+    #[error("frame of {size} bytes is larger than the {MAX_FRAME_BYTES}-byte limit")]
+    TooLarge {
+        /// Its size.
+        size: usize,
+    },
+    /// Not a JSON object of the expected shape.
+    #[error("bad frame JSON: {0}")]
+    Json(String),
+    /// A `"v"` we do not speak.
+    #[error("unsupported frame version {0}")]
+    UnsupportedVersion(u64),
+    /// A binary field is not padded base64url.
+    #[error("field {field:?} is not base64url")]
+    Base64 {
+        /// The JSON field.
+        field: &'static str,
+    },
+    /// A binary field has the wrong length.
+    #[error("field {field:?} has the wrong length")]
+    Length {
+        /// The JSON field.
+        field: &'static str,
+    },
+    /// `cipherkey` does not unwrap with our message key (not for us, or corrupted).
+    #[error("the message key does not unwrap with this identity's key")]
+    Unwrap,
+    /// The AES-GCM tag (v2) or the CBC padding (v1) does not check out.
+    #[error("the ciphertext does not decrypt (tag or padding check failed)")]
+    Decrypt,
+    /// The decrypted inner message is not valid.
+    #[error("bad inner message: {0}")]
+    Inner(String),
+    /// The signature does not verify under the sender's signing key.
+    #[error("the signature does not verify under the sender's signing key")]
+    Signature,
+    /// The inner `to` is someone else: a frame re-sent to the wrong person.
+    #[error("the message is addressed to {to:?}, not to this identity")]
+    Misaddressed {
+        /// The inner `to`.
+        to: String,
+    },
+    /// The inner `timestamp` is more than [`MAX_FUTURE_SKEW_MS`] ahead of our clock.
+    #[error("the message timestamp {timestamp} is too far in the future")]
+    FromTheFuture {
+        /// The inner `timestamp`.
+        timestamp: i64,
+    },
+    /// A key failed while sealing.
+    #[error(transparent)]
+    Key(#[from] KeyError),
+}
+
+impl FrameError {
+    /// A short stable name for counters and logs ("bad_json", "signature", ...).
+    pub fn reason(&self) -> &'static str {
+        match self {
+            FrameError::TooLarge { .. } => "too_large",
+            FrameError::Json(_) => "bad_json",
+            FrameError::UnsupportedVersion(_) => "bad_version",
+            FrameError::Base64 { .. } => "bad_base64",
+            FrameError::Length { .. } => "bad_length",
+            FrameError::Unwrap => "unwrap",
+            FrameError::Decrypt => "decrypt",
+            FrameError::Inner(_) => "bad_inner",
+            FrameError::Signature => "signature",
+            FrameError::Misaddressed { .. } => "misaddressed",
+            FrameError::FromTheFuture { .. } => "future",
+            FrameError::Key(_) => "key",
+        }
+    }
+}
+
+/// What to seal.
+#[derive(Debug, Clone, Copy)]
+pub struct Draft<'a> {
+    /// Inner `from`: the sender.
+    pub from: &'a Username,
+    /// Inner `to`: the recipient.
+    pub to: &'a Username,
+    /// Inner `message`.
+    pub text: &'a str,
+    /// Inner `timestamp`, Unix ms.
+    pub timestamp_ms: i64,
+}
+
+/// A sealed frame, ready to publish on `nes/<to>/message`.
+#[derive(Debug, Clone)]
+pub struct Sealed {
+    /// The frame's JSON bytes (the MQTT payload).
+    pub frame: Vec<u8>,
+    /// The inner JSON bytes that were signed.
+    pub inner: Vec<u8>,
+    /// The message id (v2: the inner `id`; v1: derived from the frame, see [`v1_id`]).
+    pub id: String,
+    /// Which version it is.
+    pub version: Version,
+}
+
+/// Seals `draft` for the holder of `recipient_message_key`, signed with
+/// `sender_sign_key`.
+pub fn seal(
+    version: Version,
+    draft: &Draft<'_>,
+    recipient_message_key: &PublicKey,
+    sender_sign_key: &PrivateKey,
+) -> Result<Sealed, FrameError> {
+    let sealed = match version {
+        Version::V1 => seal_v1(draft, recipient_message_key, sender_sign_key)?,
+        Version::V2 => seal_v2(draft, recipient_message_key, sender_sign_key)?,
+    };
+    if sealed.frame.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge { size: sealed.frame.len() });
+    }
+    Ok(sealed)
+}
+
+fn seal_v1(draft: &Draft<'_>, to_key: &PublicKey, sign_key: &PrivateKey) -> Result<Sealed, FrameError> {
+    let inner = Inner {
+        from: draft.from.to_string(),
+        to: draft.to.to_string(),
+        timestamp: draft.timestamp_ms,
+        message: draft.text.to_owned(),
+        id: None,
+    }
+    .to_go_json();
+    let mut k = Zeroizing::new([0u8; 48]);
+    rand::rngs::OsRng.fill_bytes(k.as_mut());
+    let ciphertext = cbc::Encryptor::<aes::Aes256>::new_from_slices(&k[..32], &k[32..])
+        .map_err(|_| FrameError::Key(KeyError::Backend("AES-CBC key setup".into())))?
+        .encrypt_padded_vec_mut::<Pkcs7>(&inner);
+    let cipherkey = to_key.encrypt_pkcs1(k.as_ref())?;
+    let signature = sign_key.sign_pss_max_salt(&inner)?;
+    // Go's json.Marshal of the original Frame struct: this key order, compact.
+    let frame = format!(
+        "{{\"cipherkey\":\"{}\",\"ciphertext\":\"{}\",\"signature\":\"{}\"}}",
+        b64::encode(&cipherkey),
+        b64::encode(&ciphertext),
+        b64::encode(&signature)
+    )
+    .into_bytes();
+    Ok(Sealed { id: v1_id(&frame), frame, inner, version: Version::V1 })
+}
+
+fn seal_v2(draft: &Draft<'_>, to_key: &PublicKey, sign_key: &PrivateKey) -> Result<Sealed, FrameError> {
+    let id = new_message_id();
+    let inner = Inner {
+        from: draft.from.to_string(),
+        to: draft.to.to_string(),
+        timestamp: draft.timestamp_ms,
+        message: draft.text.to_owned(),
+        id: Some(id.clone()),
+    }
+    .to_go_json();
+    let signature = sign_key.sign_pss(&inner)?;
+    let sig_len = u16::try_from(signature.len())
+        .map_err(|_| FrameError::Key(KeyError::Backend("signature too long".into())))?;
+    let mut plaintext = Zeroizing::new(Vec::with_capacity(2 + signature.len() + inner.len()));
+    plaintext.extend_from_slice(&sig_len.to_be_bytes());
+    plaintext.extend_from_slice(&signature);
+    plaintext.extend_from_slice(&inner);
+
+    let mut k = Zeroizing::new([0u8; 32]);
+    let mut nonce = [0u8; 12];
+    rand::rngs::OsRng.fill_bytes(k.as_mut());
+    rand::rngs::OsRng.fill_bytes(&mut nonce);
+    let cipherkey = to_key.encrypt_oaep(k.as_ref())?;
+    let aad = v2_aad(&cipherkey);
+    let cipher = Aes256Gcm::new_from_slice(k.as_ref())
+        .map_err(|_| FrameError::Key(KeyError::Backend("AES-GCM key setup".into())))?;
+    let ciphertext = cipher
+        .encrypt(Nonce::from_slice(&nonce), Payload { msg: &plaintext, aad: &aad })
+        .map_err(|_| FrameError::Key(KeyError::Backend("AES-GCM encryption".into())))?;
+    let frame = format!(
+        "{{\"v\":2,\"cipherkey\":\"{}\",\"nonce\":\"{}\",\"ciphertext\":\"{}\"}}",
+        b64::encode(&cipherkey),
+        b64::encode(&nonce),
+        b64::encode(&ciphertext)
+    )
+    .into_bytes();
+    Ok(Sealed { frame, inner, id, version: Version::V2 })
+}
+
+/// A decrypted frame whose signature has not been checked yet.
+#[derive(Debug, Clone)]
+pub struct Decrypted {
+    version: Version,
+    inner_bytes: Vec<u8>,
+    inner: Inner,
+    signature: Vec<u8>,
+    id: String,
+}
+
+/// A frame that decrypted and whose signature verified under the sender's key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Opened {
+    /// The frame's version.
+    pub version: Version,
+    /// The inner JSON bytes exactly as signed.
+    pub inner_bytes: Vec<u8>,
+    /// The parsed inner message.
+    pub inner: Inner,
+    /// The message id (v2: inner `id`; v1: [`v1_id`] of the frame bytes).
+    pub id: String,
+}
+
+#[derive(Deserialize)]
+struct Outer {
+    #[serde(default)]
+    v: Option<u64>,
+    cipherkey: Option<String>,
+    ciphertext: Option<String>,
+    signature: Option<String>,
+    nonce: Option<String>,
+}
+
+/// Decrypts `frame` with this identity's message key. The result must still be verified.
+pub fn decrypt(frame: &[u8], message_key: &PrivateKey) -> Result<Decrypted, FrameError> {
+    if frame.len() > MAX_FRAME_BYTES {
+        return Err(FrameError::TooLarge { size: frame.len() });
+    }
+    let outer: Outer = serde_json::from_slice(frame).map_err(|e| FrameError::Json(e.to_string()))?;
+    match outer.v {
+        None => decrypt_v1(frame, outer, message_key),
+        Some(2) => decrypt_v2(outer, message_key),
+        Some(v) => Err(FrameError::UnsupportedVersion(v)),
+    }
+}
+
+fn field(value: Option<String>, name: &'static str) -> Result<Vec<u8>, FrameError> {
+    let text = value.ok_or_else(|| FrameError::Json(format!("missing field `{name}`")))?;
+    b64::decode(&text).ok_or(FrameError::Base64 { field: name })
+}
+
+fn decrypt_v1(frame: &[u8], outer: Outer, key: &PrivateKey) -> Result<Decrypted, FrameError> {
+    // Decode every field before the RSA operation: garbage costs no private-key work.
+    let cipherkey = field(outer.cipherkey, "cipherkey")?;
+    let ciphertext = field(outer.ciphertext, "ciphertext")?;
+    let signature = field(outer.signature, "signature")?;
+    if ciphertext.is_empty() || ciphertext.len() % 16 != 0 {
+        return Err(FrameError::Length { field: "ciphertext" });
+    }
+    let k = key.decrypt_pkcs1(&cipherkey).ok_or(FrameError::Unwrap)?;
+    if k.len() != 48 {
+        return Err(FrameError::Unwrap);
+    }
+    let inner_bytes = cbc::Decryptor::<aes::Aes256>::new_from_slices(&k[..32], &k[32..])
+        .map_err(|_| FrameError::Unwrap)?
+        .decrypt_padded_vec_mut::<Pkcs7>(&ciphertext)
+        .map_err(|_| FrameError::Decrypt)?;
+    let inner = Inner::parse(&inner_bytes).map_err(FrameError::Inner)?;
+    Ok(Decrypted { version: Version::V1, inner_bytes, inner, signature, id: v1_id(frame) })
+}
+
+fn decrypt_v2(outer: Outer, key: &PrivateKey) -> Result<Decrypted, FrameError> {
+    let cipherkey = field(outer.cipherkey, "cipherkey")?;
+    let nonce = field(outer.nonce, "nonce")?;
+    let ciphertext = field(outer.ciphertext, "ciphertext")?;
+    if nonce.len() != 12 {
+        return Err(FrameError::Length { field: "nonce" });
+    }
+    let k = key.decrypt_oaep(&cipherkey).ok_or(FrameError::Unwrap)?;
+    if k.len() != 32 {
+        return Err(FrameError::Unwrap);
+    }
+    let cipher = Aes256Gcm::new_from_slice(&k).map_err(|_| FrameError::Unwrap)?;
+    let plaintext = Zeroizing::new(
+        cipher
+            .decrypt(Nonce::from_slice(&nonce), Payload { msg: &ciphertext, aad: &v2_aad(&cipherkey) })
+            .map_err(|_| FrameError::Decrypt)?,
+    );
+    if plaintext.len() < 2 {
+        return Err(FrameError::Inner("no signature length".into()));
+    }
+    let sig_len = usize::from(u16::from_be_bytes([plaintext[0], plaintext[1]]));
+    let rest = &plaintext[2..];
+    if sig_len > rest.len() {
+        return Err(FrameError::Inner("signature length past the end".into()));
+    }
+    let (signature, inner_bytes) = rest.split_at(sig_len);
+    let inner = Inner::parse(inner_bytes).map_err(FrameError::Inner)?;
+    let id = inner.id.clone().ok_or_else(|| FrameError::Inner("missing field `id`".into()))?;
+    if b64::decode(&id).map(|b| b.len()) != Some(ID_BYTES) {
+        return Err(FrameError::Inner("`id` is not 16 bytes of base64url".into()));
+    }
+    Ok(Decrypted {
+        version: Version::V2,
+        inner_bytes: inner_bytes.to_vec(),
+        inner,
+        signature: signature.to_vec(),
+        id,
+    })
+}
+
+impl Decrypted {
+    /// The frame's version.
+    pub fn version(&self) -> Version {
+        self.version
+    }
+
+    /// The claimed inner message: use it only to find the sender's keys.
+    pub fn inner(&self) -> &Inner {
+        &self.inner
+    }
+
+    /// The message id.
+    pub fn id(&self) -> &str {
+        &self.id
+    }
+
+    /// Checks the signature with the signing key of the inner `from`: v2 with a 32-byte
+    /// PSS salt as sealed, v1 with any salt as the original does.
+    pub fn verify(self, sender_sign_key: &PublicKey) -> Result<Opened, FrameError> {
+        let ok = match self.version {
+            Version::V1 => sender_sign_key.verify_pss_any_salt(&self.inner_bytes, &self.signature),
+            Version::V2 => sender_sign_key.verify_pss_digest_salt(&self.inner_bytes, &self.signature),
+        };
+        if !ok {
+            return Err(FrameError::Signature);
+        }
+        Ok(Opened { version: self.version, inner_bytes: self.inner_bytes, inner: self.inner, id: self.id })
+    }
+}
+
+impl Opened {
+    /// Refuses a message whose inner `to` is not `me` (compared lower-case, since the
+    /// original wrote the recipient as typed).
+    pub fn check_recipient(&self, me: &Username) -> Result<(), FrameError> {
+        if self.inner.to.to_ascii_lowercase() == me.as_str() {
+            Ok(())
+        } else {
+            Err(FrameError::Misaddressed { to: self.inner.to.chars().take(64).collect() })
+        }
+    }
+
+    /// Refuses a timestamp more than [`MAX_FUTURE_SKEW_MS`] after `now_ms`.
+    pub fn check_time(&self, now_ms: i64) -> Result<(), FrameError> {
+        if self.inner.timestamp > now_ms.saturating_add(MAX_FUTURE_SKEW_MS) {
+            Err(FrameError::FromTheFuture { timestamp: self.inner.timestamp })
+        } else {
+            Ok(())
+        }
+    }
+}
+
+/// A fresh v2 message id: 16 bytes from the OS RNG, base64url.
+pub fn new_message_id() -> String {
+    let mut id = [0u8; ID_BYTES];
+    rand::rngs::OsRng.fill_bytes(&mut id);
+    b64::encode(&id)
+}
+
+/// The id of a v1 message, which has none on the wire: the first 16 bytes of the
+/// SHA-256 of the frame bytes, base64url. Sender and receiver derive the same one, and a
+/// replayed v1 frame gets the same id, which is what duplicate detection needs.
+pub fn v1_id(frame: &[u8]) -> String {
+    b64::encode(&Sha256::digest(frame)[..ID_BYTES])
+}
+
+fn v2_aad(cipherkey: &[u8]) -> Vec<u8> {
+    let mut aad = Vec::with_capacity(V2_AAD_PREFIX.len() + cipherkey.len());
+    aad.extend_from_slice(V2_AAD_PREFIX);
+    aad.extend_from_slice(cipherkey);
+    aad
+}
+
+/// Opens with both keys at once: [`decrypt`] then [`Decrypted::verify`].
+pub fn open(frame: &[u8], message_key: &PrivateKey, sender_sign_key: &PublicKey) -> Result<Opened, FrameError> {
+    decrypt(frame, message_key)?.verify(sender_sign_key)
+}

@@ -1,0 +1,527 @@
+//! RSA keys: the original's file formats, generation, and the operations the wire needs.
+//!
+//! Files are what the original `nes generate` wrote: private keys as PEM
+//! `RSA PRIVATE KEY` (PKCS#1), public keys as PEM `PUBLIC KEY` (PKIX / SPKI), 64-character
+//! lines, a final newline. An identity has two pairs: the *message* pair unwraps message
+//! keys, the *sign* pair signs.
+//!
+//! # Backends
+//! Private-key operations (unwrap, sign) and public encryption run on aws-lc-rs, the
+//! fastest RSA on the machine (it matches OpenSSL's assembly; the pure-Rust `rsa` crate is
+//! several times slower and not constant-time, see RUSTSEC-2023-0071). The `rsa` crate
+//! stays for what it is good at and where timing does not matter: reading and writing the
+//! PEM/DER formats, and the public-key half of v1's any-salt PSS verification (aws-lc-rs
+//! can only verify a salt length it is told; the original signs with the maximum and
+//! accepts any, so we must too). No private-key arithmetic runs in the `rsa` crate.
+
+use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
+use aws_lc_rs::rsa::{
+    KeySize, OaepPrivateDecryptingKey, OaepPublicEncryptingKey, Pkcs1PrivateDecryptingKey,
+    Pkcs1PublicEncryptingKey, PrivateDecryptingKey, PublicEncryptingKey, OAEP_SHA256_MGF1SHA256,
+};
+use aws_lc_rs::signature::{self, RsaKeyPair, RsaPssSaltLength};
+use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey, EncodeRsaPublicKey};
+use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
+use rsa::traits::PublicKeyParts;
+use rsa::{BigUint, RsaPrivateKey, RsaPublicKey};
+use sha2::{Digest, Sha256};
+use std::fmt;
+use std::path::Path;
+use zeroize::Zeroizing;
+
+/// Smallest RSA modulus accepted, ours or a peer's.
+pub const MIN_BITS: usize = 2048;
+/// Largest RSA modulus accepted (bounds the cost of a verification an attacker can ask for).
+pub const MAX_BITS: usize = 4096;
+/// Size `nes generate` uses unless told otherwise (the original's).
+pub const DEFAULT_BITS: usize = 2048;
+/// Sizes `generate` can make.
+pub const GENERATE_BITS: [usize; 3] = [2048, 3072, 4096];
+
+/// Why a key could not be read, written, made or used.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum KeyError {
+    /// The text is not a PEM key of the expected kind.
+    #[error("not a {expected} PEM key")]
+    Format {
+        /// What was expected, e.g. "RSA PRIVATE KEY (PKCS#1)".
+        expected: &'static str,
+    },
+    /// The modulus is outside [`MIN_BITS`]..=[`MAX_BITS`].
+    #[error("RSA key of {bits} bits refused: keys must have {MIN_BITS} to {MAX_BITS} bits")]
+    Size {
+        /// The key's modulus size.
+        bits: usize,
+    },
+    /// `generate` was asked for a size it does not make.
+    #[error("cannot generate {bits}-bit keys: choose one of 2048, 3072, 4096")]
+    GenerateSize {
+        /// The size asked for.
+        bits: usize,
+    },
+    /// The crypto backend refused the key or failed an operation on it.
+    #[error("RSA backend refused the key: {0}")]
+    Backend(String),
+    /// A key file could not be read or written.
+    #[error("{path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// What went wrong.
+        source: std::io::Error,
+    },
+}
+
+/// An RSA public key (a `public_key_message` or `public_key_sign` of the key server, or a
+/// `*.pub` file).
+#[derive(Clone)]
+pub struct PublicKey {
+    rsa: RsaPublicKey,
+    spki_der: Vec<u8>,
+    pkcs1_der: Vec<u8>,
+    encrypting: PublicEncryptingKey,
+}
+
+/// An RSA private key (a `<user>-rsa-message` or `<user>-rsa-sign` file). Never leaves
+/// nesd; `Debug` does not print it.
+pub struct PrivateKey {
+    pkcs1_pem: Zeroizing<String>,
+    signing: RsaKeyPair,
+    oaep: OaepPrivateDecryptingKey,
+    pkcs1: Pkcs1PrivateDecryptingKey,
+    public: PublicKey,
+}
+
+/// v1 (the original) signs with the largest PSS salt that fits.
+const PSS_MAX_SALT: signature::RsaSignatureEncoding =
+    signature::RSA_PSS_SHA256.with_pss_salt_length(RsaPssSaltLength::Max);
+
+impl PublicKey {
+    /// Reads a PEM `PUBLIC KEY` (SPKI). A PEM `RSA PUBLIC KEY` (PKCS#1) is accepted too.
+    pub fn from_pem(pem: &str) -> Result<Self, KeyError> {
+        let rsa = RsaPublicKey::from_public_key_pem(pem.trim())
+            .or_else(|_| {
+                <RsaPublicKey as rsa::pkcs1::DecodeRsaPublicKey>::from_pkcs1_pem(pem.trim())
+            })
+            .map_err(|_| KeyError::Format { expected: "PUBLIC KEY" })?;
+        Self::from_rsa(rsa)
+    }
+
+    /// Reads a DER SubjectPublicKeyInfo.
+    pub fn from_spki_der(der: &[u8]) -> Result<Self, KeyError> {
+        let rsa = RsaPublicKey::from_public_key_der(der)
+            .map_err(|_| KeyError::Format { expected: "PUBLIC KEY" })?;
+        Self::from_rsa(rsa)
+    }
+
+    /// Reads a `*.pub` file.
+    pub fn read(path: &Path) -> Result<Self, KeyError> {
+        Self::from_pem(&read_text(path)?)
+    }
+
+    fn from_rsa(rsa: RsaPublicKey) -> Result<Self, KeyError> {
+        let bits = rsa.n().bits();
+        if !(MIN_BITS..=MAX_BITS).contains(&bits) {
+            return Err(KeyError::Size { bits });
+        }
+        let spki_der = rsa
+            .to_public_key_der()
+            .map_err(|e| KeyError::Backend(e.to_string()))?
+            .into_vec();
+        let pkcs1_der = rsa
+            .to_pkcs1_der()
+            .map_err(|e| KeyError::Backend(e.to_string()))?
+            .into_vec();
+        let encrypting = PublicEncryptingKey::from_der(&spki_der)
+            .map_err(|e| KeyError::Backend(e.to_string()))?;
+        Ok(Self { rsa, spki_der, pkcs1_der, encrypting })
+    }
+
+    /// The key as PEM `PUBLIC KEY`, 64-character lines and a final newline, as the original
+    /// wrote and registered it.
+    pub fn to_pem(&self) -> String {
+        // Encoding a key we already hold as DER cannot fail.
+        self.rsa
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap_or_else(|_| String::new())
+    }
+
+    /// DER SubjectPublicKeyInfo.
+    pub fn spki_der(&self) -> &[u8] {
+        &self.spki_der
+    }
+
+    /// Modulus size in bits.
+    pub fn bits(&self) -> usize {
+        self.rsa.n().bits()
+    }
+
+    /// Modulus size in bytes (the size of a signature or a wrapped key).
+    pub fn size(&self) -> usize {
+        self.rsa.size()
+    }
+
+    /// SHA-256 of the SPKI DER, lower-case hex: what users compare out of band.
+    pub fn fingerprint(&self) -> String {
+        hex_lower(&Sha256::digest(&self.spki_der))
+    }
+
+    /// RSA-OAEP (SHA-256, MGF1-SHA-256, empty label): wraps a v2 message key.
+    pub(crate) fn encrypt_oaep(&self, plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let key = OaepPublicEncryptingKey::new(self.encrypting.clone())
+            .map_err(|e| KeyError::Backend(e.to_string()))?;
+        let mut out = vec![0u8; key.ciphertext_size()];
+        let len = key
+            .encrypt(&OAEP_SHA256_MGF1SHA256, plaintext, &mut out, None)
+            .map_err(|e| KeyError::Backend(e.to_string()))?
+            .len();
+        out.truncate(len);
+        Ok(out)
+    }
+
+    /// RSAES-PKCS1-v1_5: wraps a v1 message key, as the original does.
+    pub(crate) fn encrypt_pkcs1(&self, plaintext: &[u8]) -> Result<Vec<u8>, KeyError> {
+        let key = Pkcs1PublicEncryptingKey::new(self.encrypting.clone())
+            .map_err(|e| KeyError::Backend(e.to_string()))?;
+        let mut out = vec![0u8; key.ciphertext_size()];
+        let len = key
+            .encrypt(plaintext, &mut out)
+            .map_err(|e| KeyError::Backend(e.to_string()))?
+            .len();
+        out.truncate(len);
+        Ok(out)
+    }
+
+    /// RSA-PSS-SHA-256 with a 32-byte salt (v2 and our key server's answers).
+    pub(crate) fn verify_pss_digest_salt(&self, message: &[u8], sig: &[u8]) -> bool {
+        signature::UnparsedPublicKey::new(&signature::RSA_PSS_2048_8192_SHA256, &self.pkcs1_der)
+            .verify(message, sig)
+            .is_ok()
+    }
+
+    /// RSA-PSS-SHA-256 accepting any salt length, as Go's `PSSSaltLengthAuto` does: what
+    /// the original's signatures (maximum salt) need. RFC 8017 §9.1.2 with the salt length
+    /// recovered from the encoded message. Public-key arithmetic only, so the `rsa` crate's
+    /// bignums are fine here.
+    pub(crate) fn verify_pss_any_salt(&self, message: &[u8], sig: &[u8]) -> bool {
+        const H_LEN: usize = 32;
+        let k = self.rsa.size();
+        if sig.len() != k {
+            return false;
+        }
+        let s = BigUint::from_bytes_be(sig);
+        if &s >= self.rsa.n() {
+            return false;
+        }
+        let m = s.modpow(self.rsa.e(), self.rsa.n());
+        let em_bits = self.rsa.n().bits() - 1;
+        let em_len = em_bits.div_ceil(8);
+        let m_bytes = m.to_bytes_be();
+        if m_bytes.len() > em_len || em_len < H_LEN + 2 {
+            return false;
+        }
+        let mut em = vec![0u8; em_len];
+        em[em_len - m_bytes.len()..].copy_from_slice(&m_bytes);
+        if em[em_len - 1] != 0xbc {
+            return false;
+        }
+        let db_len = em_len - H_LEN - 1;
+        let (masked_db, rest) = em.split_at(db_len);
+        let h = &rest[..H_LEN];
+        let unused_bits = 8 * em_len - em_bits;
+        let top_mask = 0xffu8 >> unused_bits;
+        if masked_db[0] & !top_mask != 0 {
+            return false;
+        }
+        let mut db = mgf1_sha256(h, db_len);
+        for (d, m) in db.iter_mut().zip(masked_db) {
+            *d ^= m;
+        }
+        db[0] &= top_mask;
+        let Some(one) = db.iter().position(|&b| b != 0) else {
+            return false;
+        };
+        if db[one] != 0x01 {
+            return false;
+        }
+        let salt = &db[one + 1..];
+        let m_hash = Sha256::digest(message);
+        let mut hasher = Sha256::new();
+        hasher.update([0u8; 8]);
+        hasher.update(m_hash);
+        hasher.update(salt);
+        let h2 = hasher.finalize();
+        subtle_eq(&h2, h)
+    }
+}
+
+impl PartialEq for PublicKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.spki_der == other.spki_der
+    }
+}
+impl Eq for PublicKey {}
+
+impl fmt::Debug for PublicKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PublicKey(rsa-{}, sha256:{})", self.bits(), self.fingerprint())
+    }
+}
+
+impl PrivateKey {
+    /// Makes a new key from the OS RNG (through AWS-LC's DRBG, seeded by the OS).
+    pub fn generate(bits: usize) -> Result<Self, KeyError> {
+        let size = match bits {
+            2048 => KeySize::Rsa2048,
+            3072 => KeySize::Rsa3072,
+            4096 => KeySize::Rsa4096,
+            _ => return Err(KeyError::GenerateSize { bits }),
+        };
+        let pair = aws_lc_rs::rsa::KeyPair::generate(size)
+            .map_err(|e| KeyError::Backend(e.to_string()))?;
+        let der: Pkcs8V1Der<'static> =
+            AsDer::as_der(&pair).map_err(|e| KeyError::Backend(e.to_string()))?;
+        let rsa = RsaPrivateKey::from_pkcs8_der(der.as_ref())
+            .map_err(|e| KeyError::Backend(e.to_string()))?;
+        Self::from_rsa(&rsa)
+    }
+
+    /// Reads a PEM `RSA PRIVATE KEY` (PKCS#1), the original's format. A PEM `PRIVATE KEY`
+    /// (PKCS#8) is accepted too, since tools like openssl write that by default.
+    pub fn from_pem(pem: &str) -> Result<Self, KeyError> {
+        let rsa = RsaPrivateKey::from_pkcs1_pem(pem.trim())
+            .or_else(|_| RsaPrivateKey::from_pkcs8_pem(pem.trim()))
+            .map_err(|_| KeyError::Format { expected: "RSA PRIVATE KEY (PKCS#1)" })?;
+        Self::from_rsa(&rsa)
+    }
+
+    /// Reads a private key file.
+    pub fn read(path: &Path) -> Result<Self, KeyError> {
+        let text = Zeroizing::new(read_text(path)?);
+        Self::from_pem(&text)
+    }
+
+    fn from_rsa(rsa: &RsaPrivateKey) -> Result<Self, KeyError> {
+        let public = PublicKey::from_rsa(rsa.to_public_key())?;
+        let pkcs8 = rsa
+            .to_pkcs8_der()
+            .map_err(|e| KeyError::Backend(e.to_string()))?;
+        let backend = |e: aws_lc_rs::error::KeyRejected| KeyError::Backend(e.to_string());
+        let signing = RsaKeyPair::from_pkcs8(pkcs8.as_bytes()).map_err(backend)?;
+        let decrypting = || PrivateDecryptingKey::from_pkcs8(pkcs8.as_bytes()).map_err(backend);
+        let unspecified = |e: aws_lc_rs::error::Unspecified| KeyError::Backend(e.to_string());
+        let oaep = OaepPrivateDecryptingKey::new(decrypting()?).map_err(unspecified)?;
+        let pkcs1 = Pkcs1PrivateDecryptingKey::new(decrypting()?).map_err(unspecified)?;
+        let pkcs1_pem = rsa
+            .to_pkcs1_pem(LineEnding::LF)
+            .map_err(|e| KeyError::Backend(e.to_string()))?;
+        Ok(Self { pkcs1_pem: Zeroizing::new(pkcs1_pem.to_string()), signing, oaep, pkcs1, public })
+    }
+
+    /// The key as PEM `RSA PRIVATE KEY` (PKCS#1), for writing the key file.
+    pub fn to_pkcs1_pem(&self) -> Zeroizing<String> {
+        self.pkcs1_pem.clone()
+    }
+
+    /// The matching public key.
+    pub fn public_key(&self) -> &PublicKey {
+        &self.public
+    }
+
+    /// Modulus size in bits.
+    pub fn bits(&self) -> usize {
+        self.public.bits()
+    }
+
+    /// RSA-PSS-SHA-256 with a 32-byte salt: v2 and the key server's answers.
+    pub fn sign_pss(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.sign_with(&signature::RSA_PSS_SHA256, message)
+    }
+
+    /// RSA-PSS-SHA-256 with the maximum salt, exactly as the original signs v1 frames.
+    pub fn sign_pss_max_salt(&self, message: &[u8]) -> Result<Vec<u8>, KeyError> {
+        self.sign_with(&PSS_MAX_SALT, message)
+    }
+
+    fn sign_with(
+        &self,
+        alg: &'static signature::RsaSignatureEncoding,
+        message: &[u8],
+    ) -> Result<Vec<u8>, KeyError> {
+        let mut sig = vec![0u8; self.signing.public_modulus_len()];
+        self.signing
+            .sign(alg, &aws_lc_rs::rand::SystemRandom::new(), message, &mut sig)
+            .map_err(|e| KeyError::Backend(e.to_string()))?;
+        Ok(sig)
+    }
+
+    /// Unwraps a v2 message key (RSA-OAEP-SHA-256). `None` when it does not unwrap.
+    pub(crate) fn decrypt_oaep(&self, ciphertext: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        let mut out = Zeroizing::new(vec![0u8; self.oaep.min_output_size()]);
+        let len = self
+            .oaep
+            .decrypt(&OAEP_SHA256_MGF1SHA256, ciphertext, &mut out, None)
+            .ok()?
+            .len();
+        out.truncate(len);
+        Some(out)
+    }
+
+    /// Unwraps a v1 message key (RSAES-PKCS1-v1_5). `None` when it does not unwrap.
+    pub(crate) fn decrypt_pkcs1(&self, ciphertext: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
+        let mut out = Zeroizing::new(vec![0u8; self.pkcs1.min_output_size()]);
+        let len = self.pkcs1.decrypt(ciphertext, &mut out).ok()?.len();
+        out.truncate(len);
+        Some(out)
+    }
+}
+
+impl fmt::Debug for PrivateKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "PrivateKey(rsa-{}, public sha256:{})", self.bits(), self.public.fingerprint())
+    }
+}
+
+/// Writes `contents` to `path` with mode 0600, creating it (or truncating it only when
+/// `overwrite`). The mode is set at creation, so the secret is never readable by others,
+/// not even for a moment.
+pub fn write_private_file(path: &Path, contents: &[u8], overwrite: bool) -> Result<(), KeyError> {
+    use std::io::Write;
+    use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+    let io = |source| KeyError::Io { path: path.display().to_string(), source };
+    let mut options = std::fs::OpenOptions::new();
+    options.write(true).mode(0o600);
+    if overwrite {
+        options.create(true).truncate(true);
+    } else {
+        options.create_new(true);
+    }
+    let mut file = options.open(path).map_err(io)?;
+    // An existing file keeps its old mode on truncate: force it.
+    file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    file.write_all(contents).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok(())
+}
+
+fn read_text(path: &Path) -> Result<String, KeyError> {
+    std::fs::read_to_string(path).map_err(|source| KeyError::Io { path: path.display().to_string(), source })
+}
+
+fn mgf1_sha256(seed: &[u8], len: usize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(len + 32);
+    let mut counter: u32 = 0;
+    while out.len() < len {
+        let mut h = Sha256::new();
+        h.update(seed);
+        h.update(counter.to_be_bytes());
+        out.extend_from_slice(&h.finalize());
+        counter += 1;
+    }
+    out.truncate(len);
+    out
+}
+
+fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+pub(crate) fn hex_lower(bytes: &[u8]) -> String {
+    use std::fmt::Write;
+    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+        let _ = write!(s, "{b:02x}");
+        s
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors/legacy-v1");
+
+    fn vector(path: &str) -> String {
+        std::fs::read_to_string(format!("{VECTORS}/{path}")).expect("vector file")
+    }
+
+    #[test]
+    fn reads_original_key_files_and_writes_them_back_identically() {
+        for user in ["alice", "bob"] {
+            for kind in ["message", "sign"] {
+                let pem = vector(&format!("keys/{user}-rsa-{kind}"));
+                let key = PrivateKey::from_pem(&pem).expect("private key");
+                assert_eq!(key.bits(), 2048);
+                assert_eq!(key.to_pkcs1_pem().as_str(), pem, "PKCS#1 PEM round trip");
+                let pub_pem = vector(&format!("keys/{user}-rsa-{kind}.pub"));
+                let public = PublicKey::from_pem(&pub_pem).expect("public key");
+                assert_eq!(&public, key.public_key());
+                assert_eq!(public.to_pem(), pub_pem, "SPKI PEM round trip");
+            }
+        }
+    }
+
+    #[test]
+    fn generated_keys_have_the_asked_size_and_work() {
+        let key = PrivateKey::generate(2048).unwrap();
+        assert_eq!(key.bits(), 2048);
+        let again = PrivateKey::from_pem(&key.to_pkcs1_pem()).unwrap();
+        assert_eq!(again.public_key(), key.public_key());
+        assert!(key.to_pkcs1_pem().starts_with("-----BEGIN RSA PRIVATE KEY-----\n"));
+        assert!(key.public_key().to_pem().starts_with("-----BEGIN PUBLIC KEY-----\n"));
+        assert!(matches!(PrivateKey::generate(1024), Err(KeyError::GenerateSize { bits: 1024 })));
+    }
+
+    #[test]
+    fn refuses_small_keys_with_a_clear_error() {
+        // A 1024-bit key made by openssl for this test.
+        let small = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 1024).unwrap();
+        let pem = small.to_pkcs1_pem(LineEnding::LF).unwrap();
+        let err = PrivateKey::from_pem(&pem).unwrap_err();
+        assert!(matches!(err, KeyError::Size { bits: 1024 }));
+        assert!(err.to_string().contains("2048"));
+        let pub_pem = small.to_public_key().to_public_key_pem(LineEnding::LF).unwrap();
+        assert!(matches!(PublicKey::from_pem(&pub_pem), Err(KeyError::Size { bits: 1024 })));
+    }
+
+    #[test]
+    fn refuses_garbage() {
+        assert!(matches!(PublicKey::from_pem("hello"), Err(KeyError::Format { .. })));
+        assert!(matches!(PrivateKey::from_pem(""), Err(KeyError::Format { .. })));
+        let public = vector("keys/alice-rsa-sign.pub");
+        assert!(PrivateKey::from_pem(&public).is_err(), "a public key is not a private key");
+    }
+
+    #[test]
+    fn pss_signatures_verify_with_the_right_rules() {
+        let key = PrivateKey::from_pem(&vector("keys/alice-rsa-sign")).unwrap();
+        let public = key.public_key();
+        let msg = b"hello";
+        let v2 = key.sign_pss(msg).unwrap();
+        assert!(public.verify_pss_digest_salt(msg, &v2));
+        assert!(public.verify_pss_any_salt(msg, &v2));
+        let v1 = key.sign_pss_max_salt(msg).unwrap();
+        assert!(public.verify_pss_any_salt(msg, &v1));
+        // A verifier that insists on a 32-byte salt rejects the original's signatures.
+        assert!(!public.verify_pss_digest_salt(msg, &v1));
+        assert!(!public.verify_pss_any_salt(b"hellO", &v1));
+        let mut bad = v1.clone();
+        bad[10] ^= 1;
+        assert!(!public.verify_pss_any_salt(msg, &bad));
+        assert!(!public.verify_pss_any_salt(msg, &v1[1..]));
+    }
+
+    #[test]
+    fn private_key_files_are_created_0600_and_not_overwritten() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("k");
+        write_private_file(&path, b"secret", false).unwrap();
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+        assert!(write_private_file(&path, b"other", false).is_err());
+        assert_eq!(std::fs::read(&path).unwrap(), b"secret");
+        write_private_file(&path, b"other", true).unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"other");
+    }
+}

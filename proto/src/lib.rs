@@ -1,0 +1,53 @@
+//! # nes-proto: what every side of NES agrees on
+//!
+//! The daemon (`nesd`), the frontends and the key server all compile against this crate,
+//! so there is one definition of each thing that crosses a boundary:
+//!
+//! | module | holds | crosses |
+//! |---|---|---|
+//! | [`frame`] | sealing and opening frames, v1 and v2 | MQTT, between users |
+//! | [`inner`] | the signed inner message and its Go-compatible JSON | inside frames |
+//! | [`keys`] | RSA key files, generation, the RSA operations | disk, key server |
+//! | [`answer`] | the key server's signed answers: build and verify | HTTP |
+//! | [`username`] | valid usernames and their topics | everywhere |
+//! | [`b64`] | Go's `base64.URLEncoding` | every binary field |
+//! | [`rpc`] | the gRPC API (`proto/nes/v1/messenger.proto`) | the daemon's Unix socket |
+//!
+//! A frame flows: sender `frame::seal` → broker → recipient `frame::decrypt` (its own
+//! message key) → look up the inner `from` at the key server, `answer::verify_answer` →
+//! `Decrypted::verify` (the sender's signing key) → `Opened::check_recipient` and
+//! `Opened::check_time` → store and show.
+//!
+//! Nothing here panics on bytes from outside; every refusal is a typed error.
+
+#![forbid(unsafe_code)]
+#![deny(unused_must_use)]
+#![warn(missing_docs)]
+
+pub mod answer;
+pub mod b64;
+pub mod frame;
+pub mod inner;
+pub mod keys;
+pub mod username;
+
+pub use answer::{build_answer, verify_answer, AnswerError, KeyAnswer, UsernameRule};
+pub use frame::{Draft, FrameError, Opened, Sealed, Version};
+pub use inner::Inner;
+pub use keys::{KeyError, PrivateKey, PublicKey};
+pub use username::{Username, UsernameError};
+
+/// The gRPC API between nesd and its frontends, generated from
+/// `proto/nes/v1/messenger.proto` (see that file for every message and field).
+#[allow(missing_docs, clippy::all)]
+pub mod rpc {
+    tonic::include_proto!("nes.v1");
+}
+
+/// Current time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+        .unwrap_or(0)
+}
