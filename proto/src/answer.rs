@@ -155,3 +155,79 @@ pub fn build_answer(
     let signature = server_key.sign_pss(response.as_bytes())?;
     Ok(format!("{{\"response\":{response},\"signature\":\"{}\"}}\n", b64::encode(&signature)).into_bytes())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vector(path: &str) -> String {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors/legacy-v1/");
+        std::fs::read_to_string(format!("{dir}{path}")).expect("vector")
+    }
+
+    fn server() -> PrivateKey {
+        PrivateKey::from_pem(&vector("provider-private-key.TEST-ONLY.pem")).expect("server key")
+    }
+
+    fn user(name: &str) -> Username {
+        Username::parse(name).expect("name")
+    }
+
+    #[test]
+    fn built_answers_verify_under_both_rules() {
+        let key = server();
+        let (m, s) = (vector("keys/bob-rsa-message.pub"), vector("keys/bob-rsa-sign.pub"));
+        let body = build_answer(&key, &user("bob"), &m, &s).unwrap();
+        assert!(body.ends_with(b"}\n"));
+        for rule in [UsernameRule::Require, UsernameRule::IfPresent] {
+            let answer = verify_answer(&body, key.public_key(), &user("bob"), rule).unwrap();
+            assert_eq!(answer.username.as_deref(), Some("bob"));
+            assert_eq!(answer.public_key_message, m);
+            assert_eq!(answer.public_key_sign, s);
+        }
+    }
+
+    #[test]
+    fn an_answer_about_someone_else_is_refused() {
+        let key = server();
+        let body = build_answer(&key, &user("carol"), "a", "b").unwrap();
+        let err = verify_answer(&body, key.public_key(), &user("bob"), UsernameRule::IfPresent).unwrap_err();
+        assert!(matches!(err, AnswerError::WrongUsername { .. }));
+    }
+
+    #[test]
+    fn original_answers_need_the_lenient_rule() {
+        let key = PublicKey::from_pem(&vector("provider-public-key.pem")).unwrap();
+        let body = vector("http/get-bob.body");
+        let err = verify_answer(body.as_bytes(), &key, &user("bob"), UsernameRule::Require).unwrap_err();
+        assert!(matches!(err, AnswerError::MissingUsername));
+    }
+
+    #[test]
+    fn tampering_is_refused() {
+        let key = server();
+        let body = String::from_utf8(build_answer(&key, &user("bob"), "KEY-A", "KEY-B").unwrap()).unwrap();
+        let changed = body.replace("KEY-A", "KEY-C");
+        let err = verify_answer(changed.as_bytes(), key.public_key(), &user("bob"), UsernameRule::Require).unwrap_err();
+        assert!(matches!(err, AnswerError::Signature));
+        // Re-serialising the response (here: a space) breaks the signature, by design.
+        let spaced = body.replacen("{\"username\":", "{ \"username\":", 1);
+        assert!(matches!(
+            verify_answer(spaced.as_bytes(), key.public_key(), &user("bob"), UsernameRule::Require),
+            Err(AnswerError::Signature)
+        ));
+        let other = PrivateKey::from_pem(&vector("keys/alice-rsa-sign")).unwrap();
+        assert!(matches!(
+            verify_answer(body.as_bytes(), other.public_key(), &user("bob"), UsernameRule::Require),
+            Err(AnswerError::Signature)
+        ));
+        for bad in ["", "{}", "{\"response\":{}}", "[1]", "{\"response\":{},\"signature\":\"+\"}"] {
+            assert!(verify_answer(bad.as_bytes(), key.public_key(), &user("bob"), UsernameRule::Require).is_err());
+        }
+        let huge = vec![b' '; MAX_ANSWER_BYTES + 1];
+        assert!(matches!(
+            verify_answer(&huge, key.public_key(), &user("bob"), UsernameRule::Require),
+            Err(AnswerError::TooLarge(_))
+        ));
+    }
+}

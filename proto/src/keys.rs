@@ -205,6 +205,17 @@ impl PublicKey {
     /// recovered from the encoded message. Public-key arithmetic only, so the `rsa` crate's
     /// bignums are fine here.
     pub(crate) fn verify_pss_any_salt(&self, message: &[u8], sig: &[u8]) -> bool {
+        // Fast path: the original always signs with the maximum salt, which AWS-LC can
+        // check at its own speed; any other length takes the general (slower) path.
+        const MAX_SALT: signature::RsaParameters =
+            signature::RSA_PSS_2048_8192_SHA256.with_pss_salt_length(RsaPssSaltLength::Max);
+        if signature::UnparsedPublicKey::new(&MAX_SALT, &self.pkcs1_der).verify(message, sig).is_ok() {
+            return true;
+        }
+        self.verify_pss_recovered_salt(message, sig)
+    }
+
+    fn verify_pss_recovered_salt(&self, message: &[u8], sig: &[u8]) -> bool {
         const H_LEN: usize = 32;
         let k = self.rsa.size();
         if sig.len() != k {
@@ -474,7 +485,7 @@ mod tests {
 
     #[test]
     fn refuses_small_keys_with_a_clear_error() {
-        // A 1024-bit key made by openssl for this test.
+        // A 1024-bit key, made here with the rsa crate for this test.
         let small = rsa::RsaPrivateKey::new(&mut rand::rngs::OsRng, 1024).unwrap();
         let pem = small.to_pkcs1_pem(LineEnding::LF).unwrap();
         let err = PrivateKey::from_pem(&pem).unwrap_err();
@@ -509,6 +520,13 @@ mod tests {
         bad[10] ^= 1;
         assert!(!public.verify_pss_any_salt(msg, &bad));
         assert!(!public.verify_pss_any_salt(msg, &v1[1..]));
+        // Any other salt length takes the recovered-salt path, as Go's "auto" does.
+        const SALT_20: signature::RsaSignatureEncoding =
+            signature::RSA_PSS_SHA256.with_pss_salt_length(RsaPssSaltLength::Custom(20));
+        let odd = key.sign_with(&SALT_20, msg).unwrap();
+        assert!(public.verify_pss_any_salt(msg, &odd));
+        assert!(public.verify_pss_recovered_salt(msg, &v1));
+        assert!(!public.verify_pss_recovered_salt(b"other", &odd));
     }
 
     #[test]
