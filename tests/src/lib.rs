@@ -1,1 +1,925 @@
-//! placeholder
+//! # nes-e2e: the harness for end-to-end tests
+//!
+//! Starts the real programs, each private to one test, and talks to them the way users
+//! and frontends do:
+//!
+//! | piece | what it is |
+//! |---|---|
+//! | [`Mosquitto`] | a mosquitto on a free port with its own persistence dir; stop/start on the same port |
+//! | [`KeyServer`] | `nes-keyserver` (keygen + serve, SQLite, mail into a dir, no rate limits) |
+//! | [`Identity`] | a username with fresh (or given) RSA keys in a data dir, as `nes generate` writes them |
+//! | [`Nesd`] | a daemon for one identity: own data dir and socket; stop, kill -9, restart |
+//! | [`connect`] | a gRPC client over the daemon's Unix socket |
+//! | [`RawMqtt`] | a plain MQTT client, to publish raw frames and watch the wire |
+//! | [`eventually`] | polls a condition until it holds (generous timeout, never a timing assertion) |
+//!
+//! Binaries are found next to the test executable (`target/debug/` for `cargo test`,
+//! `target/release/` for `cargo bench`): build them first with
+//! `cargo build -p nesd -p nes-keyserver` (add `--release` for benches).
+//!
+//! Everything is cleaned up on drop: child processes are killed, temp dirs removed.
+//! Ports are free ports of 127.0.0.1 and every directory is a fresh temp dir, so tests
+//! run in parallel and never touch shared services (the system mosquitto on 1883).
+//! When a test panics, the harness prints the tail of each daemon's log.
+
+#![forbid(unsafe_code)]
+
+pub mod frontends;
+
+use anyhow::{anyhow, bail, Context, Result};
+use nes_proto::rpc::messenger_client::MessengerClient;
+use nes_proto::rpc::{self, Event, EventsRequest, StatusRequest};
+use nes_proto::{PrivateKey, Username};
+pub use rumqttc::QoS;
+use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet};
+use std::future::Future;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio::sync::mpsc;
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// How long [`eventually`] waits by default: long enough for a loaded 2-core machine.
+pub const TIMEOUT: Duration = Duration::from_secs(120);
+
+/// The gRPC client of nesd.
+pub type Client = MessengerClient<Channel>;
+
+/// The directory holding the binaries under test (`target/debug` or `target/release`).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().unwrap_or_default();
+    // target/<profile>/deps/<test-binary>
+    let deps = exe.parent().map(Path::to_path_buf).unwrap_or_default();
+    if deps.ends_with("deps") {
+        deps.parent().map(Path::to_path_buf).unwrap_or(deps)
+    } else {
+        deps
+    }
+}
+
+/// A binary built from this workspace, with a clear message when it is not built yet.
+/// `NES_E2E_BIN_<NAME>` (upper case, `-` as `_`, e.g. `NES_E2E_BIN_NES_KEYSERVER`) points
+/// at another build, e.g. a debug key server for a release bench of nesd.
+pub fn bin(name: &str) -> Result<PathBuf> {
+    let var = format!("NES_E2E_BIN_{}", name.to_ascii_uppercase().replace('-', "_"));
+    if let Some(path) = std::env::var_os(&var).filter(|v| !v.is_empty()) {
+        return Ok(PathBuf::from(path));
+    }
+    let path = bin_dir().join(name);
+    if !path.exists() {
+        bail!(
+            "{} is not built: run `cargo build -p nesd -p nes-keyserver` (with --release for benches) first",
+            path.display()
+        );
+    }
+    Ok(path)
+}
+
+/// A TCP port on 127.0.0.1 that was free a moment ago.
+pub fn free_port() -> Result<u16> {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    Ok(listener.local_addr()?.port())
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, for at most `timeout`. Errors of
+/// `check` count as "not yet" and the last one is reported on timeout.
+pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<Option<T>>>,
+{
+    let deadline = Instant::now() + timeout;
+    let mut last_error = None;
+    loop {
+        match check().await {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last_error = Some(e),
+        }
+        if Instant::now() >= deadline {
+            match last_error {
+                Some(e) => bail!("timed out waiting for {what}; last error: {e:#}"),
+                None => bail!("timed out waiting for {what}"),
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+fn sigterm(child: &Child) {
+    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+}
+
+/// Waits for a child to exit, at most `timeout`; kills it after that.
+async fn wait_exit(child: &mut Child, timeout: Duration) -> Result<std::process::ExitStatus> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let status = child.wait()?;
+            bail!("process {} did not exit in time (killed: {status})", child.id());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+fn tail(path: &Path, lines: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let all: Vec<&str> = text.lines().collect();
+    all[all.len().saturating_sub(lines)..].join("\n")
+}
+
+// ---------------------------------------------------------------------------------------
+// mosquitto
+
+/// A private mosquitto broker.
+pub struct Mosquitto {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+}
+
+fn mosquitto_binary() -> Result<PathBuf> {
+    let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).map(|d| d.join("mosquitto")).collect())
+        .unwrap_or_default();
+    candidates.extend(["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"].map(PathBuf::from));
+    candidates
+        .into_iter()
+        .find(|p| p.is_file())
+        .ok_or_else(|| anyhow!("mosquitto is not installed (apt-get install mosquitto)"))
+}
+
+impl Mosquitto {
+    /// Starts a broker on a free port (retrying if another process takes the port first).
+    pub async fn start() -> Result<Mosquitto> {
+        let mut last = None;
+        for _ in 0..5 {
+            let dir = tempfile::Builder::new().prefix("nes-mqtt-").tempdir()?;
+            let mut m = Mosquitto { port: free_port()?, dir, child: None };
+            match m.spawn().await {
+                Ok(()) => return Ok(m),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("mosquitto did not start")))
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let data = self.dir.path().join("data");
+        std::fs::create_dir_all(&data)?;
+        let conf = self.dir.path().join("mosquitto.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {data}/\n\
+                 max_queued_messages 100000\nmax_inflight_messages 20\nlog_dest file {log}\n\
+                 log_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
+                port = self.port,
+                data = data.display(),
+                log = self.dir.path().join("mosquitto.log").display(),
+            ),
+        )?;
+        let mut child = Command::new(mosquitto_binary()?)
+            .arg("-c")
+            .arg(&conf)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .context("cannot start mosquitto")?;
+        let port = self.port;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!("mosquitto exited at start ({status}): {}", tail(&self.dir.path().join("mosquitto.log"), 5));
+            }
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                break;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                bail!("mosquitto did not listen on {port}");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `mqtt://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("mqtt://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the broker cleanly (SIGTERM: it saves its sessions to disk).
+    pub async fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            sigterm(&child);
+            wait_exit(&mut child, Duration::from_secs(30)).await?;
+        }
+        Ok(())
+    }
+
+    /// Starts it again on the same port with the same persistence.
+    pub async fn restart(&mut self) -> Result<()> {
+        self.stop().await?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.spawn().await {
+                Ok(()) => return Ok(()),
+                Err(e) if Instant::now() < deadline => {
+                    // The port may linger a moment; try again.
+                    let _ = e;
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}
+
+impl Drop for Mosquitto {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// key server
+
+/// A private `nes-keyserver`.
+pub struct KeyServer {
+    port: u16,
+    dir: tempfile::TempDir,
+    child: Option<Child>,
+    http: reqwest::Client,
+}
+
+impl KeyServer {
+    /// Makes a server key and starts the key server on a free port, mail into a dir.
+    pub async fn start() -> Result<KeyServer> {
+        let dir = tempfile::Builder::new().prefix("nes-ks-").tempdir()?;
+        let key = dir.path().join("server-key");
+        let out = Command::new(bin("nes-keyserver")?)
+            .arg("keygen")
+            .arg("--out")
+            .arg(&key)
+            .stdin(Stdio::null())
+            .output()
+            .context("cannot run nes-keyserver keygen")?;
+        if !out.status.success() {
+            bail!("nes-keyserver keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        std::fs::create_dir_all(dir.path().join("mail"))?;
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        let mut ks = KeyServer { port: 0, dir, child: None, http };
+        let mut last = None;
+        for _ in 0..5 {
+            ks.port = free_port()?;
+            match ks.spawn().await {
+                Ok(()) => return Ok(ks),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| anyhow!("key server did not start")))
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        let url = self.url();
+        let log = std::fs::File::create(self.dir.path().join("keyserver.log"))?;
+        let mut child = Command::new(bin("nes-keyserver")?)
+            .arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{}", self.port)])
+            .arg("--database")
+            .arg(format!("sqlite://{}", self.dir.path().join("keys.db").display()))
+            .arg("--key")
+            .arg(self.dir.path().join("server-key"))
+            .args(["--public-url", &url])
+            .arg("--mail-dir")
+            .arg(self.mail_dir())
+            .args(["--register-rate", "0", "--lookup-rate", "0"])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start nes-keyserver")?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Some(status) = child.try_wait()? {
+                bail!("nes-keyserver exited at start ({status}): {}", tail(&self.dir.path().join("keyserver.log"), 5));
+            }
+            if let Ok(r) = self.http.get(format!("{url}/healthz")).send().await {
+                if r.status().is_success() {
+                    break;
+                }
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                bail!("nes-keyserver did not become healthy");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        self.child = Some(child);
+        Ok(())
+    }
+
+    /// `http://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the key server (SIGKILL: it is "down").
+    pub fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// The server's public key file (for `nesd --keyserver-key`).
+    pub fn public_key_path(&self) -> PathBuf {
+        self.dir.path().join("server-key.pub")
+    }
+
+    /// Where the activation mails go.
+    pub fn mail_dir(&self) -> PathBuf {
+        self.dir.path().join("mail")
+    }
+
+    fn mails(&self) -> Result<Vec<PathBuf>> {
+        let mut all = Vec::new();
+        for entry in std::fs::read_dir(self.mail_dir())? {
+            all.push(entry?.path());
+        }
+        all.sort();
+        Ok(all)
+    }
+
+    /// `POST /users` with these public keys; expects 201.
+    pub async fn post_user(&self, user: &str, email: &str, message_pem: &str, sign_pem: &str) -> Result<()> {
+        let r = self
+            .http
+            .post(format!("{}/users", self.url()))
+            .json(&serde_json::json!({
+                "username": user, "email": email, "public_key_message": message_pem, "public_key_sign": sign_pem,
+            }))
+            .send()
+            .await?;
+        if r.status().as_u16() != 201 {
+            bail!("POST /users for {user}: {} {}", r.status(), r.text().await.unwrap_or_default());
+        }
+        Ok(())
+    }
+
+    /// The `Activate:` and `Delete:` links of the newest mail for `user` not in `seen`.
+    async fn links(&self, user: &str, seen: &[PathBuf]) -> Result<(String, String)> {
+        let marker = format!("/users/{user}/");
+        eventually(&format!("the activation mail of {user}"), TIMEOUT, || async {
+            for path in self.mails()?.into_iter().rev() {
+                if seen.contains(&path) {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path)?;
+                let find = |label: &str| {
+                    text.lines()
+                        .filter_map(|l| l.trim().strip_prefix(label))
+                        .map(str::trim)
+                        .find(|u| u.contains(&marker))
+                        .map(str::to_owned)
+                };
+                if let (Some(a), Some(d)) = (find("Activate:"), find("Delete:")) {
+                    return Ok(Some((a, d)));
+                }
+            }
+            Ok(None)
+        })
+        .await
+    }
+
+    /// Registers `user` with these keys and follows the activation link; returns the
+    /// delete link.
+    pub async fn register_and_activate(&self, user: &str, message_pem: &str, sign_pem: &str) -> Result<String> {
+        let seen = self.mails()?;
+        self.post_user(user, &format!("{user}@example.test"), message_pem, sign_pem).await?;
+        let (activate, delete) = self.links(user, &seen).await?;
+        self.get_ok(&activate).await?;
+        Ok(delete)
+    }
+
+    /// Follows the activation link of a registration made by someone else (nesd's
+    /// Register): the newest mail for `user`.
+    pub async fn activate_pending(&self, user: &str) -> Result<String> {
+        let (activate, delete) = self.links(user, &[]).await?;
+        self.get_ok(&activate).await?;
+        Ok(delete)
+    }
+
+    /// GETs a link and expects success.
+    pub async fn get_ok(&self, url: &str) -> Result<()> {
+        let r = self.http.get(url).send().await?;
+        if !r.status().is_success() {
+            bail!("GET {url}: {}", r.status());
+        }
+        Ok(())
+    }
+
+    /// `GET /users/<user>`: the status code.
+    pub async fn lookup_status(&self, user: &str) -> Result<u16> {
+        Ok(self.http.get(format!("{}/users/{user}", self.url())).send().await?.status().as_u16())
+    }
+}
+
+impl Drop for KeyServer {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// identities
+
+/// A user with keys in a data dir laid out as `nes generate` writes it.
+pub struct Identity {
+    /// The username.
+    pub user: String,
+    dir: tempfile::TempDir,
+    /// Private message key.
+    pub message: PrivateKey,
+    /// Private signing key.
+    pub sign: PrivateKey,
+}
+
+impl Identity {
+    /// Fresh 2048-bit keys for `user`.
+    pub fn generate(user: &str) -> Result<Identity> {
+        let message = PrivateKey::generate(2048)?;
+        let sign = PrivateKey::generate(2048)?;
+        Self::with_keys(user, message, sign)
+    }
+
+    /// Given keys (e.g. the legacy vectors) for `user`.
+    pub fn with_keys(user: &str, message: PrivateKey, sign: PrivateKey) -> Result<Identity> {
+        Username::parse(user)?;
+        let dir = tempfile::Builder::new().prefix(&format!("nes-{user}-")).tempdir()?;
+        let id = Identity { user: user.to_owned(), dir, message, sign };
+        id.write_keys()?;
+        Ok(id)
+    }
+
+    /// Reads `<dir>/<user>-rsa-message` and `<dir>/<user>-rsa-sign`.
+    pub fn from_key_dir(user: &str, keys: &Path) -> Result<Identity> {
+        let message = PrivateKey::read(&keys.join(format!("{user}-rsa-message")))?;
+        let sign = PrivateKey::read(&keys.join(format!("{user}-rsa-sign")))?;
+        Self::with_keys(user, message, sign)
+    }
+
+    /// Replaces the keys with fresh ones (files too).
+    pub fn rekey(&mut self) -> Result<()> {
+        self.message = PrivateKey::generate(2048)?;
+        self.sign = PrivateKey::generate(2048)?;
+        self.write_keys()
+    }
+
+    fn write_keys(&self) -> Result<()> {
+        let keys = self.dir.path().join("keys");
+        std::fs::create_dir_all(&keys)?;
+        std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700))?;
+        let files = [
+            (format!("{}-rsa-message", self.user), self.message.to_pkcs1_pem().to_string()),
+            (format!("{}-rsa-message.pub", self.user), self.message.public_key().to_pem()),
+            (format!("{}-rsa-sign", self.user), self.sign.to_pkcs1_pem().to_string()),
+            (format!("{}-rsa-sign.pub", self.user), self.sign.public_key().to_pem()),
+        ];
+        for (name, text) in files {
+            let path = keys.join(name);
+            std::fs::write(&path, text)?;
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(())
+    }
+
+    /// The data dir (`--data-dir`).
+    pub fn data_dir(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Public message key, PEM.
+    pub fn message_pem(&self) -> String {
+        self.message.public_key().to_pem()
+    }
+
+    /// Public signing key, PEM.
+    pub fn sign_pem(&self) -> String {
+        self.sign.public_key().to_pem()
+    }
+
+    /// Registers the public keys with the key server and activates them.
+    pub async fn register(&self, ks: &KeyServer) -> Result<String> {
+        ks.register_and_activate(&self.user, &self.message_pem(), &self.sign_pem()).await
+    }
+
+    /// The username, parsed.
+    pub fn username(&self) -> Username {
+        Username::parse(&self.user).unwrap_or_else(|_| unreachable!("checked in with_keys"))
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// nesd
+
+/// A running (or stopped) nesd for one identity.
+pub struct Nesd {
+    user: String,
+    args: Vec<String>,
+    run_dir: tempfile::TempDir,
+    child: Option<Child>,
+    starts: u32,
+}
+
+impl Nesd {
+    /// Starts nesd for `id` against this broker and key server, and waits until Status
+    /// answers.
+    pub async fn start(id: &Identity, broker: &Mosquitto, ks: &KeyServer) -> Result<Nesd> {
+        Self::start_with(id, broker, ks, &[]).await
+    }
+
+    /// Like [`Nesd::start`], with extra flags.
+    pub async fn start_with(id: &Identity, broker: &Mosquitto, ks: &KeyServer, extra: &[&str]) -> Result<Nesd> {
+        let run_dir = tempfile::Builder::new().prefix("nesd-run-").tempdir()?;
+        let config = run_dir.path().join("config.toml");
+        std::fs::write(&config, "")?;
+        let mut args: Vec<String> = vec![
+            "--user".into(),
+            id.user.clone(),
+            "--broker".into(),
+            broker.url(),
+            "--keyserver".into(),
+            ks.url(),
+            "--keyserver-key".into(),
+            ks.public_key_path().display().to_string(),
+            "--data-dir".into(),
+            id.data_dir().display().to_string(),
+            "--socket".into(),
+            run_dir.path().join("nes").join("nesd.sock").display().to_string(),
+            "--config".into(),
+            config.display().to_string(),
+        ];
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let mut nesd = Nesd { user: id.user.clone(), args, run_dir, child: None, starts: 0 };
+        nesd.spawn().await?;
+        Ok(nesd)
+    }
+
+    async fn spawn(&mut self) -> Result<()> {
+        self.starts += 1;
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let child = Command::new(bin("nesd")?)
+            .args(&self.args)
+            .env("NES_LOG", "info,nesd=debug")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDS")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start nesd")?;
+        self.child = Some(child);
+        self.wait_ready().await
+    }
+
+    /// Waits until the daemon answers Status.
+    pub async fn wait_ready(&mut self) -> Result<()> {
+        let socket = self.socket();
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(child) = self.child.as_mut() {
+                if let Some(status) = child.try_wait()? {
+                    self.child = None;
+                    bail!("nesd for {} exited at start ({status}):\n{}", self.user, self.log_tail(20));
+                }
+            }
+            if let Ok(mut c) = connect(&socket).await {
+                if c.status(StatusRequest {}).await.is_ok() {
+                    return Ok(());
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("nesd for {} did not answer:\n{}", self.user, self.log_tail(20));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The API socket (in a directory nesd creates).
+    pub fn socket(&self) -> PathBuf {
+        self.run_dir.path().join("nes").join("nesd.sock")
+    }
+
+    /// The daemon's stderr log file.
+    pub fn log_path(&self) -> PathBuf {
+        self.run_dir.path().join("nesd.log")
+    }
+
+    /// The last lines of its log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.log_path(), lines)
+    }
+
+    /// The process id, while running.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// A new gRPC client.
+    pub async fn client(&self) -> Result<Client> {
+        connect(&self.socket()).await
+    }
+
+    /// Stops it with SIGTERM and checks that it exits with 0.
+    pub async fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            sigterm(&child);
+            let status = wait_exit(&mut child, Duration::from_secs(60)).await?;
+            if !status.success() {
+                bail!("nesd for {} exited with {status} on SIGTERM:\n{}", self.user, self.log_tail(20));
+            }
+        }
+        Ok(())
+    }
+
+    /// Kills it with SIGKILL (no chance to flush or clean up).
+    pub fn kill9(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            child.kill()?;
+            child.wait()?;
+        }
+        Ok(())
+    }
+
+    /// Starts it again with the same data dir, socket and flags.
+    pub async fn start_again(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("nesd for {} is still running", self.user);
+        }
+        self.spawn().await
+    }
+
+    /// Runs the nesd binary with these arguments (not as a daemon) and returns its exit
+    /// code and stderr: for startup error checks.
+    pub fn run_once(args: &[&str], env: &[(&str, &str)]) -> Result<(i32, String)> {
+        let mut cmd = Command::new(bin("nesd")?);
+        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let child = cmd.spawn()?;
+        let out = child.wait_with_output()?;
+        Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned()))
+    }
+}
+
+impl Drop for Nesd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- nesd {} log (last 40 lines) ----\n{}", self.user, self.log_tail(40));
+        }
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Connects a gRPC client to the nesd socket at `socket`.
+pub async fn connect(socket: &Path) -> Result<Client> {
+    let path = socket.to_path_buf();
+    // The URI is required but unused: the connector opens the Unix socket.
+    let channel = Endpoint::from_static("http://nesd.invalid")
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let path = path.clone();
+            async move {
+                let stream = tokio::net::UnixStream::connect(path).await?;
+                Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+            }
+        }))
+        .await?;
+    Ok(MessengerClient::new(channel))
+}
+
+/// Sends one message and returns it (state QUEUED or later).
+pub async fn send(client: &mut Client, to: &str, text: &str) -> Result<rpc::Message> {
+    let reply = client
+        .send(rpc::SendRequest { to: to.into(), text: text.into(), legacy: false })
+        .await
+        .with_context(|| format!("Send to {to}"))?
+        .into_inner();
+    reply.message.ok_or_else(|| anyhow!("Send answered no message"))
+}
+
+/// The conversation with `peer`.
+pub async fn history(client: &mut Client, peer: &str) -> Result<Vec<rpc::Message>> {
+    Ok(client
+        .history(rpc::HistoryRequest { peer: peer.into(), limit: 0, before_id: String::new() })
+        .await?
+        .into_inner()
+        .messages)
+}
+
+/// Status.
+pub async fn status(client: &mut Client) -> Result<rpc::StatusReply> {
+    Ok(client.status(StatusRequest {}).await?.into_inner())
+}
+
+/// Waits until the conversation with `peer` has at least `n` messages matching `keep`.
+pub async fn wait_history(
+    client: &Client,
+    peer: &str,
+    n: usize,
+    keep: impl Fn(&rpc::Message) -> bool,
+) -> Result<Vec<rpc::Message>> {
+    eventually(&format!("{n} messages with {peer}"), TIMEOUT, || {
+        let mut c = client.clone();
+        let keep = &keep;
+        async move {
+            let h = history(&mut c, peer).await?;
+            let matching = h.iter().filter(|m| keep(m)).count();
+            Ok((matching >= n).then_some(h))
+        }
+    })
+    .await
+}
+
+/// An open Events stream, read in the background.
+pub struct EventStream {
+    rx: mpsc::UnboundedReceiver<Result<Event, tonic::Status>>,
+}
+
+impl EventStream {
+    /// Subscribes (`since` as in EventsRequest).
+    pub async fn open(client: &Client, since: Option<u64>) -> Result<EventStream> {
+        let mut c = client.clone();
+        let mut stream = c.events(EventsRequest { since }).await?.into_inner();
+        let (tx, rx) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            loop {
+                match stream.message().await {
+                    Ok(Some(e)) => {
+                        if tx.send(Ok(e)).is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(s) => {
+                        let _ = tx.send(Err(s));
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(EventStream { rx })
+    }
+
+    /// The next event for which `pick` returns `Some`, skipping others.
+    pub async fn next_matching<T>(&mut self, what: &str, mut pick: impl FnMut(&Event) -> Option<T>) -> Result<T> {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        loop {
+            let event = tokio::time::timeout_at(deadline, self.rx.recv())
+                .await
+                .map_err(|_| anyhow!("timed out waiting for {what}"))?
+                .ok_or_else(|| anyhow!("the event stream ended while waiting for {what}"))?
+                .map_err(|s| anyhow!("the event stream failed: {s}"))?;
+            if let Some(v) = pick(&event) {
+                return Ok(v);
+            }
+        }
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// raw MQTT
+
+/// A plain MQTT client (clean session, random id) for raw frames.
+pub struct RawMqtt {
+    client: AsyncClient,
+    incoming: mpsc::UnboundedReceiver<rumqttc::Publish>,
+    acks: mpsc::UnboundedReceiver<()>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RawMqtt {
+    /// Connects to the broker.
+    pub async fn connect(broker: &Mosquitto) -> Result<RawMqtt> {
+        let id = format!("raw-{}-{}", std::process::id(), free_port()?);
+        let mut options = MqttOptions::new(id, "127.0.0.1", broker.port());
+        options.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024).set_clean_session(true);
+        let (client, mut eventloop) = AsyncClient::new(options, 64);
+        let (in_tx, incoming) = mpsc::unbounded_channel();
+        let (ack_tx, acks) = mpsc::unbounded_channel();
+        let (up_tx, mut up_rx) = mpsc::unbounded_channel();
+        let task = tokio::spawn(async move {
+            loop {
+                match eventloop.poll().await {
+                    Ok(MqttEvent::Incoming(Packet::ConnAck(_))) => {
+                        let _ = up_tx.send(());
+                    }
+                    Ok(MqttEvent::Incoming(Packet::SubAck(_))) => {
+                        let _ = ack_tx.send(());
+                    }
+                    Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
+                        let _ = in_tx.send(p);
+                    }
+                    Ok(MqttEvent::Incoming(Packet::PubAck(_))) | Ok(MqttEvent::Incoming(Packet::PubComp(_))) => {
+                        let _ = ack_tx.send(());
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+                }
+            }
+        });
+        tokio::time::timeout(TIMEOUT, up_rx.recv())
+            .await
+            .map_err(|_| anyhow!("raw MQTT client did not connect"))?;
+        Ok(RawMqtt { client, incoming, acks, task })
+    }
+
+    /// Subscribes to `topic` (QoS 1) and waits for the SUBACK.
+    pub async fn subscribe(&mut self, topic: &str) -> Result<()> {
+        self.subscribe_qos(topic, QoS::AtLeastOnce).await
+    }
+
+    /// Subscribes to `topic` with `qos` (the broker delivers at the lower of this and
+    /// the publisher's QoS) and waits for the SUBACK.
+    pub async fn subscribe_qos(&mut self, topic: &str, qos: QoS) -> Result<()> {
+        self.client.subscribe(topic, qos).await?;
+        tokio::time::timeout(TIMEOUT, self.acks.recv()).await.map_err(|_| anyhow!("no SUBACK"))?;
+        Ok(())
+    }
+
+    /// Publishes `payload` to `topic` (QoS 1) and waits for the broker's acknowledgement.
+    pub async fn publish(&mut self, topic: &str, payload: Vec<u8>) -> Result<()> {
+        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await?;
+        tokio::time::timeout(TIMEOUT, self.acks.recv()).await.map_err(|_| anyhow!("no PUBACK"))?;
+        Ok(())
+    }
+
+    /// The next publish received on a subscribed topic.
+    pub async fn next_publish(&mut self) -> Result<rumqttc::Publish> {
+        tokio::time::timeout(TIMEOUT, self.incoming.recv())
+            .await
+            .map_err(|_| anyhow!("no publish received"))?
+            .ok_or_else(|| anyhow!("raw MQTT client stopped"))
+    }
+}
+
+impl Drop for RawMqtt {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// Whether `needle` occurs in `haystack`.
+pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
+    !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// One test's world: a broker and a key server.
+pub struct World {
+    /// The broker.
+    pub broker: Mosquitto,
+    /// The key server.
+    pub keyserver: KeyServer,
+}
+
+impl World {
+    /// Starts both.
+    pub async fn start() -> Result<World> {
+        let (broker, keyserver) = tokio::try_join!(Mosquitto::start(), KeyServer::start())?;
+        Ok(World { broker, keyserver })
+    }
+
+    /// A registered, activated identity with a running nesd.
+    pub async fn user(&self, name: &str) -> Result<(Identity, Nesd)> {
+        let id = Identity::generate(name)?;
+        id.register(&self.keyserver).await?;
+        let nesd = Nesd::start(&id, &self.broker, &self.keyserver).await?;
+        Ok((id, nesd))
+    }
+}

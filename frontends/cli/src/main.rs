@@ -1,1 +1,145 @@
-fn main() {}
+//! `nes`: the NES command line.
+//!
+//! Two kinds of commands live here:
+//! - offline tools that need no daemon (`generate`, `frame seal`, `frame open`,
+//!   `import-legacy`, `config`, `completions`, `man`), which work on files directly;
+//! - thin clients of `nesd` over its gRPC socket (`status`, `register`, `send`, `history`,
+//!   `listen`, `chat`, `contacts`), which hold no state and no keys. They connect through
+//!   the `nes-client` crate, which finds the socket and sorts failures.
+//!
+//! Each command is one module under `cmd/`; `output` formats messages for people and
+//! for scripts (JSON lines). `main` parses flags, runs the command and turns its error
+//! into the exit code of DESIGN.md in one place: 0 success, 1 an error the user can fix,
+//! 2 bad usage (clap), 3 the daemon is not running. A closed stdout (`nes listen | head`)
+//! is a normal exit.
+
+#![forbid(unsafe_code)]
+
+mod cmd;
+mod error;
+mod output;
+
+use clap::{Parser, Subcommand};
+use error::CliError;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+/// NES: end-to-end encrypted messages over MQTT.
+#[derive(Parser, Debug)]
+#[command(name = "nes", version, about, propagate_version = true)]
+pub struct Cli {
+    /// nesd's gRPC socket (default: $XDG_RUNTIME_DIR/nes/nesd.sock).
+    #[arg(long, global = true, env = "NES_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+
+    /// Config file (default: ~/.config/nes/config.toml).
+    #[arg(short = 'c', long, global = true, env = "NES_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Make a new identity's two RSA key pairs (offline).
+    Generate(cmd::generate::Args),
+    /// Seal or open single frames without a daemon (offline; for tests and debugging).
+    #[command(subcommand)]
+    Frame(cmd::frame::FrameCommand),
+    /// Show the daemon's state: identity, connection, queue, counters (exit 3: no daemon).
+    Status(cmd::status::Args),
+    /// Register this identity's public keys with the key server.
+    Register(cmd::register::Args),
+    /// Send a message: `nes send PEER TEXT`, `... | nes send PEER`, or `--batch`.
+    Send(cmd::send::Args),
+    /// Show a conversation (or, without PEER, the list of conversations).
+    History(cmd::history::Args),
+    /// Print incoming messages as they arrive (JSON lines with --json), or run a command.
+    Listen(cmd::listen::Args),
+    /// Interactive terminal chat with one peer.
+    Chat(cmd::chat::Args),
+    /// List contacts, show their key fingerprints, trust changed keys, mark legacy.
+    Contacts(cmd::contacts::Args),
+    /// Show or change the config file (~/.config/nes/config.toml).
+    Config(cmd::config::Args),
+    /// Print the versions of nes and of the running nesd.
+    Version,
+    /// Bring an identity of the original client (~/.nes) over: keys and config.
+    ImportLegacy(cmd::import_legacy::Args),
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions(cmd::completions::Args),
+    /// Write man pages for nes and each of its commands.
+    Man(cmd::man::Args),
+}
+
+/// What every daemon command needs: where the socket and the config are.
+#[derive(Debug, Clone)]
+pub struct Ctx {
+    /// The resolved socket path (flag > env > config > XDG).
+    pub socket: PathBuf,
+    /// The `--config` flag, if given.
+    pub config: Option<PathBuf>,
+}
+
+impl Ctx {
+    fn new(socket: Option<&Path>, config: Option<PathBuf>) -> Self {
+        let socket = nes_client::paths::socket_path(socket, config.as_deref());
+        Ctx { socket, config }
+    }
+
+    /// Connects to nesd.
+    pub async fn client(&self) -> Result<nes_client::Client, CliError> {
+        Ok(nes_client::Client::connect(&self.socket).await?)
+    }
+
+    /// The config file in use.
+    pub fn config_path(&self) -> PathBuf {
+        nes_client::paths::config_path(self.config.as_deref())
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let ctx = Ctx::new(cli.socket.as_deref(), cli.config.clone());
+    let result = match cli.command {
+        Command::Generate(args) => cmd::generate::run(args),
+        Command::Frame(command) => cmd::frame::run(command),
+        Command::Config(args) => cmd::config::run(&ctx, args),
+        Command::ImportLegacy(args) => cmd::import_legacy::run(&ctx, args),
+        Command::Completions(args) => cmd::completions::run(args),
+        Command::Man(args) => cmd::man::run(args),
+        Command::Status(args) => block_on(cmd::status::run(&ctx, args)),
+        Command::Register(args) => block_on(cmd::register::run(&ctx, args)),
+        Command::Send(args) => block_on(cmd::send::run(&ctx, args)),
+        Command::History(args) => block_on(cmd::history::run(&ctx, args)),
+        Command::Listen(args) => block_on(cmd::listen::run(&ctx, args)),
+        Command::Chat(args) => block_on(cmd::chat::run(&ctx, args)),
+        Command::Contacts(args) => block_on(cmd::contacts::run(&ctx, args)),
+        Command::Version => block_on(cmd::version::run(&ctx)),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => err.report(),
+    }
+}
+
+/// Runs one daemon command on a small runtime: a thin client needs no thread pool.
+fn block_on(future: impl std::future::Future<Output = Result<(), CliError>>) -> Result<(), CliError> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| error::user(format!("cannot start the async runtime: {e}")))?
+        .block_on(future)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent() {
+        Cli::command().debug_assert();
+    }
+}

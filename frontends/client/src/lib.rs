@@ -1,1 +1,30 @@
-//! placeholder
+//! # nes-client: what every NES frontend shares
+//!
+//! `nes`, `nes chat` and `nes-notify` are stateless clients of `nesd`'s gRPC API
+//! (`nes_proto::rpc`, served on a Unix socket). This crate is the one place where they
+//! find that socket, connect to it and turn failures into errors a user can act on:
+//!
+//! | module | holds |
+//! |---|---|
+//! | [`paths`] | where the socket and the config file are (`--socket` > `NES_SOCKET` > config > XDG) |
+//! | [`error`] | [`Error`]: "daemon not running" (exit 3) vs. an error the user can fix (exit 1) |
+//! | [`client`] | [`Client`]: connect over the Unix socket, one method per RPC |
+//! | [`feed`] | [`Feed`]: the event stream that survives a daemon restart, resuming by cursor |
+//!
+//! A frontend's flow: resolve the socket path ([`paths::socket_path`]), [`Client::connect`],
+//! call RPCs; for live events open a [`Feed`], which reconnects by itself and never
+//! shows an event twice or skips one (the daemon's event log cursor makes that exact).
+
+#![forbid(unsafe_code)]
+#![deny(unused_must_use)]
+#![warn(missing_docs)]
+
+pub mod client;
+pub mod error;
+pub mod feed;
+pub mod paths;
+
+pub use client::Client;
+pub use error::Error;
+pub use feed::{Feed, FeedItem};
+pub use nes_proto::rpc;

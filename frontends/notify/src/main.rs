@@ -1,1 +1,257 @@
-fn main() {}
+//! `nes-notify`: a desktop notification for every incoming NES message.
+//!
+//! A small user agent (run it at login, or as the `nes-notify.service` user unit): it
+//! follows nesd's event stream through `nes-client` and shows each incoming message with
+//! the freedesktop notification service (notify-rust, async API): the sender as summary,
+//! the text (truncated) as body, app name "NES".
+//!
+//! - Mute single contacts (`--mute alice`, or `notify_mute = ["alice"]` in the config
+//!   file) or everything (`--dnd`, or `notify_dnd = true`); the file is read again per
+//!   message, so `nes config set notify_dnd true` works at once.
+//! - Resumes by cursor: the cursor of the last event handled is kept in
+//!   `$XDG_STATE_HOME/nes/notify-<user>.cursor`, so restarting nes-notify, or nesd,
+//!   neither repeats nor skips a notification.
+//!
+//! Exit codes as every NES frontend: 0, 1 (a fixable error), 2 (bad usage), 3 (nesd is
+//! not running; with `--wait` it waits for nesd instead).
+//!
+//! Modules: [`policy`] (mute, DND, truncation), [`state`] (the cursor file).
+
+#![forbid(unsafe_code)]
+
+mod policy;
+mod state;
+
+use clap::Parser;
+use nes_client::{Client, Feed, FeedItem};
+use nes_proto::rpc::{event, Direction, Message, MessageState};
+use policy::{FileSettings, Policy};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tracing::{info, warn};
+
+/// Desktop notifications for incoming NES messages.
+#[derive(Parser, Debug)]
+#[command(name = "nes-notify", version, about)]
+struct Args {
+    /// nesd's gRPC socket (default: $XDG_RUNTIME_DIR/nes/nesd.sock).
+    #[arg(long, env = "NES_SOCKET", value_name = "PATH")]
+    socket: Option<PathBuf>,
+    /// Config file (default: ~/.config/nes/config.toml).
+    #[arg(short = 'c', long, env = "NES_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Show no notification for this user's messages (repeatable; adds to notify_mute).
+    #[arg(short = 'm', long, value_name = "USER")]
+    mute: Vec<String>,
+    /// Do not disturb: show nothing (also notify_dnd = true in the config file).
+    #[arg(long)]
+    dnd: bool,
+    /// Longest body shown, in characters (default 200, or notify_body_max).
+    #[arg(long, value_name = "N")]
+    body_max: Option<usize>,
+    /// Notification lifetime in milliseconds (default: the server's).
+    #[arg(long, value_name = "MS")]
+    expire_ms: Option<u32>,
+    /// Where the last cursor is kept (default: $XDG_STATE_HOME/nes/notify-<user>.cursor).
+    #[arg(long, env = "NES_NOTIFY_STATE", value_name = "FILE")]
+    state_file: Option<PathBuf>,
+    /// Start after this cursor instead of the stored one.
+    #[arg(long, value_name = "CURSOR")]
+    since: Option<u64>,
+    /// Wait for nesd to start instead of exiting 3.
+    #[arg(long)]
+    wait: bool,
+    /// Also print one line per message handled on stdout (shown or why not).
+    #[arg(long)]
+    print: bool,
+}
+
+/// How the agent ends.
+#[derive(Debug)]
+enum Failure {
+    /// Exit 1.
+    User(String),
+    /// Exit 3.
+    NoDaemon(String),
+}
+
+impl From<nes_client::Error> for Failure {
+    fn from(e: nes_client::Error) -> Self {
+        if e.is_not_running() {
+            Failure::NoDaemon(e.to_string())
+        } else {
+            Failure::User(e.to_string())
+        }
+    }
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let filter = std::env::var("NES_LOG").unwrap_or_else(|_| "info".into());
+    tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into()))
+        .with_writer(std::io::stderr)
+        .with_target(false)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("nes-notify: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::User(m)) => {
+            eprintln!("nes-notify: {m}");
+            ExitCode::from(1)
+        }
+        Err(Failure::NoDaemon(m)) => {
+            eprintln!("nes-notify: {m}");
+            ExitCode::from(3)
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<(), Failure> {
+    let socket = nes_client::paths::socket_path(args.socket.as_deref(), args.config.as_deref());
+    let config = nes_client::paths::config_path(args.config.as_deref());
+    let flags = Policy {
+        mute: args.mute.iter().map(|u| u.trim().to_lowercase()).collect(),
+        dnd: args.dnd,
+        body_max: policy::DEFAULT_BODY_MAX,
+    };
+
+    let mut client = connect(&socket, args.wait).await?;
+    let status = client.status().await?;
+    let state_path = args.state_file.clone().unwrap_or_else(|| state::default_path(&status.user));
+    let since = args.since.or_else(|| state::load(&state_path));
+    let mut feed = Feed::open(&socket, since).await?;
+    match since {
+        Some(c) => info!(user = %status.user, cursor = c, state = %state_path.display(), "resuming after the stored cursor"),
+        None => info!(user = %status.user, cursor = feed.cursor(), state = %state_path.display(), "starting with new messages"),
+    }
+    save_cursor(&state_path, feed.cursor());
+    let markup = body_markup().await;
+
+    loop {
+        let event = match feed.next().await? {
+            FeedItem::Event(event) => event,
+            FeedItem::Disconnected(e) => {
+                warn!("{e}; waiting for nesd to come back (resuming after cursor {})", feed.cursor());
+                continue;
+            }
+            FeedItem::Reconnected => {
+                info!(cursor = feed.cursor(), "reconnected to nesd");
+                continue;
+            }
+            _ => continue,
+        };
+        if let Some(event::Kind::Message(message)) = &event.kind {
+            if is_shown_kind(message) {
+                let policy = Policy::merge(&flags, args.body_max, &FileSettings::read(&config));
+                handle(message, &policy, markup, args.expire_ms, args.print).await;
+            }
+        }
+        save_cursor(&state_path, event.cursor);
+    }
+}
+
+/// Connects, or with `wait` keeps trying until nesd is there.
+async fn connect(socket: &std::path::Path, wait: bool) -> Result<Client, Failure> {
+    let mut told = false;
+    loop {
+        match Client::connect(socket).await {
+            Ok(client) => return Ok(client),
+            Err(e) if wait && e.is_not_running() => {
+                if !told {
+                    info!("{e}; waiting for it");
+                    told = true;
+                }
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Incoming, verified messages: the ones a person is told about (held ones wait until
+/// their sender's new keys are trusted, and come again then).
+fn is_shown_kind(message: &Message) -> bool {
+    message.direction == Direction::Incoming as i32 && message.state == MessageState::Received as i32
+}
+
+async fn handle(message: &Message, policy: &Policy, markup: bool, expire_ms: Option<u32>, print: bool) {
+    if !policy.shows(&message.from) {
+        let why = if policy.dnd { "do not disturb" } else { "muted" };
+        info!(from = %message.from, id = %message.id, why, "not shown");
+        if print {
+            println!("skipped {} {} ({why})", message.from, message.id);
+        }
+        return;
+    }
+    let text = policy::truncate(&message.text, policy.body_max);
+    let body = if markup { policy::escape_markup(&text) } else { text.clone() };
+    let mut notification = notify_rust::Notification::new();
+    notification
+        .appname("NES")
+        .summary(&message.from)
+        .body(&body)
+        .icon("mail-message-new")
+        .hint(notify_rust::Hint::Category("im.received".into()));
+    if let Some(ms) = expire_ms {
+        notification.timeout(notify_rust::Timeout::Milliseconds(ms));
+    }
+    match notification.show_async().await {
+        Ok(_) => {
+            info!(from = %message.from, id = %message.id, "shown");
+            if print {
+                println!("shown {} {}: {}", message.from, message.id, text);
+            }
+        }
+        Err(e) => {
+            warn!(from = %message.from, id = %message.id, error = %e, "cannot show a notification (is a notification server running?)");
+            if print {
+                println!("failed {} {} ({e})", message.from, message.id);
+            }
+        }
+    }
+}
+
+fn save_cursor(path: &std::path::Path, cursor: u64) {
+    if let Err(e) = state::save(path, cursor) {
+        warn!(path = %path.display(), error = %e, "cannot store the cursor; a restart may repeat notifications");
+    }
+}
+
+/// Whether the notification server interprets markup in bodies (then text is escaped).
+async fn body_markup() -> bool {
+    let query = tokio::task::spawn_blocking(notify_rust::get_capabilities);
+    match tokio::time::timeout(Duration::from_secs(5), query).await {
+        Ok(Ok(Ok(caps))) => caps.iter().any(|c| c == "body-markup"),
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    #[test]
+    fn flags_are_consistent() {
+        Args::command().debug_assert();
+    }
+
+    #[test]
+    fn only_received_incoming_messages_notify() {
+        let mut m = Message { direction: Direction::Incoming as i32, state: MessageState::Received as i32, ..Default::default() };
+        assert!(is_shown_kind(&m));
+        m.state = MessageState::Held as i32;
+        assert!(!is_shown_kind(&m));
+        m.direction = Direction::Outgoing as i32;
+        m.state = MessageState::Delivered as i32;
+        assert!(!is_shown_kind(&m));
+    }
+}

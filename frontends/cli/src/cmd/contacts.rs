@@ -1,0 +1,228 @@
+//! `nes contacts`: the people the daemon knows keys for.
+//!
+//! - `nes contacts [list] [--json]`: every contact, its trust state and fingerprints;
+//! - `nes contacts show USER [--refresh] [--pem] [--json]`: one contact (fetched from the
+//!   key server when unknown), with full key fingerprints to compare out of band;
+//! - `nes contacts trust USER [--message-key FP --sign-key FP]`: accept the keys a
+//!   contact now has after a key change. Without fingerprints it accepts the pending
+//!   keys it shows (and the daemon refuses if they changed again in between);
+//! - `nes contacts legacy USER on|off`: send to USER as v1 frames (original client).
+
+use crate::error::{user, CliError};
+use crate::output::{local_time, print_json, print_line};
+use crate::Ctx;
+use nes_proto::rpc::{Contact, TrustState};
+use serde_json::json;
+
+#[derive(clap::Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Args {
+    #[command(subcommand)]
+    pub command: Option<ContactsCommand>,
+    /// JSON lines (for the list).
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(clap::Subcommand, Debug)]
+pub enum ContactsCommand {
+    /// List every contact (the default).
+    List {
+        /// JSON lines, one object per contact.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one contact with its key fingerprints.
+    Show {
+        /// The contact's username.
+        user: String,
+        /// Ask the key server again even if the cached keys are fresh.
+        #[arg(long)]
+        refresh: bool,
+        /// Also print the public keys (PEM).
+        #[arg(long)]
+        pem: bool,
+        /// One JSON object.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Accept a contact's new keys after a key change.
+    Trust {
+        /// The contact's username.
+        user: String,
+        /// Accept only if the new message key has this fingerprint (hex SHA-256).
+        #[arg(long, value_name = "FP", requires = "sign_key")]
+        message_key: Option<String>,
+        /// Accept only if the new signing key has this fingerprint (hex SHA-256).
+        #[arg(long, value_name = "FP", requires = "message_key")]
+        sign_key: Option<String>,
+    },
+    /// Mark a contact as using the original client (messages go out as v1 frames).
+    Legacy {
+        /// The contact's username.
+        user: String,
+        /// on: send v1 frames; off: send v2 (the default).
+        #[arg(value_parser = ["on", "off"])]
+        state: String,
+    },
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
+    let mut client = ctx.client().await?;
+    match args.command.unwrap_or(ContactsCommand::List { json: args.json }) {
+        ContactsCommand::List { json } => {
+            let mut contacts = client.contacts().await?;
+            contacts.sort_by(|a, b| a.username.cmp(&b.username));
+            for c in &contacts {
+                if json {
+                    print_json(&contact_json(c, false))?;
+                } else {
+                    print_line(&contact_line(c))?;
+                }
+            }
+            if contacts.is_empty() && !json {
+                eprintln!("nes: no contacts yet (they appear when you send to or hear from someone)");
+            }
+            Ok(())
+        }
+        ContactsCommand::Show { user: name, refresh, pem, json } => {
+            let name = username(&name)?;
+            let c = client.lookup_contact(&name, refresh).await?;
+            if json {
+                return print_json(&contact_json(&c, pem));
+            }
+            for line in contact_details(&c, pem) {
+                print_line(&line)?;
+            }
+            Ok(())
+        }
+        ContactsCommand::Trust { user: name, message_key, sign_key } => {
+            let name = username(&name)?;
+            let c = client.lookup_contact(&name, true).await?;
+            if c.trust != TrustState::KeyChanged as i32 && message_key.is_none() {
+                print_line(&format!("{name}'s keys have not changed; nothing to trust"))?;
+                return Ok(());
+            }
+            let (m, s) = match (message_key, sign_key) {
+                (Some(m), Some(s)) => (normalize_fp(&m), normalize_fp(&s)),
+                _ => (c.pending_message_key_fingerprint.clone(), c.pending_sign_key_fingerprint.clone()),
+            };
+            print_line(&format!("trusting {name}'s new keys: message sha256:{m}, sign sha256:{s}"))?;
+            let c = client.trust_contact(&name, &m, &s).await?;
+            print_line(&contact_line(&c))
+        }
+        ContactsCommand::Legacy { user: name, state } => {
+            let name = username(&name)?;
+            let c = client.set_contact_legacy(&name, state == "on").await?;
+            print_line(&contact_line(&c))
+        }
+    }
+}
+
+fn username(typed: &str) -> Result<String, CliError> {
+    let name = typed.trim().to_lowercase();
+    nes_proto::Username::parse(&name).map_err(|e| user(format!("{typed:?}: {e}")))?;
+    Ok(name)
+}
+
+/// Accepts `sha256:AB:CD...`, upper case or colons; the API wants plain lower hex.
+fn normalize_fp(fp: &str) -> String {
+    fp.trim().trim_start_matches("sha256:").replace(':', "").to_lowercase()
+}
+
+/// `pinned` / `KEY CHANGED`.
+fn trust_name(trust: i32) -> &'static str {
+    match TrustState::try_from(trust) {
+        Ok(TrustState::Pinned) => "pinned",
+        Ok(TrustState::KeyChanged) => "key-changed",
+        _ => "unknown",
+    }
+}
+
+/// One line per contact: name, trust, short fingerprints, legacy.
+pub fn contact_line(c: &Contact) -> String {
+    let short = |fp: &str| fp.chars().take(16).collect::<String>();
+    let mut line = format!(
+        "{:<12} {:<11} message {}  sign {}",
+        c.username,
+        trust_name(c.trust),
+        short(&c.message_key_fingerprint),
+        short(&c.sign_key_fingerprint)
+    );
+    if c.legacy {
+        line.push_str("  legacy (v1)");
+    }
+    if c.trust == TrustState::KeyChanged as i32 {
+        line.push_str(&format!("  -> check and run `nes contacts trust {}`", c.username));
+    }
+    line
+}
+
+fn contact_details(c: &Contact, pem: bool) -> Vec<String> {
+    let mut lines = vec![
+        format!("user:        {}", c.username),
+        format!("trust:       {}", trust_name(c.trust)),
+        format!("message key: sha256:{}", c.message_key_fingerprint),
+        format!("sign key:    sha256:{}", c.sign_key_fingerprint),
+        format!("legacy:      {}", if c.legacy { "yes (messages go out as v1 frames)" } else { "no" }),
+        format!("fetched:     {}", if c.fetched_at_ms > 0 { local_time(c.fetched_at_ms) } else { "never".into() }),
+    ];
+    if c.trust == TrustState::KeyChanged as i32 {
+        lines.push(format!("KEYS CHANGED: the key server now answers other keys for {}:", c.username));
+        lines.push(format!("  new message key: sha256:{}", c.pending_message_key_fingerprint));
+        lines.push(format!("  new sign key:    sha256:{}", c.pending_sign_key_fingerprint));
+        lines.push(format!(
+            "  messages from {0} are held and sending to {0} is refused until you compare these with {0} and run `nes contacts trust {0}`",
+            c.username
+        ));
+    }
+    if pem {
+        lines.push(c.message_key_pem.trim_end().to_string());
+        lines.push(c.sign_key_pem.trim_end().to_string());
+    }
+    lines
+}
+
+fn contact_json(c: &Contact, pem: bool) -> serde_json::Value {
+    let mut v = json!({
+        "username": c.username,
+        "trust": trust_name(c.trust),
+        "message_key_fingerprint": c.message_key_fingerprint,
+        "sign_key_fingerprint": c.sign_key_fingerprint,
+        "legacy": c.legacy,
+        "fetched_at": c.fetched_at_ms,
+    });
+    if c.trust == TrustState::KeyChanged as i32 {
+        v["pending_message_key_fingerprint"] = json!(c.pending_message_key_fingerprint);
+        v["pending_sign_key_fingerprint"] = json!(c.pending_sign_key_fingerprint);
+    }
+    if pem {
+        v["message_key_pem"] = json!(c.message_key_pem);
+        v["sign_key_pem"] = json!(c.sign_key_pem);
+    }
+    v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fingerprints_are_normalized() {
+        assert_eq!(normalize_fp("sha256:AB:cd:EF"), "abcdef");
+        assert_eq!(normalize_fp(" abc "), "abc");
+    }
+
+    #[test]
+    fn changed_keys_say_what_to_do() {
+        let c = Contact {
+            username: "alice".into(),
+            trust: TrustState::KeyChanged as i32,
+            pending_message_key_fingerprint: "11".into(),
+            ..Default::default()
+        };
+        assert!(contact_line(&c).contains("nes contacts trust alice"));
+        assert!(contact_details(&c, false).join("\n").contains("new message key: sha256:11"));
+        assert_eq!(contact_json(&c, false)["trust"], "key-changed");
+    }
+}

@@ -1,0 +1,95 @@
+//! `nes history PEER [--last N] [--json]`: a stored conversation, oldest first.
+//! Without PEER: the list of conversations, most recent first, with unread counts.
+//!
+//! Reading history does not mark messages read (`nes chat` does, as a person reads).
+
+use crate::error::{user, CliError};
+use crate::output::{local_time, message_json, message_line, print_json, print_line};
+use crate::Ctx;
+use serde_json::json;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// The conversation's peer (none: list conversations).
+    pub peer: Option<String>,
+    /// Only the last N messages.
+    #[arg(short = 'n', long, value_name = "N")]
+    pub last: Option<u32>,
+    /// JSON lines, one object per message (or conversation).
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
+    let mut client = ctx.client().await?;
+    let Some(peer) = args.peer else {
+        return conversations(&mut client, args.json).await;
+    };
+    let typed = peer;
+    let peer = typed.trim().to_lowercase();
+    nes_proto::Username::parse(&peer).map_err(|e| user(format!("no conversation with {typed:?}: {e}")))?;
+    if args.last == Some(0) {
+        return Ok(());
+    }
+    let messages = client.history(&peer, args.last.unwrap_or(0)).await?;
+    for message in &messages {
+        if args.json {
+            print_json(&message_json(message, None))?;
+        } else {
+            print_line(&message_line(message))?;
+        }
+    }
+    if messages.is_empty() && !args.json {
+        eprintln!("nes: no messages with {peer} yet");
+    }
+    Ok(())
+}
+
+async fn conversations(client: &mut nes_client::Client, json_out: bool) -> Result<(), CliError> {
+    let conversations = client.conversations().await?;
+    for c in &conversations {
+        if json_out {
+            print_json(&json!({
+                "peer": c.peer,
+                "unread": c.unread,
+                "total": c.total,
+                "last": c.last.as_ref().map(|m| message_json(m, None)),
+            }))?;
+        } else {
+            let last = c
+                .last
+                .as_ref()
+                .map(|m| format!("[{}] {}: {}", local_time(m.timestamp_ms), m.from, first_line(&m.text)))
+                .unwrap_or_default();
+            let unread = if c.unread > 0 { format!(" ({} unread)", c.unread) } else { String::new() };
+            print_line(&format!("{}{}  {} messages  {}", c.peer, unread, c.total, last))?;
+        }
+    }
+    if conversations.is_empty() && !json_out {
+        eprintln!("nes: no conversations yet");
+    }
+    Ok(())
+}
+
+/// The first line of a text, shortened to 60 characters.
+fn first_line(text: &str) -> String {
+    let line = text.lines().next().unwrap_or("");
+    let mut out: String = line.chars().take(60).collect();
+    if out.len() < line.len() || text.lines().nth(1).is_some() {
+        out.push('…');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::first_line;
+
+    #[test]
+    fn first_lines() {
+        assert_eq!(first_line("hi"), "hi");
+        assert_eq!(first_line("hi\nthere"), "hi…");
+        assert_eq!(first_line(&"x".repeat(70)), format!("{}…", "x".repeat(60)));
+        assert_eq!(first_line(""), "");
+    }
+}

@@ -1,0 +1,116 @@
+//! `nes status`: who the daemon is and how it is doing.
+//!
+//! Exit 0 when a daemon answers, 3 when none does: `nes status >/dev/null` is the way
+//! for scripts to ask "is nesd up?".
+
+use crate::error::CliError;
+use crate::output::print_line;
+use crate::Ctx;
+use nes_proto::rpc::StatusReply;
+use serde_json::json;
+
+#[derive(clap::Args, Debug)]
+pub struct Args {
+    /// One JSON object instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
+    let status = ctx.client().await?.status().await?;
+    if args.json {
+        print_line(&status_json(&status, &ctx.socket.display().to_string()).to_string())
+    } else {
+        for line in status_text(&status, &ctx.socket.display().to_string()) {
+            print_line(&line)?;
+        }
+        Ok(())
+    }
+}
+
+/// The `--json` object: every field of `StatusReply`, plus the socket.
+pub fn status_json(s: &StatusReply, socket: &str) -> serde_json::Value {
+    let refused: serde_json::Map<String, serde_json::Value> =
+        s.refused.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    json!({
+        "user": s.user,
+        "version": s.version,
+        "connected": s.connected,
+        "broker": s.broker,
+        "keyserver": s.keyserver,
+        "queued": s.queued,
+        "refused": refused,
+        "received": s.received,
+        "sent": s.sent,
+        "last_cursor": s.last_cursor,
+        "uptime_seconds": s.uptime_seconds,
+        "client_id": s.client_id,
+        "unread": s.unread,
+        "pid": s.pid,
+        "socket": socket,
+    })
+}
+
+/// The text lines for people.
+pub fn status_text(s: &StatusReply, socket: &str) -> Vec<String> {
+    let mut refused: Vec<_> = s.refused.iter().filter(|(_, n)| **n > 0).collect();
+    refused.sort();
+    let refused = if refused.is_empty() {
+        "none".to_string()
+    } else {
+        refused.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
+    };
+    vec![
+        format!("nesd {} (pid {}), up {}, socket {socket}", s.version, s.pid, duration(s.uptime_seconds)),
+        format!("user:       {}", s.user),
+        format!(
+            "broker:     {} ({})",
+            s.broker,
+            if s.connected { "connected" } else { "not connected" }
+        ),
+        format!("client id:  {}", s.client_id),
+        format!("key server: {}", s.keyserver),
+        format!("queued:     {}", s.queued),
+        format!("sent:       {}   received: {}   unread: {}", s.sent, s.received, s.unread),
+        format!("refused:    {refused}"),
+        format!("cursor:     {}", s.last_cursor),
+    ]
+}
+
+/// `3d 4h`, `2h 5m`, `5m 3s`, `12s`.
+fn duration(seconds: u64) -> String {
+    let (d, h, m, s) = (seconds / 86_400, seconds / 3600 % 24, seconds / 60 % 60, seconds % 60);
+    match (d, h, m) {
+        (0, 0, 0) => format!("{s}s"),
+        (0, 0, _) => format!("{m}m {s}s"),
+        (0, _, _) => format!("{h}h {m}m"),
+        _ => format!("{d}d {h}h"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn text_shows_refusals_sorted() {
+        let mut s = StatusReply { user: "bob".into(), connected: true, ..Default::default() };
+        s.refused.insert("signature".into(), 2);
+        s.refused.insert("duplicate".into(), 1);
+        s.refused.insert("bad_json".into(), 0);
+        let text = status_text(&s, "/s").join("\n");
+        assert!(text.contains("refused:    duplicate 1, signature 2"), "{text}");
+        assert!(text.contains("(connected)"));
+        let v = status_json(&s, "/s");
+        assert_eq!(v["refused"]["signature"], 2);
+        assert_eq!(v["user"], "bob");
+    }
+
+    #[test]
+    fn durations() {
+        assert_eq!(duration(12), "12s");
+        assert_eq!(duration(303), "5m 3s");
+        assert_eq!(duration(7500), "2h 5m");
+        assert_eq!(duration(3 * 86_400 + 4 * 3600), "3d 4h");
+    }
+}

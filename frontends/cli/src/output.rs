@@ -1,0 +1,224 @@
+//! How messages look: JSON lines for scripts, one short line for people.
+//!
+//! The JSON line of a message (`history --json`, `listen --json`, `send --json`) has the
+//! fields of DESIGN.md "Command-line surface" and a few more:
+//!
+//! ```json
+//! {"id":"..","from":"alice","to":"bob","peer":"alice","timestamp":1700000000000,
+//!  "message":"hi","direction":"incoming","state":"received","read":false,
+//!  "stored_at":1700000000123,"wire_version":2,"cursor":42}
+//! ```
+//! `timestamp` is the sender's inner timestamp (Unix ms); `cursor` only on `listen`;
+//! `error` only when the daemon gave one (failed or held messages). The text appears
+//! once, as `message`.
+
+use crate::error::CliError;
+use nes_proto::rpc::{Direction, Message, MessageState};
+use std::io::Write;
+
+/// One message as a JSON line, fields in this order (a struct, so the order is the
+/// declaration's rather than alphabetical). `cursor` only on event-stream output,
+/// `error` only when the daemon gave one.
+#[derive(Debug, serde::Serialize)]
+pub struct MessageLine<'a> {
+    id: &'a str,
+    from: &'a str,
+    to: &'a str,
+    peer: &'a str,
+    timestamp: i64,
+    message: &'a str,
+    direction: &'static str,
+    state: &'static str,
+    read: bool,
+    stored_at: i64,
+    wire_version: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cursor: Option<u64>,
+}
+
+/// The JSON line of one message; `cursor` is added for event-stream output.
+pub fn message_json(message: &Message, cursor: Option<u64>) -> MessageLine<'_> {
+    MessageLine {
+        id: &message.id,
+        from: &message.from,
+        to: &message.to,
+        peer: &message.peer,
+        timestamp: message.timestamp_ms,
+        message: &message.text,
+        direction: direction_name(message.direction),
+        state: state_name(message.state),
+        read: message.read,
+        stored_at: message.stored_at_ms,
+        wire_version: message.wire_version,
+        error: (!message.error.is_empty()).then_some(message.error.as_str()),
+        cursor,
+    }
+}
+
+/// `incoming` / `outgoing` (`unknown` for a value this build does not know).
+pub fn direction_name(direction: i32) -> &'static str {
+    match Direction::try_from(direction) {
+        Ok(Direction::Incoming) => "incoming",
+        Ok(Direction::Outgoing) => "outgoing",
+        _ => "unknown",
+    }
+}
+
+/// `queued`, `sent`, `delivered`, `failed`, `received`, `held` (`unknown` otherwise).
+pub fn state_name(state: i32) -> &'static str {
+    match MessageState::try_from(state) {
+        Ok(MessageState::Queued) => "queued",
+        Ok(MessageState::Sent) => "sent",
+        Ok(MessageState::Delivered) => "delivered",
+        Ok(MessageState::Failed) => "failed",
+        Ok(MessageState::Received) => "received",
+        Ok(MessageState::Held) => "held",
+        _ => "unknown",
+    }
+}
+
+/// A short mark of an outgoing message's delivery state, as chat and history show it:
+/// `…` queued, `→` handed to MQTT, `✓` acknowledged by the broker, `✗` failed.
+pub fn state_mark(state: i32) -> &'static str {
+    match MessageState::try_from(state) {
+        Ok(MessageState::Queued) => "…",
+        Ok(MessageState::Sent) => "→",
+        Ok(MessageState::Delivered) => "✓",
+        Ok(MessageState::Failed) => "✗",
+        Ok(MessageState::Held) => "!",
+        _ => "",
+    }
+}
+
+/// Local time of a Unix-ms timestamp: `2024-05-01 12:03:04`.
+pub fn local_time(ms: i64) -> String {
+    use chrono::TimeZone;
+    match chrono::Local.timestamp_millis_opt(ms) {
+        chrono::LocalResult::Single(t) | chrono::LocalResult::Ambiguous(t, _) => {
+            t.format("%Y-%m-%d %H:%M:%S").to_string()
+        }
+        chrono::LocalResult::None => ms.to_string(),
+    }
+}
+
+/// One line for people: `[2024-05-01 12:03:04] alice → bob: text ✓`.
+pub fn message_line(message: &Message) -> String {
+    let mark = match Direction::try_from(message.direction) {
+        Ok(Direction::Outgoing) => format!(" {}", state_mark(message.state)),
+        _ if message.state == MessageState::Held as i32 => " (held: sender's keys changed)".into(),
+        _ => String::new(),
+    };
+    let error = if message.error.is_empty() { String::new() } else { format!(" ({})", message.error) };
+    format!(
+        "[{}] {} → {}: {}{}{}",
+        local_time(message.timestamp_ms),
+        message.from,
+        message.to,
+        message.text,
+        mark,
+        error
+    )
+}
+
+/// Writes one line to stdout and flushes it, so a reader of a pipe sees each line as it
+/// is made. A closed pipe becomes [`CliError::BrokenPipe`] (a normal exit).
+pub fn print_line(line: &str) -> Result<(), CliError> {
+    let mut out = std::io::stdout().lock();
+    out.write_all(line.as_bytes())?;
+    out.write_all(b"\n")?;
+    out.flush()?;
+    Ok(())
+}
+
+/// Writes one JSON value as a line.
+pub fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
+    let line = serde_json::to_string(value).map_err(|e| crate::error::user(format!("cannot encode JSON: {e}")))?;
+    print_line(&line)
+}
+
+/// Drops the one line end a shell adds (`echo hi | nes send bob` sends "hi").
+pub fn strip_one_newline(mut text: String) -> String {
+    if text.ends_with('\n') {
+        text.pop();
+        if text.ends_with('\r') {
+            text.pop();
+        }
+    }
+    text
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> Message {
+        Message {
+            id: "AAAAAAAAAAAAAAAAAAAAAA==".into(),
+            from: "alice".into(),
+            to: "bob".into(),
+            peer: "alice".into(),
+            direction: Direction::Incoming as i32,
+            text: "hi \"bob\"\nline 2".into(),
+            timestamp_ms: 1_700_000_000_000,
+            stored_at_ms: 1_700_000_000_123,
+            state: MessageState::Received as i32,
+            read: false,
+            wire_version: 2,
+            error: String::new(),
+        }
+    }
+
+    #[test]
+    fn json_line_has_the_design_fields_and_text_once() {
+        let line = serde_json::to_string(&message_json(&sample(), Some(42))).unwrap();
+        assert!(line.starts_with("{\"id\":\"AAAAAAAAAAAAAAAAAAAAAA==\",\"from\":\"alice\",\"to\":\"bob\""), "{line}");
+        assert!(!line.contains('\n'), "one line: {line}");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(v["id"], "AAAAAAAAAAAAAAAAAAAAAA==");
+        assert_eq!(v["from"], "alice");
+        assert_eq!(v["to"], "bob");
+        assert_eq!(v["timestamp"], 1_700_000_000_000i64);
+        assert_eq!(v["message"], "hi \"bob\"\nline 2");
+        assert_eq!(v["direction"], "incoming");
+        assert_eq!(v["state"], "received");
+        assert_eq!(v["cursor"], 42);
+        assert!(v.get("error").is_none());
+        assert_eq!(line.matches("line 2").count(), 1, "the text appears once");
+    }
+
+    #[test]
+    fn history_json_has_no_cursor() {
+        let v = serde_json::to_value(message_json(&sample(), None)).unwrap();
+        assert!(v.get("cursor").is_none());
+    }
+
+    #[test]
+    fn names_of_states_and_directions() {
+        assert_eq!(state_name(MessageState::Delivered as i32), "delivered");
+        assert_eq!(state_name(MessageState::Held as i32), "held");
+        assert_eq!(state_name(99), "unknown");
+        assert_eq!(direction_name(Direction::Outgoing as i32), "outgoing");
+        assert_eq!(direction_name(0), "unknown");
+    }
+
+    #[test]
+    fn human_line_marks_outgoing_state() {
+        let mut m = sample();
+        m.direction = Direction::Outgoing as i32;
+        m.state = MessageState::Delivered as i32;
+        assert!(message_line(&m).ends_with('✓'), "{}", message_line(&m));
+        m.state = MessageState::Failed as i32;
+        m.error = "no keys".into();
+        assert!(message_line(&m).contains("✗ (no keys)"));
+    }
+
+    #[test]
+    fn one_trailing_newline_is_dropped() {
+        assert_eq!(strip_one_newline("hi\n".into()), "hi");
+        assert_eq!(strip_one_newline("hi\r\n".into()), "hi");
+        assert_eq!(strip_one_newline("hi\n\n".into()), "hi\n");
+        assert_eq!(strip_one_newline("hi".into()), "hi");
+    }
+}

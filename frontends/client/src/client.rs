@@ -1,0 +1,219 @@
+//! [`Client`]: a connection to nesd over its Unix socket, with one method per RPC.
+//!
+//! Every method maps a failure to [`Error`] once, here, so frontends only decide how to
+//! show it. The raw generated client is there too ([`Client::rpc`]) for streaming calls
+//! that need more control.
+
+use crate::error::Error;
+use nes_proto::rpc::messenger_client::MessengerClient;
+use nes_proto::rpc::{
+    Contact, ContactsRequest, Conversation, ConversationsRequest, Event, EventsRequest, HistoryRequest,
+    LookupContactRequest, MarkReadRequest, Message, RegisterReply, RegisterRequest, SendReply, SendRequest,
+    SetContactLegacyRequest, StatusReply, StatusRequest, TrustContactRequest,
+};
+use std::path::{Path, PathBuf};
+use tonic::transport::{Channel, Endpoint, Uri};
+
+/// A connection to one nesd.
+#[derive(Clone, Debug)]
+pub struct Client {
+    rpc: MessengerClient<Channel>,
+    socket: PathBuf,
+}
+
+impl Client {
+    /// Connects to the daemon listening on `socket`. A missing socket or a refused
+    /// connection is [`Error::NotRunning`].
+    pub async fn connect(socket: &Path) -> Result<Self, Error> {
+        let not_running = |reason: &str| Error::NotRunning { socket: socket.to_path_buf(), reason: reason.into() };
+        match std::fs::symlink_metadata(socket) {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_running("no socket")),
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(Error::Socket { socket: socket.to_path_buf(), reason: e.to_string() })
+            }
+            _ => {}
+        }
+        let path = socket.to_path_buf();
+        // The URI is required by tonic but unused: the connector ignores it and opens the
+        // Unix socket instead.
+        let channel = Endpoint::from_static("http://nesd.invalid")
+            .connect_with_connector(tower::service_fn(move |_: Uri| {
+                let path = path.clone();
+                async move {
+                    let stream = tokio::net::UnixStream::connect(path).await?;
+                    Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
+                }
+            }))
+            .await
+            .map_err(|e| connect_error(&e, socket))?;
+        Ok(Client { rpc: MessengerClient::new(channel), socket: socket.to_path_buf() })
+    }
+
+    /// The socket this client is connected to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The generated gRPC client, for calls not wrapped here.
+    pub fn rpc(&mut self) -> &mut MessengerClient<Channel> {
+        &mut self.rpc
+    }
+
+    /// Maps a status of a call made through [`Client::rpc`].
+    pub fn error(&self, status: tonic::Status) -> Error {
+        Error::from_status(status, &self.socket)
+    }
+
+    /// `Status`: who the daemon is and how it is doing.
+    pub async fn status(&mut self) -> Result<StatusReply, Error> {
+        let reply = self.rpc.status(StatusRequest {}).await;
+        self.unpack(reply)
+    }
+
+    /// `Send`: seals and queues one message; returns it as stored (state QUEUED or later).
+    pub async fn send(&mut self, to: &str, text: &str, legacy: bool) -> Result<Message, Error> {
+        let request = SendRequest { to: to.into(), text: text.into(), legacy };
+        let reply = self.rpc.send(request).await;
+        let reply: SendReply = self.unpack(reply)?;
+        if !reply.error.is_empty() {
+            return Err(Error::Rpc { code: tonic::Code::from_i32(reply.code), message: reply.error });
+        }
+        reply.message.ok_or_else(|| Error::Rpc {
+            code: tonic::Code::Internal,
+            message: "nesd accepted the message but did not return it".into(),
+        })
+    }
+
+    /// `History`: the last `limit` messages (0: all) with `peer`, oldest first.
+    pub async fn history(&mut self, peer: &str, limit: u32) -> Result<Vec<Message>, Error> {
+        let request = HistoryRequest { peer: peer.into(), limit, before_id: String::new() };
+        let reply = self.rpc.history(request).await;
+        Ok(self.unpack(reply)?.messages)
+    }
+
+    /// `Conversations`: most recent first, with unread counts.
+    pub async fn conversations(&mut self) -> Result<Vec<Conversation>, Error> {
+        let reply = self.rpc.conversations(ConversationsRequest {}).await;
+        Ok(self.unpack(reply)?.conversations)
+    }
+
+    /// `MarkRead`: marks `peer`'s messages read (up to `up_to_id`, or all when empty);
+    /// returns how many changed.
+    pub async fn mark_read(&mut self, peer: &str, up_to_id: &str) -> Result<u64, Error> {
+        let request = MarkReadRequest { peer: peer.into(), up_to_id: up_to_id.into() };
+        let reply = self.rpc.mark_read(request).await;
+        Ok(self.unpack(reply)?.marked)
+    }
+
+    /// `Contacts`: every contact the daemon knows keys for.
+    pub async fn contacts(&mut self) -> Result<Vec<Contact>, Error> {
+        let reply = self.rpc.contacts(ContactsRequest {}).await;
+        Ok(self.unpack(reply)?.contacts)
+    }
+
+    /// `LookupContact`: one contact, fetched from the key server when unknown or `refresh`.
+    pub async fn lookup_contact(&mut self, username: &str, refresh: bool) -> Result<Contact, Error> {
+        let request = LookupContactRequest { username: username.into(), refresh };
+        let reply = self.rpc.lookup_contact(request).await;
+        self.unpack(reply)
+    }
+
+    /// `TrustContact`: accepts a contact's new keys; when fingerprints are given, only if
+    /// the pending keys still have them.
+    pub async fn trust_contact(
+        &mut self,
+        username: &str,
+        message_key_fingerprint: &str,
+        sign_key_fingerprint: &str,
+    ) -> Result<Contact, Error> {
+        let request = TrustContactRequest {
+            username: username.into(),
+            message_key_fingerprint: message_key_fingerprint.into(),
+            sign_key_fingerprint: sign_key_fingerprint.into(),
+        };
+        let reply = self.rpc.trust_contact(request).await;
+        self.unpack(reply)
+    }
+
+    /// `SetContactLegacy`: messages to `username` go out as v1 frames (or no longer do).
+    pub async fn set_contact_legacy(&mut self, username: &str, legacy: bool) -> Result<Contact, Error> {
+        let request = SetContactLegacyRequest { username: username.into(), legacy };
+        let reply = self.rpc.set_contact_legacy(request).await;
+        self.unpack(reply)
+    }
+
+    /// `Register`: registers this identity's keys with the key server.
+    pub async fn register(&mut self, email: &str) -> Result<RegisterReply, Error> {
+        let reply = self.rpc.register(RegisterRequest { email: email.into() }).await;
+        self.unpack(reply)
+    }
+
+    /// `Events`: the raw event stream after `since` (live only when `None`). Most
+    /// frontends want a [`crate::Feed`], which reconnects.
+    pub async fn events(&mut self, since: Option<u64>) -> Result<tonic::Streaming<Event>, Error> {
+        let reply = self.rpc.events(EventsRequest { since }).await;
+        self.unpack(reply)
+    }
+
+    fn unpack<T>(&self, reply: Result<tonic::Response<T>, tonic::Status>) -> Result<T, Error> {
+        reply.map(tonic::Response::into_inner).map_err(|s| self.error(s))
+    }
+}
+
+/// Sorts a failed connect: no socket / refused means no daemon; permission denied means
+/// the socket is not ours.
+fn connect_error(err: &tonic::transport::Error, socket: &Path) -> Error {
+    let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
+    while let Some(e) = source {
+        if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            return match io.kind() {
+                std::io::ErrorKind::PermissionDenied => {
+                    Error::Socket { socket: socket.to_path_buf(), reason: io.to_string() }
+                }
+                std::io::ErrorKind::ConnectionRefused => Error::NotRunning {
+                    socket: socket.to_path_buf(),
+                    reason: "connection refused: a stale socket, the daemon has stopped".into(),
+                },
+                std::io::ErrorKind::NotFound => {
+                    Error::NotRunning { socket: socket.to_path_buf(), reason: "no socket".into() }
+                }
+                _ => Error::NotRunning { socket: socket.to_path_buf(), reason: io.to_string() },
+            };
+        }
+        source = e.source();
+    }
+    Error::NotRunning { socket: socket.to_path_buf(), reason: err.to_string() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn missing_socket_is_not_running() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = Client::connect(&dir.path().join("nesd.sock")).await.unwrap_err();
+        assert!(err.is_not_running(), "{err:?}");
+        assert!(err.to_string().contains("no socket"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn stale_socket_is_not_running() {
+        // A socket file whose listener is gone: what a killed daemon leaves behind.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nesd.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        let err = Client::connect(&path).await.unwrap_err();
+        assert!(err.is_not_running(), "{err:?}");
+        assert!(err.to_string().contains("refused"), "{err}");
+    }
+
+    #[tokio::test]
+    async fn a_plain_file_is_not_a_daemon() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nesd.sock");
+        std::fs::write(&path, b"").unwrap();
+        let err = Client::connect(&path).await.unwrap_err();
+        assert!(err.is_not_running(), "{err:?}");
+    }
+}

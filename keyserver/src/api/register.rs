@@ -1,0 +1,427 @@
+//! `POST /users`: register a username with two public keys and an e-mail address.
+//!
+//! Request (exactly what original clients send; unknown fields are ignored):
+//! `{"username": .., "email": .., "public_key_message": "<PEM>", "public_key_sign": "<PEM>"}`
+//!
+//! | answer | when |
+//! |---|---|
+//! | 201 `{"username", "public_key_message", "public_key_sign"}` | pending; mail sent |
+//! | 400 `invalid_json`, `invalid_username`, `invalid_email`, `invalid_key`, `same_keys` | bad input |
+//! | 408 `body_timeout` | the body did not arrive in time |
+//! | 409 `username_taken` | an active user or a live pending registration has the name |
+//! | 413 `body_too_large` | body over 64 KiB |
+//! | 429 `rate_limited`, `too_many_pending` | per-IP limit; per-address cap (with `Retry-After`) |
+//! | 503 `mail_failed` | the activation mail could not be sent (nothing is kept) |
+
+use super::{reply, ApiError, AppState, ClientIp};
+use crate::mail::ActivationMail;
+use crate::ratelimit::Limit;
+use crate::store::{NewUser, RegisterOutcome};
+use crate::tokens::Token;
+use axum::body::{Body, Bytes};
+use axum::extract::State;
+use axum::http::{header, HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::Json;
+use email_address::{EmailAddress, Options};
+use http_body_util::{BodyExt, Limited};
+use nes_proto::{PublicKey, Username};
+use serde::Deserialize;
+use std::time::Duration;
+
+/// Largest request body accepted.
+pub const MAX_BODY: usize = 64 * 1024;
+/// Longest e-mail address accepted (RFC 5321's path limit less the brackets).
+pub const MAX_EMAIL: usize = 254;
+/// How long the body may take to arrive.
+const BODY_TIMEOUT: Duration = Duration::from_secs(30);
+/// How much of a body over the cap is read and thrown away before answering 413.
+const MAX_DRAIN: usize = 1024 * 1024;
+/// How long that may take.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// A registration request, checked: the untrusted JSON becomes these types once, here.
+#[derive(Debug, Clone)]
+pub struct Registration {
+    /// `username`, lower-cased.
+    pub username: Username,
+    /// `email`, a valid addr-spec.
+    pub email: String,
+    /// `public_key_message`, verbatim (it parsed as an RSA key of 2048..=4096 bits).
+    pub public_key_message: String,
+    /// `public_key_sign`, verbatim (likewise, and a different key).
+    pub public_key_sign: String,
+}
+
+#[derive(Deserialize)]
+struct Request {
+    username: String,
+    email: String,
+    public_key_message: String,
+    public_key_sign: String,
+}
+
+impl Registration {
+    /// Parses and checks a request body.
+    pub fn parse(body: &[u8]) -> Result<Self, ApiError> {
+        let request: Request = serde_json::from_slice(body).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_json",
+                format!(
+                    "{e}; send a JSON object {{\"username\", \"email\", \"public_key_message\", \"public_key_sign\"}} of strings"
+                ),
+            )
+        })?;
+        let username = Username::parse(&request.username)
+            .map_err(|e| ApiError::bad_request("invalid_username", e.to_string()))?;
+        check_email(&request.email).map_err(|why| {
+            ApiError::bad_request(
+                "invalid_email",
+                format!(
+                    "{:?} is not an e-mail address: {why}",
+                    preview(&request.email)
+                ),
+            )
+        })?;
+        let message = parse_key("public_key_message", &request.public_key_message)?;
+        let sign = parse_key("public_key_sign", &request.public_key_sign)?;
+        if message == sign {
+            return Err(ApiError::bad_request(
+                "same_keys",
+                "public_key_message and public_key_sign are the same key: use two key pairs",
+            ));
+        }
+        Ok(Self {
+            username,
+            email: request.email,
+            public_key_message: request.public_key_message,
+            public_key_sign: request.public_key_sign,
+        })
+    }
+}
+
+/// The handler of `POST /users`.
+pub async fn register(
+    State(state): State<AppState>,
+    ClientIp(client): ClientIp,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let result = handle(&state, client, &headers, body).await;
+    reply(&state, result)
+}
+
+async fn handle(
+    state: &AppState,
+    client: std::net::IpAddr,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    state
+        .limits
+        .check(Limit::Register, client)
+        .map_err(ApiError::rate_limited)?;
+    let bytes = read_body(headers, body).await?;
+    let registration = Registration::parse(&bytes)?;
+    let token = |what| Token::generate().map_err(|e| ApiError::internal(what, &e));
+    let activation = token("OS RNG failed for the activation token")?;
+    let delete = token("OS RNG failed for the delete token")?;
+    let (activation_hash, delete_hash) = (activation.hash(), delete.hash());
+    let now = crate::now_ms();
+    let ttl_ms = i64::try_from(state.pending_ttl.as_millis()).unwrap_or(i64::MAX);
+    let email_key = registration.email.to_lowercase();
+    let user = NewUser {
+        username: &registration.username,
+        email: &registration.email,
+        email_key: &email_key,
+        public_key_message: &registration.public_key_message,
+        public_key_sign: &registration.public_key_sign,
+        activation_hash: &activation_hash,
+        delete_hash: &delete_hash,
+        created_ms: now,
+        expires_ms: now.saturating_add(ttl_ms),
+    };
+    let outcome = state
+        .store
+        .register(&user, state.max_pending_per_email)
+        .await
+        .map_err(|e| ApiError::internal("registration failed in the store", &e))?;
+    match outcome {
+        RegisterOutcome::Created => {}
+        RegisterOutcome::NameTaken => {
+            return Err(ApiError::new(
+                StatusCode::CONFLICT,
+                "username_taken",
+                format!(
+                    "the username {} is taken; choose another",
+                    registration.username
+                ),
+            ))
+        }
+        RegisterOutcome::TooManyPending { first_expiry_ms } => {
+            let wait_ms = u64::try_from(first_expiry_ms.saturating_sub(now)).unwrap_or(0);
+            let secs = crate::ratelimit::retry_after_secs(Duration::from_millis(wait_ms));
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "too_many_pending",
+                format!(
+                    "this e-mail address has {} registrations waiting for activation: activate one, \
+                     or retry in {secs} s when the oldest expires",
+                    state.max_pending_per_email
+                ),
+            )
+            .retry_after(secs));
+        }
+    }
+
+    let api_url = format!("{}/users/{}", state.public_url, registration.username);
+    let activate_url = format!("{api_url}/{}", activation.as_str());
+    let delete_url = format!("{api_url}/{}", delete.as_str());
+    let mail = ActivationMail {
+        to: &registration.email,
+        username: registration.username.as_str(),
+        activate_url: &activate_url,
+        delete_url: &delete_url,
+        api_url: &api_url,
+        ttl: state.pending_ttl,
+    };
+    if let Err(e) = state.mailer.send_activation(&mail).await {
+        state.metrics.mail(false);
+        tracing::warn!(username = %registration.username, error = %e, "activation mail failed; registration dropped");
+        if let Err(e) = state
+            .store
+            .unregister(&registration.username, &activation_hash)
+            .await
+        {
+            tracing::error!(username = %registration.username, error = %e, "cannot drop the registration");
+        }
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "mail_failed",
+            "the activation mail could not be sent; nothing was registered, try again later",
+        ));
+    }
+    state.metrics.mail(true);
+    state.metrics.registered();
+    tracing::info!(username = %registration.username, "registered; activation mail sent");
+    let echo = serde_json::json!({
+        "username": registration.username.as_str(),
+        "public_key_message": registration.public_key_message,
+        "public_key_sign": registration.public_key_sign,
+    });
+    Ok((StatusCode::CREATED, Json(echo)).into_response())
+}
+
+/// Reads the body, at most [`MAX_BODY`] bytes, within [`BODY_TIMEOUT`].
+///
+/// A body over the cap is answered 413, but first read on (and thrown away) up to
+/// [`MAX_DRAIN`]: a server that answers and closes while the client is still sending
+/// makes the client see a reset instead of the 413. Beyond that, we close anyway.
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+            format!("the request body is over {MAX_BODY} bytes"),
+        )
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > MAX_BODY as u64) {
+        if declared.is_some_and(|len| len <= MAX_DRAIN as u64) {
+            drain(body).await;
+        }
+        return Err(too_large());
+    }
+    let mut body = body;
+    let mut collected: Vec<u8> = Vec::new();
+    let read = tokio::time::timeout(BODY_TIMEOUT, async {
+        while let Some(frame) = body.frame().await {
+            if let Ok(data) = frame?.into_data() {
+                if collected.len() + data.len() > MAX_BODY {
+                    return Ok(false);
+                }
+                collected.extend_from_slice(&data);
+            }
+        }
+        Ok::<bool, axum::Error>(true)
+    })
+    .await;
+    match read {
+        Err(_) => Err(ApiError::new(
+            StatusCode::REQUEST_TIMEOUT,
+            "body_timeout",
+            format!(
+                "the request body did not arrive within {} s",
+                BODY_TIMEOUT.as_secs()
+            ),
+        )),
+        Ok(Err(e)) => Err(ApiError::bad_request(
+            "invalid_json",
+            format!("the request body could not be read: {e}"),
+        )),
+        Ok(Ok(false)) => {
+            drain(body).await;
+            Err(too_large())
+        }
+        Ok(Ok(true)) => Ok(Bytes::from(collected)),
+    }
+}
+
+/// Reads and discards the rest of a body, at most [`MAX_DRAIN`] bytes, for at most a
+/// few seconds.
+async fn drain(body: Body) {
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, Limited::new(body, MAX_DRAIN).collect()).await;
+}
+
+/// An addr-spec (RFC 5322: no display name, no IP-literal domain, a domain with a dot)
+/// that lettre can also send to.
+fn check_email(text: &str) -> Result<(), String> {
+    if text.len() > MAX_EMAIL {
+        return Err(format!("longer than {MAX_EMAIL} characters"));
+    }
+    let options = Options::default()
+        .with_required_tld()
+        .without_domain_literal()
+        .without_display_text();
+    EmailAddress::parse_with_options(text, options).map_err(|e| e.to_string())?;
+    text.parse::<lettre::Address>().map_err(|e| e.to_string())?;
+    Ok(())
+}
+
+fn parse_key(field: &str, pem: &str) -> Result<PublicKey, ApiError> {
+    // Stored and served verbatim: printable ASCII and line ends only (PostgreSQL text
+    // cannot even hold a NUL).
+    if !pem
+        .bytes()
+        .all(|b| b == b'\n' || b == b'\r' || b == b'\t' || (b' '..=b'~').contains(&b))
+    {
+        return Err(ApiError::bad_request(
+            "invalid_key",
+            format!("{field}: a PEM key is printable ASCII text; send an RSA public key as PEM \"PUBLIC KEY\""),
+        ));
+    }
+    PublicKey::from_pem(pem).map_err(|e| {
+        ApiError::bad_request(
+            "invalid_key",
+            format!(
+                "{field}: {e}; send an RSA public key of 2048 to 4096 bits as PEM \"PUBLIC KEY\""
+            ),
+        )
+    })
+}
+
+/// The start of an untrusted string, for messages.
+fn preview(text: &str) -> String {
+    let mut out: String = text.chars().take(64).collect();
+    if out.len() < text.len() {
+        out.push_str("...");
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const VECTORS: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../../shared/vectors/legacy-v1/keys"
+    );
+
+    fn key(name: &str) -> String {
+        std::fs::read_to_string(format!("{VECTORS}/{name}")).unwrap()
+    }
+
+    fn body(username: &str, email: &str, m: &str, s: &str) -> Vec<u8> {
+        serde_json::to_vec(&serde_json::json!({
+            "username": username, "email": email, "public_key_message": m, "public_key_sign": s
+        }))
+        .unwrap()
+    }
+
+    fn code(result: Result<Registration, ApiError>) -> &'static str {
+        result.map(|_| "ok").unwrap_or_else(|e| e.code())
+    }
+
+    #[test]
+    fn accepts_a_good_registration_and_lower_cases_the_name() {
+        let (m, s) = (key("alice-rsa-message.pub"), key("alice-rsa-sign.pub"));
+        let r = Registration::parse(&body("Alice_1", "alice@example.org", &m, &s)).unwrap();
+        assert_eq!(r.username.as_str(), "alice_1");
+        assert_eq!(r.public_key_message, m, "kept verbatim");
+    }
+
+    #[test]
+    fn refuses_each_kind_of_bad_input() {
+        let (m, s) = (key("alice-rsa-message.pub"), key("alice-rsa-sign.pub"));
+        assert_eq!(code(Registration::parse(b"not json")), "invalid_json");
+        assert_eq!(code(Registration::parse(b"[]")), "invalid_json");
+        assert_eq!(
+            code(Registration::parse(br#"{"username":"alice"}"#)),
+            "invalid_json"
+        );
+        assert_eq!(
+            code(Registration::parse(&body("al", "a@example.org", &m, &s))),
+            "invalid_username"
+        );
+        assert_eq!(
+            code(Registration::parse(&body(
+                "al ice",
+                "a@example.org",
+                &m,
+                &s
+            ))),
+            "invalid_username"
+        );
+        for email in [
+            "",
+            "alice",
+            "alice@",
+            "@example.org",
+            "alice@localhost",
+            "a b@example.org",
+            "Alice <alice@example.org>",
+            "alice@[127.0.0.1]",
+            "alice@@example.org",
+            "alice@example..org",
+            &format!("{}@example.org", "a".repeat(250)),
+        ] {
+            assert_eq!(
+                code(Registration::parse(&body("alice", email, &m, &s))),
+                "invalid_email",
+                "{email:?}"
+            );
+        }
+        assert_eq!(
+            code(Registration::parse(&body(
+                "alice",
+                "a@example.org",
+                "junk",
+                &s
+            ))),
+            "invalid_key"
+        );
+        assert_eq!(
+            code(Registration::parse(&body(
+                "alice",
+                "a@example.org",
+                &m,
+                &key("alice-rsa-sign")
+            ))),
+            "invalid_key"
+        );
+        assert_eq!(
+            code(Registration::parse(&body("alice", "a@example.org", &m, &m))),
+            "same_keys"
+        );
+    }
+
+    #[test]
+    fn previews_are_short() {
+        assert_eq!(preview("abc"), "abc");
+        assert_eq!(preview(&"x".repeat(100)).len(), 67);
+    }
+}

@@ -1,0 +1,579 @@
+//! Settings: command-line flags, `NES_*` environment variables, the TOML config file, and
+//! XDG defaults, in that order of precedence.
+//!
+//! clap merges a flag with its env var (the flag wins); [`Config::resolve`] then fills what
+//! is still missing from the config file (`--config`, `NES_CONFIG`, or
+//! `~/.config/nes/config.toml`), then from the defaults of DESIGN.md "Paths". The config
+//! file is shared with the frontends, so fields nesd does not know are ignored; a file that
+//! is not valid TOML, or a known field of the wrong type, is an error.
+//!
+//! ```toml
+//! user = "alice"
+//! broker = "mqtt://127.0.0.1:1883"
+//! keyserver = "https://keys.example.org"
+//! keyserver_key = "~/.config/nes/keyserver.pub"
+//! data_dir = "~/.local/share/nes"
+//! socket = "/run/user/1000/nes/nesd.sock"
+//! keyserver_legacy = false   # true: accept answers of an original PubKey server (no username)
+//! key_policy = "tofu"        # or "always": accept key changes automatically (bots)
+//! key_ttl_secs = 3600        # re-fetch contacts' keys after this long
+//! ```
+
+use clap::Parser;
+use nes_proto::Username;
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// Default MQTT broker when none is configured.
+pub const DEFAULT_BROKER: &str = "mqtt://localhost:1883";
+/// Default time after which a contact's keys are fetched again.
+pub const DEFAULT_KEY_TTL: Duration = Duration::from_secs(3600);
+
+/// nesd's command line. Every flag may also come from its `NES_*` environment variable
+/// and from the config file.
+#[derive(Debug, Default, Clone, Parser)]
+#[command(
+    name = "nesd",
+    version,
+    about = "The NES daemon: holds the keys, the MQTT session, the key cache and the message store",
+    long_about = "The NES daemon: holds this identity's private keys, the MQTT session, the key \
+                  cache and the message store, and serves the frontends (nes, nes chat, \
+                  nes-notify) over gRPC on a Unix socket. Runs in the foreground; logs to stderr."
+)]
+pub struct Cli {
+    /// This identity's username (keys are read from DATA_DIR/keys/<user>-rsa-*).
+    #[arg(long, env = "NES_USER", value_name = "USER")]
+    pub user: Option<String>,
+    /// MQTT broker, mqtt://HOST:PORT [default: mqtt://localhost:1883].
+    #[arg(long, env = "NES_BROKER", value_name = "URL")]
+    pub broker: Option<String>,
+    /// Key server base URL, e.g. https://keys.example.org.
+    #[arg(long, env = "NES_KEYSERVER", value_name = "URL")]
+    pub keyserver: Option<String>,
+    /// The key server's public key (PEM), used to verify its answers
+    /// [default: ~/.config/nes/keyserver.pub].
+    #[arg(long = "keyserver-key", env = "NES_KEYSERVER_KEY", value_name = "FILE")]
+    pub keyserver_key: Option<PathBuf>,
+    /// Data directory: keys/ and the message store [default: ~/.local/share/nes].
+    #[arg(long = "data-dir", env = "NES_DATA_DIR", value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// The Unix socket to serve the API on [default: $XDG_RUNTIME_DIR/nes/nesd.sock].
+    #[arg(long, env = "NES_SOCKET", value_name = "PATH")]
+    pub socket: Option<PathBuf>,
+    /// Config file [default: ~/.config/nes/config.toml].
+    #[arg(long, env = "NES_CONFIG", value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Accept key server answers without a `username` (an original PubKey server).
+    #[arg(
+        long = "keyserver-legacy",
+        env = "NES_KEYSERVER_LEGACY",
+        value_name = "BOOL",
+        num_args = 0..=1,
+        default_missing_value = "true",
+        value_parser = clap::builder::BoolishValueParser::new()
+    )]
+    pub keyserver_legacy: Option<bool>,
+    /// What to do when a contact's keys change: hold its messages until trusted (tofu), or
+    /// accept the new keys at once (always; for bots) [default: tofu].
+    #[arg(long = "key-policy", env = "NES_KEY_POLICY", value_name = "POLICY")]
+    pub key_policy: Option<KeyPolicy>,
+    /// Seconds after which a contact's cached keys are fetched again [default: 3600].
+    #[arg(long = "key-ttl", env = "NES_KEY_TTL", value_name = "SECONDS")]
+    pub key_ttl_secs: Option<u64>,
+    /// Log filter (tracing EnvFilter syntax, e.g. "info" or "nesd=debug") [default: info].
+    #[arg(long = "log", env = "NES_LOG", value_name = "FILTER")]
+    pub log: Option<String>,
+}
+
+/// How a change of a pinned contact's keys is handled.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyPolicy {
+    /// Trust on first use: a change holds the contact's messages and blocks sending to it
+    /// until the user accepts the new keys (`TrustContact`).
+    #[default]
+    Tofu,
+    /// Accept whatever the key server answers (for bots that cannot ask a human).
+    Always,
+}
+
+/// The fields of the config file that nesd reads. Others are ignored (the frontends share
+/// the file).
+#[derive(Debug, Default, Deserialize)]
+pub struct FileConfig {
+    /// `user`
+    pub user: Option<String>,
+    /// `broker`
+    pub broker: Option<String>,
+    /// `keyserver`
+    pub keyserver: Option<String>,
+    /// `keyserver_key`
+    pub keyserver_key: Option<PathBuf>,
+    /// `data_dir`
+    pub data_dir: Option<PathBuf>,
+    /// `socket`
+    pub socket: Option<PathBuf>,
+    /// `keyserver_legacy`
+    pub keyserver_legacy: Option<bool>,
+    /// `key_policy`
+    pub key_policy: Option<KeyPolicy>,
+    /// `key_ttl_secs`
+    pub key_ttl_secs: Option<u64>,
+    /// `log`
+    pub log: Option<String>,
+    /// Everything else (for the frontends).
+    #[serde(flatten)]
+    pub other: BTreeMap<String, toml::Value>,
+}
+
+/// Where the XDG defaults point (injected so tests do not depend on the environment).
+#[derive(Debug, Clone)]
+pub struct Dirs {
+    /// `$HOME`, for `~/` in paths.
+    pub home: Option<PathBuf>,
+    /// `$XDG_CONFIG_HOME` or `~/.config`.
+    pub config: Option<PathBuf>,
+    /// `$XDG_DATA_HOME` or `~/.local/share`.
+    pub data: Option<PathBuf>,
+    /// `$XDG_RUNTIME_DIR` (or `/run/user/<uid>`).
+    pub runtime: Option<PathBuf>,
+    /// Without a runtime directory, put the socket in `$TMPDIR/nes-<uid>/`.
+    pub tmp_fallback: bool,
+}
+
+impl Dirs {
+    /// The directories of the current user, from the environment. Without
+    /// `XDG_RUNTIME_DIR`, the runtime directory is `/run/user/<uid>` when it exists, else
+    /// `$TMPDIR/nes-<uid>` minus the `nes` part (the same rule as the frontends' client
+    /// crate, so both find the same socket).
+    pub fn from_env() -> Self {
+        let runtime = std::env::var_os("XDG_RUNTIME_DIR")
+            .filter(|v| !v.is_empty())
+            .map(PathBuf::from)
+            .or_else(fallback_runtime_dir);
+        match directories::BaseDirs::new() {
+            Some(b) => Dirs {
+                home: Some(b.home_dir().to_owned()),
+                config: Some(b.config_dir().to_owned()),
+                data: Some(b.data_dir().to_owned()),
+                runtime,
+                tmp_fallback: true,
+            },
+            None => Dirs { home: None, config: None, data: None, runtime, tmp_fallback: true },
+        }
+    }
+}
+
+/// A broker address.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Broker {
+    /// Host name or IP.
+    pub host: String,
+    /// TCP port.
+    pub port: u16,
+}
+
+impl Broker {
+    /// Parses `mqtt://HOST[:PORT]`, `tcp://HOST[:PORT]` or `HOST[:PORT]` (port 1883 by
+    /// default).
+    pub fn parse(url: &str) -> Result<Self, ConfigError> {
+        let bad = |why: &str| ConfigError::Invalid(format!("broker {url:?}: {why}"));
+        let rest = if let Some((scheme, rest)) = url.split_once("://") {
+            match scheme {
+                "mqtt" | "tcp" => rest,
+                "mqtts" | "ssl" | "tls" => {
+                    return Err(bad("TLS brokers are not supported yet (frames are end-to-end encrypted; use mqtt://)"))
+                }
+                _ => return Err(bad("use mqtt://HOST:PORT")),
+            }
+        } else {
+            url
+        };
+        let rest = rest.trim_end_matches('/');
+        if rest.contains('/') || rest.contains('@') || rest.is_empty() {
+            return Err(bad("use mqtt://HOST:PORT"));
+        }
+        let (host, port) = if let Some(stripped) = rest.strip_prefix('[') {
+            // [v6]:port
+            let (host, after) = stripped.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
+            let port = match after.strip_prefix(':') {
+                Some(p) => p.parse().map_err(|_| bad("bad port"))?,
+                None if after.is_empty() => 1883,
+                None => return Err(bad("use mqtt://HOST:PORT")),
+            };
+            (host.to_owned(), port)
+        } else {
+            match rest.rsplit_once(':') {
+                Some((h, p)) => (h.to_owned(), p.parse().map_err(|_| bad("bad port"))?),
+                None => (rest.to_owned(), 1883),
+            }
+        };
+        if host.is_empty() || port == 0 {
+            return Err(bad("use mqtt://HOST:PORT"));
+        }
+        Ok(Broker { host, port })
+    }
+
+    /// `mqtt://host:port`.
+    pub fn url(&self) -> String {
+        if self.host.contains(':') {
+            format!("mqtt://[{}]:{}", self.host, self.port)
+        } else {
+            format!("mqtt://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// Everything nesd needs to start, resolved and checked.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// This identity.
+    pub user: Username,
+    /// The MQTT broker.
+    pub broker: Broker,
+    /// Key server base URL, without a trailing slash.
+    pub keyserver: String,
+    /// The key server's public key file.
+    pub keyserver_key: PathBuf,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// The API socket path (unused when systemd passes a listening socket).
+    pub socket: PathBuf,
+    /// Accept key server answers without `username`.
+    pub keyserver_legacy: bool,
+    /// Key change policy.
+    pub key_policy: KeyPolicy,
+    /// Cached keys are fetched again after this long.
+    pub key_ttl: Duration,
+    /// Log filter, when configured.
+    pub log: Option<String>,
+    /// The config file that was read, if any.
+    pub config_file: Option<PathBuf>,
+}
+
+/// A configuration that cannot be used. The message is one line for the user.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The config file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The config file is not valid.
+    #[error("bad config file {path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's message, on one line.
+        message: String,
+    },
+    /// A required setting is absent.
+    #[error("{0}")]
+    Missing(String),
+    /// A setting has a bad value.
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    /// Resolves the settings: flags and env (already merged in `cli`), then the config
+    /// file, then the defaults under `dirs`.
+    pub fn resolve(cli: Cli, dirs: &Dirs) -> Result<Config, ConfigError> {
+        let (file, config_file) = load_file(cli.config.as_deref(), dirs)?;
+        let shown = config_file
+            .as_ref()
+            .map(|p| p.display().to_string())
+            .unwrap_or_else(|| "the config file".into());
+        let home = dirs.home.as_deref();
+
+        let user = cli.user.or(file.user).ok_or_else(|| {
+            ConfigError::Missing(format!(
+                "no username: pass --user USER, set NES_USER, or set `user` in {shown}"
+            ))
+        })?;
+        let user = Username::parse(&user).map_err(|e| ConfigError::Invalid(e.to_string()))?;
+
+        let broker = cli.broker.or(file.broker).unwrap_or_else(|| DEFAULT_BROKER.to_owned());
+        let broker = Broker::parse(&broker)?;
+
+        let keyserver = cli.keyserver.or(file.keyserver).ok_or_else(|| {
+            ConfigError::Missing(format!(
+                "no key server: pass --keyserver URL, set NES_KEYSERVER, or set `keyserver` in {shown}"
+            ))
+        })?;
+        let keyserver = check_keyserver_url(&keyserver)?;
+
+        let keyserver_key = match cli.keyserver_key.or(file.keyserver_key) {
+            Some(p) => expand(&p, home),
+            None => dirs.config.as_ref().map(|c| c.join("nes").join("keyserver.pub")).ok_or_else(|| {
+                ConfigError::Missing("no key server public key: pass --keyserver-key FILE".into())
+            })?,
+        };
+
+        let data_dir = match cli.data_dir.or(file.data_dir) {
+            Some(p) => expand(&p, home),
+            None => dirs.data.as_ref().map(|d| d.join("nes")).ok_or_else(|| {
+                ConfigError::Missing("no data directory: pass --data-dir DIR (HOME is not set)".into())
+            })?,
+        };
+
+        let socket = match cli.socket.or(file.socket) {
+            Some(p) => expand(&p, home),
+            None => match dirs.runtime.as_ref().map(|r| r.join("nes").join("nesd.sock")).or_else(|| {
+                dirs.tmp_fallback.then(temp_socket).flatten()
+            }) {
+                Some(p) => p,
+                None => {
+                    return Err(ConfigError::Missing(
+                        "no socket path: XDG_RUNTIME_DIR is not set; pass --socket PATH".into(),
+                    ))
+                }
+            },
+        };
+
+        let key_ttl_secs = cli.key_ttl_secs.or(file.key_ttl_secs);
+        let key_ttl = match key_ttl_secs {
+            Some(0) => return Err(ConfigError::Invalid("key TTL must be at least 1 second".into())),
+            Some(s) => Duration::from_secs(s),
+            None => DEFAULT_KEY_TTL,
+        };
+
+        Ok(Config {
+            user,
+            broker,
+            keyserver,
+            keyserver_key,
+            data_dir,
+            socket,
+            keyserver_legacy: cli.keyserver_legacy.or(file.keyserver_legacy).unwrap_or(false),
+            key_policy: cli.key_policy.or(file.key_policy).unwrap_or_default(),
+            key_ttl,
+            log: cli.log.or(file.log),
+            config_file,
+        })
+    }
+}
+
+/// Reads the config file: the one named (which must exist), else the default one (which
+/// may be absent).
+fn load_file(named: Option<&Path>, dirs: &Dirs) -> Result<(FileConfig, Option<PathBuf>), ConfigError> {
+    let (path, must_exist) = match named {
+        Some(p) => (expand(p, dirs.home.as_deref()), true),
+        None => match &dirs.config {
+            Some(c) => (c.join("nes").join("config.toml"), false),
+            None => return Ok((FileConfig::default(), None)),
+        },
+    };
+    let text = match std::fs::read_to_string(&path) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound && !must_exist => {
+            return Ok((FileConfig::default(), None))
+        }
+        Err(source) => return Err(ConfigError::Read { path, source }),
+    };
+    let file: FileConfig = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: path.clone(),
+        message: one_line(&e.to_string()),
+    })?;
+    Ok((file, Some(path)))
+}
+
+fn check_keyserver_url(url: &str) -> Result<String, ConfigError> {
+    let trimmed = url.trim().trim_end_matches('/');
+    let rest = trimmed
+        .strip_prefix("https://")
+        .or_else(|| trimmed.strip_prefix("http://"))
+        .ok_or_else(|| ConfigError::Invalid(format!("key server {url:?}: use http://HOST[:PORT] or https://HOST")))?;
+    if rest.is_empty() || rest.contains(char::is_whitespace) {
+        return Err(ConfigError::Invalid(format!("key server {url:?}: no host")));
+    }
+    Ok(trimmed.to_owned())
+}
+
+/// The runtime directory when `XDG_RUNTIME_DIR` is not set: `/run/user/<uid>` if
+/// systemd-logind made it. Otherwise `None`, and the socket default becomes
+/// `$TMPDIR/nes-<uid>/nesd.sock` (see [`Config::resolve`]).
+fn fallback_runtime_dir() -> Option<PathBuf> {
+    let uid = current_uid()?;
+    let run = PathBuf::from(format!("/run/user/{uid}"));
+    run.is_dir().then_some(run)
+}
+
+/// This process's user id: the owner of `/proc/self` (no libc call needed).
+pub fn current_uid() -> Option<u32> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
+}
+
+/// `$TMPDIR/nes-<uid>/nesd.sock`: the socket when there is no runtime directory.
+fn temp_socket() -> Option<PathBuf> {
+    let uid = current_uid()?;
+    let tmp = std::env::var_os("TMPDIR").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
+    Some(tmp.join(format!("nes-{uid}")).join("nesd.sock"))
+}
+
+/// Expands a leading `~/`.
+fn expand(path: &Path, home: Option<&Path>) -> PathBuf {
+    match (path.strip_prefix("~"), home) {
+        (Ok(rest), Some(home)) => home.join(rest),
+        _ => path.to_owned(),
+    }
+}
+
+/// Joins a multi-line parser message into one line.
+fn one_line(message: &str) -> String {
+    message
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.chars().all(|c| c == '|' || c == '^' || c.is_whitespace()))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn dirs(root: &Path) -> Dirs {
+        Dirs {
+            home: Some(root.to_owned()),
+            config: Some(root.join(".config")),
+            data: Some(root.join(".local/share")),
+            runtime: Some(root.join("run")),
+            tmp_fallback: false,
+        }
+    }
+
+    fn cli(args: &[&str]) -> Cli {
+        let mut all = vec!["nesd"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all).unwrap()
+    }
+
+    fn write_config(root: &Path, text: &str) {
+        std::fs::create_dir_all(root.join(".config/nes")).unwrap();
+        std::fs::write(root.join(".config/nes/config.toml"), text).unwrap();
+    }
+
+    #[test]
+    fn defaults_follow_xdg() {
+        let tmp = tempfile::tempdir().unwrap();
+        let c = Config::resolve(cli(&["--user", "Alice", "--keyserver", "http://k:8080/"]), &dirs(tmp.path())).unwrap();
+        assert_eq!(c.user.as_str(), "alice");
+        assert_eq!(c.broker, Broker { host: "localhost".into(), port: 1883 });
+        assert_eq!(c.keyserver, "http://k:8080");
+        assert_eq!(c.data_dir, tmp.path().join(".local/share/nes"));
+        assert_eq!(c.socket, tmp.path().join("run/nes/nesd.sock"));
+        assert_eq!(c.keyserver_key, tmp.path().join(".config/nes/keyserver.pub"));
+        assert_eq!(c.key_policy, KeyPolicy::Tofu);
+        assert_eq!(c.key_ttl, DEFAULT_KEY_TTL);
+        assert!(!c.keyserver_legacy);
+        assert_eq!(c.config_file, None);
+    }
+
+    #[test]
+    fn flags_beat_the_file_and_the_file_beats_defaults() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_config(
+            tmp.path(),
+            "user = \"bob\"\nbroker = \"mqtt://filehost:1999\"\nkeyserver = \"https://ks\"\n\
+             data_dir = \"~/nesdata\"\nkey_policy = \"always\"\nkey_ttl_secs = 60\n\
+             keyserver_legacy = true\nsome_frontend_field = 3\n",
+        );
+        let d = dirs(tmp.path());
+        let c = Config::resolve(cli(&[]), &d).unwrap();
+        assert_eq!(c.user.as_str(), "bob");
+        assert_eq!(c.broker, Broker { host: "filehost".into(), port: 1999 });
+        assert_eq!(c.data_dir, tmp.path().join("nesdata"));
+        assert_eq!(c.key_policy, KeyPolicy::Always);
+        assert_eq!(c.key_ttl, Duration::from_secs(60));
+        assert!(c.keyserver_legacy);
+        assert_eq!(c.config_file, Some(tmp.path().join(".config/nes/config.toml")));
+
+        let c = Config::resolve(
+            cli(&["--user", "carol", "--broker", "mqtt://flag:1", "--key-policy", "tofu", "--keyserver-legacy=false"]),
+            &d,
+        )
+        .unwrap();
+        assert_eq!(c.user.as_str(), "carol");
+        assert_eq!(c.broker.port, 1);
+        assert_eq!(c.key_policy, KeyPolicy::Tofu);
+        assert!(!c.keyserver_legacy);
+        assert_eq!(c.keyserver, "https://ks");
+    }
+
+    #[test]
+    fn env_values_beat_the_file() {
+        // clap puts NES_* values into the same fields as the flags (a flag wins over its
+        // env var, clap's own rule); here a field set that way must beat the file.
+        let tmp = tempfile::tempdir().unwrap();
+        write_config(tmp.path(), "user = \"fromfile\"\nkeyserver = \"http://ks\"\n");
+        let from_env = Cli { user: Some("fromenv".into()), ..Cli::default() };
+        let c = Config::resolve(from_env, &dirs(tmp.path())).unwrap();
+        assert_eq!(c.user.as_str(), "fromenv");
+        assert_eq!(c.keyserver, "http://ks");
+    }
+
+    #[test]
+    fn named_config_must_exist_and_parse() {
+        let tmp = tempfile::tempdir().unwrap();
+        let missing = tmp.path().join("nope.toml");
+        let err = Config::resolve(cli(&["--config", missing.to_str().unwrap()]), &dirs(tmp.path())).unwrap_err();
+        assert!(matches!(err, ConfigError::Read { .. }), "{err}");
+
+        let bad = tmp.path().join("bad.toml");
+        std::fs::write(&bad, "user = [1, 2\n").unwrap();
+        let err = Config::resolve(cli(&["--config", bad.to_str().unwrap()]), &dirs(tmp.path())).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+        assert!(!err.to_string().contains('\n'), "{err}");
+
+        std::fs::write(&bad, "user = 5\n").unwrap();
+        let err = Config::resolve(cli(&["--config", bad.to_str().unwrap()]), &dirs(tmp.path())).unwrap_err();
+        assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
+    }
+
+    #[test]
+    fn missing_and_invalid_settings_are_one_line_errors() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = dirs(tmp.path());
+        let err = Config::resolve(cli(&["--keyserver", "http://k"]), &d).unwrap_err();
+        assert!(err.to_string().contains("--user"), "{err}");
+        let err = Config::resolve(cli(&["--user", "al"]), &d).unwrap_err();
+        assert!(err.to_string().contains("username"), "{err}");
+        let err = Config::resolve(cli(&["--user", "alice"]), &d).unwrap_err();
+        assert!(err.to_string().contains("--keyserver"), "{err}");
+        let err = Config::resolve(cli(&["--user", "alice", "--keyserver", "ftp://x"]), &d).unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+        let err = Config::resolve(cli(&["--user", "alice", "--keyserver", "http://k", "--broker", "mqtt://h:port"]), &d)
+            .unwrap_err();
+        assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
+        let no_runtime = Dirs { runtime: None, ..d };
+        let err = Config::resolve(cli(&["--user", "alice", "--keyserver", "http://k"]), &no_runtime).unwrap_err();
+        assert!(err.to_string().contains("--socket"), "{err}");
+    }
+
+    #[test]
+    fn broker_urls() {
+        assert_eq!(Broker::parse("mqtt://h:1").unwrap(), Broker { host: "h".into(), port: 1 });
+        assert_eq!(Broker::parse("tcp://h").unwrap().port, 1883);
+        assert_eq!(Broker::parse("127.0.0.1:7").unwrap().port, 7);
+        assert_eq!(Broker::parse("mqtt://[::1]:9").unwrap(), Broker { host: "::1".into(), port: 9 });
+        assert_eq!(Broker::parse("mqtt://[::1]:9").unwrap().url(), "mqtt://[::1]:9");
+        for bad in ["http://h:1", "mqtt://", "mqtt://h:0", "mqtt://u@h:1", "mqtt://h:1/x", "mqtts://h:8883"] {
+            assert!(Broker::parse(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn bool_flag_forms() {
+        assert_eq!(cli(&["--keyserver-legacy"]).keyserver_legacy, Some(true));
+        assert_eq!(cli(&["--keyserver-legacy=no"]).keyserver_legacy, Some(false));
+        assert_eq!(cli(&[]).keyserver_legacy, None);
+    }
+}

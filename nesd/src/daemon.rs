@@ -1,0 +1,239 @@
+//! Startup and shutdown: checks everything that can be wrong before serving, wires the
+//! parts together, tells systemd when it is ready, and stops cleanly on SIGTERM/SIGINT.
+//!
+//! Order matters for the one-line errors: data directory, keys, key server key, socket
+//! (refuse a live daemon before touching its store), store, then the tasks. Shutdown
+//! stops accepting API calls, stops the pipeline and the outbox, disconnects from the
+//! broker and flushes the store; the socket file is removed last.
+
+use crate::config::Config;
+use crate::identity::{self, Identity, IdentityError};
+use crate::keycache::KeyCache;
+use crate::keyserver::KeyServer;
+use crate::mqtt::{MqttConfig, Transport};
+use crate::outbox::Outbox;
+use crate::receive::Pipeline;
+use crate::service::{Parts, Service, Stats};
+use crate::socket::{self, SocketError};
+use crate::store::Store;
+use crate::{dbus, grpc};
+use nes_proto::PublicKey;
+use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{error, info, warn};
+
+/// MQTT keep-alive.
+pub const KEEP_ALIVE: Duration = Duration::from_secs(30);
+
+/// Why the daemon could not start (or stopped with an error). One line for the user.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum DaemonError {
+    /// The data directory is unusable.
+    #[error("cannot use the data directory {path}: {reason}")]
+    DataDir {
+        /// The directory.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The identity's keys.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// The key server's public key.
+    #[error("cannot read the key server's public key {path}: {reason}")]
+    KeyserverKey {
+        /// The file.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// The API socket.
+    #[error(transparent)]
+    Socket(#[from] SocketError),
+    /// The message store.
+    #[error("cannot open the message store {path}: {reason}")]
+    Store {
+        /// The directory.
+        path: String,
+        /// Why.
+        reason: String,
+    },
+    /// Anything else at startup.
+    #[error("{0}")]
+    Startup(String),
+}
+
+/// Runs the daemon until SIGTERM or SIGINT.
+pub async fn run(config: Config) -> Result<(), DaemonError> {
+    let user = config.user.clone();
+    prepare_data_dir(&config.data_dir)?;
+    let identity = Arc::new(Identity::load(&config.data_dir, &user)?);
+    let server_key = PublicKey::read(&config.keyserver_key).map_err(|e| DaemonError::KeyserverKey {
+        path: config.keyserver_key.display().to_string(),
+        reason: match e {
+            nes_proto::KeyError::Io { source, .. } => source.to_string(),
+            other => other.to_string(),
+        },
+    })?;
+
+    let mut socket = match socket::inherited()? {
+        Some(s) => {
+            info!("using the socket passed by systemd");
+            s
+        }
+        None => socket::bind(&config.socket)?,
+    };
+
+    let store_path = config.data_dir.join(format!("store-{user}"));
+    let store = Store::open(&store_path).map_err(|e| DaemonError::Store {
+        path: store_path.display().to_string(),
+        reason: format!("{e} (is another nesd running with this data directory?)"),
+    })?;
+    let device = identity::device_id(&config.data_dir).map_err(|e| DaemonError::DataDir {
+        path: config.data_dir.display().to_string(),
+        reason: format!("device id: {e}"),
+    })?;
+    let client_id = identity::client_id(&user, &device);
+    let keyserver = KeyServer::new(&config.keyserver, server_key, config.keyserver_legacy)
+        .map_err(|e| DaemonError::Startup(format!("HTTP client: {e}")))?;
+    let keys = KeyCache::open(
+        store.clone(),
+        Arc::new(keyserver.clone()),
+        &user,
+        identity.message_key.public_key().clone(),
+        identity.sign_key.public_key().clone(),
+        config.key_policy,
+        config.key_ttl,
+    )
+    .map_err(|e| DaemonError::Store { path: store_path.display().to_string(), reason: e.to_string() })?;
+
+    let (shutdown_tx, shutdown) = watch::channel(false);
+    let (incoming_tx, incoming_rx) = mpsc::channel(64);
+    let (delivery_tx, delivery_rx) = mpsc::unbounded_channel();
+    let (transport, mqtt_task) = Transport::start(
+        MqttConfig {
+            host: config.broker.host.clone(),
+            port: config.broker.port,
+            client_id: client_id.clone(),
+            topic: user.topic(),
+            keep_alive: KEEP_ALIVE,
+        },
+        incoming_tx,
+        delivery_tx,
+        shutdown.clone(),
+    );
+    let stats = Arc::new(Stats::default());
+    let outbox_wake = Arc::new(Notify::new());
+    let service = Service::new(Parts {
+        identity: identity.clone(),
+        store: store.clone(),
+        keys: keys.clone(),
+        keyserver,
+        transport: transport.clone(),
+        outbox_wake: outbox_wake.clone(),
+        stats: stats.clone(),
+        broker_url: config.broker.url(),
+        client_id: client_id.clone(),
+        shutdown: shutdown.clone(),
+    });
+
+    let pipeline = Pipeline { identity, store: store.clone(), keys, stats: stats.clone(), transport: transport.clone() };
+    let receive_task = tokio::spawn(pipeline.run(incoming_rx, shutdown.clone()));
+    let outbox = Outbox { store: store.clone(), transport, deliveries: delivery_rx, wake: outbox_wake, stats };
+    let outbox_task = tokio::spawn(outbox.run(shutdown.clone()));
+    let connection_task = tokio::spawn(service.clone().watch_connection());
+
+    let std_listener = socket
+        .take_listener()
+        .ok_or_else(|| DaemonError::Startup("socket listener already taken".into()))?;
+    let listener = tokio::net::UnixListener::from_std(std_listener)
+        .map_err(|e| DaemonError::Startup(format!("socket: {e}")))?;
+    let mut stop_api = shutdown.clone();
+    let mut grpc_task = tokio::spawn(grpc::serve(service.clone(), listener, async move {
+        let _ = crate::stopped(&mut stop_api).await;
+    }));
+    // The D-Bus adapter: runs beside gRPC over the same service; its failure is not fatal.
+    let dbus_service = service.clone();
+    tokio::spawn(async move {
+        if let Err(e) = dbus::serve(dbus_service).await {
+            warn!(error = %e, "D-Bus adapter stopped; gRPC keeps serving");
+        }
+    });
+
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Ready]);
+    info!(
+        user = %user,
+        socket = %socket.path().map(|p| p.display().to_string()).unwrap_or_else(|| "(systemd)".into()),
+        broker = %config.broker.url(),
+        client_id = %client_id,
+        "nesd is serving"
+    );
+
+    let mut grpc_done = false;
+    let outcome = tokio::select! {
+        signal = wait_for_signal() => {
+            match signal {
+                Ok(name) => { info!(signal = name, "stopping"); Ok(()) }
+                Err(e) => Err(DaemonError::Startup(format!("signal handling: {e}"))),
+            }
+        }
+        r = &mut grpc_task => {
+            grpc_done = true;
+            match r {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(DaemonError::Startup(format!("the API server failed: {e}"))),
+                Err(e) => Err(DaemonError::Startup(format!("the API server failed: {e}"))),
+            }
+        }
+    };
+
+    let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    let _ = shutdown_tx.send(true);
+    if !grpc_done && tokio::time::timeout(Duration::from_secs(5), &mut grpc_task).await.is_err() {
+        warn!("API clients did not disconnect in time");
+        grpc_task.abort();
+    }
+    for (name, task) in [("receive", receive_task), ("outbox", outbox_task), ("connection", connection_task), ("mqtt", mqtt_task)] {
+        if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+            warn!(task = name, "did not stop in time");
+        }
+    }
+    if let Err(e) = store.flush() {
+        error!(error = %e, "cannot flush the store");
+    }
+    drop(socket);
+    info!("stopped");
+    outcome
+}
+
+/// Creates the data directory (0700) or tightens an existing one: it holds the private
+/// keys and the messages.
+fn prepare_data_dir(dir: &Path) -> Result<(), DaemonError> {
+    let err = |reason: String| DaemonError::DataDir { path: dir.display().to_string(), reason };
+    if !dir.exists() {
+        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| err(e.to_string()))?;
+    }
+    let meta = std::fs::metadata(dir).map_err(|e| err(e.to_string()))?;
+    if !meta.is_dir() {
+        return Err(err("not a directory".into()));
+    }
+    if meta.permissions().mode() & 0o077 != 0 {
+        info!(dir = %dir.display(), "restricting the data directory to its owner (0700)");
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| err(e.to_string()))?;
+    }
+    Ok(())
+}
+
+async fn wait_for_signal() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}

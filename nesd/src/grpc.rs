@@ -1,0 +1,179 @@
+//! The gRPC adapter: `nes.v1.Messenger` (tonic) on the Unix socket, over the service.
+//!
+//! Each method unpacks its request, calls [`Service`], and maps [`ServiceError`] to a
+//! status code (see the conventions in `messenger.proto`). No logic lives here beyond
+//! the streaming plumbing of SendStream and Events.
+
+use crate::error::ServiceError;
+use crate::service::Service;
+use futures::{Stream, StreamExt};
+use nes_proto::rpc::messenger_server::{Messenger, MessengerServer};
+use nes_proto::rpc::{self, SendReply};
+use std::pin::Pin;
+use tokio::net::UnixListener;
+use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tonic::{Request, Response, Status, Streaming};
+
+/// Sends of one SendStream sealed in parallel (the replies stay in order).
+pub const SEND_AHEAD: usize = 4;
+/// Most sends stored per flush in a SendStream.
+pub const SEND_BATCH: usize = 64;
+
+/// The tonic service.
+#[derive(Clone)]
+pub struct GrpcApi {
+    service: Service,
+}
+
+impl GrpcApi {
+    /// Wraps the service.
+    pub fn new(service: Service) -> Self {
+        GrpcApi { service }
+    }
+}
+
+/// Serves the API on `listener` until `shutdown` completes.
+pub async fn serve(
+    service: Service,
+    listener: UnixListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .add_service(MessengerServer::new(GrpcApi::new(service)))
+        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown)
+        .await
+}
+
+/// The status for a service error.
+pub fn to_status(e: ServiceError) -> Status {
+    let code = code_of(&e);
+    Status::new(code, e.to_string())
+}
+
+fn code_of(e: &ServiceError) -> tonic::Code {
+    use tonic::Code;
+    match e {
+        ServiceError::InvalidArgument(_) => Code::InvalidArgument,
+        ServiceError::NotFound(_) => Code::NotFound,
+        ServiceError::FailedPrecondition(_) => Code::FailedPrecondition,
+        ServiceError::Unavailable(_) => Code::Unavailable,
+        ServiceError::AlreadyExists(_) => Code::AlreadyExists,
+        ServiceError::ResourceExhausted(_) => Code::ResourceExhausted,
+        _ => Code::Internal,
+    }
+}
+
+fn send_reply(result: Result<rpc::Message, ServiceError>) -> SendReply {
+    match result {
+        Ok(m) => SendReply { message: Some(m), error: String::new(), code: 0 },
+        Err(e) => SendReply { message: None, code: code_of(&e) as i32, error: e.to_string() },
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+#[tonic::async_trait]
+impl Messenger for GrpcApi {
+    async fn status(&self, _: Request<rpc::StatusRequest>) -> Result<Response<rpc::StatusReply>, Status> {
+        Ok(Response::new(self.service.status().await.map_err(to_status)?))
+    }
+
+    async fn send(&self, request: Request<rpc::SendRequest>) -> Result<Response<SendReply>, Status> {
+        let message = self.service.send(request.into_inner()).await.map_err(to_status)?;
+        Ok(Response::new(SendReply { message: Some(message), error: String::new(), code: 0 }))
+    }
+
+    type SendStreamStream = BoxStream<SendReply>;
+
+    async fn send_stream(
+        &self,
+        request: Request<Streaming<rpc::SendRequest>>,
+    ) -> Result<Response<Self::SendStreamStream>, Status> {
+        let inbound = request.into_inner();
+        let service = self.service.clone();
+        let (tx, rx) = tokio::sync::mpsc::channel(SEND_BATCH);
+        tokio::spawn(async move {
+            let preparing = service.clone();
+            // Seal a few ahead in parallel; `buffered` keeps them in request order. A
+            // broken request stream ends the call.
+            let mut prepared = inbound
+                .take_while(|r| futures::future::ready(r.is_ok()))
+                .filter_map(|r| futures::future::ready(r.ok()))
+                .map(move |req| {
+                    let s = preparing.clone();
+                    async move { s.prepare_send(req).await }
+                })
+                .buffered(SEND_AHEAD)
+                .ready_chunks(SEND_BATCH);
+            while let Some(chunk) = prepared.next().await {
+                for result in service.commit_sends(chunk).await {
+                    if tx.send(Ok(send_reply(result))).await.is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    type EventsStream = BoxStream<rpc::Event>;
+
+    async fn events(&self, request: Request<rpc::EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
+        let rx = self.service.events(request.into_inner().since);
+        let stream = ReceiverStream::new(rx).map(|r| r.map(|e| (*e).clone()).map_err(to_status));
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn history(&self, request: Request<rpc::HistoryRequest>) -> Result<Response<rpc::HistoryReply>, Status> {
+        let r = request.into_inner();
+        let messages = self.service.history(&r.peer, r.limit, &r.before_id).await.map_err(to_status)?;
+        Ok(Response::new(rpc::HistoryReply { messages }))
+    }
+
+    async fn conversations(
+        &self,
+        _: Request<rpc::ConversationsRequest>,
+    ) -> Result<Response<rpc::ConversationsReply>, Status> {
+        let conversations = self.service.conversations().await.map_err(to_status)?;
+        Ok(Response::new(rpc::ConversationsReply { conversations }))
+    }
+
+    async fn mark_read(&self, request: Request<rpc::MarkReadRequest>) -> Result<Response<rpc::MarkReadReply>, Status> {
+        let r = request.into_inner();
+        let marked = self.service.mark_read(&r.peer, &r.up_to_id).await.map_err(to_status)?;
+        Ok(Response::new(rpc::MarkReadReply { marked }))
+    }
+
+    async fn contacts(&self, _: Request<rpc::ContactsRequest>) -> Result<Response<rpc::ContactsReply>, Status> {
+        let contacts = self.service.contacts().await.map_err(to_status)?;
+        Ok(Response::new(rpc::ContactsReply { contacts }))
+    }
+
+    async fn lookup_contact(&self, request: Request<rpc::LookupContactRequest>) -> Result<Response<rpc::Contact>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(self.service.lookup_contact(&r.username, r.refresh).await.map_err(to_status)?))
+    }
+
+    async fn trust_contact(&self, request: Request<rpc::TrustContactRequest>) -> Result<Response<rpc::Contact>, Status> {
+        let r = request.into_inner();
+        let contact = self
+            .service
+            .trust_contact(&r.username, &r.message_key_fingerprint, &r.sign_key_fingerprint)
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(contact))
+    }
+
+    async fn set_contact_legacy(
+        &self,
+        request: Request<rpc::SetContactLegacyRequest>,
+    ) -> Result<Response<rpc::Contact>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(self.service.set_contact_legacy(&r.username, r.legacy).await.map_err(to_status)?))
+    }
+
+    async fn register(&self, request: Request<rpc::RegisterRequest>) -> Result<Response<rpc::RegisterReply>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(self.service.register(&r.email).await.map_err(to_status)?))
+    }
+}

@@ -1,0 +1,717 @@
+//! The key cache: contacts' public keys with the key server's signed answers, pinned on
+//! first use.
+//!
+//! - Keys are fetched from the key server when a contact is first needed, and again
+//!   when the cached answer is older than the TTL. If the key server cannot be reached,
+//!   cached keys keep working, however old.
+//! - TOFU: the first keys seen are pinned. When the key server later answers different
+//!   keys, the contact goes to KEY_CHANGED with the new keys *pending*: messages signed by
+//!   them are held, sending is refused, until the user accepts them ([`KeyCache::trust`]).
+//!   With the `always` policy (bots), new keys replace the pinned ones at once.
+//! - The decision itself is the pure function [`decide`], tested on its own.
+//!
+//! Records live in the `contacts` tree of the store's database (prost-encoded
+//! [`ContactRecord`]); parsed keys are kept in memory so a message costs no PEM parsing.
+
+use crate::config::KeyPolicy;
+use crate::keyserver::{FetchError, Fetched, KeySource};
+use crate::store::{Store, StoreError};
+use nes_proto::rpc::{self, event::Kind, TrustState};
+use nes_proto::{now_ms, PublicKey, Username};
+use prost::Message as _;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tracing::{info, warn};
+
+/// After a signature failure we ask the key server again, but not more often than this
+/// per contact (forged frames must not turn into a flood of key server requests).
+pub const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
+/// After a failed fetch, cached keys are used (or, with none, the failure repeated)
+/// without asking again for this long, unless a refresh is asked for.
+pub const FAILED_FETCH_BACKOFF: Duration = Duration::from_secs(10);
+
+/// A contact's two public keys and the signed answer they came in.
+#[derive(Debug, Clone)]
+pub struct KeySet {
+    /// Wraps message keys to the contact.
+    pub message: PublicKey,
+    /// Verifies the contact's signatures.
+    pub sign: PublicKey,
+    /// `public_key_message` as the key server sent it.
+    pub message_pem: String,
+    /// `public_key_sign` as the key server sent it.
+    pub sign_pem: String,
+    /// The key server's signed answer (evidence of where the keys came from).
+    pub answer: Vec<u8>,
+}
+
+impl KeySet {
+    /// From a verified answer.
+    pub fn from_fetched(f: Fetched) -> Self {
+        KeySet {
+            message: f.message_key,
+            sign: f.sign_key,
+            message_pem: f.answer.public_key_message,
+            sign_pem: f.answer.public_key_sign,
+            answer: f.body,
+        }
+    }
+
+    /// Whether both keys are the same as `other`'s.
+    pub fn same_keys(&self, other: &KeySet) -> bool {
+        self.message == other.message && self.sign == other.sign
+    }
+
+    fn record(&self) -> KeySetRecord {
+        KeySetRecord {
+            message_pem: self.message_pem.clone(),
+            sign_pem: self.sign_pem.clone(),
+            answer: self.answer.clone(),
+        }
+    }
+
+    fn from_record(r: &KeySetRecord) -> Result<Self, nes_proto::KeyError> {
+        Ok(KeySet {
+            message: PublicKey::from_pem(&r.message_pem)?,
+            sign: PublicKey::from_pem(&r.sign_pem)?,
+            message_pem: r.message_pem.clone(),
+            sign_pem: r.sign_pem.clone(),
+            answer: r.answer.clone(),
+        })
+    }
+}
+
+/// A contact as the daemon knows it.
+#[derive(Debug, Clone)]
+pub struct Contact {
+    /// The username.
+    pub username: Username,
+    /// The keys in use: pinned on first use or accepted with trust.
+    pub pinned: KeySet,
+    /// Different keys the key server answers now, not accepted yet.
+    pub pending: Option<KeySet>,
+    /// When the keys were last fetched and verified (Unix ms).
+    pub fetched_at_ms: i64,
+    /// Send v1 frames to this contact.
+    pub legacy: bool,
+}
+
+impl Contact {
+    /// Whether the key server answers keys that are not accepted yet.
+    pub fn key_changed(&self) -> bool {
+        self.pending.is_some()
+    }
+
+    /// The API form (public keys only).
+    pub fn to_rpc(&self) -> rpc::Contact {
+        let (pm, ps) = match &self.pending {
+            Some(p) => (p.message.fingerprint(), p.sign.fingerprint()),
+            None => (String::new(), String::new()),
+        };
+        rpc::Contact {
+            username: self.username.to_string(),
+            trust: if self.pending.is_some() { TrustState::KeyChanged } else { TrustState::Pinned } as i32,
+            message_key_fingerprint: self.pinned.message.fingerprint(),
+            sign_key_fingerprint: self.pinned.sign.fingerprint(),
+            pending_message_key_fingerprint: pm,
+            pending_sign_key_fingerprint: ps,
+            legacy: self.legacy,
+            fetched_at_ms: self.fetched_at_ms,
+            message_key_pem: self.pinned.message.to_pem(),
+            sign_key_pem: self.pinned.sign.to_pem(),
+        }
+    }
+
+    fn record(&self) -> ContactRecord {
+        ContactRecord {
+            username: self.username.to_string(),
+            pinned: Some(self.pinned.record()),
+            pending: self.pending.as_ref().map(KeySet::record),
+            fetched_at_ms: self.fetched_at_ms,
+            legacy: self.legacy,
+        }
+    }
+}
+
+/// A contact as stored in the `contacts` tree.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ContactRecord {
+    /// The username.
+    #[prost(string, tag = "1")]
+    pub username: String,
+    /// The pinned keys.
+    #[prost(message, optional, tag = "2")]
+    pub pinned: Option<KeySetRecord>,
+    /// Keys answered since, not accepted yet.
+    #[prost(message, optional, tag = "3")]
+    pub pending: Option<KeySetRecord>,
+    /// Last successful fetch, Unix ms.
+    #[prost(int64, tag = "4")]
+    pub fetched_at_ms: i64,
+    /// Send v1 frames.
+    #[prost(bool, tag = "5")]
+    pub legacy: bool,
+}
+
+/// Keys as stored.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct KeySetRecord {
+    /// PEM.
+    #[prost(string, tag = "1")]
+    pub message_pem: String,
+    /// PEM.
+    #[prost(string, tag = "2")]
+    pub sign_pem: String,
+    /// The signed answer body.
+    #[prost(bytes = "vec", tag = "3")]
+    pub answer: Vec<u8>,
+}
+
+/// What to do with a fresh answer, given what is pinned.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Nothing pinned yet: pin these (trust on first use).
+    Pin,
+    /// Same keys as pinned: refresh the timestamp (and drop a pending change that the key
+    /// server went back on).
+    Confirm,
+    /// Different keys and policy `always`: replace the pinned ones.
+    Replace,
+    /// Different keys and policy `tofu`: keep them pending. `new` is false when the same
+    /// change was already pending (no new event).
+    Hold {
+        /// A change not seen before.
+        new: bool,
+    },
+}
+
+/// The TOFU rule.
+pub fn decide(pinned: Option<&KeySet>, pending: Option<&KeySet>, fetched: &KeySet, policy: KeyPolicy) -> Decision {
+    match pinned {
+        None => Decision::Pin,
+        Some(p) if p.same_keys(fetched) => Decision::Confirm,
+        Some(_) => match policy {
+            KeyPolicy::Always => Decision::Replace,
+            KeyPolicy::Tofu => Decision::Hold { new: !pending.is_some_and(|q| q.same_keys(fetched)) },
+        },
+    }
+}
+
+/// Why a contact's keys are not available.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum LookupError {
+    /// The key server does not know the user and nothing is cached.
+    #[error("{0} is not registered at the key server")]
+    NotFound(String),
+    /// The key server cannot be reached and nothing is cached.
+    #[error("no keys for {user}: {reason}")]
+    Unavailable {
+        /// The user.
+        user: String,
+        /// Why.
+        reason: String,
+    },
+    /// The key server's answer was refused (bad signature, wrong user, weak keys) and
+    /// nothing is cached.
+    #[error("no keys for {user}: {reason}")]
+    BadAnswer {
+        /// The user.
+        user: String,
+        /// Why.
+        reason: String,
+    },
+    /// The store failed.
+    #[error("{0}")]
+    Store(String),
+}
+
+impl From<StoreError> for LookupError {
+    fn from(e: StoreError) -> Self {
+        LookupError::Store(e.to_string())
+    }
+}
+
+/// Why trusting failed.
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrustError {
+    /// Unknown contact.
+    #[error("no keys are known for {0}; look it up first")]
+    Unknown(String),
+    /// The pending keys are not the ones the user checked.
+    #[error("the keys of {0} are not the ones given (they may have changed again); look again before trusting")]
+    Mismatch(String),
+    /// The store failed.
+    #[error("{0}")]
+    Store(String),
+}
+
+impl From<StoreError> for TrustError {
+    fn from(e: StoreError) -> Self {
+        TrustError::Store(e.to_string())
+    }
+}
+
+/// The key cache; clones share it.
+#[derive(Clone)]
+pub struct KeyCache {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    source: Arc<dyn KeySource>,
+    tree: sled::Tree,
+    store: Store,
+    policy: KeyPolicy,
+    ttl: Duration,
+    me: Arc<Contact>,
+    mem: Mutex<HashMap<String, Arc<Contact>>>,
+    fetch_lock: tokio::sync::Mutex<()>,
+    /// Last failed fetch per user, and how it failed.
+    failed: Mutex<HashMap<String, (Instant, FetchError)>>,
+    /// Last refresh forced by a signature failure per user.
+    forced: Mutex<HashMap<String, Instant>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // The maps hold plain values; a panic elsewhere cannot leave them inconsistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl KeyCache {
+    /// Opens the cache in `store`'s database. `me` is this identity with its own public
+    /// keys: it is never fetched (a message to or from oneself uses the local keys).
+    pub fn open(
+        store: Store,
+        source: Arc<dyn KeySource>,
+        me: &Username,
+        my_message_key: PublicKey,
+        my_sign_key: PublicKey,
+        policy: KeyPolicy,
+        ttl: Duration,
+    ) -> Result<KeyCache, StoreError> {
+        let tree = store.tree("contacts")?;
+        let mut mem = HashMap::new();
+        for kv in tree.iter() {
+            let (_, v) = kv?;
+            let record = ContactRecord::decode(&v[..])?;
+            match contact_from_record(&record) {
+                Some(c) => {
+                    mem.insert(c.username.to_string(), Arc::new(c));
+                }
+                None => warn!(user = %record.username, "dropping a damaged key cache entry"),
+            }
+        }
+        let own = KeySet {
+            message_pem: my_message_key.to_pem(),
+            sign_pem: my_sign_key.to_pem(),
+            message: my_message_key,
+            sign: my_sign_key,
+            answer: Vec::new(),
+        };
+        let me = Arc::new(Contact { username: me.clone(), pinned: own, pending: None, fetched_at_ms: now_ms(), legacy: false });
+        Ok(KeyCache {
+            inner: Arc::new(Inner {
+                source,
+                tree,
+                store,
+                policy,
+                ttl,
+                me,
+                mem: Mutex::new(mem),
+                fetch_lock: tokio::sync::Mutex::new(()),
+                failed: Mutex::new(HashMap::new()),
+                forced: Mutex::new(HashMap::new()),
+            }),
+        })
+    }
+
+    /// The cached contact, without asking the key server.
+    pub fn cached(&self, user: &Username) -> Option<Arc<Contact>> {
+        if user == &self.inner.me.username {
+            return Some(self.inner.me.clone());
+        }
+        lock(&self.inner.mem).get(user.as_str()).cloned()
+    }
+
+    /// Every cached contact, by name.
+    pub fn list(&self) -> Vec<Arc<Contact>> {
+        let mut all: Vec<_> = lock(&self.inner.mem).values().cloned().collect();
+        all.sort_by(|a, b| a.username.cmp(&b.username));
+        all
+    }
+
+    fn fresh(&self, c: &Contact) -> bool {
+        let age = now_ms().saturating_sub(c.fetched_at_ms);
+        age >= 0 && (age as u128) < self.inner.ttl.as_millis()
+    }
+
+    /// How the last fetch of `user` failed, if that was less than
+    /// [`FAILED_FETCH_BACKOFF`] ago.
+    fn recent_failure(&self, user: &Username) -> Option<FetchError> {
+        lock(&self.inner.failed)
+            .get(user.as_str())
+            .filter(|(t, _)| t.elapsed() < FAILED_FETCH_BACKOFF)
+            .map(|(_, e)| e.clone())
+    }
+
+    /// The contact's keys: from the cache while fresh, else from the key server (falling
+    /// back to the cache when it cannot be reached). `refresh` asks the key server even
+    /// when the cache is fresh.
+    pub async fn get(&self, user: &Username, refresh: bool) -> Result<Arc<Contact>, LookupError> {
+        self.lookup(user, refresh).await.map(|(c, _)| c)
+    }
+
+    /// [`KeyCache::get`], also telling whether the key server answered just now.
+    async fn lookup(&self, user: &Username, refresh: bool) -> Result<(Arc<Contact>, bool), LookupError> {
+        if user == &self.inner.me.username {
+            return Ok((self.inner.me.clone(), false));
+        }
+        if !refresh {
+            let failure = self.recent_failure(user);
+            match (self.cached(user), failure) {
+                (Some(c), failure) if self.fresh(&c) || failure.is_some() => return Ok((c, false)),
+                // Do not ask again at once about a name that just failed (a flood of
+                // frames from made-up senders must not become a flood of lookups).
+                (None, Some(e)) => return Err(lookup_failure(user, e)),
+                _ => {}
+            }
+        }
+        let _guard = self.inner.fetch_lock.lock().await;
+        // Someone else may have fetched it while we waited.
+        if !refresh {
+            if let Some(c) = self.cached(user) {
+                if self.fresh(&c) {
+                    return Ok((c, false));
+                }
+            }
+        }
+        match self.inner.source.fetch(user).await {
+            Ok(fetched) => {
+                lock(&self.inner.failed).remove(user.as_str());
+                Ok((self.apply(user, fetched).await?, true))
+            }
+            Err(e) => {
+                lock(&self.inner.failed).insert(user.to_string(), (Instant::now(), e.clone()));
+                match self.cached(user) {
+                    Some(c) => {
+                        info!(%user, error = %e, "using cached keys");
+                        Ok((c, false))
+                    }
+                    None => Err(lookup_failure(user, e)),
+                }
+            }
+        }
+    }
+
+    /// After a signature did not verify under the cached keys: asks the key server again
+    /// (the peer may have changed keys legitimately), at most once per
+    /// [`FORCED_REFRESH_INTERVAL`]. `None` when no new answer was obtained.
+    pub async fn refresh_after_bad_signature(&self, user: &Username) -> Option<Arc<Contact>> {
+        if user == &self.inner.me.username {
+            return None;
+        }
+        {
+            let mut forced = lock(&self.inner.forced);
+            if forced.get(user.as_str()).is_some_and(|t| t.elapsed() < FORCED_REFRESH_INTERVAL) {
+                return None;
+            }
+            forced.insert(user.to_string(), Instant::now());
+        }
+        match self.lookup(user, true).await {
+            Ok((contact, true)) => Some(contact),
+            _ => None,
+        }
+    }
+
+    /// Applies a fresh verified answer under the TOFU rule.
+    async fn apply(&self, user: &Username, fetched: Fetched) -> Result<Arc<Contact>, LookupError> {
+        let new = KeySet::from_fetched(fetched);
+        let existing = self.cached(user);
+        let now = now_ms();
+        let decision = decide(
+            existing.as_ref().map(|c| &c.pinned),
+            existing.as_ref().and_then(|c| c.pending.as_ref()),
+            &new,
+            self.inner.policy,
+        );
+        let legacy = existing.as_ref().is_some_and(|c| c.legacy);
+        let mut events = Vec::new();
+        let contact = match (decision, existing) {
+            (Decision::Pin, _) | (_, None) => {
+                info!(%user, sign = %new.sign.fingerprint(), "pinned keys on first use");
+                Contact { username: user.clone(), pinned: new, pending: None, fetched_at_ms: now, legacy }
+            }
+            (Decision::Confirm, Some(old)) => {
+                let was_changed = old.pending.is_some();
+                let c = Contact { username: user.clone(), pinned: new, pending: None, fetched_at_ms: now, legacy };
+                if was_changed {
+                    info!(%user, "the key server answers the pinned keys again; pending change dropped");
+                    events.push(Kind::Contact(c.to_rpc()));
+                }
+                c
+            }
+            (Decision::Replace, Some(old)) => {
+                warn!(%user, old = %old.pinned.sign.fingerprint(), new = %new.sign.fingerprint(), "keys changed; accepted (policy always)");
+                events.push(Kind::KeyChanged(key_changed(user, &old.pinned, &new)));
+                let c = Contact { username: user.clone(), pinned: new, pending: None, fetched_at_ms: now, legacy };
+                events.push(Kind::Contact(c.to_rpc()));
+                c
+            }
+            (Decision::Hold { new: first_time }, Some(old)) => {
+                if first_time {
+                    warn!(%user, old = %old.pinned.sign.fingerprint(), new = %new.sign.fingerprint(),
+                        "keys changed at the key server; holding messages until they are trusted");
+                    events.push(Kind::KeyChanged(key_changed(user, &old.pinned, &new)));
+                }
+                Contact { username: user.clone(), pinned: old.pinned.clone(), pending: Some(new), fetched_at_ms: now, legacy }
+            }
+        };
+        self.save(contact, events).await.map_err(LookupError::from)
+    }
+
+    /// Accepts the pending keys of `user`. When fingerprints are given they must match the
+    /// pending keys (or, with no change pending, the pinned ones).
+    pub async fn trust(&self, user: &Username, message_fp: &str, sign_fp: &str) -> Result<Arc<Contact>, TrustError> {
+        let _guard = self.inner.fetch_lock.lock().await;
+        let contact = self.cached(user).ok_or_else(|| TrustError::Unknown(user.to_string()))?;
+        let target = contact.pending.as_ref().unwrap_or(&contact.pinned);
+        if (!message_fp.is_empty() && !message_fp.eq_ignore_ascii_case(&target.message.fingerprint()))
+            || (!sign_fp.is_empty() && !sign_fp.eq_ignore_ascii_case(&target.sign.fingerprint()))
+        {
+            return Err(TrustError::Mismatch(user.to_string()));
+        }
+        let Some(pending) = contact.pending.clone() else {
+            return Ok(contact);
+        };
+        info!(%user, sign = %pending.sign.fingerprint(), "new keys trusted");
+        let c = Contact { pinned: pending, pending: None, ..(*contact).clone() };
+        let event = Kind::Contact(c.to_rpc());
+        Ok(self.save(c, vec![event]).await?)
+    }
+
+    /// Marks `user` as using the original client (v1 frames) or not.
+    pub async fn set_legacy(&self, user: &Username, legacy: bool) -> Result<Arc<Contact>, LookupError> {
+        let contact = self.get(user, false).await?;
+        if user == &self.inner.me.username || contact.legacy == legacy {
+            return Ok(contact);
+        }
+        let _guard = self.inner.fetch_lock.lock().await;
+        let current = self.cached(user).unwrap_or(contact);
+        let c = Contact { legacy, ..(*current).clone() };
+        let event = Kind::Contact(c.to_rpc());
+        Ok(self.save(c, vec![event]).await?)
+    }
+
+    async fn save(&self, contact: Contact, events: Vec<Kind>) -> Result<Arc<Contact>, StoreError> {
+        self.inner.tree.insert(contact.username.as_str(), contact.record().encode_to_vec())?;
+        let contact = Arc::new(contact);
+        lock(&self.inner.mem).insert(contact.username.to_string(), contact.clone());
+        if !events.is_empty() {
+            for kind in events {
+                self.inner.store.log_event(kind)?;
+            }
+            self.inner.store.commit().await?;
+        }
+        Ok(contact)
+    }
+}
+
+fn lookup_failure(user: &Username, e: FetchError) -> LookupError {
+    match e {
+        FetchError::NotFound(_) => LookupError::NotFound(user.to_string()),
+        FetchError::BadAnswer(reason) => LookupError::BadAnswer { user: user.to_string(), reason },
+        e => LookupError::Unavailable { user: user.to_string(), reason: e.to_string() },
+    }
+}
+
+fn key_changed(user: &Username, old: &KeySet, new: &KeySet) -> rpc::KeyChanged {
+    rpc::KeyChanged {
+        username: user.to_string(),
+        old_message_key: old.message.fingerprint(),
+        old_sign_key: old.sign.fingerprint(),
+        new_message_key: new.message.fingerprint(),
+        new_sign_key: new.sign.fingerprint(),
+    }
+}
+
+fn contact_from_record(r: &ContactRecord) -> Option<Contact> {
+    Some(Contact {
+        username: Username::parse(&r.username).ok()?,
+        pinned: KeySet::from_record(r.pinned.as_ref()?).ok()?,
+        pending: match &r.pending {
+            Some(p) => Some(KeySet::from_record(p).ok()?),
+            None => None,
+        },
+        fetched_at_ms: r.fetched_at_ms,
+        legacy: r.legacy,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use futures::future::BoxFuture;
+    use nes_proto::{KeyAnswer, PrivateKey};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::OnceLock;
+
+    /// Two RSA keys per "generation" of a user, made once for all tests (keygen is slow).
+    fn keys(n: usize) -> &'static (PublicKey, PublicKey) {
+        static KEYS: OnceLock<Vec<(PublicKey, PublicKey)>> = OnceLock::new();
+        &KEYS.get_or_init(|| {
+            (0..3)
+                .map(|_| {
+                    (
+                        PrivateKey::generate(2048).unwrap().public_key().clone(),
+                        PrivateKey::generate(2048).unwrap().public_key().clone(),
+                    )
+                })
+                .collect()
+        })[n]
+    }
+
+    fn fetched(n: usize) -> Fetched {
+        let (m, s) = keys(n).clone();
+        Fetched {
+            answer: KeyAnswer { username: None, public_key_message: m.to_pem(), public_key_sign: s.to_pem() },
+            message_key: m,
+            sign_key: s,
+            body: format!("answer {n}").into_bytes(),
+        }
+    }
+
+    /// A key server whose answer the test sets.
+    struct Fake {
+        answer: Mutex<Result<usize, FetchError>>,
+        calls: AtomicUsize,
+    }
+
+    impl KeySource for Fake {
+        fn fetch<'a>(&'a self, _user: &'a Username) -> BoxFuture<'a, Result<Fetched, FetchError>> {
+            self.calls.fetch_add(1, Ordering::SeqCst);
+            let answer = lock(&self.answer).clone();
+            Box::pin(async move { answer.map(fetched) })
+        }
+    }
+
+    fn setup(policy: KeyPolicy, ttl: Duration) -> (tempfile::TempDir, Store, Arc<Fake>, KeyCache) {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let fake = Arc::new(Fake { answer: Mutex::new(Ok(0)), calls: AtomicUsize::new(0) });
+        let (m, s) = keys(2).clone();
+        let me = Username::parse("me_").unwrap();
+        let cache = KeyCache::open(store.clone(), fake.clone(), &me, m, s, policy, ttl).unwrap();
+        (tmp, store, fake, cache)
+    }
+
+    fn set(fake: &Fake, answer: Result<usize, FetchError>) {
+        *lock(&fake.answer) = answer;
+    }
+
+    #[test]
+    fn the_tofu_rule() {
+        let a = KeySet::from_fetched(fetched(0));
+        let b = KeySet::from_fetched(fetched(1));
+        assert_eq!(decide(None, None, &a, KeyPolicy::Tofu), Decision::Pin);
+        assert_eq!(decide(Some(&a), None, &a, KeyPolicy::Tofu), Decision::Confirm);
+        assert_eq!(decide(Some(&a), Some(&b), &a, KeyPolicy::Tofu), Decision::Confirm);
+        assert_eq!(decide(Some(&a), None, &b, KeyPolicy::Tofu), Decision::Hold { new: true });
+        assert_eq!(decide(Some(&a), Some(&b), &b, KeyPolicy::Tofu), Decision::Hold { new: false });
+        assert_eq!(decide(Some(&a), None, &b, KeyPolicy::Always), Decision::Replace);
+    }
+
+    #[tokio::test]
+    async fn pins_then_holds_a_change_until_trusted() {
+        let (_tmp, store, fake, cache) = setup(KeyPolicy::Tofu, Duration::from_secs(3600));
+        let bob = Username::parse("bob").unwrap();
+        let c = cache.get(&bob, false).await.unwrap();
+        assert!(!c.key_changed());
+        assert_eq!(c.pinned.sign, keys(0).1);
+        // Fresh: no second request.
+        cache.get(&bob, false).await.unwrap();
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 1);
+
+        set(&fake, Ok(1));
+        let c = cache.get(&bob, true).await.unwrap();
+        assert!(c.key_changed());
+        assert_eq!(c.pinned.sign, keys(0).1, "pinned keys stay until trusted");
+        assert_eq!(c.pending.as_ref().unwrap().sign, keys(1).1);
+        assert_eq!(c.to_rpc().trust, TrustState::KeyChanged as i32);
+        let events = store.events_after(0, 10).unwrap();
+        assert!(matches!(events.last().unwrap().kind, Some(Kind::KeyChanged(_))));
+        // The same change again is not a new event.
+        cache.get(&bob, true).await.unwrap();
+        assert_eq!(store.events_after(0, 10).unwrap().len(), events.len());
+
+        let err = cache.trust(&bob, "00", "").await.unwrap_err();
+        assert!(matches!(err, TrustError::Mismatch(_)));
+        let fp = keys(1).1.fingerprint();
+        let c = cache.trust(&bob, "", &fp).await.unwrap();
+        assert!(!c.key_changed());
+        assert_eq!(c.pinned.sign, keys(1).1);
+        assert_eq!(cache.get(&bob, true).await.unwrap().pinned.sign, keys(1).1);
+    }
+
+    #[tokio::test]
+    async fn policy_always_replaces_at_once() {
+        let (_tmp, _store, fake, cache) = setup(KeyPolicy::Always, Duration::from_secs(3600));
+        let bob = Username::parse("bob").unwrap();
+        cache.get(&bob, false).await.unwrap();
+        set(&fake, Ok(1));
+        let c = cache.get(&bob, true).await.unwrap();
+        assert!(!c.key_changed());
+        assert_eq!(c.pinned.sign, keys(1).1);
+    }
+
+    #[tokio::test]
+    async fn cached_keys_outlive_the_ttl_when_the_key_server_is_down() {
+        let (_tmp, _store, fake, cache) = setup(KeyPolicy::Tofu, Duration::from_millis(1));
+        let bob = Username::parse("bob").unwrap();
+        let carol = Username::parse("carol").unwrap();
+        cache.get(&bob, false).await.unwrap();
+        tokio::time::sleep(Duration::from_millis(5)).await;
+        set(&fake, Err(FetchError::Unavailable("down".into())));
+        let c = cache.get(&bob, false).await.unwrap();
+        assert_eq!(c.pinned.sign, keys(0).1);
+        assert_eq!(fake.calls.load(Ordering::SeqCst), 2, "an expired entry is fetched again");
+        assert!(matches!(cache.get(&carol, false).await, Err(LookupError::Unavailable { .. })));
+        set(&fake, Err(FetchError::NotFound("carol".into())));
+        assert!(matches!(cache.get(&carol, true).await, Err(LookupError::NotFound(_))));
+        // Own keys never go to the key server.
+        let me = Username::parse("me_").unwrap();
+        assert_eq!(cache.get(&me, true).await.unwrap().pinned.sign, keys(2).1);
+    }
+
+    #[tokio::test]
+    async fn forced_refreshes_are_rate_limited_and_state_survives_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        let bob = Username::parse("bob").unwrap();
+        {
+            let store = Store::open(tmp.path()).unwrap();
+            let fake = Arc::new(Fake { answer: Mutex::new(Ok(0)), calls: AtomicUsize::new(0) });
+            let (m, s) = keys(2).clone();
+            let me = Username::parse("me_").unwrap();
+            let cache = KeyCache::open(store.clone(), fake.clone(), &me, m, s, KeyPolicy::Tofu, Duration::from_secs(3600)).unwrap();
+            cache.get(&bob, false).await.unwrap();
+            set(&fake, Ok(1));
+            let c = cache.refresh_after_bad_signature(&bob).await.unwrap();
+            assert!(c.key_changed());
+            assert!(cache.refresh_after_bad_signature(&bob).await.is_none());
+            assert_eq!(fake.calls.load(Ordering::SeqCst), 2);
+            cache.set_legacy(&bob, true).await.unwrap();
+            store.flush().unwrap();
+        }
+        let store = Store::open(tmp.path()).unwrap();
+        let fake = Arc::new(Fake { answer: Mutex::new(Err(FetchError::Unavailable("down".into()))), calls: AtomicUsize::new(0) });
+        let (m, s) = keys(2).clone();
+        let me = Username::parse("me_").unwrap();
+        let cache = KeyCache::open(store, fake, &me, m, s, KeyPolicy::Tofu, Duration::from_secs(3600)).unwrap();
+        let c = cache.cached(&bob).unwrap();
+        assert!(c.key_changed());
+        assert!(c.legacy);
+        assert_eq!(cache.list().len(), 1);
+    }
+}

@@ -1,0 +1,75 @@
+//! # nesd: the NES daemon
+//!
+//! nesd is the only process that touches this identity's private keys, the MQTT broker
+//! and the message store. Frontends (`nes`, `nes chat`, `nes-notify`, scripts) are
+//! stateless clients of its API.
+//!
+//! ## How a request flows
+//!
+//! ```text
+//! frontend ──gRPC/Unix socket──▶ grpc.rs ─┐
+//! frontend ──D-Bus──────────────▶ dbus.rs ─┴─▶ service.rs ─┬─▶ store.rs     (sled)
+//!                                                          ├─▶ keycache.rs ─▶ keyserver.rs (HTTP)
+//!                                                          └─▶ outbox.rs ──▶ mqtt.rs ──▶ broker
+//! broker ──▶ mqtt.rs ──▶ receive.rs ──▶ keycache.rs, store.rs ──▶ events ──▶ every client
+//! ```
+//!
+//! | module | holds |
+//! |---|---|
+//! | [`config`] | flags, `NES_*` env vars, the TOML file, XDG defaults |
+//! | [`daemon`] | startup checks, wiring, sd_notify, shutdown on SIGTERM/SIGINT |
+//! | [`socket`] | the API socket: live/stale detection, modes, systemd activation |
+//! | [`identity`] | this identity's private keys and the stable device id |
+//! | [`grpc`] | the `nes.v1.Messenger` adapter (tonic) |
+//! | [`dbus`] | the D-Bus adapter (to come) |
+//! | [`service`] | what the daemon can do: one cloneable handle, async methods |
+//! | [`store`] | messages, conversations, outbox, held messages, the event log |
+//! | [`keycache`] | contacts' keys, TTL, TOFU pinning and key changes |
+//! | [`keyserver`] | HTTP client of the key server, signed answers verified |
+//! | [`receive`] | the receive pipeline: every receiving rule, then store, ack, event |
+//! | [`outbox`] | publishes queued frames in order, tracks SENT/DELIVERED |
+//! | [`mqtt`] | the persistent MQTT session (rumqttc), manual acks, reconnects |
+//!
+//! A send: the adapter calls [`service::Service::send`], which finds the recipient's keys
+//! (key cache, else key server), seals the frame on the blocking pool, stores the message
+//! QUEUED with its frame, flushes, and returns; the outbox publishes it when the broker is
+//! reachable (SENT), and the broker's acknowledgement makes it DELIVERED. Each step is an
+//! event in the store's log, which every connected client receives, and which a client
+//! can replay from a cursor after reconnecting.
+//!
+//! A receipt: the MQTT session hands the publish to the pipeline, which decrypts it,
+//! verifies it under the sender's keys, applies the receiving rules, stores it, flushes,
+//! and only then acknowledges it to the broker. A crash at any point loses nothing: the
+//! broker delivers unacknowledged messages again and the store drops duplicates.
+//!
+//! Errors of this library are `thiserror` enums; the binary (`main.rs`) turns them into
+//! one-line messages and exit codes.
+
+#![deny(unsafe_code)]
+#![deny(unused_must_use)]
+#![warn(missing_docs)]
+
+pub mod config;
+pub mod daemon;
+pub mod dbus;
+pub mod error;
+pub mod grpc;
+pub mod identity;
+pub mod keycache;
+pub mod keyserver;
+pub mod mqtt;
+pub mod outbox;
+pub mod receive;
+pub mod service;
+pub mod socket;
+pub mod store;
+
+pub use config::Config;
+
+/// Waits until the daemon's shutdown flag turns true (or its sender is gone).
+pub(crate) async fn stopped(flag: &mut tokio::sync::watch::Receiver<bool>) {
+    // The guard `wait_for` returns is not Send; drop it right here.
+    let _ = flag.wait_for(|s| *s).await;
+}
+pub use error::ServiceError;
+pub use service::Service;

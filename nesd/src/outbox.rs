@@ -1,0 +1,248 @@
+//! The outbox: publishes queued frames in order and records their progress.
+//!
+//! Send stores a message QUEUED with its sealed frame (see [`crate::service`]); this task
+//! hands queued frames to the MQTT session in sequence order while the session is up,
+//! at most [`WINDOW`] unacknowledged at a time, and moves each message to SENT when it is
+//! written and DELIVERED when the broker acknowledges it.
+//!
+//! - Broker down: nothing is handed over; messages stay QUEUED and go out in order once
+//!   the session is back. Frames handed over before the connection broke are re-sent
+//!   by rumqttc first, so the order holds.
+//! - Daemon restart: everything still QUEUED or SENT is handed over again, with the same
+//!   frame bytes; the receiver drops the copies it already has (same `from` and `id`).
+
+use crate::mqtt::{Delivery, Token, Transport};
+use crate::service::Stats;
+use crate::store::Store;
+use nes_proto::rpc::MessageState;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch, Notify};
+use tracing::{debug, error};
+
+/// Frames handed to the MQTT session and not yet acknowledged, at most.
+pub const WINDOW: usize = 64;
+
+/// The outbox task.
+pub struct Outbox {
+    /// Where the queue is.
+    pub store: Store,
+    /// The MQTT session.
+    pub transport: Transport,
+    /// Progress reports from the transport.
+    pub deliveries: mpsc::UnboundedReceiver<Delivery>,
+    /// Woken when a message was queued.
+    pub wake: Arc<Notify>,
+    /// The `sent` counter.
+    pub stats: Arc<Stats>,
+}
+
+impl Outbox {
+    /// Runs until `shutdown` turns true.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut connection = self.transport.connection();
+        // Sequence number of the last frame handed over in this process.
+        let mut handed_upto = 0u64;
+        loop {
+            if self.transport.is_connected() {
+                handed_upto = self.hand_over(handed_upto).await;
+            }
+            tokio::select! {
+                _ = crate::stopped(&mut shutdown) => return,
+                d = self.deliveries.recv() => {
+                    let Some(d) = d else { return };
+                    let mut batch = vec![d];
+                    while let Ok(d) = self.deliveries.try_recv() {
+                        batch.push(d);
+                    }
+                    self.record(batch).await;
+                }
+                _ = self.wake.notified() => {}
+                changed = connection.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+
+    /// Hands over queued frames after `after`, as many as the window allows. Returns the
+    /// new high-water mark.
+    async fn hand_over(&self, mut after: u64) -> u64 {
+        loop {
+            let room = WINDOW.saturating_sub(self.transport.outstanding());
+            if room == 0 {
+                return after;
+            }
+            let items = match self.store.outbox_after(after, room) {
+                Ok(items) => items,
+                Err(e) => {
+                    error!(error = %e, "cannot read the outbox");
+                    return after;
+                }
+            };
+            if items.is_empty() {
+                return after;
+            }
+            for (seq, record) in items {
+                let token = Token { seq, peer: record.peer.clone(), id: record.id.clone() };
+                let topic = format!("nes/{}/message", record.peer);
+                if let Err(e) = self.transport.publish(token, topic, record.exactly_once, record.frame).await {
+                    debug!(error = %e, "publish not handed over (stopping)");
+                    return after;
+                }
+                after = seq;
+            }
+        }
+    }
+
+    /// Records SENT / DELIVERED and makes the changes durable and visible.
+    async fn record(&self, batch: Vec<Delivery>) {
+        let mut delivered = 0u64;
+        for d in batch {
+            let (token, state) = match d {
+                Delivery::Sent(t) => (t, MessageState::Sent),
+                Delivery::Delivered(t) => (t, MessageState::Delivered),
+            };
+            match self.store.set_outgoing_state(&token.peer, &token.id, state, "") {
+                Ok(Some(_)) if state == MessageState::Delivered => delivered += 1,
+                Ok(_) => {}
+                Err(e) => error!(error = %e, id = %token.id, "cannot record a delivery"),
+            }
+        }
+        if let Err(e) = self.store.commit().await {
+            error!(error = %e, "cannot flush the store");
+        }
+        self.stats.add_sent(delivered);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mqtt::MqttConfig;
+    use crate::store::OutboxRecord;
+    use nes_proto::rpc::{self, Direction};
+    use std::time::Duration;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::{TcpListener, TcpStream};
+
+    /// Just enough of an MQTT 3.1.1 broker for one client: CONNACK, SUBACK, PUBACK, PUBREC
+    /// and PUBCOMP, PINGRESP. Reports each PUBLISH payload, in arrival order.
+    async fn fake_broker(listener: TcpListener, published: mpsc::UnboundedSender<Vec<u8>>) {
+        while let Ok((mut stream, _)) = listener.accept().await {
+            let published = published.clone();
+            tokio::spawn(async move {
+                let _ = serve(&mut stream, &published).await;
+            });
+        }
+    }
+
+    async fn read_packet(s: &mut TcpStream) -> std::io::Result<(u8, Vec<u8>)> {
+        let header = s.read_u8().await?;
+        let (mut len, mut mult) = (0usize, 1usize);
+        loop {
+            let b = s.read_u8().await?;
+            len += usize::from(b & 0x7f) * mult;
+            if b & 0x80 == 0 {
+                break;
+            }
+            mult *= 128;
+        }
+        let mut body = vec![0; len];
+        s.read_exact(&mut body).await?;
+        Ok((header, body))
+    }
+
+    async fn serve(s: &mut TcpStream, published: &mpsc::UnboundedSender<Vec<u8>>) -> std::io::Result<()> {
+        loop {
+            let (header, body) = read_packet(s).await?;
+            match header >> 4 {
+                1 => s.write_all(&[0x20, 2, 0, 0]).await?,
+                8 => s.write_all(&[0x90, 3, body[0], body[1], 1]).await?,
+                3 => {
+                    let qos = (header >> 1) & 3;
+                    let topic_len = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                    let at = 2 + topic_len;
+                    let (pkid, payload) = (&body[at..at + 2], &body[at + 2..]);
+                    let _ = published.send(payload.to_vec());
+                    let ack = if qos == 2 { 0x50 } else { 0x40 };
+                    s.write_all(&[ack, 2, pkid[0], pkid[1]]).await?;
+                }
+                6 => s.write_all(&[0x70, 2, body[0], body[1]]).await?,
+                12 => s.write_all(&[0xd0, 0]).await?,
+                14 => return Ok(()),
+                _ => {}
+            }
+        }
+    }
+
+    fn queued(i: usize) -> (rpc::Message, OutboxRecord) {
+        let peer = if i % 2 == 0 { "bob" } else { "carol" };
+        let id = format!("id{i:02}");
+        let m = rpc::Message {
+            id: id.clone(),
+            from: "me_".into(),
+            to: peer.into(),
+            peer: peer.into(),
+            direction: Direction::Outgoing as i32,
+            text: format!("text {i}"),
+            state: MessageState::Queued as i32,
+            read: true,
+            wire_version: 2,
+            ..Default::default()
+        };
+        let frame = format!("frame {i:02}").into_bytes();
+        (m, OutboxRecord { peer: peer.into(), id, exactly_once: i % 5 == 0, frame })
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn queued_while_the_broker_is_down_then_published_in_order_and_delivered() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        // A port nobody listens on yet: the broker is "down".
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let (incoming_tx, _incoming_rx) = mpsc::channel(8);
+        let (delivery_tx, deliveries) = mpsc::unbounded_channel();
+        let config = MqttConfig {
+            host: "127.0.0.1".into(),
+            port,
+            client_id: "outbox-test".into(),
+            topic: "nes/me_/message".into(),
+            keep_alive: Duration::from_secs(30),
+        };
+        let (transport, mqtt_task) = Transport::start(config, incoming_tx, delivery_tx, shutdown.clone());
+        let wake = Arc::new(Notify::new());
+        let stats = Arc::new(Stats::default());
+        let outbox = Outbox { store: store.clone(), transport, deliveries, wake: wake.clone(), stats: stats.clone() };
+        let outbox_task = tokio::spawn(outbox.run(shutdown.clone()));
+
+        let n = 150; // more than the window, to see it refill in order
+        for i in 0..n {
+            let (m, o) = queued(i);
+            store.insert_outgoing(m, o).unwrap();
+            wake.notify_one();
+        }
+        assert_eq!(store.outbox_len(), n as u64);
+        assert!(store.history("bob", 0, None).unwrap().iter().all(|m| m.state == MessageState::Queued as i32));
+
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let (published_tx, mut published) = mpsc::unbounded_channel();
+        tokio::spawn(fake_broker(listener, published_tx));
+        for i in 0..n {
+            let frame = tokio::time::timeout(Duration::from_secs(120), published.recv()).await.unwrap().unwrap();
+            assert_eq!(String::from_utf8(frame).unwrap(), format!("frame {i:02}"));
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        while store.outbox_len() > 0 {
+            assert!(std::time::Instant::now() < deadline, "still queued: {}", store.outbox_len());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        for peer in ["bob", "carol"] {
+            let h = store.history(peer, 0, None).unwrap();
+            assert!(h.iter().all(|m| m.state == MessageState::Delivered as i32), "{peer}: {h:?}");
+        }
+        assert_eq!(stats.sent(), n as u64);
+        assert!(published.try_recv().is_err(), "nothing is published twice on a steady connection");
+        shutdown_tx.send(true).unwrap();
+        outbox_task.await.unwrap();
+        mqtt_task.await.unwrap();
+    }
+}

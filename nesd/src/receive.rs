@@ -1,0 +1,256 @@
+//! The receive pipeline: from an MQTT publish to a stored message and an event, applying
+//! every rule of DESIGN.md "Receiving rules".
+//!
+//! ```text
+//! publish ─▶ decrypt (blocking pool, a few at once) ─▶ in arrival order:
+//!   sender keys (key cache / key server) ─▶ verify ─▶ `to` ─▶ timestamp ─▶ duplicate?
+//!   ─▶ store ─▶ (batch) flush ─▶ ack to the broker ─▶ events go live
+//! ```
+//!
+//! - Decryption is the expensive RSA private-key operation, so it runs on tokio's blocking
+//!   pool, up to [`DECRYPT_AHEAD`] frames at once; results are consumed strictly in
+//!   arrival order, so messages of one sender are stored in the order they came.
+//! - A frame is acknowledged to the broker only after it is flushed to disk (or refused):
+//!   a crash in between makes the broker deliver it again and the duplicate check (same
+//!   `from` and `id`) drops the second copy. Frames that arrive together are flushed
+//!   together.
+//! - Every refusal is counted by reason ([`FrameError::reason`] or one of the pipeline's
+//!   own: `unknown_sender`, `keyserver_unavailable`, `keyserver_bad_answer`,
+//!   `bad_sender`, `duplicate`, `wrong_topic`), logged without frame content, and
+//!   acknowledged: it would be refused again.
+//! - A signature that fails under the pinned keys makes the key cache ask the key server
+//!   once; new keys there put the contact in KEY_CHANGED and messages that verify under
+//!   them are stored HELD, without text, until the user trusts the keys.
+
+use crate::identity::Identity;
+use crate::keycache::{Contact, KeyCache, LookupError};
+use crate::mqtt::Transport;
+use crate::service::Stats;
+use crate::store::Store;
+use nes_proto::frame::{self, Decrypted, FrameError, Opened};
+use nes_proto::rpc::{self, Direction, MessageState};
+use nes_proto::{now_ms, Username};
+use rumqttc::Publish;
+use std::sync::Arc;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tracing::error;
+
+/// Frames decrypted ahead of the one being stored.
+pub const DECRYPT_AHEAD: usize = 4;
+/// Most frames stored per flush.
+pub const MAX_BATCH: usize = 64;
+
+/// What the pipeline works with.
+#[derive(Clone)]
+pub struct Pipeline {
+    /// This identity (its message key decrypts).
+    pub identity: Arc<Identity>,
+    /// Where messages go.
+    pub store: Store,
+    /// Senders' keys.
+    pub keys: KeyCache,
+    /// Refusal counters.
+    pub stats: Arc<Stats>,
+    /// For acknowledgements.
+    pub transport: Transport,
+}
+
+enum Outcome {
+    /// Stored: flush, then ack.
+    Stored,
+    /// Refused: ack (it would be refused again).
+    Refused,
+    /// Our own message to ourselves: ack, nothing to store or count.
+    Ignored,
+    /// The store failed: do not ack, the broker will deliver it again.
+    Failed,
+}
+
+type Pending = (Publish, JoinHandle<Result<Decrypted, FrameError>>);
+
+impl Pipeline {
+    /// Runs until the transport stops sending or `shutdown` turns true.
+    pub async fn run(self, mut incoming: mpsc::Receiver<Publish>, mut shutdown: watch::Receiver<bool>) {
+        let (ordered_tx, mut ordered) = mpsc::channel::<Pending>(DECRYPT_AHEAD);
+        let identity = self.identity.clone();
+        let mut stop = shutdown.clone();
+        let decrypting = tokio::spawn(async move {
+            loop {
+                let publish = tokio::select! {
+                    _ = crate::stopped(&mut stop) => break,
+                    p = incoming.recv() => match p { Some(p) => p, None => break },
+                };
+                let identity = identity.clone();
+                let payload = publish.payload.clone();
+                let job = tokio::task::spawn_blocking(move || frame::decrypt(&payload, &identity.message_key));
+                if ordered_tx.send((publish, job)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        loop {
+            let first = tokio::select! {
+                _ = crate::stopped(&mut shutdown) => break,
+                p = ordered.recv() => match p { Some(p) => p, None => break },
+            };
+            let mut batch = vec![first];
+            while batch.len() < MAX_BATCH {
+                match ordered.try_recv() {
+                    Ok(p) => batch.push(p),
+                    Err(_) => break,
+                }
+            }
+            self.handle_batch(batch).await;
+        }
+        decrypting.abort();
+    }
+
+    async fn handle_batch(&self, batch: Vec<Pending>) {
+        let mut to_ack = Vec::with_capacity(batch.len());
+        let mut stored = 0u64;
+        for (publish, job) in batch {
+            let decrypted = match job.await {
+                Ok(r) => r,
+                Err(e) => {
+                    // A panic in decryption: the frame would do the same again; drop it.
+                    error!(error = %e, "decryption task failed");
+                    self.stats.refuse("internal", "decryption task failed");
+                    to_ack.push(publish);
+                    continue;
+                }
+            };
+            match self.process(&publish, decrypted).await {
+                Outcome::Stored => {
+                    stored += 1;
+                    to_ack.push(publish);
+                }
+                Outcome::Refused | Outcome::Ignored => to_ack.push(publish),
+                Outcome::Failed => {}
+            }
+        }
+        if stored > 0 {
+            if let Err(e) = self.store.commit().await {
+                error!(error = %e, "cannot flush the store; not acknowledging the batch");
+                return;
+            }
+        }
+        for publish in &to_ack {
+            self.transport.ack(publish).await;
+        }
+    }
+
+    fn refuse(&self, reason: &str, detail: &str) -> Outcome {
+        self.stats.refuse(reason, detail);
+        Outcome::Refused
+    }
+
+    async fn process(&self, publish: &Publish, decrypted: Result<Decrypted, FrameError>) -> Outcome {
+        let me = &self.identity.user;
+        let size = publish.payload.len();
+        if publish.topic != me.topic() {
+            return self.refuse("wrong_topic", &format!("{size}-byte frame on another topic"));
+        }
+        let decrypted = match decrypted {
+            Ok(d) => d,
+            Err(e) => return self.refuse(e.reason(), &describe(&e, size)),
+        };
+        let from = match Username::parse(&decrypted.inner().from) {
+            Ok(u) => u,
+            Err(_) => return self.refuse("bad_sender", "the inner `from` is not a username"),
+        };
+        let contact = match self.keys.get(&from, false).await {
+            Ok(c) => c,
+            Err(LookupError::NotFound(_)) => {
+                return self.refuse("unknown_sender", &format!("{from} is not registered at the key server"))
+            }
+            Err(LookupError::Unavailable { reason, .. }) => {
+                return self.refuse("keyserver_unavailable", &format!("no keys for {from}: {reason}"))
+            }
+            Err(LookupError::BadAnswer { reason, .. }) => {
+                return self.refuse("keyserver_bad_answer", &format!("no keys for {from}: {reason}"))
+            }
+            Err(e) => {
+                error!(error = %e, "key cache failed");
+                return Outcome::Failed;
+            }
+        };
+        let Some((opened, held)) = self.verify(&from, &contact, &decrypted).await else {
+            return self.refuse("signature", &format!("claimed sender {from}"));
+        };
+        if let Err(e) = opened.check_recipient(me) {
+            return self.refuse(e.reason(), &format!("from {from}: {e}"));
+        }
+        if let Err(e) = opened.check_time(now_ms()) {
+            return self.refuse(e.reason(), &format!("from {from}: {e}"));
+        }
+        if &from == me && !held {
+            // A note to self coming back from the broker: the outgoing copy is the record.
+            if let Ok(Some(mine)) = self.store.message(me.as_str(), &opened.id) {
+                if mine.direction == Direction::Outgoing as i32 {
+                    return Outcome::Ignored;
+                }
+            }
+        }
+        let message = rpc::Message {
+            id: opened.id.clone(),
+            from: from.to_string(),
+            to: me.to_string(),
+            peer: from.to_string(),
+            direction: Direction::Incoming as i32,
+            // A held message shows no text until its sender's new keys are trusted.
+            text: if held { String::new() } else { opened.inner.message },
+            timestamp_ms: opened.inner.timestamp,
+            stored_at_ms: 0,
+            state: if held { MessageState::Held } else { MessageState::Received } as i32,
+            read: false,
+            wire_version: opened.version.number(),
+            error: if held {
+                format!("held: the keys of {from} changed; compare fingerprints and trust them to read it")
+            } else {
+                String::new()
+            },
+        };
+        let held_frame = held.then(|| publish.payload.to_vec());
+        match self.store.insert_incoming(message, held_frame) {
+            Ok(Some(_)) => {
+                if !held {
+                    self.stats.add_received(1);
+                }
+                Outcome::Stored
+            }
+            Ok(None) => self.refuse("duplicate", &format!("from {from}, id already stored")),
+            Err(e) => {
+                error!(error = %e, "cannot store a message; the broker will deliver it again");
+                Outcome::Failed
+            }
+        }
+    }
+
+    /// Verifies under the pinned keys; else under keys pending from a change; else asks
+    /// the key server once more. The flag is true when only unaccepted keys verify (hold).
+    async fn verify(&self, from: &Username, contact: &Contact, d: &Decrypted) -> Option<(Opened, bool)> {
+        if let Some(found) = verify_with(contact, d) {
+            return Some(found);
+        }
+        let refreshed = self.keys.refresh_after_bad_signature(from).await?;
+        verify_with(&refreshed, d)
+    }
+}
+
+fn verify_with(contact: &Contact, d: &Decrypted) -> Option<(Opened, bool)> {
+    if let Ok(o) = d.clone().verify(&contact.pinned.sign) {
+        return Some((o, false));
+    }
+    let pending = contact.pending.as_ref()?;
+    d.clone().verify(&pending.sign).ok().map(|o| (o, true))
+}
+
+/// A log line for a frame refused before decryption succeeded (no content).
+fn describe(e: &FrameError, size: usize) -> String {
+    match e {
+        FrameError::TooLarge { .. } => format!("{size}-byte frame is over the {}-byte limit", frame::MAX_FRAME_BYTES),
+        FrameError::UnsupportedVersion(v) => format!("{size}-byte frame of version {v}"),
+        _ => format!("{size}-byte frame"),
+    }
+}

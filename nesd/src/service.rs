@@ -1,0 +1,488 @@
+//! The service: what the daemon can do, as one cloneable handle with async methods.
+//!
+//! The frontend adapters ([`crate::grpc`], later `crate::dbus`) translate their protocol
+//! to these calls and [`ServiceError`] back to their error form; they hold no logic of
+//! their own. The service reaches the store, the key cache, the key server and (through
+//! the outbox) the transport.
+//!
+//! Sending is two steps so that a stream of sends can seal in parallel and still store
+//! in order: [`Service::prepare_send`] (validate, find keys, seal on the blocking pool)
+//! and [`Service::commit_sends`] (store as QUEUED, flush, wake the outbox).
+
+use crate::error::ServiceError;
+use crate::identity::Identity;
+use crate::keycache::{KeyCache, LookupError, TrustError};
+use crate::keyserver::{KeyServer, RegisterError};
+use crate::mqtt::{Connection, Transport};
+use crate::store::{OutboxRecord, Store};
+use nes_proto::frame::{self, Draft, FrameError, Version};
+use nes_proto::rpc::{self, event::Kind, Direction, MessageState};
+use nes_proto::{now_ms, Username};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::sync::{broadcast, mpsc, watch, Notify};
+use tracing::{info, warn};
+
+/// Events buffered per client of [`Service::events`] on top of the shared live buffer.
+pub const EVENT_CLIENT_BUFFER: usize = 256;
+/// Longest text accepted by Send (the sealed frame must also fit in 256 KiB).
+pub const MAX_TEXT_BYTES: usize = 128 * 1024;
+
+/// Counters shown by Status, and the rate limit of refusal logs.
+#[derive(Debug, Default)]
+pub struct Stats {
+    refused: Mutex<BTreeMap<String, u64>>,
+    received: AtomicU64,
+    sent: AtomicU64,
+    log_window: Mutex<HashMap<String, (Instant, u32)>>,
+}
+
+/// Refusal log lines per reason per minute; the rest are only counted.
+const REFUSAL_LOGS_PER_MINUTE: u32 = 10;
+
+impl Stats {
+    /// Counts a refused frame and logs it once (rate-limited per reason). `detail` must
+    /// not contain frame content.
+    pub fn refuse(&self, reason: &str, detail: &str) {
+        *lock(&self.refused).entry(reason.to_owned()).or_insert(0) += 1;
+        let mut window = lock(&self.log_window);
+        let entry = window.entry(reason.to_owned()).or_insert((Instant::now(), 0));
+        if entry.0.elapsed() > Duration::from_secs(60) {
+            if entry.1 > REFUSAL_LOGS_PER_MINUTE {
+                warn!(reason, suppressed = entry.1 - REFUSAL_LOGS_PER_MINUTE, "more frames were refused for this reason");
+            }
+            *entry = (Instant::now(), 0);
+        }
+        entry.1 += 1;
+        if entry.1 <= REFUSAL_LOGS_PER_MINUTE {
+            warn!(reason, detail, "refused a frame");
+        }
+    }
+
+    /// Refusals by reason.
+    pub fn refused(&self) -> HashMap<String, u64> {
+        lock(&self.refused).iter().map(|(k, v)| (k.clone(), *v)).collect()
+    }
+
+    /// One more message stored as received.
+    pub fn add_received(&self, n: u64) {
+        self.received.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// One more message acknowledged by the broker.
+    pub fn add_sent(&self, n: u64) {
+        self.sent.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Messages stored as received since the start.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+
+    /// Messages acknowledged by the broker since the start.
+    pub fn sent(&self) -> u64 {
+        self.sent.load(Ordering::Relaxed)
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // Counters only; a panic elsewhere cannot leave them inconsistent.
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// What the service is built from.
+pub struct Parts {
+    /// This identity.
+    pub identity: Arc<Identity>,
+    /// The store.
+    pub store: Store,
+    /// The key cache.
+    pub keys: KeyCache,
+    /// The key server (for Register).
+    pub keyserver: KeyServer,
+    /// The MQTT session.
+    pub transport: Transport,
+    /// Wakes the outbox when something was queued.
+    pub outbox_wake: Arc<Notify>,
+    /// Counters.
+    pub stats: Arc<Stats>,
+    /// `mqtt://host:port`, for Status.
+    pub broker_url: String,
+    /// The MQTT client id, for Status.
+    pub client_id: String,
+    /// Turns true when the daemon stops.
+    pub shutdown: watch::Receiver<bool>,
+}
+
+/// The daemon's service; clones share it.
+#[derive(Clone)]
+pub struct Service {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    parts: Parts,
+    started: Instant,
+}
+
+/// A sealed message ready to be stored.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    message: rpc::Message,
+    outbox: OutboxRecord,
+}
+
+impl Service {
+    /// Builds the service.
+    pub fn new(parts: Parts) -> Service {
+        Service { inner: Arc::new(Inner { parts, started: Instant::now() }) }
+    }
+
+    fn p(&self) -> &Parts {
+        &self.inner.parts
+    }
+
+    /// This identity's username.
+    pub fn user(&self) -> &Username {
+        &self.p().identity.user
+    }
+
+    /// Turns true when the daemon stops: adapters end their streams and loops then.
+    pub fn stopping(&self) -> watch::Receiver<bool> {
+        self.p().shutdown.clone()
+    }
+
+    /// Status: identity, connection, queue, counters.
+    pub async fn status(&self) -> Result<rpc::StatusReply, ServiceError> {
+        let p = self.p();
+        Ok(rpc::StatusReply {
+            user: p.identity.user.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            connected: p.transport.is_connected(),
+            broker: p.broker_url.clone(),
+            keyserver: p.keyserver.base().to_owned(),
+            queued: p.store.outbox_len(),
+            refused: p.stats.refused(),
+            received: p.stats.received(),
+            sent: p.stats.sent(),
+            last_cursor: p.store.last_cursor(),
+            uptime_seconds: self.inner.started.elapsed().as_secs(),
+            client_id: p.client_id.clone(),
+            unread: p.store.unread_total()?,
+            pid: std::process::id(),
+        })
+    }
+
+    /// Seals and queues one message; returns once it is stored (QUEUED).
+    pub async fn send(&self, request: rpc::SendRequest) -> Result<rpc::Message, ServiceError> {
+        let prepared = self.prepare_send(request).await;
+        self.commit_sends(vec![prepared]).await.pop().unwrap_or_else(|| Err(ServiceError::Internal("no result".into())))
+    }
+
+    /// Step one of a send: checks the request, finds the recipient's keys, seals.
+    pub async fn prepare_send(&self, request: rpc::SendRequest) -> Result<Prepared, ServiceError> {
+        let to = parse_user(&request.to, "recipient")?;
+        if request.text.is_empty() {
+            return Err(ServiceError::InvalidArgument("the message is empty".into()));
+        }
+        if request.text.len() > MAX_TEXT_BYTES {
+            return Err(ServiceError::InvalidArgument(format!(
+                "the message is {} bytes long; the limit is {MAX_TEXT_BYTES}",
+                request.text.len()
+            )));
+        }
+        let contact = self.p().keys.get(&to, false).await.map_err(lookup_error)?;
+        if contact.key_changed() {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "the keys of {to} changed; compare the new fingerprints with {to} and trust them (`nes trust {to}`) before sending"
+            )));
+        }
+        let version = if request.legacy || contact.legacy { Version::V1 } else { Version::V2 };
+        let identity = self.p().identity.clone();
+        let text = request.text;
+        let timestamp_ms = now_ms();
+        let to_key = contact.pinned.message.clone();
+        let recipient = to.clone();
+        let (sealed, text) = tokio::task::spawn_blocking(move || {
+            let draft = Draft { from: &identity.user, to: &recipient, text: &text, timestamp_ms };
+            let sealed = frame::seal(version, &draft, &to_key, &identity.sign_key);
+            (sealed, text)
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("sealing failed: {e}")))?;
+        let sealed = sealed.map_err(|e| match e {
+            FrameError::TooLarge { size } => ServiceError::InvalidArgument(format!(
+                "the message is too long: its frame would be {size} bytes, the limit is {}",
+                frame::MAX_FRAME_BYTES
+            )),
+            other => ServiceError::Internal(format!("sealing failed: {other}")),
+        })?;
+        let me = self.user().to_string();
+        let message = rpc::Message {
+            id: sealed.id.clone(),
+            from: me,
+            to: to.to_string(),
+            peer: to.to_string(),
+            direction: Direction::Outgoing as i32,
+            text,
+            timestamp_ms,
+            stored_at_ms: 0,
+            state: MessageState::Queued as i32,
+            read: true,
+            wire_version: sealed.version.number(),
+            error: String::new(),
+        };
+        let outbox = OutboxRecord {
+            peer: to.to_string(),
+            id: sealed.id,
+            exactly_once: sealed.version == Version::V1,
+            frame: sealed.frame,
+        };
+        Ok(Prepared { message, outbox })
+    }
+
+    /// Step two: stores prepared messages in order, flushes, wakes the outbox. One result
+    /// per item, in order; items that failed to prepare keep their error.
+    pub async fn commit_sends(&self, items: Vec<Result<Prepared, ServiceError>>) -> Vec<Result<rpc::Message, ServiceError>> {
+        let store = &self.p().store;
+        let mut results: Vec<Result<rpc::Message, ServiceError>> = items
+            .into_iter()
+            .map(|item| item.and_then(|p| store.insert_outgoing(p.message, p.outbox).map_err(ServiceError::from)))
+            .collect();
+        if results.iter().any(Result::is_ok) {
+            if let Err(e) = store.commit().await {
+                let e = ServiceError::from(e);
+                for r in results.iter_mut().filter(|r| r.is_ok()) {
+                    *r = Err(e.clone());
+                }
+            }
+            self.p().outbox_wake.notify_one();
+        }
+        results
+    }
+
+    /// A conversation, oldest first.
+    pub async fn history(&self, peer: &str, limit: u32, before_id: &str) -> Result<Vec<rpc::Message>, ServiceError> {
+        let peer = parse_user(peer, "peer")?;
+        let before = (!before_id.is_empty()).then_some(before_id);
+        Ok(self.p().store.history(peer.as_str(), limit as usize, before)?)
+    }
+
+    /// All conversations, most recent first.
+    pub async fn conversations(&self) -> Result<Vec<rpc::Conversation>, ServiceError> {
+        Ok(self.p().store.conversations()?)
+    }
+
+    /// Marks a conversation read (all, or up to an id). Returns how many changed.
+    pub async fn mark_read(&self, peer: &str, up_to_id: &str) -> Result<u64, ServiceError> {
+        let peer = parse_user(peer, "peer")?;
+        let up_to = (!up_to_id.is_empty()).then_some(up_to_id);
+        let store = &self.p().store;
+        let marked = store.mark_read(peer.as_str(), up_to)?;
+        if marked > 0 {
+            store.commit().await?;
+        }
+        Ok(marked)
+    }
+
+    /// Every cached contact.
+    pub async fn contacts(&self) -> Result<Vec<rpc::Contact>, ServiceError> {
+        Ok(self.p().keys.list().iter().map(|c| c.to_rpc()).collect())
+    }
+
+    /// One contact, fetched when unknown (or when `refresh`).
+    pub async fn lookup_contact(&self, username: &str, refresh: bool) -> Result<rpc::Contact, ServiceError> {
+        let user = parse_user(username, "username")?;
+        Ok(self.p().keys.get(&user, refresh).await.map_err(lookup_error)?.to_rpc())
+    }
+
+    /// Accepts a contact's new keys and releases the messages held because of the change.
+    pub async fn trust_contact(&self, username: &str, message_fp: &str, sign_fp: &str) -> Result<rpc::Contact, ServiceError> {
+        let user = parse_user(username, "username")?;
+        let contact = self.p().keys.trust(&user, message_fp, sign_fp).await.map_err(|e| match e {
+            TrustError::Unknown(_) => ServiceError::NotFound(e.to_string()),
+            TrustError::Mismatch(_) => ServiceError::FailedPrecondition(e.to_string()),
+            TrustError::Store(m) => ServiceError::Internal(m),
+        })?;
+        self.release_held(&user, &contact.pinned.sign).await?;
+        Ok(contact.to_rpc())
+    }
+
+    /// Opens the held messages of `user` again with its now trusted signing key.
+    async fn release_held(&self, user: &Username, sign_key: &nes_proto::PublicKey) -> Result<(), ServiceError> {
+        let store = &self.p().store;
+        let held = store.held(user.as_str())?;
+        if held.is_empty() {
+            return Ok(());
+        }
+        let mut released = 0u64;
+        for h in held {
+            let identity = self.p().identity.clone();
+            let sign_key = sign_key.clone();
+            let frame = h.frame;
+            let opened = tokio::task::spawn_blocking(move || {
+                frame::decrypt(&frame, &identity.message_key).and_then(|d| d.verify(&sign_key))
+            })
+            .await
+            .map_err(|e| ServiceError::Internal(e.to_string()))?;
+            match opened {
+                Ok(o) if o.inner.from.eq_ignore_ascii_case(user.as_str()) && o.check_recipient(self.user()).is_ok() => {
+                    if store.release_held(user.as_str(), h.seq, o.inner.message)?.is_some() {
+                        released += 1;
+                    }
+                }
+                _ => {
+                    self.p().stats.refuse("signature", "a held message does not verify under the trusted keys");
+                    store.drop_held(user.as_str(), h.seq)?;
+                }
+            }
+        }
+        store.commit().await?;
+        self.p().stats.add_received(released);
+        info!(%user, released, "released held messages");
+        Ok(())
+    }
+
+    /// Sets whether a contact gets v1 frames.
+    pub async fn set_contact_legacy(&self, username: &str, legacy: bool) -> Result<rpc::Contact, ServiceError> {
+        let user = parse_user(username, "username")?;
+        Ok(self.p().keys.set_legacy(&user, legacy).await.map_err(lookup_error)?.to_rpc())
+    }
+
+    /// Registers this identity's public keys with the key server.
+    pub async fn register(&self, email: &str) -> Result<rpc::RegisterReply, ServiceError> {
+        let email = email.trim();
+        let plausible = email.len() <= 254
+            && email.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
+            && !email.chars().any(|c| c.is_whitespace() || c.is_control());
+        if !plausible {
+            return Err(ServiceError::InvalidArgument(format!("{email:?} is not an email address")));
+        }
+        let identity = &self.p().identity;
+        let message = self
+            .p()
+            .keyserver
+            .register(
+                &identity.user,
+                email,
+                &identity.message_key.public_key().to_pem(),
+                &identity.sign_key.public_key().to_pem(),
+            )
+            .await
+            .map_err(|e| match e {
+                RegisterError::Taken(_) => ServiceError::AlreadyExists(e.to_string()),
+                RegisterError::Refused(_) => ServiceError::InvalidArgument(e.to_string()),
+                _ => ServiceError::Unavailable(e.to_string()),
+            })?;
+        Ok(rpc::RegisterReply { username: identity.user.to_string(), message })
+    }
+
+    /// The event stream: with `since`, the logged events after that cursor, then live
+    /// events, without gap or repeat. A client that falls too far behind gets a
+    /// ResourceExhausted error and the stream ends; it resumes with the last cursor.
+    pub fn events(&self, since: Option<u64>) -> mpsc::Receiver<Result<Arc<rpc::Event>, ServiceError>> {
+        // Subscribe before reading the log: whatever is logged after the read is then
+        // certain to come through the live channel (events go live only once durable,
+        // and the log read stops at the last durable cursor).
+        let mut live = self.p().store.subscribe();
+        let (tx, rx) = mpsc::channel(EVENT_CLIENT_BUFFER);
+        let store = self.p().store.clone();
+        let mut shutdown = self.p().shutdown.clone();
+        tokio::spawn(async move {
+            let mut last = 0u64;
+            if let Some(since) = since {
+                last = since;
+                loop {
+                    let batch = match store.events_after(last, 256) {
+                        Ok(b) => b,
+                        Err(e) => {
+                            let _ = tx.send(Err(ServiceError::Internal(e.to_string()))).await;
+                            return;
+                        }
+                    };
+                    if batch.is_empty() {
+                        break;
+                    }
+                    for event in batch {
+                        last = event.cursor;
+                        if tx.send(Ok(event)).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            }
+            loop {
+                tokio::select! {
+                    _ = crate::stopped(&mut shutdown) => return,
+                    _ = tx.closed() => return,
+                    received = live.recv() => match received {
+                        Ok(event) => {
+                            if event.cursor <= last {
+                                continue;
+                            }
+                            last = event.cursor;
+                            if tx.send(Ok(event)).await.is_err() {
+                                return;
+                            }
+                        }
+                        Err(broadcast::error::RecvError::Lagged(n)) => {
+                            let e = ServiceError::ResourceExhausted(format!(
+                                "this client fell {n} events behind; reconnect with since={last}"
+                            ));
+                            let _ = tokio::time::timeout(Duration::from_secs(10), tx.send(Err(e))).await;
+                            return;
+                        }
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            }
+        });
+        rx
+    }
+
+    /// Logs a ConnectionChanged event whenever the MQTT session goes up or down. Runs until
+    /// the daemon stops.
+    pub async fn watch_connection(self) {
+        let mut conn = self.p().transport.connection();
+        let mut shutdown = self.p().shutdown.clone();
+        let mut was_up = false;
+        loop {
+            let (up, reason) = match &*conn.borrow_and_update() {
+                Connection::Up => (true, String::new()),
+                Connection::Down(r) => (false, r.clone()),
+            };
+            if up != was_up {
+                was_up = up;
+                let store = &self.p().store;
+                let kind = Kind::Connection(rpc::ConnectionChanged { connected: up, reason });
+                match store.log_event(kind) {
+                    Ok(_) => {
+                        if let Err(e) = store.commit().await {
+                            warn!(error = %e, "cannot log a connection event");
+                        }
+                    }
+                    Err(e) => warn!(error = %e, "cannot log a connection event"),
+                }
+            }
+            tokio::select! {
+                _ = crate::stopped(&mut shutdown) => return,
+                changed = conn.changed() => if changed.is_err() { return },
+            }
+        }
+    }
+}
+
+/// Parses a username from a request.
+fn parse_user(name: &str, what: &str) -> Result<Username, ServiceError> {
+    Username::parse(name.trim()).map_err(|e| ServiceError::InvalidArgument(format!("bad {what}: {e}")))
+}
+
+fn lookup_error(e: LookupError) -> ServiceError {
+    match e {
+        LookupError::NotFound(_) => ServiceError::NotFound(e.to_string()),
+        LookupError::Unavailable { .. } | LookupError::BadAnswer { .. } => ServiceError::Unavailable(e.to_string()),
+        LookupError::Store(m) => ServiceError::Internal(m),
+    }
+}

@@ -1,0 +1,784 @@
+//! The message store: messages in both directions, conversations, the outbox, held
+//! messages, and the event log, in one sled database.
+//!
+//! # Layout
+//! Everything the pipeline writes together lives in one tree (`data`) under one-byte
+//! prefixes, so that each change is a single atomic [`sled::Batch`]: after a crash either
+//! all of a message (record, id index, counters, event) is there or none of it.
+//!
+//! | key | value |
+//! |---|---|
+//! | `c` peer `\0` seq | the [`rpc::Message`] (prost) — a conversation, in arrival order |
+//! | `i` peer `\0` id | seq — find a message by id; also the duplicate check (`from`+`id`) |
+//! | `s` peer | [`Summary`]: total and unread counts |
+//! | `u` peer `\0` seq | empty — the unread incoming messages |
+//! | `h` peer `\0` seq | the frame of a message held because the sender's keys changed |
+//! | `q` seq | [`OutboxRecord`]: sealed frames not yet acknowledged by the broker |
+//! | `e` cursor | the [`rpc::Event`] (prost) — the event log |
+//! | `n/seq` | the next message sequence number |
+//!
+//! `seq` and `cursor` are big-endian u64, so key order is number order: the last N of a
+//! conversation is one short reverse range scan however many messages are stored.
+//! Usernames cannot contain `\0`, so `peer \0` never prefixes another peer's keys.
+//!
+//! # Durability and events
+//! Writers are serialised by one mutex (they are short: a few reads and one batch).
+//! [`Store::commit`] flushes to disk and only then hands the new events to the live
+//! broadcast, so a client never sees a cursor that a crash could take back; callers
+//! commit before acknowledging a frame to the broker or answering a Send.
+
+use nes_proto::now_ms;
+use nes_proto::rpc::{self, event::Kind, Direction, Event, MessageState};
+use prost::Message as _;
+use std::collections::VecDeque;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use tokio::sync::broadcast;
+
+/// Live events kept for subscribers that are behind; past this a subscriber lags and is
+/// told to resume by cursor.
+pub const EVENT_BROADCAST_CAPACITY: usize = 4096;
+
+const P_MSG: u8 = b'c';
+const P_ID: u8 = b'i';
+const P_SUMMARY: u8 = b's';
+const P_UNREAD: u8 = b'u';
+const P_HELD: u8 = b'h';
+const P_OUTBOX: u8 = b'q';
+const P_EVENT: u8 = b'e';
+const K_NEXT_SEQ: &[u8] = b"n/seq";
+
+/// A sealed frame waiting for the broker's acknowledgement.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct OutboxRecord {
+    /// The recipient.
+    #[prost(string, tag = "1")]
+    pub peer: String,
+    /// The message id.
+    #[prost(string, tag = "2")]
+    pub id: String,
+    /// Publish with QoS 2 (v1 frames, as the original does) instead of QoS 1.
+    #[prost(bool, tag = "3")]
+    pub exactly_once: bool,
+    /// The frame bytes, published as they are (the same bytes on every retry, so the
+    /// receiver's duplicate check works for v1 too).
+    #[prost(bytes = "vec", tag = "4")]
+    pub frame: Vec<u8>,
+}
+
+/// Counters of one conversation.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Summary {
+    /// Messages stored.
+    #[prost(uint64, tag = "1")]
+    pub total: u64,
+    /// Incoming messages not read.
+    #[prost(uint64, tag = "2")]
+    pub unread: u64,
+}
+
+/// A held message and the frame to open again once its sender's keys are trusted.
+#[derive(Debug, Clone)]
+pub struct Held {
+    /// Its sequence number.
+    pub seq: u64,
+    /// The stored record (state HELD, no text).
+    pub message: rpc::Message,
+    /// The frame as received.
+    pub frame: Vec<u8>,
+}
+
+/// Why the store failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum StoreError {
+    /// sled failed (disk full, I/O error, corruption).
+    #[error("message store: {0}")]
+    Sled(#[from] sled::Error),
+    /// A record does not decode.
+    #[error("message store: damaged record: {0}")]
+    Decode(#[from] prost::DecodeError),
+    /// A message id that is not in the conversation.
+    #[error("no message {id} in the conversation with {peer}")]
+    UnknownId {
+        /// The conversation.
+        peer: String,
+        /// The id asked for.
+        id: String,
+    },
+    /// A message id already used in that conversation.
+    #[error("message id {0} is already used")]
+    IdTaken(String),
+}
+
+/// Result of the store.
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A handle on the store; clones share it.
+#[derive(Clone)]
+pub struct Store {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    data: sled::Tree,
+    writer: Mutex<Writer>,
+    events: broadcast::Sender<Arc<Event>>,
+    /// The highest cursor known durable and handed to the broadcast.
+    released: AtomicU64,
+    outbox_len: AtomicU64,
+}
+
+struct Writer {
+    next_seq: u64,
+    next_cursor: u64,
+    unreleased: VecDeque<Arc<Event>>,
+}
+
+/// One atomic change being built under the writer lock.
+struct Change<'a> {
+    w: MutexGuard<'a, Writer>,
+    batch: sled::Batch,
+    next_seq: u64,
+    next_cursor: u64,
+    events: Vec<Arc<Event>>,
+}
+
+impl Change<'_> {
+    fn seq(&mut self) -> u64 {
+        let seq = self.next_seq;
+        self.next_seq += 1;
+        self.batch.insert(K_NEXT_SEQ, &self.next_seq.to_be_bytes());
+        seq
+    }
+
+    fn event(&mut self, kind: Kind) -> Arc<Event> {
+        let event = Event { cursor: self.next_cursor, at_ms: now_ms(), kind: Some(kind) };
+        self.next_cursor += 1;
+        self.batch.insert(&event_key(event.cursor)[..], event.encode_to_vec());
+        let event = Arc::new(event);
+        self.events.push(event.clone());
+        event
+    }
+
+    fn apply(mut self, data: &sled::Tree) -> StoreResult<()> {
+        data.apply_batch(self.batch)?;
+        self.w.next_seq = self.next_seq;
+        self.w.next_cursor = self.next_cursor;
+        self.w.unreleased.extend(self.events);
+        Ok(())
+    }
+}
+
+impl Store {
+    /// Opens (or creates) the store in the directory `path`.
+    pub fn open(path: &Path) -> StoreResult<Store> {
+        let db = sled::Config::new()
+            .path(path)
+            .cache_capacity(64 * 1024 * 1024)
+            .flush_every_ms(Some(500))
+            .open()?;
+        let data = db.open_tree("data")?;
+        let next_seq = match data.get(K_NEXT_SEQ)? {
+            Some(v) => be_u64(&v).unwrap_or(1),
+            None => 1,
+        };
+        let last_cursor = match data.scan_prefix([P_EVENT]).next_back() {
+            Some(kv) => be_u64(&kv?.0[1..]).unwrap_or(0),
+            None => 0,
+        };
+        let outbox_len = data.scan_prefix([P_OUTBOX]).count() as u64;
+        let (events, _) = broadcast::channel(EVENT_BROADCAST_CAPACITY);
+        Ok(Store {
+            inner: Arc::new(Inner {
+                db,
+                data,
+                writer: Mutex::new(Writer {
+                    next_seq: next_seq.max(1),
+                    next_cursor: last_cursor + 1,
+                    unreleased: VecDeque::new(),
+                }),
+                events,
+                released: AtomicU64::new(last_cursor),
+                outbox_len: AtomicU64::new(outbox_len),
+            }),
+        })
+    }
+
+    /// A tree of the same database for another component (the key cache).
+    pub fn tree(&self, name: &str) -> StoreResult<sled::Tree> {
+        Ok(self.inner.db.open_tree(name)?)
+    }
+
+    fn change(&self) -> Change<'_> {
+        // A panic while holding the lock cannot leave a half-applied batch (batches are
+        // atomic), so a poisoned lock is safe to keep using.
+        let w = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+        Change {
+            next_seq: w.next_seq,
+            next_cursor: w.next_cursor,
+            w,
+            batch: sled::Batch::default(),
+            events: Vec::new(),
+        }
+    }
+
+    /// Subscribes to events as they become durable.
+    pub fn subscribe(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.inner.events.subscribe()
+    }
+
+    /// The cursor of the newest durable event (0 when none).
+    pub fn last_cursor(&self) -> u64 {
+        self.inner.released.load(Ordering::Acquire)
+    }
+
+    /// Outgoing messages not yet acknowledged by the broker.
+    pub fn outbox_len(&self) -> u64 {
+        self.inner.outbox_len.load(Ordering::Acquire)
+    }
+
+    /// Flushes everything written so far to disk, then publishes the events it contained.
+    pub async fn commit(&self) -> StoreResult<()> {
+        let upto = {
+            let w = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+            w.next_cursor - 1
+        };
+        if upto <= self.last_cursor() {
+            return Ok(());
+        }
+        self.inner.db.flush_async().await?;
+        self.release(upto);
+        Ok(())
+    }
+
+    /// Flushes synchronously (at shutdown).
+    pub fn flush(&self) -> StoreResult<()> {
+        let upto = {
+            let w = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+            w.next_cursor - 1
+        };
+        self.inner.db.flush()?;
+        self.release(upto);
+        Ok(())
+    }
+
+    fn release(&self, upto: u64) {
+        let mut w = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+        while w.unreleased.front().is_some_and(|e| e.cursor <= upto) {
+            if let Some(event) = w.unreleased.pop_front() {
+                self.inner.released.store(event.cursor, Ordering::Release);
+                // No subscriber is fine: the log has it.
+                let _ = self.inner.events.send(event);
+            }
+        }
+    }
+
+    /// Durable events with a cursor greater than `after`, oldest first, at most `limit`.
+    pub fn events_after(&self, after: u64, limit: usize) -> StoreResult<Vec<Arc<Event>>> {
+        let released = self.last_cursor();
+        if after >= released {
+            return Ok(Vec::new());
+        }
+        let mut out = Vec::new();
+        for kv in self.inner.data.range(event_key(after + 1)..=event_key(released)).take(limit) {
+            let (_, v) = kv?;
+            out.push(Arc::new(Event::decode(&v[..])?));
+        }
+        Ok(out)
+    }
+
+    /// Stores a verified incoming message (state RECEIVED, or HELD with its frame).
+    /// Returns `None` for a duplicate: the conversation already has that id.
+    pub fn insert_incoming(&self, mut message: rpc::Message, held_frame: Option<Vec<u8>>) -> StoreResult<Option<rpc::Message>> {
+        let data = &self.inner.data;
+        let mut c = self.change();
+        let peer = message.peer.clone();
+        let idk = peer_key(P_ID, &peer, message.id.as_bytes());
+        if data.contains_key(&idk)? {
+            return Ok(None);
+        }
+        let seq = c.seq();
+        message.stored_at_ms = now_ms();
+        let mut summary = self.summary(&peer)?;
+        summary.total += 1;
+        let unread = message.state == MessageState::Received as i32 && !message.read;
+        if unread {
+            summary.unread += 1;
+            c.batch.insert(peer_key(P_UNREAD, &peer, &seq.to_be_bytes()), &[]);
+        }
+        if let Some(frame) = held_frame {
+            c.batch.insert(peer_key(P_HELD, &peer, &seq.to_be_bytes()), frame);
+        }
+        c.batch.insert(peer_key(P_MSG, &peer, &seq.to_be_bytes()), message.encode_to_vec());
+        c.batch.insert(idk, &seq.to_be_bytes());
+        c.batch.insert(summary_key(&peer), summary.encode_to_vec());
+        c.event(Kind::Message(message.clone()));
+        c.apply(data)?;
+        Ok(Some(message))
+    }
+
+    /// Stores an outgoing message (state QUEUED) and its sealed frame in the outbox.
+    pub fn insert_outgoing(&self, mut message: rpc::Message, outbox: OutboxRecord) -> StoreResult<rpc::Message> {
+        let data = &self.inner.data;
+        let mut c = self.change();
+        let peer = message.peer.clone();
+        let idk = peer_key(P_ID, &peer, message.id.as_bytes());
+        if data.contains_key(&idk)? {
+            return Err(StoreError::IdTaken(message.id));
+        }
+        let seq = c.seq();
+        message.stored_at_ms = now_ms();
+        let mut summary = self.summary(&peer)?;
+        summary.total += 1;
+        c.batch.insert(peer_key(P_MSG, &peer, &seq.to_be_bytes()), message.encode_to_vec());
+        c.batch.insert(idk, &seq.to_be_bytes());
+        c.batch.insert(summary_key(&peer), summary.encode_to_vec());
+        c.batch.insert(&outbox_key(seq)[..], outbox.encode_to_vec());
+        c.event(Kind::Message(message.clone()));
+        c.apply(data)?;
+        self.inner.outbox_len.fetch_add(1, Ordering::AcqRel);
+        Ok(message)
+    }
+
+    /// Moves an outgoing message on (SENT, DELIVERED, FAILED). States only move forward;
+    /// DELIVERED and FAILED take it out of the outbox. Returns the updated message, or
+    /// `None` when nothing changed.
+    pub fn set_outgoing_state(&self, peer: &str, id: &str, state: MessageState, error: &str) -> StoreResult<Option<rpc::Message>> {
+        let data = &self.inner.data;
+        let mut c = self.change();
+        let Some(seq) = self.seq_of(peer, id)? else {
+            return Ok(None);
+        };
+        let key = peer_key(P_MSG, peer, &seq.to_be_bytes());
+        let Some(bytes) = data.get(&key)? else {
+            return Ok(None);
+        };
+        let mut message = rpc::Message::decode(&bytes[..])?;
+        if message.direction != Direction::Outgoing as i32 || !advances(message.state(), state) {
+            return Ok(None);
+        }
+        message.state = state as i32;
+        message.error = error.to_owned();
+        c.batch.insert(key, message.encode_to_vec());
+        let leaves_outbox = matches!(state, MessageState::Delivered | MessageState::Failed)
+            && data.contains_key(outbox_key(seq))?;
+        if leaves_outbox {
+            c.batch.remove(&outbox_key(seq));
+        }
+        c.event(Kind::StateChanged(rpc::MessageStateChanged {
+            id: id.to_owned(),
+            peer: peer.to_owned(),
+            state: state as i32,
+            error: error.to_owned(),
+        }));
+        c.apply(data)?;
+        if leaves_outbox {
+            self.inner.outbox_len.fetch_sub(1, Ordering::AcqRel);
+        }
+        Ok(Some(message))
+    }
+
+    /// Outbox entries with a sequence number greater than `after`, in order, at most `limit`.
+    pub fn outbox_after(&self, after: u64, limit: usize) -> StoreResult<Vec<(u64, OutboxRecord)>> {
+        let mut out = Vec::new();
+        let start = outbox_key(after.saturating_add(1));
+        for kv in self.inner.data.range(start..).take(limit) {
+            let (k, v) = kv?;
+            if k.first() != Some(&P_OUTBOX) {
+                break;
+            }
+            let seq = be_u64(&k[1..]).unwrap_or(0);
+            out.push((seq, OutboxRecord::decode(&v[..])?));
+        }
+        Ok(out)
+    }
+
+    /// One message by conversation and id.
+    pub fn message(&self, peer: &str, id: &str) -> StoreResult<Option<rpc::Message>> {
+        let Some(seq) = self.seq_of(peer, id)? else {
+            return Ok(None);
+        };
+        match self.inner.data.get(peer_key(P_MSG, peer, &seq.to_be_bytes()))? {
+            Some(bytes) => Ok(Some(rpc::Message::decode(&bytes[..])?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The conversation with `peer`, oldest first: the last `limit` (0: all) messages
+    /// stored before `before_id` (when given).
+    pub fn history(&self, peer: &str, limit: usize, before_id: Option<&str>) -> StoreResult<Vec<rpc::Message>> {
+        let end = match before_id {
+            Some(id) => match self.seq_of(peer, id)? {
+                Some(seq) => peer_key(P_MSG, peer, &seq.to_be_bytes()),
+                None => return Err(StoreError::UnknownId { peer: peer.to_owned(), id: id.to_owned() }),
+            },
+            None => {
+                let mut k = peer_key(P_MSG, peer, &[]);
+                k.push(0xff); // after every 8-byte seq of this peer
+                k
+            }
+        };
+        let start = peer_key(P_MSG, peer, &[]);
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        let mut out = Vec::new();
+        for kv in self.inner.data.range(start..end).rev().take(limit) {
+            let (_, v) = kv?;
+            out.push(rpc::Message::decode(&v[..])?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Every conversation with its counters and newest message, most recent first.
+    pub fn conversations(&self) -> StoreResult<Vec<rpc::Conversation>> {
+        let mut found = Vec::new();
+        for kv in self.inner.data.scan_prefix([P_SUMMARY]) {
+            let (k, v) = kv?;
+            let peer = String::from_utf8_lossy(&k[1..]).into_owned();
+            let summary = Summary::decode(&v[..])?;
+            let last = self.inner.data.scan_prefix(peer_key(P_MSG, &peer, &[])).next_back().transpose()?;
+            let (seq, last) = match last {
+                Some((k, v)) => (be_u64(&k[k.len() - 8..]).unwrap_or(0), Some(rpc::Message::decode(&v[..])?)),
+                None => (0, None),
+            };
+            found.push((seq, rpc::Conversation { peer, unread: summary.unread, total: summary.total, last }));
+        }
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
+        Ok(found.into_iter().map(|(_, c)| c).collect())
+    }
+
+    /// Total unread incoming messages.
+    pub fn unread_total(&self) -> StoreResult<u64> {
+        let mut total = 0u64;
+        for kv in self.inner.data.scan_prefix([P_SUMMARY]) {
+            let (_, v) = kv?;
+            total = total.saturating_add(Summary::decode(&v[..])?.unread);
+        }
+        Ok(total)
+    }
+
+    /// Marks incoming messages of `peer` read: all, or up to and including `up_to_id`.
+    /// Returns how many changed.
+    pub fn mark_read(&self, peer: &str, up_to_id: Option<&str>) -> StoreResult<u64> {
+        let data = &self.inner.data;
+        let mut c = self.change();
+        let last = match up_to_id {
+            Some(id) => match self.seq_of(peer, id)? {
+                Some(seq) => seq,
+                None => return Err(StoreError::UnknownId { peer: peer.to_owned(), id: id.to_owned() }),
+            },
+            None => u64::MAX,
+        };
+        let mut marked = 0u64;
+        for kv in data.range(peer_key(P_UNREAD, peer, &[])..=peer_key(P_UNREAD, peer, &last.to_be_bytes())) {
+            let (k, _) = kv?;
+            let seq_bytes = &k[k.len() - 8..];
+            let mkey = peer_key(P_MSG, peer, seq_bytes);
+            if let Some(bytes) = data.get(&mkey)? {
+                let mut message = rpc::Message::decode(&bytes[..])?;
+                message.read = true;
+                c.batch.insert(mkey, message.encode_to_vec());
+            }
+            c.batch.remove(k);
+            marked += 1;
+        }
+        if marked == 0 {
+            return Ok(0);
+        }
+        let mut summary = self.summary(peer)?;
+        summary.unread = summary.unread.saturating_sub(marked);
+        c.batch.insert(summary_key(peer), summary.encode_to_vec());
+        c.event(Kind::MarkedRead(rpc::MarkedRead { peer: peer.to_owned(), unread: summary.unread }));
+        c.apply(data)?;
+        Ok(marked)
+    }
+
+    /// Messages of `peer` held because its keys changed, oldest first.
+    pub fn held(&self, peer: &str) -> StoreResult<Vec<Held>> {
+        let mut out = Vec::new();
+        for kv in self.inner.data.scan_prefix(peer_key(P_HELD, peer, &[])) {
+            let (k, frame) = kv?;
+            let seq_bytes = &k[k.len() - 8..];
+            let seq = be_u64(seq_bytes).unwrap_or(0);
+            if let Some(bytes) = self.inner.data.get(peer_key(P_MSG, peer, seq_bytes))? {
+                out.push(Held { seq, message: rpc::Message::decode(&bytes[..])?, frame: frame.to_vec() });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Releases a held message after its sender's new keys were trusted and it verified:
+    /// it becomes RECEIVED with its text.
+    pub fn release_held(&self, peer: &str, seq: u64, text: String) -> StoreResult<Option<rpc::Message>> {
+        let data = &self.inner.data;
+        let mut c = self.change();
+        let key = peer_key(P_MSG, peer, &seq.to_be_bytes());
+        let Some(bytes) = data.get(&key)? else {
+            return Ok(None);
+        };
+        let mut message = rpc::Message::decode(&bytes[..])?;
+        if message.state != MessageState::Held as i32 {
+            return Ok(None);
+        }
+        message.state = MessageState::Received as i32;
+        message.text = text;
+        message.error.clear();
+        message.read = false;
+        let mut summary = self.summary(peer)?;
+        summary.unread += 1;
+        c.batch.insert(key, message.encode_to_vec());
+        c.batch.remove(peer_key(P_HELD, peer, &seq.to_be_bytes()));
+        c.batch.insert(peer_key(P_UNREAD, peer, &seq.to_be_bytes()), &[]);
+        c.batch.insert(summary_key(peer), summary.encode_to_vec());
+        c.event(Kind::Message(message.clone()));
+        c.apply(data)?;
+        Ok(Some(message))
+    }
+
+    /// Deletes a held message that does not verify under the trusted keys.
+    pub fn drop_held(&self, peer: &str, seq: u64) -> StoreResult<()> {
+        let data = &self.inner.data;
+        let mut c = self.change();
+        let key = peer_key(P_MSG, peer, &seq.to_be_bytes());
+        let Some(bytes) = data.get(&key)? else {
+            return Ok(());
+        };
+        let message = rpc::Message::decode(&bytes[..])?;
+        let mut summary = self.summary(peer)?;
+        summary.total = summary.total.saturating_sub(1);
+        c.batch.remove(key);
+        c.batch.remove(peer_key(P_ID, peer, message.id.as_bytes()));
+        c.batch.remove(peer_key(P_HELD, peer, &seq.to_be_bytes()));
+        c.batch.insert(summary_key(peer), summary.encode_to_vec());
+        c.apply(data)
+    }
+
+    /// Logs an event that is not a message change (key changed, contact, connection).
+    pub fn log_event(&self, kind: Kind) -> StoreResult<Arc<Event>> {
+        let mut c = self.change();
+        let event = c.event(kind);
+        c.apply(&self.inner.data)?;
+        Ok(event)
+    }
+
+    fn summary(&self, peer: &str) -> StoreResult<Summary> {
+        match self.inner.data.get(summary_key(peer))? {
+            Some(v) => Ok(Summary::decode(&v[..])?),
+            None => Ok(Summary::default()),
+        }
+    }
+
+    fn seq_of(&self, peer: &str, id: &str) -> StoreResult<Option<u64>> {
+        Ok(self.inner.data.get(peer_key(P_ID, peer, id.as_bytes()))?.and_then(|v| be_u64(&v)))
+    }
+}
+
+/// Whether an outgoing message may move from `from` to `to`.
+fn advances(from: MessageState, to: MessageState) -> bool {
+    use MessageState::*;
+    matches!((from, to), (Queued, Sent) | (Queued, Delivered) | (Sent, Delivered) | (Queued, Failed) | (Sent, Failed))
+}
+
+fn peer_key(prefix: u8, peer: &str, tail: &[u8]) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 + peer.len() + tail.len());
+    k.push(prefix);
+    k.extend_from_slice(peer.as_bytes());
+    k.push(0);
+    k.extend_from_slice(tail);
+    k
+}
+
+fn summary_key(peer: &str) -> Vec<u8> {
+    let mut k = Vec::with_capacity(1 + peer.len());
+    k.push(P_SUMMARY);
+    k.extend_from_slice(peer.as_bytes());
+    k
+}
+
+fn outbox_key(seq: u64) -> [u8; 9] {
+    prefixed_u64(P_OUTBOX, seq)
+}
+
+fn event_key(cursor: u64) -> [u8; 9] {
+    prefixed_u64(P_EVENT, cursor)
+}
+
+fn prefixed_u64(prefix: u8, n: u64) -> [u8; 9] {
+    let mut k = [0u8; 9];
+    k[0] = prefix;
+    k[1..].copy_from_slice(&n.to_be_bytes());
+    k
+}
+
+fn be_u64(bytes: &[u8]) -> Option<u64> {
+    Some(u64::from_be_bytes(bytes.try_into().ok()?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn incoming(id: &str, from: &str, text: &str) -> rpc::Message {
+        rpc::Message {
+            id: id.into(),
+            from: from.into(),
+            to: "me_".into(),
+            peer: from.into(),
+            direction: Direction::Incoming as i32,
+            text: text.into(),
+            timestamp_ms: 1,
+            stored_at_ms: 0,
+            state: MessageState::Received as i32,
+            read: false,
+            wire_version: 2,
+            error: String::new(),
+        }
+    }
+
+    fn outgoing(id: &str, to: &str) -> (rpc::Message, OutboxRecord) {
+        let m = rpc::Message {
+            id: id.into(),
+            from: "me_".into(),
+            to: to.into(),
+            peer: to.into(),
+            direction: Direction::Outgoing as i32,
+            text: format!("text {id}"),
+            state: MessageState::Queued as i32,
+            read: true,
+            wire_version: 2,
+            ..Default::default()
+        };
+        let o = OutboxRecord { peer: to.into(), id: id.into(), exactly_once: false, frame: id.as_bytes().to_vec() };
+        (m, o)
+    }
+
+    #[tokio::test]
+    async fn incoming_is_stored_once_and_counted_unread() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let mut live = store.subscribe();
+        assert!(store.insert_incoming(incoming("a", "bob", "1"), None).unwrap().is_some());
+        assert!(store.insert_incoming(incoming("a", "bob", "again"), None).unwrap().is_none());
+        // The same id from someone else is another message.
+        assert!(store.insert_incoming(incoming("a", "eve", "x"), None).unwrap().is_some());
+        assert!(live.try_recv().is_err(), "events wait for the commit");
+        store.commit().await.unwrap();
+        assert_eq!(live.try_recv().unwrap().cursor, 1);
+        assert_eq!(live.try_recv().unwrap().cursor, 2);
+        let h = store.history("bob", 0, None).unwrap();
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].text, "1");
+        assert_eq!(store.unread_total().unwrap(), 2);
+        assert_eq!(store.mark_read("bob", None).unwrap(), 1);
+        assert_eq!(store.mark_read("bob", None).unwrap(), 0);
+        assert_eq!(store.unread_total().unwrap(), 1);
+        assert!(store.history("bob", 0, None).unwrap()[0].read);
+    }
+
+    #[tokio::test]
+    async fn history_pages_backwards_and_conversations_sort_by_recency() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        for i in 0..2000 {
+            store.insert_incoming(incoming(&format!("id{i}"), "bob", &format!("{i}")), None).unwrap();
+            if i % 500 == 0 {
+                store.insert_incoming(incoming(&format!("x{i}"), "carol", "c"), None).unwrap();
+            }
+        }
+        let last = store.history("bob", 3, None).unwrap();
+        assert_eq!(last.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["1997", "1998", "1999"]);
+        let before = store.history("bob", 2, Some("id1997")).unwrap();
+        assert_eq!(before.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["1995", "1996"]);
+        assert!(matches!(store.history("bob", 2, Some("nope")), Err(StoreError::UnknownId { .. })));
+        assert!(store.history("nobody", 0, None).unwrap().is_empty());
+        // A peer whose name is a prefix of another's does not see its messages.
+        assert!(store.history("bo", 0, None).unwrap().is_empty());
+        let convs = store.conversations().unwrap();
+        assert_eq!(convs.len(), 2);
+        assert_eq!(convs[0].peer, "bob");
+        assert_eq!(convs[0].total, 2000);
+        assert_eq!(convs[0].unread, 2000);
+        assert_eq!(convs[0].last.as_ref().unwrap().text, "1999");
+        assert_eq!(convs[1].total, 4);
+        assert_eq!(store.mark_read("bob", Some("id9")).unwrap(), 10);
+        assert_eq!(store.conversations().unwrap()[0].unread, 1990);
+    }
+
+    #[tokio::test]
+    async fn outbox_keeps_order_and_states_only_move_forward() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        for i in 0..5 {
+            let (m, o) = outgoing(&format!("o{i}"), if i % 2 == 0 { "bob" } else { "carol" });
+            store.insert_outgoing(m, o).unwrap();
+        }
+        assert_eq!(store.outbox_len(), 5);
+        let all = store.outbox_after(0, 100).unwrap();
+        assert_eq!(all.iter().map(|(_, o)| o.id.as_str()).collect::<Vec<_>>(), ["o0", "o1", "o2", "o3", "o4"]);
+        let after = store.outbox_after(all[1].0, 2).unwrap();
+        assert_eq!(after.iter().map(|(_, o)| o.id.as_str()).collect::<Vec<_>>(), ["o2", "o3"]);
+
+        assert!(store.set_outgoing_state("bob", "o0", MessageState::Sent, "").unwrap().is_some());
+        assert!(store.set_outgoing_state("bob", "o0", MessageState::Delivered, "").unwrap().is_some());
+        assert!(store.set_outgoing_state("bob", "o0", MessageState::Sent, "").unwrap().is_none());
+        assert!(store.set_outgoing_state("carol", "o1", MessageState::Failed, "no keys").unwrap().is_some());
+        assert!(store.set_outgoing_state("carol", "missing", MessageState::Sent, "").unwrap().is_none());
+        assert_eq!(store.outbox_len(), 3);
+        assert_eq!(store.outbox_after(0, 100).unwrap()[0].1.id, "o2");
+        let h = store.history("carol", 0, None).unwrap();
+        assert_eq!(h[0].state, MessageState::Failed as i32);
+        assert_eq!(h[0].error, "no keys");
+    }
+
+    #[tokio::test]
+    async fn reopening_keeps_counters_cursor_and_outbox() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(tmp.path()).unwrap();
+            let (m, o) = outgoing("o1", "bob");
+            store.insert_outgoing(m, o).unwrap();
+            store.insert_incoming(incoming("i1", "bob", "hi"), None).unwrap();
+            store.commit().await.unwrap();
+            assert_eq!(store.last_cursor(), 2);
+        }
+        let store = Store::open(tmp.path()).unwrap();
+        assert_eq!(store.last_cursor(), 2);
+        assert_eq!(store.outbox_len(), 1);
+        assert!(store.insert_incoming(incoming("i1", "bob", "hi"), None).unwrap().is_none(), "dedup survives");
+        store.insert_incoming(incoming("i2", "bob", "two"), None).unwrap();
+        store.commit().await.unwrap();
+        let events = store.events_after(0, 100).unwrap();
+        assert_eq!(events.iter().map(|e| e.cursor).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(store.events_after(2, 100).unwrap().len(), 1);
+        let h = store.history("bob", 0, None).unwrap();
+        assert_eq!(h.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["o1", "i1", "i2"]);
+    }
+
+    #[tokio::test]
+    async fn held_messages_are_released_or_dropped() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let mut m = incoming("h1", "carol", "");
+        m.state = MessageState::Held as i32;
+        store.insert_incoming(m, Some(b"frame1".to_vec())).unwrap();
+        let mut m = incoming("h2", "carol", "");
+        m.state = MessageState::Held as i32;
+        store.insert_incoming(m, Some(b"frame2".to_vec())).unwrap();
+        assert_eq!(store.unread_total().unwrap(), 0, "held messages are not unread");
+        let held = store.held("carol").unwrap();
+        assert_eq!(held.len(), 2);
+        assert_eq!(held[0].frame, b"frame1");
+        let released = store.release_held("carol", held[0].seq, "hello".into()).unwrap().unwrap();
+        assert_eq!(released.state, MessageState::Received as i32);
+        store.drop_held("carol", held[1].seq).unwrap();
+        assert!(store.held("carol").unwrap().is_empty());
+        let h = store.history("carol", 0, None).unwrap();
+        assert_eq!(h.len(), 1);
+        assert_eq!(h[0].text, "hello");
+        assert_eq!(store.unread_total().unwrap(), 1);
+        assert_eq!(store.conversations().unwrap()[0].total, 1);
+    }
+}
