@@ -176,7 +176,10 @@ impl Mosquitto {
         std::fs::write(
             &conf,
             format!(
-                "listener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {data}/\n\
+                // `user root`: started as root, mosquitto would otherwise drop to the user
+                // `mosquitto`, which cannot write the 0700 temp dir, and silently lose its
+                // persistence (sessions, queued messages) on restart. Ignored when not root.
+                "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {data}/\n\
                  max_queued_messages 100000\nmax_inflight_messages 20\nlog_dest file {log}\n\
                  log_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
                 port = self.port,

@@ -235,7 +235,31 @@ async fn messages_survive_broker_restarts_and_kill_9_exactly_once_in_order() -> 
     let alice_progress = Arc::new(AtomicUsize::new(0));
     let bob_progress = Arc::new(AtomicUsize::new(0));
 
-    let a_to_b = tokio::spawn(sender(a_sock.clone(), "alice", "bob", n, alice_progress.clone(), |_| true));
+    // How many of alice's messages bob holds, roughly (conversation total less bob's own
+    // messages), polled in the background. alice stays at most `window` ahead of it, so
+    // the sending spans the whole run and the faults hit messages on their way.
+    let bob_has = Arc::new(AtomicUsize::new(0));
+    let window = (n / 10).max(50);
+    let watcher = tokio::spawn({
+        let (bob_has, bob_progress, b_sock) = (bob_has.clone(), bob_progress.clone(), b_sock.clone());
+        async move {
+            loop {
+                if let Ok(mut c) = client_at(&b_sock).await {
+                    if let Ok(r) = c.conversations(rpc::ConversationsRequest {}).await {
+                        if let Some(conv) = r.into_inner().conversations.iter().find(|c| c.peer == "alice") {
+                            let total = usize::try_from(conv.total).unwrap_or(usize::MAX);
+                            bob_has.store(total.saturating_sub(bob_progress.load(Ordering::SeqCst)), Ordering::SeqCst);
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+    });
+    let ahead = bob_has.clone();
+    let a_to_b = tokio::spawn(sender(a_sock.clone(), "alice", "bob", n, alice_progress.clone(), move |i| {
+        i < ahead.load(Ordering::SeqCst) + window
+    }));
     let paced = alice_progress.clone();
     let b_to_a = tokio::spawn(sender(b_sock.clone(), "bob", "alice", m, bob_progress.clone(), move |j| {
         // bob's j-th message waits for alice's (j * n / m)-th: both streams span the run.
@@ -280,6 +304,7 @@ async fn messages_survive_broker_restarts_and_kill_9_exactly_once_in_order() -> 
     let alice_ids = a_to_b.await.map_err(|e| anyhow!("alice's sender panicked: {e}"))??;
     let bob_ids = b_to_a.await.map_err(|e| anyhow!("bob's sender panicked: {e}"))??;
     let sending_took = started.elapsed();
+    watcher.abort();
 
     // Wait for everything to arrive, as long as there is progress.
     let (a, b) = (reconnect(&a_sock).await?, reconnect(&b_sock).await?);
@@ -317,6 +342,9 @@ async fn messages_survive_broker_restarts_and_kill_9_exactly_once_in_order() -> 
         status(&mut b.clone()).await?.refused,
         status(&mut a.clone()).await?.refused,
     );
+    if !(ab.clean() && ba.clean()) {
+        eprintln!("---- alice's nesd log ----\n{}\n---- bob's nesd log ----\n{}", alice.log_tail(60), bob.log_tail(60));
+    }
     ensure!(injected.len() == faults.len(), "only {} of {} faults were injected", injected.len(), faults.len());
     ensure!(ab.clean(), "alice->bob: {ab:?}");
     ensure!(ba.clean(), "bob->alice: {ba:?}");

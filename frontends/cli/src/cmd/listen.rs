@@ -153,15 +153,19 @@ async fn sleep_until(deadline: Option<tokio::time::Instant>) {
 /// `nes listen | head -n 1` ends at once rather than at the next message's write.
 /// Never resolves when nothing is printed or stdout cannot be watched (a regular file).
 async fn stdout_closed(watch: bool) {
-    use tokio::io::unix::AsyncFd;
+    use std::os::fd::AsFd;
     use tokio::io::Interest;
     if watch {
-        // The kernel reports an error condition on a pipe's writing end once its reading
-        // end is closed; no data is read or written here.
-        if let Ok(fd) = AsyncFd::with_interest(std::io::stdout(), Interest::ERROR) {
-            if let Ok(guard) = fd.ready(Interest::ERROR).await {
-                if guard.ready().is_error() {
-                    return;
+        // A duplicate of stdout, registered with the reactor only to hear of an error
+        // condition: the kernel reports one on a pipe's writing end once its reading end
+        // is closed. Nothing is read or written through it, and its blocking mode (shared
+        // with stdout) is left as it is.
+        if let Ok(fd) = std::io::stdout().as_fd().try_clone_to_owned() {
+            if let Ok(pipe) = tokio::net::unix::pipe::Sender::from_owned_fd_unchecked(fd) {
+                if let Ok(ready) = pipe.ready(Interest::ERROR).await {
+                    if ready.is_error() {
+                        return;
+                    }
                 }
             }
         }

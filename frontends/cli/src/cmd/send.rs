@@ -19,7 +19,7 @@ use crate::output::{message_json, print_json, print_line, state_name, strip_one_
 use crate::Ctx;
 use nes_client::{Feed, FeedItem};
 use nes_proto::rpc::{event, MessageState, SendReply, SendRequest};
-use serde_json::{json, Value};
+use serde_json::Value;
 use std::io::{IsTerminal, Read};
 use tokio::io::AsyncBufReadExt;
 
@@ -193,27 +193,59 @@ pub fn parse_batch_line(line: &str, legacy: bool) -> BatchLine {
     BatchLine::Send(SendRequest { to, text, legacy })
 }
 
+/// One result line of `--batch`, fields in this order: `line` (1-based input line),
+/// `ok`, `to`, then `id` and `state` on success or `error` and `code` on failure.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct BatchResult {
+    pub line: u64,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub to: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub state: Option<&'static str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+}
+
 /// The result line of a reply from the daemon.
-pub fn reply_json(line: u64, to: &str, reply: &SendReply) -> Value {
+pub fn reply_json(line: u64, to: &str, reply: &SendReply) -> BatchResult {
     match (&reply.message, reply.error.is_empty()) {
-        (Some(message), true) => json!({
-            "line": line, "ok": true, "to": to, "id": message.id, "state": state_name(message.state),
-        }),
-        _ => json!({
-            "line": line, "ok": false, "to": to,
-            "error": if reply.error.is_empty() { "nesd returned no message" } else { reply.error.as_str() },
-            "code": code_name(reply.code),
-        }),
+        (Some(message), true) => BatchResult {
+            line,
+            ok: true,
+            to: Some(to.into()),
+            id: Some(message.id.clone()),
+            state: Some(state_name(message.state)),
+            error: None,
+            code: None,
+        },
+        _ => BatchResult {
+            line,
+            ok: false,
+            to: Some(to.into()),
+            id: None,
+            state: None,
+            error: Some(if reply.error.is_empty() { "nesd returned no message".into() } else { reply.error.clone() }),
+            code: Some(code_name(reply.code)),
+        },
     }
 }
 
 /// The result line of a line refused before sending.
-pub fn bad_line_json(line: u64, to: Option<&str>, error: &str) -> Value {
-    let mut v = json!({"line": line, "ok": false, "error": error, "code": "invalid_argument"});
-    if let Some(to) = to {
-        v["to"] = json!(to);
+pub fn bad_line_json(line: u64, to: Option<&str>, error: &str) -> BatchResult {
+    BatchResult {
+        line,
+        ok: false,
+        to: to.map(String::from),
+        id: None,
+        state: None,
+        error: Some(error.into()),
+        code: Some("invalid_argument".into()),
     }
-    v
 }
 
 /// `not_found`, `invalid_argument`, ... for a gRPC code number.
@@ -233,7 +265,7 @@ fn code_name(code: i32) -> String {
 /// What the printer waits for, in input order.
 enum Slot {
     /// Already decided (a bad line).
-    Ready(Value),
+    Ready(BatchResult),
     /// The next reply of the stream belongs to this line.
     Pending { line: u64, to: String },
 }
@@ -309,7 +341,7 @@ async fn batch(ctx: &Ctx, legacy: bool) -> Result<(), CliError> {
                 },
             },
         };
-        if result["ok"] != true {
+        if !result.ok {
             failed += 1;
         }
         if let Err(e) = print_json(&result) {
@@ -396,14 +428,13 @@ mod tests {
             error: String::new(),
             code: 0,
         };
-        let v = reply_json(3, "bob", &ok);
-        assert_eq!(v, json!({"line":3,"ok":true,"to":"bob","id":"ID==","state":"queued"}));
+        let v = serde_json::to_string(&reply_json(3, "bob", &ok)).unwrap();
+        assert_eq!(v, r#"{"line":3,"ok":true,"to":"bob","id":"ID==","state":"queued"}"#);
         let refused = SendReply { message: None, error: "unknown user zed".into(), code: tonic::Code::NotFound as i32 };
-        let v = reply_json(4, "zed", &refused);
-        assert_eq!(v, json!({"line":4,"ok":false,"to":"zed","error":"unknown user zed","code":"not_found"}));
-        let v = bad_line_json(5, None, "not a JSON object");
-        assert_eq!(v["ok"], false);
-        assert!(v.get("to").is_none());
+        let v = serde_json::to_string(&reply_json(4, "zed", &refused)).unwrap();
+        assert_eq!(v, r#"{"line":4,"ok":false,"to":"zed","error":"unknown user zed","code":"not_found"}"#);
+        let v = serde_json::to_string(&bad_line_json(5, None, "not a JSON object")).unwrap();
+        assert_eq!(v, r#"{"line":5,"ok":false,"error":"not a JSON object","code":"invalid_argument"}"#);
     }
 
     #[test]
