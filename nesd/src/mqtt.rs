@@ -289,6 +289,7 @@ async fn run(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
+                debug!(pkid = publish.pkid, bytes = publish.payload.len(), dup = publish.dup, "publish in");
                 if incoming.send(publish).await.is_err() {
                     break; // the pipeline is gone: stopping
                 }
@@ -313,6 +314,7 @@ async fn run(
                 }
             }
             Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => lock(&tracker).collision(pkid),
+            Ok(Event::Outgoing(Outgoing::PubAck(pkid))) => debug!(pkid, "puback out"),
             Ok(_) => {}
             Err(e) => {
                 let reason = e.to_string();

@@ -34,7 +34,7 @@ use rumqttc::Publish;
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::error;
+use tracing::{debug, error};
 
 /// Frames decrypted ahead of the one being stored.
 pub const DECRYPT_AHEAD: usize = 4;
@@ -129,6 +129,7 @@ impl Pipeline {
                 Outcome::Failed => {}
             }
         }
+        debug!(frames = to_ack.len(), stored, "batch processed");
         if stored > 0 {
             if let Err(e) = self.store.commit().await {
                 error!(error = %e, "cannot flush the store; not acknowledging the batch");
@@ -138,6 +139,7 @@ impl Pipeline {
         for publish in &to_ack {
             self.transport.ack(publish).await;
         }
+        debug!(frames = to_ack.len(), "batch acknowledged");
     }
 
     fn refuse(&self, reason: &str, detail: &str) -> Outcome {

@@ -56,13 +56,23 @@ async fn main() -> Result<()> {
     }
     let accepted_at = start.elapsed();
     ensure!(accepted == n);
-    let deadline = Duration::from_secs(600);
+    let deadline = Duration::from_secs(std::env::var("NES_BENCH_DEADLINE").ok().and_then(|v| v.parse().ok()).unwrap_or(600));
     loop {
         let s = status(&mut b).await?;
         if s.received as usize > n {
             break;
         }
-        ensure!(start.elapsed() < deadline, "bob received only {} of {n}", s.received.saturating_sub(1));
+        if start.elapsed() > deadline {
+            let sa = status(&mut a).await?;
+            eprintln!("alice: {sa:?}\nbob: {s:?}");
+            eprintln!("alice log:\n{}\nbob log:\n{}", alice.log_tail(30), bob.log_tail(30));
+            eprintln!("broker log:\n{}", w.broker.log_tail(30));
+            if std::env::var_os("NES_BENCH_HOLD").is_some() {
+                eprintln!("holding for inspection: alice pid {:?} log {}, bob pid {:?} log {}", alice.pid(), alice.log_path().display(), bob.pid(), bob.log_path().display());
+                tokio::time::sleep(Duration::from_secs(600)).await;
+            }
+            anyhow::bail!("bob received only {} of {n}", s.received.saturating_sub(1));
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let received_at = start.elapsed();

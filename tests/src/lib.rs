@@ -219,6 +219,11 @@ impl Mosquitto {
         self.port
     }
 
+    /// The last lines of the broker's log.
+    pub fn log_tail(&self, lines: usize) -> String {
+        tail(&self.dir.path().join("mosquitto.log"), lines)
+    }
+
     /// `mqtt://127.0.0.1:<port>`.
     pub fn url(&self) -> String {
         format!("mqtt://127.0.0.1:{}", self.port)

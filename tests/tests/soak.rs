@@ -105,12 +105,8 @@ async fn sender(
                     // The daemon is down (or was killed while answering): once it is back,
                     // the message is either stored or not at all.
                     client = reconnect(&socket).await?;
-                    let tail = client
-                        .history(rpc::HistoryRequest { peer: to.into(), limit: 64, before_id: String::new() })
-                        .await?
-                        .into_inner()
-                        .messages;
-                    if let Some(m) = tail.iter().find(|m| m.direction == Direction::Outgoing as i32 && m.text == body) {
+                    let all = history(&mut client, to).await?;
+                    if let Some(m) = all.iter().rev().find(|m| m.direction == Direction::Outgoing as i32 && m.text == body) {
                         break m.id.clone();
                     }
                 }

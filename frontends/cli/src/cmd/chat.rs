@@ -23,7 +23,7 @@ use nes_proto::rpc::{event, Direction, Event, Message, MessageState, TrustState}
 use ratatui::crossterm::event::{Event as TermEvent, EventStream, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
 use ratatui::crossterm::{execute, terminal};
 use ratatui::layout::{Constraint, Layout};
-use ratatui::style::{Color, Modifier, Style};
+use ratatui::style::{Color, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph};
 use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
@@ -371,8 +371,7 @@ impl Chat {
                 }
             };
             let full = format!("{prefix}{text}{mark}");
-            for (i, row) in wrap(&full, width).into_iter().enumerate() {
-                let style = if i == 0 { style } else { style.add_modifier(Modifier::empty()) };
+            for row in wrap(&full, width) {
                 rows.push(Line::from(Span::styled(row, style)));
             }
         }

@@ -1,0 +1,458 @@
+//! A man in the middle between nesd and the key server.
+//!
+//! Issue 7: a proxy that (a) answers bob's lookup with carol's signed answer, (b) alters
+//! one byte of a key inside bob's answer, (c) replays bob's old answer after his keys
+//! changed. nesd must refuse (a) and (b) (Send fails with a clear error and nothing goes
+//! to `nes/bob/message`) and must see (c) as a key change (contact KEY_CHANGED, Send
+//! refused). In every case the first frame that does reach `nes/bob/message` (sent once
+//! the proxy behaves) opens with bob's current private key: nothing was ever sealed to
+//! a wrong key.
+//!
+//! The proxy is plain HTTP/1.1 on a tokio listener (one request per connection) that
+//! forwards to the real key server with reqwest and rewrites the answers.
+
+use anyhow::{bail, ensure, Context, Result};
+use nes_e2e::*;
+use nes_proto::rpc::{self, event::Kind, TrustState};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+// ---------------------------------------------------------------------------------------
+// the proxy
+
+/// What the proxy does to `GET /users/<victim>`.
+#[derive(Debug, Clone)]
+enum Mode {
+    /// Forwards everything unchanged (and records every 200 answer).
+    Pass,
+    /// Answers with the real answer for another user.
+    Swap { victim: String, with: String },
+    /// Alters one character inside the base64 of the victim's `public_key_message`.
+    FlipByte { victim: String },
+    /// Answers with these bytes (a recorded answer).
+    Replay { victim: String, body: Vec<u8> },
+}
+
+struct ProxyState {
+    mode: Mode,
+    /// The last 200 answer per path.
+    recorded: HashMap<String, Vec<u8>>,
+    /// How many answers were tampered with.
+    tampered: usize,
+}
+
+/// The man in the middle.
+struct Proxy {
+    url: String,
+    state: Arc<Mutex<ProxyState>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Proxy {
+    async fn start(upstream: String) -> Result<Proxy> {
+        let listener = TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let state = Arc::new(Mutex::new(ProxyState { mode: Mode::Pass, recorded: HashMap::new(), tampered: 0 }));
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        let shared = state.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let (state, http, upstream) = (shared.clone(), http.clone(), upstream.clone());
+                tokio::spawn(async move {
+                    if let Err(e) = serve(stream, &state, &http, &upstream).await {
+                        eprintln!("proxy: {e:#}");
+                    }
+                });
+            }
+        });
+        Ok(Proxy { url, state, task })
+    }
+
+    fn set(&self, mode: Mode) {
+        lock(&self.state).mode = mode;
+    }
+
+    fn recorded(&self, path: &str) -> Option<Vec<u8>> {
+        lock(&self.state).recorded.get(path).cloned()
+    }
+
+    fn tampered(&self) -> usize {
+        lock(&self.state).tampered
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// One request: read it, forward (or not), answer, close.
+async fn serve(mut stream: TcpStream, state: &Mutex<ProxyState>, http: &reqwest::Client, upstream: &str) -> Result<()> {
+    let mut buf = Vec::new();
+    let head_end = loop {
+        if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            break i + 4;
+        }
+        let mut chunk = [0u8; 4096];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("the client closed before the end of the request head");
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        ensure!(buf.len() < 64 * 1024, "request head too large");
+    };
+    let head = String::from_utf8_lossy(&buf[..head_end]).into_owned();
+    let mut lines = head.split("\r\n");
+    let mut request_line = lines.next().unwrap_or_default().split(' ');
+    let method = request_line.next().unwrap_or_default().to_owned();
+    let path = request_line.next().unwrap_or_default().to_owned();
+    let mut content_length = 0usize;
+    let mut content_type = None;
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            match k.trim().to_ascii_lowercase().as_str() {
+                "content-length" => content_length = v.trim().parse()?,
+                "content-type" => content_type = Some(v.trim().to_owned()),
+                _ => {}
+            }
+        }
+    }
+    let mut body = buf[head_end..].to_vec();
+    while body.len() < content_length {
+        let mut chunk = vec![0u8; content_length - body.len()];
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            bail!("the client closed before the end of the body");
+        }
+        body.extend_from_slice(&chunk[..n]);
+    }
+
+    let mode = lock(state).mode.clone();
+    let target = |user: &str| format!("/users/{user}");
+    let (status, answer, tampered) = match &mode {
+        Mode::Swap { victim, with } if method == "GET" && path == target(victim) => {
+            let (s, b) = forward(http, "GET", &format!("{upstream}{}", target(with)), None, Vec::new()).await?;
+            (s, b, true)
+        }
+        Mode::FlipByte { victim } if method == "GET" && path == target(victim) => {
+            let (s, b) = forward(http, "GET", &format!("{upstream}{path}"), None, Vec::new()).await?;
+            (s, flip_key_byte(&b)?, true)
+        }
+        Mode::Replay { victim, body: recorded } if method == "GET" && path == target(victim) => {
+            (200, recorded.clone(), true)
+        }
+        _ => {
+            let (s, b) = forward(http, &method, &format!("{upstream}{path}"), content_type, body).await?;
+            if s == 200 && method == "GET" {
+                lock(state).recorded.insert(path.clone(), b.clone());
+            }
+            (s, b, false)
+        }
+    };
+    if tampered {
+        lock(state).tampered += 1;
+    }
+    let reply = format!(
+        "HTTP/1.1 {status} {}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        reason(status),
+        answer.len()
+    );
+    stream.write_all(reply.as_bytes()).await?;
+    stream.write_all(&answer).await?;
+    stream.shutdown().await?;
+    Ok(())
+}
+
+async fn forward(
+    http: &reqwest::Client,
+    method: &str,
+    url: &str,
+    content_type: Option<String>,
+    body: Vec<u8>,
+) -> Result<(u16, Vec<u8>)> {
+    let mut request = http.request(method.parse()?, url);
+    if let Some(ct) = content_type {
+        request = request.header("content-type", ct);
+    }
+    if !body.is_empty() {
+        request = request.body(body);
+    }
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    Ok((status, response.bytes().await?.to_vec()))
+}
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        201 => "Created",
+        404 => "Not Found",
+        _ => "Whatever",
+    }
+}
+
+/// Changes one base64 character in the middle of `public_key_message` (in the modulus),
+/// leaving the JSON well-formed and the key still plausible base64.
+fn flip_key_byte(body: &[u8]) -> Result<Vec<u8>> {
+    let text = std::str::from_utf8(body)?;
+    let field = text.find("\"public_key_message\"").context("no public_key_message in the answer")?;
+    let spki = field + text[field..].find("MII").context("no base64 key body")?;
+    let mut out = body.to_vec();
+    // 120 characters in: well inside the modulus of a 2048-bit key, past the DER header.
+    let mut at = spki + 120;
+    while !out[at].is_ascii_alphanumeric() || out[at - 1] == b'\\' {
+        at += 1;
+    }
+    out[at] = if out[at] == b'A' { b'B' } else { b'A' };
+    Ok(out)
+}
+
+// ---------------------------------------------------------------------------------------
+// a nesd whose --keyserver is the proxy
+
+/// nesd for one identity, with the key server URL given (the harness's `Nesd` always
+/// points at the real key server).
+struct ProxiedNesd {
+    dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl ProxiedNesd {
+    async fn start(id: &Identity, broker: &Mosquitto, keyserver_url: &str, server_key: &Path) -> Result<ProxiedNesd> {
+        let dir = tempfile::Builder::new().prefix("nesd-mitm-").tempdir()?;
+        let config = dir.path().join("config.toml");
+        std::fs::write(&config, "")?;
+        let log = std::fs::File::create(dir.path().join("nesd.log"))?;
+        let child = Command::new(bin("nesd")?)
+            .args(["--user", &id.user, "--broker", &broker.url(), "--keyserver", keyserver_url])
+            .arg("--keyserver-key")
+            .arg(server_key)
+            .arg("--data-dir")
+            .arg(id.data_dir())
+            .arg("--socket")
+            .arg(dir.path().join("nes").join("nesd.sock"))
+            .arg("--config")
+            .arg(&config)
+            .env("NES_LOG", "info,nesd=debug")
+            .env_remove("LISTEN_PID")
+            .env_remove("LISTEN_FDS")
+            .env_remove("NOTIFY_SOCKET")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .context("cannot start nesd")?;
+        let mut nesd = ProxiedNesd { dir, child };
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            if let Some(status) = nesd.child.try_wait()? {
+                bail!("nesd exited at start ({status}):\n{}", nesd.log());
+            }
+            if let Ok(mut c) = connect(&nesd.socket()).await {
+                if status(&mut c).await.is_ok_and(|s| s.connected) {
+                    return Ok(nesd);
+                }
+            }
+            if Instant::now() >= deadline {
+                bail!("nesd did not come up:\n{}", nesd.log());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.dir.path().join("nes").join("nesd.sock")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("nesd.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for ProxiedNesd {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("---- nesd log ----\n{}", self.log());
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ---------------------------------------------------------------------------------------
+// the scene
+
+/// A broker, the real key server, the proxy, bob and carol registered, and alice's nesd
+/// talking to the key server through the proxy. `wire` watches `nes/bob/message`.
+struct Scene {
+    w: World,
+    proxy: Proxy,
+    bob: Identity,
+    bob_delete: String,
+    carol: Identity,
+    _alice: ProxiedNesd,
+    /// Declared after `_alice`: the daemon stops before its data dir goes.
+    _alice_id: Identity,
+    a: Client,
+    wire: RawMqtt,
+}
+
+impl Scene {
+    async fn start() -> Result<Scene> {
+        let w = World::start().await?;
+        let proxy = Proxy::start(w.keyserver.url()).await?;
+        let (alice_id, bob, carol) = (Identity::generate("alice")?, Identity::generate("bob")?, Identity::generate("carol")?);
+        alice_id.register(&w.keyserver).await?;
+        let bob_delete = bob.register(&w.keyserver).await?;
+        carol.register(&w.keyserver).await?;
+        let mut wire = RawMqtt::connect(&w.broker).await?;
+        wire.subscribe("nes/bob/message").await?;
+        let alice = ProxiedNesd::start(&alice_id, &w.broker, &proxy.url, &w.keyserver.public_key_path()).await?;
+        let a = connect(&alice.socket()).await?;
+        Ok(Scene { w, proxy, bob, bob_delete, carol, _alice: alice, _alice_id: alice_id, a, wire })
+    }
+
+    /// Nothing is queued or stored for bob, and alice holds no keys for him.
+    async fn nothing_for_bob(&mut self) -> Result<()> {
+        let h = history(&mut self.a, "bob").await?;
+        ensure!(h.is_empty(), "messages to bob were stored: {h:?}");
+        let s = status(&mut self.a).await?;
+        ensure!(s.queued == 0 && s.sent == 0, "something was queued or sent: {s:?}");
+        let contacts = self.a.contacts(rpc::ContactsRequest {}).await?.into_inner().contacts;
+        ensure!(!contacts.iter().any(|c| c.username == "bob"), "keys for bob were cached: {contacts:?}");
+        Ok(())
+    }
+
+    /// With the proxy honest again, a message to bob goes out, and the first (and only)
+    /// frame on `nes/bob/message` opens with bob's current private key: nothing before it
+    /// went to bob's topic.
+    async fn control_message_opens_with_bobs_key(&mut self) -> Result<()> {
+        self.proxy.set(Mode::Pass);
+        // nesd repeats a failed lookup for a few seconds without asking again (a flood of
+        // frames from made-up names must not become a flood of lookups); ask explicitly.
+        self.a.lookup_contact(rpc::LookupContactRequest { username: "bob".into(), refresh: true }).await?;
+        let text = "the control message, sent once the key server's answers are honest";
+        let sent = send(&mut self.a, "bob", text).await?;
+        let frame = self.wire.next_publish().await?;
+        let opened = nes_proto::frame::decrypt(&frame.payload, &self.bob.message)
+            .context("the first frame on nes/bob/message does not open with bob's current key")?;
+        ensure!(opened.inner().message == text, "the first frame on bob's topic is {:?}, not the control", opened.inner().message);
+        ensure!(opened.id() == sent.id, "ids differ");
+        Ok(())
+    }
+}
+
+fn rpc_error(e: &anyhow::Error) -> Option<&tonic::Status> {
+    e.chain().find_map(|c| c.downcast_ref::<tonic::Status>())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn carols_signed_answer_for_bob_is_refused() -> Result<()> {
+    let mut s = Scene::start().await?;
+    s.proxy.set(Mode::Swap { victim: "bob".into(), with: "carol".into() });
+
+    let e = send(&mut s.a, "bob", "for bob only").await.expect_err("a send sealed with carol's answer");
+    let status = rpc_error(&e).context("no gRPC status")?;
+    ensure!(status.code() == tonic::Code::Unavailable, "{status:?}");
+    ensure!(status.message().contains("about \"carol\", not \"bob\""), "unclear error: {:?}", status.message());
+    let e = s
+        .a
+        .lookup_contact(rpc::LookupContactRequest { username: "bob".into(), refresh: true })
+        .await
+        .expect_err("LookupContact accepted carol's answer for bob");
+    ensure!(e.message().contains("not \"bob\""), "unclear error: {:?}", e.message());
+    ensure!(s.proxy.tampered() >= 2, "the proxy was not asked: {}", s.proxy.tampered());
+    s.nothing_for_bob().await?;
+    ensure!(
+        !s.a.contacts(rpc::ContactsRequest {}).await?.into_inner().contacts.iter().any(|c| c.username == "carol"),
+        "carol's keys were cached"
+    );
+
+    s.control_message_opens_with_bobs_key().await?;
+    let contact = s.a.lookup_contact(rpc::LookupContactRequest { username: "bob".into(), refresh: false }).await?.into_inner();
+    ensure!(contact.message_key_fingerprint == s.bob.message.public_key().fingerprint(), "bob pinned with the wrong key");
+    ensure!(contact.message_key_fingerprint != s.carol.message.public_key().fingerprint());
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_with_one_byte_of_a_key_changed_is_refused() -> Result<()> {
+    let mut s = Scene::start().await?;
+    s.proxy.set(Mode::FlipByte { victim: "bob".into() });
+
+    let e = send(&mut s.a, "bob", "for bob only").await.expect_err("a send sealed with an altered key");
+    let status = rpc_error(&e).context("no gRPC status")?;
+    ensure!(status.code() == tonic::Code::Unavailable, "{status:?}");
+    ensure!(status.message().contains("signature does not verify"), "unclear error: {:?}", status.message());
+    ensure!(s.proxy.tampered() >= 1, "the proxy was not asked");
+    s.nothing_for_bob().await?;
+
+    s.control_message_opens_with_bobs_key().await?;
+    let contact = s.a.lookup_contact(rpc::LookupContactRequest { username: "bob".into(), refresh: false }).await?.into_inner();
+    ensure!(contact.message_key_fingerprint == s.bob.message.public_key().fingerprint(), "bob pinned with the wrong key");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_old_answer_replayed_after_a_key_change_is_a_key_change() -> Result<()> {
+    let mut s = Scene::start().await?;
+    // The attacker records bob's answer while it is current...
+    let r = reqwest::get(format!("{}/users/bob", s.proxy.url)).await?;
+    ensure!(r.status() == 200, "lookup through the proxy: {}", r.status());
+    let old_answer = s.proxy.recorded("/users/bob").context("nothing recorded")?;
+    let (old_message_fp, old_sign_fp) =
+        (s.bob.message.public_key().fingerprint(), s.bob.sign.public_key().fingerprint());
+
+    // ... bob changes keys (deletes his entry, registers new keys) ...
+    s.w.keyserver.get_ok(&s.bob_delete).await?;
+    s.bob.rekey()?;
+    s.bob.register(&s.w.keyserver).await?;
+    let (new_message_fp, new_sign_fp) =
+        (s.bob.message.public_key().fingerprint(), s.bob.sign.public_key().fingerprint());
+
+    // ... alice learns the new keys ...
+    let contact = s.a.lookup_contact(rpc::LookupContactRequest { username: "bob".into(), refresh: false }).await?.into_inner();
+    ensure!(contact.message_key_fingerprint == new_message_fp && contact.sign_key_fingerprint == new_sign_fp);
+    ensure!(contact.trust == TrustState::Pinned as i32);
+
+    // ... and the attacker replays the old, validly signed answer.
+    let mut events = EventStream::open(&s.a, None).await?;
+    s.proxy.set(Mode::Replay { victim: "bob".into(), body: old_answer });
+    let contact = s.a.lookup_contact(rpc::LookupContactRequest { username: "bob".into(), refresh: true }).await?.into_inner();
+    ensure!(s.proxy.tampered() >= 1, "the proxy was not asked");
+    ensure!(contact.trust == TrustState::KeyChanged as i32, "the replay was not seen as a key change: {contact:?}");
+    ensure!(contact.message_key_fingerprint == new_message_fp, "the pinned keys moved: {contact:?}");
+    ensure!(contact.pending_message_key_fingerprint == old_message_fp && contact.pending_sign_key_fingerprint == old_sign_fp);
+    let changed = events
+        .next_matching("a KeyChanged event", |e| match &e.kind {
+            Some(Kind::KeyChanged(k)) if k.username == "bob" => Some(k.clone()),
+            _ => None,
+        })
+        .await?;
+    ensure!(changed.new_message_key == old_message_fp && changed.old_message_key == new_message_fp, "{changed:?}");
+
+    // Sending is refused until the user decides.
+    let e = send(&mut s.a, "bob", "for bob only").await.expect_err("a send while bob's keys are in doubt");
+    let status = rpc_error(&e).context("no gRPC status")?;
+    ensure!(status.code() == tonic::Code::FailedPrecondition, "{status:?}");
+    ensure!(status.message().contains("changed"), "unclear error: {:?}", status.message());
+    ensure!(history(&mut s.a, "bob").await?.is_empty(), "a message to bob was stored");
+
+    // The key server is honest again: the doubt goes away and the control message is
+    // sealed to bob's current key, the first frame on his topic.
+    s.proxy.set(Mode::Pass);
+    let contact = s.a.lookup_contact(rpc::LookupContactRequest { username: "bob".into(), refresh: true }).await?.into_inner();
+    ensure!(contact.trust == TrustState::Pinned as i32, "{contact:?}");
+    s.control_message_opens_with_bobs_key().await?;
+    Ok(())
+}
