@@ -145,9 +145,9 @@ pub struct Dirs {
 
 impl Dirs {
     /// The directories of the current user, from the environment. Without
-    /// `XDG_RUNTIME_DIR`, the runtime directory is `/run/user/<uid>` when it exists, else
-    /// `$TMPDIR/nes-<uid>` minus the `nes` part (the same rule as the frontends' client
-    /// crate, so both find the same socket).
+    /// `XDG_RUNTIME_DIR` the runtime directory is `/run/user/<uid>` when it exists; else
+    /// the socket goes to `$TMPDIR/nes-<uid>/nesd.sock`. That is the frontends' rule too
+    /// (nes-client), so both sides find the same socket.
     pub fn from_env() -> Self {
         let runtime = std::env::var_os("XDG_RUNTIME_DIR")
             .filter(|v| !v.is_empty())

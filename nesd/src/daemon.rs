@@ -112,7 +112,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     .map_err(|e| DaemonError::Store { path: store_path.display().to_string(), reason: e.to_string() })?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
-    let (incoming_tx, incoming_rx) = mpsc::channel(64);
+    let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
     let (delivery_tx, delivery_rx) = mpsc::unbounded_channel();
     let (transport, mqtt_task) = Transport::start(
         MqttConfig {

@@ -14,8 +14,10 @@ use tokio::net::UnixListener;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status, Streaming};
 
-/// Sends of one SendStream sealed in parallel (the replies stay in order).
-pub const SEND_AHEAD: usize = 4;
+/// Sends of a SendStream sealed together in one blocking task.
+pub const SEND_CHUNK: usize = 16;
+/// Chunks of a SendStream sealed in parallel (the replies stay in order).
+pub const SEND_AHEAD: usize = 2;
 /// Most sends stored per flush in a SendStream.
 pub const SEND_BATCH: usize = 64;
 
@@ -94,19 +96,23 @@ impl Messenger for GrpcApi {
         let (tx, rx) = tokio::sync::mpsc::channel(SEND_BATCH);
         tokio::spawn(async move {
             let preparing = service.clone();
-            // Seal a few ahead in parallel; `buffered` keeps them in request order. A
-            // broken request stream ends the call.
+            // Requests that arrive together are sealed together, a couple of chunks in
+            // parallel; `buffered` keeps them in request order; sealed chunks that are
+            // ready together are stored with one flush. A broken request stream ends
+            // the call.
             let mut prepared = inbound
                 .take_while(|r| futures::future::ready(r.is_ok()))
                 .filter_map(|r| futures::future::ready(r.ok()))
-                .map(move |req| {
+                .ready_chunks(SEND_CHUNK)
+                .map(move |requests| {
                     let s = preparing.clone();
-                    async move { s.prepare_send(req).await }
+                    async move { s.prepare_sends(requests).await }
                 })
                 .buffered(SEND_AHEAD)
-                .ready_chunks(SEND_BATCH);
-            while let Some(chunk) = prepared.next().await {
-                for result in service.commit_sends(chunk).await {
+                .ready_chunks(SEND_BATCH / SEND_CHUNK);
+            while let Some(chunks) = prepared.next().await {
+                let batch: Vec<_> = chunks.into_iter().flatten().collect();
+                for result in service.commit_sends(batch).await {
                     if tx.send(Ok(send_reply(result))).await.is_err() {
                         return;
                     }

@@ -5,6 +5,15 @@
 //! - Incoming publishes are acknowledged by hand ([`Transport::ack`]), and the receive
 //!   pipeline does so only after the message is stored and flushed: a crash in between
 //!   makes the broker deliver it again, and the store's duplicate check drops the copy.
+//! - The event loop never waits for the pipeline, and the pipeline never waits for the
+//!   event loop: rumqttc writes our acknowledgements only while its loop is polled, and
+//!   a broker may send any number of unacknowledged messages (mosquitto does not always
+//!   hold to `max_inflight_messages`), so either wait could close a circle and stall
+//!   both. Publishes go to the pipeline over an unbounded channel; acknowledgements go
+//!   into rumqttc's request channel without blocking, the surplus into an ordered
+//!   overflow queue the loop moves on after each event. Memory stays bounded because the
+//!   loop stops reading (stops polling) while more than [`MAX_BACKLOG`] frames wait in
+//!   the pipeline, and resumes as the pipeline reports progress ([`Transport::done`]).
 //! - Outgoing frames are handed over by the outbox with a [`Token`]; the [`Tracker`]
 //!   follows rumqttc's packet ids to tell the outbox when each frame was written to the
 //!   broker (SENT) and acknowledged (DELIVERED: PUBACK, or PUBCOMP for QoS 2).
@@ -19,7 +28,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, trace, warn};
 
 /// Longest wait between reconnection attempts.
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
@@ -32,6 +41,11 @@ pub const MIN_BACKOFF: Duration = Duration::from_millis(250);
 pub const MAX_INCOMING_PACKET: usize = 268_435_455 + 5;
 /// Largest packet we send: a maximal frame plus topic and header.
 pub const MAX_OUTGOING_PACKET: usize = nes_proto::frame::MAX_FRAME_BYTES + 1024;
+/// Frames handed to the pipeline and not yet handled, above which the loop stops
+/// reading from the broker until the pipeline catches up.
+pub const MAX_BACKLOG: usize = 256;
+/// Capacity of rumqttc's request channel (publishes and acknowledgements).
+const REQUEST_CHANNEL: usize = 256;
 
 /// Where and who to connect as.
 #[derive(Debug, Clone)]
@@ -171,6 +185,35 @@ pub struct Transport {
     client: AsyncClient,
     tracker: Arc<Mutex<Tracker>>,
     connection: watch::Receiver<Connection>,
+    flow: Arc<Flow>,
+}
+
+/// Flow control between the event loop and the pipeline (see the module docs).
+#[derive(Debug, Default)]
+struct Flow {
+    /// Acknowledgements that did not fit in rumqttc's request channel, in order.
+    overflow: Mutex<VecDeque<Publish>>,
+    /// Frames handed to the pipeline and not yet handled.
+    backlog: std::sync::atomic::AtomicUsize,
+    /// The pipeline handled some frames.
+    progress: tokio::sync::Notify,
+}
+
+impl Flow {
+    /// Moves queued acknowledgements into rumqttc's channel while there is room.
+    fn drain(&self, client: &AsyncClient) {
+        let mut overflow = lock(&self.overflow);
+        while let Some(publish) = overflow.front() {
+            if client.try_ack(publish).is_err() {
+                break;
+            }
+            overflow.pop_front();
+        }
+    }
+
+    fn backlog(&self) -> usize {
+        self.backlog.load(std::sync::atomic::Ordering::Acquire)
+    }
 }
 
 impl Transport {
@@ -179,7 +222,7 @@ impl Transport {
     /// `shutdown` turns true, then disconnects.
     pub fn start(
         config: MqttConfig,
-        incoming: mpsc::Sender<Publish>,
+        incoming: mpsc::UnboundedSender<Publish>,
         deliveries: mpsc::UnboundedSender<Delivery>,
         shutdown: watch::Receiver<bool>,
     ) -> (Transport, tokio::task::JoinHandle<()>) {
@@ -189,20 +232,18 @@ impl Transport {
             .set_manual_acks(true)
             .set_keep_alive(config.keep_alive)
             .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
-        let (client, eventloop) = AsyncClient::new(options, 256);
+        let (client, eventloop) = AsyncClient::new(options, REQUEST_CHANNEL);
         let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let flow = Arc::new(Flow::default());
         let (state_tx, state_rx) = watch::channel(Connection::Down("connecting".into()));
         let task = tokio::spawn(run(
             config,
             client.clone(),
             eventloop,
-            tracker.clone(),
-            state_tx,
-            incoming,
-            deliveries,
+            Links { tracker: tracker.clone(), flow: flow.clone(), state: state_tx, incoming, deliveries },
             shutdown,
         ));
-        (Transport { client, tracker, connection: state_rx }, task)
+        (Transport { client, tracker, connection: state_rx, flow }, task)
     }
 
     /// The connection state, watchable.
@@ -229,12 +270,35 @@ impl Transport {
         lock(&self.tracker).outstanding()
     }
 
-    /// Acknowledges an incoming publish (after it is stored).
-    pub async fn ack(&self, publish: &Publish) {
-        if let Err(e) = self.client.ack(publish).await {
-            debug!(error = %e, "ack not sent (stopping)");
+    /// Acknowledges an incoming publish (after it is stored). Never waits: what does
+    /// not fit in rumqttc's channel now is queued, in order, for the event loop.
+    pub fn ack(&self, publish: &Publish) {
+        let mut overflow = lock(&self.flow.overflow);
+        if overflow.is_empty() && self.client.try_ack(publish).is_ok() {
+            return;
         }
+        overflow.push_back(publish.clone());
     }
+
+    /// The pipeline has handled `n` frames (stored or refused): the loop may read more.
+    pub fn done(&self, n: usize) {
+        let _ = self
+            .flow
+            .backlog
+            .fetch_update(std::sync::atomic::Ordering::AcqRel, std::sync::atomic::Ordering::Acquire, |b| {
+                Some(b.saturating_sub(n))
+            });
+        self.flow.progress.notify_one();
+    }
+}
+
+/// What the event loop task talks to.
+struct Links {
+    tracker: Arc<Mutex<Tracker>>,
+    flow: Arc<Flow>,
+    state: watch::Sender<Connection>,
+    incoming: mpsc::UnboundedSender<Publish>,
+    deliveries: mpsc::UnboundedSender<Delivery>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -242,20 +306,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn run(
     config: MqttConfig,
     client: AsyncClient,
     mut eventloop: EventLoop,
-    tracker: Arc<Mutex<Tracker>>,
-    state: watch::Sender<Connection>,
-    incoming: mpsc::Sender<Publish>,
-    deliveries: mpsc::UnboundedSender<Delivery>,
+    links: Links,
     mut shutdown: watch::Receiver<bool>,
 ) {
+    let Links { tracker, flow, state, incoming, deliveries } = links;
     let mut backoff = MIN_BACKOFF;
     let mut subscribed = false;
     loop {
+        flow.drain(&client);
+        if flow.backlog() >= MAX_BACKLOG {
+            // Stop reading until the pipeline catches up. Nothing the pipeline does waits
+            // for this loop, so it will.
+            tokio::select! {
+                _ = crate::stopped(&mut shutdown) => break,
+                _ = flow.progress.notified() => continue,
+            }
+        }
         let event = tokio::select! {
             _ = crate::stopped(&mut shutdown) => break,
             event = eventloop.poll() => event,
@@ -289,8 +359,9 @@ async fn run(
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                debug!(pkid = publish.pkid, bytes = publish.payload.len(), dup = publish.dup, "publish in");
-                if incoming.send(publish).await.is_err() {
+                trace!(pkid = publish.pkid, bytes = publish.payload.len(), dup = publish.dup, "publish in");
+                flow.backlog.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                if incoming.send(publish).is_err() {
                     break; // the pipeline is gone: stopping
                 }
             }
@@ -314,7 +385,7 @@ async fn run(
                 }
             }
             Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => lock(&tracker).collision(pkid),
-            Ok(Event::Outgoing(Outgoing::PubAck(pkid))) => debug!(pkid, "puback out"),
+            Ok(Event::Outgoing(Outgoing::PubAck(pkid))) => trace!(pkid, "puback out"),
             Ok(_) => {}
             Err(e) => {
                 let reason = e.to_string();
@@ -358,6 +429,118 @@ fn jitter(d: Duration) -> Duration {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpListener;
+
+    async fn read_packet<R: AsyncReadExt + Unpin>(r: &mut R) -> std::io::Result<(u8, Vec<u8>)> {
+        let header = r.read_u8().await?;
+        let (mut len, mut mult) = (0usize, 1usize);
+        loop {
+            let b = r.read_u8().await?;
+            len += usize::from(b & 0x7f) * mult;
+            if b & 0x80 == 0 {
+                break;
+            }
+            mult *= 128;
+        }
+        let mut body = vec![0; len];
+        r.read_exact(&mut body).await?;
+        Ok((header, body))
+    }
+
+    /// A broker that, once the client subscribed, sends `n` QoS 1 publishes as fast as it
+    /// can, without waiting for any acknowledgement (as mosquitto may), and reports each
+    /// PUBACK it gets.
+    async fn flooding_broker(listener: TcpListener, n: u16, acks: mpsc::UnboundedSender<u16>) {
+        let Ok((stream, _)) = listener.accept().await else { return };
+        let (mut rd, mut wr) = tokio::io::split(stream);
+        loop {
+            let Ok((header, body)) = read_packet(&mut rd).await else { return };
+            match header >> 4 {
+                1 => wr.write_all(&[0x20, 2, 0, 0]).await.unwrap(),
+                8 => {
+                    wr.write_all(&[0x90, 3, body[0], body[1], 1]).await.unwrap();
+                    break;
+                }
+                _ => {}
+            }
+        }
+        tokio::spawn(async move {
+            while let Ok((header, body)) = read_packet(&mut rd).await {
+                match header >> 4 {
+                    4 => {
+                        let _ = acks.send(u16::from_be_bytes([body[0], body[1]]));
+                    }
+                    12 => {} // PINGREQ: no answer needed for this test
+                    _ => {}
+                }
+            }
+        });
+        let topic = b"nes/me_/message";
+        for pkid in 1..=n {
+            let payload = format!("frame {pkid}");
+            let len = 2 + topic.len() + 2 + payload.len();
+            let mut packet = vec![0x32, len as u8];
+            packet.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+            packet.extend_from_slice(topic);
+            packet.extend_from_slice(&pkid.to_be_bytes());
+            packet.extend_from_slice(payload.as_bytes());
+            if wr.write_all(&packet).await.is_err() {
+                return;
+            }
+        }
+        // Keep the connection open.
+        std::future::pending::<()>().await;
+    }
+
+    /// The pipeline acknowledges only after its (slow) work, the broker does not wait
+    /// for acknowledgements: neither side may wait on the other, and the loop must stop
+    /// reading rather than buffer without bound.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_flooding_broker_and_a_slow_pipeline_do_not_stall_each_other() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let n: u16 = 3000;
+        let (acks_tx, mut acks) = mpsc::unbounded_channel();
+        tokio::spawn(flooding_broker(listener, n, acks_tx));
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let (incoming_tx, mut incoming) = mpsc::unbounded_channel();
+        let (deliveries_tx, _deliveries) = mpsc::unbounded_channel();
+        let config = MqttConfig {
+            host: "127.0.0.1".into(),
+            port,
+            client_id: "flood-test".into(),
+            topic: "nes/me_/message".into(),
+            keep_alive: Duration::from_secs(30),
+        };
+        let (transport, task) = Transport::start(config, incoming_tx, deliveries_tx, shutdown);
+        let pipeline = transport.clone();
+        let consumer = tokio::spawn(async move {
+            let mut most_waiting = 0;
+            for i in 0..n {
+                let Some(publish) = incoming.recv().await else { break };
+                assert_eq!(publish.payload.as_ref(), format!("frame {}", i + 1).as_bytes(), "out of order");
+                most_waiting = most_waiting.max(incoming.len() + 1);
+                if i % 50 == 0 {
+                    tokio::time::sleep(Duration::from_millis(5)).await; // slow work
+                }
+                pipeline.ack(&publish);
+                pipeline.done(1);
+            }
+            most_waiting
+        });
+        let mut acked = std::collections::BTreeSet::new();
+        while acked.len() < usize::from(n) {
+            let pkid = tokio::time::timeout(Duration::from_secs(120), acks.recv()).await.expect("acks stalled").unwrap();
+            acked.insert(pkid);
+        }
+        assert_eq!(acked.first(), Some(&1));
+        assert_eq!(acked.last(), Some(&n));
+        let most_waiting = consumer.await.unwrap();
+        assert!(most_waiting <= MAX_BACKLOG + 64, "the loop kept reading: {most_waiting} frames waited");
+        shutdown_tx.send(true).unwrap();
+        task.await.unwrap();
+    }
 
     fn t(n: u64) -> Token {
         Token { seq: n, peer: "bob".into(), id: format!("m{n}") }

@@ -10,6 +10,8 @@
 //!   by rumqttc first, so the order holds.
 //! - Daemon restart: everything still QUEUED or SENT is handed over again, with the same
 //!   frame bytes; the receiver drops the copies it already has (same `from` and `id`).
+//! - A frame whose QoS differs from the one before it (v1 frames go with QoS 2) waits
+//!   until the ones before it are acknowledged: brokers keep order only within a QoS.
 
 use crate::mqtt::{Delivery, Token, Transport};
 use crate::service::Stats;
@@ -40,11 +42,12 @@ impl Outbox {
     /// Runs until `shutdown` turns true.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         let mut connection = self.transport.connection();
-        // Sequence number of the last frame handed over in this process.
+        // Sequence number of the last frame handed over in this process, and its QoS.
         let mut handed_upto = 0u64;
+        let mut last_qos2 = None;
         loop {
             if self.transport.is_connected() {
-                handed_upto = self.hand_over(handed_upto).await;
+                handed_upto = self.hand_over(handed_upto, &mut last_qos2).await;
             }
             tokio::select! {
                 _ = crate::stopped(&mut shutdown) => return,
@@ -64,7 +67,12 @@ impl Outbox {
 
     /// Hands over queued frames after `after`, as many as the window allows. Returns the
     /// new high-water mark.
-    async fn hand_over(&self, mut after: u64) -> u64 {
+    ///
+    /// The broker keeps the order of one client's publishes only within one QoS level
+    /// (a QoS 2 publish is released to subscribers at PUBREL, so a QoS 1 publish sent
+    /// after it can overtake it). So a frame of the other QoS waits until everything
+    /// before it is acknowledged; that only happens around v1 (legacy) sends.
+    async fn hand_over(&self, mut after: u64, last_qos2: &mut Option<bool>) -> u64 {
         loop {
             let room = WINDOW.saturating_sub(self.transport.outstanding());
             if room == 0 {
@@ -81,6 +89,10 @@ impl Outbox {
                 return after;
             }
             for (seq, record) in items {
+                if last_qos2.is_some_and(|q| q != record.exactly_once) && self.transport.outstanding() > 0 {
+                    return after; // resumes when the outstanding ones are acknowledged
+                }
+                *last_qos2 = Some(record.exactly_once);
                 let token = Token { seq, peer: record.peer.clone(), id: record.id.clone() };
                 let topic = format!("nes/{}/message", record.peer);
                 if let Err(e) = self.transport.publish(token, topic, record.exactly_once, record.frame).await {
@@ -199,7 +211,7 @@ mod tests {
         // A port nobody listens on yet: the broker is "down".
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
         let (shutdown_tx, shutdown) = watch::channel(false);
-        let (incoming_tx, _incoming_rx) = mpsc::channel(8);
+        let (incoming_tx, _incoming_rx) = mpsc::unbounded_channel();
         let (delivery_tx, deliveries) = mpsc::unbounded_channel();
         let config = MqttConfig {
             host: "127.0.0.1".into(),
@@ -231,7 +243,7 @@ mod tests {
             assert_eq!(String::from_utf8(frame).unwrap(), format!("frame {i:02}"));
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        while store.outbox_len() > 0 {
+        while store.outbox_len() > 0 || stats.sent() < n as u64 {
             assert!(std::time::Instant::now() < deadline, "still queued: {}", store.outbox_len());
             tokio::time::sleep(Duration::from_millis(20)).await;
         }

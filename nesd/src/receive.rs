@@ -8,8 +8,9 @@
 //! ```
 //!
 //! - Decryption is the expensive RSA private-key operation, so it runs on tokio's blocking
-//!   pool, up to [`DECRYPT_AHEAD`] frames at once; results are consumed strictly in
-//!   arrival order, so messages of one sender are stored in the order they came.
+//!   pool: frames that arrive together are decrypted together, [`DECRYPT_CHUNK`] per task,
+//!   with [`DECRYPT_AHEAD`] chunks in parallel; results are consumed strictly in arrival
+//!   order, so messages of one sender are stored in the order they came.
 //! - A frame is acknowledged to the broker only after it is flushed to disk (or refused):
 //!   a crash in between makes the broker deliver it again and the duplicate check (same
 //!   `from` and `id`) drops the second copy. Frames that arrive together are flushed
@@ -34,10 +35,13 @@ use rumqttc::Publish;
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{debug, error};
+use tracing::error;
 
-/// Frames decrypted ahead of the one being stored.
-pub const DECRYPT_AHEAD: usize = 4;
+/// Frames that arrive together are decrypted together in one blocking task, up to this
+/// many (one thread hand-off per chunk instead of one per frame).
+pub const DECRYPT_CHUNK: usize = 8;
+/// Chunks decrypting ahead of the one being stored (they run in parallel).
+pub const DECRYPT_AHEAD: usize = 2;
 /// Most frames stored per flush.
 pub const MAX_BATCH: usize = 64;
 
@@ -67,24 +71,34 @@ enum Outcome {
     Failed,
 }
 
-type Pending = (Publish, JoinHandle<Result<Decrypted, FrameError>>);
+/// A chunk of publishes and the job decrypting them, one result per publish.
+type Pending = (Vec<Publish>, JoinHandle<Vec<Result<Decrypted, FrameError>>>);
 
 impl Pipeline {
     /// Runs until the transport stops sending or `shutdown` turns true.
-    pub async fn run(self, mut incoming: mpsc::Receiver<Publish>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run(self, mut incoming: mpsc::UnboundedReceiver<Publish>, mut shutdown: watch::Receiver<bool>) {
         let (ordered_tx, mut ordered) = mpsc::channel::<Pending>(DECRYPT_AHEAD);
         let identity = self.identity.clone();
         let mut stop = shutdown.clone();
         let decrypting = tokio::spawn(async move {
             loop {
-                let publish = tokio::select! {
+                let first = tokio::select! {
                     _ = crate::stopped(&mut stop) => break,
                     p = incoming.recv() => match p { Some(p) => p, None => break },
                 };
+                let mut chunk = vec![first];
+                while chunk.len() < DECRYPT_CHUNK {
+                    match incoming.try_recv() {
+                        Ok(p) => chunk.push(p),
+                        Err(_) => break,
+                    }
+                }
                 let identity = identity.clone();
-                let payload = publish.payload.clone();
-                let job = tokio::task::spawn_blocking(move || frame::decrypt(&payload, &identity.message_key));
-                if ordered_tx.send((publish, job)).await.is_err() {
+                let payloads: Vec<_> = chunk.iter().map(|p| p.payload.clone()).collect();
+                let job = tokio::task::spawn_blocking(move || {
+                    payloads.iter().map(|payload| frame::decrypt(payload, &identity.message_key)).collect()
+                });
+                if ordered_tx.send((chunk, job)).await.is_err() {
                     break;
                 }
             }
@@ -94,42 +108,50 @@ impl Pipeline {
                 _ = crate::stopped(&mut shutdown) => break,
                 p = ordered.recv() => match p { Some(p) => p, None => break },
             };
+            let mut frames = first.0.len();
             let mut batch = vec![first];
-            while batch.len() < MAX_BATCH {
+            while frames < MAX_BATCH {
                 match ordered.try_recv() {
-                    Ok(p) => batch.push(p),
+                    Ok(p) => {
+                        frames += p.0.len();
+                        batch.push(p);
+                    }
                     Err(_) => break,
                 }
             }
-            self.handle_batch(batch).await;
+            self.handle(batch).await;
+            self.transport.done(frames);
         }
         decrypting.abort();
     }
 
-    async fn handle_batch(&self, batch: Vec<Pending>) {
-        let mut to_ack = Vec::with_capacity(batch.len());
+    async fn handle(&self, batch: Vec<Pending>) {
+        let mut to_ack = Vec::new();
         let mut stored = 0u64;
-        for (publish, job) in batch {
-            let decrypted = match job.await {
+        for (publishes, job) in batch {
+            let results = match job.await {
                 Ok(r) => r,
                 Err(e) => {
-                    // A panic in decryption: the frame would do the same again; drop it.
+                    // A panic in decryption: the frames would do the same again; drop them.
                     error!(error = %e, "decryption task failed");
-                    self.stats.refuse("internal", "decryption task failed");
-                    to_ack.push(publish);
+                    for publish in publishes {
+                        self.stats.refuse("internal", "decryption task failed");
+                        to_ack.push(publish);
+                    }
                     continue;
                 }
             };
-            match self.process(&publish, decrypted).await {
-                Outcome::Stored => {
-                    stored += 1;
-                    to_ack.push(publish);
+            for (publish, decrypted) in publishes.into_iter().zip(results) {
+                match self.process(&publish, decrypted).await {
+                    Outcome::Stored => {
+                        stored += 1;
+                        to_ack.push(publish);
+                    }
+                    Outcome::Refused | Outcome::Ignored => to_ack.push(publish),
+                    Outcome::Failed => {}
                 }
-                Outcome::Refused | Outcome::Ignored => to_ack.push(publish),
-                Outcome::Failed => {}
             }
         }
-        debug!(frames = to_ack.len(), stored, "batch processed");
         if stored > 0 {
             if let Err(e) = self.store.commit().await {
                 error!(error = %e, "cannot flush the store; not acknowledging the batch");
@@ -137,9 +159,8 @@ impl Pipeline {
             }
         }
         for publish in &to_ack {
-            self.transport.ack(publish).await;
+            self.transport.ack(publish);
         }
-        debug!(frames = to_ack.len(), "batch acknowledged");
     }
 
     fn refuse(&self, reason: &str, detail: &str) -> Outcome {

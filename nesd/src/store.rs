@@ -374,9 +374,16 @@ impl Store {
             state: state as i32,
             error: error.to_owned(),
         }));
-        c.apply(data)?;
+        // Count it out before the change is visible, so a reader who sees the new state
+        // never sees the old count.
         if leaves_outbox {
             self.inner.outbox_len.fetch_sub(1, Ordering::AcqRel);
+        }
+        if let Err(e) = c.apply(data) {
+            if leaves_outbox {
+                self.inner.outbox_len.fetch_add(1, Ordering::AcqRel);
+            }
+            return Err(e);
         }
         Ok(Some(message))
     }

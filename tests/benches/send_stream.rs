@@ -8,6 +8,12 @@
 //! Prints: the rate at which alice's daemon accepted the stream (sealed, stored, flushed),
 //! the end-to-end rate (until bob's daemon has stored the last one), and the RSS of both
 //! daemons when idle before and after.
+//!
+//! `NES_BENCH_MESSAGES` sets the size, `NES_BENCH_DEADLINE` (seconds, 600) when to give up
+//! and print both daemons' status and logs, `NES_BENCH_HOLD=1` keeps them running for ten
+//! minutes after such a failure for inspection (pids and log paths are printed).
+//! `NES_E2E_BIN_NES_KEYSERVER=target/debug/nes-keyserver` spares a release build of the
+//! key server (its speed does not matter here).
 
 use anyhow::{ensure, Context, Result};
 use futures::StreamExt;

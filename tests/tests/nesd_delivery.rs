@@ -23,6 +23,18 @@ async fn wait_connected(client: &Client) -> Result<()> {
     .await
 }
 
+async fn wait_status(client: &Client, ok: impl Fn(&rpc::StatusReply) -> bool) -> Result<rpc::StatusReply> {
+    eventually("the status counters", TIMEOUT, || {
+        let mut c = client.clone();
+        let ok = &ok;
+        async move {
+            let s = status(&mut c).await?;
+            Ok(ok(&s).then_some(s))
+        }
+    })
+    .await
+}
+
 async fn wait_all_delivered(client: &Client, peer: &str, n: usize) -> Result<Vec<rpc::Message>> {
     wait_history(client, peer, n, |m| {
         m.direction == Direction::Outgoing as i32 && m.state == MessageState::Delivered as i32
@@ -87,10 +99,11 @@ async fn alice_to_bob_through_the_broker_shows_only_ciphertext_on_the_wire() -> 
 
     // Alice sees it acknowledged by the broker.
     wait_all_delivered(&a, "bob", 1).await?;
-    let sa = status(&mut a).await?;
-    ensure!(sa.queued == 0 && sa.sent >= 1 && sa.connected && sa.user == "alice", "{sa:?}");
-    let sb = status(&mut b).await?;
-    ensure!(sb.received == 1 && sb.unread == 1 && sb.refused.is_empty(), "{sb:?}");
+    // Status counters follow the store a moment later.
+    let sa = wait_status(&a, |s| s.queued == 0 && s.sent >= 1).await?;
+    ensure!(sa.connected && sa.user == "alice", "{sa:?}");
+    let sb = wait_status(&b, |s| s.received == 1).await?;
+    ensure!(sb.unread == 1 && sb.refused.is_empty(), "{sb:?}");
 
     // Conversations and read marks.
     let convs = b.conversations(rpc::ConversationsRequest {}).await?.into_inner().conversations;
@@ -174,7 +187,7 @@ async fn a_broker_outage_queues_then_delivers_everything() -> Result<()> {
 
     w.broker.restart().await?;
     wait_all_delivered(&a, "bob", 20).await?;
-    ensure!(status(&mut a).await?.queued == 0);
+    wait_status(&a, |s| s.queued == 0).await?;
     let got = wait_history(&b, "alice", 20, incoming_from("alice")).await?;
     let got_ids: Vec<&str> = got.iter().map(|m| m.id.as_str()).collect();
     let sent_ids: Vec<&str> = sent.iter().map(|m| m.id.as_str()).collect();

@@ -23,6 +23,19 @@ async fn wait_queue_empty(client: &Client) -> Result<()> {
     .await
 }
 
+/// Waits until the event log has at least `n` events (events become visible once
+/// flushed, a moment after the store changed) and returns the last cursor.
+async fn wait_cursor(client: &Client, n: u64) -> Result<u64> {
+    eventually(&format!("{n} events"), TIMEOUT, || {
+        let mut c = client.clone();
+        async move {
+            let last = status(&mut c).await?.last_cursor;
+            Ok((last >= n).then_some(last))
+        }
+    })
+    .await
+}
+
 /// Reads `stream` until the event with cursor `last`, checking the cursors run
 /// `first, first+1, ..., last`.
 async fn read_through(stream: &mut EventStream, first: u64, last: u64) -> Result<()> {
@@ -52,8 +65,8 @@ async fn every_client_gets_every_event_and_resumes_without_gap() -> Result<()> {
         sent.push(send(&mut a, "bob", &format!("event test {i}")).await?.id);
     }
     wait_queue_empty(&a).await?;
-    let last = status(&mut a).await?.last_cursor;
-    ensure!(last >= 30, "10 sends make at least 30 events (queued, sent, delivered), got {last}");
+    // 10 sends make 30 events (queued, sent, delivered), after the connection event.
+    let last = wait_cursor(&a, 31).await?;
     read_through(&mut one, 1, last).await?;
     read_through(&mut two, 1, last).await?;
 
@@ -117,8 +130,7 @@ async fn a_client_that_stops_reading_is_dropped_and_resumes_by_cursor() -> Resul
     }
     ensure!(count == n);
     wait_queue_empty(&a).await?;
-    let last = status(&mut a).await?.last_cursor;
-    ensure!(last >= 3 * n as u64);
+    let last = wait_cursor(&a, 3 * n as u64 + 1).await?;
     read_through(&mut fast, 1, last).await?;
 
     // The slow client: a gapless prefix, then RESOURCE_EXHAUSTED.
