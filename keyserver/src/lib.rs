@@ -32,7 +32,7 @@
 //! router until SIGTERM or SIGINT.
 //!
 //! - `POST /users` ([`api::register`]): per-IP limit → body read with a 64 KiB cap →
-//!   [`api::register::Registration::parse`] turns the untrusted JSON into checked types
+//!   [`nes_proto::registration::Registration::parse`] (called by `api::register`) turns the untrusted JSON into checked types
 //!   (username, e-mail, two distinct RSA keys) → two fresh [`tokens::Token`]s → the
 //!   store inserts a *pending* row (409 when the name is taken, 429 when the e-mail has
 //!   too many pending registrations) → the activation mail goes out → 201.

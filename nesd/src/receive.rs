@@ -19,6 +19,12 @@
 //!   own: `unknown_sender`, `keyserver_unavailable`, `keyserver_bad_answer`,
 //!   `bad_sender`, `duplicate`, `wrong_topic`), logged without frame content, and
 //!   acknowledged: it would be refused again.
+//! - A frame from a sender whose keys are not cached, while the key server cannot be
+//!   reached, is not refused: it is *parked* in the store (flushed, then acknowledged)
+//!   and tried again every [`RETRY_WAITING`] until the key server answers. Later frames of
+//!   that sender wait behind it, so per-sender order holds. At most
+//!   [`crate::store::MAX_WAITING`] frames wait; past that they are refused
+//!   (`keyserver_unavailable`).
 //! - A signature that fails under the pinned keys makes the key cache ask the key server
 //!   once; new keys there put the contact in KEY_CHANGED and messages that verify under
 //!   them are stored HELD, without text, until the user trusts the keys.
@@ -27,15 +33,17 @@ use crate::identity::Identity;
 use crate::keycache::{Contact, KeyCache, LookupError};
 use crate::mqtt::Transport;
 use crate::service::Stats;
-use crate::store::Store;
+use crate::store::{Store, Waiting};
 use nes_proto::frame::{self, Decrypted, FrameError, Opened};
 use nes_proto::rpc::{self, Direction, MessageState};
 use nes_proto::{now_ms, Username};
-use rumqttc::Publish;
+use rumqttc::{Publish, QoS};
+use std::collections::HashSet;
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::error;
+use tracing::{error, info, warn};
 
 /// Frames that arrive together are decrypted together in one blocking task, up to this
 /// many (one thread hand-off per chunk instead of one per frame).
@@ -44,6 +52,10 @@ pub const DECRYPT_CHUNK: usize = 8;
 pub const DECRYPT_AHEAD: usize = 2;
 /// Most frames stored per flush.
 pub const MAX_BATCH: usize = 64;
+/// How often frames parked while the key server was down are tried again.
+pub const RETRY_WAITING: Duration = Duration::from_secs(5);
+/// Most parked frames tried in one round.
+const RETRY_BATCH: usize = 256;
 
 /// What the pipeline works with.
 #[derive(Clone)]
@@ -67,6 +79,10 @@ enum Outcome {
     Refused,
     /// Our own message to ourselves: ack, nothing to store or count.
     Ignored,
+    /// Parked until the sender's keys can be fetched: flush, then ack.
+    Parked,
+    /// (Retrying a parked frame) the key server still cannot be reached: keep it.
+    StillWaiting,
     /// The store failed: do not ack, the broker will deliver it again.
     Failed,
 }
@@ -103,9 +119,19 @@ impl Pipeline {
                 }
             }
         });
+        let mut retry = tokio::time::interval(RETRY_WAITING);
+        retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
                 _ = crate::stopped(&mut shutdown) => break,
+                _ = retry.tick() => {
+                    // Here, between batches, so that parked frames and new ones of the same
+                    // sender are never stored out of order.
+                    if self.store.waiting_len() > 0 {
+                        self.retry_waiting().await;
+                    }
+                    continue;
+                }
                 p = ordered.recv() => match p { Some(p) => p, None => break },
             };
             let mut frames = first.0.len();
@@ -128,6 +154,7 @@ impl Pipeline {
     async fn handle(&self, batch: Vec<Pending>) {
         let mut to_ack = Vec::new();
         let mut stored = 0u64;
+        let mut parked = 0u64;
         for (publishes, job) in batch {
             let results = match job.await {
                 Ok(r) => r,
@@ -142,17 +169,26 @@ impl Pipeline {
                 }
             };
             for (publish, decrypted) in publishes.into_iter().zip(results) {
-                match self.process(&publish, decrypted).await {
+                match self.process(&publish, decrypted, false).await {
                     Outcome::Stored => {
                         stored += 1;
                         to_ack.push(publish);
                     }
+                    Outcome::Parked => {
+                        parked += 1;
+                        to_ack.push(publish);
+                    }
                     Outcome::Refused | Outcome::Ignored => to_ack.push(publish),
-                    Outcome::Failed => {}
+                    Outcome::Failed | Outcome::StillWaiting => {}
                 }
             }
         }
-        if stored > 0 {
+        if parked > 0 {
+            if let Err(e) = self.store.commit_all().await {
+                error!(error = %e, "cannot flush the store; not acknowledging the batch");
+                return;
+            }
+        } else if stored > 0 {
             if let Err(e) = self.store.commit().await {
                 error!(error = %e, "cannot flush the store; not acknowledging the batch");
                 return;
@@ -163,12 +199,92 @@ impl Pipeline {
         }
     }
 
+    /// Parks a frame until its sender's keys can be fetched (or refuses it when too many
+    /// are parked already).
+    fn park(&self, from: &Username, publish: &Publish, why: &str) -> Outcome {
+        match self.store.park(from.as_str(), &publish.payload) {
+            Ok(true) => {
+                info!(from = %from, "frame parked until the sender's keys can be fetched: {why}");
+                Outcome::Parked
+            }
+            Ok(false) => {
+                warn!(from = %from, "too many parked frames; refusing this one");
+                self.refuse("keyserver_unavailable", &format!("no keys for {from} ({why}) and too many frames parked"))
+            }
+            Err(e) => {
+                error!(error = %e, "cannot park a frame; the broker will deliver it again");
+                Outcome::Failed
+            }
+        }
+    }
+
     fn refuse(&self, reason: &str, detail: &str) -> Outcome {
         self.stats.refuse(reason, detail);
         Outcome::Refused
     }
 
-    async fn process(&self, publish: &Publish, decrypted: Result<Decrypted, FrameError>) -> Outcome {
+    /// Tries the parked frames again, each sender's in order; a sender whose keys still
+    /// cannot be fetched keeps the rest of its frames parked.
+    async fn retry_waiting(&self) {
+        let waiting = match self.store.waiting(RETRY_BATCH) {
+            Ok(w) => w,
+            Err(e) => {
+                error!(error = %e, "cannot read the parked frames");
+                return;
+            }
+        };
+        let identity = self.identity.clone();
+        let frames: Vec<Vec<u8>> = waiting.iter().map(|w| w.frame.clone()).collect();
+        let decrypted = match tokio::task::spawn_blocking(move || {
+            frames.iter().map(|f| frame::decrypt(f, &identity.message_key)).collect::<Vec<_>>()
+        })
+        .await
+        {
+            Ok(d) => d,
+            Err(e) => {
+                error!(error = %e, "decryption task failed");
+                return;
+            }
+        };
+        let topic = self.identity.user.topic();
+        let mut blocked: HashSet<String> = HashSet::new();
+        let mut done: Vec<&Waiting> = Vec::new();
+        let mut stored = 0usize;
+        for (w, decrypted) in waiting.iter().zip(decrypted) {
+            if blocked.contains(&w.from) {
+                continue;
+            }
+            let publish = Publish::new(topic.clone(), QoS::AtLeastOnce, w.frame.clone());
+            match self.process(&publish, decrypted, true).await {
+                Outcome::Stored => {
+                    stored += 1;
+                    done.push(w);
+                }
+                Outcome::Refused | Outcome::Ignored => done.push(w),
+                Outcome::StillWaiting | Outcome::Failed | Outcome::Parked => {
+                    blocked.insert(w.from.clone());
+                }
+            }
+        }
+        if stored > 0 {
+            if let Err(e) = self.store.commit().await {
+                error!(error = %e, "cannot flush the store; parked frames stay parked");
+                return;
+            }
+        }
+        // Stored first, forgotten after: a crash in between retries a frame whose copy is
+        // already stored, and the duplicate check drops it.
+        for w in &done {
+            if let Err(e) = self.store.unpark(&w.from, w.seq) {
+                error!(error = %e, "cannot forget a parked frame");
+            }
+        }
+        if !done.is_empty() {
+            info!(handled = done.len(), stored, still_waiting = self.store.waiting_len(), "parked frames tried again");
+        }
+    }
+
+    async fn process(&self, publish: &Publish, decrypted: Result<Decrypted, FrameError>, retry: bool) -> Outcome {
         let me = &self.identity.user;
         let size = publish.payload.len();
         if publish.topic != me.topic() {
@@ -182,13 +298,24 @@ impl Pipeline {
             Ok(u) => u,
             Err(_) => return self.refuse("bad_sender", "the inner `from` is not a username"),
         };
+        if !retry {
+            match self.store.has_waiting(from.as_str()) {
+                Ok(false) => {}
+                Ok(true) => return self.park(&from, publish, "behind earlier frames of the same sender"),
+                Err(e) => {
+                    error!(error = %e, "cannot read the parked frames");
+                    return Outcome::Failed;
+                }
+            }
+        }
         let contact = match self.keys.get(&from, false).await {
             Ok(c) => c,
             Err(LookupError::NotFound(_)) => {
                 return self.refuse("unknown_sender", &format!("{from} is not registered at the key server"))
             }
+            Err(LookupError::Unavailable { .. }) if retry => return Outcome::StillWaiting,
             Err(LookupError::Unavailable { reason, .. }) => {
-                return self.refuse("keyserver_unavailable", &format!("no keys for {from}: {reason}"))
+                return self.park(&from, publish, &format!("the key server cannot be reached: {reason}"))
             }
             Err(LookupError::BadAnswer { reason, .. }) => {
                 return self.refuse("keyserver_bad_answer", &format!("no keys for {from}: {reason}"))

@@ -14,6 +14,7 @@
 //! | `u` peer `\0` seq | empty — the unread incoming messages |
 //! | `h` peer `\0` seq | the frame of a message held because the sender's keys changed |
 //! | `q` seq | [`OutboxRecord`]: sealed frames not yet acknowledged by the broker |
+//! | `w` sender `\0` seq | a frame waiting for its sender's keys (the key server was down) |
 //! | `e` cursor | the [`rpc::Event`] (prost) — the event log |
 //! | `n/seq` | the next message sequence number |
 //!
@@ -47,6 +48,7 @@ const P_UNREAD: u8 = b'u';
 const P_HELD: u8 = b'h';
 const P_OUTBOX: u8 = b'q';
 const P_EVENT: u8 = b'e';
+const P_WAITING: u8 = b'w';
 const K_NEXT_SEQ: &[u8] = b"n/seq";
 
 /// A sealed frame waiting for the broker's acknowledgement.
@@ -85,6 +87,22 @@ pub struct Held {
     pub seq: u64,
     /// The stored record (state HELD, no text).
     pub message: rpc::Message,
+    /// The frame as received.
+    pub frame: Vec<u8>,
+}
+
+/// Most frames kept waiting for their senders' keys: past this, a frame that arrives
+/// while the key server is down is refused (and lost) rather than filling the disk, since
+/// anyone who knows the recipient's public key can seal frames with made-up senders.
+pub const MAX_WAITING: u64 = 10_000;
+
+/// A frame waiting for its sender's keys.
+#[derive(Debug, Clone)]
+pub struct Waiting {
+    /// The sender the decrypted frame names (not yet verified).
+    pub from: String,
+    /// Arrival order.
+    pub seq: u64,
     /// The frame as received.
     pub frame: Vec<u8>,
 }
@@ -129,6 +147,7 @@ struct Inner {
     /// The highest cursor known durable and handed to the broadcast.
     released: AtomicU64,
     outbox_len: AtomicU64,
+    waiting_len: AtomicU64,
 }
 
 struct Writer {
@@ -190,6 +209,7 @@ impl Store {
             None => 0,
         };
         let outbox_len = data.scan_prefix([P_OUTBOX]).count() as u64;
+        let waiting_len = data.scan_prefix([P_WAITING]).count() as u64;
         let (events, _) = broadcast::channel(EVENT_BROADCAST_CAPACITY);
         Ok(Store {
             inner: Arc::new(Inner {
@@ -203,6 +223,7 @@ impl Store {
                 events,
                 released: AtomicU64::new(last_cursor),
                 outbox_len: AtomicU64::new(outbox_len),
+                waiting_len: AtomicU64::new(waiting_len),
             }),
         })
     }
@@ -249,6 +270,18 @@ impl Store {
         if upto <= self.last_cursor() {
             return Ok(());
         }
+        self.inner.db.flush_async().await?;
+        self.release(upto);
+        Ok(())
+    }
+
+    /// Flushes to disk even when no event was logged (parked frames log none), then
+    /// publishes the events written so far.
+    pub async fn commit_all(&self) -> StoreResult<()> {
+        let upto = {
+            let w = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+            w.next_cursor - 1
+        };
         self.inner.db.flush_async().await?;
         self.release(upto);
         Ok(())
@@ -563,6 +596,57 @@ impl Store {
         c.apply(data)
     }
 
+    /// Keeps a frame whose sender's keys cannot be fetched now, behind any other frame of
+    /// that sender already waiting. Returns false (nothing kept) when [`MAX_WAITING`]
+    /// frames are waiting. Durable after the next [`Store::commit_all`].
+    pub fn park(&self, from: &str, frame: &[u8]) -> StoreResult<bool> {
+        if self.waiting_len() >= MAX_WAITING {
+            return Ok(false);
+        }
+        let mut c = self.change();
+        let seq = c.seq();
+        c.batch.insert(peer_key(P_WAITING, from, &seq.to_be_bytes()), frame);
+        c.apply(&self.inner.data)?;
+        self.inner.waiting_len.fetch_add(1, Ordering::AcqRel);
+        Ok(true)
+    }
+
+    /// Frames waiting for their senders' keys: each sender's in arrival order, at most
+    /// `limit`.
+    pub fn waiting(&self, limit: usize) -> StoreResult<Vec<Waiting>> {
+        let mut out = Vec::new();
+        for kv in self.inner.data.scan_prefix([P_WAITING]).take(limit) {
+            let (k, frame) = kv?;
+            let Some(zero) = k.iter().position(|&b| b == 0) else { continue };
+            let (Ok(from), Some(seq)) = (std::str::from_utf8(&k[1..zero]), be_u64(&k[zero + 1..])) else {
+                continue;
+            };
+            out.push(Waiting { from: from.to_owned(), seq, frame: frame.to_vec() });
+        }
+        Ok(out)
+    }
+
+    /// Whether frames of `from` are waiting (a new one must then wait behind them).
+    pub fn has_waiting(&self, from: &str) -> StoreResult<bool> {
+        if self.waiting_len() == 0 {
+            return Ok(false);
+        }
+        Ok(self.inner.data.scan_prefix(peer_key(P_WAITING, from, &[])).next().transpose()?.is_some())
+    }
+
+    /// Forgets a waiting frame once it was stored or refused.
+    pub fn unpark(&self, from: &str, seq: u64) -> StoreResult<()> {
+        if self.inner.data.remove(peer_key(P_WAITING, from, &seq.to_be_bytes()))?.is_some() {
+            self.inner.waiting_len.fetch_sub(1, Ordering::AcqRel);
+        }
+        Ok(())
+    }
+
+    /// How many frames wait for their senders' keys.
+    pub fn waiting_len(&self) -> u64 {
+        self.inner.waiting_len.load(Ordering::Acquire)
+    }
+
     /// Logs an event that is not a message change (key changed, contact, connection).
     pub fn log_event(&self, kind: Kind) -> StoreResult<Arc<Event>> {
         let mut c = self.change();
@@ -660,6 +744,36 @@ mod tests {
         };
         let o = OutboxRecord { peer: to.into(), id: id.into(), exactly_once: false, frame: id.as_bytes().to_vec() };
         (m, o)
+    }
+
+    #[tokio::test]
+    async fn parked_frames_survive_a_reopen_in_per_sender_order_and_are_capped() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(tmp.path()).unwrap();
+            assert!(!store.has_waiting("alice").unwrap());
+            assert!(store.park("alice", b"a1").unwrap());
+            assert!(store.park("bob", b"b1").unwrap());
+            assert!(store.park("alice", b"a2").unwrap());
+            store.commit_all().await.unwrap();
+        }
+        let store = Store::open(tmp.path()).unwrap();
+        assert_eq!(store.waiting_len(), 3, "counted again at open");
+        assert!(store.has_waiting("alice").unwrap());
+        assert!(!store.has_waiting("carol").unwrap());
+        assert!(!store.has_waiting("alic").unwrap(), "a prefix of a name is another sender");
+        let w = store.waiting(10).unwrap();
+        let got: Vec<_> = w.iter().map(|w| (w.from.as_str(), w.frame.as_slice())).collect();
+        assert_eq!(got, [("alice", &b"a1"[..]), ("alice", b"a2"), ("bob", b"b1")]);
+        assert!(w[0].seq < w[1].seq);
+        assert_eq!(store.waiting(1).unwrap().len(), 1);
+        store.unpark("alice", w[0].seq).unwrap();
+        store.unpark("alice", w[0].seq).unwrap();
+        assert_eq!(store.waiting_len(), 2, "a second unpark of the same frame counts nothing");
+        // The cap: nothing more is kept once MAX_WAITING frames wait.
+        store.inner.waiting_len.store(MAX_WAITING, Ordering::Release);
+        assert!(!store.park("carol", b"c1").unwrap());
+        assert!(!store.has_waiting("carol").unwrap());
     }
 
     #[tokio::test]

@@ -29,6 +29,7 @@ pub mod b64;
 pub mod frame;
 pub mod inner;
 pub mod keys;
+pub mod registration;
 pub mod username;
 
 pub use answer::{build_answer, verify_answer, AnswerError, KeyAnswer, UsernameRule};

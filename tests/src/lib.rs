@@ -358,6 +358,14 @@ impl KeyServer {
         Ok(())
     }
 
+    /// Starts it again after [`KeyServer::stop`]: same port, database and key.
+    pub async fn start_again(&mut self) -> Result<()> {
+        if self.child.is_some() {
+            bail!("the key server is still running");
+        }
+        self.spawn().await
+    }
+
     /// The server's public key file (for `nesd --keyserver-key`).
     pub fn public_key_path(&self) -> PathBuf {
         self.dir.path().join("server-key.pub")

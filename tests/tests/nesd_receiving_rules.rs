@@ -295,3 +295,58 @@ async fn a_key_change_is_held_until_trusted() -> Result<()> {
     wait_history(&c, "bob", 1, |m| m.id == reply.id && m.text == "welcome back").await?;
     Ok(())
 }
+
+/// No message is lost while the key server is down: frames from a sender whose keys bob
+/// has never fetched are parked (surviving a kill -9), tried again, and stored in order
+/// exactly once when the key server is back. Frames of that sender arriving meanwhile wait
+/// behind them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frames_from_a_new_sender_wait_for_the_key_server_and_are_not_lost() -> Result<()> {
+    let mut w = World::start().await?;
+    let alice_id = Identity::generate("alice")?;
+    alice_id.register(&w.keyserver).await?;
+    let (bob_id, mut bob) = w.user("bob").await?;
+    let b = bob.client().await?;
+    wait_connected(&b).await?;
+
+    w.keyserver.stop()?;
+    let mut wire = RawMqtt::connect(&w.broker).await?;
+    let now = now_ms();
+    for i in 0..3 {
+        let frame = seal(Version::V2, "alice", "bob", &format!("while the key server is down #{i}"), now + i, &bob_id, &alice_id)?;
+        wire.publish("nes/bob/message", frame).await?;
+    }
+    // Parked, not refused: nothing stored yet, nothing counted as refused.
+    eventually("bob to park the frames", TIMEOUT, || async {
+        Ok(std::fs::read_to_string(bob.log_path())?.matches("frame parked").count().eq(&3).then_some(()))
+    })
+    .await
+    .with_context(|| bob.log_tail(20))?;
+    let mut c = b.clone();
+    let st = status(&mut c).await?;
+    ensure!(st.refused.is_empty(), "refused {:?}", st.refused);
+    ensure!(history(&mut c, "alice").await?.is_empty());
+
+    // Parked frames were flushed before the broker got its ack: a kill -9 keeps them.
+    bob.kill9()?;
+    bob.start_again().await?;
+    let b = bob.client().await?;
+    wait_connected(&b).await?;
+    // One more while the key server is still down: it must wait behind the three.
+    let late = seal(Version::V2, "alice", "bob", "while the key server is down #3", now + 3, &bob_id, &alice_id)?;
+    wire.publish("nes/bob/message", late).await?;
+
+    w.keyserver.start_again().await?;
+    let h = wait_history(&b, "alice", 4, |_| true).await.with_context(|| bob.log_tail(30))?;
+    let texts: Vec<&str> = h.iter().map(|m| m.text.as_str()).collect();
+    let want: Vec<String> = (0..4).map(|i| format!("while the key server is down #{i}")).collect();
+    ensure!(texts == want, "history {texts:?}");
+    ensure!(h.iter().all(|m| m.state == MessageState::Received as i32));
+    // Nothing more arrives later (no duplicate from a second try).
+    tokio::time::sleep(std::time::Duration::from_secs(6)).await;
+    let mut c = b.clone();
+    ensure!(history(&mut c, "alice").await?.len() == 4);
+    let st = status(&mut c).await?;
+    ensure!(st.refused.is_empty(), "refused {:?}", st.refused);
+    Ok(())
+}
