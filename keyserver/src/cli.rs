@@ -76,7 +76,7 @@ pub struct ServeArgs {
     #[arg(long, value_name = "URL", env = "NES_KEYSERVER_DATABASE")]
     pub database: Option<String>,
     /// The server's private signing key (make one with `nes-keyserver keygen`).
-    #[arg(long, value_name = "FILE", env = "NES_KEYSERVER_KEY")]
+    #[arg(long, value_name = "FILE", env = "NES_KEYSERVER_PRIVATE_KEY")]
     pub key: Option<PathBuf>,
     /// The URL clients and mail links reach this server at, e.g. `https://keys.example.org`
     /// [default with --dev: http://LISTEN].

@@ -182,7 +182,7 @@ impl ServeConfig {
         check_database_url(&database)?;
         let key = args.key.or(file.key).ok_or_else(|| {
             ConfigError::Missing(
-                "no server key: pass --key FILE (or NES_KEYSERVER_KEY, or key in the config file); \
+                "no server key: pass --key FILE (or NES_KEYSERVER_PRIVATE_KEY, or key in the config file); \
                  make one with `nes-keyserver keygen --out FILE`"
                     .into(),
             )
