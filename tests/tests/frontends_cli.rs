@@ -262,3 +262,32 @@ async fn config_completions_man_and_version_work_offline() -> Result<()> {
     assert!(out.stdout.starts_with("nes "));
     Ok(())
 }
+
+/// `nes history` of a conversation longer than one page, and bigger than gRPC's default
+/// 4 MiB reply: 300 messages, the last 40 of them 120 KiB each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_of_a_long_and_large_conversation_comes_whole_and_in_order() -> Result<()> {
+    let world = World::start().await?;
+    let (_alice, alice_d) = world.user("alice").await?;
+    let (_bob, _bob_d) = world.user("bob").await?;
+    let home = tempfile::tempdir()?;
+    let (a, h) = (alice_d.socket(), home.path());
+    let mut c = alice_d.client().await?;
+    let big = "x".repeat(120 * 1024);
+    let mut texts = Vec::new();
+    for i in 0..300 {
+        let text = if i < 260 { format!("short {i:03}") } else { format!("long {i:03} {big}") };
+        nes_e2e::send(&mut c, "bob", &text).await?;
+        texts.push(text);
+    }
+    let out = nes(&a, h, &["history", "bob", "--json"]).await?.expect_code(0)?;
+    let lines: Vec<String> = out.stdout.lines().map(String::from).collect();
+    let got: Vec<String> = json_lines(&lines)?.iter().map(|m| m["message"].as_str().unwrap_or("").to_owned()).collect();
+    assert_eq!(got.len(), 300, "every message, once");
+    assert!(got == texts, "in order");
+    let out = nes(&a, h, &["history", "bob", "--last", "270", "--json"]).await?.expect_code(0)?;
+    let lines: Vec<String> = out.stdout.lines().map(String::from).collect();
+    let got: Vec<String> = json_lines(&lines)?.iter().map(|m| m["message"].as_str().unwrap_or("").to_owned()).collect();
+    assert!(got == texts[30..], "the last 270 across two pages: got {}", got.len());
+    Ok(())
+}

@@ -14,6 +14,12 @@ use nes_proto::rpc::{
 use std::path::{Path, PathBuf};
 use tonic::transport::{Channel, Endpoint, Uri};
 
+/// Messages asked for per `History` call by [`Client::history`].
+pub const HISTORY_PAGE: u32 = 256;
+/// The largest reply accepted: [`HISTORY_PAGE`] messages of 128 KiB text and their
+/// fields fit with room to spare.
+pub const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
+
 /// A connection to one nesd.
 #[derive(Clone, Debug)]
 pub struct Client {
@@ -46,7 +52,10 @@ impl Client {
             }))
             .await
             .map_err(|e| connect_error(&e, socket))?;
-        Ok(Client { rpc: MessengerClient::new(channel), socket: socket.to_path_buf() })
+        // History pages (below) can hold HISTORY_PAGE messages of the largest text nesd
+        // accepts (128 KiB): more than tonic's default 4 MiB.
+        let rpc = MessengerClient::new(channel).max_decoding_message_size(MAX_REPLY_BYTES);
+        Ok(Client { rpc, socket: socket.to_path_buf() })
     }
 
     /// The socket this client is connected to.
@@ -84,11 +93,30 @@ impl Client {
         })
     }
 
-    /// `History`: the last `limit` messages (0: all) with `peer`, oldest first.
+    /// `History`: the last `limit` messages (0: all) with `peer`, oldest first. Asks for
+    /// [`HISTORY_PAGE`] messages at a time, newest page first, so that no single reply
+    /// outgrows what gRPC carries however long the conversation is.
     pub async fn history(&mut self, peer: &str, limit: u32) -> Result<Vec<Message>, Error> {
-        let request = HistoryRequest { peer: peer.into(), limit, before_id: String::new() };
-        let reply = self.rpc.history(request).await;
-        Ok(self.unpack(reply)?.messages)
+        let mut pages: Vec<Vec<Message>> = Vec::new();
+        let mut have = 0u32;
+        let mut before_id = String::new();
+        loop {
+            let want = if limit == 0 { HISTORY_PAGE } else { (limit - have).min(HISTORY_PAGE) };
+            let request = HistoryRequest { peer: peer.into(), limit: want, before_id: before_id.clone() };
+            let reply = self.rpc.history(request).await;
+            let page = self.unpack(reply)?.messages;
+            let full = page.len() as u32 == want;
+            have += page.len() as u32;
+            match page.first() {
+                Some(oldest) => before_id = oldest.id.clone(),
+                None => break,
+            }
+            pages.push(page);
+            if !full || (limit != 0 && have >= limit) {
+                break;
+            }
+        }
+        Ok(pages.into_iter().rev().flatten().collect())
     }
 
     /// `Conversations`: most recent first, with unread counts.
