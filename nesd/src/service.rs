@@ -172,6 +172,7 @@ impl Service {
             client_id: p.client_id.clone(),
             unread: p.store.unread_total()?,
             pid: std::process::id(),
+            waiting: p.store.waiting_len(),
         })
     }
 

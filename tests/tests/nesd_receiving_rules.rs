@@ -325,6 +325,7 @@ async fn frames_from_a_new_sender_wait_for_the_key_server_and_are_not_lost() -> 
     let mut c = b.clone();
     let st = status(&mut c).await?;
     ensure!(st.refused.is_empty(), "refused {:?}", st.refused);
+    ensure!(st.waiting == 3, "status counts the parked frames: {}", st.waiting);
     ensure!(history(&mut c, "alice").await?.is_empty());
 
     // Parked frames were flushed before the broker got its ack: a kill -9 keeps them.
@@ -348,5 +349,6 @@ async fn frames_from_a_new_sender_wait_for_the_key_server_and_are_not_lost() -> 
     ensure!(history(&mut c, "alice").await?.len() == 4);
     let st = status(&mut c).await?;
     ensure!(st.refused.is_empty(), "refused {:?}", st.refused);
+    ensure!(st.waiting == 0, "nothing left parked: {}", st.waiting);
     Ok(())
 }

@@ -47,6 +47,7 @@ pub fn status_json(s: &StatusReply, socket: &str) -> serde_json::Value {
         "client_id": s.client_id,
         "unread": s.unread,
         "pid": s.pid,
+        "waiting": s.waiting,
         "socket": socket,
     })
 }
@@ -73,6 +74,7 @@ pub fn status_text(s: &StatusReply, socket: &str) -> Vec<String> {
         format!("queued:     {}", s.queued),
         format!("sent:       {}   received: {}   unread: {}", s.sent, s.received, s.unread),
         format!("refused:    {refused}"),
+        format!("waiting:    {} (frames waiting for their senders' keys)", s.waiting),
         format!("cursor:     {}", s.last_cursor),
     ]
 }
