@@ -183,13 +183,9 @@ impl Pipeline {
                 }
             }
         }
-        if parked > 0 {
+        if stored + parked > 0 {
+            // commit_all: parked frames log no event, and must be on disk before the ack.
             if let Err(e) = self.store.commit_all().await {
-                error!(error = %e, "cannot flush the store; not acknowledging the batch");
-                return;
-            }
-        } else if stored > 0 {
-            if let Err(e) = self.store.commit().await {
                 error!(error = %e, "cannot flush the store; not acknowledging the batch");
                 return;
             }
@@ -234,9 +230,14 @@ impl Pipeline {
             }
         };
         let identity = self.identity.clone();
-        let frames: Vec<Vec<u8>> = waiting.iter().map(|w| w.frame.clone()).collect();
         let decrypted = match tokio::task::spawn_blocking(move || {
-            frames.iter().map(|f| frame::decrypt(f, &identity.message_key)).collect::<Vec<_>>()
+            waiting
+                .into_iter()
+                .map(|w| {
+                    let d = frame::decrypt(&w.frame, &identity.message_key);
+                    (w, d)
+                })
+                .collect::<Vec<_>>()
         })
         .await
         {
@@ -248,13 +249,13 @@ impl Pipeline {
         };
         let topic = self.identity.user.topic();
         let mut blocked: HashSet<String> = HashSet::new();
-        let mut done: Vec<&Waiting> = Vec::new();
+        let mut done: Vec<Waiting> = Vec::new();
         let mut stored = 0usize;
-        for (w, decrypted) in waiting.iter().zip(decrypted) {
+        for (mut w, decrypted) in decrypted {
             if blocked.contains(&w.from) {
                 continue;
             }
-            let publish = Publish::new(topic.clone(), QoS::AtLeastOnce, w.frame.clone());
+            let publish = Publish::new(topic.clone(), QoS::AtLeastOnce, std::mem::take(&mut w.frame));
             match self.process(&publish, decrypted, true).await {
                 Outcome::Stored => {
                     stored += 1;

@@ -185,11 +185,8 @@ impl Service {
     /// Step one of a send: checks the request, finds the recipient's keys, seals (on the
     /// blocking pool).
     pub async fn prepare_send(&self, request: rpc::SendRequest) -> Result<Prepared, ServiceError> {
-        let ready = self.check_send(request).await?;
-        let identity = self.p().identity.clone();
-        tokio::task::spawn_blocking(move || seal_one(&identity, ready))
-            .await
-            .map_err(|e| ServiceError::Internal(format!("sealing failed: {e}")))?
+        let mut one = self.prepare_sends(vec![request]).await;
+        one.pop().unwrap_or_else(|| Err(ServiceError::Internal("no result".into())))
     }
 
     /// Step one for several sends at once: checks each, then seals them all in one task

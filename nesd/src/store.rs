@@ -263,36 +263,29 @@ impl Store {
 
     /// Flushes everything written so far to disk, then publishes the events it contained.
     pub async fn commit(&self) -> StoreResult<()> {
-        let upto = {
-            let w = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
-            w.next_cursor - 1
-        };
-        if upto <= self.last_cursor() {
+        if self.last_logged() <= self.last_cursor() {
             return Ok(());
         }
-        self.inner.db.flush_async().await?;
-        self.release(upto);
-        Ok(())
+        self.commit_all().await
     }
 
     /// Flushes to disk even when no event was logged (parked frames log none), then
     /// publishes the events written so far.
     pub async fn commit_all(&self) -> StoreResult<()> {
-        let upto = {
-            let w = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
-            w.next_cursor - 1
-        };
+        let upto = self.last_logged();
         self.inner.db.flush_async().await?;
         self.release(upto);
         Ok(())
     }
 
+    /// The cursor of the newest event written, durable or not.
+    fn last_logged(&self) -> u64 {
+        self.inner.writer.lock().unwrap_or_else(|e| e.into_inner()).next_cursor - 1
+    }
+
     /// Flushes synchronously (at shutdown).
     pub fn flush(&self) -> StoreResult<()> {
-        let upto = {
-            let w = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
-            w.next_cursor - 1
-        };
+        let upto = self.last_logged();
         self.inner.db.flush()?;
         self.release(upto);
         Ok(())
