@@ -3,7 +3,7 @@
 //!
 //! clap merges a flag with its env var (the flag wins); [`Config::resolve`] then fills what
 //! is still missing from the config file (`--config`, `NES_CONFIG`, or
-//! `~/.config/nes/config.toml`), then from the defaults of DESIGN.md "Paths". The config
+//! `~/.config/nes/config.toml`), then from the defaults of the README ("Configuration"). The config
 //! file is shared with the frontends, so fields nesd does not know are ignored; a file that
 //! is not valid TOML, or a known field of the wrong type, is an error.
 //!

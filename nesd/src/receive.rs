@@ -1,5 +1,5 @@
 //! The receive pipeline: from an MQTT publish to a stored message and an event, applying
-//! every rule of DESIGN.md "Receiving rules".
+//! every rule of docs/PROTOCOL.md "Receiving rules".
 //!
 //! ```text
 //! publish ─▶ decrypt (blocking pool, a few at once) ─▶ in arrival order:

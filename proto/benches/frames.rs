@@ -11,7 +11,7 @@ use nes_proto::{PrivateKey, PublicKey, Username};
 use std::hint::black_box;
 
 fn key(name: &str) -> String {
-    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors/legacy-v1/keys/");
+    let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/legacy-v1/keys/");
     std::fs::read_to_string(format!("{dir}{name}")).expect("vector key")
 }
 

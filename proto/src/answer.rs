@@ -161,7 +161,7 @@ mod tests {
     use super::*;
 
     fn vector(path: &str) -> String {
-        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors/legacy-v1/");
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/legacy-v1/");
         std::fs::read_to_string(format!("{dir}{path}")).expect("vector")
     }
 

@@ -1,6 +1,6 @@
 //! Frames: the sealed JSON objects that travel through the broker.
 //!
-//! Two versions, told apart by the frame itself (DESIGN.md "Wire format"):
+//! Two versions, told apart by the frame itself (docs/PROTOCOL.md):
 //!
 //! - **v1**, the original NES frame, `{"cipherkey","ciphertext","signature"}`:
 //!   AES-256-CBC under a 48-byte key+IV wrapped with RSA PKCS#1 v1.5; the signature
@@ -29,7 +29,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use zeroize::Zeroizing;
 
-/// Frames larger than this are refused unread (DESIGN.md "Receiving rules").
+/// Frames larger than this are refused unread (docs/PROTOCOL.md "Receiving rules").
 pub const MAX_FRAME_BYTES: usize = 256 * 1024;
 /// A timestamp further than this in the future is refused.
 pub const MAX_FUTURE_SKEW_MS: i64 = 5 * 60 * 1000;

@@ -450,7 +450,7 @@ pub(crate) fn hex_lower(bytes: &[u8]) -> String {
 mod tests {
     use super::*;
 
-    const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/vectors/legacy-v1");
+    const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/legacy-v1");
 
     fn vector(path: &str) -> String {
         std::fs::read_to_string(format!("{VECTORS}/{path}")).expect("vector file")

@@ -163,7 +163,7 @@ mod tests {
 
     const VECTORS: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/vectors/legacy-v1/keys"
+        "/tests/vectors/legacy-v1/keys"
     );
 
     fn key(name: &str) -> String {

@@ -1,4 +1,4 @@
-//! Frames round-trip in both versions, and every refusal class of DESIGN.md "Receiving
+//! Frames round-trip in both versions, and every refusal class of docs/PROTOCOL.md "Receiving
 //! rules" is fed a frame that triggers it and answers with its typed error.
 
 use aes::cipher::{block_padding::NoPadding, BlockEncryptMut, KeyIvInit};
@@ -10,7 +10,7 @@ use rsa::pkcs8::DecodePublicKey;
 use std::path::PathBuf;
 
 fn key_text(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors/legacy-v1/keys").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/legacy-v1/keys").join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 

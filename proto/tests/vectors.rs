@@ -1,4 +1,4 @@
-//! The original Go code's own frames and key-server answers (`shared/vectors/legacy-v1`)
+//! The original Go code's own frames and key-server answers (`proto/tests/vectors/legacy-v1`)
 //! must open and verify to the exact bytes it produced.
 
 use nes_proto::answer::{verify_answer, UsernameRule};
@@ -7,7 +7,7 @@ use nes_proto::{PrivateKey, PublicKey, Username};
 use std::path::PathBuf;
 
 fn vectors() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors/legacy-v1")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/legacy-v1")
 }
 
 fn read(path: &str) -> Vec<u8> {

@@ -1,5 +1,5 @@
 //! The `nes` CLI's daemon commands, driven exactly as users and outside checks drive
-//! them (DESIGN.md "Command-line surface"), against real daemons, a real broker and a
+//! them (frontends/README.md "`nes` commands"), against real daemons, a real broker and a
 //! real key server; and every command's bad input with its exit code and message.
 
 use anyhow::Result;

@@ -8,12 +8,12 @@ use nes_e2e::{eventually, history, send, Identity, Nesd, World, TIMEOUT};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
-/// The original client's vectors: `$NES_VECTORS`, else `shared/vectors/legacy-v1` beside
+/// The original client's vectors: `$NES_VECTORS`, else `proto/tests/vectors/legacy-v1` in
 /// the repository.
 fn vectors() -> PathBuf {
     std::env::var_os("NES_VECTORS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors/legacy-v1"))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto/tests/vectors/legacy-v1"))
 }
 
 fn mode(path: &Path) -> u32 {

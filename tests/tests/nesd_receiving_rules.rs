@@ -13,12 +13,12 @@ use nes_proto::{now_ms, Username};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
-/// The original client's frames: `$NES_VECTORS`, else `shared/vectors/legacy-v1` beside
+/// The original client's frames: `$NES_VECTORS`, else `proto/tests/vectors/legacy-v1` in
 /// the workspace.
 fn vectors() -> PathBuf {
     std::env::var_os("NES_VECTORS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors/legacy-v1"))
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto/tests/vectors/legacy-v1"))
 }
 
 fn seal(version: Version, from: &str, to: &str, text: &str, ts: i64, to_id: &Identity, signer: &Identity) -> Result<Vec<u8>> {

@@ -20,7 +20,7 @@ pub enum CliError {
 }
 
 impl CliError {
-    /// The exit code of DESIGN.md "Exit codes and errors".
+    /// The exit code of frontends/README.md "Exit codes".
     pub fn code(&self) -> u8 {
         match self {
             CliError::BrokenPipe => 0,

@@ -9,7 +9,7 @@
 //!
 //! Each command is one module under `cmd/`; `output` formats messages for people and
 //! for scripts (JSON lines). `main` parses flags, runs the command and turns its error
-//! into the exit code of DESIGN.md in one place: 0 success, 1 an error the user can fix,
+//! into the exit code of frontends/README.md in one place: 0 success, 1 an error the user can fix,
 //! 2 bad usage (clap), 3 the daemon is not running. A closed stdout (`nes listen | head`)
 //! is a normal exit.
 

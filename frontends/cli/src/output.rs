@@ -1,7 +1,7 @@
 //! How messages look: JSON lines for scripts, one short line for people.
 //!
 //! The JSON line of a message (`history --json`, `listen --json`, `send --json`) has the
-//! fields of DESIGN.md "Command-line surface" and a few more:
+//! fields of frontends/README.md and a few more:
 //!
 //! ```json
 //! {"id":"..","from":"alice","to":"bob","peer":"alice","timestamp":1700000000000,

@@ -11,7 +11,7 @@ fn nes() -> Command {
 }
 
 fn vectors() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/vectors/legacy-v1")
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../proto/tests/vectors/legacy-v1")
 }
 
 fn run_with_stdin(mut cmd: Command, stdin: &[u8]) -> Output {

@@ -67,7 +67,7 @@ impl Error {
         }
     }
 
-    /// The exit code of DESIGN.md: 3 for "not running", 1 otherwise.
+    /// The exit code of frontends/README.md: 3 for "not running", 1 otherwise.
     pub fn exit_code(&self) -> u8 {
         if self.is_not_running() {
             3

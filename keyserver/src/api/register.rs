@@ -232,7 +232,7 @@ mod tests {
 
     const VECTORS: &str = concat!(
         env!("CARGO_MANIFEST_DIR"),
-        "/../../shared/vectors/legacy-v1/keys"
+        "/../proto/tests/vectors/legacy-v1/keys"
     );
 
     fn body(email: &str) -> Vec<u8> {

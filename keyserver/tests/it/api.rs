@@ -1,4 +1,4 @@
-//! The API of DESIGN.md, every path of it, on SQLite and on PostgreSQL.
+//! The API of docs/PROTOCOL.md "Key server API", every path of it, on SQLite and on PostgreSQL.
 
 use crate::common::*;
 use std::time::Duration;

@@ -11,7 +11,7 @@ fn server() -> &'static (PublicKey, Username) {
     static KEY: OnceLock<(PublicKey, Username)> = OnceLock::new();
     KEY.get_or_init(|| {
         (
-            PublicKey::from_pem(include_str!("../../../../shared/vectors/legacy-v1/provider-public-key.pem")).expect("provider key"),
+            PublicKey::from_pem(include_str!("../../tests/vectors/legacy-v1/provider-public-key.pem")).expect("provider key"),
             Username::parse("alice").expect("name"),
         )
     })

@@ -15,8 +15,8 @@ struct Keys {
 fn keys() -> &'static Keys {
     static KEYS: OnceLock<Keys> = OnceLock::new();
     KEYS.get_or_init(|| Keys {
-        bob: PrivateKey::from_pem(include_str!("../../../../shared/vectors/legacy-v1/keys/bob-rsa-message")).expect("bob key"),
-        alice_sign: PublicKey::from_pem(include_str!("../../../../shared/vectors/legacy-v1/keys/alice-rsa-sign.pub")).expect("alice key"),
+        bob: PrivateKey::from_pem(include_str!("../../tests/vectors/legacy-v1/keys/bob-rsa-message")).expect("bob key"),
+        alice_sign: PublicKey::from_pem(include_str!("../../tests/vectors/legacy-v1/keys/alice-rsa-sign.pub")).expect("alice key"),
     })
 }
 

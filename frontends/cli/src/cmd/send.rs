@@ -1,6 +1,6 @@
 //! `nes send`: one message, or many with `--batch`.
 //!
-//! Forms (DESIGN.md "Command-line surface"):
+//! Forms (frontends/README.md "`nes` commands"):
 //! - `nes send PEER TEXT...` (the words are joined with spaces);
 //! - `nes send PEER` with the text on stdin (`nes send bob < file`, `cmd | nes send bob`);
 //!   one trailing line end is dropped;

@@ -52,7 +52,7 @@ pub enum Backend {
 
 /// The legacy test vectors (shared with the original Go code).
 pub fn vectors() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../shared/vectors/legacy-v1")
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../proto/tests/vectors/legacy-v1")
 }
 
 /// The key the test servers sign with (the vectors' test provider key).
