@@ -10,11 +10,30 @@
 //!
 //! rumqttd runs its own threads and runtimes; this module starts them, checks that the
 //! listener is up, and leaves them running until the process exits.
+//!
+//! The broker is compiled in only with the `embedded-broker` cargo feature (the
+//! quickstart and the tests turn it on; `cargo install` does not): rumqttd brings a
+//! second HTTP stack and crates a production key server has no use for. Without the
+//! feature, [`AVAILABLE`] is false, `serve --embedded-broker` is refused at startup with
+//! [`NOT_BUILT`], and [`start`] returns [`BrokerError::NotBuilt`].
 
+#[cfg(feature = "embedded-broker")]
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
+#[cfg(feature = "embedded-broker")]
 use std::collections::HashMap;
-use std::net::{SocketAddr, TcpStream, ToSocketAddrs};
+#[cfg(feature = "embedded-broker")]
+use std::net::{TcpStream, ToSocketAddrs};
+use std::net::SocketAddr;
+#[cfg(feature = "embedded-broker")]
 use std::time::{Duration, Instant};
+
+/// Whether this binary has the embedded broker (the `embedded-broker` feature).
+pub const AVAILABLE: bool = cfg!(feature = "embedded-broker");
+
+/// What a binary built without the broker says to `--embedded-broker`: what and how.
+pub const NOT_BUILT: &str = "--embedded-broker: this nes-keyserver was built without the embedded broker; \
+     rebuild it with `cargo build -p nes-keyserver --features embedded-broker` \
+     (or run an MQTT broker such as mosquitto beside it)";
 
 /// Largest MQTT payload accepted: above the 256 KiB NES frame limit, so the receivers
 /// (which count and drop oversized frames) decide, not the broker.
@@ -38,10 +57,20 @@ pub enum BrokerError {
     /// The broker's threads did not come up.
     #[error("the broker did not start on {0}")]
     Start(SocketAddr),
+    /// This binary was built without the `embedded-broker` feature.
+    #[error("{}", NOT_BUILT)]
+    NotBuilt,
+}
+
+/// Without the `embedded-broker` feature there is no broker to start.
+#[cfg(not(feature = "embedded-broker"))]
+pub fn start(_addr: &str) -> Result<SocketAddr, BrokerError> {
+    Err(BrokerError::NotBuilt)
 }
 
 /// Starts the broker on `addr` and returns the address it listens on once it accepts
 /// connections.
+#[cfg(feature = "embedded-broker")]
 pub fn start(addr: &str) -> Result<SocketAddr, BrokerError> {
     let wanted = addr
         .to_socket_addrs()
@@ -82,6 +111,7 @@ pub fn start(addr: &str) -> Result<SocketAddr, BrokerError> {
 }
 
 /// rumqttd's settings: one MQTT 3.1.1 listener on `addr`, modest in-memory logs.
+#[cfg(feature = "embedded-broker")]
 fn config(addr: SocketAddr) -> Config {
     let server = ServerSettings {
         name: "nes-v4".into(),
@@ -121,11 +151,20 @@ fn config(addr: SocketAddr) -> Config {
 mod tests {
     use super::*;
 
+    #[cfg(feature = "embedded-broker")]
     #[test]
     fn bad_addresses_are_refused() {
         assert!(matches!(start("not an address"), Err(BrokerError::Addr(_))));
         let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = taken.local_addr().unwrap().to_string();
         assert!(matches!(start(&addr), Err(BrokerError::Listen { .. })));
+    }
+
+    #[cfg(not(feature = "embedded-broker"))]
+    #[test]
+    fn without_the_feature_there_is_no_broker() {
+        assert!(!AVAILABLE);
+        assert!(matches!(start("127.0.0.1:0"), Err(BrokerError::NotBuilt)));
+        assert!(NOT_BUILT.contains("--features embedded-broker"));
     }
 }

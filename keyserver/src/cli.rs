@@ -127,7 +127,8 @@ pub struct ServeArgs {
     #[arg(long, value_name = "FORMAT", env = "NES_KEYSERVER_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
     /// Also run an MQTT broker (MQTT 3.1.1, persistent sessions in memory) on ADDR, so
-    /// one machine can run the whole system.
+    /// one machine can run the whole system. Only in builds with the `embedded-broker`
+    /// cargo feature.
     #[arg(long, value_name = "ADDR", env = "NES_KEYSERVER_EMBEDDED_BROKER")]
     pub embedded_broker: Option<String>,
     /// Trust the last address of X-Forwarded-For as the client's (only behind a reverse

@@ -248,6 +248,11 @@ impl ServeConfig {
                 )));
             }
         }
+        let embedded_broker = args.embedded_broker.or(file.embedded_broker);
+        // Refused here, before the store is opened, so the one line comes at once.
+        if embedded_broker.is_some() && !crate::broker::AVAILABLE {
+            return Err(ConfigError::Invalid(crate::broker::NOT_BUILT.into()));
+        }
         Ok(Self {
             listen,
             database,
@@ -271,7 +276,7 @@ impl ServeConfig {
                 .or(file.max_pending_per_email)
                 .unwrap_or(DEFAULT_MAX_PENDING_PER_EMAIL),
             log_format: args.log_format.or(file.log_format).unwrap_or_default(),
-            embedded_broker: args.embedded_broker.or(file.embedded_broker),
+            embedded_broker,
             behind_proxy: args.behind_proxy || file.behind_proxy.unwrap_or(false),
         })
     }

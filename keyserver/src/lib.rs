@@ -21,7 +21,7 @@
 //! | [`ratelimit`] | per-IP limits on registration and lookup |
 //! | [`metrics`] | the Prometheus counters behind `/metrics` |
 //! | [`openapi`] | the OpenAPI 3 description served at `/openapi.json` |
-//! | [`broker`] | the optional embedded MQTT broker (`--embedded-broker`) |
+//! | [`broker`] | the optional embedded MQTT broker (`--embedded-broker`, with the `embedded-broker` feature) |
 //!
 //! ## How a request flows
 //!
