@@ -17,7 +17,18 @@
 //! keyserver_legacy = false   # true: accept answers of an original PubKey server (no username)
 //! key_policy = "tofu"        # or "always": accept key changes automatically (bots)
 //! key_ttl_secs = 3600        # re-fetch contacts' keys after this long
+//! # A private broker over TLS with credentials (see docs/BROKER.md):
+//! # broker = "mqtts://mqtt.example.org:8883"
+//! # broker_ca = "~/.config/nes/broker-ca.pem"     # trust only this CA (default: system roots)
+//! # broker_cert = "~/.config/nes/client.pem"      # optional client certificate ...
+//! # broker_key = "~/.config/nes/client.key"       # ... and its key
+//! # broker_user = "alice"
+//! # broker_password_file = "~/.config/nes/broker-password"   # mode 600; or NES_BROKER_PASSWORD
 //! ```
+//!
+//! The broker password never comes from a flag (flags are visible in `ps`): it is read from
+//! `broker_password_file` (refused when group or others may read it) or from the
+//! `NES_BROKER_PASSWORD` environment variable, which wins over the file.
 
 use clap::Parser;
 use nes_proto::Username;
@@ -46,9 +57,29 @@ pub struct Cli {
     /// This identity's username (keys are read from DATA_DIR/keys/<user>-rsa-*).
     #[arg(long, env = "NES_USER", value_name = "USER")]
     pub user: Option<String>,
-    /// MQTT broker, mqtt://HOST:PORT [default: mqtt://localhost:1883].
+    /// MQTT broker, mqtt://HOST:PORT or mqtts://HOST:PORT (TLS) [default: mqtt://localhost:1883].
     #[arg(long, env = "NES_BROKER", value_name = "URL")]
     pub broker: Option<String>,
+    /// With mqtts://: trust only this CA (PEM) for the broker's certificate, instead of the
+    /// system's roots.
+    #[arg(long = "broker-ca", env = "NES_BROKER_CA", value_name = "FILE")]
+    pub broker_ca: Option<PathBuf>,
+    /// With mqtts://: a client certificate (PEM chain) to present to the broker.
+    #[arg(long = "broker-cert", env = "NES_BROKER_CERT", value_name = "FILE")]
+    pub broker_cert: Option<PathBuf>,
+    /// With --broker-cert: its private key (PEM).
+    #[arg(long = "broker-key", env = "NES_BROKER_KEY", value_name = "FILE")]
+    pub broker_key: Option<PathBuf>,
+    /// The user name to log in to the broker with.
+    #[arg(long = "broker-user", env = "NES_BROKER_USER", value_name = "USER")]
+    pub broker_user: Option<String>,
+    /// A file holding the broker password (mode 600; the first line is the password).
+    /// NES_BROKER_PASSWORD, when set, wins; there is no flag for the password itself.
+    #[arg(long = "broker-password-file", env = "NES_BROKER_PASSWORD_FILE", value_name = "FILE")]
+    pub broker_password_file: Option<PathBuf>,
+    /// The broker password from `NES_BROKER_PASSWORD` (never a flag: flags show in `ps`).
+    #[arg(skip = std::env::var("NES_BROKER_PASSWORD").ok().filter(|p| !p.is_empty()).map(Secret))]
+    pub broker_password: Option<Secret>,
     /// Key server base URL, e.g. https://keys.example.org.
     #[arg(long, env = "NES_KEYSERVER", value_name = "URL")]
     pub keyserver: Option<String>,
@@ -107,6 +138,16 @@ pub struct FileConfig {
     pub user: Option<String>,
     /// `broker`
     pub broker: Option<String>,
+    /// `broker_ca`
+    pub broker_ca: Option<PathBuf>,
+    /// `broker_cert`
+    pub broker_cert: Option<PathBuf>,
+    /// `broker_key`
+    pub broker_key: Option<PathBuf>,
+    /// `broker_user`
+    pub broker_user: Option<String>,
+    /// `broker_password_file`
+    pub broker_password_file: Option<PathBuf>,
     /// `keyserver`
     pub keyserver: Option<String>,
     /// `keyserver_key`
@@ -173,24 +214,26 @@ pub struct Broker {
     pub host: String,
     /// TCP port.
     pub port: u16,
+    /// TLS (`mqtts://`).
+    pub tls: bool,
 }
 
 impl Broker {
     /// Parses `mqtt://HOST[:PORT]`, `tcp://HOST[:PORT]` or `HOST[:PORT]` (port 1883 by
+    /// default), and `mqtts://HOST[:PORT]` (also `ssl://`, `tls://`; TLS, port 8883 by
     /// default).
     pub fn parse(url: &str) -> Result<Self, ConfigError> {
         let bad = |why: &str| ConfigError::Invalid(format!("broker {url:?}: {why}"));
-        let rest = if let Some((scheme, rest)) = url.split_once("://") {
+        let (rest, tls) = if let Some((scheme, rest)) = url.split_once("://") {
             match scheme {
-                "mqtt" | "tcp" => rest,
-                "mqtts" | "ssl" | "tls" => {
-                    return Err(bad("TLS brokers are not supported yet (frames are end-to-end encrypted; use mqtt://)"))
-                }
-                _ => return Err(bad("use mqtt://HOST:PORT")),
+                "mqtt" | "tcp" => (rest, false),
+                "mqtts" | "ssl" | "tls" => (rest, true),
+                _ => return Err(bad("use mqtt://HOST:PORT or mqtts://HOST:PORT")),
             }
         } else {
-            url
+            (url, false)
         };
+        let default_port = if tls { 8883 } else { 1883 };
         let rest = rest.trim_end_matches('/');
         if rest.contains('/') || rest.contains('@') || rest.is_empty() {
             return Err(bad("use mqtt://HOST:PORT"));
@@ -200,30 +243,55 @@ impl Broker {
             let (host, after) = stripped.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
             let port = match after.strip_prefix(':') {
                 Some(p) => p.parse().map_err(|_| bad("bad port"))?,
-                None if after.is_empty() => 1883,
+                None if after.is_empty() => default_port,
                 None => return Err(bad("use mqtt://HOST:PORT")),
             };
             (host.to_owned(), port)
         } else {
             match rest.rsplit_once(':') {
                 Some((h, p)) => (h.to_owned(), p.parse().map_err(|_| bad("bad port"))?),
-                None => (rest.to_owned(), 1883),
+                None => (rest.to_owned(), default_port),
             }
         };
         if host.is_empty() || port == 0 {
             return Err(bad("use mqtt://HOST:PORT"));
         }
-        Ok(Broker { host, port })
+        Ok(Broker { host, port, tls })
     }
 
-    /// `mqtt://host:port`.
+    /// `mqtt://host:port` or `mqtts://host:port`.
     pub fn url(&self) -> String {
+        let scheme = if self.tls { "mqtts" } else { "mqtt" };
         if self.host.contains(':') {
-            format!("mqtt://[{}]:{}", self.host, self.port)
+            format!("{scheme}://[{}]:{}", self.host, self.port)
         } else {
-            format!("mqtt://{}:{}", self.host, self.port)
+            format!("{scheme}://{}:{}", self.host, self.port)
         }
     }
+}
+
+/// A secret string (the broker password): its `Debug` does not show it, so a logged
+/// `Config` cannot leak it.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(pub String);
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(..)")
+    }
+}
+
+/// How nesd proves itself to the broker and checks the broker: TLS files and login.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct BrokerAuth {
+    /// With TLS: the only CA to trust (PEM); `None` trusts the system's roots.
+    pub ca: Option<PathBuf>,
+    /// With TLS: a client certificate chain and its key (PEM files).
+    pub client_cert: Option<(PathBuf, PathBuf)>,
+    /// The MQTT user name.
+    pub user: Option<String>,
+    /// The MQTT password (needs `user`).
+    pub password: Option<Secret>,
 }
 
 /// Everything nesd needs to start, resolved and checked.
@@ -233,6 +301,8 @@ pub struct Config {
     pub user: Username,
     /// The MQTT broker.
     pub broker: Broker,
+    /// TLS files and login for the broker.
+    pub broker_auth: BrokerAuth,
     /// Key server base URL, without a trailing slash.
     pub keyserver: String,
     /// The key server's public key file.
@@ -301,6 +371,18 @@ impl Config {
 
         let broker = cli.broker.or(file.broker).unwrap_or_else(|| DEFAULT_BROKER.to_owned());
         let broker = Broker::parse(&broker)?;
+        let broker_auth = resolve_broker_auth(
+            &broker,
+            BrokerAuthSources {
+                ca: cli.broker_ca.or(file.broker_ca),
+                cert: cli.broker_cert.or(file.broker_cert),
+                key: cli.broker_key.or(file.broker_key),
+                user: cli.broker_user.or(file.broker_user),
+                password_file: cli.broker_password_file.or(file.broker_password_file),
+                password: cli.broker_password,
+            },
+            home,
+        )?;
 
         let keyserver = cli.keyserver.or(file.keyserver).ok_or_else(|| {
             ConfigError::Missing(format!(
@@ -347,6 +429,7 @@ impl Config {
         Ok(Config {
             user,
             broker,
+            broker_auth,
             keyserver,
             keyserver_key,
             data_dir,
@@ -382,6 +465,65 @@ fn load_file(named: Option<&Path>, dirs: &Dirs) -> Result<(FileConfig, Option<Pa
         message: one_line(&e.to_string()),
     })?;
     Ok((file, Some(path)))
+}
+
+/// The broker settings as given, before checking.
+struct BrokerAuthSources {
+    ca: Option<PathBuf>,
+    cert: Option<PathBuf>,
+    key: Option<PathBuf>,
+    user: Option<String>,
+    password_file: Option<PathBuf>,
+    password: Option<Secret>,
+}
+
+/// Checks the broker's TLS and login settings together and reads the password.
+fn resolve_broker_auth(broker: &Broker, s: BrokerAuthSources, home: Option<&Path>) -> Result<BrokerAuth, ConfigError> {
+    let invalid = |m: String| Err(ConfigError::Invalid(m));
+    if !broker.tls {
+        // TLS files with a plain broker would give a false sense of protection.
+        for (name, set) in [("broker_ca", s.ca.is_some()), ("broker_cert", s.cert.is_some()), ("broker_key", s.key.is_some())] {
+            if set {
+                return invalid(format!("{name} is set but the broker {} is not TLS: use mqtts://", broker.url()));
+            }
+        }
+    }
+    let client_cert = match (s.cert, s.key) {
+        (Some(c), Some(k)) => Some((expand(&c, home), expand(&k, home))),
+        (None, None) => None,
+        (Some(_), None) => return invalid("broker_cert needs broker_key (the certificate's private key)".into()),
+        (None, Some(_)) => return invalid("broker_key needs broker_cert".into()),
+    };
+    let password = match (s.password, s.password_file) {
+        (Some(p), _) => Some(p),
+        (None, Some(file)) => Some(read_password_file(&expand(&file, home))?),
+        (None, None) => None,
+    };
+    let user = s.user.filter(|u| !u.is_empty());
+    if password.is_some() && user.is_none() {
+        return invalid("a broker password is set but no broker_user (NES_BROKER_USER, --broker-user)".into());
+    }
+    Ok(BrokerAuth { ca: s.ca.map(|p| expand(&p, home)), client_cert, user, password })
+}
+
+/// Reads the broker password: the file's first line. A file that group or others may
+/// read is refused, as ssh refuses such keys: the password would not be a secret.
+fn read_password_file(path: &Path) -> Result<Secret, ConfigError> {
+    use std::os::unix::fs::PermissionsExt;
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let mode = meta.permissions().mode() & 0o777;
+    if mode & 0o077 != 0 {
+        return Err(ConfigError::Invalid(format!(
+            "broker password file {} may be read by group or others (mode {mode:o}): chmod 600 it",
+            path.display()
+        )));
+    }
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let password = text.lines().next().unwrap_or("").to_owned();
+    if password.is_empty() {
+        return Err(ConfigError::Invalid(format!("broker password file {} is empty", path.display())));
+    }
+    Ok(Secret(password))
 }
 
 fn check_keyserver_url(url: &str) -> Result<String, ConfigError> {
@@ -466,7 +608,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let c = Config::resolve(cli(&["--user", "Alice", "--keyserver", "http://k:8080/"]), &dirs(tmp.path())).unwrap();
         assert_eq!(c.user.as_str(), "alice");
-        assert_eq!(c.broker, Broker { host: "localhost".into(), port: 1883 });
+        assert_eq!(c.broker, Broker { host: "localhost".into(), port: 1883, tls: false });
+        assert_eq!(c.broker_auth, BrokerAuth::default());
         assert_eq!(c.keyserver, "http://k:8080");
         assert_eq!(c.data_dir, tmp.path().join(".local/share/nes"));
         assert_eq!(c.socket, tmp.path().join("run/nes/nesd.sock"));
@@ -489,7 +632,7 @@ mod tests {
         let d = dirs(tmp.path());
         let c = Config::resolve(cli(&[]), &d).unwrap();
         assert_eq!(c.user.as_str(), "bob");
-        assert_eq!(c.broker, Broker { host: "filehost".into(), port: 1999 });
+        assert_eq!(c.broker, Broker { host: "filehost".into(), port: 1999, tls: false });
         assert_eq!(c.data_dir, tmp.path().join("nesdata"));
         assert_eq!(c.key_policy, KeyPolicy::Always);
         assert_eq!(c.key_ttl, Duration::from_secs(60));
@@ -560,12 +703,15 @@ mod tests {
 
     #[test]
     fn broker_urls() {
-        assert_eq!(Broker::parse("mqtt://h:1").unwrap(), Broker { host: "h".into(), port: 1 });
+        assert_eq!(Broker::parse("mqtt://h:1").unwrap(), Broker { host: "h".into(), port: 1, tls: false });
         assert_eq!(Broker::parse("tcp://h").unwrap().port, 1883);
         assert_eq!(Broker::parse("127.0.0.1:7").unwrap().port, 7);
-        assert_eq!(Broker::parse("mqtt://[::1]:9").unwrap(), Broker { host: "::1".into(), port: 9 });
+        assert_eq!(Broker::parse("mqtt://[::1]:9").unwrap(), Broker { host: "::1".into(), port: 9, tls: false });
         assert_eq!(Broker::parse("mqtt://[::1]:9").unwrap().url(), "mqtt://[::1]:9");
-        for bad in ["http://h:1", "mqtt://", "mqtt://h:0", "mqtt://u@h:1", "mqtt://h:1/x", "mqtts://h:8883"] {
+        assert_eq!(Broker::parse("mqtts://h:8884").unwrap(), Broker { host: "h".into(), port: 8884, tls: true });
+        assert_eq!(Broker::parse("mqtts://h").unwrap().port, 8883);
+        assert_eq!(Broker::parse("ssl://[::1]").unwrap().url(), "mqtts://[::1]:8883");
+        for bad in ["http://h:1", "mqtt://", "mqtt://h:0", "mqtt://u@h:1", "mqtt://h:1/x", "mqtts://u:pw@h:8883"] {
             assert!(Broker::parse(bad).is_err(), "{bad}");
         }
     }
@@ -575,5 +721,70 @@ mod tests {
         assert_eq!(cli(&["--keyserver-legacy"]).keyserver_legacy, Some(true));
         assert_eq!(cli(&["--keyserver-legacy=no"]).keyserver_legacy, Some(false));
         assert_eq!(cli(&[]).keyserver_legacy, None);
+    }
+
+    #[test]
+    fn broker_tls_and_login_settings() {
+        use std::os::unix::fs::PermissionsExt;
+        let tmp = tempfile::tempdir().unwrap();
+        let d = dirs(tmp.path());
+        let pw = tmp.path().join("pw");
+        std::fs::write(&pw, "s3cret\n").unwrap();
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+        write_config(
+            tmp.path(),
+            &format!(
+                "user = \"alice\"\nkeyserver = \"http://k\"\nbroker = \"mqtts://b\"\nbroker_ca = \"~/ca.pem\"\n\
+                 broker_user = \"alice\"\nbroker_password_file = \"{}\"\n",
+                pw.display()
+            ),
+        );
+        let c = Config::resolve(cli(&[]), &d).unwrap();
+        assert!(c.broker.tls);
+        assert_eq!(c.broker_auth.ca, Some(tmp.path().join("ca.pem")));
+        assert_eq!(c.broker_auth.user.as_deref(), Some("alice"));
+        assert_eq!(c.broker_auth.password, Some(Secret("s3cret".into())));
+        assert!(!format!("{c:?}").contains("s3cret"), "Debug shows the password");
+
+        // NES_BROKER_PASSWORD (filled by clap from the environment) wins over the file.
+        let from_env = Cli { broker_password: Some(Secret("fromenv".into())), ..Cli::default() };
+        let c = Config::resolve(from_env, &d).unwrap();
+        assert_eq!(c.broker_auth.password, Some(Secret("fromenv".into())));
+
+        // A password file others can read is refused, saying how to fix it.
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let err = Config::resolve(cli(&[]), &d).unwrap_err().to_string();
+        assert!(err.contains("chmod 600"), "{err}");
+        std::fs::set_permissions(&pw, std::fs::Permissions::from_mode(0o600)).unwrap();
+
+        // The flags and env vars exist for each setting.
+        let c = Config::resolve(
+            cli(&["--broker-cert", "/c.pem", "--broker-key", "/k.pem", "--broker-user", "bob"]),
+            &d,
+        )
+        .unwrap();
+        assert_eq!(c.broker_auth.client_cert, Some(("/c.pem".into(), "/k.pem".into())));
+        assert_eq!(c.broker_auth.user.as_deref(), Some("bob"));
+
+        let err = Config::resolve(cli(&["--broker-cert", "/c.pem"]), &d).unwrap_err().to_string();
+        assert!(err.contains("broker_key"), "{err}");
+        let err = Config::resolve(cli(&["--broker", "mqtt://b:1"]), &d).unwrap_err().to_string();
+        assert!(err.contains("broker_ca") && err.contains("mqtts://"), "{err}");
+
+        let plain = Cli {
+            user: Some("alice".into()),
+            keyserver: Some("http://k".into()),
+            config: Some(tmp.path().join("none.toml")),
+            broker_password: Some(Secret("x".into())),
+            ..Cli::default()
+        };
+        std::fs::write(tmp.path().join("none.toml"), "").unwrap();
+        let err = Config::resolve(plain, &d).unwrap_err().to_string();
+        assert!(err.contains("broker_user"), "{err}");
+    }
+
+    #[test]
+    fn the_password_is_no_flag() {
+        assert!(Cli::try_parse_from(["nesd", "--broker-password", "x"]).is_err());
     }
 }

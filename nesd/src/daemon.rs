@@ -98,6 +98,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         reason: format!("device id: {e}"),
     })?;
     let client_id = identity::client_id(&user, &device);
+    // The full id would let whoever reads it take the session: only a prefix is shown.
+    let shown_client_id = identity::shown_client_id(&user, &device);
+    let security = crate::mqtt::security(&config.broker, &config.broker_auth)
+        .map_err(|e| DaemonError::Startup(format!("broker TLS: {e}")))?;
     let keyserver = KeyServer::new(&config.keyserver, server_key, config.keyserver_legacy)
         .map_err(|e| DaemonError::Startup(format!("HTTP client: {e}")))?;
     let keys = KeyCache::open(
@@ -114,7 +118,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
     let (delivery_tx, delivery_rx) = mpsc::unbounded_channel();
-    let (transport, mqtt_task) = Transport::start(
+    let (transport, mqtt_task) = Transport::start_with(
         MqttConfig {
             host: config.broker.host.clone(),
             port: config.broker.port,
@@ -122,6 +126,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             topic: user.topic(),
             keep_alive: KEEP_ALIVE,
         },
+        security,
         incoming_tx,
         delivery_tx,
         shutdown.clone(),
@@ -137,7 +142,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         outbox_wake: outbox_wake.clone(),
         stats: stats.clone(),
         broker_url: config.broker.url(),
-        client_id: client_id.clone(),
+        client_id: shown_client_id.clone(),
         shutdown: shutdown.clone(),
     });
 
@@ -169,7 +174,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         user = %user,
         socket = %socket.path().map(|p| p.display().to_string()).unwrap_or_else(|| "(systemd)".into()),
         broker = %config.broker.url(),
-        client_id = %client_id,
+        client_id = %shown_client_id,
         "nesd is serving"
     );
 

@@ -127,27 +127,61 @@ fn warn_if_readable_by_others(path: &Path) {
     }
 }
 
-/// The device id: 8 random hex digits kept in `DATA_DIR/device-id`, made on first start.
-/// With the username it forms the MQTT client id, which must stay the same across
-/// restarts so the broker keeps the session (and what arrives while nesd is down).
+/// Random bytes in a device id: 128 bits from the OS RNG, as hex.
+pub const DEVICE_ID_BYTES: usize = 16;
+/// How many hex digits of the device id Status and the log show.
+pub const SHOWN_DEVICE_DIGITS: usize = 8;
+
+/// The device id: [`DEVICE_ID_BYTES`] random bytes (32 hex digits) kept in
+/// `DATA_DIR/device-id` (mode 600), made on first start. With the username it forms the
+/// MQTT client id, which must stay the same across restarts so the broker keeps the
+/// session (and what arrives while nesd is down). The id is a secret of sorts: whoever
+/// knows it can connect in nesd's place and take the session (and acknowledge away what
+/// is queued there), so it is never shown or logged in full ([`shown_client_id`]).
+///
+/// An id made by an older nesd (8 hex digits: 32 bits, guessable) is replaced by a new
+/// long one: that first start begins a new broker session (see nesd/README.md).
 pub fn device_id(data_dir: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::PermissionsExt;
     let path = data_dir.join("device-id");
     match std::fs::read_to_string(&path) {
         Ok(text) => {
             let id = text.trim();
-            if !id.is_empty() && id.len() <= 16 && id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            let hex_id = !id.is_empty() && id.bytes().all(|b| b.is_ascii_hexdigit());
+            if hex_id && id.len() == 2 * DEVICE_ID_BYTES {
+                if let Ok(meta) = std::fs::metadata(&path) {
+                    if meta.permissions().mode() & 0o077 != 0 {
+                        // Ours to fix: it was written before it was a secret.
+                        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))?;
+                    }
+                }
                 return Ok(id.to_ascii_lowercase());
             }
-            warn!(path = %path.display(), "device id file is damaged; making a new one");
+            if hex_id && id.len() < 2 * DEVICE_ID_BYTES {
+                warn!(
+                    path = %path.display(),
+                    "the device id is short (made by an older nesd, guessable): making a 128-bit one; \
+                     the broker starts a new session, and frames still queued in the old one are not delivered"
+                );
+            } else {
+                warn!(path = %path.display(), "device id file is damaged; making a new one");
+            }
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(e),
     }
-    let mut bytes = [0u8; 4];
+    let mut bytes = [0u8; DEVICE_ID_BYTES];
     rand::rngs::OsRng.fill_bytes(&mut bytes);
     let id = hex::encode(bytes);
     let tmp = data_dir.join("device-id.tmp");
-    std::fs::write(&tmp, format!("{id}\n"))?;
+    {
+        use std::io::Write;
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = std::fs::remove_file(&tmp);
+        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        f.write_all(format!("{id}\n").as_bytes())?;
+        f.sync_all()?;
+    }
     std::fs::rename(&tmp, &path)?;
     Ok(id)
 }
@@ -155,6 +189,13 @@ pub fn device_id(data_dir: &Path) -> std::io::Result<String> {
 /// The MQTT client id: `nes-<user>-<device id>`.
 pub fn client_id(user: &Username, device: &str) -> String {
     format!("nes-{user}-{device}")
+}
+
+/// The client id as Status and the log show it: `nes-<user>-<first 8 hex digits>…`.
+/// Enough to tell devices apart, far too little to take over the session.
+pub fn shown_client_id(user: &Username, device: &str) -> String {
+    let prefix: String = device.chars().take(SHOWN_DEVICE_DIGITS).collect();
+    format!("nes-{user}-{prefix}…")
 }
 
 #[cfg(test)]
@@ -167,9 +208,24 @@ mod tests {
         let a = device_id(tmp.path()).unwrap();
         let b = device_id(tmp.path()).unwrap();
         assert_eq!(a, b);
-        assert_eq!(a.len(), 8);
+        assert_eq!(a.len(), 32, "128 bits");
         let user = Username::parse("alice").unwrap();
         assert_eq!(client_id(&user, &a), format!("nes-alice-{a}"));
+        let shown = shown_client_id(&user, &a);
+        assert_eq!(shown, format!("nes-alice-{}…", &a[..8]));
+        assert!(!shown.contains(&a));
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(tmp.path().join("device-id")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o077, 0, "the device id file is private");
+    }
+
+    #[test]
+    fn a_short_device_id_is_replaced_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        std::fs::write(tmp.path().join("device-id"), "1a2b3c4d\n").unwrap();
+        let a = device_id(tmp.path()).unwrap();
+        assert_eq!(a.len(), 32);
+        assert_eq!(device_id(tmp.path()).unwrap(), a, "stable after the migration");
     }
 
     #[test]

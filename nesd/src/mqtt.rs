@@ -19,12 +19,25 @@
 //!   broker (SENT) and acknowledged (DELIVERED: PUBACK, or PUBCOMP for QoS 2).
 //! - On any connection error the loop waits (exponential backoff with jitter, at most
 //!   [`MAX_BACKOFF`]) and reconnects; rumqttc re-sends what was not acknowledged.
+//! - The broker connection may be TLS (rustls, the system's roots or one private CA, an
+//!   optional client certificate) with a user name and password ([`Security`]).
+//! - Packets from the broker are capped just above the frame limit
+//!   ([`MAX_INCOMING_PACKET`]), so a huge one is refused from its fixed header instead of
+//!   being read whole. In MQTT 3.1.1 the broker cannot be told the cap: rumqttc drops the
+//!   connection on such a packet, and a persistent session would get the same packet again
+//!   on every reconnect (a poison loop). So after that error the next connection reads up
+//!   to MQTT's maximum ([`DRAIN_INCOMING_PACKET`]), the pipeline refuses the oversized
+//!   frame and acknowledges it as usual, and once that acknowledgement is written the loop
+//!   reconnects with the small cap again. A broker that caps message sizes itself
+//!   (`message_size_limit`, docs/BROKER.md) never sends such a packet.
 //!
 //! This module knows nothing of frames or the API: it moves bytes and reports.
 
 use rand::Rng;
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS};
+use rumqttc::tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
+use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, StateError};
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -34,11 +47,13 @@ use tracing::{debug, info, trace, warn};
 pub const MAX_BACKOFF: Duration = Duration::from_secs(10);
 /// First wait after a connection error.
 pub const MIN_BACKOFF: Duration = Duration::from_millis(250);
-/// Largest packet we accept from the broker. Bigger frames are refused by the pipeline,
-/// but the packet itself must be read: a packet rumqttc refuses to read breaks the
-/// connection, and the broker would deliver it again on every reconnect, forever. So
-/// this is MQTT's own maximum; brokers should cap message sizes themselves.
-pub const MAX_INCOMING_PACKET: usize = 268_435_455 + 5;
+/// Largest packet we accept from the broker (its remaining length): a maximal frame plus
+/// topic and header. A bigger one is refused from its fixed header, before it is read; see
+/// the module docs for how the session gets past it.
+pub const MAX_INCOMING_PACKET: usize = nes_proto::frame::MAX_FRAME_BYTES + 1024;
+/// The cap for one connection after a packet over [`MAX_INCOMING_PACKET`] broke the
+/// previous one: MQTT's own maximum, to read that packet once and acknowledge it away.
+pub const DRAIN_INCOMING_PACKET: usize = 268_435_455 + 5;
 /// Largest packet we send: a maximal frame plus topic and header.
 pub const MAX_OUTGOING_PACKET: usize = nes_proto::frame::MAX_FRAME_BYTES + 1024;
 /// Frames handed to the pipeline and not yet handled, above which the loop stops
@@ -60,6 +75,114 @@ pub struct MqttConfig {
     pub topic: String,
     /// Keep-alive interval.
     pub keep_alive: Duration,
+}
+
+/// How the session is secured: TLS and a login. The default is plain TCP, anonymous.
+#[derive(Clone, Default)]
+pub struct Security {
+    /// TLS settings ([`tls_config`]); `None` is plain TCP.
+    pub tls: Option<Arc<ClientConfig>>,
+    /// MQTT user name and password (empty for none).
+    pub login: Option<(String, String)>,
+}
+
+impl std::fmt::Debug for Security {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Security")
+            .field("tls", &self.tls.is_some())
+            .field("user", &self.login.as_ref().map(|(u, _)| u))
+            .finish_non_exhaustive()
+    }
+}
+
+/// Why the TLS settings cannot be used. One line for the user.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsSetupError {
+    /// A file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// A PEM file holds nothing usable.
+    #[error("{path}: {what}")]
+    Bad {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        what: String,
+    },
+    /// The system's trusted roots could not be loaded.
+    #[error("cannot load the system's trusted certificates ({0}); set broker_ca")]
+    SystemRoots(String),
+    /// rustls refused the client certificate and key.
+    #[error("client certificate: {0}")]
+    ClientCert(String),
+}
+
+/// The TLS client settings: trust only `ca` (PEM) when given, else the system's roots;
+/// present `client` (certificate chain, key; PEM) when given.
+pub fn tls_config(ca: Option<&Path>, client: Option<(&Path, &Path)>) -> Result<ClientConfig, TlsSetupError> {
+    let read = |path: &Path| std::fs::read(path).map_err(|source| TlsSetupError::Read { path: path.to_owned(), source });
+    let bad = |path: &Path, what: &str| TlsSetupError::Bad { path: path.to_owned(), what: what.to_owned() };
+    let certs = |path: &Path| -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsSetupError> {
+        let pem = read(path)?;
+        let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+            .collect::<Result<_, _>>()
+            .map_err(|e| bad(path, &format!("bad PEM: {e}")))?;
+        if certs.is_empty() {
+            return Err(bad(path, "no certificate (PEM \"BEGIN CERTIFICATE\") in it"));
+        }
+        Ok(certs)
+    };
+    let mut roots = RootCertStore::empty();
+    match ca {
+        Some(path) => {
+            for cert in certs(path)? {
+                roots.add(cert).map_err(|e| bad(path, &format!("not a CA certificate: {e}")))?;
+            }
+        }
+        None => {
+            let system = rustls_native_certs::load_native_certs().map_err(|e| TlsSetupError::SystemRoots(e.to_string()))?;
+            roots.add_parsable_certificates(system);
+            if roots.is_empty() {
+                return Err(TlsSetupError::SystemRoots("none found".into()));
+            }
+        }
+    }
+    let builder = ClientConfig::builder().with_root_certificates(roots);
+    match client {
+        Some((cert, key)) => {
+            let chain = certs(cert)?;
+            let pem = read(key)?;
+            let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
+                .map_err(|e| bad(key, &format!("bad PEM: {e}")))?
+                .ok_or_else(|| bad(key, "no private key in it"))?;
+            builder.with_client_auth_cert(chain, key_der).map_err(|e| TlsSetupError::ClientCert(e.to_string()))
+        }
+        None => Ok(builder.with_no_client_auth()),
+    }
+}
+
+/// The session's [`Security`] from the resolved settings: reads the PEM files (so a bad
+/// one stops nesd at start, not at each reconnect) and warns when a password would
+/// travel in the clear to another machine.
+pub fn security(broker: &crate::config::Broker, auth: &crate::config::BrokerAuth) -> Result<Security, TlsSetupError> {
+    let tls = if broker.tls {
+        let client = auth.client_cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+        Some(Arc::new(tls_config(auth.ca.as_deref(), client)?))
+    } else {
+        None
+    };
+    let login = auth.user.clone().map(|user| (user, auth.password.as_ref().map(|p| p.0.clone()).unwrap_or_default()));
+    let loopback = broker.host == "localhost" || broker.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    if !broker.tls && auth.password.is_some() && !loopback {
+        warn!(broker = %broker.url(), "the broker password goes to another machine without TLS: use mqtts://");
+    }
+    Ok(Security { tls, login })
 }
 
 /// The connection as the rest of the daemon sees it.
@@ -217,11 +340,22 @@ impl Flow {
 }
 
 impl Transport {
-    /// Starts the session. Incoming publishes go to `incoming` (to be acknowledged with
-    /// [`Transport::ack`]), delivery progress to `deliveries`. The loop runs until
-    /// `shutdown` turns true, then disconnects.
+    /// Starts the session (plain TCP, anonymous). Incoming publishes go to `incoming` (to
+    /// be acknowledged with [`Transport::ack`]), delivery progress to `deliveries`. The
+    /// loop runs until `shutdown` turns true, then disconnects.
     pub fn start(
         config: MqttConfig,
+        incoming: mpsc::UnboundedSender<Publish>,
+        deliveries: mpsc::UnboundedSender<Delivery>,
+        shutdown: watch::Receiver<bool>,
+    ) -> (Transport, tokio::task::JoinHandle<()>) {
+        Self::start_with(config, Security::default(), incoming, deliveries, shutdown)
+    }
+
+    /// Like [`Transport::start`], with TLS and a login.
+    pub fn start_with(
+        config: MqttConfig,
+        security: Security,
         incoming: mpsc::UnboundedSender<Publish>,
         deliveries: mpsc::UnboundedSender<Delivery>,
         shutdown: watch::Receiver<bool>,
@@ -232,6 +366,12 @@ impl Transport {
             .set_manual_acks(true)
             .set_keep_alive(config.keep_alive)
             .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
+        if let Some(tls) = security.tls {
+            options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+        }
+        if let Some((user, password)) = security.login {
+            options.set_credentials(user, password);
+        }
         let (client, eventloop) = AsyncClient::new(options, REQUEST_CHANNEL);
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         let flow = Arc::new(Flow::default());
@@ -316,6 +456,10 @@ async fn run(
     let Links { tracker, flow, state, incoming, deliveries } = links;
     let mut backoff = MIN_BACKOFF;
     let mut subscribed = false;
+    // This connection reads up to MQTT's maximum to get past one oversized packet.
+    let mut draining = false;
+    // The oversized publish read while draining, until its acknowledgement is written.
+    let mut poison: Option<u16> = None;
     loop {
         flow.drain(&client);
         if flow.backlog() >= MAX_BACKLOG {
@@ -360,6 +504,15 @@ async fn run(
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
                 trace!(pkid = publish.pkid, bytes = publish.payload.len(), dup = publish.dup, "publish in");
+                if draining && remaining_length(&publish) > MAX_INCOMING_PACKET {
+                    if publish.qos == QoS::AtMostOnce {
+                        // Nothing to acknowledge: the broker will not send it again.
+                        reconnect_capped(&client, &mut eventloop);
+                        draining = false;
+                    } else {
+                        poison = Some(publish.pkid);
+                    }
+                }
                 flow.backlog.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 if incoming.send(publish).is_err() {
                     break; // the pipeline is gone: stopping
@@ -385,12 +538,42 @@ async fn run(
                 }
             }
             Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => lock(&tracker).collision(pkid),
-            Ok(Event::Outgoing(Outgoing::PubAck(pkid))) => trace!(pkid, "puback out"),
+            Ok(Event::Outgoing(Outgoing::PubAck(pkid))) => {
+                trace!(pkid, "puback out");
+                if poison == Some(pkid) {
+                    // The oversized packet is acknowledged away: back to the small cap.
+                    poison = None;
+                    draining = false;
+                    info!("the oversized packet is acknowledged; reconnecting with the frame-size cap");
+                    reconnect_capped(&client, &mut eventloop);
+                }
+            }
             Ok(_) => {}
             Err(e) => {
                 let reason = e.to_string();
-                if matches!(*state.borrow(), Connection::Up) {
+                if draining {
+                    // One connection at most reads without the cap.
+                    draining = false;
+                    poison = None;
+                    eventloop.mqtt_options.set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
+                }
+                if let Some(size) = oversized(&e) {
+                    warn!(
+                        bytes = size,
+                        limit = MAX_INCOMING_PACKET,
+                        "the broker sent a packet over the frame-size limit; reading it once to acknowledge it away \
+                         (cap message sizes at the broker: docs/BROKER.md)"
+                    );
+                    draining = true;
+                    eventloop.mqtt_options.set_max_packet_size(DRAIN_INCOMING_PACKET, MAX_OUTGOING_PACKET);
+                }
+                let was = state.borrow().clone();
+                if was == Connection::Up {
                     warn!(error = %reason, "lost the broker connection; reconnecting");
+                } else if was != Connection::Down(reason.clone()) {
+                    // A new reason (a refused login, an untrusted certificate) is worth a
+                    // line; the same one again at every retry is not.
+                    warn!(broker = %format!("{}:{}", config.host, config.port), error = %reason, "cannot connect to the broker");
                 } else {
                     debug!(error = %reason, "cannot reach the broker");
                 }
@@ -419,6 +602,32 @@ async fn run(
         .await;
     }
     state.send_replace(Connection::Down("stopped".into()));
+}
+
+/// A publish's remaining length, as rumqttc compares it with the cap: topic (with its
+/// length), packet id (QoS 1 and 2), payload.
+fn remaining_length(p: &Publish) -> usize {
+    let pkid = if p.qos == QoS::AtMostOnce { 0 } else { 2 };
+    2 + p.topic.len() + pkid + p.payload.len()
+}
+
+/// The size of the packet, when `e` is rumqttc refusing one over the cap.
+fn oversized(e: &ConnectionError) -> Option<usize> {
+    match e {
+        ConnectionError::MqttState(StateError::Deserialization(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n))) => {
+            Some(*n)
+        }
+        _ => None,
+    }
+}
+
+/// Restores the small cap for the next connection and ends this one (the broker keeps
+/// the session; the loop reconnects at once).
+fn reconnect_capped(client: &AsyncClient, eventloop: &mut EventLoop) {
+    eventloop.mqtt_options.set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
+    if let Err(e) = client.try_disconnect() {
+        debug!(error = %e, "disconnect not queued");
+    }
 }
 
 fn jitter(d: Duration) -> Duration {

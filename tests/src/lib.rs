@@ -5,7 +5,7 @@
 //!
 //! | piece | what it is |
 //! |---|---|
-//! | [`Mosquitto`] | a mosquitto on a free port with its own persistence dir; stop/start on the same port |
+//! | [`Mosquitto`] | a mosquitto on a free port with its own persistence dir; stop/start on the same port; optionally with a test's own listener/auth lines (TLS, password file, ACL) |
 //! | [`KeyServer`] | `nes-keyserver` (keygen + serve, SQLite, mail into a dir, no rate limits) |
 //! | [`Identity`] | a username with fresh (or given) RSA keys in a data dir, as `nes generate` writes them |
 //! | [`Nesd`] | a daemon for one identity: own data dir and socket; stop, kill -9, restart |
@@ -141,6 +141,10 @@ pub struct Mosquitto {
     port: u16,
     dir: tempfile::TempDir,
     child: Option<Child>,
+    /// Config lines of the test's own, after the `listener` line.
+    extra: String,
+    /// The listener speaks TLS.
+    tls: bool,
 }
 
 fn mosquitto_binary() -> Result<PathBuf> {
@@ -157,10 +161,21 @@ fn mosquitto_binary() -> Result<PathBuf> {
 impl Mosquitto {
     /// Starts a broker on a free port (retrying if another process takes the port first).
     pub async fn start() -> Result<Mosquitto> {
+        Self::start_with("", false).await
+    }
+
+    /// Starts a broker whose config has `extra` after its `listener` line: listener
+    /// options such as `cafile`/`certfile`/`keyfile` (then `tls` is true and [`url`] is
+    /// `mqtts://localhost:<port>`, so the server certificate must name `localhost`), and
+    /// `password_file`, `acl_file`, `allow_anonymous false`. Without an
+    /// `allow_anonymous` line anonymous clients are allowed, as in [`Mosquitto::start`].
+    ///
+    /// [`url`]: Mosquitto::url
+    pub async fn start_with(extra: &str, tls: bool) -> Result<Mosquitto> {
         let mut last = None;
         for _ in 0..5 {
             let dir = tempfile::Builder::new().prefix("nes-mqtt-").tempdir()?;
-            let mut m = Mosquitto { port: free_port()?, dir, child: None };
+            let mut m = Mosquitto { port: free_port()?, dir, child: None, extra: extra.to_owned(), tls };
             match m.spawn().await {
                 Ok(()) => return Ok(m),
                 Err(e) => last = Some(e),
@@ -173,13 +188,17 @@ impl Mosquitto {
         let data = self.dir.path().join("data");
         std::fs::create_dir_all(&data)?;
         let conf = self.dir.path().join("mosquitto.conf");
+        let mut extra = self.extra.clone();
+        if !extra.contains("allow_anonymous") {
+            extra.push_str("\nallow_anonymous true");
+        }
         std::fs::write(
             &conf,
             format!(
                 // `user root`: started as root, mosquitto would otherwise drop to the user
                 // `mosquitto`, which cannot write the 0700 temp dir, and silently lose its
                 // persistence (sessions, queued messages) on restart. Ignored when not root.
-                "user root\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence true\npersistence_location {data}/\n\
+                "user root\nlistener {port} 127.0.0.1\n{extra}\npersistence true\npersistence_location {data}/\n\
                  max_queued_messages 100000\nmax_inflight_messages 20\nlog_dest file {log}\n\
                  log_type error\nlog_type warning\nlog_type notice\nlog_type information\n",
                 port = self.port,
@@ -224,9 +243,13 @@ impl Mosquitto {
         tail(&self.dir.path().join("mosquitto.log"), lines)
     }
 
-    /// `mqtt://127.0.0.1:<port>`.
+    /// `mqtt://127.0.0.1:<port>`, or `mqtts://localhost:<port>` for a TLS listener.
     pub fn url(&self) -> String {
-        format!("mqtt://127.0.0.1:{}", self.port)
+        if self.tls {
+            format!("mqtts://localhost:{}", self.port)
+        } else {
+            format!("mqtt://127.0.0.1:{}", self.port)
+        }
     }
 
     /// Stops the broker cleanly (SIGTERM: it saves its sessions to disk).

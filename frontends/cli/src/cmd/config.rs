@@ -74,7 +74,12 @@ pub enum ConfigCommand {
 /// [`NUMBER_KEYS`] or [`BOOL_KEYS`].
 pub const KNOWN_KEYS: &[(&str, &str)] = &[
     ("user", "this identity's username"),
-    ("broker", "MQTT broker, mqtt://HOST:PORT (mqtts:// for TLS)"),
+    ("broker", "MQTT broker, mqtt://HOST:PORT (mqtts://HOST:PORT for TLS)"),
+    ("broker_ca", "with mqtts://: trust only this CA (PEM) instead of the system's roots"),
+    ("broker_cert", "with mqtts://: a client certificate (PEM) for the broker"),
+    ("broker_key", "the client certificate's private key (PEM)"),
+    ("broker_user", "user name for the broker"),
+    ("broker_password_file", "file with the broker password (mode 600; or NES_BROKER_PASSWORD)"),
     ("keyserver", "key server base URL"),
     ("keyserver_key", "the key server's public key file (PEM)"),
     ("data_dir", "data directory: keys/ and the message store"),
@@ -165,7 +170,7 @@ pub fn check_key(key: &str) -> Result<(), CliError> {
     if KNOWN_KEYS.iter().any(|(k, _)| *k == key) {
         return Ok(());
     }
-    let known: Vec<String> = KNOWN_KEYS.iter().map(|(k, help)| format!("  {k:<14} {help}")).collect();
+    let known: Vec<String> = KNOWN_KEYS.iter().map(|(k, help)| format!("  {k:<20} {help}")).collect();
     Err(user(format!("unknown setting {key:?} (use --force to write it anyway); known settings:\n{}", known.join("\n"))))
 }
 
@@ -233,6 +238,10 @@ mod tests {
     #[test]
     fn unknown_keys_are_refused_with_the_list() {
         assert!(check_key("broker").is_ok());
+        for key in ["broker_ca", "broker_cert", "broker_key", "broker_user", "broker_password_file"] {
+            assert!(check_key(key).is_ok(), "{key}");
+        }
+        assert!(check_key("broker_password").is_err(), "the password itself is no setting");
         let err = check_key("brokr").unwrap_err().to_string();
         assert!(err.contains("unknown setting") && err.contains("broker"), "{err}");
     }
