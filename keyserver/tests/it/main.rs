@@ -7,6 +7,7 @@ mod cli;
 mod cluster;
 mod common;
 mod compat;
+mod delete_link;
 mod fuzz;
 mod mail;
 mod ops;
