@@ -10,7 +10,9 @@
 //! Delete: <public-url>/users/<name>/<delete-token>
 //! ```
 //!
-//! plus the API link `<public-url>/users/<name>` where the signed keys appear.
+//! plus the API link `<public-url>/users/<name>` where the signed keys appear. Opening
+//! the Delete link only shows a confirmation page whose form's POST deletes, so a mail
+//! scanner that opens every link deletes nothing (`api/token.rs`).
 
 use crate::config::MailConfig;
 use lettre::message::header::{ContentTransferEncoding, ContentType};
@@ -234,7 +236,8 @@ pub fn activation_text(mail: &ActivationMail<'_>) -> String {
          Activate: {activate}\r\n\
          \r\n\
          Keep this mail: the delete link removes the username and its keys from\r\n\
-         the key server, now or at any time later.\r\n\
+         the key server, now or at any time later. It opens a page that asks\r\n\
+         you to confirm; nothing is deleted until you press its button.\r\n\
          \r\n\
          Delete: {delete}\r\n\
          \r\n\
@@ -300,6 +303,7 @@ mod tests {
         assert!(lines.contains(&"Delete: http://k.example.org/users/alice/BBBB"));
         assert!(lines.contains(&"API: http://k.example.org/users/alice"));
         assert!(text.contains("within 1 day"), "{text}");
+        assert!(text.contains("asks\r\nyou to confirm"), "{text}");
         assert_eq!(human_duration(Duration::from_secs(7200)), "2 hours");
         assert_eq!(human_duration(Duration::from_secs(90)), "90 seconds");
         assert_eq!(human_duration(Duration::from_secs(60)), "1 minute");

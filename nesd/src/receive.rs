@@ -343,6 +343,13 @@ impl Pipeline {
                 }
             }
         }
+        if opened.version == frame::Version::V1 {
+            // Stored before the v1 id came from the signature, a v1 message is keyed by the
+            // hash of its frame bytes: an exact replay of such a frame is a duplicate too.
+            if let Ok(Some(_)) = self.store.message(from.as_str(), &frame::v1_legacy_id(&publish.payload)) {
+                return self.refuse("duplicate", &format!("from {from}, stored before the upgrade"));
+            }
+        }
         let message = rpc::Message {
             id: opened.id.clone(),
             from: from.to_string(),

@@ -83,7 +83,8 @@ pub enum FrameError {
         /// The JSON field.
         field: &'static str,
     },
-    /// `cipherkey` does not unwrap with our message key (not for us, or corrupted).
+    /// `cipherkey` does not unwrap with our message key (not for us, or corrupted). v2
+    /// only: v1 rejects implicitly, so its failed unwraps are [`FrameError::Decrypt`].
     #[error("the message key does not unwrap with this identity's key")]
     Unwrap,
     /// The AES-GCM tag (v2) or the CBC padding (v1) does not check out.
@@ -152,7 +153,7 @@ pub struct Sealed {
     pub frame: Vec<u8>,
     /// The inner JSON bytes that were signed.
     pub inner: Vec<u8>,
-    /// The message id (v2: the inner `id`; v1: derived from the frame, see [`v1_id`]).
+    /// The message id (v2: the inner `id`; v1: derived from the signature, see [`v1_id`]).
     pub id: String,
     /// Which version it is.
     pub version: Version,
@@ -200,7 +201,7 @@ fn seal_v1(draft: &Draft<'_>, to_key: &PublicKey, sign_key: &PrivateKey) -> Resu
         b64::encode(&signature)
     )
     .into_bytes();
-    Ok(Sealed { id: v1_id(&frame), frame, inner, version: Version::V1 })
+    Ok(Sealed { id: v1_signature_id(&signature), frame, inner, version: Version::V1 })
 }
 
 fn seal_v2(draft: &Draft<'_>, to_key: &PublicKey, sign_key: &PrivateKey) -> Result<Sealed, FrameError> {
@@ -261,7 +262,7 @@ pub struct Opened {
     pub inner_bytes: Vec<u8>,
     /// The parsed inner message.
     pub inner: Inner,
-    /// The message id (v2: inner `id`; v1: [`v1_id`] of the frame bytes).
+    /// The message id (v2: inner `id`; v1: [`v1_id`], from the signature).
     pub id: String,
 }
 
@@ -282,7 +283,7 @@ pub fn decrypt(frame: &[u8], message_key: &PrivateKey) -> Result<Decrypted, Fram
     }
     let outer: Outer = serde_json::from_slice(frame).map_err(|e| FrameError::Json(e.to_string()))?;
     match outer.v {
-        None => decrypt_v1(frame, outer, message_key),
+        None => decrypt_v1(outer, message_key),
         Some(2) => decrypt_v2(outer, message_key),
         Some(v) => Err(FrameError::UnsupportedVersion(v)),
     }
@@ -293,7 +294,7 @@ fn field(value: Option<String>, name: &'static str) -> Result<Vec<u8>, FrameErro
     b64::decode(&text).ok_or(FrameError::Base64 { field: name })
 }
 
-fn decrypt_v1(frame: &[u8], outer: Outer, key: &PrivateKey) -> Result<Decrypted, FrameError> {
+fn decrypt_v1(outer: Outer, key: &PrivateKey) -> Result<Decrypted, FrameError> {
     // Decode every field before the RSA operation: garbage costs no private-key work.
     let cipherkey = field(outer.cipherkey, "cipherkey")?;
     let ciphertext = field(outer.ciphertext, "ciphertext")?;
@@ -301,16 +302,21 @@ fn decrypt_v1(frame: &[u8], outer: Outer, key: &PrivateKey) -> Result<Decrypted,
     if ciphertext.is_empty() || ciphertext.len() % 16 != 0 {
         return Err(FrameError::Length { field: "ciphertext" });
     }
-    let k = key.decrypt_pkcs1(&cipherkey).ok_or(FrameError::Unwrap)?;
-    if k.len() != 48 {
-        return Err(FrameError::Unwrap);
+    // Implicit rejection (keys.rs): a cipherkey that does not unwrap yields a stand-in key
+    // and goes through the same CBC decryption and inner parsing as a real one; only then is
+    // it refused, as `Decrypt`, the class a tampered ciphertext falls in. No early `Unwrap`.
+    let unwrapped = key.unwrap_v1_key(&cipherkey);
+    let k = &unwrapped.key;
+    let parsed = cbc::Decryptor::<aes::Aes256>::new_from_slices(&k[..32], &k[32..])
+        .map_err(|_| FrameError::Decrypt)
+        .and_then(|d| d.decrypt_padded_vec_mut::<Pkcs7>(&ciphertext).map_err(|_| FrameError::Decrypt))
+        .and_then(|bytes| Inner::parse(&bytes).map(|inner| (bytes, inner)).map_err(FrameError::Inner));
+    if unwrapped.unwrapped != 1 {
+        return Err(FrameError::Decrypt);
     }
-    let inner_bytes = cbc::Decryptor::<aes::Aes256>::new_from_slices(&k[..32], &k[32..])
-        .map_err(|_| FrameError::Unwrap)?
-        .decrypt_padded_vec_mut::<Pkcs7>(&ciphertext)
-        .map_err(|_| FrameError::Decrypt)?;
-    let inner = Inner::parse(&inner_bytes).map_err(FrameError::Inner)?;
-    Ok(Decrypted { version: Version::V1, inner_bytes, inner, signature, id: v1_id(frame) })
+    let (inner_bytes, inner) = parsed?;
+    let id = v1_signature_id(&signature);
+    Ok(Decrypted { version: Version::V1, inner_bytes, inner, signature, id })
 }
 
 fn decrypt_v2(outer: Outer, key: &PrivateKey) -> Result<Decrypted, FrameError> {
@@ -411,10 +417,31 @@ pub fn new_message_id() -> String {
     b64::encode(&id)
 }
 
-/// The id of a v1 message, which has none on the wire: the first 16 bytes of the
-/// SHA-256 of the frame bytes, base64url. Sender and receiver derive the same one, and a
-/// replayed v1 frame gets the same id, which is what duplicate detection needs.
-pub fn v1_id(frame: &[u8]) -> String {
+/// The id of a v1 message, which has none on the wire: the first 16 bytes of the SHA-256
+/// of its signature bytes (decoded), base64url. The signature is what the sender made and
+/// only the sender can make, and it verifies over exactly one inner message, so every
+/// re-encoding of a frame (whitespace, key order, extra fields, JSON escapes, a re-wrapped
+/// cipherkey) has the same id and the duplicate check refuses it; a sender that signs the
+/// same text again makes a new PSS signature (random salt), hence a new message. The
+/// signature travels in clear, so the id tells nothing about the text. `None` when `frame`
+/// is not a v1 frame with a decodable signature.
+pub fn v1_id(frame: &[u8]) -> Option<String> {
+    let outer: Outer = serde_json::from_slice(frame).ok()?;
+    if outer.v.is_some() {
+        return None;
+    }
+    Some(v1_signature_id(&b64::decode(&outer.signature?)?))
+}
+
+/// [`v1_id`] from the decoded signature bytes.
+pub fn v1_signature_id(signature: &[u8]) -> String {
+    b64::encode(&Sha256::digest(signature)[..ID_BYTES])
+}
+
+/// The v1 id before the replay fix: SHA-256 of the frame bytes as they came.
+/// Messages stored then are keyed by it, so the receiver also checks it (an exact replay of
+/// a frame stored before the upgrade is still a duplicate).
+pub fn v1_legacy_id(frame: &[u8]) -> String {
     b64::encode(&Sha256::digest(frame)[..ID_BYTES])
 }
 

@@ -19,6 +19,7 @@ use aws_lc_rs::rsa::{
     KeySize, OaepPrivateDecryptingKey, OaepPublicEncryptingKey, Pkcs1PrivateDecryptingKey,
     Pkcs1PublicEncryptingKey, PrivateDecryptingKey, PublicEncryptingKey, OAEP_SHA256_MGF1SHA256,
 };
+use aws_lc_rs::hmac;
 use aws_lc_rs::signature::{self, RsaKeyPair, RsaPssSaltLength};
 use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey, EncodeRsaPublicKey};
 use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
@@ -90,7 +91,26 @@ pub struct PrivateKey {
     signing: RsaKeyPair,
     oaep: OaepPrivateDecryptingKey,
     pkcs1: Pkcs1PrivateDecryptingKey,
+    /// Keys the stand-in for a v1 cipherkey that does not unwrap ([`PrivateKey::unwrap_v1_key`]).
+    rejection: hmac::Key,
     public: PublicKey,
+}
+
+/// Size of a v1 message key: AES-256 key (32) then CBC IV (16).
+pub(crate) const V1_KEY_BYTES: usize = 48;
+
+/// Domain of the implicit-rejection secret, so that it is no other use of the private key.
+const REJECTION_DOMAIN: &[u8] = b"NES v1 implicit rejection\0";
+
+/// What [`PrivateKey::unwrap_v1_key`] gives: always 48 bytes to decrypt with, and whether
+/// they are the real message key.
+pub(crate) struct V1Key {
+    /// The unwrapped key, or the stand-in.
+    pub(crate) key: Zeroizing<[u8; V1_KEY_BYTES]>,
+    /// 1 when `key` is what the cipherkey carried, 0 when it is the stand-in. A `u8`, not a
+    /// `bool`, so that computing it needs no branch; look at it only after the work that
+    /// uses `key` is done.
+    pub(crate) unwrapped: u8,
 }
 
 /// v1 (the original) signs with the largest PSS salt that fits.
@@ -327,7 +347,24 @@ impl PrivateKey {
         let pkcs1_pem = rsa
             .to_pkcs1_pem(LineEnding::LF)
             .map_err(|e| KeyError::Backend(e.to_string()))?;
-        Ok(Self { pkcs1_pem: Zeroizing::new(pkcs1_pem.to_string()), signing, oaep, pkcs1, public })
+        // Derived from the private key (as the implicit-rejection drafts derive theirs from
+        // d), so it is secret, the same across restarts, and needs no file of its own.
+        let pkcs1_der = rsa
+            .to_pkcs1_der()
+            .map_err(|e| KeyError::Backend(e.to_string()))?;
+        let mut kdk = Sha256::new();
+        kdk.update(REJECTION_DOMAIN);
+        kdk.update(pkcs1_der.as_bytes());
+        let kdk = Zeroizing::new(<[u8; 32]>::from(kdk.finalize()));
+        let rejection = hmac::Key::new(hmac::HMAC_SHA256, kdk.as_ref());
+        Ok(Self {
+            pkcs1_pem: Zeroizing::new(pkcs1_pem.to_string()),
+            signing,
+            oaep,
+            pkcs1,
+            rejection,
+            public,
+        })
     }
 
     /// The key as PEM `RSA PRIVATE KEY` (PKCS#1), for writing the key file.
@@ -379,13 +416,55 @@ impl PrivateKey {
         Some(out)
     }
 
-    /// Unwraps a v1 message key (RSAES-PKCS1-v1_5). `None` when it does not unwrap.
-    pub(crate) fn decrypt_pkcs1(&self, ciphertext: &[u8]) -> Option<Zeroizing<Vec<u8>>> {
-        let mut out = Zeroizing::new(vec![0u8; self.pkcs1.min_output_size()]);
-        let len = self.pkcs1.decrypt(ciphertext, &mut out).ok()?.len();
-        out.truncate(len);
-        Some(out)
+    /// Unwraps a v1 message key (RSAES-PKCS1-v1_5) with *implicit rejection*: when the
+    /// cipherkey does not unwrap (bad padding, wrong size, not for this key) or unwraps to
+    /// anything but 48 bytes, the answer is a stand-in key, HMAC-SHA-256 of the cipherkey
+    /// under a secret derived from this private key, instead of an early error. The caller
+    /// decrypts with whatever it gets, and the frame fails later (CBC padding, inner JSON,
+    /// signature) exactly as a frame whose real key unwrapped but whose ciphertext was
+    /// tampered with: a Bleichenbacher-style attacker sending modified cipherkeys sees the
+    /// same work and the same outcome either way. Deterministic, not fresh random, so that
+    /// sending one cipherkey twice cannot tell a stand-in (which would vary) from a real key.
+    ///
+    /// The stand-in is computed every time, before the RSA operation; the choice between
+    /// the two is a mask, not a branch. The one branch left is on aws-lc-rs's `Result`,
+    /// whose padding check itself runs in constant time.
+    pub(crate) fn unwrap_v1_key(&self, ciphertext: &[u8]) -> V1Key {
+        let stand_in = self.rejection_key(ciphertext);
+        let mut out = Zeroizing::new(vec![0u8; self.pkcs1.min_output_size().max(V1_KEY_BYTES)]);
+        let (ok, len) = match self.pkcs1.decrypt(ciphertext, &mut out) {
+            Ok(plain) => (1u8, plain.len()),
+            Err(_) => (0u8, 0usize),
+        };
+        let good = ok & ct_eq_usize(len, V1_KEY_BYTES);
+        // 0xff keeps the unwrapped bytes, 0x00 the stand-in.
+        let mask = std::hint::black_box(0u8.wrapping_sub(good));
+        let mut key = Zeroizing::new([0u8; V1_KEY_BYTES]);
+        for ((k, real), fake) in key.iter_mut().zip(out.iter()).zip(stand_in.iter()) {
+            *k = (real & mask) | (fake & !mask);
+        }
+        V1Key { key, unwrapped: good }
     }
+
+    /// The stand-in v1 key for `ciphertext`: two HMAC-SHA-256 blocks, the first 48 bytes.
+    fn rejection_key(&self, ciphertext: &[u8]) -> Zeroizing<[u8; V1_KEY_BYTES]> {
+        let mut out = Zeroizing::new([0u8; V1_KEY_BYTES]);
+        for (block, chunk) in out.chunks_mut(32).enumerate() {
+            let mut ctx = hmac::Context::with_key(&self.rejection);
+            ctx.update(&[block as u8]);
+            ctx.update(ciphertext);
+            let tag = ctx.sign();
+            chunk.copy_from_slice(&tag.as_ref()[..chunk.len()]);
+        }
+        out
+    }
+}
+
+/// 1 when `a == b`, else 0, without a data-dependent branch.
+fn ct_eq_usize(a: usize, b: usize) -> u8 {
+    let x = std::hint::black_box((a ^ b) as u64);
+    // The top bit of x | -x is set exactly when x is not zero.
+    1 ^ (((x | x.wrapping_neg()) >> 63) as u8)
 }
 
 impl fmt::Debug for PrivateKey {
@@ -527,6 +606,30 @@ mod tests {
         assert!(public.verify_pss_any_salt(msg, &odd));
         assert!(public.verify_pss_recovered_salt(msg, &v1));
         assert!(!public.verify_pss_recovered_salt(b"other", &odd));
+    }
+
+    #[test]
+    fn v1_unwrap_rejects_implicitly_with_a_deterministic_stand_in() {
+        let bob = PrivateKey::from_pem(&vector("keys/bob-rsa-message")).unwrap();
+        let alice = PrivateKey::from_pem(&vector("keys/alice-rsa-message")).unwrap();
+        let real = [7u8; V1_KEY_BYTES];
+        let cipherkey = bob.public_key().encrypt_pkcs1(&real).unwrap();
+        let got = bob.unwrap_v1_key(&cipherkey);
+        assert_eq!((got.unwrapped, *got.key), (1, real));
+        // Not for this key, not PKCS#1, the wrong size: a stand-in, never an early error,
+        // the same each time for the same cipherkey and key, other for another of either.
+        let other_size = bob.public_key().encrypt_pkcs1(&[7u8; 47]).unwrap();
+        for bad in [&cipherkey[..], &other_size[..], &[0u8; 256][..], &[1u8; 3][..]] {
+            let key = if bad == &cipherkey[..] { &alice } else { &bob };
+            let (once, twice) = (key.unwrap_v1_key(bad), key.unwrap_v1_key(bad));
+            assert_eq!((once.unwrapped, twice.unwrapped), (0, 0));
+            assert_eq!(*once.key, *twice.key);
+            assert_ne!(*once.key, real);
+            assert_ne!(*once.key, [0u8; V1_KEY_BYTES]);
+        }
+        assert_ne!(*bob.unwrap_v1_key(&[0u8; 256]).key, *alice.unwrap_v1_key(&[0u8; 256]).key);
+        assert_ne!(*bob.unwrap_v1_key(&[0u8; 256]).key, *bob.unwrap_v1_key(&[1u8; 256]).key);
+        assert_eq!((ct_eq_usize(48, 48), ct_eq_usize(47, 48), ct_eq_usize(0, 48), ct_eq_usize(usize::MAX, 48)), (1, 0, 0, 0));
     }
 
     #[test]

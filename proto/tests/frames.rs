@@ -115,8 +115,8 @@ fn v1_frames_are_shaped_like_the_originals() {
     assert!(text.contains(r#"","ciphertext":""#) && text.contains(r#"","signature":""#));
     let opened = open(&frame_bytes, &k.bob_message, &k.alice_sign_pub).unwrap();
     assert_eq!(opened.inner_bytes, br#"{"from":"alice","to":"bob","timestamp":1,"message":"hello"}"#);
-    // The id of a v1 message is derived from its frame bytes, the same on both sides.
-    assert_eq!(opened.id, frame::v1_id(&frame_bytes));
+    // The id of a v1 message is derived from its signature, the same on both sides.
+    assert_eq!(Some(opened.id), frame::v1_id(&frame_bytes));
 }
 
 #[test]
@@ -196,23 +196,125 @@ fn refuses_bad_lengths() {
 #[test]
 fn refuses_keys_that_do_not_unwrap() {
     let k = keys();
-    for version in [Version::V1, Version::V2] {
-        let frame_bytes = sealed(&k, version, "bob", "hi", 1);
-        // Someone else's key (alice's message key) cannot unwrap bob's frame.
-        let err = decrypt(&frame_bytes, &k.alice_message).unwrap_err();
-        assert!(matches!(err, FrameError::Unwrap | FrameError::Decrypt), "{version:?}: {err:?}");
-    }
+    // Someone else's key (alice's message key) cannot unwrap bob's frame. v1 rejects
+    // implicitly, so its refusal is the tampered-ciphertext one.
+    let v1 = sealed(&k, Version::V1, "bob", "hi", 1);
+    assert!(matches!(decrypt(&v1, &k.alice_message), Err(FrameError::Decrypt)));
     let v2 = sealed(&k, Version::V2, "bob", "hi", 1);
     assert!(matches!(decrypt(&v2, &k.alice_message), Err(FrameError::Unwrap)));
     // A v1 cipherkey that unwraps to something other than 48 bytes.
     let bob = rsa::RsaPublicKey::from_public_key_pem(&key_text("bob-rsa-message.pub")).unwrap();
     let short = bob.encrypt(&mut rand::rngs::OsRng, rsa::Pkcs1v15Encrypt, &[1u8; 20]).unwrap();
-    let frame_bytes = format!(
-        r#"{{"cipherkey":"{}","ciphertext":"{}","signature":"AA=="}}"#,
-        b64::encode(&short),
-        b64::encode(&[0u8; 16])
-    );
-    assert!(matches!(decrypt(frame_bytes.as_bytes(), &k.bob_message), Err(FrameError::Unwrap)));
+    let frame_bytes = v1_with_cipherkey(&v1, &short);
+    assert!(matches!(decrypt(&frame_bytes, &k.bob_message), Err(FrameError::Decrypt)));
+}
+
+/// `frame` (a v1 frame) with its cipherkey replaced.
+fn v1_with_cipherkey(frame: &[u8], cipherkey: &[u8]) -> Vec<u8> {
+    let mut json: serde_json::Value = serde_json::from_slice(frame).unwrap();
+    json["cipherkey"] = b64::encode(cipherkey).into();
+    serde_json::to_vec(&json).unwrap()
+}
+
+/// Item 8 of issue 14: a v1 cipherkey that is no PKCS#1 v1.5 encoding at all is refused
+/// with the same error, after the same steps, as a frame whose key unwrapped but whose
+/// ciphertext was tampered with; the verdict does not say which of the two it was.
+#[test]
+fn v1_unwrap_failures_are_rejected_implicitly() {
+    let k = keys();
+    let text = "long enough for two AES blocks, so a middle block can be tampered with";
+    let good = sealed(&k, Version::V1, "bob", text, 1);
+    let json: serde_json::Value = serde_json::from_slice(&good).unwrap();
+    let cipherkey = b64::decode(json["cipherkey"].as_str().unwrap()).unwrap();
+    let ciphertext = b64::decode(json["ciphertext"].as_str().unwrap()).unwrap();
+    assert!(ciphertext.len() >= 32);
+
+    // Tampered ciphertext: flipping byte 15 of the next-to-last block flips the last
+    // plaintext byte, the PKCS#7 pad length p; XOR with p makes it 0, never valid padding.
+    let pad = (16 - (br#"{"from":"alice","to":"bob","timestamp":1,"message":""}"#.len() + text.len()) % 16) as u8;
+    let mut tampered_ct = ciphertext.clone();
+    let at = tampered_ct.len() - 17;
+    tampered_ct[at] ^= pad;
+    let mut tampered = json.clone();
+    tampered["ciphertext"] = b64::encode(&tampered_ct).into();
+    let tampered = serde_json::to_vec(&tampered).unwrap();
+    let tampered_err = decrypt(&tampered, &k.bob_message).unwrap_err();
+    assert!(matches!(tampered_err, FrameError::Decrypt), "{tampered_err:?}");
+
+    // Random bytes of the right length, OAEP instead of PKCS#1 v1.5, the real cipherkey
+    // with one bit flipped, and a valid PKCS#1 v1.5 encoding of 47 bytes.
+    let bob = rsa::RsaPublicKey::from_public_key_pem(&key_text("bob-rsa-message.pub")).unwrap();
+    let mut random = vec![0u8; cipherkey.len()];
+    rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut random);
+    random[0] = 0; // below the modulus
+    let oaep = bob.encrypt(&mut rand::rngs::OsRng, rsa::Oaep::new::<sha2::Sha256>(), &[5u8; 48]).unwrap();
+    let mut flipped = cipherkey.clone();
+    flipped[100] ^= 0x10;
+    let short = bob.encrypt(&mut rand::rngs::OsRng, rsa::Pkcs1v15Encrypt, &[5u8; 47]).unwrap();
+    for (what, bad) in [("random", random), ("oaep", oaep), ("flipped", flipped), ("47 bytes", short)] {
+        let frame_bytes = v1_with_cipherkey(&good, &bad);
+        for _ in 0..2 {
+            let err = decrypt(&frame_bytes, &k.bob_message).unwrap_err();
+            assert!(matches!(err, FrameError::Decrypt), "{what}: {err:?}");
+            assert_eq!(err.reason(), tampered_err.reason(), "{what}");
+        }
+    }
+    // The real frame still opens, and so do the original client's.
+    open(&good, &k.bob_message, &k.alice_sign_pub).unwrap();
+    let vectors = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/legacy-v1/frames");
+    for n in 1..=5 {
+        let frame_bytes = std::fs::read(vectors.join(format!("frame-{n:02}.json"))).unwrap();
+        let expected = std::fs::read(vectors.join(format!("frame-{n:02}.expected.json"))).unwrap();
+        assert_eq!(open(&frame_bytes, &k.bob_message, &k.alice_sign_pub).unwrap().inner_bytes, expected);
+    }
+}
+
+/// Item 1 of issue 14: the v1 id comes from what the sender signed, so a frame republished
+/// with its outer JSON re-encoded has the id of the original, and the duplicate check
+/// (same `from` and id) refuses it.
+#[test]
+fn v1_ids_survive_re_encoding_of_the_outer_json() {
+    let k = keys();
+    let vectors = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/legacy-v1/frames");
+    let original = std::fs::read(vectors.join("frame-01.json")).unwrap();
+    let other = std::fs::read(vectors.join("frame-02.json")).unwrap();
+    for frame_bytes in [original.clone(), sealed(&k, Version::V1, "bob", "one of ours", 1)] {
+        let id = decrypt(&frame_bytes, &k.bob_message).unwrap().id().to_string();
+        assert_eq!(frame::v1_id(&frame_bytes).as_deref(), Some(id.as_str()));
+        let json: serde_json::Value = serde_json::from_slice(&frame_bytes).unwrap();
+        let field = |name: &str| json[name].as_str().unwrap().to_string();
+        let (ck, ct, sig) = (field("cipherkey"), field("ciphertext"), field("signature"));
+        let re_encoded = [
+            // Whitespace everywhere JSON allows it.
+            format!("\n {{ \"cipherkey\" :\t\"{ck}\" ,\r\n \"ciphertext\": \"{ct}\", \"signature\" : \"{sig}\" }}\n"),
+            // Keys in another order.
+            format!(r#"{{"signature":"{sig}","ciphertext":"{ct}","cipherkey":"{ck}"}}"#),
+            // An extra field, and a JSON escape inside the signature string.
+            format!(
+                r#"{{"cipherkey":"{ck}","ciphertext":"{ct}","signature":"\u00{:02x}{}","replayed":true}}"#,
+                sig.as_bytes()[0],
+                &sig[1..]
+            ),
+        ];
+        for again in &re_encoded {
+            assert_ne!(again.as_bytes(), &frame_bytes[..]);
+            assert_ne!(frame::v1_legacy_id(again.as_bytes()), frame::v1_legacy_id(&frame_bytes));
+            let opened = open(again.as_bytes(), &k.bob_message, &k.alice_sign_pub).unwrap();
+            assert_eq!(opened.id, id, "{again}");
+            assert_eq!(frame::v1_id(again.as_bytes()).as_deref(), Some(id.as_str()));
+        }
+    }
+    // Another frame has another id; so does the same text signed again (PSS is randomised).
+    let id = |f: &[u8]| decrypt(f, &k.bob_message).unwrap().id().to_string();
+    assert_ne!(id(&original), id(&other));
+    let (once, twice) = (sealed(&k, Version::V1, "bob", "same", 7), sealed(&k, Version::V1, "bob", "same", 7));
+    assert_ne!(id(&once), id(&twice));
+    // What the sender records is what the receiver derives.
+    let (a, b) = (user("alice"), user("bob"));
+    let s = seal(Version::V1, &Draft { from: &a, to: &b, text: "x", timestamp_ms: 1 }, &k.bob_message_pub, &k.alice_sign).unwrap();
+    assert_eq!(s.id, id(&s.frame));
+    assert_eq!(frame::v1_id(b"{\"v\":2}"), None);
+    assert_eq!(frame::v1_id(b"not json"), None);
 }
 
 #[test]

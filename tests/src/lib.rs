@@ -476,6 +476,16 @@ impl KeyServer {
         Ok(())
     }
 
+    /// POSTs to a link (a delete link: its GET only asks for confirmation) and expects
+    /// success.
+    pub async fn post_ok(&self, url: &str) -> Result<()> {
+        let r = self.http.post(url).send().await?;
+        if !r.status().is_success() {
+            bail!("POST {url}: {}", r.status());
+        }
+        Ok(())
+    }
+
     /// `GET /users/<user>`: the status code.
     pub async fn lookup_status(&self, user: &str) -> Result<u16> {
         Ok(self.http.get(format!("{}/users/{user}", self.url())).send().await?.status().as_u16())

@@ -36,7 +36,7 @@ async fn a_key_change_is_shown_refused_and_trusted_through_the_frontends() -> Re
     chat.wait_for("carol: before the change").await?;
 
     // carol re-registers with new keys and writes again.
-    w.keyserver.get_ok(&carol_delete).await?;
+    w.keyserver.post_ok(&carol_delete).await?;
     carol.stop().await?;
     carol_id.rekey()?;
     carol_id.register(&w.keyserver).await?;

@@ -414,7 +414,7 @@ async fn an_old_answer_replayed_after_a_key_change_is_a_key_change() -> Result<(
         (s.bob.message.public_key().fingerprint(), s.bob.sign.public_key().fingerprint());
 
     // ... bob changes keys (deletes his entry, registers new keys) ...
-    s.w.keyserver.get_ok(&s.bob_delete).await?;
+    s.w.keyserver.post_ok(&s.bob_delete).await?;
     s.bob.rekey()?;
     s.bob.register(&s.w.keyserver).await?;
     let (new_message_fp, new_sign_fp) =

@@ -154,7 +154,7 @@ async fn the_original_clients_v1_frames_show_up_with_their_text() -> Result<()> 
         let text = std::fs::read_to_string(format!("{}.message.txt", base.display()))?;
         let inner: serde_json::Value =
             serde_json::from_slice(&std::fs::read(format!("{}.expected.json", base.display()))?)?;
-        expected.push((frame::v1_id(&frame), text, inner["timestamp"].as_i64().context("timestamp")?));
+        expected.push((frame::v1_id(&frame).context("v1 id")?, text, inner["timestamp"].as_i64().context("timestamp")?));
         wire.publish("nes/bob/message", frame).await?;
     }
     let h = wait_history(&b, "alice", 5, |m| m.direction == Direction::Incoming as i32).await?;
@@ -231,7 +231,7 @@ async fn a_key_change_is_held_until_trusted() -> Result<()> {
     ensure!(pinned.trust == TrustState::Pinned as i32);
 
     // carol deletes her registration and registers new keys.
-    w.keyserver.get_ok(&carol_delete).await?;
+    w.keyserver.post_ok(&carol_delete).await?;
     ensure!(w.keyserver.lookup_status("carol").await? == 404);
     carol.stop().await?;
     carol_id.rekey()?;

@@ -4,7 +4,7 @@
 //! |---|---|
 //! | `POST /users` | [`register`] |
 //! | `GET /users/{username}` | [`lookup`] |
-//! | `GET /users/{username}/{token}` | [`token`] |
+//! | `GET`, `POST /users/{username}/{token}` | [`token`] |
 //! | `GET /healthz`, `GET /metrics`, `GET /openapi.json` | [`ops`] |
 //!
 //! Handlers return `Result<Response, ApiError>` internally; [`reply`] turns an error
@@ -67,7 +67,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/users", post(register::register))
         .route("/users/{username}", get(lookup::lookup))
-        .route("/users/{username}/{token}", get(token::token))
+        .route("/users/{username}/{token}", get(token::token).post(token::delete))
         .route("/healthz", get(ops::healthz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))

@@ -67,7 +67,12 @@ async fn register_activate_lookup_delete(backend: Backend) {
     // Activating twice does nothing more.
     assert_error(server.follow(&links.activate).await, 404, "not_found").await;
 
+    // Opening the delete link asks; the form's POST deletes.
     let r = server.follow(&links.delete).await;
+    assert_eq!(r.status(), 200);
+    assert!(r.text().await.unwrap().contains("<form method=\"post\">"));
+    server.lookup_verified(name).await;
+    let r = server.confirm_delete(&links.delete).await;
     assert_eq!(r.status(), 200);
     assert_eq!(
         r.json::<serde_json::Value>().await.unwrap()["status"],
@@ -76,6 +81,7 @@ async fn register_activate_lookup_delete(backend: Backend) {
     // Gone at once, although the answer was in the cache.
     assert_error(server.get("/users/alice").await, 404, "not_found").await;
     assert_error(server.follow(&links.delete).await, 404, "not_found").await;
+    assert_error(server.confirm_delete(&links.delete).await, 404, "not_found").await;
     // The name is free again.
     server.register(name).await;
 

@@ -9,15 +9,15 @@ use std::time::{Duration, Instant};
 crate::on_both_backends!(activation_mail_over_smtp, activation_mail_in_mail_dir);
 
 /// A local SMTP server writing what it receives into a Maildir. Killed on drop.
-struct SmtpServer {
+pub(crate) struct SmtpServer {
     child: Child,
-    port: u16,
+    pub(crate) port: u16,
     maildir: PathBuf,
     _dir: tempfile::TempDir,
 }
 
 impl SmtpServer {
-    fn start() -> Self {
+    pub(crate) fn start() -> Self {
         let python = "/usr/bin/python3";
         let have = Command::new(python)
             .args(["-c", "import aiosmtpd"])
@@ -60,7 +60,7 @@ impl SmtpServer {
         panic!("aiosmtpd did not start");
     }
 
-    fn mails(&self) -> Vec<String> {
+    pub(crate) fn mails(&self) -> Vec<String> {
         files_under(&self.maildir)
             .iter()
             .filter_map(|p| std::fs::read_to_string(p).ok())
@@ -138,7 +138,7 @@ async fn activation_mail_over_smtp(backend: Backend) {
             .await,
         1.0
     );
-    assert_eq!(server.follow(&links.delete).await.status(), 200);
+    assert_eq!(server.confirm_delete(&links.delete).await.status(), 200);
     assert_error(server.get("/users/olivia").await, 404, "not_found").await;
 }
 

@@ -12,6 +12,7 @@ mod cli;
 mod cluster;
 mod common;
 mod compat;
+mod delete_link;
 mod fuzz;
 mod mail;
 mod ops;

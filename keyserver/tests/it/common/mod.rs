@@ -405,6 +405,11 @@ impl Server {
         self.http.get(url).send().await.expect("GET link")
     }
 
+    /// POST an absolute URL: what the delete link's confirmation form does.
+    pub async fn confirm_delete(&self, url: &str) -> reqwest::Response {
+        self.http.post(url).send().await.expect("POST link")
+    }
+
     /// Registers `name` with alice's vector keys; asserts 201.
     pub async fn register(&self, name: &str) {
         let (m, s) = alice_keys();
