@@ -527,6 +527,18 @@ impl Tmux {
         }
     }
 
+    /// The pane's title (what `ESC ] 0 ; ... BEL` from the program would set).
+    pub async fn pane_title(&self) -> Result<String> {
+        let out = Command::new("tmux")
+            .args(["-L", &self.socket, "display-message", "-p", "-t", &self.session, "#{pane_title}"])
+            .output()
+            .await?;
+        if !out.status.success() {
+            bail!("tmux display-message failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
+    }
+
     /// Whether the session still exists (the program in it has not exited).
     pub async fn alive(&self) -> bool {
         Command::new("tmux")

@@ -229,3 +229,154 @@ async fn private_keys_never_appear_in_the_log_the_grpc_api_or_d_bus() -> Result<
     }
     Ok(())
 }
+
+/// Runs `nes ARGS` as this user (the victim) with nothing of the test's environment but
+/// a fresh HOME and a runtime dir of its own, so only the socket given is tried.
+fn nes_as_me(home: &Path, args: &[&std::ffi::OsStr], env: &[(&str, &std::ffi::OsStr)]) -> Result<Output> {
+    let mut cmd = Command::new(bin("nes")?);
+    cmd.args(args)
+        .env_clear()
+        .env("PATH", "/usr/bin:/bin")
+        .env("HOME", home)
+        .env("XDG_CONFIG_HOME", home.join(".config"))
+        .env("XDG_STATE_HOME", home.join(".local/state"))
+        .env("XDG_RUNTIME_DIR", home.join("run"))
+        .stdin(Stdio::null());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    Ok(cmd.output()?)
+}
+
+fn chown(path: &Path, ids: (u32, u32)) -> Result<()> {
+    std::os::unix::fs::lchown(path, Some(ids.0), Some(ids.1)).with_context(|| format!("chown {}", path.display()))
+}
+
+/// `nes status` and `nes send` through `socket` exit 1, name the path and say `why`.
+fn refused(home: &Path, socket: &Path, why: &str) -> Result<()> {
+    for args in [vec!["status"], vec!["send", "bob", "a secret for bob"]] {
+        let mut all: Vec<&std::ffi::OsStr> = vec!["--socket".as_ref(), socket.as_os_str()];
+        all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
+        let out = nes_as_me(home, &all, &[])?;
+        let said = text(&out);
+        ensure!(out.status.code() == Some(1), "`nes {args:?}` exited {:?}: {said}", out.status.code());
+        ensure!(said.contains(&format!("refusing nesd's socket {}", socket.display())), "{said}");
+        ensure!(said.contains(why), "expected {why:?} in: {said}");
+    }
+    Ok(())
+}
+
+/// A fake nesd: a listener that another user could have put there. Nothing may ever
+/// connect to it.
+fn assert_untouched(listener: &std::os::unix::net::UnixListener) -> Result<()> {
+    match listener.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Ok(()),
+        Ok(_) => bail!("the CLI connected to the fake daemon"),
+        Err(e) => bail!("accept: {e}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_socket_or_folder_of_another_user_is_refused_before_connecting() -> Result<()> {
+    let ids = other_user()?;
+    let other = format!("{OTHER} (uid {})", ids.0);
+    let home = tempfile::tempdir()?;
+    let root = tempfile::Builder::new().prefix("nes-boundary-").tempdir()?;
+    chmod(root.path(), 0o755)?;
+
+    // The `/tmp/nes-<uid>` fallback, made by the other user before us, with a listener.
+    let me = std::fs::metadata("/proc/self")?.uid();
+    let folder = root.path().join(format!("nes-{me}"));
+    std::fs::create_dir(&folder)?;
+    let socket = folder.join("nesd.sock");
+    let fake = std::os::unix::net::UnixListener::bind(&socket)?;
+    fake.set_nonblocking(true)?;
+    chmod(&socket, 0o666)?;
+    chown(&socket, ids)?;
+    chown(&folder, ids)?;
+    chmod(&folder, 0o755)?;
+    refused(home.path(), &socket, &format!("its folder {} belongs to {other}, not to you", folder.display()))?;
+    // Found by the fallback itself (no --socket, no XDG_RUNTIME_DIR), where it applies.
+    if !Path::new(&format!("/run/user/{me}")).exists() {
+        let mut cmd = Command::new(bin("nes")?);
+        cmd.arg("status")
+            .env_clear()
+            .env("PATH", "/usr/bin:/bin")
+            .env("HOME", home.path())
+            .env("XDG_CONFIG_HOME", home.path().join(".config"))
+            .env("TMPDIR", root.path())
+            .stdin(Stdio::null());
+        let out = cmd.output()?;
+        ensure!(out.status.code() == Some(1), "fallback: exit {:?}: {}", out.status.code(), text(&out));
+        ensure!(text(&out).contains(&format!("refusing nesd's socket {}", socket.display())), "{}", text(&out));
+    }
+
+    // Our folder, their socket.
+    chown(&folder, (me, 0))?;
+    chmod(&folder, 0o700)?;
+    refused(home.path(), &socket, &format!("it belongs to {other}, not to you"))?;
+
+    // Our socket in a folder anyone may write to.
+    chown(&socket, (me, 0))?;
+    chmod(&folder, 0o777)?;
+    refused(home.path(), &socket, "writable by its group and every user (mode 0777)")?;
+    chmod(&folder, 0o1777)?;
+    refused(home.path(), &socket, "(mode 1777)")?;
+    assert_untouched(&fake)?;
+
+    drop(fake);
+
+    // A listener run by the other user behind a socket file that looks like ours (the
+    // files swapped after the check): refused by the peer's credentials, nothing sent.
+    std::fs::remove_file(&socket)?;
+    chown(&folder, ids)?;
+    let log_dir = root.path().join("log");
+    std::fs::create_dir(&log_dir)?;
+    chown(&log_dir, ids)?;
+    let log = log_dir.join("fake.log");
+    let script = format!(
+        "import socket,sys\n\
+         s=socket.socket(socket.AF_UNIX)\ns.bind({sock:?})\ns.listen(8)\nopen({log:?},'w').write('listening\\n')\n\
+         while True:\n    c,_=s.accept()\n    n=0\n    while True:\n        d=c.recv(4096)\n        if not d: break\n        n+=len(d)\n    open({log:?},'a').write('conn %d\\n' % n)\n    c.close()\n",
+        sock = socket.display().to_string(),
+        log = log.display().to_string(),
+    );
+    let mut python = Command::new("/usr/bin/python3")
+        .args(["-c", &script])
+        .uid(ids.0)
+        .gid(ids.1)
+        .env_clear()
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("cannot start python3")?;
+    let result = async {
+        eventually("the fake listener", TIMEOUT, || async {
+            Ok(std::fs::read_to_string(&log).unwrap_or_default().contains("listening").then_some(()))
+        })
+        .await?;
+        // Make the socket and folder look like ours again.
+        chown(&socket, (me, 0))?;
+        chown(&folder, (me, 0))?;
+        chmod(&folder, 0o700)?;
+        let out = nes_as_me(home.path(), &["--socket".as_ref(), socket.as_os_str(), "send".as_ref(), "bob".as_ref(), "secret".as_ref()], &[])?;
+        let said = text(&out);
+        ensure!(out.status.code() == Some(1), "exit {:?}: {said}", out.status.code());
+        ensure!(said.contains(&format!("refusing nesd's socket {}", socket.display())), "{said}");
+        ensure!(said.contains(&format!("the program listening on it runs as {other}")), "{said}");
+        // The kernel completed the connection before the CLI looked at the peer; the
+        // fake sees it closed with nothing read.
+        let logged = eventually("the fake to log the connection", TIMEOUT, || async {
+            let t = std::fs::read_to_string(&log).unwrap_or_default();
+            Ok(t.contains("conn").then_some(t))
+        })
+        .await?;
+        ensure!(logged.lines().filter(|l| l.starts_with("conn")).all(|l| l == "conn 0"), "bytes reached the fake: {logged}");
+        Ok(())
+    }
+    .await;
+    let _ = python.kill();
+    let _ = python.wait();
+    result
+}

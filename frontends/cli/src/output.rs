@@ -103,20 +103,23 @@ pub fn local_time(ms: i64) -> String {
     }
 }
 
-/// One line for people: `[2024-05-01 12:03:04] alice → bob: text ✓`.
+/// One line for people: `[2024-05-01 12:03:04] alice → bob: text ✓`. Everything from the
+/// network goes through [`nes_client::display::line`]: the text can neither send escape
+/// sequences to the terminal nor start a line of its own (its newlines show as `\n`).
 pub fn message_line(message: &Message) -> String {
+    use nes_client::display::line;
     let mark = match Direction::try_from(message.direction) {
         Ok(Direction::Outgoing) => format!(" {}", state_mark(message.state)),
         _ if message.state == MessageState::Held as i32 => " (held: sender's keys changed)".into(),
         _ => String::new(),
     };
-    let error = if message.error.is_empty() { String::new() } else { format!(" ({})", message.error) };
+    let error = if message.error.is_empty() { String::new() } else { format!(" ({})", line(&message.error)) };
     format!(
         "[{}] {} → {}: {}{}{}",
         local_time(message.timestamp_ms),
-        message.from,
-        message.to,
-        message.text,
+        line(&message.from),
+        line(&message.to),
+        line(&message.text),
         mark,
         error
     )
@@ -212,6 +215,18 @@ mod tests {
         m.state = MessageState::Failed as i32;
         m.error = "no keys".into();
         assert!(message_line(&m).contains("✗ (no keys)"));
+    }
+
+    #[test]
+    fn human_line_escapes_what_the_sender_wrote() {
+        let mut m = sample();
+        m.text = "\x1b]0;pwned\x07\x1b[2J\rx\nmallory: fake line\u{202e}a\u{200b}b".into();
+        let shown = message_line(&m);
+        assert!(!shown.contains(['\x1b', '\x07', '\r', '\n', '\u{202e}', '\u{200b}']), "{shown:?}");
+        assert!(shown.contains("alice → bob: \\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\rx\\nmallory: fake line\\u{202e}a\\u{200b}b"), "{shown}");
+        // --json keeps the exact text.
+        let v = serde_json::to_value(message_json(&m, None)).unwrap();
+        assert_eq!(v["message"], m.text.as_str());
     }
 
     #[test]

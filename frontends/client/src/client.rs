@@ -29,16 +29,11 @@ pub struct Client {
 
 impl Client {
     /// Connects to the daemon listening on `socket`. A missing socket or a refused
-    /// connection is [`Error::NotRunning`].
+    /// connection is [`Error::NotRunning`]; a socket that is not the user's own (see
+    /// [`crate::paths::check_socket`]), or a listener running as another user, is
+    /// [`Error::Untrusted`], found before any request is sent.
     pub async fn connect(socket: &Path) -> Result<Self, Error> {
-        let not_running = |reason: &str| Error::NotRunning { socket: socket.to_path_buf(), reason: reason.into() };
-        match std::fs::symlink_metadata(socket) {
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(not_running("no socket")),
-            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
-                return Err(Error::Socket { socket: socket.to_path_buf(), reason: e.to_string() })
-            }
-            _ => {}
-        }
+        crate::paths::check_socket(socket)?;
         let path = socket.to_path_buf();
         // The URI is required by tonic but unused: the connector ignores it and opens the
         // Unix socket instead.
@@ -47,6 +42,9 @@ impl Client {
                 let path = path.clone();
                 async move {
                     let stream = tokio::net::UnixStream::connect(path).await?;
+                    // The files were checked before; who listens is checked here, before
+                    // the first byte goes out, so a socket swapped in between is refused too.
+                    check_peer(&stream)?;
                     Ok::<_, std::io::Error>(hyper_util::rt::TokioIo::new(stream))
                 }
             }))
@@ -188,12 +186,34 @@ impl Client {
     }
 }
 
+/// A listener that runs as another user (neither this user nor root).
+#[derive(Debug, thiserror::Error)]
+#[error("the program listening on it runs as {0}, not as {1}: it is not your nesd")]
+struct UntrustedPeer(String, String);
+
+/// Refuses a peer whose uid is neither ours nor root's (see [`crate::paths::check_socket`]).
+fn check_peer(stream: &tokio::net::UnixStream) -> std::io::Result<()> {
+    let peer = stream.peer_cred()?.uid();
+    let me = crate::paths::current_uid();
+    if peer == 0 || Some(peer) == me {
+        return Ok(());
+    }
+    let me = me.map(crate::paths::you).unwrap_or_else(|| "you".into());
+    Err(std::io::Error::new(
+        std::io::ErrorKind::PermissionDenied,
+        UntrustedPeer(crate::paths::user_name(peer), me),
+    ))
+}
+
 /// Sorts a failed connect: no socket / refused means no daemon; permission denied means
 /// the socket is not ours.
 fn connect_error(err: &tonic::transport::Error, socket: &Path) -> Error {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
+            if let Some(peer) = io.get_ref().and_then(|inner| inner.downcast_ref::<UntrustedPeer>()) {
+                return Error::Untrusted { socket: socket.to_path_buf(), reason: peer.to_string() };
+            }
             return match io.kind() {
                 std::io::ErrorKind::PermissionDenied => {
                     Error::Socket { socket: socket.to_path_buf(), reason: io.to_string() }

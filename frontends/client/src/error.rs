@@ -24,6 +24,15 @@ pub enum Error {
         /// The daemon's message.
         message: String,
     },
+    /// The socket, its folder, or the program listening on it belongs to another user
+    /// (see [`crate::paths::check_socket`]): refused before anything is sent. Exit 1.
+    #[error("refusing nesd's socket {socket}: {reason}")]
+    Untrusted {
+        /// The socket that was tried.
+        socket: PathBuf,
+        /// Whose it is and why that is refused.
+        reason: String,
+    },
     /// The socket exists but may not be opened (another user's daemon, wrong mode).
     #[error("cannot open nesd's socket {socket}: {reason}")]
     Socket {

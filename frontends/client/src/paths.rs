@@ -10,8 +10,14 @@
 //!
 //! The config file is `--config`, else `NES_CONFIG`, else `$XDG_CONFIG_HOME/nes/config.toml`
 //! (`~/.config/nes/config.toml`).
+//!
+//! Whatever path is found, [`check_socket`] decides whether it may be used: with the
+//! `/tmp/nes-<uid>` fallback (or a careless `--socket`) another local user could have put
+//! a socket of their own there and would read every message sent through it.
 
+use crate::error::Error;
 use std::ffi::OsString;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 
 /// The socket file name inside the runtime directory.
@@ -110,6 +116,108 @@ pub fn expand_home(path: &str) -> PathBuf {
     }
 }
 
+/// Whether `socket` may be connected to: it must exist (else [`Error::NotRunning`], exit
+/// 3), and the socket and the folder it is in (after following symlinks) must be owned by
+/// this user or by root, with the folder writable by no one else (else
+/// [`Error::Untrusted`], exit 1). Root is trusted because it can read any user's messages
+/// anyway; a group- or other-writable folder is refused even with the sticky bit, since
+/// whoever can write there could have made the socket before nesd did.
+///
+/// This checks the file system before connecting; [`crate::Client::connect`] then also
+/// checks who listens on the socket (peer credentials), which closes the window between
+/// this check and the connect.
+pub fn check_socket(socket: &Path) -> Result<(), Error> {
+    let fail = |reason: String| Error::Untrusted { socket: socket.to_path_buf(), reason };
+    match std::fs::symlink_metadata(socket) {
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            return Err(Error::NotRunning { socket: socket.to_path_buf(), reason: "no socket".into() })
+        }
+        Err(e) => return Err(Error::Socket { socket: socket.to_path_buf(), reason: e.to_string() }),
+        Ok(_) => {}
+    }
+    let socket_error = |e: std::io::Error| match e.kind() {
+        // A dangling symlink: nothing listens there.
+        std::io::ErrorKind::NotFound => Error::NotRunning { socket: socket.to_path_buf(), reason: "no socket".into() },
+        _ => Error::Socket { socket: socket.to_path_buf(), reason: e.to_string() },
+    };
+    let real = std::fs::canonicalize(socket).map_err(socket_error)?;
+    let file = std::fs::metadata(&real).map_err(socket_error)?;
+    let dir = real.parent().unwrap_or(Path::new("/"));
+    let folder = std::fs::metadata(dir).map_err(socket_error)?;
+    let me = current_uid().ok_or_else(|| fail("cannot tell which user this is (no /proc/self)".into()))?;
+    let found = Found { socket_uid: file.uid(), folder_uid: folder.uid(), folder_mode: folder.mode() };
+    judge(&found, dir, me).map_err(fail)
+}
+
+/// The owner and mode of the socket and of its folder, as [`judge`] sees them.
+#[derive(Debug, Clone, Copy)]
+struct Found {
+    socket_uid: u32,
+    folder_uid: u32,
+    folder_mode: u32,
+}
+
+/// The rules of [`check_socket`] on what was found; `Err` says why in a sentence.
+fn judge(found: &Found, dir: &Path, me: u32) -> Result<(), String> {
+    let trusted = |uid: u32| uid == me || uid == 0;
+    let you = you(me);
+    if !trusted(found.folder_uid) {
+        return Err(format!(
+            "its folder {} belongs to {}, not to {you}: whoever owns it can put a socket of their own there and read what you send",
+            dir.display(),
+            user_name(found.folder_uid)
+        ));
+    }
+    let writable = match found.folder_mode & 0o022 {
+        0 => None,
+        0o020 => Some("its group"),
+        0o002 => Some("every user"),
+        _ => Some("its group and every user"),
+    };
+    if let Some(who) = writable {
+        return Err(format!(
+            "its folder {} is writable by {who} (mode {:04o}): anyone who can write there can put a socket of their own in its place; keep it mode 0700",
+            dir.display(),
+            found.folder_mode & 0o7777
+        ));
+    }
+    if !trusted(found.socket_uid) {
+        return Err(format!(
+            "it belongs to {}, not to {you}: another user's program may be listening there to read what you send; point --socket or NES_SOCKET at your own daemon's socket",
+            user_name(found.socket_uid)
+        ));
+    }
+    Ok(())
+}
+
+/// `name (uid N)` from /etc/passwd, or `uid N` when the name is not known.
+pub fn user_name(uid: u32) -> String {
+    match login_name(uid) {
+        Some(name) => format!("{name} (uid {uid})"),
+        None => format!("uid {uid}"),
+    }
+}
+
+/// `you (name, uid N)`, or `you (uid N)`, for messages about this user.
+pub(crate) fn you(uid: u32) -> String {
+    match login_name(uid) {
+        Some(name) => format!("you ({name}, uid {uid})"),
+        None => format!("you (uid {uid})"),
+    }
+}
+
+/// The login name of `uid` in /etc/passwd.
+fn login_name(uid: u32) -> Option<String> {
+    std::fs::read_to_string("/etc/passwd").ok().and_then(|passwd| {
+        passwd.lines().find_map(|line| {
+            let mut fields = line.split(':');
+            let name = fields.next()?;
+            let id = fields.nth(1)?.parse::<u32>().ok()?;
+            (id == uid).then(|| name.to_string())
+        })
+    })
+}
+
 /// This process's user id, read from the owner of `/proc/self` (no libc call needed).
 pub fn current_uid() -> Option<u32> {
     use std::os::unix::fs::MetadataExt;
@@ -187,6 +295,80 @@ mod tests {
         assert_eq!(config_value(&dir.path().join("missing"), "socket"), None);
         std::fs::write(&file, "not toml [").unwrap();
         assert_eq!(config_value(&file, "socket"), None);
+    }
+
+    const ME: u32 = 4_242_001;
+    const OTHER: u32 = 4_242_002;
+
+    fn found(socket_uid: u32, folder_uid: u32, folder_mode: u32) -> Found {
+        Found { socket_uid, folder_uid, folder_mode: 0o40000 | folder_mode }
+    }
+
+    #[test]
+    fn own_socket_in_own_private_folder_is_fine() {
+        let dir = Path::new("/run/user/4242001/nes");
+        assert_eq!(judge(&found(ME, ME, 0o700), dir, ME), Ok(()));
+        assert_eq!(judge(&found(ME, ME, 0o755), dir, ME), Ok(()), "readable by others is fine");
+        assert_eq!(judge(&found(0, 0, 0o755), dir, ME), Ok(()), "root is trusted");
+        assert_eq!(judge(&found(ME, 0, 0o700), dir, ME), Ok(()));
+    }
+
+    #[test]
+    fn another_users_socket_or_folder_is_refused() {
+        let dir = Path::new("/tmp/nes-4242001");
+        let why = judge(&found(OTHER, ME, 0o700), dir, ME).unwrap_err();
+        assert!(why.contains("belongs to uid 4242002") && why.contains("not to you (uid 4242001)"), "{why}");
+        let why = judge(&found(ME, OTHER, 0o700), dir, ME).unwrap_err();
+        assert!(why.contains("its folder /tmp/nes-4242001 belongs to uid 4242002"), "{why}");
+        let why = judge(&found(OTHER, OTHER, 0o700), dir, ME).unwrap_err();
+        assert!(why.contains("its folder"), "the folder is named first: {why}");
+    }
+
+    #[test]
+    fn a_folder_others_can_write_is_refused() {
+        let dir = Path::new("/tmp");
+        let why = judge(&found(ME, 0, 0o1777), dir, ME).unwrap_err();
+        assert!(why.contains("writable by its group and every user (mode 1777)"), "even sticky: {why}");
+        let why = judge(&found(ME, ME, 0o770), dir, ME).unwrap_err();
+        assert!(why.contains("writable by its group (mode 0770)"), "{why}");
+        let why = judge(&found(ME, ME, 0o702), dir, ME).unwrap_err();
+        assert!(why.contains("writable by every user"), "{why}");
+    }
+
+    #[test]
+    fn check_socket_on_real_files() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("nesd.sock");
+        assert!(matches!(check_socket(&path), Err(Error::NotRunning { .. })), "missing: not running");
+        let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        check_socket(&path).unwrap();
+        // Through a symlink, the real folder is judged.
+        let link_dir = tempfile::tempdir().unwrap();
+        let link = link_dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        check_socket(&link).unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o777)).unwrap();
+        for p in [&path, &link] {
+            let err = check_socket(p).unwrap_err();
+            assert!(matches!(err, Error::Untrusted { .. }), "{err:?}");
+            assert_eq!(err.exit_code(), 1);
+            let text = err.to_string();
+            assert!(text.contains(&p.display().to_string()) && text.contains("writable by"), "{text}");
+        }
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
+        // A dangling symlink: no daemon.
+        drop(_listener);
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(check_socket(&link), Err(Error::NotRunning { .. })));
+    }
+
+    #[test]
+    fn user_names_come_from_passwd() {
+        assert_eq!(user_name(0), "root (uid 0)");
+        assert_eq!(user_name(4_242_003), "uid 4242003");
+        assert_eq!(you(0), "you (root, uid 0)");
     }
 
     #[test]

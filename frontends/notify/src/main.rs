@@ -3,7 +3,7 @@
 //! A small user agent (run it at login, or as the `nes-notify.service` user unit): it
 //! follows nesd's event stream through `nes-client` and shows each incoming message with
 //! the freedesktop notification service (notify-rust, async API): the sender as summary,
-//! the text (truncated) as body, app name "NES".
+//! the text (escaped, truncated) as body, app name "NES".
 //!
 //! - Mute single contacts (`--mute alice`, or `notify_mute = ["alice"]` in the config
 //!   file) or everything (`--dnd`, or `notify_dnd = true`); the file is read again per
@@ -191,12 +191,13 @@ async fn handle(message: &Message, policy: &Policy, markup: bool, expire_ms: Opt
         }
         return;
     }
-    let text = policy::truncate(&message.text, policy.body_max);
+    let text = policy::body(&message.text, policy.body_max);
     let body = if markup { policy::escape_markup(&text) } else { text.clone() };
+    let summary = nes_client::display::line(&message.from);
     let mut notification = notify_rust::Notification::new();
     notification
         .appname("NES")
-        .summary(&message.from)
+        .summary(&summary)
         .body(&body)
         .icon("mail-message-new")
         .hint(notify_rust::Hint::Category("im.received".into()));
@@ -225,12 +226,15 @@ fn save_cursor(path: &std::path::Path, cursor: u64) {
     }
 }
 
-/// Whether the notification server interprets markup in bodies (then text is escaped).
+/// Whether the notification server may interpret markup in bodies (then text is
+/// escaped). A server that answers without `body-markup` shows bodies as they are; when
+/// the question gets no answer, escaping is the safe guess (an entity shown literally is
+/// better than markup a sender chose).
 async fn body_markup() -> bool {
     let query = tokio::task::spawn_blocking(notify_rust::get_capabilities);
     match tokio::time::timeout(Duration::from_secs(5), query).await {
         Ok(Ok(Ok(caps))) => caps.iter().any(|c| c == "body-markup"),
-        _ => false,
+        _ => true,
     }
 }
 

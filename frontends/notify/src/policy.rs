@@ -1,4 +1,5 @@
-//! What gets shown, and how: mute, do-not-disturb, truncation, markup escaping.
+//! What gets shown, and how: mute, do-not-disturb, escaping (terminal-style, then
+//! markup), truncation.
 //!
 //! Settings come from flags and from the shared config file
 //! (`~/.config/nes/config.toml`): `notify_mute = ["alice", ...]`, `notify_dnd = true`,
@@ -74,30 +75,18 @@ impl FileSettings {
     }
 }
 
-/// `text` cut to at most `max` characters, the cut marked with `…`.
-pub fn truncate(text: &str, max: usize) -> String {
-    let max = max.max(1);
-    if text.chars().count() <= max {
-        return text.to_string();
-    }
-    let mut out: String = text.chars().take(max - 1).collect();
-    out.push('…');
-    out
+/// The body shown for a message's `text`: one line with controls, bidi and invisible
+/// characters escaped (`nes_client::display::line`), cut to at most `max` characters
+/// (the cut marked with `…`, never inside an escape). Markup escaping comes after
+/// ([`escape_markup`]), so the cut cannot split an entity either.
+pub fn body(text: &str, max: usize) -> String {
+    nes_client::display::line_max(text, max)
 }
 
 /// Escapes the characters the notification body markup gives meaning to (for servers
 /// that announce `body-markup`), so a message is shown as written.
 pub fn escape_markup(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            c => out.push(c),
-        }
-    }
-    out
+    nes_client::display::markup(text)
 }
 
 #[cfg(test)]
@@ -132,16 +121,24 @@ mod tests {
 
     #[test]
     fn truncation_counts_characters() {
-        assert_eq!(truncate("hello", 5), "hello");
-        assert_eq!(truncate("hello!", 5), "hell…");
-        assert_eq!(truncate("żółćęą", 3), "żó…");
-        assert_eq!(truncate("", 3), "");
-        assert_eq!(truncate("ab", 1), "…");
+        assert_eq!(body("hello", 5), "hello");
+        assert_eq!(body("hello!", 5), "hell…");
+        assert_eq!(body("żółćęą", 3), "żó…");
+        assert_eq!(body("", 3), "");
+        assert_eq!(body("ab", 1), "…");
     }
 
     #[test]
-    fn markup_is_escaped() {
+    fn bodies_are_one_escaped_line() {
+        assert_eq!(body("hi\nmallory: fake\x1b[2J\u{202e}", 200), "hi\\nmallory: fake\\u{1b}[2J\\u{202e}");
+        assert_eq!(body("ab\x07cd", 5), "ab…", "an escape is not cut in half");
+    }
+
+    #[test]
+    fn markup_is_escaped_after_the_cut() {
         assert_eq!(escape_markup("a <b> & c"), "a &lt;b&gt; &amp; c");
+        // Cut first, then escaped: no half entity.
+        assert_eq!(escape_markup(&body("<b>&&&&", 4)), "&lt;b&gt;…");
     }
 
     #[test]

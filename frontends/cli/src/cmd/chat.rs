@@ -18,6 +18,7 @@ use crate::error::{user, CliError};
 use crate::output::state_mark;
 use crate::Ctx;
 use futures::StreamExt;
+use nes_client::display::line;
 use nes_client::{Feed, FeedItem};
 use nes_proto::rpc::{event, Direction, Event, Message, MessageState, TrustState};
 use ratatui::crossterm::event::{Event as TermEvent, EventStream, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
@@ -352,20 +353,23 @@ impl Chat {
     fn rows(&self, width: usize) -> Vec<Line<'static>> {
         let mut rows = Vec::new();
         for entry in &self.entries {
+            // What the sender (or the daemon) wrote goes through `display::line`: escapes
+            // and newlines show as `\u{1b}`, `\n`, so a message is one entry that can
+            // neither drive the terminal nor fake a line of its own.
             let (prefix, text, style, mark) = match entry {
-                Entry::System(text) => ("* ".to_string(), text.clone(), Style::default().fg(Color::Yellow), String::new()),
+                Entry::System(text) => ("* ".to_string(), line(text), Style::default().fg(Color::Yellow), String::new()),
                 Entry::Message(m) => {
                     let outgoing = m.direction == Direction::Outgoing as i32;
-                    let who = if outgoing { &self.me } else { &m.from };
+                    let who = line(if outgoing { &self.me } else { &m.from });
                     let time = short_time(m.timestamp_ms);
                     let style = if outgoing { Style::default().fg(Color::Cyan) } else { Style::default() };
                     let (text, mark) = if m.state == MessageState::Held as i32 {
                         ("(held: sender's keys changed)".to_string(), String::new())
                     } else if outgoing {
-                        let error = if m.error.is_empty() { String::new() } else { format!(" ({})", m.error) };
-                        (m.text.clone(), format!(" {}{error}", state_mark(m.state)))
+                        let error = if m.error.is_empty() { String::new() } else { format!(" ({})", line(&m.error)) };
+                        (line(&m.text), format!(" {}{error}", state_mark(m.state)))
                     } else {
-                        (m.text.clone(), String::new())
+                        (line(&m.text), String::new())
                     };
                     (format!("{time} {who}: "), text, style, mark)
                 }
@@ -579,6 +583,17 @@ mod tests {
         assert!(chat.key_changed);
         assert!(chat.title().contains("KEYS CHANGED"));
         assert_eq!(chat.last_unread_incoming().as_deref(), Some("a"));
+    }
+
+    #[test]
+    fn message_text_is_shown_escaped_on_one_entry() {
+        let mut chat = Chat::new("bob".into(), "alice".into(), true);
+        let mut m = msg("x", "alice", "bob", Direction::Incoming);
+        m.text = "\x1b]0;pwned\x07\x1b[2J\r\nmallory: fake line\u{202e}\u{200b}".into();
+        chat.upsert(m);
+        let rows: Vec<String> = chat.rows(200).iter().map(|l| l.to_string()).collect();
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert!(rows[0].ends_with("alice: \\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\r\\nmallory: fake line\\u{202e}\\u{200b}"), "{rows:?}");
     }
 
     #[test]

@@ -139,12 +139,13 @@ fn trust_name(trust: i32) -> &'static str {
     }
 }
 
-/// One line per contact: name, trust, short fingerprints, legacy.
+/// One line per contact: name, trust, short fingerprints, legacy. What came from the
+/// network (names, fingerprints, keys) is shown through `nes_client::display`.
 pub fn contact_line(c: &Contact) -> String {
-    let short = |fp: &str| fp.chars().take(16).collect::<String>();
+    let short = |fp: &str| shown(&fp.chars().take(16).collect::<String>());
     let mut line = format!(
         "{:<12} {:<11} message {}  sign {}",
-        c.username,
+        shown(&c.username),
         trust_name(c.trust),
         short(&c.message_key_fingerprint),
         short(&c.sign_key_fingerprint)
@@ -153,12 +154,20 @@ pub fn contact_line(c: &Contact) -> String {
         line.push_str("  legacy (v1)");
     }
     if c.trust == TrustState::KeyChanged as i32 {
-        line.push_str(&format!("  -> check and run `nes contacts trust {}`", c.username));
+        line.push_str(&format!("  -> check and run `nes contacts trust {}`", shown(&c.username)));
     }
     line
 }
 
 fn contact_details(c: &Contact, pem: bool) -> Vec<String> {
+    let c = &Contact {
+        username: shown(&c.username),
+        message_key_fingerprint: shown(&c.message_key_fingerprint),
+        sign_key_fingerprint: shown(&c.sign_key_fingerprint),
+        pending_message_key_fingerprint: shown(&c.pending_message_key_fingerprint),
+        pending_sign_key_fingerprint: shown(&c.pending_sign_key_fingerprint),
+        ..c.clone()
+    };
     let mut lines = vec![
         format!("user:        {}", c.username),
         format!("trust:       {}", trust_name(c.trust)),
@@ -177,10 +186,17 @@ fn contact_details(c: &Contact, pem: bool) -> Vec<String> {
         ));
     }
     if pem {
-        lines.push(c.message_key_pem.trim_end().to_string());
-        lines.push(c.sign_key_pem.trim_end().to_string());
+        // A PEM is several lines: each is shown escaped on its own.
+        for key in [&c.message_key_pem, &c.sign_key_pem] {
+            lines.extend(key.trim_end().lines().map(shown));
+        }
     }
     lines
+}
+
+/// Text from the network as one safe line (`nes_client::display::line`).
+fn shown(text: &str) -> String {
+    nes_client::display::line(text)
 }
 
 fn contact_json(c: &Contact, pem: bool) -> serde_json::Value {
@@ -224,5 +240,19 @@ mod tests {
         assert!(contact_line(&c).contains("nes contacts trust alice"));
         assert!(contact_details(&c, false).join("\n").contains("new message key: sha256:11"));
         assert_eq!(contact_json(&c, false)["trust"], "key-changed");
+    }
+
+    #[test]
+    fn network_text_is_escaped() {
+        let c = Contact {
+            username: "al\x1b[2Jice".into(),
+            message_key_fingerprint: "ab\ncd".into(),
+            message_key_pem: "-----BEGIN\x07-----\nAAAA\r\n-----END-----\n".into(),
+            ..Default::default()
+        };
+        let all = format!("{}\n{}", contact_line(&c), contact_details(&c, true).join("\n"));
+        assert!(!all.contains(['\x1b', '\x07', '\r']), "{all:?}");
+        assert!(all.contains("al\\u{1b}[2Jice") && all.contains("ab\\ncd"), "{all}");
+        assert!(contact_details(&c, true).contains(&"-----BEGIN\\u{7}-----".to_string()));
     }
 }

@@ -59,10 +59,10 @@ async fn conversations(client: &mut nes_client::Client, json_out: bool) -> Resul
             let last = c
                 .last
                 .as_ref()
-                .map(|m| format!("[{}] {}: {}", local_time(m.timestamp_ms), m.from, first_line(&m.text)))
+                .map(|m| format!("[{}] {}: {}", local_time(m.timestamp_ms), nes_client::display::line(&m.from), first_line(&m.text)))
                 .unwrap_or_default();
             let unread = if c.unread > 0 { format!(" ({} unread)", c.unread) } else { String::new() };
-            print_line(&format!("{}{}  {} messages  {}", c.peer, unread, c.total, last))?;
+            print_line(&format!("{}{}  {} messages  {}", nes_client::display::line(&c.peer), unread, c.total, last))?;
         }
     }
     if conversations.is_empty() && !json_out {
@@ -71,14 +71,15 @@ async fn conversations(client: &mut nes_client::Client, json_out: bool) -> Resul
     Ok(())
 }
 
-/// The first line of a text, shortened to 60 characters.
+/// The first line of a text, shortened to 60 characters and escaped for the terminal
+/// (`nes_client::display`).
 fn first_line(text: &str) -> String {
     let line = text.lines().next().unwrap_or("");
-    let mut out: String = line.chars().take(60).collect();
-    if out.len() < line.len() || text.lines().nth(1).is_some() {
-        out.push('…');
+    let shown = nes_client::display::line_max(line, 61);
+    if text.lines().nth(1).is_some() && !shown.ends_with('…') {
+        return format!("{shown}…");
     }
-    out
+    shown
 }
 
 #[cfg(test)]
@@ -91,5 +92,6 @@ mod tests {
         assert_eq!(first_line("hi\nthere"), "hi…");
         assert_eq!(first_line(&"x".repeat(70)), format!("{}…", "x".repeat(60)));
         assert_eq!(first_line(""), "");
+        assert_eq!(first_line("a\x1b[2Jb\rc"), "a\\u{1b}[2Jb\\rc");
     }
 }
