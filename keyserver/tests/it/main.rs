@@ -10,3 +10,4 @@ mod compat;
 mod fuzz;
 mod mail;
 mod ops;
+mod prekey;
