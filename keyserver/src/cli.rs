@@ -119,6 +119,10 @@ pub struct ServeArgs {
     /// [default: 100].
     #[arg(long, value_name = "N", env = "NES_KEYSERVER_LOOKUP_RATE")]
     pub lookup_rate: Option<u32>,
+    /// Prekey uploads (`PUT /users/<name>/prekey`) allowed per client IP per minute;
+    /// 0 = unlimited [default: 30].
+    #[arg(long, value_name = "N", env = "NES_KEYSERVER_PREKEY_RATE")]
+    pub prekey_rate: Option<u32>,
     /// Pending (not yet activated) registrations allowed per e-mail address; 0 =
     /// unlimited [default: 3].
     #[arg(long, value_name = "N", env = "NES_KEYSERVER_MAX_PENDING_PER_EMAIL")]

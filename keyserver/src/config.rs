@@ -34,6 +34,9 @@ pub const DEFAULT_CACHE_TTL: Duration = Duration::from_secs(2);
 pub const DEFAULT_REGISTER_RATE: u32 = 10;
 /// Default `--lookup-rate` (per IP per second).
 pub const DEFAULT_LOOKUP_RATE: u32 = 100;
+/// Default `--prekey-rate` (per IP per minute): a daemon uploads once per rotation, plus
+/// its retries while its account waits for activation.
+pub const DEFAULT_PREKEY_RATE: u32 = 30;
 /// Default `--max-pending-per-email`.
 pub const DEFAULT_MAX_PENDING_PER_EMAIL: u32 = 3;
 
@@ -102,6 +105,8 @@ pub struct ServeConfig {
     pub register_rate: u32,
     /// Lookups per IP per second; 0 = unlimited.
     pub lookup_rate: u32,
+    /// Prekey uploads per IP per minute; 0 = unlimited.
+    pub prekey_rate: u32,
     /// Pending registrations per e-mail address; 0 = unlimited.
     pub max_pending_per_email: u32,
     /// Log format.
@@ -129,6 +134,7 @@ struct FileConfig {
     cache_ttl: Option<FileDuration>,
     register_rate: Option<u32>,
     lookup_rate: Option<u32>,
+    prekey_rate: Option<u32>,
     max_pending_per_email: Option<u32>,
     log_format: Option<LogFormat>,
     embedded_broker: Option<String>,
@@ -271,6 +277,10 @@ impl ServeConfig {
                 .lookup_rate
                 .or(file.lookup_rate)
                 .unwrap_or(DEFAULT_LOOKUP_RATE),
+            prekey_rate: args
+                .prekey_rate
+                .or(file.prekey_rate)
+                .unwrap_or(DEFAULT_PREKEY_RATE),
             max_pending_per_email: args
                 .max_pending_per_email
                 .or(file.max_pending_per_email)
@@ -449,6 +459,7 @@ mod tests {
         assert_eq!(c.pending_ttl, DEFAULT_PENDING_TTL);
         assert_eq!(c.register_rate, DEFAULT_REGISTER_RATE);
         assert_eq!(c.lookup_rate, DEFAULT_LOOKUP_RATE);
+        assert_eq!(c.prekey_rate, DEFAULT_PREKEY_RATE);
         assert_eq!(c.max_pending_per_email, 3);
         assert_eq!(c.mail, MailConfig::Dir("m".into()));
     }
@@ -458,7 +469,7 @@ mod tests {
         let mut file = tempfile::NamedTempFile::new().unwrap();
         writeln!(
             file,
-            "listen = \"0.0.0.0:1\"\nlookup_rate = 7\npending-ttl = \"2h\"\ncache-ttl = 0\nsmtp = \"smtp://h:25\"\nbehind-proxy = true"
+            "listen = \"0.0.0.0:1\"\nlookup_rate = 7\nprekey-rate = 5\npending-ttl = \"2h\"\ncache-ttl = 0\nsmtp = \"smtp://h:25\"\nbehind-proxy = true"
         )
         .unwrap();
         let mut args = base_args();
@@ -467,6 +478,7 @@ mod tests {
         let c = ServeConfig::resolve(args).unwrap();
         assert_eq!(c.listen, "127.0.0.1:2");
         assert_eq!(c.lookup_rate, 7);
+        assert_eq!(c.prekey_rate, 5);
         assert_eq!(c.pending_ttl, Duration::from_secs(7200));
         assert_eq!(c.cache_ttl, Duration::ZERO);
         assert!(c.behind_proxy);

@@ -13,12 +13,12 @@
 //! | [`config`] | flags + `NES_KEYSERVER_*` env vars + TOML file → one checked [`config::ServeConfig`] |
 //! | [`keygen`] | `nes-keyserver keygen`: the server's signing key pair |
 //! | [`server`] | startup and shutdown: opens everything, runs the HTTP server and background tasks |
-//! | [`api`] | the HTTP routes: [`api::register`], [`api::lookup`], [`api::token`], [`api::ops`] |
+//! | [`api`] | the HTTP routes: [`api::register`], [`api::lookup`], [`api::token`], [`api::prekey`] (v3), [`api::ops`] |
 //! | [`store`] | SQLite or PostgreSQL behind one type, with the migrations of each |
 //! | [`cache`] | the in-memory cache of signed answers in front of the store |
 //! | [`tokens`] | activation and delete tokens: OS RNG, SHA-256 at rest, constant-time compare |
 //! | [`mail`] | the activation mail: SMTP, `.eml` files, or the log (`--dev`) |
-//! | [`ratelimit`] | per-IP limits on registration and lookup |
+//! | [`ratelimit`] | per-IP limits on registration, lookup and prekey uploads |
 //! | [`metrics`] | the Prometheus counters behind `/metrics` |
 //! | [`openapi`] | the OpenAPI 3 description served at `/openapi.json` |
 //! | [`broker`] | the optional embedded MQTT broker (`--embedded-broker`, with the `embedded-broker` feature) |
@@ -44,6 +44,10 @@
 //! - `GET /users/<name>` ([`api::lookup`]): [`cache`] hit → the stored bytes; miss →
 //!   the store's stored bytes → cache. No RSA, no JSON encoding: a lookup is a hash map
 //!   read and a copy of a reference-counted buffer.
+//! - `PUT /users/<name>/prekey` ([`api::prekey`], v3): per-IP limit → body with a 16 KiB
+//!   cap → [`nes_proto::v3::SignedPrekey::parse`], name and times (400) → the user's
+//!   registered sign key (404 unless active) → the owner's RSA-PSS signature (403) →
+//!   the store keeps it if newer (409 otherwise) → 204. `GET` answers the stored bytes.
 //!
 //! Every 4xx carries a JSON body `{"error": "<code>", "reason": "<sentence>"}`
 //! ([`api::ApiError`]) and counts in `/metrics` as a rejection with that code.

@@ -9,6 +9,8 @@
 //! | `nes_keyserver_deletions_total` | |
 //! | `nes_keyserver_expired_removed_total` | |
 //! | `nes_keyserver_mails_total` | `result`: `sent`, `failed` |
+//! | `nes_keyserver_prekey_uploads_total` | `result`: `stored`, `unchanged` (the same bytes again) |
+//! | `nes_keyserver_prekey_lookups_total` | `result`: `found`, `not_found` |
 //! | `nes_keyserver_rejections_total` | `reason`: the `error` code of the 4xx/5xx body |
 //!
 //! Counters are atomics; the hot path (a lookup) touches one or two.
@@ -32,6 +34,8 @@ pub struct Metrics {
     deletions: Counter,
     expired_removed: Counter,
     mails: Family<Labels, Counter>,
+    prekey_uploads: Family<Labels, Counter>,
+    prekey_lookups: Family<Labels, Counter>,
     rejections: Family<Labels, Counter>,
 }
 
@@ -50,6 +54,12 @@ pub const REJECTION_REASONS: &[&str] = &[
     "rate_limited",
     "not_found",
     "token_expired",
+    "invalid_prekey",
+    "wrong_username",
+    "prekey_expired",
+    "invalid_lifetime",
+    "bad_signature",
+    "prekey_outdated",
     "method_not_allowed",
     "mail_failed",
     "internal",
@@ -104,6 +114,18 @@ impl Metrics {
         );
         let mails = Family::<Labels, Counter>::default();
         registry.register("mails", "Activation mails, by result", mails.clone());
+        let prekey_uploads = Family::<Labels, Counter>::default();
+        registry.register(
+            "prekey_uploads",
+            "PUT /users/<name>/prekey answered 204, by result",
+            prekey_uploads.clone(),
+        );
+        let prekey_lookups = Family::<Labels, Counter>::default();
+        registry.register(
+            "prekey_lookups",
+            "GET /users/<name>/prekey answers, by result",
+            prekey_lookups.clone(),
+        );
         let rejections = Family::<Labels, Counter>::default();
         registry.register(
             "rejections",
@@ -115,6 +137,12 @@ impl Metrics {
         }
         for result in ["sent", "failed"] {
             let _ = mails.get_or_create(&[("result", result)]);
+        }
+        for result in ["stored", "unchanged"] {
+            let _ = prekey_uploads.get_or_create(&[("result", result)]);
+        }
+        for result in ["found", "not_found"] {
+            let _ = prekey_lookups.get_or_create(&[("result", result)]);
         }
         let lookups_found = lookups.get_or_create(&[("result", "found")]).clone();
         let lookups_not_found = lookups.get_or_create(&[("result", "not_found")]).clone();
@@ -128,6 +156,8 @@ impl Metrics {
             deletions,
             expired_removed,
             mails,
+            prekey_uploads,
+            prekey_lookups,
             rejections,
         }
     }
@@ -169,6 +199,21 @@ impl Metrics {
     pub fn mail(&self, sent: bool) {
         self.mails
             .get_or_create(&[("result", if sent { "sent" } else { "failed" })])
+            .inc();
+    }
+
+    /// A prekey upload was answered 204 (`stored`: it replaced what was there; else the
+    /// same bytes were there already).
+    pub fn prekey_uploaded(&self, stored: bool) {
+        self.prekey_uploads
+            .get_or_create(&[("result", if stored { "stored" } else { "unchanged" })])
+            .inc();
+    }
+
+    /// A prekey fetch was answered 200 (`found`) or 404.
+    pub fn prekey_lookup(&self, found: bool) {
+        self.prekey_lookups
+            .get_or_create(&[("result", if found { "found" } else { "not_found" })])
             .inc();
     }
 
@@ -230,5 +275,20 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("nes_keyserver_activations_total 0"), "{text}");
+        m.prekey_uploaded(true);
+        m.prekey_lookup(false);
+        let text = m.render();
+        assert!(
+            text.contains("nes_keyserver_prekey_uploads_total{result=\"stored\"} 1"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nes_keyserver_prekey_uploads_total{result=\"unchanged\"} 0"),
+            "{text}"
+        );
+        assert!(
+            text.contains("nes_keyserver_prekey_lookups_total{result=\"not_found\"} 1"),
+            "{text}"
+        );
     }
 }

@@ -1,7 +1,7 @@
 //! The OpenAPI 3 description of the API, served at `GET /openapi.json`.
 //!
 //! Hand-written (`openapi.json` beside this file) so it documents the wire as it is,
-//! including every error body, `Retry-After` and the 64 KiB body cap; the integration
+//! including every error body, `Retry-After` and the body caps (64 KiB, 16 KiB for prekeys); the integration
 //! tests check that each status the server answers is documented for its route.
 
 /// The document.
@@ -19,6 +19,7 @@ mod tests {
             "/users",
             "/users/{username}",
             "/users/{username}/{token}",
+            "/users/{username}/prekey",
             "/healthz",
             "/metrics",
             "/openapi.json",

@@ -1,5 +1,6 @@
-//! Per-IP rate limits on registration (`--register-rate`, per minute) and on lookups and
-//! link clicks (`--lookup-rate`, per second); 0 turns a limit off.
+//! Per-IP rate limits on registration (`--register-rate`, per minute), on lookups, link
+//! clicks and prekey fetches (`--lookup-rate`, per second) and on prekey uploads
+//! (`--prekey-rate`, per minute); 0 turns a limit off.
 //!
 //! Token buckets (GCRA, the `governor` crate) keyed by client address: a client may
 //! burst up to the rate, then gets one request per 1/rate. IPv6 clients are keyed by
@@ -17,14 +18,17 @@ use std::time::Duration;
 pub enum Limit {
     /// `POST /users`.
     Register,
-    /// `GET /users/<name>` and `GET /users/<name>/<token>`.
+    /// `GET /users/<name>`, `GET /users/<name>/<token>` and `GET /users/<name>/prekey`.
     Lookup,
+    /// `PUT /users/<name>/prekey`.
+    Prekey,
 }
 
 /// The limiters of one server.
 pub struct Limits {
     register: Option<DefaultKeyedRateLimiter<IpAddr>>,
     lookup: Option<DefaultKeyedRateLimiter<IpAddr>>,
+    prekey: Option<DefaultKeyedRateLimiter<IpAddr>>,
     clock: DefaultClock,
 }
 
@@ -33,20 +37,29 @@ impl std::fmt::Debug for Limits {
         f.debug_struct("Limits")
             .field("register", &self.register.is_some())
             .field("lookup", &self.lookup.is_some())
+            .field("prekey", &self.prekey.is_some())
             .finish()
     }
 }
 
 impl Limits {
-    /// `register_per_minute` and `lookup_per_second` per client; 0 = unlimited.
+    /// `register_per_minute` and `lookup_per_second` per client; 0 = unlimited. Prekey
+    /// uploads are unlimited until [`Limits::with_prekey`] says otherwise.
     pub fn new(register_per_minute: u32, lookup_per_second: u32) -> Self {
         Self {
             register: NonZeroU32::new(register_per_minute)
                 .map(|n| RateLimiter::keyed(Quota::per_minute(n))),
             lookup: NonZeroU32::new(lookup_per_second)
                 .map(|n| RateLimiter::keyed(Quota::per_second(n))),
+            prekey: None,
             clock: DefaultClock::default(),
         }
+    }
+
+    /// Limits prekey uploads to `per_minute` per client; 0 = unlimited.
+    pub fn with_prekey(mut self, per_minute: u32) -> Self {
+        self.prekey = NonZeroU32::new(per_minute).map(|n| RateLimiter::keyed(Quota::per_minute(n)));
+        self
     }
 
     /// Counts one request of `client` against `limit`; `Err(wait)` when over it.
@@ -54,6 +67,7 @@ impl Limits {
         let limiter = match limit {
             Limit::Register => &self.register,
             Limit::Lookup => &self.lookup,
+            Limit::Prekey => &self.prekey,
         };
         match limiter {
             None => Ok(()),
@@ -65,7 +79,10 @@ impl Limits {
 
     /// Forgets clients whose buckets are full again (run periodically: memory).
     pub fn forget_idle(&self) {
-        for limiter in [&self.register, &self.lookup].into_iter().flatten() {
+        for limiter in [&self.register, &self.lookup, &self.prekey]
+            .into_iter()
+            .flatten()
+        {
             limiter.retain_recent();
             limiter.shrink_to_fit();
         }
@@ -125,8 +142,13 @@ mod tests {
         );
         for _ in 0..1000 {
             assert!(limits.check(Limit::Lookup, a).is_ok(), "0 = unlimited");
+            assert!(limits.check(Limit::Prekey, a).is_ok(), "off unless set");
         }
         limits.forget_idle();
+        let limits = Limits::new(0, 0).with_prekey(1);
+        assert!(limits.check(Limit::Prekey, a).is_ok());
+        assert!(limits.check(Limit::Prekey, a).is_err(), "its own bucket");
+        assert!(limits.check(Limit::Register, a).is_ok());
     }
 
     #[test]

@@ -64,7 +64,8 @@ pub async fn serve(config: ServeConfig) -> Result<(), Error> {
         key: Arc::new(key),
         mailer,
         cache: AnswerCache::new(config.cache_ttl),
-        limits: Limits::new(config.register_rate, config.lookup_rate),
+        limits: Limits::new(config.register_rate, config.lookup_rate)
+            .with_prekey(config.prekey_rate),
         metrics: Metrics::new(),
         public_url: config.public_url.clone(),
         pending_ttl: config.pending_ttl,

@@ -10,6 +10,11 @@
 //! signed answer in `answer`. A pending row past `expires_ms` is dead: it blocks nothing
 //! (registration removes it first) and the cleanup task deletes it.
 //!
+//! A second table, `prekeys`, holds each active user's newest signed v3 prekey, verbatim
+//! as uploaded, one row per user. Its `username` references `users` with `ON DELETE
+//! CASCADE` (SQLite: `PRAGMA foreign_keys = ON`, set on every connection), so every way a
+//! user row goes (the delete link, expiry) takes the prekey with it in the same statement.
+//!
 //! Enum dispatch instead of `sqlx::Any`: each arm is type-checked against its real
 //! driver (bytes, booleans, transactions), and SQLite can take its write lock up front
 //! (`BEGIN IMMEDIATE`) so concurrent registrations wait instead of failing.
@@ -111,6 +116,37 @@ pub enum UserState {
     },
 }
 
+/// A signed prekey to store, already checked (signature, name, times).
+#[derive(Debug)]
+pub struct NewPrekey<'a> {
+    /// Whose.
+    pub username: &'a Username,
+    /// `prekey.created`, Unix ms.
+    pub created_ms: i64,
+    /// `prekey.expires`, Unix ms.
+    pub expires_ms: i64,
+    /// The request body, verbatim: what `GET /users/<name>/prekey` answers.
+    pub body: &'a [u8],
+    /// Now, Unix ms.
+    pub now_ms: i64,
+}
+
+/// What [`Store::put_prekey`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrekeyOutcome {
+    /// Stored: there was none, the stored one had expired, or it was older.
+    Stored,
+    /// The same bytes were already stored (a retried upload): nothing changed.
+    Unchanged,
+    /// The stored prekey is newer (`created` later), or as new with other bytes.
+    Outdated {
+        /// The stored prekey's `created`, Unix ms.
+        stored_created_ms: i64,
+    },
+    /// No active user of that name (unknown, pending, or deleted meanwhile).
+    NoUser,
+}
+
 /// Runs `$body` with `$pool` bound to whichever pool `$store` holds; the body is
 /// type-checked once per backend.
 macro_rules! with_pool {
@@ -190,6 +226,8 @@ impl Store {
                 .create_if_missing(true)
                 .journal_mode(SqliteJournalMode::Wal)
                 .synchronous(SqliteSynchronous::Normal)
+                // sqlx's default too; said here because prekeys rely on ON DELETE CASCADE.
+                .foreign_keys(true)
                 .busy_timeout(Duration::from_secs(10));
             let parent = options
                 .get_filename()
@@ -359,6 +397,71 @@ impl Store {
         Ok(answer.flatten())
     }
 
+    /// The registered sign key (PEM, verbatim) of an active user; `None` when there is
+    /// no active user of that name.
+    pub async fn active_sign_key(&self, username: &Username) -> Result<Option<String>, StoreError> {
+        Ok(with_pool!(self, pool => sqlx::query_scalar(
+            "SELECT public_key_sign FROM users WHERE username = $1 AND active = TRUE",
+        )
+        .bind(username.as_str())
+        .fetch_optional(pool)
+        .await?))
+    }
+
+    /// Stores `prekey` as the user's newest unless the stored one is newer. One
+    /// conditional upsert, so concurrent uploads keep the newest whatever their order;
+    /// an expired stored prekey counts as none. The user must be active at that moment.
+    pub async fn put_prekey(&self, prekey: &NewPrekey<'_>) -> Result<PrekeyOutcome, StoreError> {
+        let written = with_pool!(self, pool => sqlx::query(
+            "INSERT INTO prekeys (username, created_ms, expires_ms, body, stored_ms) \
+             SELECT username, $2, $3, $4, $5 FROM users WHERE username = $1 AND active = TRUE \
+             ON CONFLICT (username) DO UPDATE SET created_ms = excluded.created_ms, \
+             expires_ms = excluded.expires_ms, body = excluded.body, stored_ms = excluded.stored_ms \
+             WHERE prekeys.created_ms < excluded.created_ms OR prekeys.expires_ms <= excluded.stored_ms",
+        )
+        .bind(prekey.username.as_str())
+        .bind(prekey.created_ms)
+        .bind(prekey.expires_ms)
+        .bind(prekey.body)
+        .bind(prekey.now_ms)
+        .execute(pool)
+        .await?
+        .rows_affected());
+        if written == 1 {
+            return Ok(PrekeyOutcome::Stored);
+        }
+        // Nothing written: say why (a race can only change which refusal it is).
+        let stored: Option<(i64, Vec<u8>)> = with_pool!(self, pool => sqlx::query_as(
+            "SELECT p.created_ms, p.body FROM prekeys p JOIN users u ON u.username = p.username \
+             WHERE p.username = $1 AND u.active = TRUE",
+        )
+        .bind(prekey.username.as_str())
+        .fetch_optional(pool)
+        .await?);
+        Ok(match stored {
+            None => PrekeyOutcome::NoUser,
+            Some((_, body)) if body == prekey.body => PrekeyOutcome::Unchanged,
+            Some((stored_created_ms, _)) => PrekeyOutcome::Outdated { stored_created_ms },
+        })
+    }
+
+    /// The stored signed prekey of an active user, verbatim, unless it has expired at
+    /// `now_ms`.
+    pub async fn prekey(
+        &self,
+        username: &Username,
+        now_ms: i64,
+    ) -> Result<Option<Vec<u8>>, StoreError> {
+        Ok(with_pool!(self, pool => sqlx::query_scalar(
+            "SELECT p.body FROM prekeys p JOIN users u ON u.username = p.username \
+             WHERE p.username = $1 AND u.active = TRUE AND p.expires_ms > $2",
+        )
+        .bind(username.as_str())
+        .bind(now_ms)
+        .fetch_optional(pool)
+        .await?))
+    }
+
     /// Deletes pending registrations that expired at or before `now_ms`; returns how many.
     pub async fn remove_expired(&self, now_ms: i64) -> Result<u64, StoreError> {
         Ok(with_pool!(self, pool => sqlx::query(
@@ -526,5 +629,100 @@ mod tests {
         store.unregister(names[2], &act).await.unwrap();
         assert!(store.user(names[2]).await.unwrap().is_none());
         store.ping().await.unwrap();
+    }
+
+    /// Prekeys: active users only, newest kept, same bytes idempotent, expired hidden
+    /// and replaceable, deleted with the user.
+    #[tokio::test]
+    async fn prekeys_follow_their_user() {
+        let store = Store::open("sqlite::memory:").await.unwrap();
+        let bob = Username::parse("bob").unwrap();
+        let (act, del) = (
+            Token::generate().unwrap().hash(),
+            Token::generate().unwrap().hash(),
+        );
+        let user = NewUser {
+            username: &bob,
+            email: "b@x.org",
+            email_key: "b@x.org",
+            public_key_message: "m",
+            public_key_sign: "s",
+            activation_hash: &act,
+            delete_hash: &del,
+            created_ms: 0,
+            expires_ms: 1000,
+        };
+        let put = |created_ms: i64, expires_ms: i64, body: &'static [u8], now_ms: i64| {
+            let store = store.clone();
+            let bob = bob.clone();
+            async move {
+                store
+                    .put_prekey(&NewPrekey {
+                        username: &bob,
+                        created_ms,
+                        expires_ms,
+                        body,
+                        now_ms,
+                    })
+                    .await
+                    .unwrap()
+            }
+        };
+        assert_eq!(put(10, 100, b"a", 10).await, PrekeyOutcome::NoUser);
+        assert_eq!(
+            store.register(&user, 0).await.unwrap(),
+            RegisterOutcome::Created
+        );
+        assert_eq!(store.active_sign_key(&bob).await.unwrap(), None);
+        assert_eq!(
+            put(10, 100, b"a", 10).await,
+            PrekeyOutcome::NoUser,
+            "pending"
+        );
+        assert!(store
+            .activate(&bob, act.as_bytes(), b"answer", 5)
+            .await
+            .unwrap());
+        assert_eq!(
+            store.active_sign_key(&bob).await.unwrap().as_deref(),
+            Some("s")
+        );
+        assert_eq!(put(10, 100, b"a", 10).await, PrekeyOutcome::Stored);
+        assert_eq!(put(10, 100, b"a", 11).await, PrekeyOutcome::Unchanged);
+        assert_eq!(
+            put(10, 100, b"other", 11).await,
+            PrekeyOutcome::Outdated {
+                stored_created_ms: 10
+            }
+        );
+        assert_eq!(
+            put(9, 100, b"older", 11).await,
+            PrekeyOutcome::Outdated {
+                stored_created_ms: 10
+            }
+        );
+        assert_eq!(
+            store.prekey(&bob, 50).await.unwrap().as_deref(),
+            Some(&b"a"[..])
+        );
+        assert_eq!(put(20, 200, b"b", 20).await, PrekeyOutcome::Stored);
+        assert_eq!(
+            store.prekey(&bob, 50).await.unwrap().as_deref(),
+            Some(&b"b"[..])
+        );
+        // Expired: not served, and an older one may take its place.
+        assert_eq!(store.prekey(&bob, 200).await.unwrap(), None);
+        assert_eq!(put(15, 400, b"c", 200).await, PrekeyOutcome::Stored);
+        assert_eq!(
+            store.prekey(&bob, 200).await.unwrap().as_deref(),
+            Some(&b"c"[..])
+        );
+        assert!(store.delete(&bob, del.as_bytes()).await.unwrap());
+        assert_eq!(store.prekey(&bob, 200).await.unwrap(), None);
+        let rows: i64 = with_pool!(&store, pool => sqlx::query_scalar("SELECT COUNT(*) FROM prekeys")
+            .fetch_one(pool)
+            .await
+            .unwrap());
+        assert_eq!(rows, 0, "the prekey went with its user");
     }
 }

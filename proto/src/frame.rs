@@ -9,6 +9,9 @@
 //!   32-byte key wrapped with RSA-OAEP-SHA-256; the signature is encrypted with the
 //!   message, so only the recipient learns who signed, and nobody can test a guess of a
 //!   short message against a clear signature.
+//! - **v3**, `{"v":3,"prekey","ek","kem","nonce","ciphertext"}`: sealed to a short-lived
+//!   prekey (X25519 + ML-KEM-768), signed with a short-lived Ed25519 certificate; built in
+//!   [`crate::v3`], recognised here by [`decrypt_with`].
 //!
 //! Opening is two steps, because the key that verifies the signature belongs to the inner
 //! `from`, which is only known after decryption: [`decrypt`] gives a [`Decrypted`], whose
@@ -43,6 +46,8 @@ pub enum Version {
     V1,
     /// `"v": 2`.
     V2,
+    /// `"v": 3` ([`crate::v3`]).
+    V3,
 }
 
 impl Version {
@@ -51,6 +56,7 @@ impl Version {
         match self {
             Version::V1 => 1,
             Version::V2 => 2,
+            Version::V3 => 3,
         }
     }
 }
@@ -111,6 +117,13 @@ pub enum FrameError {
     /// A key failed while sealing.
     #[error(transparent)]
     Key(#[from] KeyError),
+    /// v3: the frame names a prekey we do not hold (never made, or deleted).
+    #[error("the frame is sealed to a prekey this identity does not hold")]
+    UnknownPrekey,
+    /// v3: the signing certificate is malformed, does not verify under the sender's sign
+    /// key, names someone else or does not cover the timestamp (counted as `signature`).
+    #[error("{0}")]
+    Certificate(String),
 }
 
 impl FrameError {
@@ -129,6 +142,8 @@ impl FrameError {
             FrameError::Misaddressed { .. } => "misaddressed",
             FrameError::FromTheFuture { .. } => "future",
             FrameError::Key(_) => "key",
+            FrameError::UnknownPrekey => "unknown_prekey",
+            FrameError::Certificate(_) => "signature",
         }
     }
 }
@@ -170,6 +185,11 @@ pub fn seal(
     let sealed = match version {
         Version::V1 => seal_v1(draft, recipient_message_key, sender_sign_key)?,
         Version::V2 => seal_v2(draft, recipient_message_key, sender_sign_key)?,
+        Version::V3 => {
+            return Err(FrameError::Key(KeyError::Backend(
+                "v3 frames are sealed to a prekey: use nes_proto::v3::seal".into(),
+            )))
+        }
     };
     if sealed.frame.len() > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge { size: sealed.frame.len() });
@@ -274,19 +294,50 @@ struct Outer {
     ciphertext: Option<String>,
     signature: Option<String>,
     nonce: Option<String>,
+    prekey: Option<String>,
+    ek: Option<String>,
+    kem: Option<String>,
 }
 
 /// Decrypts `frame` with this identity's message key. The result must still be verified.
+/// (A v3 frame is refused as [`FrameError::UnknownPrekey`]: see [`decrypt_with`].)
 pub fn decrypt(frame: &[u8], message_key: &PrivateKey) -> Result<Decrypted, FrameError> {
+    decrypt_with(frame, Some(message_key), &crate::v3::NoPrekeys)
+}
+
+/// Decrypts a frame of any version: v1 and v2 with this identity's message key (refused
+/// as [`FrameError::Unwrap`] when `None`), v3 with the prekey it names from `prekeys`.
+/// The result must still be verified.
+pub fn decrypt_with(
+    frame: &[u8],
+    message_key: Option<&PrivateKey>,
+    prekeys: &dyn crate::v3::Prekeys,
+) -> Result<Decrypted, FrameError> {
     if frame.len() > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge { size: frame.len() });
     }
     let outer: Outer = serde_json::from_slice(frame).map_err(|e| FrameError::Json(e.to_string()))?;
-    match outer.v {
-        None => decrypt_v1(outer, message_key),
-        Some(2) => decrypt_v2(outer, message_key),
-        Some(v) => Err(FrameError::UnsupportedVersion(v)),
+    match (outer.v, message_key) {
+        (None, Some(message_key)) => decrypt_v1(outer, message_key),
+        (Some(2), Some(message_key)) => decrypt_v2(outer, message_key),
+        (None | Some(2), None) => Err(FrameError::Unwrap),
+        (Some(3), _) => crate::v3::seal::decrypt(
+            crate::v3::seal::Outer {
+                prekey: outer.prekey,
+                ek: outer.ek,
+                kem: outer.kem,
+                nonce: outer.nonce,
+                ciphertext: outer.ciphertext,
+            },
+            prekeys,
+        ),
+        (Some(v), _) => Err(FrameError::UnsupportedVersion(v)),
     }
+}
+
+/// A v3 [`Decrypted`]; `signature` holds S ‖ C (see `v3::seal::verify`).
+pub(crate) fn decrypted_v3(inner_bytes: Vec<u8>, inner: Inner, signature: Vec<u8>, id: String) -> Decrypted {
+    Decrypted { version: Version::V3, inner_bytes, inner, signature, id }
 }
 
 fn field(value: Option<String>, name: &'static str) -> Result<Vec<u8>, FrameError> {
@@ -376,11 +427,16 @@ impl Decrypted {
     }
 
     /// Checks the signature with the signing key of the inner `from`: v2 with a 32-byte
-    /// PSS salt as sealed, v1 with any salt as the original does.
+    /// PSS salt as sealed, v1 with any salt as the original does; v3 checks the signing
+    /// certificate with it, then the Ed25519 signature with the certificate's key.
     pub fn verify(self, sender_sign_key: &PublicKey) -> Result<Opened, FrameError> {
         let ok = match self.version {
             Version::V1 => sender_sign_key.verify_pss_any_salt(&self.inner_bytes, &self.signature),
             Version::V2 => sender_sign_key.verify_pss_digest_salt(&self.inner_bytes, &self.signature),
+            Version::V3 => {
+                crate::v3::seal::verify(&self.signature, &self.inner_bytes, &self.inner, sender_sign_key)?;
+                true
+            }
         };
         if !ok {
             return Err(FrameError::Signature);
@@ -455,4 +511,14 @@ fn v2_aad(cipherkey: &[u8]) -> Vec<u8> {
 /// Opens with both keys at once: [`decrypt`] then [`Decrypted::verify`].
 pub fn open(frame: &[u8], message_key: &PrivateKey, sender_sign_key: &PublicKey) -> Result<Opened, FrameError> {
     decrypt(frame, message_key)?.verify(sender_sign_key)
+}
+
+/// Opens a frame of any version: [`decrypt_with`] then [`Decrypted::verify`].
+pub fn open_with(
+    frame: &[u8],
+    message_key: Option<&PrivateKey>,
+    prekeys: &dyn crate::v3::Prekeys,
+    sender_sign_key: &PublicKey,
+) -> Result<Opened, FrameError> {
+    decrypt_with(frame, message_key, prekeys)?.verify(sender_sign_key)
 }

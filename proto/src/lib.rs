@@ -5,7 +5,8 @@
 //!
 //! | module | holds | crosses |
 //! |---|---|---|
-//! | [`frame`] | sealing and opening frames, v1 and v2 | MQTT, between users |
+//! | [`frame`] | sealing and opening frames, v1 and v2 (and dispatching v3) | MQTT, between users |
+//! | [`v3`] | v3: prekeys, signing certificates, their private files, v3 sealing | MQTT, key server, disk |
 //! | [`inner`] | the signed inner message and its Go-compatible JSON | inside frames |
 //! | [`keys`] | RSA key files, generation, the RSA operations | disk, key server |
 //! | [`answer`] | the key server's signed answers: build and verify | HTTP |
@@ -31,6 +32,7 @@ pub mod inner;
 pub mod keys;
 pub mod registration;
 pub mod username;
+pub mod v3;
 
 pub use answer::{build_answer, verify_answer, AnswerError, KeyAnswer, UsernameRule};
 pub use frame::{Draft, FrameError, Opened, Sealed, Version};

@@ -5,6 +5,7 @@
 //! | `POST /users` | [`register`] |
 //! | `GET /users/{username}` | [`lookup`] |
 //! | `GET`, `POST /users/{username}/{token}` | [`token`] |
+//! | `PUT`, `GET /users/{username}/prekey` | [`prekey`] (v3) |
 //! | `GET /healthz`, `GET /metrics`, `GET /openapi.json` | [`ops`] |
 //!
 //! Handlers return `Result<Response, ApiError>` internally; [`reply`] turns an error
@@ -13,6 +14,7 @@
 
 pub mod lookup;
 pub mod ops;
+pub mod prekey;
 pub mod register;
 pub mod token;
 
@@ -68,6 +70,11 @@ pub fn router(state: AppState) -> Router {
         .route("/users", post(register::register))
         .route("/users/{username}", get(lookup::lookup))
         .route("/users/{username}/{token}", get(token::token).post(token::delete))
+        // A literal segment wins over `{token}` (tokens are 43 characters, never "prekey").
+        .route(
+            "/users/{username}/prekey",
+            get(prekey::get).put(prekey::put),
+        )
         .route("/healthz", get(ops::healthz))
         .route("/metrics", get(ops::metrics))
         .route("/openapi.json", get(ops::openapi))

@@ -163,23 +163,32 @@ async fn handle(
 }
 
 /// Reads the body, at most [`MAX_BODY`] bytes, within [`BODY_TIMEOUT`].
+async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+    read_body_capped(headers, body, MAX_BODY).await
+}
+
+/// Reads the body, at most `max` bytes, within [`BODY_TIMEOUT`].
 ///
 /// A body over the cap is answered 413, but first read on (and thrown away) up to
 /// [`MAX_DRAIN`]: a server that answers and closes while the client is still sending
 /// makes the client see a reset instead of the 413. Beyond that, we close anyway.
-async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
+pub(crate) async fn read_body_capped(
+    headers: &HeaderMap,
+    body: Body,
+    max: usize,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::new(
             StatusCode::PAYLOAD_TOO_LARGE,
             "body_too_large",
-            format!("the request body is over {MAX_BODY} bytes"),
+            format!("the request body is over {max} bytes"),
         )
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > MAX_BODY as u64) {
+    if declared.is_some_and(|len| len > max as u64) {
         if declared.is_some_and(|len| len <= MAX_DRAIN as u64) {
             drain(body).await;
         }
@@ -190,7 +199,7 @@ async fn read_body(headers: &HeaderMap, body: Body) -> Result<Bytes, ApiError> {
     let read = tokio::time::timeout(BODY_TIMEOUT, async {
         while let Some(frame) = body.frame().await {
             if let Ok(data) = frame?.into_data() {
-                if collected.len() + data.len() > MAX_BODY {
+                if collected.len() + data.len() > max {
                     return Ok(false);
                 }
                 collected.extend_from_slice(&data);

@@ -16,3 +16,4 @@ mod delete_link;
 mod fuzz;
 mod mail;
 mod ops;
+mod prekey;

@@ -58,7 +58,7 @@ async fn health_and_metrics(backend: Backend) {
 }
 
 /// Follows a local `$ref`.
-fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
+pub(crate) fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
     match v.get("$ref").and_then(Value::as_str) {
         Some(r) => {
             let mut at = doc;
@@ -73,7 +73,7 @@ fn resolve<'a>(doc: &'a Value, v: &'a Value) -> &'a Value {
 
 /// Checks a JSON value against a schema: types, required properties and enums, into
 /// properties and one level of items (enough for this API's flat documents).
-fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
+pub(crate) fn conforms(doc: &Value, schema: &Value, value: &Value, at: &str) -> Result<(), String> {
     let schema = resolve(doc, schema);
     if let Some(ty) = schema.get("type").and_then(Value::as_str) {
         let ok = match ty {

@@ -273,7 +273,7 @@ impl Server {
                 .arg(server_key_file())
                 .args(["--public-url", &base]);
             // Rate limits off unless the test sets them.
-            for flag in ["--register-rate", "--lookup-rate"] {
+            for flag in ["--register-rate", "--lookup-rate", "--prekey-rate"] {
                 if !options.args.iter().any(|a| a == flag) {
                     cmd.args([flag, "0"]);
                 }
