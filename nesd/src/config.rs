@@ -17,6 +17,7 @@
 //! keyserver_legacy = false   # true: accept answers of an original PubKey server (no username)
 //! key_policy = "tofu"        # or "always": accept key changes automatically (bots)
 //! key_ttl_secs = 3600        # re-fetch contacts' keys after this long
+//! lookup_rate = 50           # key server lookups per second for senders not yet known
 //! # A private broker over TLS with credentials (see docs/BROKER.md):
 //! # broker = "mqtts://mqtt.example.org:8883"
 //! # broker_ca = "~/.config/nes/broker-ca.pem"     # trust only this CA (default: system roots)
@@ -41,6 +42,9 @@ use std::time::Duration;
 pub const DEFAULT_BROKER: &str = "mqtt://localhost:1883";
 /// Default time after which a contact's keys are fetched again.
 pub const DEFAULT_KEY_TTL: Duration = Duration::from_secs(3600);
+/// Default budget of background key server lookups per second (senders of received
+/// frames whose keys are not cached, and refreshes of expired contacts).
+pub const DEFAULT_LOOKUP_RATE: u32 = 50;
 
 /// nesd's command line. Every flag may also come from its `NES_*` environment variable
 /// and from the config file.
@@ -113,6 +117,10 @@ pub struct Cli {
     /// Seconds after which a contact's cached keys are fetched again [default: 3600].
     #[arg(long = "key-ttl", env = "NES_KEY_TTL", value_name = "SECONDS")]
     pub key_ttl_secs: Option<u64>,
+    /// Background key server lookups per second at most (senders of received frames not
+    /// yet known; bursts of five times this) [default: 50].
+    #[arg(long = "lookup-rate", env = "NES_LOOKUP_RATE", value_name = "PER_SECOND")]
+    pub lookup_rate: Option<u32>,
     /// Log filter (tracing EnvFilter syntax, e.g. "info" or "nesd=debug") [default: info].
     #[arg(long = "log", env = "NES_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -162,6 +170,8 @@ pub struct FileConfig {
     pub key_policy: Option<KeyPolicy>,
     /// `key_ttl_secs`
     pub key_ttl_secs: Option<u64>,
+    /// `lookup_rate`
+    pub lookup_rate: Option<u32>,
     /// `log`
     pub log: Option<String>,
     /// Everything else (for the frontends).
@@ -317,6 +327,8 @@ pub struct Config {
     pub key_policy: KeyPolicy,
     /// Cached keys are fetched again after this long.
     pub key_ttl: Duration,
+    /// Background key server lookups per second at most.
+    pub lookup_rate: u32,
     /// Log filter, when configured.
     pub log: Option<String>,
     /// The config file that was read, if any.
@@ -437,6 +449,11 @@ impl Config {
             keyserver_legacy: cli.keyserver_legacy.or(file.keyserver_legacy).unwrap_or(false),
             key_policy: cli.key_policy.or(file.key_policy).unwrap_or_default(),
             key_ttl,
+            lookup_rate: match cli.lookup_rate.or(file.lookup_rate) {
+                Some(0) => return Err(ConfigError::Invalid("lookup rate must be at least 1 per second".into())),
+                Some(n) => n,
+                None => DEFAULT_LOOKUP_RATE,
+            },
             log: cli.log.or(file.log),
             config_file,
         })

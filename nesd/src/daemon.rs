@@ -146,8 +146,12 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         shutdown: shutdown.clone(),
     });
 
+    // Key server lookups for senders of received frames run beside the pipeline, never on
+    // its ordered path; each finished one is sent back so its parked frames are tried.
+    let (resolved_tx, resolved_rx) = mpsc::unbounded_channel();
+    let lookups_task = tokio::spawn(keys.clone().run_lookups(config.lookup_rate, resolved_tx, shutdown.clone()));
     let pipeline = Pipeline { identity, store: store.clone(), keys, stats: stats.clone(), transport: transport.clone() };
-    let receive_task = tokio::spawn(pipeline.run(incoming_rx, shutdown.clone()));
+    let receive_task = tokio::spawn(pipeline.run(incoming_rx, resolved_rx, shutdown.clone()));
     let outbox = Outbox { store: store.clone(), transport, deliveries: delivery_rx, wake: outbox_wake, stats };
     let outbox_task = tokio::spawn(outbox.run(shutdown.clone()));
     let connection_task = tokio::spawn(service.clone().watch_connection());
@@ -202,7 +206,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         warn!("API clients did not disconnect in time");
         grpc_task.abort();
     }
-    for (name, task) in [("receive", receive_task), ("outbox", outbox_task), ("connection", connection_task), ("mqtt", mqtt_task)] {
+    for (name, task) in [
+        ("receive", receive_task),
+        ("lookups", lookups_task),
+        ("outbox", outbox_task),
+        ("connection", connection_task),
+        ("mqtt", mqtt_task),
+    ] {
         if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
             warn!(task = name, "did not stop in time");
         }

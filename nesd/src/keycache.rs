@@ -9,6 +9,17 @@
 //!   them are held, sending is refused, until the user accepts them ([`KeyCache::trust`]).
 //!   With the `always` policy (bots), new keys replace the pinned ones at once.
 //! - The decision itself is the pure function [`decide`], tested on its own.
+//! - Keys fetched because a *frame* named a sender are only a candidate: they are pinned
+//!   ([`KeyCache::pin_verified`]) once a frame verifies under them, so a forged frame
+//!   creates no contact. Keys fetched for a send or a lookup the user asked for pin at once.
+//! - Lookups for received frames never run on the receive pipeline's ordered path: the
+//!   pipeline asks [`KeyCache::keys_for_frame`], which answers from memory and, when it
+//!   knows nothing, queues a lookup for the background task [`KeyCache::run_lookups`]:
+//!   newest names first, at most [`LOOKUP_CONCURRENCY`] at once, within a token-bucket
+//!   budget per second, paused for a 429's `Retry-After`. Answers go into bounded,
+//!   expiring maps: [`NEGATIVE_MAX`] names the key server does not know (for
+//!   [`NEGATIVE_TTL`]), [`CANDIDATES_MAX`] candidates, recent failures. No lock is held
+//!   across an HTTP call.
 //!
 //! Records live in the `contacts` tree of the store's database (prost-encoded
 //! [`ContactRecord`]); parsed keys are kept in memory so a message costs no PEM parsing.
@@ -19,10 +30,11 @@ use crate::store::{Store, StoreError};
 use nes_proto::rpc::{self, event::Kind, TrustState};
 use nes_proto::{now_ms, PublicKey, Username};
 use prost::Message as _;
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use tracing::{info, warn};
+use tokio::sync::{mpsc, watch, Notify, Semaphore};
+use tracing::{debug, info, warn};
 
 /// After a signature failure we ask the key server again, but not more often than this
 /// per contact (forged frames must not turn into a flood of key server requests).
@@ -30,6 +42,122 @@ pub const FORCED_REFRESH_INTERVAL: Duration = Duration::from_secs(10);
 /// After a failed fetch, cached keys are used (or, with none, the failure repeated)
 /// without asking again for this long, unless a refresh is asked for.
 pub const FAILED_FETCH_BACKOFF: Duration = Duration::from_secs(10);
+/// Background lookups in flight at once.
+pub const LOOKUP_CONCURRENCY: usize = 8;
+/// Names waiting for a background lookup; past this the oldest requests are dropped (the
+/// pipeline asks again for senders whose frames are still parked).
+pub const LOOKUP_QUEUE_MAX: usize = 4096;
+/// Names the key server said it does not know, remembered this long...
+pub const NEGATIVE_TTL: Duration = Duration::from_secs(600);
+/// ...up to this many (oldest forgotten first).
+pub const NEGATIVE_MAX: usize = 65_536;
+/// Keys fetched for a frame and not yet pinned (no frame verified under them yet).
+pub const CANDIDATES_MAX: usize = 1024;
+/// How long such candidate keys are used before they are fetched again.
+pub const CANDIDATE_TTL: Duration = Duration::from_secs(600);
+/// Recent failures and forced refreshes remembered at most (each for its backoff).
+const FAILURES_MAX: usize = 16_384;
+/// The pause after a 429 without a usable `Retry-After`.
+pub const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(10);
+
+/// A map of at most `cap` names whose entries expire after `ttl`, oldest forgotten first
+/// (both bounds, so that made-up names cannot grow it).
+struct Expiring<V> {
+    map: HashMap<String, (Instant, V)>,
+    order: VecDeque<(String, Instant)>,
+    cap: usize,
+    ttl: Duration,
+}
+
+impl<V: Clone> Expiring<V> {
+    fn new(cap: usize, ttl: Duration) -> Self {
+        Expiring { map: HashMap::new(), order: VecDeque::new(), cap, ttl }
+    }
+
+    fn get(&mut self, key: &str) -> Option<V> {
+        self.prune();
+        self.map.get(key).filter(|(t, _)| t.elapsed() < self.ttl).map(|(_, v)| v.clone())
+    }
+
+    fn insert(&mut self, key: &str, value: V) {
+        let now = Instant::now();
+        self.map.insert(key.to_owned(), (now, value));
+        self.order.push_back((key.to_owned(), now));
+        self.prune();
+    }
+
+    fn remove(&mut self, key: &str) {
+        self.map.remove(key);
+    }
+
+    fn prune(&mut self) {
+        // `order` may hold stale entries of names inserted again or removed; they are
+        // dropped as they come to the front, and bounded by the last condition.
+        while let Some((key, at)) = self.order.front() {
+            let expired = at.elapsed() >= self.ttl;
+            if !(expired || self.map.len() > self.cap || self.order.len() > 2 * self.cap + 16) {
+                break;
+            }
+            if self.map.get(key).is_some_and(|(t, _)| t == at) {
+                self.map.remove(key);
+            }
+            self.order.pop_front();
+        }
+    }
+}
+
+/// What the receive pipeline can do with a frame from `user` now (answered from memory,
+/// never waiting for the key server).
+#[derive(Debug, Clone)]
+pub enum FrameKeys {
+    /// A contact: verify under its keys.
+    Known(Arc<Contact>),
+    /// The key server's keys for a sender not pinned yet: verify under them, then
+    /// [`KeyCache::pin_verified`].
+    Candidate(KeySet),
+    /// The key server does not know the sender.
+    NotFound,
+    /// The key server's answer was refused.
+    BadAnswer(String),
+    /// Not known yet: a lookup is queued or the key server cannot be reached now.
+    Waiting,
+}
+
+/// Background lookups queued, newest first.
+#[derive(Default)]
+struct LookupQueue {
+    queue: VecDeque<Username>,
+    /// Queued or in flight.
+    queued: HashSet<String>,
+}
+
+/// The lookup budget: a token bucket.
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    last: Instant,
+}
+
+impl Bucket {
+    fn new(per_second: u32) -> Self {
+        let rate = f64::from(per_second.max(1));
+        Bucket { tokens: rate * 5.0, rate, burst: rate * 5.0, last: Instant::now() }
+    }
+
+    /// How long until a token is there (zero: take it now).
+    fn wait(&mut self) -> Duration {
+        let now = Instant::now();
+        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.last = now;
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64((1.0 - self.tokens) / self.rate)
+        }
+    }
+}
 
 /// A contact's two public keys and the signed answer they came in.
 #[derive(Debug, Clone)]
@@ -268,11 +396,22 @@ struct Inner {
     ttl: Duration,
     me: Arc<Contact>,
     mem: Mutex<HashMap<String, Arc<Contact>>>,
-    fetch_lock: tokio::sync::Mutex<()>,
-    /// Last failed fetch per user, and how it failed.
-    failed: Mutex<HashMap<String, (Instant, FetchError)>>,
-    /// Last refresh forced by a signature failure per user.
-    forced: Mutex<HashMap<String, Instant>>,
+    /// Serialises changes of contacts (never held across a key server request).
+    write_lock: tokio::sync::Mutex<()>,
+    /// Recent failed fetches (for [`FAILED_FETCH_BACKOFF`]), and how they failed.
+    failed: Mutex<Expiring<FetchError>>,
+    /// Recent refreshes forced by a signature failure (for [`FORCED_REFRESH_INTERVAL`]).
+    forced: Mutex<Expiring<()>>,
+    /// Names the key server does not know.
+    negative: Mutex<Expiring<()>>,
+    /// Keys fetched for frames, not pinned until a frame verifies under them.
+    candidates: Mutex<Expiring<KeySet>>,
+    /// Background lookups to do.
+    lookups: Mutex<LookupQueue>,
+    /// Wakes the lookup task.
+    wake: Notify,
+    /// No background lookup before this (a 429's `Retry-After`).
+    paused_until: Mutex<Option<Instant>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -321,9 +460,14 @@ impl KeyCache {
                 ttl,
                 me,
                 mem: Mutex::new(mem),
-                fetch_lock: tokio::sync::Mutex::new(()),
-                failed: Mutex::new(HashMap::new()),
-                forced: Mutex::new(HashMap::new()),
+                write_lock: tokio::sync::Mutex::new(()),
+                failed: Mutex::new(Expiring::new(FAILURES_MAX, FAILED_FETCH_BACKOFF)),
+                forced: Mutex::new(Expiring::new(FAILURES_MAX, FORCED_REFRESH_INTERVAL)),
+                negative: Mutex::new(Expiring::new(NEGATIVE_MAX, NEGATIVE_TTL)),
+                candidates: Mutex::new(Expiring::new(CANDIDATES_MAX, CANDIDATE_TTL)),
+                lookups: Mutex::new(LookupQueue::default()),
+                wake: Notify::new(),
+                paused_until: Mutex::new(None),
             }),
         })
     }
@@ -351,10 +495,7 @@ impl KeyCache {
     /// How the last fetch of `user` failed, if that was less than
     /// [`FAILED_FETCH_BACKOFF`] ago.
     fn recent_failure(&self, user: &Username) -> Option<FetchError> {
-        lock(&self.inner.failed)
-            .get(user.as_str())
-            .filter(|(t, _)| t.elapsed() < FAILED_FETCH_BACKOFF)
-            .map(|(_, e)| e.clone())
+        lock(&self.inner.failed).get(user.as_str())
     }
 
     /// The contact's keys: from the cache while fresh, else from the key server (falling
@@ -379,22 +520,15 @@ impl KeyCache {
                 _ => {}
             }
         }
-        let _guard = self.inner.fetch_lock.lock().await;
-        // Someone else may have fetched it while we waited.
-        if !refresh {
-            if let Some(c) = self.cached(user) {
-                if self.fresh(&c) {
-                    return Ok((c, false));
-                }
-            }
-        }
+        // No lock across the request: two lookups of the same name at once both ask, and
+        // `apply` (serialised) takes both answers in turn.
         match self.inner.source.fetch(user).await {
             Ok(fetched) => {
-                lock(&self.inner.failed).remove(user.as_str());
-                Ok((self.apply(user, fetched).await?, true))
+                self.forget_failures(user);
+                Ok((self.apply(user, KeySet::from_fetched(fetched)).await?, true))
             }
             Err(e) => {
-                lock(&self.inner.failed).insert(user.to_string(), (Instant::now(), e.clone()));
+                self.remember_failure(user, &e);
                 match self.cached(user) {
                     Some(c) => {
                         info!(%user, error = %e, "using cached keys");
@@ -415,10 +549,10 @@ impl KeyCache {
         }
         {
             let mut forced = lock(&self.inner.forced);
-            if forced.get(user.as_str()).is_some_and(|t| t.elapsed() < FORCED_REFRESH_INTERVAL) {
+            if forced.get(user.as_str()).is_some() {
                 return None;
             }
-            forced.insert(user.to_string(), Instant::now());
+            forced.insert(user.as_str(), ());
         }
         match self.lookup(user, true).await {
             Ok((contact, true)) => Some(contact),
@@ -426,9 +560,170 @@ impl KeyCache {
         }
     }
 
+    fn forget_failures(&self, user: &Username) {
+        lock(&self.inner.failed).remove(user.as_str());
+        lock(&self.inner.negative).remove(user.as_str());
+        lock(&self.inner.candidates).remove(user.as_str());
+    }
+
+    fn remember_failure(&self, user: &Username, e: &FetchError) {
+        lock(&self.inner.failed).insert(user.as_str(), e.clone());
+        if matches!(e, FetchError::NotFound(_)) {
+            lock(&self.inner.negative).insert(user.as_str(), ());
+        }
+    }
+
+    /// For a frame whose inner `from` is `user`: what is known now, from memory only. When
+    /// nothing is known (or a contact's keys are past the TTL) a background lookup is
+    /// queued: first in line when `urgent`, else last.
+    pub fn keys_for_frame(&self, user: &Username, urgent: bool) -> FrameKeys {
+        if let Some(c) = self.cached(user) {
+            if !self.fresh(&c) && self.recent_failure(user).is_none() {
+                // Expired: keep using the pinned keys, refresh in the background.
+                self.request_lookup(user, false);
+            }
+            return FrameKeys::Known(c);
+        }
+        if lock(&self.inner.negative).get(user.as_str()).is_some() {
+            return FrameKeys::NotFound;
+        }
+        if let Some(keys) = lock(&self.inner.candidates).get(user.as_str()) {
+            return FrameKeys::Candidate(keys);
+        }
+        match self.recent_failure(user) {
+            Some(FetchError::NotFound(_)) => FrameKeys::NotFound,
+            Some(FetchError::BadAnswer(reason)) => FrameKeys::BadAnswer(reason),
+            // Unavailable or rate limited: wait for the backoff before asking again.
+            Some(_) => FrameKeys::Waiting,
+            None => {
+                self.request_lookup(user, urgent);
+                FrameKeys::Waiting
+            }
+        }
+    }
+
+    /// Queues a background lookup of `user` (once; newest first when `urgent`).
+    pub fn request_lookup(&self, user: &Username, urgent: bool) {
+        {
+            let mut q = lock(&self.inner.lookups);
+            if !q.queued.insert(user.to_string()) {
+                return;
+            }
+            if urgent {
+                q.queue.push_front(user.clone());
+            } else {
+                q.queue.push_back(user.clone());
+            }
+            while q.queue.len() > LOOKUP_QUEUE_MAX {
+                if let Some(old) = q.queue.pop_back() {
+                    q.queued.remove(old.as_str());
+                }
+            }
+        }
+        self.inner.wake.notify_one();
+    }
+
+    /// Names waiting for a background lookup.
+    pub fn lookups_queued(&self) -> usize {
+        lock(&self.inner.lookups).queue.len()
+    }
+
+    /// After a frame verified under candidate keys from [`KeyCache::keys_for_frame`]: pins
+    /// them (or, if a contact appeared meanwhile, applies them under the TOFU rule).
+    pub async fn pin_verified(&self, user: &Username, keys: KeySet) -> Result<Arc<Contact>, LookupError> {
+        lock(&self.inner.candidates).remove(user.as_str());
+        self.apply(user, keys).await
+    }
+
+    /// The background lookups: runs until `shutdown`. Each finished lookup (answered or
+    /// failed, not rate limited) sends its name on `resolved`, so that the pipeline can
+    /// try the frames parked for it.
+    pub async fn run_lookups(self, per_second: u32, resolved: mpsc::UnboundedSender<Username>, mut shutdown: watch::Receiver<bool>) {
+        let permits = Arc::new(Semaphore::new(LOOKUP_CONCURRENCY));
+        let mut bucket = Bucket::new(per_second);
+        loop {
+            // Something to do.
+            while lock(&self.inner.lookups).queue.is_empty() {
+                tokio::select! {
+                    _ = crate::stopped(&mut shutdown) => return,
+                    _ = self.inner.wake.notified() => {}
+                }
+            }
+            // A 429 pauses every background lookup (sends and frames from contacts go on).
+            let pause = *lock(&self.inner.paused_until);
+            if let Some(until) = pause {
+                if until > Instant::now() {
+                    tokio::select! {
+                        _ = crate::stopped(&mut shutdown) => return,
+                        _ = tokio::time::sleep_until(until.into()) => {}
+                    }
+                    continue;
+                }
+            }
+            let wait = bucket.wait();
+            if !wait.is_zero() {
+                tokio::select! {
+                    _ = crate::stopped(&mut shutdown) => return,
+                    _ = tokio::time::sleep(wait) => {}
+                }
+                // Take the token when it is there, next round (the queue may have changed).
+                continue;
+            }
+            let permit = tokio::select! {
+                _ = crate::stopped(&mut shutdown) => return,
+                p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            };
+            // Taken last, so that the newest request waiting goes first.
+            let Some(user) = lock(&self.inner.lookups).queue.pop_front() else { continue };
+            let cache = self.clone();
+            let resolved = resolved.clone();
+            tokio::spawn(async move {
+                let done = cache.background_lookup(&user).await;
+                drop(permit);
+                if done {
+                    lock(&cache.inner.lookups).queued.remove(user.as_str());
+                    let _ = resolved.send(user);
+                }
+            });
+        }
+    }
+
+    /// One background lookup; false when it must be tried again (rate limited; the name
+    /// is queued again, first in line).
+    async fn background_lookup(&self, user: &Username) -> bool {
+        match self.inner.source.fetch(user).await {
+            Ok(fetched) => {
+                self.forget_failures(user);
+                let keys = KeySet::from_fetched(fetched);
+                if self.cached(user).is_some() {
+                    // A refresh of a contact: the TOFU rule as for any fresh answer.
+                    if let Err(e) = self.apply(user, keys).await {
+                        warn!(%user, error = %e, "cannot save refreshed keys");
+                    }
+                } else {
+                    lock(&self.inner.candidates).insert(user.as_str(), keys);
+                }
+                true
+            }
+            Err(FetchError::RateLimited(after)) => {
+                let after = after.unwrap_or(DEFAULT_RETRY_AFTER);
+                warn!(%user, retry_after_secs = after.as_secs(), "the key server rate limits lookups; pausing them");
+                *lock(&self.inner.paused_until) = Some(Instant::now() + after);
+                lock(&self.inner.lookups).queue.push_front(user.clone());
+                self.inner.wake.notify_one();
+                false
+            }
+            Err(e) => {
+                debug!(%user, error = %e, "background lookup failed");
+                self.remember_failure(user, &e);
+                true
+            }
+        }
+    }
+
     /// Applies a fresh verified answer under the TOFU rule.
-    async fn apply(&self, user: &Username, fetched: Fetched) -> Result<Arc<Contact>, LookupError> {
-        let new = KeySet::from_fetched(fetched);
+    async fn apply(&self, user: &Username, new: KeySet) -> Result<Arc<Contact>, LookupError> {
+        let _guard = self.inner.write_lock.lock().await;
         let existing = self.cached(user);
         let now = now_ms();
         let decision = decide(
@@ -475,7 +770,7 @@ impl KeyCache {
     /// Accepts the pending keys of `user`. When fingerprints are given they must match the
     /// pending keys (or, with no change pending, the pinned ones).
     pub async fn trust(&self, user: &Username, message_fp: &str, sign_fp: &str) -> Result<Arc<Contact>, TrustError> {
-        let _guard = self.inner.fetch_lock.lock().await;
+        let _guard = self.inner.write_lock.lock().await;
         let contact = self.cached(user).ok_or_else(|| TrustError::Unknown(user.to_string()))?;
         let target = contact.pending.as_ref().unwrap_or(&contact.pinned);
         if (!message_fp.is_empty() && !message_fp.eq_ignore_ascii_case(&target.message.fingerprint()))
@@ -498,7 +793,7 @@ impl KeyCache {
         if user == &self.inner.me.username || contact.legacy == legacy {
             return Ok(contact);
         }
-        let _guard = self.inner.fetch_lock.lock().await;
+        let _guard = self.inner.write_lock.lock().await;
         let current = self.cached(user).unwrap_or(contact);
         let c = Contact { legacy, ..(*current).clone() };
         let event = Kind::Contact(c.to_rpc());
@@ -713,5 +1008,59 @@ mod tests {
         assert!(c.key_changed());
         assert!(c.legacy);
         assert_eq!(cache.list().len(), 1);
+    }
+
+    #[tokio::test]
+    async fn frame_lookups_run_in_the_background_and_pin_only_after_verifying() {
+        let (_tmp, _store, fake, cache) = setup(KeyPolicy::Tofu, Duration::from_secs(3600));
+        let (tx, mut resolved) = mpsc::unbounded_channel();
+        let (_stop_tx, stop) = watch::channel(false);
+        tokio::spawn(cache.clone().run_lookups(1000, tx, stop));
+        let carol = Username::parse("carol").unwrap();
+        assert!(matches!(cache.keys_for_frame(&carol, true), FrameKeys::Waiting));
+        assert_eq!(resolved.recv().await.unwrap(), carol);
+        let FrameKeys::Candidate(ks) = cache.keys_for_frame(&carol, true) else { panic!("no candidate") };
+        assert!(cache.list().is_empty(), "a lookup for a frame pins nothing");
+        cache.pin_verified(&carol, ks).await.unwrap();
+        assert_eq!(cache.cached(&carol).unwrap().pinned.sign, keys(0).1);
+
+        // Unknown names: one lookup, then refused from memory.
+        set(&fake, Err(FetchError::NotFound("x".into())));
+        let nobody = Username::parse("nobody").unwrap();
+        assert!(matches!(cache.keys_for_frame(&nobody, true), FrameKeys::Waiting));
+        assert_eq!(resolved.recv().await.unwrap(), nobody);
+        let calls = fake.calls.load(Ordering::SeqCst);
+        for _ in 0..10 {
+            assert!(matches!(cache.keys_for_frame(&nobody, true), FrameKeys::NotFound));
+        }
+        assert_eq!(fake.calls.load(Ordering::SeqCst), calls, "negative answers are cached");
+
+        // A 429 pauses lookups for its Retry-After, then the name is looked up again.
+        set(&fake, Err(FetchError::RateLimited(Some(Duration::from_secs(1)))));
+        let dave = Username::parse("dave").unwrap();
+        let asked = Instant::now();
+        assert!(matches!(cache.keys_for_frame(&dave, true), FrameKeys::Waiting));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        set(&fake, Ok(1));
+        assert_eq!(resolved.recv().await.unwrap(), dave);
+        assert!(asked.elapsed() >= Duration::from_secs(1), "the Retry-After was not honoured");
+        assert!(matches!(cache.keys_for_frame(&dave, true), FrameKeys::Candidate(_)));
+        // Known contacts answer from memory meanwhile, whatever the key server does.
+        assert!(matches!(cache.keys_for_frame(&carol, true), FrameKeys::Known(_)));
+    }
+
+    #[test]
+    fn expiring_maps_are_bounded() {
+        let mut m: Expiring<u32> = Expiring::new(100, Duration::from_secs(60));
+        for i in 0..10_000u32 {
+            m.insert(&format!("name{i}"), i);
+        }
+        assert!(m.map.len() <= 100 && m.order.len() <= 216, "{} {}", m.map.len(), m.order.len());
+        assert_eq!(m.get("name9999"), Some(9999));
+        assert_eq!(m.get("name0"), None);
+        let mut short: Expiring<()> = Expiring::new(100, Duration::from_millis(1));
+        short.insert("a", ());
+        std::thread::sleep(Duration::from_millis(5));
+        assert_eq!(short.get("a"), None);
     }
 }

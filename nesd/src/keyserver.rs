@@ -35,7 +35,14 @@ pub enum FetchError {
     /// The answer is not a valid signed answer about that user.
     #[error("the key server's answer was refused: {0}")]
     BadAnswer(String),
+    /// 429: the key server asks us to slow down, for `Retry-After` when it said.
+    #[error("the key server is rate limiting lookups")]
+    RateLimited(Option<Duration>),
 }
+
+/// Longest `Retry-After` honoured: a key server asking for more is asked again after this
+/// (a lying or broken value must not stop every lookup for a day).
+pub const MAX_RETRY_AFTER: Duration = Duration::from_secs(300);
 
 /// Somewhere keys come from: the key server, or a fake in tests.
 pub trait KeySource: Send + Sync {
@@ -96,6 +103,15 @@ impl KeyServer {
         let status = response.status();
         if status == reqwest::StatusCode::NOT_FOUND {
             return Err(FetchError::NotFound(user.to_string()));
+        }
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            let after = response
+                .headers()
+                .get(reqwest::header::RETRY_AFTER)
+                .and_then(|v| v.to_str().ok())
+                .and_then(|v| v.trim().parse::<u64>().ok())
+                .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER));
+            return Err(FetchError::RateLimited(after));
         }
         if !status.is_success() {
             return Err(FetchError::Unavailable(format!("GET /users/{user} answered {status}")));

@@ -3,8 +3,9 @@
 //!
 //! ```text
 //! publish ─▶ decrypt (blocking pool, a few at once) ─▶ in arrival order:
-//!   sender keys (key cache / key server) ─▶ verify ─▶ `to` ─▶ timestamp ─▶ duplicate?
+//!   sender keys (key cache, from memory) ─▶ verify ─▶ `to` ─▶ timestamp ─▶ duplicate?
 //!   ─▶ store ─▶ (batch) flush ─▶ ack to the broker ─▶ events go live
+//!                 └─ not known yet ─▶ park ─▶ (flush, ack) ... lookup done ─▶ try again
 //! ```
 //!
 //! - Decryption is the expensive RSA private-key operation, so it runs on tokio's blocking
@@ -19,21 +20,28 @@
 //!   own: `unknown_sender`, `keyserver_unavailable`, `keyserver_bad_answer`,
 //!   `bad_sender`, `duplicate`, `wrong_topic`), logged without frame content, and
 //!   acknowledged: it would be refused again.
-//! - A frame from a sender whose keys are not cached, while the key server cannot be
-//!   reached, is not refused: it is *parked* in the store (flushed, then acknowledged)
-//!   and tried again every [`RETRY_WAITING`] until the key server answers. Later frames of
-//!   that sender wait behind it, so per-sender order holds. At most
-//!   [`crate::store::MAX_WAITING`] frames wait; past that they are refused
-//!   (`keyserver_unavailable`).
+//! - The ordered path never waits for the key server. A frame from a sender whose keys
+//!   are not in memory is *parked* in the store (flushed, then acknowledged) and a
+//!   background lookup is queued ([`KeyCache::keys_for_frame`]); when it is done the
+//!   sender's parked frames are tried again at once, and every [`RETRY_WAITING`] those
+//!   whose lookup could not complete (key server down, 429). Later frames of that sender
+//!   wait behind it, so per-sender order holds, while frames of known contacts keep
+//!   flowing. A sender the key server does not know is remembered (negative cache), so its
+//!   next frames are refused (`unknown_sender`) without a lookup. At most
+//!   [`crate::store::MAX_WAITING_PER_SENDER`] frames of one sender wait (more are refused,
+//!   `parked_too_many`) and [`crate::store::MAX_WAITING`] in all (the oldest makes room,
+//!   `parked_evicted`).
+//! - Keys fetched for a frame are pinned only once a frame verifies under them: a forged
+//!   frame refused for its signature leaves no contact behind.
 //! - A signature that fails under the pinned keys makes the key cache ask the key server
 //!   once; new keys there put the contact in KEY_CHANGED and messages that verify under
 //!   them are stored HELD, without text, until the user trusts the keys.
 
 use crate::identity::Identity;
-use crate::keycache::{Contact, KeyCache, LookupError};
+use crate::keycache::{Contact, FrameKeys, KeyCache};
 use crate::mqtt::Transport;
 use crate::service::Stats;
-use crate::store::{Store, Waiting};
+use crate::store::{Parked, Store, Waiting};
 use nes_proto::frame::{self, Decrypted, FrameError, Opened};
 use nes_proto::rpc::{self, Direction, MessageState};
 use nes_proto::{now_ms, Username};
@@ -43,7 +51,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
-use tracing::{error, info, warn};
+use tracing::{debug, error, info};
 
 /// Frames that arrive together are decrypted together in one blocking task, up to this
 /// many (one thread hand-off per chunk instead of one per frame).
@@ -54,8 +62,14 @@ pub const DECRYPT_AHEAD: usize = 2;
 pub const MAX_BATCH: usize = 64;
 /// How often frames parked while the key server was down are tried again.
 pub const RETRY_WAITING: Duration = Duration::from_secs(5);
-/// Most parked frames tried in one round.
+/// Most parked frames of one sender tried in one round.
 const RETRY_BATCH: usize = 256;
+/// Parked frames logged at info level per minute at most.
+const PARK_LOGS_PER_MINUTE: u64 = 100;
+static PARK_LOG: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64) =
+    (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
+/// Most senders with parked frames looked at in one [`RETRY_WAITING`] round.
+const RETRY_SENDERS: usize = 4096;
 
 /// What the pipeline works with.
 #[derive(Clone)]
@@ -91,8 +105,14 @@ enum Outcome {
 type Pending = (Vec<Publish>, JoinHandle<Vec<Result<Decrypted, FrameError>>>);
 
 impl Pipeline {
-    /// Runs until the transport stops sending or `shutdown` turns true.
-    pub async fn run(self, mut incoming: mpsc::UnboundedReceiver<Publish>, mut shutdown: watch::Receiver<bool>) {
+    /// Runs until the transport stops sending or `shutdown` turns true. `resolved` names
+    /// senders whose background lookup finished ([`KeyCache::run_lookups`]).
+    pub async fn run(
+        self,
+        mut incoming: mpsc::UnboundedReceiver<Publish>,
+        mut resolved: mpsc::UnboundedReceiver<Username>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let (ordered_tx, mut ordered) = mpsc::channel::<Pending>(DECRYPT_AHEAD);
         let identity = self.identity.clone();
         let mut stop = shutdown.clone();
@@ -128,7 +148,24 @@ impl Pipeline {
                     // Here, between batches, so that parked frames and new ones of the same
                     // sender are never stored out of order.
                     if self.store.waiting_len() > 0 {
-                        self.retry_waiting().await;
+                        for from in self.store.waiting_senders(RETRY_SENDERS) {
+                            self.retry_sender(&from, false).await;
+                        }
+                    }
+                    continue;
+                }
+                Some(first) = resolved.recv() => {
+                    let mut names = vec![first];
+                    while names.len() < MAX_BATCH {
+                        match resolved.try_recv() {
+                            Ok(n) => names.push(n),
+                            Err(_) => break,
+                        }
+                    }
+                    for from in names {
+                        if self.store.has_waiting(from.as_str()).unwrap_or(true) {
+                            self.retry_sender(from.as_str(), true).await;
+                        }
                     }
                     continue;
                 }
@@ -195,17 +232,20 @@ impl Pipeline {
         }
     }
 
-    /// Parks a frame until its sender's keys can be fetched (or refuses it when too many
-    /// are parked already).
+    /// Parks a frame until its sender's keys are known (or refuses it when too many of
+    /// that sender are parked already).
     fn park(&self, from: &Username, publish: &Publish, why: &str) -> Outcome {
         match self.store.park(from.as_str(), &publish.payload) {
-            Ok(true) => {
-                info!(from = %from, "frame parked until the sender's keys can be fetched: {why}");
+            Ok(Parked::Kept { evicted }) => {
+                debug!(from = %from, "parking a frame: {why}");
+                self.log_parked(from);
+                if let Some(who) = evicted {
+                    self.stats.refuse("parked_evicted", &format!("the oldest parked frame (claimed sender {who}) made room"));
+                }
                 Outcome::Parked
             }
-            Ok(false) => {
-                warn!(from = %from, "too many parked frames; refusing this one");
-                self.refuse("keyserver_unavailable", &format!("no keys for {from} ({why}) and too many frames parked"))
+            Ok(Parked::TooManyFromSender) => {
+                self.refuse("parked_too_many", &format!("too many frames of {from} wait for its keys ({why})"))
             }
             Err(e) => {
                 error!(error = %e, "cannot park a frame; the broker will deliver it again");
@@ -219,10 +259,48 @@ impl Pipeline {
         Outcome::Refused
     }
 
-    /// Tries the parked frames again, each sender's in order; a sender whose keys still
-    /// cannot be fetched keeps the rest of its frames parked.
-    async fn retry_waiting(&self) {
-        let waiting = match self.store.waiting(RETRY_BATCH) {
+    /// One info line per parked frame for the first few a minute (a flood must not
+    /// become a flood of log lines).
+    fn log_parked(&self, from: &Username) {
+        use std::sync::atomic::Ordering;
+        let minute = (now_ms() / 60_000) as u64;
+        let (window, count) = &PARK_LOG;
+        if window.swap(minute, Ordering::AcqRel) != minute {
+            count.store(0, Ordering::Release);
+        }
+        if count.fetch_add(1, Ordering::AcqRel) < PARK_LOGS_PER_MINUTE {
+            info!(from = %from, "frame parked until the sender's keys are known");
+        }
+    }
+
+    /// Tries the parked frames of `from` again, in order, when its keys are known now (or
+    /// refuses them all at once when the key server does not know it); a sender whose keys
+    /// still cannot be fetched keeps its frames parked (and, unless `just_looked_up`, gets
+    /// a lookup queued).
+    async fn retry_sender(&self, from: &str, just_looked_up: bool) {
+        let Ok(user) = Username::parse(from) else {
+            // Cannot happen (parked frames have a parsed sender); do not keep it forever.
+            self.drop_parked(from, "bad_sender", "the parked frame's sender is not a username");
+            return;
+        };
+        match self.keys.keys_for_frame(&user, false) {
+            FrameKeys::Waiting => {
+                if just_looked_up {
+                    debug!(%user, "keys still not available; frames stay parked");
+                }
+                return;
+            }
+            FrameKeys::NotFound => {
+                self.drop_parked(from, "unknown_sender", &format!("{from} is not registered at the key server"));
+                return;
+            }
+            FrameKeys::BadAnswer(reason) => {
+                self.drop_parked(from, "keyserver_bad_answer", &format!("no keys for {from}: {reason}"));
+                return;
+            }
+            FrameKeys::Known(_) | FrameKeys::Candidate(_) => {}
+        }
+        let waiting = match self.store.waiting_of(from, RETRY_BATCH) {
             Ok(w) => w,
             Err(e) => {
                 error!(error = %e, "cannot read the parked frames");
@@ -281,7 +359,25 @@ impl Pipeline {
             }
         }
         if !done.is_empty() {
-            info!(handled = done.len(), stored, still_waiting = self.store.waiting_len(), "parked frames tried again");
+            info!(from, handled = done.len(), stored, still_waiting = self.store.waiting_len(), "parked frames tried again");
+        }
+    }
+
+    /// Refuses every parked frame of `from` without opening them (the answer is the same
+    /// for all: the sender is unknown or its keys unusable).
+    fn drop_parked(&self, from: &str, reason: &str, detail: &str) {
+        let waiting = match self.store.waiting_of(from, usize::MAX) {
+            Ok(w) => w,
+            Err(e) => {
+                error!(error = %e, "cannot read the parked frames");
+                return;
+            }
+        };
+        for w in waiting {
+            self.stats.refuse(reason, detail);
+            if let Err(e) = self.store.unpark(&w.from, w.seq) {
+                error!(error = %e, "cannot forget a parked frame");
+            }
         }
     }
 
@@ -309,25 +405,30 @@ impl Pipeline {
                 }
             }
         }
-        let contact = match self.keys.get(&from, false).await {
-            Ok(c) => c,
-            Err(LookupError::NotFound(_)) => {
+        let (opened, held) = match self.keys.keys_for_frame(&from, true) {
+            FrameKeys::NotFound => {
                 return self.refuse("unknown_sender", &format!("{from} is not registered at the key server"))
             }
-            Err(LookupError::Unavailable { .. }) if retry => return Outcome::StillWaiting,
-            Err(LookupError::Unavailable { reason, .. }) => {
-                return self.park(&from, publish, &format!("the key server cannot be reached: {reason}"))
-            }
-            Err(LookupError::BadAnswer { reason, .. }) => {
+            FrameKeys::BadAnswer(reason) => {
                 return self.refuse("keyserver_bad_answer", &format!("no keys for {from}: {reason}"))
             }
-            Err(e) => {
-                error!(error = %e, "key cache failed");
-                return Outcome::Failed;
+            FrameKeys::Waiting if retry => return Outcome::StillWaiting,
+            FrameKeys::Waiting => return self.park(&from, publish, "waiting for a key server lookup"),
+            FrameKeys::Known(contact) => match self.verify(&from, &contact, &decrypted).await {
+                Some(found) => found,
+                None => return self.refuse("signature", &format!("claimed sender {from}")),
+            },
+            FrameKeys::Candidate(keys) => {
+                // Not pinned yet: only a frame that verifies under them pins them.
+                let Ok(opened) = decrypted.clone().verify(&keys.sign) else {
+                    return self.refuse("signature", &format!("claimed sender {from} (its keys are not pinned)"));
+                };
+                if let Err(e) = self.keys.pin_verified(&from, keys).await {
+                    error!(error = %e, "cannot pin keys");
+                    return Outcome::Failed;
+                }
+                (opened, false)
             }
-        };
-        let Some((opened, held)) = self.verify(&from, &contact, &decrypted).await else {
-            return self.refuse("signature", &format!("claimed sender {from}"));
         };
         if let Err(e) = opened.check_recipient(me) {
             return self.refuse(e.reason(), &format!("from {from}: {e}"));

@@ -91,10 +91,52 @@ pub struct Held {
     pub frame: Vec<u8>,
 }
 
-/// Most frames kept waiting for their senders' keys: past this, a frame that arrives
-/// while the key server is down is refused (and lost) rather than filling the disk, since
-/// anyone who knows the recipient's public key can seal frames with made-up senders.
+/// Most frames kept waiting for their senders' keys: past this, the oldest parked frame
+/// is dropped to make room (rather than filling the disk, since anyone who knows the
+/// recipient's public key can seal frames with made-up senders). Oldest first because
+/// lookups go newest first: when a burst of made-up senders outruns the lookup budget,
+/// the frames dropped are the burst's old ones the budget never reached.
 pub const MAX_WAITING: u64 = 10_000;
+/// Most frames parked for one sender: past this, that sender's new frames are refused
+/// (one busy made-up name cannot take the parking area).
+pub const MAX_WAITING_PER_SENDER: u32 = 256;
+
+/// What [`Store::park`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Parked {
+    /// Kept; `evicted` names the sender of the oldest parked frame dropped to make room.
+    Kept {
+        /// The sender whose frame was dropped, if one was.
+        evicted: Option<String>,
+    },
+    /// Not kept: [`MAX_WAITING_PER_SENDER`] frames of this sender are parked already.
+    TooManyFromSender,
+}
+
+/// The parked frames by arrival and by sender, in memory (rebuilt at open).
+#[derive(Default)]
+struct ParkIndex {
+    by_seq: std::collections::BTreeMap<u64, String>,
+    per_sender: std::collections::HashMap<String, u32>,
+}
+
+impl ParkIndex {
+    fn add(&mut self, from: &str, seq: u64) {
+        self.by_seq.insert(seq, from.to_owned());
+        *self.per_sender.entry(from.to_owned()).or_insert(0) += 1;
+    }
+
+    fn remove(&mut self, from: &str, seq: u64) {
+        if self.by_seq.remove(&seq).is_some() {
+            if let Some(n) = self.per_sender.get_mut(from) {
+                *n -= 1;
+                if *n == 0 {
+                    self.per_sender.remove(from);
+                }
+            }
+        }
+    }
+}
 
 /// A frame waiting for its sender's keys.
 #[derive(Debug, Clone)]
@@ -148,6 +190,7 @@ struct Inner {
     released: AtomicU64,
     outbox_len: AtomicU64,
     waiting_len: AtomicU64,
+    parked: Mutex<ParkIndex>,
 }
 
 struct Writer {
@@ -209,7 +252,14 @@ impl Store {
             None => 0,
         };
         let outbox_len = data.scan_prefix([P_OUTBOX]).count() as u64;
-        let waiting_len = data.scan_prefix([P_WAITING]).count() as u64;
+        let mut parked = ParkIndex::default();
+        for kv in data.scan_prefix([P_WAITING]) {
+            let (k, _) = kv?;
+            if let Some((from, seq)) = waiting_key(&k) {
+                parked.add(from, seq);
+            }
+        }
+        let waiting_len = parked.by_seq.len() as u64;
         let (events, _) = broadcast::channel(EVENT_BROADCAST_CAPACITY);
         Ok(Store {
             inner: Arc::new(Inner {
@@ -224,6 +274,7 @@ impl Store {
                 released: AtomicU64::new(last_cursor),
                 outbox_len: AtomicU64::new(outbox_len),
                 waiting_len: AtomicU64::new(waiting_len),
+                parked: Mutex::new(parked),
             }),
         })
     }
@@ -589,19 +640,66 @@ impl Store {
         c.apply(data)
     }
 
-    /// Keeps a frame whose sender's keys cannot be fetched now, behind any other frame of
-    /// that sender already waiting. Returns false (nothing kept) when [`MAX_WAITING`]
-    /// frames are waiting. Durable after the next [`Store::commit_all`].
-    pub fn park(&self, from: &str, frame: &[u8]) -> StoreResult<bool> {
-        if self.waiting_len() >= MAX_WAITING {
-            return Ok(false);
+    fn park_index(&self) -> MutexGuard<'_, ParkIndex> {
+        // Plain maps, updated after each write: a panic cannot leave them half changed.
+        self.inner.parked.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Keeps a frame whose sender's keys are not known yet, behind any other frame of that
+    /// sender already waiting. With [`MAX_WAITING`] frames waiting the oldest one is
+    /// dropped; with [`MAX_WAITING_PER_SENDER`] of this sender nothing is kept. Durable
+    /// after the next [`Store::commit_all`].
+    pub fn park(&self, from: &str, frame: &[u8]) -> StoreResult<Parked> {
+        let mut index = self.park_index();
+        if index.per_sender.get(from).is_some_and(|n| *n >= MAX_WAITING_PER_SENDER) {
+            return Ok(Parked::TooManyFromSender);
         }
+        let oldest = if index.by_seq.len() as u64 >= MAX_WAITING {
+            index.by_seq.iter().next().map(|(seq, who)| (*seq, who.clone()))
+        } else {
+            None
+        };
         let mut c = self.change();
         let seq = c.seq();
         c.batch.insert(peer_key(P_WAITING, from, &seq.to_be_bytes()), frame);
+        if let Some((old_seq, who)) = &oldest {
+            c.batch.remove(peer_key(P_WAITING, who, &old_seq.to_be_bytes()));
+        }
         c.apply(&self.inner.data)?;
-        self.inner.waiting_len.fetch_add(1, Ordering::AcqRel);
-        Ok(true)
+        index.add(from, seq);
+        if let Some((old_seq, who)) = &oldest {
+            index.remove(who, *old_seq);
+        }
+        self.inner.waiting_len.store(index.by_seq.len() as u64, Ordering::Release);
+        Ok(Parked::Kept { evicted: oldest.map(|(_, who)| who) })
+    }
+
+    /// The frames of `from` waiting for its keys, in arrival order, at most `limit`.
+    pub fn waiting_of(&self, from: &str, limit: usize) -> StoreResult<Vec<Waiting>> {
+        let mut out = Vec::new();
+        for kv in self.inner.data.scan_prefix(peer_key(P_WAITING, from, &[])).take(limit) {
+            let (k, frame) = kv?;
+            if let Some((who, seq)) = waiting_key(&k) {
+                out.push(Waiting { from: who.to_owned(), seq, frame: frame.to_vec() });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The senders with parked frames, oldest frame first, at most `limit`.
+    pub fn waiting_senders(&self, limit: usize) -> Vec<String> {
+        let index = self.park_index();
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        for who in index.by_seq.values() {
+            if out.len() >= limit {
+                break;
+            }
+            if seen.insert(who.as_str()) {
+                out.push(who.clone());
+            }
+        }
+        out
     }
 
     /// Frames waiting for their senders' keys: each sender's in arrival order, at most
@@ -610,10 +708,7 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.inner.data.scan_prefix([P_WAITING]).take(limit) {
             let (k, frame) = kv?;
-            let Some(zero) = k.iter().position(|&b| b == 0) else { continue };
-            let (Ok(from), Some(seq)) = (std::str::from_utf8(&k[1..zero]), be_u64(&k[zero + 1..])) else {
-                continue;
-            };
+            let Some((from, seq)) = waiting_key(&k) else { continue };
             out.push(Waiting { from: from.to_owned(), seq, frame: frame.to_vec() });
         }
         Ok(out)
@@ -621,17 +716,15 @@ impl Store {
 
     /// Whether frames of `from` are waiting (a new one must then wait behind them).
     pub fn has_waiting(&self, from: &str) -> StoreResult<bool> {
-        if self.waiting_len() == 0 {
-            return Ok(false);
-        }
-        Ok(self.inner.data.scan_prefix(peer_key(P_WAITING, from, &[])).next().transpose()?.is_some())
+        Ok(self.park_index().per_sender.contains_key(from))
     }
 
     /// Forgets a waiting frame once it was stored or refused.
     pub fn unpark(&self, from: &str, seq: u64) -> StoreResult<()> {
-        if self.inner.data.remove(peer_key(P_WAITING, from, &seq.to_be_bytes()))?.is_some() {
-            self.inner.waiting_len.fetch_sub(1, Ordering::AcqRel);
-        }
+        let mut index = self.park_index();
+        self.inner.data.remove(peer_key(P_WAITING, from, &seq.to_be_bytes()))?;
+        index.remove(from, seq);
+        self.inner.waiting_len.store(index.by_seq.len() as u64, Ordering::Release);
         Ok(())
     }
 
@@ -664,6 +757,12 @@ impl Store {
 fn advances(from: MessageState, to: MessageState) -> bool {
     use MessageState::*;
     matches!((from, to), (Queued, Sent) | (Queued, Delivered) | (Sent, Delivered) | (Queued, Failed) | (Sent, Failed))
+}
+
+/// `w` sender `\0` seq, split.
+fn waiting_key(k: &[u8]) -> Option<(&str, u64)> {
+    let zero = k.iter().position(|&b| b == 0)?;
+    Some((std::str::from_utf8(k.get(1..zero)?).ok()?, be_u64(k.get(zero + 1..)?)?))
 }
 
 fn peer_key(prefix: u8, peer: &str, tail: &[u8]) -> Vec<u8> {
@@ -745,9 +844,9 @@ mod tests {
         {
             let store = Store::open(tmp.path()).unwrap();
             assert!(!store.has_waiting("alice").unwrap());
-            assert!(store.park("alice", b"a1").unwrap());
-            assert!(store.park("bob", b"b1").unwrap());
-            assert!(store.park("alice", b"a2").unwrap());
+            assert_eq!(store.park("alice", b"a1").unwrap(), Parked::Kept { evicted: None });
+            assert_eq!(store.park("bob", b"b1").unwrap(), Parked::Kept { evicted: None });
+            assert_eq!(store.park("alice", b"a2").unwrap(), Parked::Kept { evicted: None });
             store.commit_all().await.unwrap();
         }
         let store = Store::open(tmp.path()).unwrap();
@@ -763,10 +862,23 @@ mod tests {
         store.unpark("alice", w[0].seq).unwrap();
         store.unpark("alice", w[0].seq).unwrap();
         assert_eq!(store.waiting_len(), 2, "a second unpark of the same frame counts nothing");
-        // The cap: nothing more is kept once MAX_WAITING frames wait.
-        store.inner.waiting_len.store(MAX_WAITING, Ordering::Release);
-        assert!(!store.park("carol", b"c1").unwrap());
-        assert!(!store.has_waiting("carol").unwrap());
+        // The per-sender cap: past it, that sender's frames are not kept; others' are.
+        for i in 0..MAX_WAITING_PER_SENDER {
+            assert!(matches!(store.park("dave", format!("d{i}").as_bytes()).unwrap(), Parked::Kept { evicted: None }));
+        }
+        assert_eq!(store.park("dave", b"one too many").unwrap(), Parked::TooManyFromSender);
+        assert_eq!(store.waiting_of("dave", 1000).unwrap().len(), MAX_WAITING_PER_SENDER as usize);
+        // The global cap: the oldest parked frame makes room for a new one.
+        let before = store.waiting_len();
+        for i in 0..MAX_WAITING - before {
+            store.park(&format!("flood{}", i % 5000), b"f").unwrap();
+        }
+        assert_eq!(store.waiting_len(), MAX_WAITING);
+        assert_eq!(store.waiting_senders(1), vec!["bob".to_owned()], "bob's frame is the oldest left");
+        assert_eq!(store.park("carol", b"c1").unwrap(), Parked::Kept { evicted: Some("bob".into()) });
+        assert_eq!(store.waiting_len(), MAX_WAITING);
+        assert!(store.has_waiting("carol").unwrap());
+        assert!(!store.has_waiting("bob").unwrap());
     }
 
     #[tokio::test]

@@ -297,6 +297,8 @@ pub struct KeyServer {
     dir: tempfile::TempDir,
     child: Option<Child>,
     http: reqwest::Client,
+    /// `--lookup-rate` (per IP per second; 0, the default here, is unlimited).
+    lookup_rate: u32,
 }
 
 impl KeyServer {
@@ -316,7 +318,7 @@ impl KeyServer {
         }
         std::fs::create_dir_all(dir.path().join("mail"))?;
         let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-        let mut ks = KeyServer { port: 0, dir, child: None, http };
+        let mut ks = KeyServer { port: 0, dir, child: None, http, lookup_rate: 0 };
         let mut last = None;
         for _ in 0..5 {
             ks.port = free_port()?;
@@ -341,7 +343,7 @@ impl KeyServer {
             .args(["--public-url", &url])
             .arg("--mail-dir")
             .arg(self.mail_dir())
-            .args(["--register-rate", "0", "--lookup-rate", "0"])
+            .args(["--register-rate", "0", "--lookup-rate", &self.lookup_rate.to_string()])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -387,6 +389,15 @@ impl KeyServer {
             bail!("the key server is still running");
         }
         self.spawn().await
+    }
+
+    /// Restarts it (same port, database and key) with a per-IP lookup rate limit, so that
+    /// lookups past `per_second` get 429 with `Retry-After`. Lookups include activation
+    /// links: register first.
+    pub async fn restart_with_lookup_rate(&mut self, per_second: u32) -> Result<()> {
+        self.stop()?;
+        self.lookup_rate = per_second;
+        self.start_again().await
     }
 
     /// The server's public key file (for `nesd --keyserver-key`).
@@ -697,6 +708,13 @@ impl Nesd {
         self.child.as_ref().map(Child::id)
     }
 
+    /// Its resident memory (VmRSS of /proc/<pid>/status) in KiB, while running.
+    pub fn rss_kib(&self) -> Option<u64> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.pid()?)).ok()?;
+        let line = status.lines().find_map(|l| l.strip_prefix("VmRSS:"))?;
+        line.trim().trim_end_matches("kB").trim().parse().ok()
+    }
+
     /// A new gRPC client.
     pub async fn client(&self) -> Result<Client> {
         connect(&self.socket()).await
@@ -927,6 +945,24 @@ impl RawMqtt {
         self.client.publish(topic, QoS::AtLeastOnce, false, payload).await?;
         tokio::time::timeout(TIMEOUT, self.acks.recv()).await.map_err(|_| anyhow!("no PUBACK"))?;
         Ok(())
+    }
+
+    /// Publishes every payload to `topic` (QoS 1) as fast as the broker takes them, then
+    /// waits for all the acknowledgements (for floods; nothing else may be waiting for an
+    /// ack on this client meanwhile). Returns how many were published.
+    pub async fn publish_all(&mut self, topic: &str, payloads: impl IntoIterator<Item = Vec<u8>>) -> Result<usize> {
+        let mut n = 0;
+        for payload in payloads {
+            self.client.publish(topic, QoS::AtLeastOnce, false, payload).await?;
+            n += 1;
+        }
+        for i in 0..n {
+            tokio::time::timeout(TIMEOUT, self.acks.recv())
+                .await
+                .map_err(|_| anyhow!("only {i} of {n} PUBACKs"))?
+                .ok_or_else(|| anyhow!("raw MQTT client stopped"))?;
+        }
+        Ok(n)
     }
 
     /// The next publish received on a subscribed topic.

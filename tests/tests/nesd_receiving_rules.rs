@@ -352,3 +352,39 @@ async fn frames_from_a_new_sender_wait_for_the_key_server_and_are_not_lost() -> 
     ensure!(st.waiting == 0, "nothing left parked: {}", st.waiting);
     Ok(())
 }
+
+/// Issue 14, pins: a forged frame "from carol" (carol registered, bob never saw her) is
+/// refused for its signature and leaves no contact behind, although bob fetched carol's
+/// keys to check it; carol's genuine frame afterwards is accepted and pins her real keys.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_frame_pins_nothing_and_the_real_sender_pins_later() -> Result<()> {
+    let w = World::start().await?;
+    let carol_id = Identity::generate("carol")?;
+    carol_id.register(&w.keyserver).await?;
+    let mallory = Identity::generate("mallory")?; // signs, but is not carol
+    let (bob_id, bob) = w.user("bob").await?;
+    let mut b = bob.client().await?;
+    wait_connected(&b).await?;
+    let mut wire = RawMqtt::connect(&w.broker).await?;
+    let now = now_ms();
+
+    let forged = seal(Version::V2, "carol", "bob", "forged, claims carol", now, &bob_id, &mallory)?;
+    wire.publish("nes/bob/message", forged).await?;
+    wait_refused(&b, &[("signature", 1)]).await.with_context(|| bob.log_tail(20))?;
+    let contacts = b.contacts(rpc::ContactsRequest {}).await?.into_inner().contacts;
+    ensure!(!contacts.iter().any(|c| c.username == "carol"), "a forged frame pinned carol: {contacts:?}");
+    ensure!(history(&mut b, "carol").await?.is_empty());
+
+    let genuine = seal(Version::V2, "carol", "bob", "really carol", now + 1, &bob_id, &carol_id)?;
+    wire.publish("nes/bob/message", genuine).await?;
+    let h = wait_history(&b, "carol", 1, |_| true).await.with_context(|| bob.log_tail(20))?;
+    ensure!(h.len() == 1 && h[0].text == "really carol" && h[0].state == MessageState::Received as i32, "{h:?}");
+    let contacts = b.contacts(rpc::ContactsRequest {}).await?.into_inner().contacts;
+    let carol = contacts.iter().find(|c| c.username == "carol").context("carol pinned")?;
+    ensure!(carol.trust == TrustState::Pinned as i32);
+    ensure!(carol.sign_key_fingerprint == carol_id.sign.public_key().fingerprint(), "{carol:?}");
+    ensure!(carol.message_key_fingerprint == carol_id.message.public_key().fingerprint());
+    let refused = status(&mut b).await?.refused;
+    ensure!(refused.values().sum::<u64>() == 1, "only the forged frame is refused: {refused:?}");
+    Ok(())
+}
