@@ -125,7 +125,13 @@ impl Messenger for GrpcApi {
     type EventsStream = BoxStream<rpc::Event>;
 
     async fn events(&self, request: Request<rpc::EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
-        let rx = self.service.events(request.into_inner().since);
+        let r = request.into_inner();
+        let since = match (r.since_cursor.trim(), r.since) {
+            ("", None) => None,
+            ("", Some(n)) => Some(n.to_string()),
+            (cursor, _) => Some(cursor.to_owned()),
+        };
+        let rx = self.service.events_from(since.as_deref()).map_err(to_status)?;
         let stream = ReceiverStream::new(rx).map(|r| r.map(|e| (*e).clone()).map_err(to_status));
         Ok(Response::new(Box::pin(stream)))
     }

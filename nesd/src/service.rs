@@ -14,7 +14,7 @@ use crate::identity::Identity;
 use crate::keycache::{KeyCache, LookupError, TrustError};
 use crate::keyserver::{KeyServer, RegisterError};
 use crate::mqtt::{Connection, Transport};
-use crate::store::{OutboxRecord, Store};
+use crate::store::{CursorError, OutboxRecord, Store};
 use nes_proto::frame::{self, Draft, FrameError, Version};
 use nes_proto::rpc::{self, event::Kind, Direction, MessageState};
 use nes_proto::{now_ms, Username};
@@ -173,6 +173,8 @@ impl Service {
             unread: p.store.unread_total()?,
             pid: std::process::id(),
             waiting: p.store.waiting_len(),
+            store_id: p.store.store_id().to_owned(),
+            last_log_cursor: p.store.last_log_cursor()?,
         })
     }
 
@@ -367,6 +369,27 @@ impl Service {
                 _ => ServiceError::Unavailable(e.to_string()),
             })?;
         Ok(rpc::RegisterReply { username: identity.user.to_string(), message })
+    }
+
+    /// The event stream for a client: like [`Service::events`], after the cursor the
+    /// client brings back (a log cursor, or a bare number), once the store has checked
+    /// that it is a position in this log. A cursor of another store, beyond the last
+    /// event, or of an event this store does not have is refused (FailedPrecondition,
+    /// saying what happened and what to do) rather than waited on: waiting would hide
+    /// every message until the log reached that number.
+    pub fn events_from(
+        &self,
+        since: Option<&str>,
+    ) -> Result<mpsc::Receiver<Result<Arc<rpc::Event>, ServiceError>>, ServiceError> {
+        let Some(since) = since else { return Ok(self.events(None)) };
+        let after = self.p().store.resolve_since(since).map_err(|e| match e {
+            CursorError::Store(e) => ServiceError::from(e),
+            e @ CursorError::Malformed { .. } => ServiceError::InvalidArgument(e.to_string()),
+            e => ServiceError::FailedPrecondition(format!(
+                "{e}. Drop the cursor to start from now, or resume from 0 to get every stored event"
+            )),
+        })?;
+        Ok(self.events(Some(after)))
     }
 
     /// The event stream: with `since`, the logged events after that cursor, then live

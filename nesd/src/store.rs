@@ -17,6 +17,7 @@
 //! | `w` sender `\0` seq | a frame waiting for its sender's keys (the key server was down) |
 //! | `e` cursor | the [`rpc::Event`] (prost) — the event log |
 //! | `n/seq` | the next message sequence number |
+//! | `n/store` | the store id: 8 random bytes, made once (see "Cursors") |
 //!
 //! `seq` and `cursor` are big-endian u64, so key order is number order: the last N of a
 //! conversation is one short reverse range scan however many messages are stored.
@@ -27,10 +28,24 @@
 //! [`Store::commit`] flushes to disk and only then hands the new events to the live
 //! broadcast, so a client never sees a cursor that a crash could take back; callers
 //! commit before acknowledging a frame to the broker or answering a Send.
+//!
+//! # Cursors
+//! Clients see an event's position as a *log cursor*, `<store id>-<cursor>-<tag>`: the
+//! store id (16 hex digits, random, made when the store is created, or at the first open
+//! of a store from before store ids), the number, and a tag of that very event (the
+//! first 4 bytes of the SHA-256 of its stored record, hex). [`Store::resolve_since`]
+//! turns a cursor a client brings back into a number, or refuses it ([`CursorError`])
+//! when it cannot mean a position in this log: another store's id, a number beyond the
+//! last event, or a tag that does not match the event stored under that number (a
+//! restored older copy that has logged other events since). The tag is computed from the
+//! stored bytes rather than stored, so events logged before log cursors existed have one
+//! too. A bare number (the cursors of before) is checked against the last event only.
 
 use nes_proto::now_ms;
 use nes_proto::rpc::{self, event::Kind, Direction, Event, MessageState};
 use prost::Message as _;
+use rand::RngCore;
+use sha2::{Digest, Sha256};
 use std::collections::VecDeque;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +65,9 @@ const P_OUTBOX: u8 = b'q';
 const P_EVENT: u8 = b'e';
 const P_WAITING: u8 = b'w';
 const K_NEXT_SEQ: &[u8] = b"n/seq";
+const K_STORE_ID: &[u8] = b"n/store";
+/// The tag of position 0 (no event there) in a log cursor.
+const START_TAG: &str = "00000000";
 
 /// A sealed frame waiting for the broker's acknowledgement.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -175,6 +193,46 @@ pub enum StoreError {
 /// Result of the store.
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// Why a cursor a client brought back is refused (see "Cursors" in the module docs).
+/// Each message says what happened, for the user.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum CursorError {
+    /// Not a cursor at all.
+    #[error("{cursor:?} is not an event cursor (give the `cursor` of an event, or a number)")]
+    Malformed {
+        /// What was given.
+        cursor: String,
+    },
+    /// A cursor of another store.
+    #[error("cursor {cursor} belongs to another message store (this one is {store}): the store was re-created, or the cursor was saved from another machine or identity")]
+    OtherStore {
+        /// What was given.
+        cursor: String,
+        /// This store's id.
+        store: String,
+    },
+    /// A number this log has not reached.
+    #[error("cursor {cursor} is beyond the last event of this message store ({last}): the store was re-created or restored from an older copy, or the cursor comes from another store")]
+    Beyond {
+        /// What was given.
+        cursor: String,
+        /// The last durable cursor.
+        last: u64,
+    },
+    /// The event under that number is another one.
+    #[error("cursor {cursor} names an event this message store does not have (its event {seq} is a different one): the store was restored from an older copy and has logged other events since")]
+    OtherEvent {
+        /// What was given.
+        cursor: String,
+        /// The number in it.
+        seq: u64,
+    },
+    /// The store could not be read.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
 /// A handle on the store; clones share it.
 #[derive(Clone)]
 pub struct Store {
@@ -184,6 +242,7 @@ pub struct Store {
 struct Inner {
     db: sled::Db,
     data: sled::Tree,
+    store_id: String,
     writer: Mutex<Writer>,
     events: broadcast::Sender<Arc<Event>>,
     /// The highest cursor known durable and handed to the broadcast.
@@ -201,6 +260,7 @@ struct Writer {
 
 /// One atomic change being built under the writer lock.
 struct Change<'a> {
+    store_id: &'a str,
     w: MutexGuard<'a, Writer>,
     batch: sled::Batch,
     next_seq: u64,
@@ -217,9 +277,12 @@ impl Change<'_> {
     }
 
     fn event(&mut self, kind: Kind) -> Arc<Event> {
-        let event = Event { cursor: self.next_cursor, at_ms: now_ms(), kind: Some(kind) };
+        let mut event = Event { cursor: self.next_cursor, at_ms: now_ms(), kind: Some(kind), ..Default::default() };
         self.next_cursor += 1;
-        self.batch.insert(&event_key(event.cursor)[..], event.encode_to_vec());
+        // Stored without its log cursor: that is derived from the stored bytes.
+        let record = event.encode_to_vec();
+        event.log_cursor = log_cursor(self.store_id, event.cursor, &record);
+        self.batch.insert(&event_key(event.cursor)[..], record);
         let event = Arc::new(event);
         self.events.push(event.clone());
         event
@@ -260,11 +323,13 @@ impl Store {
             }
         }
         let waiting_len = parked.by_seq.len() as u64;
+        let store_id = store_id(&data)?;
         let (events, _) = broadcast::channel(EVENT_BROADCAST_CAPACITY);
         Ok(Store {
             inner: Arc::new(Inner {
                 db,
                 data,
+                store_id,
                 writer: Mutex::new(Writer {
                     next_seq: next_seq.max(1),
                     next_cursor: last_cursor + 1,
@@ -289,6 +354,7 @@ impl Store {
         // atomic), so a poisoned lock is safe to keep using.
         let w = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
         Change {
+            store_id: &self.inner.store_id,
             next_seq: w.next_seq,
             next_cursor: w.next_cursor,
             w,
@@ -305,6 +371,60 @@ impl Store {
     /// The cursor of the newest durable event (0 when none).
     pub fn last_cursor(&self) -> u64 {
         self.inner.released.load(Ordering::Acquire)
+    }
+
+    /// This store's id (16 hex digits), kept for the life of the store.
+    pub fn store_id(&self) -> &str {
+        &self.inner.store_id
+    }
+
+    /// The log cursor of the newest durable event (position 0 when none): where a client
+    /// that starts "from now" resumes.
+    pub fn last_log_cursor(&self) -> StoreResult<String> {
+        let last = self.last_cursor();
+        if last == 0 {
+            return Ok(format!("{}-0-{START_TAG}", self.inner.store_id));
+        }
+        match self.inner.data.get(event_key(last))? {
+            Some(record) => Ok(log_cursor(&self.inner.store_id, last, &record)),
+            // Cannot happen (released events are stored); the bare number still resumes.
+            None => Ok(last.to_string()),
+        }
+    }
+
+    /// The number of the event a client's `since` names, once it is sure to be a position
+    /// in this log (see "Cursors" in the module docs): a log cursor of this store whose
+    /// event is the one stored under its number, or a bare number not beyond the last
+    /// event. `0` (or this store's position 0) means "from the start".
+    pub fn resolve_since(&self, since: &str) -> Result<u64, CursorError> {
+        let cursor = since.trim();
+        let last = self.last_cursor();
+        let beyond = |seq: u64| if seq > last { Err(CursorError::Beyond { cursor: cursor.to_owned(), last }) } else { Ok(seq) };
+        if let Ok(seq) = cursor.parse::<u64>() {
+            return beyond(seq);
+        }
+        let malformed = || CursorError::Malformed { cursor: cursor.to_owned() };
+        let mut parts = cursor.splitn(3, '-');
+        let (Some(id), Some(seq), Some(tag)) = (parts.next(), parts.next(), parts.next()) else {
+            return Err(malformed());
+        };
+        let seq: u64 = seq.parse().map_err(|_| malformed())?;
+        if id.len() != 16 || !id.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return Err(malformed());
+        }
+        if id != self.inner.store_id {
+            return Err(CursorError::OtherStore { cursor: cursor.to_owned(), store: self.inner.store_id.clone() });
+        }
+        beyond(seq)?;
+        if seq == 0 {
+            return Ok(0);
+        }
+        let other = || CursorError::OtherEvent { cursor: cursor.to_owned(), seq };
+        let record = self.inner.data.get(event_key(seq)).map_err(StoreError::from)?.ok_or_else(other)?;
+        if event_tag(&record) != tag {
+            return Err(other());
+        }
+        Ok(seq)
     }
 
     /// Outgoing messages not yet acknowledged by the broker.
@@ -362,7 +482,9 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.inner.data.range(event_key(after + 1)..=event_key(released)).take(limit) {
             let (_, v) = kv?;
-            out.push(Arc::new(Event::decode(&v[..])?));
+            let mut event = Event::decode(&v[..])?;
+            event.log_cursor = log_cursor(&self.inner.store_id, event.cursor, &v);
+            out.push(Arc::new(event));
         }
         Ok(out)
     }
@@ -796,6 +918,31 @@ fn prefixed_u64(prefix: u8, n: u64) -> [u8; 9] {
     k
 }
 
+/// The store id, made (from the OS's randomness) and stored at the first open.
+fn store_id(data: &sled::Tree) -> StoreResult<String> {
+    if let Some(id) = data.get(K_STORE_ID)? {
+        if id.len() == 8 {
+            return Ok(hex::encode(&id));
+        }
+    }
+    let mut id = [0u8; 8];
+    rand::rngs::OsRng.fill_bytes(&mut id);
+    // Kept at once, before any event can carry it.
+    data.insert(K_STORE_ID, &id)?;
+    data.flush()?;
+    Ok(hex::encode(id))
+}
+
+/// The tag of a stored event record (see "Cursors").
+fn event_tag(record: &[u8]) -> String {
+    hex::encode(&Sha256::digest(record)[..4])
+}
+
+/// The log cursor of the event `cursor` stored as `record`.
+fn log_cursor(store_id: &str, cursor: u64, record: &[u8]) -> String {
+    format!("{store_id}-{cursor}-{}", event_tag(record))
+}
+
 fn be_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
@@ -981,6 +1128,142 @@ mod tests {
         assert_eq!(store.events_after(2, 100).unwrap().len(), 1);
         let h = store.history("bob", 0, None).unwrap();
         assert_eq!(h.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["o1", "i1", "i2"]);
+    }
+
+    /// Copies a (closed) store directory, as a backup would.
+    fn copy_dir(from: &Path, to: &Path) {
+        std::fs::create_dir_all(to).unwrap();
+        for entry in std::fs::read_dir(from).unwrap() {
+            let entry = entry.unwrap();
+            let target = to.join(entry.file_name());
+            if entry.file_type().unwrap().is_dir() {
+                copy_dir(&entry.path(), &target);
+            } else {
+                std::fs::copy(entry.path(), target).unwrap();
+            }
+        }
+    }
+
+    fn refusal(store: &Store, since: &str) -> CursorError {
+        match store.resolve_since(since) {
+            Ok(n) => panic!("{since} was accepted as {n}"),
+            Err(e) => e,
+        }
+    }
+
+    #[tokio::test]
+    async fn log_cursors_name_their_store_and_event() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let id = store.store_id().to_owned();
+        assert_eq!(id.len(), 16);
+        assert_eq!(store.last_log_cursor().unwrap(), format!("{id}-0-{START_TAG}"));
+        assert_eq!(store.resolve_since(&store.last_log_cursor().unwrap()).unwrap(), 0);
+        let mut live = store.subscribe();
+        store.insert_incoming(incoming("a", "bob", "1"), None).unwrap();
+        store.insert_incoming(incoming("b", "bob", "2"), None).unwrap();
+        store.commit().await.unwrap();
+        let logged = store.events_after(0, 10).unwrap();
+        let first = live.try_recv().unwrap();
+        assert_eq!(first.log_cursor, logged[0].log_cursor, "live and replayed events carry the same cursor");
+        assert!(first.log_cursor.starts_with(&format!("{id}-1-")), "{}", first.log_cursor);
+        assert_ne!(logged[0].log_cursor, logged[1].log_cursor);
+        assert_eq!(store.last_log_cursor().unwrap(), logged[1].log_cursor);
+        assert_eq!(store.resolve_since(&logged[0].log_cursor).unwrap(), 1);
+        assert_eq!(store.resolve_since(&logged[1].log_cursor).unwrap(), 2);
+        // Bare numbers, as cursors were before: up to the last event.
+        assert_eq!(store.resolve_since("0").unwrap(), 0);
+        assert_eq!(store.resolve_since(" 2 ").unwrap(), 2);
+        assert!(matches!(refusal(&store, "3"), CursorError::Beyond { last: 2, .. }));
+        assert!(matches!(refusal(&store, "1000"), CursorError::Beyond { last: 2, .. }));
+        let beyond = format!("{id}-3-{START_TAG}");
+        assert!(matches!(refusal(&store, &beyond), CursorError::Beyond { .. }));
+        let wrong_tag = format!("{id}-2-{START_TAG}");
+        assert!(matches!(refusal(&store, &wrong_tag), CursorError::OtherEvent { seq: 2, .. }));
+        let other = format!("{}-1-{}", "0123456789abcdef", &logged[0].log_cursor[19..]);
+        let e = refusal(&store, &other);
+        assert!(matches!(e, CursorError::OtherStore { .. }), "{e}");
+        assert!(e.to_string().contains("another message store"), "{e}");
+        let (bad_number, no_tag) = (format!("{id}-x-1"), format!("{id}-1"));
+        let bads: [&str; 6] = ["", "x", "-5", "abc-1-2", &bad_number, &no_tag];
+        for bad in bads {
+            assert!(matches!(refusal(&store, bad), CursorError::Malformed { .. }), "{bad:?}");
+        }
+        // The id stays across a reopen, and so do the cursors.
+        drop(live);
+        drop(store);
+        let store = Store::open(tmp.path()).unwrap();
+        assert_eq!(store.store_id(), id);
+        assert_eq!(store.resolve_since(&logged[1].log_cursor).unwrap(), 2);
+        assert_eq!(store.events_after(1, 10).unwrap()[0].log_cursor, logged[1].log_cursor);
+        // A re-created store (a new directory) has another id and refuses the old cursors.
+        let tmp2 = tempfile::tempdir().unwrap();
+        let fresh = Store::open(tmp2.path()).unwrap();
+        assert_ne!(fresh.store_id(), id);
+        fresh.insert_incoming(incoming("x", "bob", "x"), None).unwrap();
+        fresh.insert_incoming(incoming("y", "bob", "y"), None).unwrap();
+        fresh.commit().await.unwrap();
+        assert!(matches!(refusal(&fresh, &logged[1].log_cursor), CursorError::OtherStore { .. }));
+    }
+
+    #[tokio::test]
+    async fn a_restored_older_copy_refuses_cursors_it_never_logged() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (live_dir, backup) = (tmp.path().join("store"), tmp.path().join("backup"));
+        {
+            let store = Store::open(&live_dir).unwrap();
+            store.insert_incoming(incoming("a", "bob", "1"), None).unwrap();
+            store.commit().await.unwrap();
+        }
+        copy_dir(&live_dir, &backup);
+        let (shared, third, fourth) = {
+            let store = Store::open(&live_dir).unwrap();
+            store.insert_incoming(incoming("b", "bob", "2"), None).unwrap();
+            store.insert_incoming(incoming("c", "bob", "3"), None).unwrap();
+            store.insert_incoming(incoming("d", "bob", "4"), None).unwrap();
+            store.commit().await.unwrap();
+            let e = store.events_after(0, 10).unwrap();
+            (e[0].log_cursor.clone(), e[2].log_cursor.clone(), e[3].log_cursor.clone())
+        };
+        // The backup comes back in place of the store.
+        std::fs::remove_dir_all(&live_dir).unwrap();
+        copy_dir(&backup, &live_dir);
+        let store = Store::open(&live_dir).unwrap();
+        assert_eq!(store.last_cursor(), 1);
+        assert!(shared.starts_with(store.store_id()), "the same store, so the same id");
+        assert_eq!(store.resolve_since(&shared).unwrap(), 1, "history both copies share still resumes");
+        assert!(matches!(refusal(&store, &fourth), CursorError::Beyond { last: 1, .. }));
+        // It logs other events under the numbers the lost ones had.
+        store.insert_incoming(incoming("e", "carol", "other 2"), None).unwrap();
+        store.insert_incoming(incoming("f", "carol", "other 3"), None).unwrap();
+        store.commit().await.unwrap();
+        let e = refusal(&store, &third);
+        assert!(matches!(e, CursorError::OtherEvent { seq: 3, .. }), "{e}");
+        assert!(e.to_string().contains("restored from an older copy"), "{e}");
+        assert!(matches!(refusal(&store, &fourth), CursorError::Beyond { last: 3, .. }));
+    }
+
+    #[tokio::test]
+    async fn a_store_from_before_store_ids_gets_one_and_keeps_its_data() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = Store::open(tmp.path()).unwrap();
+            store.insert_incoming(incoming("a", "bob", "1"), None).unwrap();
+            store.commit().await.unwrap();
+            // As a store written by a daemon that had no store id.
+            store.inner.data.remove(K_STORE_ID).unwrap();
+            store.flush().unwrap();
+        }
+        let store = Store::open(tmp.path()).unwrap();
+        let id = store.store_id().to_owned();
+        assert_eq!(store.history("bob", 0, None).unwrap()[0].text, "1");
+        assert_eq!(store.last_cursor(), 1);
+        assert_eq!(store.resolve_since("1").unwrap(), 1, "a number saved before still resumes");
+        let old = store.events_after(0, 10).unwrap();
+        assert!(old[0].log_cursor.starts_with(&format!("{id}-1-")), "old events have log cursors too");
+        assert_eq!(store.resolve_since(&old[0].log_cursor).unwrap(), 1);
+        drop(store);
+        assert_eq!(Store::open(tmp.path()).unwrap().store_id(), id, "made once");
     }
 
     #[tokio::test]

@@ -4,6 +4,7 @@
 //! | piece | what it is |
 //! |---|---|
 //! | [`nes`] / [`run_nes`] | the `nes` binary aimed at one daemon, isolated from the user's config |
+//! | [`nes_notify`] | the `nes-notify` binary aimed at one daemon and one session bus |
 //! | [`Lines`] | a long-running frontend (`nes listen`, `nes-notify`) whose stdout is read line by line |
 //! | [`SessionBus`] | a private `dbus-daemon --session` on a socket in a temp dir |
 //! | [`BusNesd`] | a nesd started with extra environment (a session bus address) |
@@ -34,6 +35,16 @@ pub fn nes(socket: &Path, home: &Path) -> Result<Command> {
     isolate(&mut cmd, home);
     cmd.env("NES_SOCKET", socket);
     cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    Ok(cmd)
+}
+
+/// `nes-notify --print` aimed at the daemon on `socket`, showing on `bus`, isolated like
+/// [`nes`] (its default cursor file is then under `home/.local/state/nes`). Add flags
+/// and start it with [`Lines::spawn`].
+pub fn nes_notify(socket: &Path, home: &Path, bus: &SessionBus) -> Result<Command> {
+    let mut cmd = Command::new(bin("nes-notify")?);
+    isolate(&mut cmd, home);
+    cmd.env("NES_SOCKET", socket).env("DBUS_SESSION_BUS_ADDRESS", bus.address()).arg("--print");
     Ok(cmd)
 }
 

@@ -580,6 +580,12 @@ impl Identity {
         self.dir.path()
     }
 
+    /// The message store nesd keeps in the data dir (`store-<user>`, a sled directory):
+    /// remove it to re-create the store, copy it (nesd stopped) to back it up.
+    pub fn store_dir(&self) -> PathBuf {
+        self.dir.path().join(format!("store-{}", self.user))
+    }
+
     /// Public message key, PEM.
     pub fn message_pem(&self) -> String {
         self.message.public_key().to_pem()
@@ -842,8 +848,14 @@ pub struct EventStream {
 impl EventStream {
     /// Subscribes (`since` as in EventsRequest).
     pub async fn open(client: &Client, since: Option<u64>) -> Result<EventStream> {
+        Ok(Self::open_request(client, EventsRequest { since, ..Default::default() }).await?)
+    }
+
+    /// Subscribes with this request; a refusal is the daemon's status, for tests of what
+    /// it refuses (e.g. a `since_cursor` of another store).
+    pub async fn open_request(client: &Client, request: EventsRequest) -> std::result::Result<EventStream, tonic::Status> {
         let mut c = client.clone();
-        let mut stream = c.events(EventsRequest { since }).await?.into_inner();
+        let mut stream = c.events(request).await?.into_inner();
         let (tx, rx) = mpsc::unbounded_channel();
         tokio::spawn(async move {
             loop {
@@ -983,6 +995,22 @@ impl Drop for RawMqtt {
 /// Whether `needle` occurs in `haystack`.
 pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
+}
+
+/// Copies the directory `from` to `to` (files and subdirectories), as a backup of a
+/// stopped nesd's store would.
+pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }
 
 /// One test's world: a broker and a key server.

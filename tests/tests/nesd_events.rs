@@ -110,7 +110,7 @@ async fn a_client_that_stops_reading_is_dropped_and_resumes_by_cursor() -> Resul
     wait_connected(&bob.client().await?).await?;
 
     // A client that subscribes and then does not read.
-    let mut slow = a.clone().events(rpc::EventsRequest { since: Some(0) }).await?.into_inner();
+    let mut slow = a.clone().events(rpc::EventsRequest { since: Some(0), ..Default::default() }).await?.into_inner();
     // A client that keeps up.
     let mut fast = EventStream::open(&a, Some(0)).await?;
 

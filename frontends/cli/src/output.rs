@@ -6,9 +6,10 @@
 //! ```json
 //! {"id":"..","from":"alice","to":"bob","peer":"alice","timestamp":1700000000000,
 //!  "message":"hi","direction":"incoming","state":"received","read":false,
-//!  "stored_at":1700000000123,"wire_version":2,"cursor":42}
+//!  "stored_at":1700000000123,"wire_version":2,"cursor":"3f9a0c1d2e4b5a67-42-9c1e33ab"}
 //! ```
-//! `timestamp` is the sender's inner timestamp (Unix ms); `cursor` only on `listen`;
+//! `timestamp` is the sender's inner timestamp (Unix ms); `cursor` only on `listen` (an
+//! opaque string naming the daemon's store and the event: give it back to `--since`);
 //! `error` only when the daemon gave one (failed or held messages). The text appears
 //! once, as `message`.
 
@@ -35,11 +36,11 @@ pub struct MessageLine<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
-    cursor: Option<u64>,
+    cursor: Option<&'a str>,
 }
 
 /// The JSON line of one message; `cursor` is added for event-stream output.
-pub fn message_json(message: &Message, cursor: Option<u64>) -> MessageLine<'_> {
+pub fn message_json<'a>(message: &'a Message, cursor: Option<&'a str>) -> MessageLine<'a> {
     MessageLine {
         id: &message.id,
         from: &message.from,
@@ -175,7 +176,7 @@ mod tests {
 
     #[test]
     fn json_line_has_the_design_fields_and_text_once() {
-        let line = serde_json::to_string(&message_json(&sample(), Some(42))).unwrap();
+        let line = serde_json::to_string(&message_json(&sample(), Some("3f9a0c1d2e4b5a67-42-9c1e33ab"))).unwrap();
         assert!(line.starts_with("{\"id\":\"AAAAAAAAAAAAAAAAAAAAAA==\",\"from\":\"alice\",\"to\":\"bob\""), "{line}");
         assert!(!line.contains('\n'), "one line: {line}");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
@@ -186,7 +187,7 @@ mod tests {
         assert_eq!(v["message"], "hi \"bob\"\nline 2");
         assert_eq!(v["direction"], "incoming");
         assert_eq!(v["state"], "received");
-        assert_eq!(v["cursor"], 42);
+        assert_eq!(v["cursor"], "3f9a0c1d2e4b5a67-42-9c1e33ab");
         assert!(v.get("error").is_none());
         assert_eq!(line.matches("line 2").count(), 1, "the text appears once");
     }

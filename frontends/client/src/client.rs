@@ -177,7 +177,15 @@ impl Client {
     /// `Events`: the raw event stream after `since` (live only when `None`). Most
     /// frontends want a [`crate::Feed`], which reconnects.
     pub async fn events(&mut self, since: Option<u64>) -> Result<tonic::Streaming<Event>, Error> {
-        let reply = self.rpc.events(EventsRequest { since }).await;
+        let reply = self.rpc.events(EventsRequest { since, ..Default::default() }).await;
+        self.unpack(reply)
+    }
+
+    /// `Events` after a log cursor (an `Event.log_cursor`, or a bare number). A cursor
+    /// that is not a position in this daemon's log is refused with FAILED_PRECONDITION
+    /// (see [`crate::feed::is_refused_cursor`]).
+    pub async fn events_after(&mut self, cursor: &str) -> Result<tonic::Streaming<Event>, Error> {
+        let reply = self.rpc.events(EventsRequest { since: crate::feed::cursor_number(cursor), since_cursor: cursor.to_owned() }).await;
         self.unpack(reply)
     }
 

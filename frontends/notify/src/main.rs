@@ -9,8 +9,10 @@
 //!   file) or everything (`--dnd`, or `notify_dnd = true`); the file is read again per
 //!   message, so `nes config set notify_dnd true` works at once.
 //! - Resumes by cursor: the cursor of the last event handled is kept in
-//!   `$XDG_STATE_HOME/nes/notify-<user>.cursor`, so restarting nes-notify, or nesd,
-//!   neither repeats nor skips a notification.
+//!   `$XDG_STATE_HOME/nes/notify-<user>-<store id>.cursor`, so restarting nes-notify, or
+//!   nesd, neither repeats nor skips a notification. A cursor nesd refuses (its store was
+//!   re-created or restored from an older copy) is logged once and nes-notify goes on
+//!   with new messages, rather than waiting for the log to reach it.
 //!
 //! Exit codes as every NES frontend: 0, 1 (a fixable error), 2 (bad usage), 3 (nesd is
 //! not running; with `--wait` it waits for nesd instead).
@@ -53,12 +55,12 @@ struct Args {
     /// Notification lifetime in milliseconds (default: the server's).
     #[arg(long, value_name = "MS")]
     expire_ms: Option<u32>,
-    /// Where the last cursor is kept (default: $XDG_STATE_HOME/nes/notify-<user>.cursor).
+    /// Where the last cursor is kept (default: $XDG_STATE_HOME/nes/notify-<user>-<store id>.cursor).
     #[arg(long, env = "NES_NOTIFY_STATE", value_name = "FILE")]
     state_file: Option<PathBuf>,
     /// Start after this cursor instead of the stored one.
     #[arg(long, value_name = "CURSOR")]
-    since: Option<u64>,
+    since: Option<String>,
     /// Wait for nesd to start instead of exiting 3.
     #[arg(long)]
     wait: bool,
@@ -125,14 +127,26 @@ async fn run(args: Args) -> Result<(), Failure> {
 
     let mut client = connect(&socket, args.wait).await?;
     let status = client.status().await?;
-    let state_path = args.state_file.clone().unwrap_or_else(|| state::default_path(&status.user));
-    let since = args.since.or_else(|| state::load(&state_path));
-    let mut feed = Feed::open(&socket, since).await?;
-    match since {
-        Some(c) => info!(user = %status.user, cursor = c, state = %state_path.display(), "resuming after the stored cursor"),
-        None => info!(user = %status.user, cursor = feed.cursor(), state = %state_path.display(), "starting with new messages"),
+    let state_path = args.state_file.clone().unwrap_or_else(|| state::default_path(&status.user, &status.store_id));
+    // The file of before store ids, when this store has none of its own yet.
+    let legacy = (args.state_file.is_none() && !state_path.exists()).then(|| state::legacy_path(&status.user));
+    let stored = state::load(&state_path).or_else(|| legacy.as_deref().and_then(state::load));
+    let since = args.since.clone().or(stored);
+    let (mut feed, refused) = Feed::open_or_now(&socket, since.as_deref()).await?;
+    match (&since, refused) {
+        (Some(c), None) => info!(user = %status.user, cursor = %c, state = %state_path.display(), "resuming after the stored cursor"),
+        (Some(c), Some(reason)) => warn!(
+            user = %status.user, stored = %c, cursor = feed.cursor(), state = %state_path.display(),
+            "nesd refused the stored cursor: {reason}; starting with new messages"
+        ),
+        (None, _) => info!(user = %status.user, cursor = feed.cursor(), state = %state_path.display(), "starting with new messages"),
     }
-    save_cursor(&state_path, feed.cursor());
+    save_cursor(&state_path, feed.position());
+    if let Some(legacy) = legacy.filter(|l| l.exists()) {
+        if let Err(e) = std::fs::remove_file(&legacy) {
+            warn!(path = %legacy.display(), error = %e, "cannot remove the cursor file of before store ids");
+        }
+    }
     let markup = body_markup().await;
 
     loop {
@@ -146,6 +160,11 @@ async fn run(args: Args) -> Result<(), Failure> {
                 info!(cursor = feed.cursor(), "reconnected to nesd");
                 continue;
             }
+            FeedItem::Restarted(reason) => {
+                warn!(cursor = feed.cursor(), "nesd came back and refused the cursor: {reason}; going on with new messages");
+                save_cursor(&state_path, feed.position());
+                continue;
+            }
             _ => continue,
         };
         if let Some(event::Kind::Message(message)) = &event.kind {
@@ -154,7 +173,7 @@ async fn run(args: Args) -> Result<(), Failure> {
                 handle(message, &policy, markup, args.expire_ms, args.print).await;
             }
         }
-        save_cursor(&state_path, event.cursor);
+        save_cursor(&state_path, feed.position());
     }
 }
 
@@ -220,7 +239,7 @@ async fn handle(message: &Message, policy: &Policy, markup: bool, expire_ms: Opt
     }
 }
 
-fn save_cursor(path: &std::path::Path, cursor: u64) {
+fn save_cursor(path: &std::path::Path, cursor: &str) {
     if let Err(e) = state::save(path, cursor) {
         warn!(path = %path.display(), error = %e, "cannot store the cursor; a restart may repeat notifications");
     }

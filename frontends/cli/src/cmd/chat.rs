@@ -12,7 +12,9 @@
 //! warning line. Incoming messages shown here are marked read.
 //!
 //! The order of start-up avoids a gap: take the daemon's newest cursor, load history,
-//! then follow events after that cursor; a message in both is shown once (by id).
+//! then follow events after that cursor; a message in both is shown once (by id). If
+//! nesd comes back with a store that refuses that cursor (re-created, or restored from
+//! an older copy), the chat goes on from the daemon's newest event and says so.
 
 use crate::error::{user, CliError};
 use crate::output::state_mark;
@@ -51,7 +53,8 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
         Err(err) if err.is_not_running() => return Err(err.into()),
         Err(_) => None, // key server down and nothing cached: chat still shows history
     };
-    let feed = Feed::open(&ctx.socket, Some(status.last_cursor)).await?;
+    let start = if status.last_log_cursor.is_empty() { status.last_cursor.to_string() } else { status.last_log_cursor.clone() };
+    let (feed, refused) = Feed::open_or_now(&ctx.socket, Some(start.as_str())).await?;
     let history = client.history(&peer, args.scrollback).await?;
 
     let mut chat = Chat::new(status.user.clone(), peer.clone(), status.connected);
@@ -65,6 +68,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     }
     if chat.key_changed {
         chat.system(key_change_text(&peer));
+    }
+    if let Some(reason) = refused {
+        chat.system(restarted_text(&reason));
     }
     mark_read(&mut client, &chat).await;
 
@@ -119,6 +125,13 @@ async fn ui(
                     chat.daemon_up = false;
                     chat.system("nesd went away; waiting for it to come back…".into());
                 }
+                Some(Ok(FeedItem::Restarted(reason))) => {
+                    chat.daemon_up = true;
+                    chat.system(restarted_text(&reason));
+                    if let Ok(c) = nes_client::Client::connect(&ctx.socket).await {
+                        *client = c;
+                    }
+                }
                 Some(Ok(FeedItem::Reconnected)) => {
                     chat.daemon_up = true;
                     chat.system("reconnected to nesd".into());
@@ -135,6 +148,11 @@ async fn ui(
             },
         }
     }
+}
+
+/// The line shown when nesd refused the chat's cursor and the chat went on from now.
+fn restarted_text(reason: &str) -> String {
+    format!("nesd's message store changed ({reason}); showing new messages from now on")
 }
 
 async fn send(ctx: &Ctx, client: &mut nes_client::Client, chat: &mut Chat, text: &str) {
@@ -560,7 +578,7 @@ mod tests {
     #[test]
     fn events_update_the_conversation_once() {
         let mut chat = Chat::new("alice".into(), "bob".into(), true);
-        let ev = |cursor, kind| Event { cursor, at_ms: 0, kind: Some(kind) };
+        let ev = |cursor, kind| Event { cursor, at_ms: 0, kind: Some(kind), ..Default::default() };
         assert!(chat.apply(ev(1, event::Kind::Message(msg("a", "bob", "alice", Direction::Incoming)))));
         assert!(!chat.apply(ev(2, event::Kind::Message(msg("b", "alice", "bob", Direction::Outgoing)))));
         // the same message again (e.g. from history and the stream): shown once

@@ -5,7 +5,11 @@
 //! - `--from U` only U's messages; `--count N` stop after N; `--timeout S` stop after S
 //!   seconds (exit 0 when no `--count` was asked for; exit 1 when fewer than N came).
 //! - `--since CURSOR`: first every message after that cursor, then live. Give it the
-//!   `cursor` of the last line you handled to resume without loss or repeat.
+//!   `cursor` of the last line you handled to resume without loss or repeat (`0`: every
+//!   stored message). A cursor the daemon cannot place in its log (another store's, one
+//!   beyond its last event, or one of a store restored from an older copy) ends the
+//!   command with exit 1 and says so, also when it happens on a reconnect: waiting for it
+//!   would hide every message.
 //! - `--exec CMD`: run `sh -c CMD` per message, one at a time, with the text on stdin
 //!   and `NES_FROM`, `NES_TO`, `NES_ID`, `NES_TIMESTAMP`, `NES_CURSOR` in the environment
 //!   (and `NES_SOCKET`, so a `nes send` inside talks to the same daemon). With `--exec`,
@@ -16,9 +20,10 @@
 //! restarted daemon is waited for and the stream resumes by cursor. A closed stdout
 //! (`nes listen | head -1`) ends the command with exit 0.
 
-use crate::error::{user, CliError};
+use crate::error::{usage, user, CliError};
 use crate::output::{message_json, message_line, print_json, print_line};
 use crate::Ctx;
+use nes_client::feed::{cursor_number, is_refused_cursor};
 use nes_client::{Feed, FeedItem};
 use nes_proto::rpc::{event, Direction, Event, Message, MessageState};
 use std::time::Duration;
@@ -38,9 +43,9 @@ pub struct Args {
     /// Stop after S seconds.
     #[arg(long, value_name = "S")]
     pub timeout: Option<f64>,
-    /// Resume after this cursor (the `cursor` of the last message handled).
+    /// Resume after this cursor (the `cursor` of the last message handled; 0: all).
     #[arg(long, value_name = "CURSOR")]
-    pub since: Option<u64>,
+    pub since: Option<String>,
     /// Run CMD (with `sh -c`) per message: text on stdin, NES_FROM, NES_ID, ... in the env.
     #[arg(long, value_name = "CMD")]
     pub exec: Option<String>,
@@ -100,18 +105,21 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     };
     let filter = Filter { from, outgoing: args.outgoing };
     let print = args.json || args.exec.is_none();
+    if let Some(since) = args.since.as_deref().filter(|s| cursor_number(s).is_none()) {
+        return Err(usage(format!("--since {since:?}: give the `cursor` of a line `nes listen --json` printed, or 0 for everything")));
+    }
 
-    let mut feed = Feed::open(&ctx.socket, args.since).await?;
+    let mut feed = Feed::open(&ctx.socket, args.since.as_deref()).await.map_err(|e| refused(args.since.as_deref(), e))?;
     let mut shown = 0u64;
     let closed = stdout_closed(print);
     tokio::pin!(closed);
     loop {
         let item = tokio::select! {
-            item = feed.next() => item?,
+            item = feed.next() => item,
             _ = &mut closed => return Err(CliError::BrokenPipe),
             _ = sleep_until(deadline) => return timed_out(shown, args.count),
         };
-        let event = match item {
+        let event = match item.map_err(|e| refused(Some(feed.position()), e))? {
             FeedItem::Event(event) => event,
             FeedItem::Disconnected(err) => {
                 eprintln!("nes: {err}; waiting for nesd to come back (messages will resume from cursor {})", feed.cursor());
@@ -126,18 +134,37 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
         let Some(message) = filter.select(&event) else { continue };
         if print {
             if args.json {
-                print_json(&message_json(message, Some(event.cursor)))?;
+                print_json(&message_json(message, Some(&event_cursor(&event))))?;
             } else {
                 print_line(&message_line(message))?;
             }
         }
         if let Some(command) = &args.exec {
-            run_exec(command, message, event.cursor, ctx).await;
+            run_exec(command, message, &event_cursor(&event), ctx).await;
         }
         shown += 1;
         if args.count.is_some_and(|n| shown >= n) {
             return Ok(());
         }
+    }
+}
+
+/// The cursor shown for an event: its log cursor (the number from a daemon without).
+fn event_cursor(event: &Event) -> String {
+    if event.log_cursor.is_empty() {
+        event.cursor.to_string()
+    } else {
+        event.log_cursor.clone()
+    }
+}
+
+/// The error for a failed subscription: a refused cursor says what to do about it.
+fn refused(since: Option<&str>, err: nes_client::Error) -> CliError {
+    match since {
+        Some(since) if is_refused_cursor(&err) => user(format!(
+            "cannot resume after cursor {since}: {err} (start `nes listen` without --since to listen from now, or with --since 0 for everything)"
+        )),
+        _ => err.into(),
     }
 }
 
@@ -181,7 +208,7 @@ fn timed_out(shown: u64, count: Option<u64>) -> Result<(), CliError> {
 }
 
 /// The environment `--exec` gives its command for one message.
-pub fn exec_env(message: &Message, cursor: u64, socket: &std::path::Path) -> Vec<(&'static str, String)> {
+pub fn exec_env(message: &Message, cursor: &str, socket: &std::path::Path) -> Vec<(&'static str, String)> {
     vec![
         ("NES_FROM", message.from.clone()),
         ("NES_TO", message.to.clone()),
@@ -196,7 +223,7 @@ pub fn exec_env(message: &Message, cursor: u64, socket: &std::path::Path) -> Vec
 
 /// Runs the `--exec` command for one message and waits for it. Its failure is reported
 /// and the listening goes on: one bad message must not stop a bot.
-async fn run_exec(command: &str, message: &Message, cursor: u64, ctx: &Ctx) {
+async fn run_exec(command: &str, message: &Message, cursor: &str, ctx: &Ctx) {
     let mut child = match tokio::process::Command::new("sh")
         .arg("-c")
         .arg(command)
@@ -242,6 +269,7 @@ mod tests {
                 text: "hi".into(),
                 ..Default::default()
             })),
+            ..Default::default()
         }
     }
 
@@ -255,6 +283,7 @@ mod tests {
             cursor: 4,
             at_ms: 0,
             kind: Some(event::Kind::StateChanged(MessageStateChanged::default())),
+            ..Default::default()
         };
         assert!(f.select(&state).is_none());
     }
@@ -272,7 +301,7 @@ mod tests {
     fn exec_environment() {
         let ev = message_event(7, "alice", Direction::Incoming, MessageState::Received);
         let Some(event::Kind::Message(m)) = &ev.kind else { unreachable!() };
-        let env = exec_env(m, 7, std::path::Path::new("/s.sock"));
+        let env = exec_env(m, "7", std::path::Path::new("/s.sock"));
         let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap();
         assert_eq!(get("NES_FROM"), "alice");
         assert_eq!(get("NES_ID"), "id7");

@@ -48,6 +48,8 @@ pub fn status_json(s: &StatusReply, socket: &str) -> serde_json::Value {
         "unread": s.unread,
         "pid": s.pid,
         "waiting": s.waiting,
+        "store_id": s.store_id,
+        "last_log_cursor": s.last_log_cursor,
         "socket": socket,
     })
 }
@@ -75,7 +77,7 @@ pub fn status_text(s: &StatusReply, socket: &str) -> Vec<String> {
         format!("sent:       {}   received: {}   unread: {}", s.sent, s.received, s.unread),
         format!("refused:    {refused}"),
         format!("waiting:    {} (frames waiting for their senders' keys)", s.waiting),
-        format!("cursor:     {}", s.last_cursor),
+        format!("cursor:     {} (store {})", s.last_cursor, s.store_id),
     ]
 }
 
@@ -106,6 +108,8 @@ mod tests {
         let v = status_json(&s, "/s");
         assert_eq!(v["refused"]["signature"], 2);
         assert_eq!(v["user"], "bob");
+        s.store_id = "0123456789abcdef".into();
+        assert_eq!(status_json(&s, "/s")["store_id"], "0123456789abcdef");
     }
 
     #[test]
