@@ -1,7 +1,7 @@
 //! `nes`: the NES command line.
 //!
 //! Two kinds of commands live here:
-//! - offline tools that need no daemon (`generate`, `frame seal`, `frame open`,
+//! - offline tools that need no daemon (`generate`, `prekey new`, `frame seal`, `frame open`,
 //!   `import-legacy`, `config`, `completions`, `man`), which work on files directly;
 //! - thin clients of `nesd` over its gRPC socket (`status`, `register`, `send`, `history`,
 //!   `listen`, `chat`, `contacts`), which hold no state and no keys. They connect through
@@ -47,6 +47,9 @@ pub enum Command {
     /// Seal or open single frames without a daemon (offline; for tests and debugging).
     #[command(subcommand)]
     Frame(cmd::frame::FrameCommand),
+    /// Make v3 prekeys and signing certificates (offline).
+    #[command(subcommand)]
+    Prekey(cmd::prekey::PrekeyCommand),
     /// Show the daemon's state: identity, connection, queue, counters (exit 3: no daemon).
     Status(cmd::status::Args),
     /// Register this identity's public keys with the key server.
@@ -105,6 +108,7 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
         Command::Frame(command) => cmd::frame::run(command),
+        Command::Prekey(command) => cmd::prekey::run(command),
         Command::Config(args) => cmd::config::run(&ctx, args),
         Command::ImportLegacy(args) => cmd::import_legacy::run(&ctx, args),
         Command::Completions(args) => cmd::completions::run(args),

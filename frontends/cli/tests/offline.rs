@@ -1,5 +1,6 @@
 //! The offline tools, driven exactly as outside checks drive them: `nes generate`,
-//! `nes frame seal`, `nes frame open`, against the original's vector keys and frames.
+//! `nes frame seal`, `nes frame open`, against the original's vector keys and frames;
+//! and v3: `nes prekey new`, `nes frame seal --v3`, `nes frame open --data-dir`.
 
 use std::io::Write;
 use std::os::unix::fs::PermissionsExt;
@@ -145,4 +146,170 @@ fn seal_then_open_round_trips_in_both_versions_from_args_and_stdin() {
     let out = run_with_stdin(seal, b"");
     assert_eq!(out.status.code(), Some(1), "a public key is not a signing key");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--sign-key"));
+}
+
+fn generate(user: &str, data: &Path) {
+    let out = nes().args(["generate", "--user", user, "--data-dir"]).arg(data).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+/// `nes prekey new`: the printed signed prekey, and the one file it made in DIR/keys/prekeys.
+fn prekey_new(user: &str, data: &Path) -> (Vec<u8>, PathBuf) {
+    let before = std::fs::read_dir(data.join("keys/prekeys")).map(|d| d.count()).unwrap_or(0);
+    let out = nes().args(["prekey", "new", "--user", user, "--data-dir"]).arg(data).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(before + 1, std::fs::read_dir(data.join("keys/prekeys")).unwrap().count());
+    let doc = out.stdout.trim_ascii_end().to_vec();
+    let parsed = nes_proto::v3::SignedPrekey::parse(&doc).unwrap();
+    let file = data.join("keys/prekeys").join(format!("{}.json", nes_proto::v3::id_hex(&parsed.prekey().id)));
+    (doc, file)
+}
+
+fn seal_v3(from: &str, from_dir: &Path, to: &str, prekey_file: &Path, to_sign_pub: &Path, text: Option<&str>) -> Output {
+    let mut cmd = nes();
+    cmd.args(["frame", "seal", "--v3", "--from", from, "--to", to, "--to-prekey"])
+        .arg(prekey_file)
+        .arg("--to-sign-key")
+        .arg(to_sign_pub)
+        .arg("--data-dir")
+        .arg(from_dir);
+    if let Some(text) = text {
+        cmd.args(["-m", text]);
+    }
+    run_with_stdin(cmd, b"from stdin\n")
+}
+
+fn open_dir(dir: &Path, sender_pub: &Path, me: Option<&str>, frame: &[u8]) -> Output {
+    let mut cmd = nes();
+    cmd.args(["frame", "open", "--data-dir"]).arg(dir).arg("--sender-key").arg(sender_pub);
+    if let Some(me) = me {
+        cmd.args(["--me", me]);
+    }
+    run_with_stdin(cmd, frame)
+}
+
+fn one_line_refusal(out: &Output, needle: &str) {
+    assert_eq!(out.status.code(), Some(1), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(out.stdout.is_empty());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains(needle), "{needle:?} not in {err}");
+    assert!(!err.contains("panicked"));
+}
+
+#[test]
+fn v3_prekey_seal_and_open_from_data_directories() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("alice"), dir.path().join("bob"));
+    generate("alice", &a);
+    generate("bob", &b);
+    let (bob_doc, bob_file) = prekey_new("bob", &b);
+    prekey_new("alice", &a);
+
+    // The files and folders nes prekey new made, and what the prekey file holds.
+    for folder in ["keys/prekeys", "keys/certificates"] {
+        assert_eq!(mode(&b.join(folder)), 0o700, "{folder}");
+        for entry in std::fs::read_dir(b.join(folder)).unwrap() {
+            assert_eq!(mode(&entry.unwrap().path()), 0o600, "{folder}");
+        }
+    }
+    assert_eq!(mode(&bob_file), 0o600);
+    let file: serde_json::Value = serde_json::from_slice(&std::fs::read(&bob_file).unwrap()).unwrap();
+    assert_eq!(nes_proto::b64::decode(file["mlkem768"].as_str().unwrap()).unwrap().len(), 2400);
+    assert_eq!(nes_proto::b64::decode(file["x25519"].as_str().unwrap()).unwrap().len(), 32);
+    let bob_sign_pub = b.join("keys/bob-rsa-sign.pub");
+    let parsed = nes_proto::v3::SignedPrekey::parse(&bob_doc).unwrap();
+    parsed.verify(&nes_proto::PublicKey::read(&bob_sign_pub).unwrap()).unwrap();
+    let prekey_doc = dir.path().join("bob-prekey.json");
+    std::fs::write(&prekey_doc, [&bob_doc[..], b"\n"].concat()).unwrap();
+
+    let alice_sign_pub = a.join("keys/alice-rsa-sign.pub");
+    let sealed = seal_v3("alice", &a, "bob", &prekey_doc, &bob_sign_pub, Some("hello in v3"));
+    assert!(sealed.status.success(), "{}", String::from_utf8_lossy(&sealed.stderr));
+    let frame = sealed.stdout;
+    assert!(frame.starts_with(b"{\"v\":3,"));
+    let opened = open_dir(&b, &alice_sign_pub, Some("bob"), &frame);
+    assert!(opened.status.success(), "{}", String::from_utf8_lossy(&opened.stderr));
+    let inner: serde_json::Value = serde_json::from_slice(&opened.stdout).unwrap();
+    assert_eq!(inner["message"], "hello in v3");
+    assert_eq!(inner["from"], "alice");
+    assert_eq!(inner["to"], "bob");
+    // Text from stdin when -m is absent; --me is optional.
+    let sealed = seal_v3("alice", &a, "bob", &prekey_doc, &bob_sign_pub, None);
+    assert!(sealed.status.success(), "{}", String::from_utf8_lossy(&sealed.stderr));
+    let opened = open_dir(&b, &alice_sign_pub, None, &sealed.stdout);
+    assert!(opened.status.success(), "{}", String::from_utf8_lossy(&opened.stderr));
+    assert_eq!(serde_json::from_slice::<serde_json::Value>(&opened.stdout).unwrap()["message"], "from stdin");
+
+    // Refusals: the wrong directory, the wrong sender key, someone else's --me.
+    one_line_refusal(&open_dir(&a, &alice_sign_pub, None, &frame), "unknown_prekey");
+    one_line_refusal(&open_dir(&b, &bob_sign_pub, None, &frame), "signature");
+    one_line_refusal(&open_dir(&b, &alice_sign_pub, Some("carol"), &frame), "misaddressed");
+    // The old --key form does not hold prekeys.
+    let mut cmd = nes();
+    cmd.args(["frame", "open", "--key"]).arg(b.join("keys/bob-rsa-message")).arg("--sender-key").arg(&alice_sign_pub);
+    one_line_refusal(&run_with_stdin(cmd, &frame), "prekey");
+
+    // Sealing refuses a prekey the given sign key did not sign, or for someone else, and
+    // a sender without a certificate.
+    one_line_refusal(&seal_v3("alice", &a, "bob", &prekey_doc, &alice_sign_pub, Some("x")), "--to-prekey");
+    one_line_refusal(&seal_v3("alice", &a, "carol", &prekey_doc, &bob_sign_pub, Some("x")), "--to-prekey");
+    let c = dir.path().join("carol");
+    generate("carol", &c);
+    one_line_refusal(&seal_v3("carol", &c, "bob", &prekey_doc, &bob_sign_pub, Some("x")), "nes prekey new");
+    one_line_refusal(&seal_v3("alice", &a, "bob", &a.join("keys/alice-rsa-sign.pub"), &bob_sign_pub, Some("x")), "--to-prekey");
+
+    // After the prekey file is deleted, nothing left in bob's directory opens the frame.
+    std::fs::remove_file(&bob_file).unwrap();
+    one_line_refusal(&open_dir(&b, &alice_sign_pub, Some("bob"), &frame), "unknown_prekey");
+    prekey_new("bob", &b);
+    one_line_refusal(&open_dir(&b, &alice_sign_pub, Some("bob"), &frame), "unknown_prekey");
+}
+
+#[test]
+fn data_dir_open_also_opens_v1_and_v2_with_the_message_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let (a, b) = (dir.path().join("alice"), dir.path().join("bob"));
+    generate("alice", &a);
+    generate("bob", &b);
+    for v1 in [false, true] {
+        let mut seal = nes();
+        seal.args(["frame", "seal", "--from", "alice", "--to", "bob", "-m", "old school", "--to-key"])
+            .arg(b.join("keys/bob-rsa-message.pub"))
+            .arg("--sign-key")
+            .arg(a.join("keys/alice-rsa-sign"));
+        if v1 {
+            seal.arg("--v1");
+        }
+        let sealed = run_with_stdin(seal, b"");
+        assert!(sealed.status.success(), "{}", String::from_utf8_lossy(&sealed.stderr));
+        for me in [Some("bob"), None] {
+            let opened = open_dir(&b, &a.join("keys/alice-rsa-sign.pub"), me, &sealed.stdout);
+            assert!(opened.status.success(), "{me:?}: {}", String::from_utf8_lossy(&opened.stderr));
+            assert_eq!(serde_json::from_slice::<serde_json::Value>(&opened.stdout).unwrap()["message"], "old school");
+        }
+        one_line_refusal(&open_dir(&a, &a.join("keys/alice-rsa-sign.pub"), None, &sealed.stdout), "refused");
+    }
+}
+
+#[test]
+fn v3_usage_errors_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases: Vec<Vec<&str>> = vec![
+        vec!["frame", "seal", "--v3", "--from", "alice", "--to", "bob", "-m", "x"],
+        vec!["frame", "seal", "--v3", "--v1", "--from", "alice", "--to", "bob", "--to-prekey", "p", "--to-sign-key", "k", "--data-dir", "d"],
+        vec!["frame", "seal", "--from", "alice", "--to", "bob", "--to-prekey", "p"],
+        vec!["frame", "open", "--sender-key", "k"],
+        vec!["prekey", "new", "--data-dir", "d"],
+        vec!["prekey", "new", "--user", "bob", "--rotation", "7w"],
+    ];
+    for args in cases {
+        let out = nes().args(&args).env_remove("NES_USER").current_dir(dir.path()).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    }
+    // A user without an identity is a fixable error, with the command that fixes it.
+    let out = nes().args(["prekey", "new", "--user", "bob", "--data-dir"]).arg(dir.path()).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("nes generate"));
+    assert!(!dir.path().join("keys/prekeys").exists());
 }

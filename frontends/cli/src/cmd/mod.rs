@@ -10,6 +10,7 @@ pub mod history;
 pub mod import_legacy;
 pub mod listen;
 pub mod man;
+pub mod prekey;
 pub mod register;
 pub mod send;
 pub mod status;
