@@ -90,7 +90,6 @@ async fn bad_frames_are_refused_counted_and_the_daemon_keeps_serving() -> Result
         ("v1 first", twice_v1.clone()),
         ("v1 duplicated", twice_v1),
         ("replayed", captured),
-        ("oversized", oversized),
         ("garbage", b"\x00\x01 this is not a frame".to_vec()),
         ("bad json shape", b"{\"v\":2,\"cipherkey\":5}".to_vec()),
         ("bad base64", b"{\"v\":2,\"cipherkey\":\"!!\",\"nonce\":\"!!\",\"ciphertext\":\"!!\"}".to_vec()),
@@ -109,7 +108,6 @@ async fn bad_frames_are_refused_counted_and_the_daemon_keeps_serving() -> Result
             ("unknown_sender", 1),
             ("unwrap", 1),
             ("duplicate", 3),
-            ("too_large", 1),
             ("bad_json", 2),
             ("bad_base64", 1),
             ("bad_version", 1),
@@ -117,12 +115,22 @@ async fn bad_frames_are_refused_counted_and_the_daemon_keeps_serving() -> Result
     )
     .await?;
     let total: u64 = refused.values().sum();
-    ensure!(total == 13, "refusals {refused:?}");
+    ensure!(total == 12, "refusals {refused:?}");
 
     // Still the same daemon, still serving: a new message gets through.
     ensure!(bob.pid() == bob_pid);
     let after = send(&mut a, "bob", "still there?").await?;
     let h = wait_history(&b, "alice", 1, |m| m.id == after.id).await?;
+
+    // The oversized packet on its own, once everything before it is stored and
+    // acknowledged: nesd refuses it from its header, which on MQTT 3.1.1 costs a reconnect
+    // (docs/BROKER.md), and the broker then delivers again whatever was not acknowledged
+    // yet; that would count earlier refusals twice, not what this test is about.
+    wire.publish(topic, oversized).await.context("publishing oversized")?;
+    let refused = wait_refused(&b, &[("too_large", 1)]).await?;
+    let total: u64 = refused.values().sum();
+    ensure!(total == 13, "refusals {refused:?}");
+    ensure!(bob.pid() == bob_pid);
     let texts: Vec<&str> = h.iter().map(|m| m.text.as_str()).collect();
     ensure!(texts == ["the real one", "sent twice v2", "sent twice v1", "still there?"], "history {texts:?}");
     ensure!(b.history(rpc::HistoryRequest { peer: "mallory".into(), ..Default::default() }).await?.into_inner().messages.is_empty());

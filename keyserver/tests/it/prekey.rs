@@ -412,7 +412,7 @@ async fn deleting_the_user_deletes_its_prekey(backend: Backend) {
     let prekey = signed_prekey("heidi", now());
     assert_eq!(put(&server, "heidi", prekey.clone()).await.status(), 204);
     assert_stored(&server, "heidi", &prekey).await;
-    assert_eq!(server.follow(&links.delete).await.status(), 200);
+    assert_eq!(server.confirm_delete(&links.delete).await.status(), 200);
     assert_error(get(&server, "heidi").await, 404, "not_found").await;
     assert_error(
         put(&server, "heidi", prekey.clone()).await,
@@ -428,7 +428,7 @@ async fn deleting_the_user_deletes_its_prekey(backend: Backend) {
     assert_eq!(put(&server, "heidi", earlier.clone()).await.status(), 204);
     assert_stored(&server, "heidi", &earlier).await;
     // The row itself is gone, not only hidden.
-    assert_eq!(server.follow(&links.delete).await.status(), 200);
+    assert_eq!(server.confirm_delete(&links.delete).await.status(), 200);
     let rows = count_prekey_rows(&server).await;
     assert_eq!(rows, 0, "prekey rows left after the user was deleted");
 }
