@@ -164,6 +164,11 @@ fn tally(from: &str, to: &str, sent_ids: &[String], receiver: &[rpc::Message], s
         }
         if last.is_some_and(|l| i <= l) {
             t.out_of_order += 1;
+            // What a failing run needs to find the cause: which message came where.
+            eprintln!(
+                "soak: {from}->{to} out of order: message {i} after {last:?} (id {}, timestamp {}, stored_at {})",
+                m.id, m.timestamp_ms, m.stored_at_ms
+            );
         }
         last = Some(i);
     }
