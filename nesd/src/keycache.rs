@@ -894,7 +894,7 @@ mod tests {
 
     fn setup(policy: KeyPolicy, ttl: Duration) -> (tempfile::TempDir, Store, Arc<Fake>, KeyCache) {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(tmp.path()).unwrap();
+        let store = crate::store::open_in_test(tmp.path());
         let fake = Arc::new(Fake { answer: Mutex::new(Ok(0)), calls: AtomicUsize::new(0) });
         let (m, s) = keys(2).clone();
         let me = Username::parse("me_").unwrap();
@@ -985,7 +985,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let bob = Username::parse("bob").unwrap();
         {
-            let store = Store::open(tmp.path()).unwrap();
+            let store = crate::store::open_in_test(tmp.path());
             let fake = Arc::new(Fake { answer: Mutex::new(Ok(0)), calls: AtomicUsize::new(0) });
             let (m, s) = keys(2).clone();
             let me = Username::parse("me_").unwrap();
@@ -999,7 +999,7 @@ mod tests {
             cache.set_legacy(&bob, true).await.unwrap();
             store.flush().unwrap();
         }
-        let store = Store::open(tmp.path()).unwrap();
+        let store = crate::store::open_in_test(tmp.path());
         let fake = Arc::new(Fake { answer: Mutex::new(Err(FetchError::Unavailable("down".into()))), calls: AtomicUsize::new(0) });
         let (m, s) = keys(2).clone();
         let me = Username::parse("me_").unwrap();

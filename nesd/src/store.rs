@@ -947,6 +947,23 @@ fn be_u64(bytes: &[u8]) -> Option<u64> {
     Some(u64::from_be_bytes(bytes.try_into().ok()?))
 }
 
+/// Opens a store in a test, waiting while sled still holds the lock of a store that was
+/// just dropped in this process (its flusher thread lets go of it a moment later), so
+/// that tests that reopen a store do not depend on that moment.
+#[cfg(test)]
+pub(crate) fn open_in_test(path: &Path) -> Store {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match Store::open(path) {
+            Ok(store) => return store,
+            Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+            }
+            Err(e) => panic!("cannot open the store at {}: {e}", path.display()),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -989,14 +1006,14 @@ mod tests {
     async fn parked_frames_survive_a_reopen_in_per_sender_order_and_are_capped() {
         let tmp = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(tmp.path()).unwrap();
+            let store = open_in_test(tmp.path());
             assert!(!store.has_waiting("alice").unwrap());
             assert_eq!(store.park("alice", b"a1").unwrap(), Parked::Kept { evicted: None });
             assert_eq!(store.park("bob", b"b1").unwrap(), Parked::Kept { evicted: None });
             assert_eq!(store.park("alice", b"a2").unwrap(), Parked::Kept { evicted: None });
             store.commit_all().await.unwrap();
         }
-        let store = Store::open(tmp.path()).unwrap();
+        let store = open_in_test(tmp.path());
         assert_eq!(store.waiting_len(), 3, "counted again at open");
         assert!(store.has_waiting("alice").unwrap());
         assert!(!store.has_waiting("carol").unwrap());
@@ -1031,7 +1048,7 @@ mod tests {
     #[tokio::test]
     async fn incoming_is_stored_once_and_counted_unread() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(tmp.path()).unwrap();
+        let store = open_in_test(tmp.path());
         let mut live = store.subscribe();
         assert!(store.insert_incoming(incoming("a", "bob", "1"), None).unwrap().is_some());
         assert!(store.insert_incoming(incoming("a", "bob", "again"), None).unwrap().is_none());
@@ -1054,7 +1071,7 @@ mod tests {
     #[tokio::test]
     async fn history_pages_backwards_and_conversations_sort_by_recency() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(tmp.path()).unwrap();
+        let store = open_in_test(tmp.path());
         for i in 0..2000 {
             store.insert_incoming(incoming(&format!("id{i}"), "bob", &format!("{i}")), None).unwrap();
             if i % 500 == 0 {
@@ -1083,7 +1100,7 @@ mod tests {
     #[tokio::test]
     async fn outbox_keeps_order_and_states_only_move_forward() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(tmp.path()).unwrap();
+        let store = open_in_test(tmp.path());
         for i in 0..5 {
             let (m, o) = outgoing(&format!("o{i}"), if i % 2 == 0 { "bob" } else { "carol" });
             store.insert_outgoing(m, o).unwrap();
@@ -1110,14 +1127,14 @@ mod tests {
     async fn reopening_keeps_counters_cursor_and_outbox() {
         let tmp = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(tmp.path()).unwrap();
+            let store = open_in_test(tmp.path());
             let (m, o) = outgoing("o1", "bob");
             store.insert_outgoing(m, o).unwrap();
             store.insert_incoming(incoming("i1", "bob", "hi"), None).unwrap();
             store.commit().await.unwrap();
             assert_eq!(store.last_cursor(), 2);
         }
-        let store = Store::open(tmp.path()).unwrap();
+        let store = open_in_test(tmp.path());
         assert_eq!(store.last_cursor(), 2);
         assert_eq!(store.outbox_len(), 1);
         assert!(store.insert_incoming(incoming("i1", "bob", "hi"), None).unwrap().is_none(), "dedup survives");
@@ -1154,7 +1171,7 @@ mod tests {
     #[tokio::test]
     async fn log_cursors_name_their_store_and_event() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(tmp.path()).unwrap();
+        let store = open_in_test(tmp.path());
         let id = store.store_id().to_owned();
         assert_eq!(id.len(), 16);
         assert_eq!(store.last_log_cursor().unwrap(), format!("{id}-0-{START_TAG}"));
@@ -1192,13 +1209,13 @@ mod tests {
         // The id stays across a reopen, and so do the cursors.
         drop(live);
         drop(store);
-        let store = Store::open(tmp.path()).unwrap();
+        let store = open_in_test(tmp.path());
         assert_eq!(store.store_id(), id);
         assert_eq!(store.resolve_since(&logged[1].log_cursor).unwrap(), 2);
         assert_eq!(store.events_after(1, 10).unwrap()[0].log_cursor, logged[1].log_cursor);
         // A re-created store (a new directory) has another id and refuses the old cursors.
         let tmp2 = tempfile::tempdir().unwrap();
-        let fresh = Store::open(tmp2.path()).unwrap();
+        let fresh = open_in_test(tmp2.path());
         assert_ne!(fresh.store_id(), id);
         fresh.insert_incoming(incoming("x", "bob", "x"), None).unwrap();
         fresh.insert_incoming(incoming("y", "bob", "y"), None).unwrap();
@@ -1211,13 +1228,13 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let (live_dir, backup) = (tmp.path().join("store"), tmp.path().join("backup"));
         {
-            let store = Store::open(&live_dir).unwrap();
+            let store = open_in_test(&live_dir);
             store.insert_incoming(incoming("a", "bob", "1"), None).unwrap();
             store.commit().await.unwrap();
         }
         copy_dir(&live_dir, &backup);
         let (shared, third, fourth) = {
-            let store = Store::open(&live_dir).unwrap();
+            let store = open_in_test(&live_dir);
             store.insert_incoming(incoming("b", "bob", "2"), None).unwrap();
             store.insert_incoming(incoming("c", "bob", "3"), None).unwrap();
             store.insert_incoming(incoming("d", "bob", "4"), None).unwrap();
@@ -1228,7 +1245,7 @@ mod tests {
         // The backup comes back in place of the store.
         std::fs::remove_dir_all(&live_dir).unwrap();
         copy_dir(&backup, &live_dir);
-        let store = Store::open(&live_dir).unwrap();
+        let store = open_in_test(&live_dir);
         assert_eq!(store.last_cursor(), 1);
         assert!(shared.starts_with(store.store_id()), "the same store, so the same id");
         assert_eq!(store.resolve_since(&shared).unwrap(), 1, "history both copies share still resumes");
@@ -1247,14 +1264,14 @@ mod tests {
     async fn a_store_from_before_store_ids_gets_one_and_keeps_its_data() {
         let tmp = tempfile::tempdir().unwrap();
         {
-            let store = Store::open(tmp.path()).unwrap();
+            let store = open_in_test(tmp.path());
             store.insert_incoming(incoming("a", "bob", "1"), None).unwrap();
             store.commit().await.unwrap();
             // As a store written by a daemon that had no store id.
             store.inner.data.remove(K_STORE_ID).unwrap();
             store.flush().unwrap();
         }
-        let store = Store::open(tmp.path()).unwrap();
+        let store = open_in_test(tmp.path());
         let id = store.store_id().to_owned();
         assert_eq!(store.history("bob", 0, None).unwrap()[0].text, "1");
         assert_eq!(store.last_cursor(), 1);
@@ -1263,13 +1280,13 @@ mod tests {
         assert!(old[0].log_cursor.starts_with(&format!("{id}-1-")), "old events have log cursors too");
         assert_eq!(store.resolve_since(&old[0].log_cursor).unwrap(), 1);
         drop(store);
-        assert_eq!(Store::open(tmp.path()).unwrap().store_id(), id, "made once");
+        assert_eq!(open_in_test(tmp.path()).store_id(), id, "made once");
     }
 
     #[tokio::test]
     async fn held_messages_are_released_or_dropped() {
         let tmp = tempfile::tempdir().unwrap();
-        let store = Store::open(tmp.path()).unwrap();
+        let store = open_in_test(tmp.path());
         let mut m = incoming("h1", "carol", "");
         m.state = MessageState::Held as i32;
         store.insert_incoming(m, Some(b"frame1".to_vec())).unwrap();
