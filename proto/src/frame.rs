@@ -161,6 +161,21 @@ pub struct Draft<'a> {
     pub timestamp_ms: i64,
 }
 
+impl Draft<'_> {
+    /// The inner JSON bytes that are signed and encrypted: `id` is `None` for v1 (the
+    /// original has none), a fresh message id for v2 and v3.
+    pub(crate) fn inner_json(&self, id: Option<String>) -> Vec<u8> {
+        Inner {
+            from: self.from.to_string(),
+            to: self.to.to_string(),
+            timestamp: self.timestamp_ms,
+            message: self.text.to_owned(),
+            id,
+        }
+        .to_go_json()
+    }
+}
+
 /// A sealed frame, ready to publish on `nes/<to>/message`.
 #[derive(Debug, Clone)]
 pub struct Sealed {
@@ -198,14 +213,7 @@ pub fn seal(
 }
 
 fn seal_v1(draft: &Draft<'_>, to_key: &PublicKey, sign_key: &PrivateKey) -> Result<Sealed, FrameError> {
-    let inner = Inner {
-        from: draft.from.to_string(),
-        to: draft.to.to_string(),
-        timestamp: draft.timestamp_ms,
-        message: draft.text.to_owned(),
-        id: None,
-    }
-    .to_go_json();
+    let inner = draft.inner_json(None);
     let mut k = Zeroizing::new([0u8; 48]);
     rand::rngs::OsRng.fill_bytes(k.as_mut());
     let ciphertext = cbc::Encryptor::<aes::Aes256>::new_from_slices(&k[..32], &k[32..])
@@ -226,14 +234,7 @@ fn seal_v1(draft: &Draft<'_>, to_key: &PublicKey, sign_key: &PrivateKey) -> Resu
 
 fn seal_v2(draft: &Draft<'_>, to_key: &PublicKey, sign_key: &PrivateKey) -> Result<Sealed, FrameError> {
     let id = new_message_id();
-    let inner = Inner {
-        from: draft.from.to_string(),
-        to: draft.to.to_string(),
-        timestamp: draft.timestamp_ms,
-        message: draft.text.to_owned(),
-        id: Some(id.clone()),
-    }
-    .to_go_json();
+    let inner = draft.inner_json(Some(id.clone()));
     let signature = sign_key.sign_pss(&inner)?;
     let sig_len = u16::try_from(signature.len())
         .map_err(|_| FrameError::Key(KeyError::Backend("signature too long".into())))?;

@@ -91,14 +91,7 @@ pub fn seal(
 
     // 1. M
     let id = new_message_id();
-    let inner = Inner {
-        from: draft.from.to_string(),
-        to: draft.to.to_string(),
-        timestamp: draft.timestamp_ms,
-        message: draft.text.to_owned(),
-        id: Some(id.clone()),
-    }
-    .to_go_json();
+    let inner = draft.inner_json(Some(id.clone()));
 
     // 2. both shared secrets
     let encaps = EncapsulationKey::new(&ML_KEM_768, &prekey.mlkem768)
