@@ -21,9 +21,9 @@
 use rumqttd::{Broker, Config, ConnectionSettings, RouterConfig, ServerSettings};
 #[cfg(feature = "embedded-broker")]
 use std::collections::HashMap;
+use std::net::SocketAddr;
 #[cfg(feature = "embedded-broker")]
 use std::net::{TcpStream, ToSocketAddrs};
-use std::net::SocketAddr;
 #[cfg(feature = "embedded-broker")]
 use std::time::{Duration, Instant};
 
@@ -31,7 +31,8 @@ use std::time::{Duration, Instant};
 pub const AVAILABLE: bool = cfg!(feature = "embedded-broker");
 
 /// What a binary built without the broker says to `--embedded-broker`: what and how.
-pub const NOT_BUILT: &str = "--embedded-broker: this nes-keyserver was built without the embedded broker; \
+pub const NOT_BUILT: &str =
+    "--embedded-broker: this nes-keyserver was built without the embedded broker; \
      rebuild it with `cargo build -p nes-keyserver --features embedded-broker` \
      (or run an MQTT broker such as mosquitto beside it)";
 

@@ -16,11 +16,15 @@ use nesd::store::Store;
 use std::time::Instant;
 
 fn env_num(name: &str, default: u64) -> u64 {
-    std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
 }
 
 fn main() -> anyhow::Result<()> {
-    let dir = std::env::var("NES_FILL_DIR").map_err(|_| anyhow::anyhow!("set NES_FILL_DIR to the store directory"))?;
+    let dir = std::env::var("NES_FILL_DIR")
+        .map_err(|_| anyhow::anyhow!("set NES_FILL_DIR to the store directory"))?;
     let messages = env_num("NES_FILL_MESSAGES", 1_000_000);
     let peers = env_num("NES_FILL_PEERS", 1_000).max(1);
     let me = std::env::var("NES_FILL_USER").unwrap_or_else(|_| "bob".into());
@@ -45,7 +49,10 @@ fn main() -> anyhow::Result<()> {
         };
         store.insert_incoming(message, None)?;
         if i > 0 && i % 200_000 == 0 {
-            eprintln!("fill_store: {i} messages, {:.1} s", t0.elapsed().as_secs_f64());
+            eprintln!(
+                "fill_store: {i} messages, {:.1} s",
+                t0.elapsed().as_secs_f64()
+            );
         }
     }
     store.flush()?;

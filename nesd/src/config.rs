@@ -79,7 +79,11 @@ pub struct Cli {
     pub broker_user: Option<String>,
     /// A file holding the broker password (mode 600; the first line is the password).
     /// NES_BROKER_PASSWORD, when set, wins; there is no flag for the password itself.
-    #[arg(long = "broker-password-file", env = "NES_BROKER_PASSWORD_FILE", value_name = "FILE")]
+    #[arg(
+        long = "broker-password-file",
+        env = "NES_BROKER_PASSWORD_FILE",
+        value_name = "FILE"
+    )]
     pub broker_password_file: Option<PathBuf>,
     /// The broker password from `NES_BROKER_PASSWORD` (never a flag: flags show in `ps`).
     #[arg(skip = std::env::var("NES_BROKER_PASSWORD").ok().filter(|p| !p.is_empty()).map(Secret))]
@@ -119,7 +123,11 @@ pub struct Cli {
     pub key_ttl_secs: Option<u64>,
     /// Background key server lookups per second at most (senders of received frames not
     /// yet known; bursts of five times this) [default: 50].
-    #[arg(long = "lookup-rate", env = "NES_LOOKUP_RATE", value_name = "PER_SECOND")]
+    #[arg(
+        long = "lookup-rate",
+        env = "NES_LOOKUP_RATE",
+        value_name = "PER_SECOND"
+    )]
     pub lookup_rate: Option<u32>,
     /// Log filter (tracing EnvFilter syntax, e.g. "info" or "nesd=debug") [default: info].
     #[arg(long = "log", env = "NES_LOG", value_name = "FILTER")]
@@ -212,7 +220,13 @@ impl Dirs {
                 runtime,
                 tmp_fallback: true,
             },
-            None => Dirs { home: None, config: None, data: None, runtime, tmp_fallback: true },
+            None => Dirs {
+                home: None,
+                config: None,
+                data: None,
+                runtime,
+                tmp_fallback: true,
+            },
         }
     }
 }
@@ -250,7 +264,9 @@ impl Broker {
         }
         let (host, port) = if let Some(stripped) = rest.strip_prefix('[') {
             // [v6]:port
-            let (host, after) = stripped.split_once(']').ok_or_else(|| bad("unclosed '['"))?;
+            let (host, after) = stripped
+                .split_once(']')
+                .ok_or_else(|| bad("unclosed '['"))?;
             let port = match after.strip_prefix(':') {
                 Some(p) => p.parse().map_err(|_| bad("bad port"))?,
                 None if after.is_empty() => default_port,
@@ -381,7 +397,10 @@ impl Config {
         })?;
         let user = Username::parse(&user).map_err(|e| ConfigError::Invalid(e.to_string()))?;
 
-        let broker = cli.broker.or(file.broker).unwrap_or_else(|| DEFAULT_BROKER.to_owned());
+        let broker = cli
+            .broker
+            .or(file.broker)
+            .unwrap_or_else(|| DEFAULT_BROKER.to_owned());
         let broker = Broker::parse(&broker)?;
         let broker_auth = resolve_broker_auth(
             &broker,
@@ -405,23 +424,34 @@ impl Config {
 
         let keyserver_key = match cli.keyserver_key.or(file.keyserver_key) {
             Some(p) => expand(&p, home),
-            None => dirs.config.as_ref().map(|c| c.join("nes").join("keyserver.pub")).ok_or_else(|| {
-                ConfigError::Missing("no key server public key: pass --keyserver-key FILE".into())
-            })?,
+            None => dirs
+                .config
+                .as_ref()
+                .map(|c| c.join("nes").join("keyserver.pub"))
+                .ok_or_else(|| {
+                    ConfigError::Missing(
+                        "no key server public key: pass --keyserver-key FILE".into(),
+                    )
+                })?,
         };
 
         let data_dir = match cli.data_dir.or(file.data_dir) {
             Some(p) => expand(&p, home),
             None => dirs.data.as_ref().map(|d| d.join("nes")).ok_or_else(|| {
-                ConfigError::Missing("no data directory: pass --data-dir DIR (HOME is not set)".into())
+                ConfigError::Missing(
+                    "no data directory: pass --data-dir DIR (HOME is not set)".into(),
+                )
             })?,
         };
 
         let socket = match cli.socket.or(file.socket) {
             Some(p) => expand(&p, home),
-            None => match dirs.runtime.as_ref().map(|r| r.join("nes").join("nesd.sock")).or_else(|| {
-                dirs.tmp_fallback.then(temp_socket).flatten()
-            }) {
+            None => match dirs
+                .runtime
+                .as_ref()
+                .map(|r| r.join("nes").join("nesd.sock"))
+                .or_else(|| dirs.tmp_fallback.then(temp_socket).flatten())
+            {
                 Some(p) => p,
                 None => {
                     return Err(ConfigError::Missing(
@@ -433,7 +463,11 @@ impl Config {
 
         let key_ttl_secs = cli.key_ttl_secs.or(file.key_ttl_secs);
         let key_ttl = match key_ttl_secs {
-            Some(0) => return Err(ConfigError::Invalid("key TTL must be at least 1 second".into())),
+            Some(0) => {
+                return Err(ConfigError::Invalid(
+                    "key TTL must be at least 1 second".into(),
+                ))
+            }
             Some(s) => Duration::from_secs(s),
             None => DEFAULT_KEY_TTL,
         };
@@ -446,11 +480,18 @@ impl Config {
             keyserver_key,
             data_dir,
             socket,
-            keyserver_legacy: cli.keyserver_legacy.or(file.keyserver_legacy).unwrap_or(false),
+            keyserver_legacy: cli
+                .keyserver_legacy
+                .or(file.keyserver_legacy)
+                .unwrap_or(false),
             key_policy: cli.key_policy.or(file.key_policy).unwrap_or_default(),
             key_ttl,
             lookup_rate: match cli.lookup_rate.or(file.lookup_rate) {
-                Some(0) => return Err(ConfigError::Invalid("lookup rate must be at least 1 per second".into())),
+                Some(0) => {
+                    return Err(ConfigError::Invalid(
+                        "lookup rate must be at least 1 per second".into(),
+                    ))
+                }
                 Some(n) => n,
                 None => DEFAULT_LOOKUP_RATE,
             },
@@ -462,7 +503,10 @@ impl Config {
 
 /// Reads the config file: the one named (which must exist), else the default one (which
 /// may be absent).
-fn load_file(named: Option<&Path>, dirs: &Dirs) -> Result<(FileConfig, Option<PathBuf>), ConfigError> {
+fn load_file(
+    named: Option<&Path>,
+    dirs: &Dirs,
+) -> Result<(FileConfig, Option<PathBuf>), ConfigError> {
     let (path, must_exist) = match named {
         Some(p) => (expand(p, dirs.home.as_deref()), true),
         None => match &dirs.config {
@@ -495,20 +539,33 @@ struct BrokerAuthSources {
 }
 
 /// Checks the broker's TLS and login settings together and reads the password.
-fn resolve_broker_auth(broker: &Broker, s: BrokerAuthSources, home: Option<&Path>) -> Result<BrokerAuth, ConfigError> {
+fn resolve_broker_auth(
+    broker: &Broker,
+    s: BrokerAuthSources,
+    home: Option<&Path>,
+) -> Result<BrokerAuth, ConfigError> {
     let invalid = |m: String| Err(ConfigError::Invalid(m));
     if !broker.tls {
         // TLS files with a plain broker would give a false sense of protection.
-        for (name, set) in [("broker_ca", s.ca.is_some()), ("broker_cert", s.cert.is_some()), ("broker_key", s.key.is_some())] {
+        for (name, set) in [
+            ("broker_ca", s.ca.is_some()),
+            ("broker_cert", s.cert.is_some()),
+            ("broker_key", s.key.is_some()),
+        ] {
             if set {
-                return invalid(format!("{name} is set but the broker {} is not TLS: use mqtts://", broker.url()));
+                return invalid(format!(
+                    "{name} is set but the broker {} is not TLS: use mqtts://",
+                    broker.url()
+                ));
             }
         }
     }
     let client_cert = match (s.cert, s.key) {
         (Some(c), Some(k)) => Some((expand(&c, home), expand(&k, home))),
         (None, None) => None,
-        (Some(_), None) => return invalid("broker_cert needs broker_key (the certificate's private key)".into()),
+        (Some(_), None) => {
+            return invalid("broker_cert needs broker_key (the certificate's private key)".into())
+        }
         (None, Some(_)) => return invalid("broker_key needs broker_cert".into()),
     };
     let password = match (s.password, s.password_file) {
@@ -518,16 +575,26 @@ fn resolve_broker_auth(broker: &Broker, s: BrokerAuthSources, home: Option<&Path
     };
     let user = s.user.filter(|u| !u.is_empty());
     if password.is_some() && user.is_none() {
-        return invalid("a broker password is set but no broker_user (NES_BROKER_USER, --broker-user)".into());
+        return invalid(
+            "a broker password is set but no broker_user (NES_BROKER_USER, --broker-user)".into(),
+        );
     }
-    Ok(BrokerAuth { ca: s.ca.map(|p| expand(&p, home)), client_cert, user, password })
+    Ok(BrokerAuth {
+        ca: s.ca.map(|p| expand(&p, home)),
+        client_cert,
+        user,
+        password,
+    })
 }
 
 /// Reads the broker password: the file's first line. A file that group or others may
 /// read is refused, as ssh refuses such keys: the password would not be a secret.
 fn read_password_file(path: &Path) -> Result<Secret, ConfigError> {
     use std::os::unix::fs::PermissionsExt;
-    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let meta = std::fs::metadata(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     let mode = meta.permissions().mode() & 0o777;
     if mode & 0o077 != 0 {
         return Err(ConfigError::Invalid(format!(
@@ -535,10 +602,16 @@ fn read_password_file(path: &Path) -> Result<Secret, ConfigError> {
             path.display()
         )));
     }
-    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read { path: path.to_owned(), source })?;
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
     let password = text.lines().next().unwrap_or("").to_owned();
     if password.is_empty() {
-        return Err(ConfigError::Invalid(format!("broker password file {} is empty", path.display())));
+        return Err(ConfigError::Invalid(format!(
+            "broker password file {} is empty",
+            path.display()
+        )));
     }
     Ok(Secret(password))
 }
@@ -548,7 +621,11 @@ fn check_keyserver_url(url: &str) -> Result<String, ConfigError> {
     let rest = trimmed
         .strip_prefix("https://")
         .or_else(|| trimmed.strip_prefix("http://"))
-        .ok_or_else(|| ConfigError::Invalid(format!("key server {url:?}: use http://HOST[:PORT] or https://HOST")))?;
+        .ok_or_else(|| {
+            ConfigError::Invalid(format!(
+                "key server {url:?}: use http://HOST[:PORT] or https://HOST"
+            ))
+        })?;
     if rest.is_empty() || rest.contains(char::is_whitespace) {
         return Err(ConfigError::Invalid(format!("key server {url:?}: no host")));
     }
@@ -573,7 +650,10 @@ pub fn current_uid() -> Option<u32> {
 /// `$TMPDIR/nes-<uid>/nesd.sock`: the socket when there is no runtime directory.
 fn temp_socket() -> Option<PathBuf> {
     let uid = current_uid()?;
-    let tmp = std::env::var_os("TMPDIR").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
+    let tmp = std::env::var_os("TMPDIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/tmp".into());
     Some(tmp.join(format!("nes-{uid}")).join("nesd.sock"))
 }
 
@@ -623,14 +703,28 @@ mod tests {
     #[test]
     fn defaults_follow_xdg() {
         let tmp = tempfile::tempdir().unwrap();
-        let c = Config::resolve(cli(&["--user", "Alice", "--keyserver", "http://k:8080/"]), &dirs(tmp.path())).unwrap();
+        let c = Config::resolve(
+            cli(&["--user", "Alice", "--keyserver", "http://k:8080/"]),
+            &dirs(tmp.path()),
+        )
+        .unwrap();
         assert_eq!(c.user.as_str(), "alice");
-        assert_eq!(c.broker, Broker { host: "localhost".into(), port: 1883, tls: false });
+        assert_eq!(
+            c.broker,
+            Broker {
+                host: "localhost".into(),
+                port: 1883,
+                tls: false
+            }
+        );
         assert_eq!(c.broker_auth, BrokerAuth::default());
         assert_eq!(c.keyserver, "http://k:8080");
         assert_eq!(c.data_dir, tmp.path().join(".local/share/nes"));
         assert_eq!(c.socket, tmp.path().join("run/nes/nesd.sock"));
-        assert_eq!(c.keyserver_key, tmp.path().join(".config/nes/keyserver.pub"));
+        assert_eq!(
+            c.keyserver_key,
+            tmp.path().join(".config/nes/keyserver.pub")
+        );
         assert_eq!(c.key_policy, KeyPolicy::Tofu);
         assert_eq!(c.key_ttl, DEFAULT_KEY_TTL);
         assert!(!c.keyserver_legacy);
@@ -649,15 +743,33 @@ mod tests {
         let d = dirs(tmp.path());
         let c = Config::resolve(cli(&[]), &d).unwrap();
         assert_eq!(c.user.as_str(), "bob");
-        assert_eq!(c.broker, Broker { host: "filehost".into(), port: 1999, tls: false });
+        assert_eq!(
+            c.broker,
+            Broker {
+                host: "filehost".into(),
+                port: 1999,
+                tls: false
+            }
+        );
         assert_eq!(c.data_dir, tmp.path().join("nesdata"));
         assert_eq!(c.key_policy, KeyPolicy::Always);
         assert_eq!(c.key_ttl, Duration::from_secs(60));
         assert!(c.keyserver_legacy);
-        assert_eq!(c.config_file, Some(tmp.path().join(".config/nes/config.toml")));
+        assert_eq!(
+            c.config_file,
+            Some(tmp.path().join(".config/nes/config.toml"))
+        );
 
         let c = Config::resolve(
-            cli(&["--user", "carol", "--broker", "mqtt://flag:1", "--key-policy", "tofu", "--keyserver-legacy=false"]),
+            cli(&[
+                "--user",
+                "carol",
+                "--broker",
+                "mqtt://flag:1",
+                "--key-policy",
+                "tofu",
+                "--keyserver-legacy=false",
+            ]),
             &d,
         )
         .unwrap();
@@ -673,8 +785,14 @@ mod tests {
         // clap puts NES_* values into the same fields as the flags (a flag wins over its
         // env var, clap's own rule); here a field set that way must beat the file.
         let tmp = tempfile::tempdir().unwrap();
-        write_config(tmp.path(), "user = \"fromfile\"\nkeyserver = \"http://ks\"\n");
-        let from_env = Cli { user: Some("fromenv".into()), ..Cli::default() };
+        write_config(
+            tmp.path(),
+            "user = \"fromfile\"\nkeyserver = \"http://ks\"\n",
+        );
+        let from_env = Cli {
+            user: Some("fromenv".into()),
+            ..Cli::default()
+        };
         let c = Config::resolve(from_env, &dirs(tmp.path())).unwrap();
         assert_eq!(c.user.as_str(), "fromenv");
         assert_eq!(c.keyserver, "http://ks");
@@ -684,17 +802,23 @@ mod tests {
     fn named_config_must_exist_and_parse() {
         let tmp = tempfile::tempdir().unwrap();
         let missing = tmp.path().join("nope.toml");
-        let err = Config::resolve(cli(&["--config", missing.to_str().unwrap()]), &dirs(tmp.path())).unwrap_err();
+        let err = Config::resolve(
+            cli(&["--config", missing.to_str().unwrap()]),
+            &dirs(tmp.path()),
+        )
+        .unwrap_err();
         assert!(matches!(err, ConfigError::Read { .. }), "{err}");
 
         let bad = tmp.path().join("bad.toml");
         std::fs::write(&bad, "user = [1, 2\n").unwrap();
-        let err = Config::resolve(cli(&["--config", bad.to_str().unwrap()]), &dirs(tmp.path())).unwrap_err();
+        let err = Config::resolve(cli(&["--config", bad.to_str().unwrap()]), &dirs(tmp.path()))
+            .unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
         assert!(!err.to_string().contains('\n'), "{err}");
 
         std::fs::write(&bad, "user = 5\n").unwrap();
-        let err = Config::resolve(cli(&["--config", bad.to_str().unwrap()]), &dirs(tmp.path())).unwrap_err();
+        let err = Config::resolve(cli(&["--config", bad.to_str().unwrap()]), &dirs(tmp.path()))
+            .unwrap_err();
         assert!(matches!(err, ConfigError::Parse { .. }), "{err}");
     }
 
@@ -708,27 +832,76 @@ mod tests {
         assert!(err.to_string().contains("username"), "{err}");
         let err = Config::resolve(cli(&["--user", "alice"]), &d).unwrap_err();
         assert!(err.to_string().contains("--keyserver"), "{err}");
-        let err = Config::resolve(cli(&["--user", "alice", "--keyserver", "ftp://x"]), &d).unwrap_err();
+        let err =
+            Config::resolve(cli(&["--user", "alice", "--keyserver", "ftp://x"]), &d).unwrap_err();
         assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
-        let err = Config::resolve(cli(&["--user", "alice", "--keyserver", "http://k", "--broker", "mqtt://h:port"]), &d)
-            .unwrap_err();
+        let err = Config::resolve(
+            cli(&[
+                "--user",
+                "alice",
+                "--keyserver",
+                "http://k",
+                "--broker",
+                "mqtt://h:port",
+            ]),
+            &d,
+        )
+        .unwrap_err();
         assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
         let no_runtime = Dirs { runtime: None, ..d };
-        let err = Config::resolve(cli(&["--user", "alice", "--keyserver", "http://k"]), &no_runtime).unwrap_err();
+        let err = Config::resolve(
+            cli(&["--user", "alice", "--keyserver", "http://k"]),
+            &no_runtime,
+        )
+        .unwrap_err();
         assert!(err.to_string().contains("--socket"), "{err}");
     }
 
     #[test]
     fn broker_urls() {
-        assert_eq!(Broker::parse("mqtt://h:1").unwrap(), Broker { host: "h".into(), port: 1, tls: false });
+        assert_eq!(
+            Broker::parse("mqtt://h:1").unwrap(),
+            Broker {
+                host: "h".into(),
+                port: 1,
+                tls: false
+            }
+        );
         assert_eq!(Broker::parse("tcp://h").unwrap().port, 1883);
         assert_eq!(Broker::parse("127.0.0.1:7").unwrap().port, 7);
-        assert_eq!(Broker::parse("mqtt://[::1]:9").unwrap(), Broker { host: "::1".into(), port: 9, tls: false });
-        assert_eq!(Broker::parse("mqtt://[::1]:9").unwrap().url(), "mqtt://[::1]:9");
-        assert_eq!(Broker::parse("mqtts://h:8884").unwrap(), Broker { host: "h".into(), port: 8884, tls: true });
+        assert_eq!(
+            Broker::parse("mqtt://[::1]:9").unwrap(),
+            Broker {
+                host: "::1".into(),
+                port: 9,
+                tls: false
+            }
+        );
+        assert_eq!(
+            Broker::parse("mqtt://[::1]:9").unwrap().url(),
+            "mqtt://[::1]:9"
+        );
+        assert_eq!(
+            Broker::parse("mqtts://h:8884").unwrap(),
+            Broker {
+                host: "h".into(),
+                port: 8884,
+                tls: true
+            }
+        );
         assert_eq!(Broker::parse("mqtts://h").unwrap().port, 8883);
-        assert_eq!(Broker::parse("ssl://[::1]").unwrap().url(), "mqtts://[::1]:8883");
-        for bad in ["http://h:1", "mqtt://", "mqtt://h:0", "mqtt://u@h:1", "mqtt://h:1/x", "mqtts://u:pw@h:8883"] {
+        assert_eq!(
+            Broker::parse("ssl://[::1]").unwrap().url(),
+            "mqtts://[::1]:8883"
+        );
+        for bad in [
+            "http://h:1",
+            "mqtt://",
+            "mqtt://h:0",
+            "mqtt://u@h:1",
+            "mqtt://h:1/x",
+            "mqtts://u:pw@h:8883",
+        ] {
             assert!(Broker::parse(bad).is_err(), "{bad}");
         }
     }
@@ -736,7 +909,10 @@ mod tests {
     #[test]
     fn bool_flag_forms() {
         assert_eq!(cli(&["--keyserver-legacy"]).keyserver_legacy, Some(true));
-        assert_eq!(cli(&["--keyserver-legacy=no"]).keyserver_legacy, Some(false));
+        assert_eq!(
+            cli(&["--keyserver-legacy=no"]).keyserver_legacy,
+            Some(false)
+        );
         assert_eq!(cli(&[]).keyserver_legacy, None);
     }
 
@@ -761,10 +937,16 @@ mod tests {
         assert_eq!(c.broker_auth.ca, Some(tmp.path().join("ca.pem")));
         assert_eq!(c.broker_auth.user.as_deref(), Some("alice"));
         assert_eq!(c.broker_auth.password, Some(Secret("s3cret".into())));
-        assert!(!format!("{c:?}").contains("s3cret"), "Debug shows the password");
+        assert!(
+            !format!("{c:?}").contains("s3cret"),
+            "Debug shows the password"
+        );
 
         // NES_BROKER_PASSWORD (filled by clap from the environment) wins over the file.
-        let from_env = Cli { broker_password: Some(Secret("fromenv".into())), ..Cli::default() };
+        let from_env = Cli {
+            broker_password: Some(Secret("fromenv".into())),
+            ..Cli::default()
+        };
         let c = Config::resolve(from_env, &d).unwrap();
         assert_eq!(c.broker_auth.password, Some(Secret("fromenv".into())));
 
@@ -776,17 +958,34 @@ mod tests {
 
         // The flags and env vars exist for each setting.
         let c = Config::resolve(
-            cli(&["--broker-cert", "/c.pem", "--broker-key", "/k.pem", "--broker-user", "bob"]),
+            cli(&[
+                "--broker-cert",
+                "/c.pem",
+                "--broker-key",
+                "/k.pem",
+                "--broker-user",
+                "bob",
+            ]),
             &d,
         )
         .unwrap();
-        assert_eq!(c.broker_auth.client_cert, Some(("/c.pem".into(), "/k.pem".into())));
+        assert_eq!(
+            c.broker_auth.client_cert,
+            Some(("/c.pem".into(), "/k.pem".into()))
+        );
         assert_eq!(c.broker_auth.user.as_deref(), Some("bob"));
 
-        let err = Config::resolve(cli(&["--broker-cert", "/c.pem"]), &d).unwrap_err().to_string();
+        let err = Config::resolve(cli(&["--broker-cert", "/c.pem"]), &d)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("broker_key"), "{err}");
-        let err = Config::resolve(cli(&["--broker", "mqtt://b:1"]), &d).unwrap_err().to_string();
-        assert!(err.contains("broker_ca") && err.contains("mqtts://"), "{err}");
+        let err = Config::resolve(cli(&["--broker", "mqtt://b:1"]), &d)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("broker_ca") && err.contains("mqtts://"),
+            "{err}"
+        );
 
         let plain = Cli {
             user: Some("alice".into()),

@@ -72,13 +72,14 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let user = config.user.clone();
     prepare_data_dir(&config.data_dir)?;
     let identity = Arc::new(Identity::load(&config.data_dir, &user)?);
-    let server_key = PublicKey::read(&config.keyserver_key).map_err(|e| DaemonError::KeyserverKey {
-        path: config.keyserver_key.display().to_string(),
-        reason: match e {
-            nes_proto::KeyError::Io { source, .. } => source.to_string(),
-            other => other.to_string(),
-        },
-    })?;
+    let server_key =
+        PublicKey::read(&config.keyserver_key).map_err(|e| DaemonError::KeyserverKey {
+            path: config.keyserver_key.display().to_string(),
+            reason: match e {
+                nes_proto::KeyError::Io { source, .. } => source.to_string(),
+                other => other.to_string(),
+            },
+        })?;
 
     let mut socket = match socket::inherited()? {
         Some(s) => {
@@ -113,7 +114,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         config.key_policy,
         config.key_ttl,
     )
-    .map_err(|e| DaemonError::Store { path: store_path.display().to_string(), reason: e.to_string() })?;
+    .map_err(|e| DaemonError::Store {
+        path: store_path.display().to_string(),
+        reason: e.to_string(),
+    })?;
 
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
@@ -149,10 +153,26 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     // Key server lookups for senders of received frames run beside the pipeline, never on
     // its ordered path; each finished one is sent back so its parked frames are tried.
     let (resolved_tx, resolved_rx) = mpsc::unbounded_channel();
-    let lookups_task = tokio::spawn(keys.clone().run_lookups(config.lookup_rate, resolved_tx, shutdown.clone()));
-    let pipeline = Pipeline { identity, store: store.clone(), keys, stats: stats.clone(), transport: transport.clone() };
+    let lookups_task = tokio::spawn(keys.clone().run_lookups(
+        config.lookup_rate,
+        resolved_tx,
+        shutdown.clone(),
+    ));
+    let pipeline = Pipeline {
+        identity,
+        store: store.clone(),
+        keys,
+        stats: stats.clone(),
+        transport: transport.clone(),
+    };
     let receive_task = tokio::spawn(pipeline.run(incoming_rx, resolved_rx, shutdown.clone()));
-    let outbox = Outbox { store: store.clone(), transport, deliveries: delivery_rx, wake: outbox_wake, stats };
+    let outbox = Outbox {
+        store: store.clone(),
+        transport,
+        deliveries: delivery_rx,
+        wake: outbox_wake,
+        stats,
+    };
     let outbox_task = tokio::spawn(outbox.run(shutdown.clone()));
     let connection_task = tokio::spawn(service.clone().watch_connection());
 
@@ -202,7 +222,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
     let _ = shutdown_tx.send(true);
-    if !grpc_done && tokio::time::timeout(Duration::from_secs(5), &mut grpc_task).await.is_err() {
+    if !grpc_done
+        && tokio::time::timeout(Duration::from_secs(5), &mut grpc_task)
+            .await
+            .is_err()
+    {
         warn!("API clients did not disconnect in time");
         grpc_task.abort();
     }
@@ -213,7 +237,10 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ("connection", connection_task),
         ("mqtt", mqtt_task),
     ] {
-        if tokio::time::timeout(Duration::from_secs(5), task).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(5), task)
+            .await
+            .is_err()
+        {
             warn!(task = name, "did not stop in time");
         }
     }
@@ -228,9 +255,16 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
 /// Creates the data directory (0700) or tightens an existing one: it holds the private
 /// keys and the messages.
 fn prepare_data_dir(dir: &Path) -> Result<(), DaemonError> {
-    let err = |reason: String| DaemonError::DataDir { path: dir.display().to_string(), reason };
+    let err = |reason: String| DaemonError::DataDir {
+        path: dir.display().to_string(),
+        reason,
+    };
     if !dir.exists() {
-        std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(|e| err(e.to_string()))?;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)
+            .map_err(|e| err(e.to_string()))?;
     }
     let meta = std::fs::metadata(dir).map_err(|e| err(e.to_string()))?;
     if !meta.is_dir() {
@@ -238,7 +272,8 @@ fn prepare_data_dir(dir: &Path) -> Result<(), DaemonError> {
     }
     if meta.permissions().mode() & 0o077 != 0 {
         info!(dir = %dir.display(), "restricting the data directory to its owner (0700)");
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(|e| err(e.to_string()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| err(e.to_string()))?;
     }
     Ok(())
 }

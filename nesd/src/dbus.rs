@@ -68,7 +68,10 @@ pub async fn serve(service: Service) -> Result<(), DbusError> {
     };
     // The stream exists before the name does, so no call to the name can be missed.
     let mut calls = zbus::MessageStream::from(&conn);
-    match conn.request_name_with_flags(NAME, RequestNameFlags::DO_NOT_QUEUE).await {
+    match conn
+        .request_name_with_flags(NAME, RequestNameFlags::DO_NOT_QUEUE)
+        .await
+    {
         Ok(RequestNameReply::PrimaryOwner) | Ok(RequestNameReply::AlreadyOwner) => {}
         Ok(other) => {
             warn!(name = NAME, reply = ?other, "another process owns the D-Bus name (another nesd on this session bus?): the D-Bus API is off");
@@ -79,14 +82,24 @@ pub async fn serve(service: Service) -> Result<(), DbusError> {
             return Ok(());
         }
     }
-    let status = service.status().await.map_err(|e| DbusError::Bus(e.to_string()))?;
+    let status = service
+        .status()
+        .await
+        .map_err(|e| DbusError::Bus(e.to_string()))?;
     let adapter = Adapter {
         conn: conn.clone(),
         service,
-        props: Arc::new(Mutex::new(Props { connected: status.connected, unread: status.unread })),
+        props: Arc::new(Mutex::new(Props {
+            connected: status.connected,
+            unread: status.unread,
+        })),
         user: status.user,
     };
-    info!(name = NAME, path = PATH, "serving the D-Bus API on the session bus");
+    info!(
+        name = NAME,
+        path = PATH,
+        "serving the D-Bus API on the session bus"
+    );
 
     let mut signals = tokio::spawn(adapter.clone().signals());
     loop {
@@ -144,12 +157,24 @@ enum Reply {
 impl Adapter {
     async fn dispatch(&self, msg: Message) {
         let header = msg.header();
-        let path = header.path().map(|p| p.as_str().to_owned()).unwrap_or_default();
+        let path = header
+            .path()
+            .map(|p| p.as_str().to_owned())
+            .unwrap_or_default();
         let interface = header.interface().map(|i| i.as_str().to_owned());
-        let member = header.member().map(|m| m.as_str().to_owned()).unwrap_or_default();
+        let member = header
+            .member()
+            .map(|m| m.as_str().to_owned())
+            .unwrap_or_default();
         debug!(%path, ?interface, %member, "D-Bus call");
-        let answer = self.answer(&msg, &path, interface.as_deref(), &member).await;
-        if msg.primary_header().flags().contains(Flags::NO_REPLY_EXPECTED) {
+        let answer = self
+            .answer(&msg, &path, interface.as_deref(), &member)
+            .await;
+        if msg
+            .primary_header()
+            .flags()
+            .contains(Flags::NO_REPLY_EXPECTED)
+        {
             return;
         }
         if let Err(e) = self.reply(&header, answer).await {
@@ -157,9 +182,19 @@ impl Adapter {
         }
     }
 
-    async fn answer(&self, msg: &Message, path: &str, interface: Option<&str>, member: &str) -> Answer {
+    async fn answer(
+        &self,
+        msg: &Message,
+        path: &str,
+        interface: Option<&str>,
+        member: &str,
+    ) -> Answer {
         match (interface, member) {
-            (Some(INTROSPECTABLE) | None, "Introspect") => return introspect(path).map(Reply::Str).ok_or_else(|| unknown_object(path)),
+            (Some(INTROSPECTABLE) | None, "Introspect") => {
+                return introspect(path)
+                    .map(Reply::Str)
+                    .ok_or_else(|| unknown_object(path))
+            }
             (Some(PEER) | None, "Ping") => return Ok(Reply::Empty),
             (Some(PEER) | None, "GetMachineId") => {
                 let id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
@@ -173,7 +208,11 @@ impl Adapter {
         match (interface, member) {
             (Some(INTERFACE) | None, "Send") => {
                 let (to, text): (String, String) = args(msg)?;
-                let request = rpc::SendRequest { to, text, legacy: false };
+                let request = rpc::SendRequest {
+                    to,
+                    text,
+                    legacy: false,
+                };
                 let message = self.service.send(request).await.map_err(service_error)?;
                 Ok(Reply::Str(message.id))
             }
@@ -183,7 +222,8 @@ impl Adapter {
                     conversations
                         .into_iter()
                         .map(|c| {
-                            let (at, text) = c.last.map(|m| (m.timestamp_ms, m.text)).unwrap_or_default();
+                            let (at, text) =
+                                c.last.map(|m| (m.timestamp_ms, m.text)).unwrap_or_default();
                             (c.peer, c.unread, c.total, at, text)
                         })
                         .collect(),
@@ -191,12 +231,22 @@ impl Adapter {
             }
             (Some(INTERFACE) | None, "History") => {
                 let (peer, limit): (String, u32) = args(msg)?;
-                let messages = self.service.history(&peer, limit, "").await.map_err(service_error)?;
-                Ok(Reply::History(messages.into_iter().map(history_row).collect()))
+                let messages = self
+                    .service
+                    .history(&peer, limit, "")
+                    .await
+                    .map_err(service_error)?;
+                Ok(Reply::History(
+                    messages.into_iter().map(history_row).collect(),
+                ))
             }
             (Some(INTERFACE) | None, "MarkRead") => {
                 let (peer,): (String,) = args(msg)?;
-                let marked = self.service.mark_read(&peer, "").await.map_err(service_error)?;
+                let marked = self
+                    .service
+                    .mark_read(&peer, "")
+                    .await
+                    .map_err(service_error)?;
                 Ok(Reply::U64(marked))
             }
             (Some(PROPERTIES), "Get") => {
@@ -205,9 +255,12 @@ impl Adapter {
                     return Err(unknown_interface(&iface));
                 }
                 let mut all = self.properties().await;
-                all.remove(&name)
-                    .map(Reply::Variant)
-                    .ok_or_else(|| ("org.freedesktop.DBus.Error.UnknownProperty".into(), format!("no property {name}")))
+                all.remove(&name).map(Reply::Variant).ok_or_else(|| {
+                    (
+                        "org.freedesktop.DBus.Error.UnknownProperty".into(),
+                        format!("no property {name}"),
+                    )
+                })
             }
             (Some(PROPERTIES), "GetAll") => {
                 let (iface,): (String,) = args(msg)?;
@@ -218,10 +271,13 @@ impl Adapter {
                     Ok(Reply::Props(HashMap::new()))
                 }
             }
-            (Some(PROPERTIES), "Set") => {
-                Err(("org.freedesktop.DBus.Error.PropertyReadOnly".into(), "the properties of org.nes.Messenger1 are read-only".into()))
+            (Some(PROPERTIES), "Set") => Err((
+                "org.freedesktop.DBus.Error.PropertyReadOnly".into(),
+                "the properties of org.nes.Messenger1 are read-only".into(),
+            )),
+            (Some(i), _) if ![INTERFACE, PROPERTIES, INTROSPECTABLE, PEER].contains(&i) => {
+                Err(unknown_interface(i))
             }
-            (Some(i), _) if ![INTERFACE, PROPERTIES, INTROSPECTABLE, PEER].contains(&i) => Err(unknown_interface(i)),
             _ => Err((
                 "org.freedesktop.DBus.Error.UnknownMethod".into(),
                 format!("no method {member} on {}", interface.unwrap_or(INTERFACE)),
@@ -289,10 +345,24 @@ impl Adapter {
 
     async fn signal(&self, event: &rpc::Event) {
         let result = match &event.kind {
-            Some(Kind::Message(m)) if m.direction == Direction::Incoming as i32 && m.state == MessageState::Received as i32 => {
+            Some(Kind::Message(m))
+                if m.direction == Direction::Incoming as i32
+                    && m.state == MessageState::Received as i32 =>
+            {
                 let sent = self
                     .conn
-                    .emit_signal(None::<&str>, PATH, INTERFACE, "MessageReceived", &(m.id.as_str(), m.from.as_str(), m.timestamp_ms, m.text.as_str()))
+                    .emit_signal(
+                        None::<&str>,
+                        PATH,
+                        INTERFACE,
+                        "MessageReceived",
+                        &(
+                            m.id.as_str(),
+                            m.from.as_str(),
+                            m.timestamp_ms,
+                            m.text.as_str(),
+                        ),
+                    )
                     .await;
                 self.unread_changed().await;
                 sent
@@ -309,7 +379,8 @@ impl Adapter {
                     changed
                 };
                 if changed {
-                    self.properties_changed("Connected", Variant::from(c.connected)).await
+                    self.properties_changed("Connected", Variant::from(c.connected))
+                        .await
                 } else {
                     Ok(())
                 }
@@ -322,7 +393,9 @@ impl Adapter {
     }
 
     async fn unread_changed(&self) {
-        let Ok(status) = self.service.status().await else { return };
+        let Ok(status) = self.service.status().await else {
+            return;
+        };
         let changed = {
             let mut props = self.props.lock().await;
             let changed = props.unread != status.unread;
@@ -330,7 +403,10 @@ impl Adapter {
             changed
         };
         if changed {
-            if let Err(e) = self.properties_changed("Unread", Variant::from(status.unread)).await {
+            if let Err(e) = self
+                .properties_changed("Unread", Variant::from(status.unread))
+                .await
+            {
                 debug!(error = %e, "cannot emit PropertiesChanged");
             }
         }
@@ -340,7 +416,15 @@ impl Adapter {
         let mut changed: HashMap<&str, Variant<'static>> = HashMap::new();
         changed.insert(name, value);
         let invalidated: Vec<&str> = Vec::new();
-        self.conn.emit_signal(None::<&str>, PATH, PROPERTIES, "PropertiesChanged", &(INTERFACE, changed, invalidated)).await
+        self.conn
+            .emit_signal(
+                None::<&str>,
+                PATH,
+                PROPERTIES,
+                "PropertiesChanged",
+                &(INTERFACE, changed, invalidated),
+            )
+            .await
     }
 }
 
@@ -350,7 +434,10 @@ where
     B: for<'d> serde::Deserialize<'d> + zbus::Type,
 {
     msg.body().deserialize::<B>().map_err(|e| {
-        ("org.freedesktop.DBus.Error.InvalidArgs".into(), format!("expected arguments ({}): {e}", B::SIGNATURE))
+        (
+            "org.freedesktop.DBus.Error.InvalidArgs".into(),
+            format!("expected arguments ({}): {e}", B::SIGNATURE),
+        )
     })
 }
 
@@ -371,8 +458,20 @@ fn history_row(m: rpc::Message) -> (String, String, String, i64, String, String,
         _ => "unknown",
     };
     // Held messages are not verified yet: their text is not shown.
-    let text = if m.state == MessageState::Held as i32 { String::new() } else { m.text };
-    (m.id, m.from, m.to, m.timestamp_ms, text, direction.to_owned(), state.to_owned())
+    let text = if m.state == MessageState::Held as i32 {
+        String::new()
+    } else {
+        m.text
+    };
+    (
+        m.id,
+        m.from,
+        m.to,
+        m.timestamp_ms,
+        text,
+        direction.to_owned(),
+        state.to_owned(),
+    )
 }
 
 /// The D-Bus error for a service error: same classes as the gRPC statuses.
@@ -390,11 +489,17 @@ fn service_error(e: ServiceError) -> (String, String) {
 }
 
 fn unknown_object(path: &str) -> (String, String) {
-    ("org.freedesktop.DBus.Error.UnknownObject".into(), format!("no object at {path}"))
+    (
+        "org.freedesktop.DBus.Error.UnknownObject".into(),
+        format!("no object at {path}"),
+    )
 }
 
 fn unknown_interface(interface: &str) -> (String, String) {
-    ("org.freedesktop.DBus.Error.UnknownInterface".into(), format!("no interface {interface}"))
+    (
+        "org.freedesktop.DBus.Error.UnknownInterface".into(),
+        format!("no interface {interface}"),
+    )
 }
 
 /// The introspection XML of `path`: the object itself, or the nodes leading to it (so
@@ -488,9 +593,18 @@ mod tests {
     #[test]
     fn introspection_covers_the_tree() {
         assert!(introspect("/").unwrap().contains("<node name=\"org\"/>"));
-        assert!(introspect("/org/nes").unwrap().contains("<node name=\"Messenger1\"/>"));
+        assert!(introspect("/org/nes")
+            .unwrap()
+            .contains("<node name=\"Messenger1\"/>"));
         let xml = introspect(PATH).unwrap();
-        for needle in ["name=\"Send\"", "name=\"ListConversations\"", "name=\"History\"", "name=\"MarkRead\"", "name=\"MessageReceived\"", "name=\"Unread\""] {
+        for needle in [
+            "name=\"Send\"",
+            "name=\"ListConversations\"",
+            "name=\"History\"",
+            "name=\"MarkRead\"",
+            "name=\"MessageReceived\"",
+            "name=\"Unread\"",
+        ] {
             assert!(xml.contains(needle), "{needle}");
         }
         assert!(introspect("/elsewhere").is_none());
@@ -505,7 +619,12 @@ mod tests {
 
     #[test]
     fn held_rows_hide_the_text() {
-        let m = rpc::Message { text: "secret".into(), state: MessageState::Held as i32, direction: Direction::Incoming as i32, ..Default::default() };
+        let m = rpc::Message {
+            text: "secret".into(),
+            state: MessageState::Held as i32,
+            direction: Direction::Incoming as i32,
+            ..Default::default()
+        };
         let row = history_row(m);
         assert_eq!(row.4, "");
         assert_eq!(row.6, "held");

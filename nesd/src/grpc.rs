@@ -67,8 +67,16 @@ fn code_of(e: &ServiceError) -> tonic::Code {
 
 fn send_reply(result: Result<rpc::Message, ServiceError>) -> SendReply {
     match result {
-        Ok(m) => SendReply { message: Some(m), error: String::new(), code: 0 },
-        Err(e) => SendReply { message: None, code: code_of(&e) as i32, error: e.to_string() },
+        Ok(m) => SendReply {
+            message: Some(m),
+            error: String::new(),
+            code: 0,
+        },
+        Err(e) => SendReply {
+            message: None,
+            code: code_of(&e) as i32,
+            error: e.to_string(),
+        },
     }
 }
 
@@ -76,13 +84,29 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'stati
 
 #[tonic::async_trait]
 impl Messenger for GrpcApi {
-    async fn status(&self, _: Request<rpc::StatusRequest>) -> Result<Response<rpc::StatusReply>, Status> {
-        Ok(Response::new(self.service.status().await.map_err(to_status)?))
+    async fn status(
+        &self,
+        _: Request<rpc::StatusRequest>,
+    ) -> Result<Response<rpc::StatusReply>, Status> {
+        Ok(Response::new(
+            self.service.status().await.map_err(to_status)?,
+        ))
     }
 
-    async fn send(&self, request: Request<rpc::SendRequest>) -> Result<Response<SendReply>, Status> {
-        let message = self.service.send(request.into_inner()).await.map_err(to_status)?;
-        Ok(Response::new(SendReply { message: Some(message), error: String::new(), code: 0 }))
+    async fn send(
+        &self,
+        request: Request<rpc::SendRequest>,
+    ) -> Result<Response<SendReply>, Status> {
+        let message = self
+            .service
+            .send(request.into_inner())
+            .await
+            .map_err(to_status)?;
+        Ok(Response::new(SendReply {
+            message: Some(message),
+            error: String::new(),
+            code: 0,
+        }))
     }
 
     type SendStreamStream = BoxStream<SendReply>;
@@ -124,21 +148,34 @@ impl Messenger for GrpcApi {
 
     type EventsStream = BoxStream<rpc::Event>;
 
-    async fn events(&self, request: Request<rpc::EventsRequest>) -> Result<Response<Self::EventsStream>, Status> {
+    async fn events(
+        &self,
+        request: Request<rpc::EventsRequest>,
+    ) -> Result<Response<Self::EventsStream>, Status> {
         let r = request.into_inner();
         let since = match (r.since_cursor.trim(), r.since) {
             ("", None) => None,
             ("", Some(n)) => Some(n.to_string()),
             (cursor, _) => Some(cursor.to_owned()),
         };
-        let rx = self.service.events_from(since.as_deref()).map_err(to_status)?;
+        let rx = self
+            .service
+            .events_from(since.as_deref())
+            .map_err(to_status)?;
         let stream = ReceiverStream::new(rx).map(|r| r.map(|e| (*e).clone()).map_err(to_status));
         Ok(Response::new(Box::pin(stream)))
     }
 
-    async fn history(&self, request: Request<rpc::HistoryRequest>) -> Result<Response<rpc::HistoryReply>, Status> {
+    async fn history(
+        &self,
+        request: Request<rpc::HistoryRequest>,
+    ) -> Result<Response<rpc::HistoryReply>, Status> {
         let r = request.into_inner();
-        let messages = self.service.history(&r.peer, r.limit, &r.before_id).await.map_err(to_status)?;
+        let messages = self
+            .service
+            .history(&r.peer, r.limit, &r.before_id)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(rpc::HistoryReply { messages }))
     }
 
@@ -150,27 +187,52 @@ impl Messenger for GrpcApi {
         Ok(Response::new(rpc::ConversationsReply { conversations }))
     }
 
-    async fn mark_read(&self, request: Request<rpc::MarkReadRequest>) -> Result<Response<rpc::MarkReadReply>, Status> {
+    async fn mark_read(
+        &self,
+        request: Request<rpc::MarkReadRequest>,
+    ) -> Result<Response<rpc::MarkReadReply>, Status> {
         let r = request.into_inner();
-        let marked = self.service.mark_read(&r.peer, &r.up_to_id).await.map_err(to_status)?;
+        let marked = self
+            .service
+            .mark_read(&r.peer, &r.up_to_id)
+            .await
+            .map_err(to_status)?;
         Ok(Response::new(rpc::MarkReadReply { marked }))
     }
 
-    async fn contacts(&self, _: Request<rpc::ContactsRequest>) -> Result<Response<rpc::ContactsReply>, Status> {
+    async fn contacts(
+        &self,
+        _: Request<rpc::ContactsRequest>,
+    ) -> Result<Response<rpc::ContactsReply>, Status> {
         let contacts = self.service.contacts().await.map_err(to_status)?;
         Ok(Response::new(rpc::ContactsReply { contacts }))
     }
 
-    async fn lookup_contact(&self, request: Request<rpc::LookupContactRequest>) -> Result<Response<rpc::Contact>, Status> {
+    async fn lookup_contact(
+        &self,
+        request: Request<rpc::LookupContactRequest>,
+    ) -> Result<Response<rpc::Contact>, Status> {
         let r = request.into_inner();
-        Ok(Response::new(self.service.lookup_contact(&r.username, r.refresh).await.map_err(to_status)?))
+        Ok(Response::new(
+            self.service
+                .lookup_contact(&r.username, r.refresh)
+                .await
+                .map_err(to_status)?,
+        ))
     }
 
-    async fn trust_contact(&self, request: Request<rpc::TrustContactRequest>) -> Result<Response<rpc::Contact>, Status> {
+    async fn trust_contact(
+        &self,
+        request: Request<rpc::TrustContactRequest>,
+    ) -> Result<Response<rpc::Contact>, Status> {
         let r = request.into_inner();
         let contact = self
             .service
-            .trust_contact(&r.username, &r.message_key_fingerprint, &r.sign_key_fingerprint)
+            .trust_contact(
+                &r.username,
+                &r.message_key_fingerprint,
+                &r.sign_key_fingerprint,
+            )
             .await
             .map_err(to_status)?;
         Ok(Response::new(contact))
@@ -181,11 +243,21 @@ impl Messenger for GrpcApi {
         request: Request<rpc::SetContactLegacyRequest>,
     ) -> Result<Response<rpc::Contact>, Status> {
         let r = request.into_inner();
-        Ok(Response::new(self.service.set_contact_legacy(&r.username, r.legacy).await.map_err(to_status)?))
+        Ok(Response::new(
+            self.service
+                .set_contact_legacy(&r.username, r.legacy)
+                .await
+                .map_err(to_status)?,
+        ))
     }
 
-    async fn register(&self, request: Request<rpc::RegisterRequest>) -> Result<Response<rpc::RegisterReply>, Status> {
+    async fn register(
+        &self,
+        request: Request<rpc::RegisterRequest>,
+    ) -> Result<Response<rpc::RegisterReply>, Status> {
         let r = request.into_inner();
-        Ok(Response::new(self.service.register(&r.email).await.map_err(to_status)?))
+        Ok(Response::new(
+            self.service.register(&r.email).await.map_err(to_status)?,
+        ))
     }
 }

@@ -21,7 +21,9 @@ pub struct Identity {
 
 impl std::fmt::Debug for Identity {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Identity").field("user", &self.user).finish_non_exhaustive()
+        f.debug_struct("Identity")
+            .field("user", &self.user)
+            .finish_non_exhaustive()
     }
 }
 
@@ -81,7 +83,11 @@ impl Identity {
         let sign_key = read_private(&sign_path)?;
         check_pub(&message_path, &message_key)?;
         check_pub(&sign_path, &sign_key)?;
-        Ok(Identity { user: user.clone(), message_key, sign_key })
+        Ok(Identity {
+            user: user.clone(),
+            message_key,
+            sign_key,
+        })
     }
 }
 
@@ -111,7 +117,10 @@ fn check_pub(private_path: &Path, key: &PrivateKey) -> Result<(), IdentityError>
     if &public != key.public_key() {
         return Err(IdentityError::Unreadable {
             path: pub_path.display().to_string(),
-            reason: format!("it does not match the private key {}", private_path.display()),
+            reason: format!(
+                "it does not match the private key {}",
+                private_path.display()
+            ),
         });
     }
     Ok(())
@@ -178,7 +187,11 @@ pub fn device_id(data_dir: &Path) -> std::io::Result<String> {
         use std::io::Write;
         use std::os::unix::fs::OpenOptionsExt;
         let _ = std::fs::remove_file(&tmp);
-        let mut f = std::fs::OpenOptions::new().write(true).create_new(true).mode(0o600).open(&tmp)?;
+        let mut f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&tmp)?;
         f.write_all(format!("{id}\n").as_bytes())?;
         f.sync_all()?;
     }
@@ -215,7 +228,10 @@ mod tests {
         assert_eq!(shown, format!("nes-alice-{}…", &a[..8]));
         assert!(!shown.contains(&a));
         use std::os::unix::fs::PermissionsExt;
-        let mode = std::fs::metadata(tmp.path().join("device-id")).unwrap().permissions().mode();
+        let mode = std::fs::metadata(tmp.path().join("device-id"))
+            .unwrap()
+            .permissions()
+            .mode();
         assert_eq!(mode & 0o077, 0, "the device id file is private");
     }
 
@@ -225,7 +241,11 @@ mod tests {
         std::fs::write(tmp.path().join("device-id"), "1a2b3c4d\n").unwrap();
         let a = device_id(tmp.path()).unwrap();
         assert_eq!(a.len(), 32);
-        assert_eq!(device_id(tmp.path()).unwrap(), a, "stable after the migration");
+        assert_eq!(
+            device_id(tmp.path()).unwrap(),
+            a,
+            "stable after the migration"
+        );
     }
 
     #[test]

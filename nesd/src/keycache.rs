@@ -71,12 +71,20 @@ struct Expiring<V> {
 
 impl<V: Clone> Expiring<V> {
     fn new(cap: usize, ttl: Duration) -> Self {
-        Expiring { map: HashMap::new(), order: VecDeque::new(), cap, ttl }
+        Expiring {
+            map: HashMap::new(),
+            order: VecDeque::new(),
+            cap,
+            ttl,
+        }
     }
 
     fn get(&mut self, key: &str) -> Option<V> {
         self.prune();
-        self.map.get(key).filter(|(t, _)| t.elapsed() < self.ttl).map(|(_, v)| v.clone())
+        self.map
+            .get(key)
+            .filter(|(t, _)| t.elapsed() < self.ttl)
+            .map(|(_, v)| v.clone())
     }
 
     fn insert(&mut self, key: &str, value: V) {
@@ -142,13 +150,19 @@ struct Bucket {
 impl Bucket {
     fn new(per_second: u32) -> Self {
         let rate = f64::from(per_second.max(1));
-        Bucket { tokens: rate * 5.0, rate, burst: rate * 5.0, last: Instant::now() }
+        Bucket {
+            tokens: rate * 5.0,
+            rate,
+            burst: rate * 5.0,
+            last: Instant::now(),
+        }
     }
 
     /// How long until a token is there (zero: take it now).
     fn wait(&mut self) -> Duration {
         let now = Instant::now();
-        self.tokens = (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
+        self.tokens =
+            (self.tokens + now.duration_since(self.last).as_secs_f64() * self.rate).min(self.burst);
         self.last = now;
         if self.tokens >= 1.0 {
             self.tokens -= 1.0;
@@ -239,7 +253,11 @@ impl Contact {
         };
         rpc::Contact {
             username: self.username.to_string(),
-            trust: if self.pending.is_some() { TrustState::KeyChanged } else { TrustState::Pinned } as i32,
+            trust: if self.pending.is_some() {
+                TrustState::KeyChanged
+            } else {
+                TrustState::Pinned
+            } as i32,
             message_key_fingerprint: self.pinned.message.fingerprint(),
             sign_key_fingerprint: self.pinned.sign.fingerprint(),
             pending_message_key_fingerprint: pm,
@@ -315,13 +333,20 @@ pub enum Decision {
 }
 
 /// The TOFU rule.
-pub fn decide(pinned: Option<&KeySet>, pending: Option<&KeySet>, fetched: &KeySet, policy: KeyPolicy) -> Decision {
+pub fn decide(
+    pinned: Option<&KeySet>,
+    pending: Option<&KeySet>,
+    fetched: &KeySet,
+    policy: KeyPolicy,
+) -> Decision {
     match pinned {
         None => Decision::Pin,
         Some(p) if p.same_keys(fetched) => Decision::Confirm,
         Some(_) => match policy {
             KeyPolicy::Always => Decision::Replace,
-            KeyPolicy::Tofu => Decision::Hold { new: !pending.is_some_and(|q| q.same_keys(fetched)) },
+            KeyPolicy::Tofu => Decision::Hold {
+                new: !pending.is_some_and(|q| q.same_keys(fetched)),
+            },
         },
     }
 }
@@ -450,7 +475,13 @@ impl KeyCache {
             sign: my_sign_key,
             answer: Vec::new(),
         };
-        let me = Arc::new(Contact { username: me.clone(), pinned: own, pending: None, fetched_at_ms: now_ms(), legacy: false });
+        let me = Arc::new(Contact {
+            username: me.clone(),
+            pinned: own,
+            pending: None,
+            fetched_at_ms: now_ms(),
+            legacy: false,
+        });
         Ok(KeyCache {
             inner: Arc::new(Inner {
                 source,
@@ -506,7 +537,11 @@ impl KeyCache {
     }
 
     /// [`KeyCache::get`], also telling whether the key server answered just now.
-    async fn lookup(&self, user: &Username, refresh: bool) -> Result<(Arc<Contact>, bool), LookupError> {
+    async fn lookup(
+        &self,
+        user: &Username,
+        refresh: bool,
+    ) -> Result<(Arc<Contact>, bool), LookupError> {
         if user == &self.inner.me.username {
             return Ok((self.inner.me.clone(), false));
         }
@@ -630,7 +665,11 @@ impl KeyCache {
 
     /// After a frame verified under candidate keys from [`KeyCache::keys_for_frame`]: pins
     /// them (or, if a contact appeared meanwhile, applies them under the TOFU rule).
-    pub async fn pin_verified(&self, user: &Username, keys: KeySet) -> Result<Arc<Contact>, LookupError> {
+    pub async fn pin_verified(
+        &self,
+        user: &Username,
+        keys: KeySet,
+    ) -> Result<Arc<Contact>, LookupError> {
         lock(&self.inner.candidates).remove(user.as_str());
         self.apply(user, keys).await
     }
@@ -638,7 +677,12 @@ impl KeyCache {
     /// The background lookups: runs until `shutdown`. Each finished lookup (answered or
     /// failed, not rate limited) sends its name on `resolved`, so that the pipeline can
     /// try the frames parked for it.
-    pub async fn run_lookups(self, per_second: u32, resolved: mpsc::UnboundedSender<Username>, mut shutdown: watch::Receiver<bool>) {
+    pub async fn run_lookups(
+        self,
+        per_second: u32,
+        resolved: mpsc::UnboundedSender<Username>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
         let permits = Arc::new(Semaphore::new(LOOKUP_CONCURRENCY));
         let mut bucket = Bucket::new(per_second);
         loop {
@@ -674,7 +718,9 @@ impl KeyCache {
                 p = permits.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
             };
             // Taken last, so that the newest request waiting goes first.
-            let Some(user) = lock(&self.inner.lookups).queue.pop_front() else { continue };
+            let Some(user) = lock(&self.inner.lookups).queue.pop_front() else {
+                continue;
+            };
             let cache = self.clone();
             let resolved = resolved.clone();
             tokio::spawn(async move {
@@ -737,11 +783,23 @@ impl KeyCache {
         let contact = match (decision, existing) {
             (Decision::Pin, _) | (_, None) => {
                 info!(%user, sign = %new.sign.fingerprint(), "pinned keys on first use");
-                Contact { username: user.clone(), pinned: new, pending: None, fetched_at_ms: now, legacy }
+                Contact {
+                    username: user.clone(),
+                    pinned: new,
+                    pending: None,
+                    fetched_at_ms: now,
+                    legacy,
+                }
             }
             (Decision::Confirm, Some(old)) => {
                 let was_changed = old.pending.is_some();
-                let c = Contact { username: user.clone(), pinned: new, pending: None, fetched_at_ms: now, legacy };
+                let c = Contact {
+                    username: user.clone(),
+                    pinned: new,
+                    pending: None,
+                    fetched_at_ms: now,
+                    legacy,
+                };
                 if was_changed {
                     info!(%user, "the key server answers the pinned keys again; pending change dropped");
                     events.push(Kind::Contact(c.to_rpc()));
@@ -751,7 +809,13 @@ impl KeyCache {
             (Decision::Replace, Some(old)) => {
                 warn!(%user, old = %old.pinned.sign.fingerprint(), new = %new.sign.fingerprint(), "keys changed; accepted (policy always)");
                 events.push(Kind::KeyChanged(key_changed(user, &old.pinned, &new)));
-                let c = Contact { username: user.clone(), pinned: new, pending: None, fetched_at_ms: now, legacy };
+                let c = Contact {
+                    username: user.clone(),
+                    pinned: new,
+                    pending: None,
+                    fetched_at_ms: now,
+                    legacy,
+                };
                 events.push(Kind::Contact(c.to_rpc()));
                 c
             }
@@ -761,7 +825,13 @@ impl KeyCache {
                         "keys changed at the key server; holding messages until they are trusted");
                     events.push(Kind::KeyChanged(key_changed(user, &old.pinned, &new)));
                 }
-                Contact { username: user.clone(), pinned: old.pinned.clone(), pending: Some(new), fetched_at_ms: now, legacy }
+                Contact {
+                    username: user.clone(),
+                    pinned: old.pinned.clone(),
+                    pending: Some(new),
+                    fetched_at_ms: now,
+                    legacy,
+                }
             }
         };
         self.save(contact, events).await.map_err(LookupError::from)
@@ -769,11 +839,19 @@ impl KeyCache {
 
     /// Accepts the pending keys of `user`. When fingerprints are given they must match the
     /// pending keys (or, with no change pending, the pinned ones).
-    pub async fn trust(&self, user: &Username, message_fp: &str, sign_fp: &str) -> Result<Arc<Contact>, TrustError> {
+    pub async fn trust(
+        &self,
+        user: &Username,
+        message_fp: &str,
+        sign_fp: &str,
+    ) -> Result<Arc<Contact>, TrustError> {
         let _guard = self.inner.write_lock.lock().await;
-        let contact = self.cached(user).ok_or_else(|| TrustError::Unknown(user.to_string()))?;
+        let contact = self
+            .cached(user)
+            .ok_or_else(|| TrustError::Unknown(user.to_string()))?;
         let target = contact.pending.as_ref().unwrap_or(&contact.pinned);
-        if (!message_fp.is_empty() && !message_fp.eq_ignore_ascii_case(&target.message.fingerprint()))
+        if (!message_fp.is_empty()
+            && !message_fp.eq_ignore_ascii_case(&target.message.fingerprint()))
             || (!sign_fp.is_empty() && !sign_fp.eq_ignore_ascii_case(&target.sign.fingerprint()))
         {
             return Err(TrustError::Mismatch(user.to_string()));
@@ -782,26 +860,39 @@ impl KeyCache {
             return Ok(contact);
         };
         info!(%user, sign = %pending.sign.fingerprint(), "new keys trusted");
-        let c = Contact { pinned: pending, pending: None, ..(*contact).clone() };
+        let c = Contact {
+            pinned: pending,
+            pending: None,
+            ..(*contact).clone()
+        };
         let event = Kind::Contact(c.to_rpc());
         Ok(self.save(c, vec![event]).await?)
     }
 
     /// Marks `user` as using the original client (v1 frames) or not.
-    pub async fn set_legacy(&self, user: &Username, legacy: bool) -> Result<Arc<Contact>, LookupError> {
+    pub async fn set_legacy(
+        &self,
+        user: &Username,
+        legacy: bool,
+    ) -> Result<Arc<Contact>, LookupError> {
         let contact = self.get(user, false).await?;
         if user == &self.inner.me.username || contact.legacy == legacy {
             return Ok(contact);
         }
         let _guard = self.inner.write_lock.lock().await;
         let current = self.cached(user).unwrap_or(contact);
-        let c = Contact { legacy, ..(*current).clone() };
+        let c = Contact {
+            legacy,
+            ..(*current).clone()
+        };
         let event = Kind::Contact(c.to_rpc());
         Ok(self.save(c, vec![event]).await?)
     }
 
     async fn save(&self, contact: Contact, events: Vec<Kind>) -> Result<Arc<Contact>, StoreError> {
-        self.inner.tree.insert(contact.username.as_str(), contact.record().encode_to_vec())?;
+        self.inner
+            .tree
+            .insert(contact.username.as_str(), contact.record().encode_to_vec())?;
         let contact = Arc::new(contact);
         lock(&self.inner.mem).insert(contact.username.to_string(), contact.clone());
         if !events.is_empty() {
@@ -817,8 +908,14 @@ impl KeyCache {
 fn lookup_failure(user: &Username, e: FetchError) -> LookupError {
     match e {
         FetchError::NotFound(_) => LookupError::NotFound(user.to_string()),
-        FetchError::BadAnswer(reason) => LookupError::BadAnswer { user: user.to_string(), reason },
-        e => LookupError::Unavailable { user: user.to_string(), reason: e.to_string() },
+        FetchError::BadAnswer(reason) => LookupError::BadAnswer {
+            user: user.to_string(),
+            reason,
+        },
+        e => LookupError::Unavailable {
+            user: user.to_string(),
+            reason: e.to_string(),
+        },
     }
 }
 
@@ -871,7 +968,11 @@ mod tests {
     fn fetched(n: usize) -> Fetched {
         let (m, s) = keys(n).clone();
         Fetched {
-            answer: KeyAnswer { username: None, public_key_message: m.to_pem(), public_key_sign: s.to_pem() },
+            answer: KeyAnswer {
+                username: None,
+                public_key_message: m.to_pem(),
+                public_key_sign: s.to_pem(),
+            },
             message_key: m,
             sign_key: s,
             body: format!("answer {n}").into_bytes(),
@@ -895,7 +996,10 @@ mod tests {
     fn setup(policy: KeyPolicy, ttl: Duration) -> (tempfile::TempDir, Store, Arc<Fake>, KeyCache) {
         let tmp = tempfile::tempdir().unwrap();
         let store = crate::store::open_in_test(tmp.path());
-        let fake = Arc::new(Fake { answer: Mutex::new(Ok(0)), calls: AtomicUsize::new(0) });
+        let fake = Arc::new(Fake {
+            answer: Mutex::new(Ok(0)),
+            calls: AtomicUsize::new(0),
+        });
         let (m, s) = keys(2).clone();
         let me = Username::parse("me_").unwrap();
         let cache = KeyCache::open(store.clone(), fake.clone(), &me, m, s, policy, ttl).unwrap();
@@ -911,11 +1015,26 @@ mod tests {
         let a = KeySet::from_fetched(fetched(0));
         let b = KeySet::from_fetched(fetched(1));
         assert_eq!(decide(None, None, &a, KeyPolicy::Tofu), Decision::Pin);
-        assert_eq!(decide(Some(&a), None, &a, KeyPolicy::Tofu), Decision::Confirm);
-        assert_eq!(decide(Some(&a), Some(&b), &a, KeyPolicy::Tofu), Decision::Confirm);
-        assert_eq!(decide(Some(&a), None, &b, KeyPolicy::Tofu), Decision::Hold { new: true });
-        assert_eq!(decide(Some(&a), Some(&b), &b, KeyPolicy::Tofu), Decision::Hold { new: false });
-        assert_eq!(decide(Some(&a), None, &b, KeyPolicy::Always), Decision::Replace);
+        assert_eq!(
+            decide(Some(&a), None, &a, KeyPolicy::Tofu),
+            Decision::Confirm
+        );
+        assert_eq!(
+            decide(Some(&a), Some(&b), &a, KeyPolicy::Tofu),
+            Decision::Confirm
+        );
+        assert_eq!(
+            decide(Some(&a), None, &b, KeyPolicy::Tofu),
+            Decision::Hold { new: true }
+        );
+        assert_eq!(
+            decide(Some(&a), Some(&b), &b, KeyPolicy::Tofu),
+            Decision::Hold { new: false }
+        );
+        assert_eq!(
+            decide(Some(&a), None, &b, KeyPolicy::Always),
+            Decision::Replace
+        );
     }
 
     #[tokio::test]
@@ -936,7 +1055,10 @@ mod tests {
         assert_eq!(c.pending.as_ref().unwrap().sign, keys(1).1);
         assert_eq!(c.to_rpc().trust, TrustState::KeyChanged as i32);
         let events = store.events_after(0, 10).unwrap();
-        assert!(matches!(events.last().unwrap().kind, Some(Kind::KeyChanged(_))));
+        assert!(matches!(
+            events.last().unwrap().kind,
+            Some(Kind::KeyChanged(_))
+        ));
         // The same change again is not a new event.
         cache.get(&bob, true).await.unwrap();
         assert_eq!(store.events_after(0, 10).unwrap().len(), events.len());
@@ -971,10 +1093,20 @@ mod tests {
         set(&fake, Err(FetchError::Unavailable("down".into())));
         let c = cache.get(&bob, false).await.unwrap();
         assert_eq!(c.pinned.sign, keys(0).1);
-        assert_eq!(fake.calls.load(Ordering::SeqCst), 2, "an expired entry is fetched again");
-        assert!(matches!(cache.get(&carol, false).await, Err(LookupError::Unavailable { .. })));
+        assert_eq!(
+            fake.calls.load(Ordering::SeqCst),
+            2,
+            "an expired entry is fetched again"
+        );
+        assert!(matches!(
+            cache.get(&carol, false).await,
+            Err(LookupError::Unavailable { .. })
+        ));
         set(&fake, Err(FetchError::NotFound("carol".into())));
-        assert!(matches!(cache.get(&carol, true).await, Err(LookupError::NotFound(_))));
+        assert!(matches!(
+            cache.get(&carol, true).await,
+            Err(LookupError::NotFound(_))
+        ));
         // Own keys never go to the key server.
         let me = Username::parse("me_").unwrap();
         assert_eq!(cache.get(&me, true).await.unwrap().pinned.sign, keys(2).1);
@@ -986,10 +1118,22 @@ mod tests {
         let bob = Username::parse("bob").unwrap();
         {
             let store = crate::store::open_in_test(tmp.path());
-            let fake = Arc::new(Fake { answer: Mutex::new(Ok(0)), calls: AtomicUsize::new(0) });
+            let fake = Arc::new(Fake {
+                answer: Mutex::new(Ok(0)),
+                calls: AtomicUsize::new(0),
+            });
             let (m, s) = keys(2).clone();
             let me = Username::parse("me_").unwrap();
-            let cache = KeyCache::open(store.clone(), fake.clone(), &me, m, s, KeyPolicy::Tofu, Duration::from_secs(3600)).unwrap();
+            let cache = KeyCache::open(
+                store.clone(),
+                fake.clone(),
+                &me,
+                m,
+                s,
+                KeyPolicy::Tofu,
+                Duration::from_secs(3600),
+            )
+            .unwrap();
             cache.get(&bob, false).await.unwrap();
             set(&fake, Ok(1));
             let c = cache.refresh_after_bad_signature(&bob).await.unwrap();
@@ -1000,10 +1144,22 @@ mod tests {
             store.flush().unwrap();
         }
         let store = crate::store::open_in_test(tmp.path());
-        let fake = Arc::new(Fake { answer: Mutex::new(Err(FetchError::Unavailable("down".into()))), calls: AtomicUsize::new(0) });
+        let fake = Arc::new(Fake {
+            answer: Mutex::new(Err(FetchError::Unavailable("down".into()))),
+            calls: AtomicUsize::new(0),
+        });
         let (m, s) = keys(2).clone();
         let me = Username::parse("me_").unwrap();
-        let cache = KeyCache::open(store, fake, &me, m, s, KeyPolicy::Tofu, Duration::from_secs(3600)).unwrap();
+        let cache = KeyCache::open(
+            store,
+            fake,
+            &me,
+            m,
+            s,
+            KeyPolicy::Tofu,
+            Duration::from_secs(3600),
+        )
+        .unwrap();
         let c = cache.cached(&bob).unwrap();
         assert!(c.key_changed());
         assert!(c.legacy);
@@ -1017,9 +1173,14 @@ mod tests {
         let (_stop_tx, stop) = watch::channel(false);
         tokio::spawn(cache.clone().run_lookups(1000, tx, stop));
         let carol = Username::parse("carol").unwrap();
-        assert!(matches!(cache.keys_for_frame(&carol, true), FrameKeys::Waiting));
+        assert!(matches!(
+            cache.keys_for_frame(&carol, true),
+            FrameKeys::Waiting
+        ));
         assert_eq!(resolved.recv().await.unwrap(), carol);
-        let FrameKeys::Candidate(ks) = cache.keys_for_frame(&carol, true) else { panic!("no candidate") };
+        let FrameKeys::Candidate(ks) = cache.keys_for_frame(&carol, true) else {
+            panic!("no candidate")
+        };
         assert!(cache.list().is_empty(), "a lookup for a frame pins nothing");
         cache.pin_verified(&carol, ks).await.unwrap();
         assert_eq!(cache.cached(&carol).unwrap().pinned.sign, keys(0).1);
@@ -1027,26 +1188,51 @@ mod tests {
         // Unknown names: one lookup, then refused from memory.
         set(&fake, Err(FetchError::NotFound("x".into())));
         let nobody = Username::parse("nobody").unwrap();
-        assert!(matches!(cache.keys_for_frame(&nobody, true), FrameKeys::Waiting));
+        assert!(matches!(
+            cache.keys_for_frame(&nobody, true),
+            FrameKeys::Waiting
+        ));
         assert_eq!(resolved.recv().await.unwrap(), nobody);
         let calls = fake.calls.load(Ordering::SeqCst);
         for _ in 0..10 {
-            assert!(matches!(cache.keys_for_frame(&nobody, true), FrameKeys::NotFound));
+            assert!(matches!(
+                cache.keys_for_frame(&nobody, true),
+                FrameKeys::NotFound
+            ));
         }
-        assert_eq!(fake.calls.load(Ordering::SeqCst), calls, "negative answers are cached");
+        assert_eq!(
+            fake.calls.load(Ordering::SeqCst),
+            calls,
+            "negative answers are cached"
+        );
 
         // A 429 pauses lookups for its Retry-After, then the name is looked up again.
-        set(&fake, Err(FetchError::RateLimited(Some(Duration::from_secs(1)))));
+        set(
+            &fake,
+            Err(FetchError::RateLimited(Some(Duration::from_secs(1)))),
+        );
         let dave = Username::parse("dave").unwrap();
         let asked = Instant::now();
-        assert!(matches!(cache.keys_for_frame(&dave, true), FrameKeys::Waiting));
+        assert!(matches!(
+            cache.keys_for_frame(&dave, true),
+            FrameKeys::Waiting
+        ));
         tokio::time::sleep(Duration::from_millis(200)).await;
         set(&fake, Ok(1));
         assert_eq!(resolved.recv().await.unwrap(), dave);
-        assert!(asked.elapsed() >= Duration::from_secs(1), "the Retry-After was not honoured");
-        assert!(matches!(cache.keys_for_frame(&dave, true), FrameKeys::Candidate(_)));
+        assert!(
+            asked.elapsed() >= Duration::from_secs(1),
+            "the Retry-After was not honoured"
+        );
+        assert!(matches!(
+            cache.keys_for_frame(&dave, true),
+            FrameKeys::Candidate(_)
+        ));
         // Known contacts answer from memory meanwhile, whatever the key server does.
-        assert!(matches!(cache.keys_for_frame(&carol, true), FrameKeys::Known(_)));
+        assert!(matches!(
+            cache.keys_for_frame(&carol, true),
+            FrameKeys::Known(_)
+        ));
     }
 
     #[test]
@@ -1055,7 +1241,12 @@ mod tests {
         for i in 0..10_000u32 {
             m.insert(&format!("name{i}"), i);
         }
-        assert!(m.map.len() <= 100 && m.order.len() <= 216, "{} {}", m.map.len(), m.order.len());
+        assert!(
+            m.map.len() <= 100 && m.order.len() <= 216,
+            "{} {}",
+            m.map.len(),
+            m.order.len()
+        );
         assert_eq!(m.get("name9999"), Some(9999));
         assert_eq!(m.get("name0"), None);
         let mut short: Expiring<()> = Expiring::new(100, Duration::from_millis(1));

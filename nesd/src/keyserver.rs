@@ -87,7 +87,11 @@ impl KeyServer {
             http,
             base: base.trim_end_matches('/').to_owned(),
             server_key,
-            rule: if legacy { UsernameRule::IfPresent } else { UsernameRule::Require },
+            rule: if legacy {
+                UsernameRule::IfPresent
+            } else {
+                UsernameRule::Require
+            },
         })
     }
 
@@ -99,7 +103,12 @@ impl KeyServer {
     /// `GET /users/<user>`, verified.
     pub async fn fetch_keys(&self, user: &Username) -> Result<Fetched, FetchError> {
         let url = format!("{}/users/{}", self.base, user);
-        let response = self.http.get(&url).send().await.map_err(|e| FetchError::Unavailable(short(&e)))?;
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| FetchError::Unavailable(short(&e)))?;
         let status = response.status();
         if status == reqwest::StatusCode::NOT_FOUND {
             return Err(FetchError::NotFound(user.to_string()));
@@ -114,14 +123,25 @@ impl KeyServer {
             return Err(FetchError::RateLimited(after));
         }
         if !status.is_success() {
-            return Err(FetchError::Unavailable(format!("GET /users/{user} answered {status}")));
+            return Err(FetchError::Unavailable(format!(
+                "GET /users/{user} answered {status}"
+            )));
         }
         let body = read_capped(response, MAX_ANSWER_BYTES).await?;
         let answer = verify_answer(&body, &self.server_key, user, self.rule)
             .map_err(|e| FetchError::BadAnswer(e.to_string()))?;
-        let message_key = answer.message_key().map_err(|e| FetchError::BadAnswer(format!("public_key_message: {e}")))?;
-        let sign_key = answer.sign_key().map_err(|e| FetchError::BadAnswer(format!("public_key_sign: {e}")))?;
-        Ok(Fetched { answer, message_key, sign_key, body })
+        let message_key = answer
+            .message_key()
+            .map_err(|e| FetchError::BadAnswer(format!("public_key_message: {e}")))?;
+        let sign_key = answer
+            .sign_key()
+            .map_err(|e| FetchError::BadAnswer(format!("public_key_sign: {e}")))?;
+        Ok(Fetched {
+            answer,
+            message_key,
+            sign_key,
+            body,
+        })
     }
 
     /// `POST /users`: registers `user` with these public keys; the server mails an
@@ -172,12 +192,20 @@ impl KeySource for KeyServer {
 /// Reads a body of at most `cap` bytes.
 async fn read_capped(mut response: reqwest::Response, cap: usize) -> Result<Vec<u8>, FetchError> {
     if response.content_length().is_some_and(|n| n > cap as u64) {
-        return Err(FetchError::BadAnswer(format!("answer larger than {cap} bytes")));
+        return Err(FetchError::BadAnswer(format!(
+            "answer larger than {cap} bytes"
+        )));
     }
     let mut body = Vec::new();
-    while let Some(chunk) = response.chunk().await.map_err(|e| FetchError::Unavailable(short(&e)))? {
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| FetchError::Unavailable(short(&e)))?
+    {
         if body.len() + chunk.len() > cap {
-            return Err(FetchError::BadAnswer(format!("answer larger than {cap} bytes")));
+            return Err(FetchError::BadAnswer(format!(
+                "answer larger than {cap} bytes"
+            )));
         }
         body.extend_from_slice(&chunk);
     }
@@ -199,12 +227,14 @@ fn short(e: &reqwest::Error) -> String {
 
 /// The server's error message: `{"error": ".."}` or the first line of the body.
 fn server_message(body: &str, status: reqwest::StatusCode) -> String {
-    let from_json = serde_json::from_str::<serde_json::Value>(body).ok().and_then(|v| {
-        v.get("error")
-            .or_else(|| v.get("message"))
-            .and_then(|m| m.as_str())
-            .map(str::to_owned)
-    });
+    let from_json = serde_json::from_str::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| {
+            v.get("error")
+                .or_else(|| v.get("message"))
+                .and_then(|m| m.as_str())
+                .map(str::to_owned)
+        });
     let text = from_json.unwrap_or_else(|| body.lines().next().unwrap_or("").to_owned());
     let text: String = text.chars().filter(|c| !c.is_control()).take(200).collect();
     if text.is_empty() {

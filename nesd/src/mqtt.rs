@@ -35,7 +35,10 @@
 
 use rand::Rng;
 use rumqttc::tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
-use rumqttc::{AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS, StateError};
+use rumqttc::{
+    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS,
+    StateError,
+};
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -125,28 +128,46 @@ pub enum TlsSetupError {
 
 /// The TLS client settings: trust only `ca` (PEM) when given, else the system's roots;
 /// present `client` (certificate chain, key; PEM) when given.
-pub fn tls_config(ca: Option<&Path>, client: Option<(&Path, &Path)>) -> Result<ClientConfig, TlsSetupError> {
-    let read = |path: &Path| std::fs::read(path).map_err(|source| TlsSetupError::Read { path: path.to_owned(), source });
-    let bad = |path: &Path, what: &str| TlsSetupError::Bad { path: path.to_owned(), what: what.to_owned() };
-    let certs = |path: &Path| -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsSetupError> {
-        let pem = read(path)?;
-        let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
-            .collect::<Result<_, _>>()
-            .map_err(|e| bad(path, &format!("bad PEM: {e}")))?;
-        if certs.is_empty() {
-            return Err(bad(path, "no certificate (PEM \"BEGIN CERTIFICATE\") in it"));
-        }
-        Ok(certs)
+pub fn tls_config(
+    ca: Option<&Path>,
+    client: Option<(&Path, &Path)>,
+) -> Result<ClientConfig, TlsSetupError> {
+    let read = |path: &Path| {
+        std::fs::read(path).map_err(|source| TlsSetupError::Read {
+            path: path.to_owned(),
+            source,
+        })
     };
+    let bad = |path: &Path, what: &str| TlsSetupError::Bad {
+        path: path.to_owned(),
+        what: what.to_owned(),
+    };
+    let certs =
+        |path: &Path| -> Result<Vec<rustls::pki_types::CertificateDer<'static>>, TlsSetupError> {
+            let pem = read(path)?;
+            let certs: Vec<_> = rustls_pemfile::certs(&mut pem.as_slice())
+                .collect::<Result<_, _>>()
+                .map_err(|e| bad(path, &format!("bad PEM: {e}")))?;
+            if certs.is_empty() {
+                return Err(bad(
+                    path,
+                    "no certificate (PEM \"BEGIN CERTIFICATE\") in it",
+                ));
+            }
+            Ok(certs)
+        };
     let mut roots = RootCertStore::empty();
     match ca {
         Some(path) => {
             for cert in certs(path)? {
-                roots.add(cert).map_err(|e| bad(path, &format!("not a CA certificate: {e}")))?;
+                roots
+                    .add(cert)
+                    .map_err(|e| bad(path, &format!("not a CA certificate: {e}")))?;
             }
         }
         None => {
-            let system = rustls_native_certs::load_native_certs().map_err(|e| TlsSetupError::SystemRoots(e.to_string()))?;
+            let system = rustls_native_certs::load_native_certs()
+                .map_err(|e| TlsSetupError::SystemRoots(e.to_string()))?;
             roots.add_parsable_certificates(system);
             if roots.is_empty() {
                 return Err(TlsSetupError::SystemRoots("none found".into()));
@@ -161,7 +182,9 @@ pub fn tls_config(ca: Option<&Path>, client: Option<(&Path, &Path)>) -> Result<C
             let key_der = rustls_pemfile::private_key(&mut pem.as_slice())
                 .map_err(|e| bad(key, &format!("bad PEM: {e}")))?
                 .ok_or_else(|| bad(key, "no private key in it"))?;
-            builder.with_client_auth_cert(chain, key_der).map_err(|e| TlsSetupError::ClientCert(e.to_string()))
+            builder
+                .with_client_auth_cert(chain, key_der)
+                .map_err(|e| TlsSetupError::ClientCert(e.to_string()))
         }
         None => Ok(builder.with_no_client_auth()),
     }
@@ -170,15 +193,33 @@ pub fn tls_config(ca: Option<&Path>, client: Option<(&Path, &Path)>) -> Result<C
 /// The session's [`Security`] from the resolved settings: reads the PEM files (so a bad
 /// one stops nesd at start, not at each reconnect) and warns when a password would
 /// travel in the clear to another machine.
-pub fn security(broker: &crate::config::Broker, auth: &crate::config::BrokerAuth) -> Result<Security, TlsSetupError> {
+pub fn security(
+    broker: &crate::config::Broker,
+    auth: &crate::config::BrokerAuth,
+) -> Result<Security, TlsSetupError> {
     let tls = if broker.tls {
-        let client = auth.client_cert.as_ref().map(|(c, k)| (c.as_path(), k.as_path()));
+        let client = auth
+            .client_cert
+            .as_ref()
+            .map(|(c, k)| (c.as_path(), k.as_path()));
         Some(Arc::new(tls_config(auth.ca.as_deref(), client)?))
     } else {
         None
     };
-    let login = auth.user.clone().map(|user| (user, auth.password.as_ref().map(|p| p.0.clone()).unwrap_or_default()));
-    let loopback = broker.host == "localhost" || broker.host.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+    let login = auth.user.clone().map(|user| {
+        (
+            user,
+            auth.password
+                .as_ref()
+                .map(|p| p.0.clone())
+                .unwrap_or_default(),
+        )
+    });
+    let loopback = broker.host == "localhost"
+        || broker
+            .host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|ip| ip.is_loopback());
     if !broker.tls && auth.password.is_some() && !loopback {
         warn!(broker = %broker.url(), "the broker password goes to another machine without TLS: use mqtts://");
     }
@@ -298,7 +339,10 @@ impl Tracker {
 
     /// Frames handed over and not yet acknowledged.
     pub fn outstanding(&self) -> usize {
-        self.queued.len() + self.inflight.len() + self.releasing.len() + usize::from(self.collided.is_some())
+        self.queued.len()
+            + self.inflight.len()
+            + self.releasing.len()
+            + usize::from(self.collided.is_some())
     }
 }
 
@@ -360,14 +404,17 @@ impl Transport {
         deliveries: mpsc::UnboundedSender<Delivery>,
         shutdown: watch::Receiver<bool>,
     ) -> (Transport, tokio::task::JoinHandle<()>) {
-        let mut options = MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
+        let mut options =
+            MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
         options
             .set_clean_session(false)
             .set_manual_acks(true)
             .set_keep_alive(config.keep_alive)
             .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
         if let Some(tls) = security.tls {
-            options.set_transport(rumqttc::Transport::tls_with_config(rumqttc::TlsConfiguration::Rustls(tls)));
+            options.set_transport(rumqttc::Transport::tls_with_config(
+                rumqttc::TlsConfiguration::Rustls(tls),
+            ));
         }
         if let Some((user, password)) = security.login {
             options.set_credentials(user, password);
@@ -380,10 +427,24 @@ impl Transport {
             config,
             client.clone(),
             eventloop,
-            Links { tracker: tracker.clone(), flow: flow.clone(), state: state_tx, incoming, deliveries },
+            Links {
+                tracker: tracker.clone(),
+                flow: flow.clone(),
+                state: state_tx,
+                incoming,
+                deliveries,
+            },
             shutdown,
         ));
-        (Transport { client, tracker, connection: state_rx, flow }, task)
+        (
+            Transport {
+                client,
+                tracker,
+                connection: state_rx,
+                flow,
+            },
+            task,
+        )
     }
 
     /// The connection state, watchable.
@@ -398,11 +459,24 @@ impl Transport {
 
     /// Hands a frame to the session. QoS 2 (`exactly_once`) is for v1 frames, as the
     /// original sends them; v2 goes with QoS 1 (the receiver drops duplicates by id).
-    pub async fn publish(&self, token: Token, topic: String, exactly_once: bool, frame: Vec<u8>) -> Result<(), String> {
-        let qos = if exactly_once { QoS::ExactlyOnce } else { QoS::AtLeastOnce };
+    pub async fn publish(
+        &self,
+        token: Token,
+        topic: String,
+        exactly_once: bool,
+        frame: Vec<u8>,
+    ) -> Result<(), String> {
+        let qos = if exactly_once {
+            QoS::ExactlyOnce
+        } else {
+            QoS::AtLeastOnce
+        };
         // Register before handing over: the event loop may write it at once.
         lock(&self.tracker).enqueue(token);
-        self.client.publish(topic, qos, false, frame).await.map_err(|e| e.to_string())
+        self.client
+            .publish(topic, qos, false, frame)
+            .await
+            .map_err(|e| e.to_string())
     }
 
     /// Frames handed over and not yet acknowledged.
@@ -422,12 +496,11 @@ impl Transport {
 
     /// The pipeline has handled `n` frames (stored or refused): the loop may read more.
     pub fn done(&self, n: usize) {
-        let _ = self
-            .flow
-            .backlog
-            .fetch_update(std::sync::atomic::Ordering::AcqRel, std::sync::atomic::Ordering::Acquire, |b| {
-                Some(b.saturating_sub(n))
-            });
+        let _ = self.flow.backlog.fetch_update(
+            std::sync::atomic::Ordering::AcqRel,
+            std::sync::atomic::Ordering::Acquire,
+            |b| Some(b.saturating_sub(n)),
+        );
         self.flow.progress.notify_one();
     }
 }
@@ -453,7 +526,13 @@ async fn run(
     links: Links,
     mut shutdown: watch::Receiver<bool>,
 ) {
-    let Links { tracker, flow, state, incoming, deliveries } = links;
+    let Links {
+        tracker,
+        flow,
+        state,
+        incoming,
+        deliveries,
+    } = links;
     let mut backoff = MIN_BACKOFF;
     let mut subscribed = false;
     // This connection reads up to MQTT's maximum to get past one oversized packet.
@@ -490,7 +569,10 @@ async fn run(
                 });
             }
             Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let ok = ack.return_codes.iter().all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_)));
+                let ok = ack
+                    .return_codes
+                    .iter()
+                    .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_)));
                 if ok {
                     if !subscribed {
                         subscribed = true;
@@ -499,11 +581,18 @@ async fn run(
                     }
                 } else {
                     warn!(topic = %config.topic, "the broker refused the subscription");
-                    state.send_replace(Connection::Down("the broker refused the subscription".into()));
+                    state.send_replace(Connection::Down(
+                        "the broker refused the subscription".into(),
+                    ));
                 }
             }
             Ok(Event::Incoming(Packet::Publish(publish))) => {
-                trace!(pkid = publish.pkid, bytes = publish.payload.len(), dup = publish.dup, "publish in");
+                trace!(
+                    pkid = publish.pkid,
+                    bytes = publish.payload.len(),
+                    dup = publish.dup,
+                    "publish in"
+                );
                 if draining && remaining_length(&publish) > MAX_INCOMING_PACKET {
                     if publish.qos == QoS::AtMostOnce {
                         // Nothing to acknowledge: the broker will not send it again.
@@ -513,7 +602,8 @@ async fn run(
                         poison = Some(publish.pkid);
                     }
                 }
-                flow.backlog.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+                flow.backlog
+                    .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
                 if incoming.send(publish).is_err() {
                     break; // the pipeline is gone: stopping
                 }
@@ -555,7 +645,9 @@ async fn run(
                     // One connection at most reads without the cap.
                     draining = false;
                     poison = None;
-                    eventloop.mqtt_options.set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
+                    eventloop
+                        .mqtt_options
+                        .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
                 }
                 if let Some(size) = oversized(&e) {
                     warn!(
@@ -565,7 +657,9 @@ async fn run(
                          (cap message sizes at the broker: docs/BROKER.md)"
                     );
                     draining = true;
-                    eventloop.mqtt_options.set_max_packet_size(DRAIN_INCOMING_PACKET, MAX_OUTGOING_PACKET);
+                    eventloop
+                        .mqtt_options
+                        .set_max_packet_size(DRAIN_INCOMING_PACKET, MAX_OUTGOING_PACKET);
                 }
                 let was = state.borrow().clone();
                 if was == Connection::Up {
@@ -614,9 +708,9 @@ fn remaining_length(p: &Publish) -> usize {
 /// The size of the packet, when `e` is rumqttc refusing one over the cap.
 fn oversized(e: &ConnectionError) -> Option<usize> {
     match e {
-        ConnectionError::MqttState(StateError::Deserialization(rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n))) => {
-            Some(*n)
-        }
+        ConnectionError::MqttState(StateError::Deserialization(
+            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
+        )) => Some(*n),
         _ => None,
     }
 }
@@ -624,7 +718,9 @@ fn oversized(e: &ConnectionError) -> Option<usize> {
 /// Restores the small cap for the next connection and ends this one (the broker keeps
 /// the session; the loop reconnects at once).
 fn reconnect_capped(client: &AsyncClient, eventloop: &mut EventLoop) {
-    eventloop.mqtt_options.set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
+    eventloop
+        .mqtt_options
+        .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
     if let Err(e) = client.try_disconnect() {
         debug!(error = %e, "disconnect not queued");
     }
@@ -661,10 +757,14 @@ mod tests {
     /// can, without waiting for any acknowledgement (as mosquitto may), and reports each
     /// PUBACK it gets.
     async fn flooding_broker(listener: TcpListener, n: u16, acks: mpsc::UnboundedSender<u16>) {
-        let Ok((stream, _)) = listener.accept().await else { return };
+        let Ok((stream, _)) = listener.accept().await else {
+            return;
+        };
         let (mut rd, mut wr) = tokio::io::split(stream);
         loop {
-            let Ok((header, body)) = read_packet(&mut rd).await else { return };
+            let Ok((header, body)) = read_packet(&mut rd).await else {
+                return;
+            };
             match header >> 4 {
                 1 => wr.write_all(&[0x20, 2, 0, 0]).await.unwrap(),
                 8 => {
@@ -727,8 +827,14 @@ mod tests {
         let consumer = tokio::spawn(async move {
             let mut most_waiting = 0;
             for i in 0..n {
-                let Some(publish) = incoming.recv().await else { break };
-                assert_eq!(publish.payload.as_ref(), format!("frame {}", i + 1).as_bytes(), "out of order");
+                let Some(publish) = incoming.recv().await else {
+                    break;
+                };
+                assert_eq!(
+                    publish.payload.as_ref(),
+                    format!("frame {}", i + 1).as_bytes(),
+                    "out of order"
+                );
                 most_waiting = most_waiting.max(incoming.len() + 1);
                 if i % 50 == 0 {
                     tokio::time::sleep(Duration::from_millis(5)).await; // slow work
@@ -740,19 +846,29 @@ mod tests {
         });
         let mut acked = std::collections::BTreeSet::new();
         while acked.len() < usize::from(n) {
-            let pkid = tokio::time::timeout(Duration::from_secs(120), acks.recv()).await.expect("acks stalled").unwrap();
+            let pkid = tokio::time::timeout(Duration::from_secs(120), acks.recv())
+                .await
+                .expect("acks stalled")
+                .unwrap();
             acked.insert(pkid);
         }
         assert_eq!(acked.first(), Some(&1));
         assert_eq!(acked.last(), Some(&n));
         let most_waiting = consumer.await.unwrap();
-        assert!(most_waiting <= MAX_BACKLOG + 64, "the loop kept reading: {most_waiting} frames waited");
+        assert!(
+            most_waiting <= MAX_BACKLOG + 64,
+            "the loop kept reading: {most_waiting} frames waited"
+        );
         shutdown_tx.send(true).unwrap();
         task.await.unwrap();
     }
 
     fn t(n: u64) -> Token {
-        Token { seq: n, peer: "bob".into(), id: format!("m{n}") }
+        Token {
+            seq: n,
+            peer: "bob".into(),
+            id: format!("m{n}"),
+        }
     }
 
     #[test]
@@ -794,7 +910,10 @@ mod tests {
         assert_eq!(tr.written(1), vec![Delivery::Sent(t(1))]);
         tr.collision(1);
         // rumqttc reports the parked write before the ack that freed the pkid.
-        assert_eq!(tr.written(1), vec![Delivery::Delivered(t(1)), Delivery::Sent(t(2))]);
+        assert_eq!(
+            tr.written(1),
+            vec![Delivery::Delivered(t(1)), Delivery::Sent(t(2))]
+        );
         assert_eq!(tr.puback(1), None);
         assert_eq!(tr.puback(1), Some(Delivery::Delivered(t(2))));
         assert_eq!(tr.outstanding(), 0);

@@ -89,13 +89,23 @@ impl Outbox {
                 return after;
             }
             for (seq, record) in items {
-                if last_qos2.is_some_and(|q| q != record.exactly_once) && self.transport.outstanding() > 0 {
+                if last_qos2.is_some_and(|q| q != record.exactly_once)
+                    && self.transport.outstanding() > 0
+                {
                     return after; // resumes when the outstanding ones are acknowledged
                 }
                 *last_qos2 = Some(record.exactly_once);
-                let token = Token { seq, peer: record.peer.clone(), id: record.id.clone() };
+                let token = Token {
+                    seq,
+                    peer: record.peer.clone(),
+                    id: record.id.clone(),
+                };
                 let topic = format!("nes/{}/message", record.peer);
-                if let Err(e) = self.transport.publish(token, topic, record.exactly_once, record.frame).await {
+                if let Err(e) = self
+                    .transport
+                    .publish(token, topic, record.exactly_once, record.frame)
+                    .await
+                {
                     debug!(error = %e, "publish not handed over (stopping)");
                     return after;
                 }
@@ -112,7 +122,10 @@ impl Outbox {
                 Delivery::Sent(t) => (t, MessageState::Sent),
                 Delivery::Delivered(t) => (t, MessageState::Delivered),
             };
-            match self.store.set_outgoing_state(&token.peer, &token.id, state, "") {
+            match self
+                .store
+                .set_outgoing_state(&token.peer, &token.id, state, "")
+            {
                 Ok(Some(_)) if state == MessageState::Delivered => delivered += 1,
                 Ok(_) => {}
                 Err(e) => error!(error = %e, id = %token.id, "cannot record a delivery"),
@@ -162,7 +175,10 @@ mod tests {
         Ok((header, body))
     }
 
-    async fn serve(s: &mut TcpStream, published: &mpsc::UnboundedSender<Vec<u8>>) -> std::io::Result<()> {
+    async fn serve(
+        s: &mut TcpStream,
+        published: &mpsc::UnboundedSender<Vec<u8>>,
+    ) -> std::io::Result<()> {
         loop {
             let (header, body) = read_packet(s).await?;
             match header >> 4 {
@@ -201,7 +217,15 @@ mod tests {
             ..Default::default()
         };
         let frame = format!("frame {i:02}").into_bytes();
-        (m, OutboxRecord { peer: peer.into(), id, exactly_once: i % 5 == 0, frame })
+        (
+            m,
+            OutboxRecord {
+                peer: peer.into(),
+                id,
+                exactly_once: i % 5 == 0,
+                frame,
+            },
+        )
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,7 +233,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = Store::open(tmp.path()).unwrap();
         // A port nobody listens on yet: the broker is "down".
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
         let (shutdown_tx, shutdown) = watch::channel(false);
         let (incoming_tx, _incoming_rx) = mpsc::unbounded_channel();
         let (delivery_tx, deliveries) = mpsc::unbounded_channel();
@@ -220,10 +248,17 @@ mod tests {
             topic: "nes/me_/message".into(),
             keep_alive: Duration::from_secs(30),
         };
-        let (transport, mqtt_task) = Transport::start(config, incoming_tx, delivery_tx, shutdown.clone());
+        let (transport, mqtt_task) =
+            Transport::start(config, incoming_tx, delivery_tx, shutdown.clone());
         let wake = Arc::new(Notify::new());
         let stats = Arc::new(Stats::default());
-        let outbox = Outbox { store: store.clone(), transport, deliveries, wake: wake.clone(), stats: stats.clone() };
+        let outbox = Outbox {
+            store: store.clone(),
+            transport,
+            deliveries,
+            wake: wake.clone(),
+            stats: stats.clone(),
+        };
         let outbox_task = tokio::spawn(outbox.run(shutdown.clone()));
 
         let n = 150; // more than the window, to see it refill in order
@@ -233,26 +268,43 @@ mod tests {
             wake.notify_one();
         }
         assert_eq!(store.outbox_len(), n as u64);
-        assert!(store.history("bob", 0, None).unwrap().iter().all(|m| m.state == MessageState::Queued as i32));
+        assert!(store
+            .history("bob", 0, None)
+            .unwrap()
+            .iter()
+            .all(|m| m.state == MessageState::Queued as i32));
 
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let (published_tx, mut published) = mpsc::unbounded_channel();
         tokio::spawn(fake_broker(listener, published_tx));
         for i in 0..n {
-            let frame = tokio::time::timeout(Duration::from_secs(120), published.recv()).await.unwrap().unwrap();
+            let frame = tokio::time::timeout(Duration::from_secs(120), published.recv())
+                .await
+                .unwrap()
+                .unwrap();
             assert_eq!(String::from_utf8(frame).unwrap(), format!("frame {i:02}"));
         }
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         while store.outbox_len() > 0 || stats.sent() < n as u64 {
-            assert!(std::time::Instant::now() < deadline, "still queued: {}", store.outbox_len());
+            assert!(
+                std::time::Instant::now() < deadline,
+                "still queued: {}",
+                store.outbox_len()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
         for peer in ["bob", "carol"] {
             let h = store.history(peer, 0, None).unwrap();
-            assert!(h.iter().all(|m| m.state == MessageState::Delivered as i32), "{peer}: {h:?}");
+            assert!(
+                h.iter().all(|m| m.state == MessageState::Delivered as i32),
+                "{peer}: {h:?}"
+            );
         }
         assert_eq!(stats.sent(), n as u64);
-        assert!(published.try_recv().is_err(), "nothing is published twice on a steady connection");
+        assert!(
+            published.try_recv().is_err(),
+            "nothing is published twice on a steady connection"
+        );
         shutdown_tx.send(true).unwrap();
         outbox_task.await.unwrap();
         mqtt_task.await.unwrap();

@@ -66,8 +66,10 @@ pub const RETRY_WAITING: Duration = Duration::from_secs(5);
 const RETRY_BATCH: usize = 256;
 /// Parked frames logged at info level per minute at most.
 const PARK_LOGS_PER_MINUTE: u64 = 100;
-static PARK_LOG: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64) =
-    (std::sync::atomic::AtomicU64::new(0), std::sync::atomic::AtomicU64::new(0));
+static PARK_LOG: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64) = (
+    std::sync::atomic::AtomicU64::new(0),
+    std::sync::atomic::AtomicU64::new(0),
+);
 /// Most senders with parked frames looked at in one [`RETRY_WAITING`] round.
 const RETRY_SENDERS: usize = 4096;
 
@@ -132,7 +134,10 @@ impl Pipeline {
                 let identity = identity.clone();
                 let payloads: Vec<_> = chunk.iter().map(|p| p.payload.clone()).collect();
                 let job = tokio::task::spawn_blocking(move || {
-                    payloads.iter().map(|payload| frame::decrypt(payload, &identity.message_key)).collect()
+                    payloads
+                        .iter()
+                        .map(|payload| frame::decrypt(payload, &identity.message_key))
+                        .collect()
                 });
                 if ordered_tx.send((chunk, job)).await.is_err() {
                     break;
@@ -240,13 +245,17 @@ impl Pipeline {
                 debug!(from = %from, "parking a frame: {why}");
                 self.log_parked(from);
                 if let Some(who) = evicted {
-                    self.stats.refuse("parked_evicted", &format!("the oldest parked frame (claimed sender {who}) made room"));
+                    self.stats.refuse(
+                        "parked_evicted",
+                        &format!("the oldest parked frame (claimed sender {who}) made room"),
+                    );
                 }
                 Outcome::Parked
             }
-            Ok(Parked::TooManyFromSender) => {
-                self.refuse("parked_too_many", &format!("too many frames of {from} wait for its keys ({why})"))
-            }
+            Ok(Parked::TooManyFromSender) => self.refuse(
+                "parked_too_many",
+                &format!("too many frames of {from} wait for its keys ({why})"),
+            ),
             Err(e) => {
                 error!(error = %e, "cannot park a frame; the broker will deliver it again");
                 Outcome::Failed
@@ -280,7 +289,11 @@ impl Pipeline {
     async fn retry_sender(&self, from: &str, just_looked_up: bool) {
         let Ok(user) = Username::parse(from) else {
             // Cannot happen (parked frames have a parsed sender); do not keep it forever.
-            self.drop_parked(from, "bad_sender", "the parked frame's sender is not a username");
+            self.drop_parked(
+                from,
+                "bad_sender",
+                "the parked frame's sender is not a username",
+            );
             return;
         };
         match self.keys.keys_for_frame(&user, false) {
@@ -291,11 +304,19 @@ impl Pipeline {
                 return;
             }
             FrameKeys::NotFound => {
-                self.drop_parked(from, "unknown_sender", &format!("{from} is not registered at the key server"));
+                self.drop_parked(
+                    from,
+                    "unknown_sender",
+                    &format!("{from} is not registered at the key server"),
+                );
                 return;
             }
             FrameKeys::BadAnswer(reason) => {
-                self.drop_parked(from, "keyserver_bad_answer", &format!("no keys for {from}: {reason}"));
+                self.drop_parked(
+                    from,
+                    "keyserver_bad_answer",
+                    &format!("no keys for {from}: {reason}"),
+                );
                 return;
             }
             FrameKeys::Known(_) | FrameKeys::Candidate(_) => {}
@@ -333,7 +354,11 @@ impl Pipeline {
             if blocked.contains(&w.from) {
                 continue;
             }
-            let publish = Publish::new(topic.clone(), QoS::AtLeastOnce, std::mem::take(&mut w.frame));
+            let publish = Publish::new(
+                topic.clone(),
+                QoS::AtLeastOnce,
+                std::mem::take(&mut w.frame),
+            );
             match self.process(&publish, decrypted, true).await {
                 Outcome::Stored => {
                     stored += 1;
@@ -359,7 +384,13 @@ impl Pipeline {
             }
         }
         if !done.is_empty() {
-            info!(from, handled = done.len(), stored, still_waiting = self.store.waiting_len(), "parked frames tried again");
+            info!(
+                from,
+                handled = done.len(),
+                stored,
+                still_waiting = self.store.waiting_len(),
+                "parked frames tried again"
+            );
         }
     }
 
@@ -381,11 +412,19 @@ impl Pipeline {
         }
     }
 
-    async fn process(&self, publish: &Publish, decrypted: Result<Decrypted, FrameError>, retry: bool) -> Outcome {
+    async fn process(
+        &self,
+        publish: &Publish,
+        decrypted: Result<Decrypted, FrameError>,
+        retry: bool,
+    ) -> Outcome {
         let me = &self.identity.user;
         let size = publish.payload.len();
         if publish.topic != me.topic() {
-            return self.refuse("wrong_topic", &format!("{size}-byte frame on another topic"));
+            return self.refuse(
+                "wrong_topic",
+                &format!("{size}-byte frame on another topic"),
+            );
         }
         let decrypted = match decrypted {
             Ok(d) => d,
@@ -398,7 +437,9 @@ impl Pipeline {
         if !retry {
             match self.store.has_waiting(from.as_str()) {
                 Ok(false) => {}
-                Ok(true) => return self.park(&from, publish, "behind earlier frames of the same sender"),
+                Ok(true) => {
+                    return self.park(&from, publish, "behind earlier frames of the same sender")
+                }
                 Err(e) => {
                     error!(error = %e, "cannot read the parked frames");
                     return Outcome::Failed;
@@ -407,13 +448,21 @@ impl Pipeline {
         }
         let (opened, held) = match self.keys.keys_for_frame(&from, true) {
             FrameKeys::NotFound => {
-                return self.refuse("unknown_sender", &format!("{from} is not registered at the key server"))
+                return self.refuse(
+                    "unknown_sender",
+                    &format!("{from} is not registered at the key server"),
+                )
             }
             FrameKeys::BadAnswer(reason) => {
-                return self.refuse("keyserver_bad_answer", &format!("no keys for {from}: {reason}"))
+                return self.refuse(
+                    "keyserver_bad_answer",
+                    &format!("no keys for {from}: {reason}"),
+                )
             }
             FrameKeys::Waiting if retry => return Outcome::StillWaiting,
-            FrameKeys::Waiting => return self.park(&from, publish, "waiting for a key server lookup"),
+            FrameKeys::Waiting => {
+                return self.park(&from, publish, "waiting for a key server lookup")
+            }
             FrameKeys::Known(contact) => match self.verify(&from, &contact, &decrypted).await {
                 Some(found) => found,
                 None => return self.refuse("signature", &format!("claimed sender {from}")),
@@ -421,7 +470,10 @@ impl Pipeline {
             FrameKeys::Candidate(keys) => {
                 // Not pinned yet: only a frame that verifies under them pins them.
                 let Ok(opened) = decrypted.clone().verify(&keys.sign) else {
-                    return self.refuse("signature", &format!("claimed sender {from} (its keys are not pinned)"));
+                    return self.refuse(
+                        "signature",
+                        &format!("claimed sender {from} (its keys are not pinned)"),
+                    );
                 };
                 if let Err(e) = self.keys.pin_verified(&from, keys).await {
                     error!(error = %e, "cannot pin keys");
@@ -447,8 +499,14 @@ impl Pipeline {
         if opened.version == frame::Version::V1 {
             // Stored before the v1 id came from the signature, a v1 message is keyed by the
             // hash of its frame bytes: an exact replay of such a frame is a duplicate too.
-            if let Ok(Some(_)) = self.store.message(from.as_str(), &frame::v1_legacy_id(&publish.payload)) {
-                return self.refuse("duplicate", &format!("from {from}, stored before the upgrade"));
+            if let Ok(Some(_)) = self
+                .store
+                .message(from.as_str(), &frame::v1_legacy_id(&publish.payload))
+            {
+                return self.refuse(
+                    "duplicate",
+                    &format!("from {from}, stored before the upgrade"),
+                );
             }
         }
         let message = rpc::Message {
@@ -458,10 +516,18 @@ impl Pipeline {
             peer: from.to_string(),
             direction: Direction::Incoming as i32,
             // A held message shows no text until its sender's new keys are trusted.
-            text: if held { String::new() } else { opened.inner.message },
+            text: if held {
+                String::new()
+            } else {
+                opened.inner.message
+            },
             timestamp_ms: opened.inner.timestamp,
             stored_at_ms: 0,
-            state: if held { MessageState::Held } else { MessageState::Received } as i32,
+            state: if held {
+                MessageState::Held
+            } else {
+                MessageState::Received
+            } as i32,
             read: false,
             wire_version: opened.version.number(),
             error: if held {
@@ -488,7 +554,12 @@ impl Pipeline {
 
     /// Verifies under the pinned keys; else under keys pending from a change; else asks
     /// the key server once more. The flag is true when only unaccepted keys verify (hold).
-    async fn verify(&self, from: &Username, contact: &Contact, d: &Decrypted) -> Option<(Opened, bool)> {
+    async fn verify(
+        &self,
+        from: &Username,
+        contact: &Contact,
+        d: &Decrypted,
+    ) -> Option<(Opened, bool)> {
         if let Some(found) = verify_with(contact, d) {
             return Some(found);
         }
@@ -508,7 +579,10 @@ fn verify_with(contact: &Contact, d: &Decrypted) -> Option<(Opened, bool)> {
 /// A log line for a frame refused before decryption succeeded (no content).
 fn describe(e: &FrameError, size: usize) -> String {
     match e {
-        FrameError::TooLarge { .. } => format!("{size}-byte frame is over the {}-byte limit", frame::MAX_FRAME_BYTES),
+        FrameError::TooLarge { .. } => format!(
+            "{size}-byte frame is over the {}-byte limit",
+            frame::MAX_FRAME_BYTES
+        ),
         FrameError::UnsupportedVersion(v) => format!("{size}-byte frame of version {v}"),
         _ => format!("{size}-byte frame"),
     }

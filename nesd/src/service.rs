@@ -48,10 +48,16 @@ impl Stats {
     pub fn refuse(&self, reason: &str, detail: &str) {
         *lock(&self.refused).entry(reason.to_owned()).or_insert(0) += 1;
         let mut window = lock(&self.log_window);
-        let entry = window.entry(reason.to_owned()).or_insert((Instant::now(), 0));
+        let entry = window
+            .entry(reason.to_owned())
+            .or_insert((Instant::now(), 0));
         if entry.0.elapsed() > Duration::from_secs(60) {
             if entry.1 > REFUSAL_LOGS_PER_MINUTE {
-                warn!(reason, suppressed = entry.1 - REFUSAL_LOGS_PER_MINUTE, "more frames were refused for this reason");
+                warn!(
+                    reason,
+                    suppressed = entry.1 - REFUSAL_LOGS_PER_MINUTE,
+                    "more frames were refused for this reason"
+                );
             }
             *entry = (Instant::now(), 0);
         }
@@ -63,7 +69,10 @@ impl Stats {
 
     /// Refusals by reason.
     pub fn refused(&self) -> HashMap<String, u64> {
-        lock(&self.refused).iter().map(|(k, v)| (k.clone(), *v)).collect()
+        lock(&self.refused)
+            .iter()
+            .map(|(k, v)| (k.clone(), *v))
+            .collect()
     }
 
     /// One more message stored as received.
@@ -137,7 +146,12 @@ pub struct Prepared {
 impl Service {
     /// Builds the service.
     pub fn new(parts: Parts) -> Service {
-        Service { inner: Arc::new(Inner { parts, started: Instant::now() }) }
+        Service {
+            inner: Arc::new(Inner {
+                parts,
+                started: Instant::now(),
+            }),
+        }
     }
 
     fn p(&self) -> &Parts {
@@ -181,20 +195,27 @@ impl Service {
     /// Seals and queues one message; returns once it is stored (QUEUED).
     pub async fn send(&self, request: rpc::SendRequest) -> Result<rpc::Message, ServiceError> {
         let prepared = self.prepare_send(request).await;
-        self.commit_sends(vec![prepared]).await.pop().unwrap_or_else(|| Err(ServiceError::Internal("no result".into())))
+        self.commit_sends(vec![prepared])
+            .await
+            .pop()
+            .unwrap_or_else(|| Err(ServiceError::Internal("no result".into())))
     }
 
     /// Step one of a send: checks the request, finds the recipient's keys, seals (on the
     /// blocking pool).
     pub async fn prepare_send(&self, request: rpc::SendRequest) -> Result<Prepared, ServiceError> {
         let mut one = self.prepare_sends(vec![request]).await;
-        one.pop().unwrap_or_else(|| Err(ServiceError::Internal("no result".into())))
+        one.pop()
+            .unwrap_or_else(|| Err(ServiceError::Internal("no result".into())))
     }
 
     /// Step one for several sends at once: checks each, then seals them all in one task
     /// of the blocking pool (one hand-off instead of one per message). One result per
     /// request, in order.
-    pub async fn prepare_sends(&self, requests: Vec<rpc::SendRequest>) -> Vec<Result<Prepared, ServiceError>> {
+    pub async fn prepare_sends(
+        &self,
+        requests: Vec<rpc::SendRequest>,
+    ) -> Vec<Result<Prepared, ServiceError>> {
         let mut checked = Vec::with_capacity(requests.len());
         for request in requests {
             checked.push(self.check_send(request).await);
@@ -202,10 +223,17 @@ impl Service {
         let identity = self.p().identity.clone();
         let count = checked.len();
         tokio::task::spawn_blocking(move || {
-            checked.into_iter().map(|c| c.and_then(|ready| seal_one(&identity, ready))).collect()
+            checked
+                .into_iter()
+                .map(|c| c.and_then(|ready| seal_one(&identity, ready)))
+                .collect()
         })
         .await
-        .unwrap_or_else(|e| (0..count).map(|_| Err(ServiceError::Internal(format!("sealing failed: {e}")))).collect())
+        .unwrap_or_else(|e| {
+            (0..count)
+                .map(|_| Err(ServiceError::Internal(format!("sealing failed: {e}"))))
+                .collect()
+        })
     }
 
     /// Validates a send and finds the recipient's keys.
@@ -227,7 +255,11 @@ impl Service {
             )));
         }
         Ok(ReadyToSeal {
-            version: if request.legacy || contact.legacy { Version::V1 } else { Version::V2 },
+            version: if request.legacy || contact.legacy {
+                Version::V1
+            } else {
+                Version::V2
+            },
             to_key: contact.pinned.message.clone(),
             to,
             text: request.text,
@@ -237,11 +269,20 @@ impl Service {
 
     /// Step two: stores prepared messages in order, flushes, wakes the outbox. One result
     /// per item, in order; items that failed to prepare keep their error.
-    pub async fn commit_sends(&self, items: Vec<Result<Prepared, ServiceError>>) -> Vec<Result<rpc::Message, ServiceError>> {
+    pub async fn commit_sends(
+        &self,
+        items: Vec<Result<Prepared, ServiceError>>,
+    ) -> Vec<Result<rpc::Message, ServiceError>> {
         let store = &self.p().store;
         let mut results: Vec<Result<rpc::Message, ServiceError>> = items
             .into_iter()
-            .map(|item| item.and_then(|p| store.insert_outgoing(p.message, p.outbox).map_err(ServiceError::from)))
+            .map(|item| {
+                item.and_then(|p| {
+                    store
+                        .insert_outgoing(p.message, p.outbox)
+                        .map_err(ServiceError::from)
+                })
+            })
             .collect();
         if results.iter().any(Result::is_ok) {
             if let Err(e) = store.commit().await {
@@ -256,10 +297,18 @@ impl Service {
     }
 
     /// A conversation, oldest first.
-    pub async fn history(&self, peer: &str, limit: u32, before_id: &str) -> Result<Vec<rpc::Message>, ServiceError> {
+    pub async fn history(
+        &self,
+        peer: &str,
+        limit: u32,
+        before_id: &str,
+    ) -> Result<Vec<rpc::Message>, ServiceError> {
         let peer = parse_user(peer, "peer")?;
         let before = (!before_id.is_empty()).then_some(before_id);
-        Ok(self.p().store.history(peer.as_str(), limit as usize, before)?)
+        Ok(self
+            .p()
+            .store
+            .history(peer.as_str(), limit as usize, before)?)
     }
 
     /// All conversations, most recent first.
@@ -285,25 +334,49 @@ impl Service {
     }
 
     /// One contact, fetched when unknown (or when `refresh`).
-    pub async fn lookup_contact(&self, username: &str, refresh: bool) -> Result<rpc::Contact, ServiceError> {
+    pub async fn lookup_contact(
+        &self,
+        username: &str,
+        refresh: bool,
+    ) -> Result<rpc::Contact, ServiceError> {
         let user = parse_user(username, "username")?;
-        Ok(self.p().keys.get(&user, refresh).await.map_err(lookup_error)?.to_rpc())
+        Ok(self
+            .p()
+            .keys
+            .get(&user, refresh)
+            .await
+            .map_err(lookup_error)?
+            .to_rpc())
     }
 
     /// Accepts a contact's new keys and releases the messages held because of the change.
-    pub async fn trust_contact(&self, username: &str, message_fp: &str, sign_fp: &str) -> Result<rpc::Contact, ServiceError> {
+    pub async fn trust_contact(
+        &self,
+        username: &str,
+        message_fp: &str,
+        sign_fp: &str,
+    ) -> Result<rpc::Contact, ServiceError> {
         let user = parse_user(username, "username")?;
-        let contact = self.p().keys.trust(&user, message_fp, sign_fp).await.map_err(|e| match e {
-            TrustError::Unknown(_) => ServiceError::NotFound(e.to_string()),
-            TrustError::Mismatch(_) => ServiceError::FailedPrecondition(e.to_string()),
-            TrustError::Store(m) => ServiceError::Internal(m),
-        })?;
+        let contact = self
+            .p()
+            .keys
+            .trust(&user, message_fp, sign_fp)
+            .await
+            .map_err(|e| match e {
+                TrustError::Unknown(_) => ServiceError::NotFound(e.to_string()),
+                TrustError::Mismatch(_) => ServiceError::FailedPrecondition(e.to_string()),
+                TrustError::Store(m) => ServiceError::Internal(m),
+            })?;
         self.release_held(&user, &contact.pinned.sign).await?;
         Ok(contact.to_rpc())
     }
 
     /// Opens the held messages of `user` again with its now trusted signing key.
-    async fn release_held(&self, user: &Username, sign_key: &nes_proto::PublicKey) -> Result<(), ServiceError> {
+    async fn release_held(
+        &self,
+        user: &Username,
+        sign_key: &nes_proto::PublicKey,
+    ) -> Result<(), ServiceError> {
         let store = &self.p().store;
         let held = store.held(user.as_str())?;
         if held.is_empty() {
@@ -320,13 +393,22 @@ impl Service {
             .await
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
             match opened {
-                Ok(o) if o.inner.from.eq_ignore_ascii_case(user.as_str()) && o.check_recipient(self.user()).is_ok() => {
-                    if store.release_held(user.as_str(), h.seq, o.inner.message)?.is_some() {
+                Ok(o)
+                    if o.inner.from.eq_ignore_ascii_case(user.as_str())
+                        && o.check_recipient(self.user()).is_ok() =>
+                {
+                    if store
+                        .release_held(user.as_str(), h.seq, o.inner.message)?
+                        .is_some()
+                    {
                         released += 1;
                     }
                 }
                 _ => {
-                    self.p().stats.refuse("signature", "a held message does not verify under the trusted keys");
+                    self.p().stats.refuse(
+                        "signature",
+                        "a held message does not verify under the trusted keys",
+                    );
                     store.drop_held(user.as_str(), h.seq)?;
                 }
             }
@@ -338,19 +420,33 @@ impl Service {
     }
 
     /// Sets whether a contact gets v1 frames.
-    pub async fn set_contact_legacy(&self, username: &str, legacy: bool) -> Result<rpc::Contact, ServiceError> {
+    pub async fn set_contact_legacy(
+        &self,
+        username: &str,
+        legacy: bool,
+    ) -> Result<rpc::Contact, ServiceError> {
         let user = parse_user(username, "username")?;
-        Ok(self.p().keys.set_legacy(&user, legacy).await.map_err(lookup_error)?.to_rpc())
+        Ok(self
+            .p()
+            .keys
+            .set_legacy(&user, legacy)
+            .await
+            .map_err(lookup_error)?
+            .to_rpc())
     }
 
     /// Registers this identity's public keys with the key server.
     pub async fn register(&self, email: &str) -> Result<rpc::RegisterReply, ServiceError> {
         let email = email.trim();
         let plausible = email.len() <= 254
-            && email.split_once('@').is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
+            && email
+                .split_once('@')
+                .is_some_and(|(l, d)| !l.is_empty() && !d.is_empty())
             && !email.chars().any(|c| c.is_whitespace() || c.is_control());
         if !plausible {
-            return Err(ServiceError::InvalidArgument(format!("{email:?} is not an email address")));
+            return Err(ServiceError::InvalidArgument(format!(
+                "{email:?} is not an email address"
+            )));
         }
         let identity = &self.p().identity;
         let message = self
@@ -368,7 +464,10 @@ impl Service {
                 RegisterError::Refused(_) => ServiceError::InvalidArgument(e.to_string()),
                 _ => ServiceError::Unavailable(e.to_string()),
             })?;
-        Ok(rpc::RegisterReply { username: identity.user.to_string(), message })
+        Ok(rpc::RegisterReply {
+            username: identity.user.to_string(),
+            message,
+        })
     }
 
     /// The event stream for a client: like [`Service::events`], after the cursor the
@@ -381,7 +480,9 @@ impl Service {
         &self,
         since: Option<&str>,
     ) -> Result<mpsc::Receiver<Result<Arc<rpc::Event>, ServiceError>>, ServiceError> {
-        let Some(since) = since else { return Ok(self.events(None)) };
+        let Some(since) = since else {
+            return Ok(self.events(None));
+        };
         let after = self.p().store.resolve_since(since).map_err(|e| match e {
             CursorError::Store(e) => ServiceError::from(e),
             e @ CursorError::Malformed { .. } => ServiceError::InvalidArgument(e.to_string()),
@@ -395,7 +496,10 @@ impl Service {
     /// The event stream: with `since`, the logged events after that cursor, then live
     /// events, without gap or repeat. A client that falls too far behind gets a
     /// ResourceExhausted error and the stream ends; it resumes with the last cursor.
-    pub fn events(&self, since: Option<u64>) -> mpsc::Receiver<Result<Arc<rpc::Event>, ServiceError>> {
+    pub fn events(
+        &self,
+        since: Option<u64>,
+    ) -> mpsc::Receiver<Result<Arc<rpc::Event>, ServiceError>> {
         // Subscribe before reading the log: whatever is logged after the read is then
         // certain to come through the live channel (events go live only once durable,
         // and the log read stops at the last durable cursor).
@@ -469,7 +573,10 @@ impl Service {
             if up != was_up {
                 was_up = up;
                 let store = &self.p().store;
-                let kind = Kind::Connection(rpc::ConnectionChanged { connected: up, reason });
+                let kind = Kind::Connection(rpc::ConnectionChanged {
+                    connected: up,
+                    reason,
+                });
                 match store.log_event(kind) {
                     Ok(_) => {
                         if let Err(e) = store.commit().await {
@@ -499,15 +606,27 @@ struct ReadyToSeal {
 /// Seals one message (CPU: one RSA signature and one RSA encryption): call it on the
 /// blocking pool.
 fn seal_one(identity: &Identity, ready: ReadyToSeal) -> Result<Prepared, ServiceError> {
-    let ReadyToSeal { to, text, version, timestamp_ms, to_key } = ready;
-    let draft = Draft { from: &identity.user, to: &to, text: &text, timestamp_ms };
-    let sealed = frame::seal(version, &draft, &to_key, &identity.sign_key).map_err(|e| match e {
-        FrameError::TooLarge { size } => ServiceError::InvalidArgument(format!(
-            "the message is too long: its frame would be {size} bytes, the limit is {}",
-            frame::MAX_FRAME_BYTES
-        )),
-        other => ServiceError::Internal(format!("sealing failed: {other}")),
-    })?;
+    let ReadyToSeal {
+        to,
+        text,
+        version,
+        timestamp_ms,
+        to_key,
+    } = ready;
+    let draft = Draft {
+        from: &identity.user,
+        to: &to,
+        text: &text,
+        timestamp_ms,
+    };
+    let sealed =
+        frame::seal(version, &draft, &to_key, &identity.sign_key).map_err(|e| match e {
+            FrameError::TooLarge { size } => ServiceError::InvalidArgument(format!(
+                "the message is too long: its frame would be {size} bytes, the limit is {}",
+                frame::MAX_FRAME_BYTES
+            )),
+            other => ServiceError::Internal(format!("sealing failed: {other}")),
+        })?;
     let message = rpc::Message {
         id: sealed.id.clone(),
         from: identity.user.to_string(),
@@ -533,13 +652,16 @@ fn seal_one(identity: &Identity, ready: ReadyToSeal) -> Result<Prepared, Service
 
 /// Parses a username from a request.
 fn parse_user(name: &str, what: &str) -> Result<Username, ServiceError> {
-    Username::parse(name.trim()).map_err(|e| ServiceError::InvalidArgument(format!("bad {what}: {e}")))
+    Username::parse(name.trim())
+        .map_err(|e| ServiceError::InvalidArgument(format!("bad {what}: {e}")))
 }
 
 fn lookup_error(e: LookupError) -> ServiceError {
     match e {
         LookupError::NotFound(_) => ServiceError::NotFound(e.to_string()),
-        LookupError::Unavailable { .. } | LookupError::BadAnswer { .. } => ServiceError::Unavailable(e.to_string()),
+        LookupError::Unavailable { .. } | LookupError::BadAnswer { .. } => {
+            ServiceError::Unavailable(e.to_string())
+        }
         LookupError::Store(m) => ServiceError::Internal(m),
     }
 }

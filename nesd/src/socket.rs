@@ -96,12 +96,20 @@ impl Drop for BoundSocket {
 /// refuses a live socket, takes over a stale one, and sets mode 0600.
 pub fn bind(path: &Path) -> Result<BoundSocket, SocketError> {
     let shown = path.display().to_string();
-    let io_err = |source| SocketError::Io { path: shown.clone(), source };
+    let io_err = |source| SocketError::Io {
+        path: shown.clone(),
+        source,
+    };
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
         if !parent.exists() {
-            std::fs::DirBuilder::new().recursive(true).mode(0o700).create(parent).map_err(io_err)?;
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(parent)
+                .map_err(io_err)?;
             // The mode of DirBuilder is filtered by the umask; make sure.
-            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700)).map_err(io_err)?;
+            std::fs::set_permissions(parent, std::fs::Permissions::from_mode(0o700))
+                .map_err(io_err)?;
         } else {
             // A directory someone else owns (say a planted /tmp/nes-<uid>) could let them
             // swap the socket: refuse it.
@@ -135,7 +143,10 @@ pub fn bind(path: &Path) -> Result<BoundSocket, SocketError> {
             io_err(e)
         }
     })?;
-    let guard = BoundSocket { listener: Some(listener), path: Some(path.to_owned()) };
+    let guard = BoundSocket {
+        listener: Some(listener),
+        path: Some(path.to_owned()),
+    };
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
     if let Some(l) = &guard.listener {
         l.set_nonblocking(true).map_err(io_err)?;
@@ -156,7 +167,10 @@ pub fn inherited() -> Result<Option<BoundSocket>, SocketError> {
     listener
         .set_nonblocking(true)
         .map_err(|e| SocketError::Activation(e.to_string()))?;
-    Ok(Some(BoundSocket { listener: Some(listener), path: None }))
+    Ok(Some(BoundSocket {
+        listener: Some(listener),
+        path: None,
+    }))
 }
 
 /// Wraps the fd systemd passed us.
@@ -193,7 +207,11 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let path = tmp.path().join("run/nes/nesd.sock");
         let first = bind(&path).unwrap();
-        let dir_mode = std::fs::metadata(path.parent().unwrap()).unwrap().permissions().mode() & 0o777;
+        let dir_mode = std::fs::metadata(path.parent().unwrap())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777;
         assert_eq!(dir_mode, 0o700);
         let mode = std::fs::metadata(&path).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);

@@ -277,7 +277,12 @@ impl Change<'_> {
     }
 
     fn event(&mut self, kind: Kind) -> Arc<Event> {
-        let mut event = Event { cursor: self.next_cursor, at_ms: now_ms(), kind: Some(kind), ..Default::default() };
+        let mut event = Event {
+            cursor: self.next_cursor,
+            at_ms: now_ms(),
+            kind: Some(kind),
+            ..Default::default()
+        };
         self.next_cursor += 1;
         // Stored without its log cursor: that is derived from the stored bytes.
         let record = event.encode_to_vec();
@@ -399,11 +404,22 @@ impl Store {
     pub fn resolve_since(&self, since: &str) -> Result<u64, CursorError> {
         let cursor = since.trim();
         let last = self.last_cursor();
-        let beyond = |seq: u64| if seq > last { Err(CursorError::Beyond { cursor: cursor.to_owned(), last }) } else { Ok(seq) };
+        let beyond = |seq: u64| {
+            if seq > last {
+                Err(CursorError::Beyond {
+                    cursor: cursor.to_owned(),
+                    last,
+                })
+            } else {
+                Ok(seq)
+            }
+        };
         if let Ok(seq) = cursor.parse::<u64>() {
             return beyond(seq);
         }
-        let malformed = || CursorError::Malformed { cursor: cursor.to_owned() };
+        let malformed = || CursorError::Malformed {
+            cursor: cursor.to_owned(),
+        };
         let mut parts = cursor.splitn(3, '-');
         let (Some(id), Some(seq), Some(tag)) = (parts.next(), parts.next(), parts.next()) else {
             return Err(malformed());
@@ -413,14 +429,25 @@ impl Store {
             return Err(malformed());
         }
         if id != self.inner.store_id {
-            return Err(CursorError::OtherStore { cursor: cursor.to_owned(), store: self.inner.store_id.clone() });
+            return Err(CursorError::OtherStore {
+                cursor: cursor.to_owned(),
+                store: self.inner.store_id.clone(),
+            });
         }
         beyond(seq)?;
         if seq == 0 {
             return Ok(0);
         }
-        let other = || CursorError::OtherEvent { cursor: cursor.to_owned(), seq };
-        let record = self.inner.data.get(event_key(seq)).map_err(StoreError::from)?.ok_or_else(other)?;
+        let other = || CursorError::OtherEvent {
+            cursor: cursor.to_owned(),
+            seq,
+        };
+        let record = self
+            .inner
+            .data
+            .get(event_key(seq))
+            .map_err(StoreError::from)?
+            .ok_or_else(other)?;
         if event_tag(&record) != tag {
             return Err(other());
         }
@@ -451,7 +478,12 @@ impl Store {
 
     /// The cursor of the newest event written, durable or not.
     fn last_logged(&self) -> u64 {
-        self.inner.writer.lock().unwrap_or_else(|e| e.into_inner()).next_cursor - 1
+        self.inner
+            .writer
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .next_cursor
+            - 1
     }
 
     /// Flushes synchronously (at shutdown).
@@ -480,7 +512,12 @@ impl Store {
             return Ok(Vec::new());
         }
         let mut out = Vec::new();
-        for kv in self.inner.data.range(event_key(after + 1)..=event_key(released)).take(limit) {
+        for kv in self
+            .inner
+            .data
+            .range(event_key(after + 1)..=event_key(released))
+            .take(limit)
+        {
             let (_, v) = kv?;
             let mut event = Event::decode(&v[..])?;
             event.log_cursor = log_cursor(&self.inner.store_id, event.cursor, &v);
@@ -491,7 +528,11 @@ impl Store {
 
     /// Stores a verified incoming message (state RECEIVED, or HELD with its frame).
     /// Returns `None` for a duplicate: the conversation already has that id.
-    pub fn insert_incoming(&self, mut message: rpc::Message, held_frame: Option<Vec<u8>>) -> StoreResult<Option<rpc::Message>> {
+    pub fn insert_incoming(
+        &self,
+        mut message: rpc::Message,
+        held_frame: Option<Vec<u8>>,
+    ) -> StoreResult<Option<rpc::Message>> {
         let data = &self.inner.data;
         let mut c = self.change();
         let peer = message.peer.clone();
@@ -506,12 +547,17 @@ impl Store {
         let unread = message.state == MessageState::Received as i32 && !message.read;
         if unread {
             summary.unread += 1;
-            c.batch.insert(peer_key(P_UNREAD, &peer, &seq.to_be_bytes()), &[]);
+            c.batch
+                .insert(peer_key(P_UNREAD, &peer, &seq.to_be_bytes()), &[]);
         }
         if let Some(frame) = held_frame {
-            c.batch.insert(peer_key(P_HELD, &peer, &seq.to_be_bytes()), frame);
+            c.batch
+                .insert(peer_key(P_HELD, &peer, &seq.to_be_bytes()), frame);
         }
-        c.batch.insert(peer_key(P_MSG, &peer, &seq.to_be_bytes()), message.encode_to_vec());
+        c.batch.insert(
+            peer_key(P_MSG, &peer, &seq.to_be_bytes()),
+            message.encode_to_vec(),
+        );
         c.batch.insert(idk, &seq.to_be_bytes());
         c.batch.insert(summary_key(&peer), summary.encode_to_vec());
         c.event(Kind::Message(message.clone()));
@@ -520,7 +566,11 @@ impl Store {
     }
 
     /// Stores an outgoing message (state QUEUED) and its sealed frame in the outbox.
-    pub fn insert_outgoing(&self, mut message: rpc::Message, outbox: OutboxRecord) -> StoreResult<rpc::Message> {
+    pub fn insert_outgoing(
+        &self,
+        mut message: rpc::Message,
+        outbox: OutboxRecord,
+    ) -> StoreResult<rpc::Message> {
         let data = &self.inner.data;
         let mut c = self.change();
         let peer = message.peer.clone();
@@ -532,7 +582,10 @@ impl Store {
         message.stored_at_ms = now_ms();
         let mut summary = self.summary(&peer)?;
         summary.total += 1;
-        c.batch.insert(peer_key(P_MSG, &peer, &seq.to_be_bytes()), message.encode_to_vec());
+        c.batch.insert(
+            peer_key(P_MSG, &peer, &seq.to_be_bytes()),
+            message.encode_to_vec(),
+        );
         c.batch.insert(idk, &seq.to_be_bytes());
         c.batch.insert(summary_key(&peer), summary.encode_to_vec());
         c.batch.insert(&outbox_key(seq)[..], outbox.encode_to_vec());
@@ -545,7 +598,13 @@ impl Store {
     /// Moves an outgoing message on (SENT, DELIVERED, FAILED). States only move forward;
     /// DELIVERED and FAILED take it out of the outbox. Returns the updated message, or
     /// `None` when nothing changed.
-    pub fn set_outgoing_state(&self, peer: &str, id: &str, state: MessageState, error: &str) -> StoreResult<Option<rpc::Message>> {
+    pub fn set_outgoing_state(
+        &self,
+        peer: &str,
+        id: &str,
+        state: MessageState,
+        error: &str,
+    ) -> StoreResult<Option<rpc::Message>> {
         let data = &self.inner.data;
         let mut c = self.change();
         let Some(seq) = self.seq_of(peer, id)? else {
@@ -607,7 +666,11 @@ impl Store {
         let Some(seq) = self.seq_of(peer, id)? else {
             return Ok(None);
         };
-        match self.inner.data.get(peer_key(P_MSG, peer, &seq.to_be_bytes()))? {
+        match self
+            .inner
+            .data
+            .get(peer_key(P_MSG, peer, &seq.to_be_bytes()))?
+        {
             Some(bytes) => Ok(Some(rpc::Message::decode(&bytes[..])?)),
             None => Ok(None),
         }
@@ -615,11 +678,21 @@ impl Store {
 
     /// The conversation with `peer`, oldest first: the last `limit` (0: all) messages
     /// stored before `before_id` (when given).
-    pub fn history(&self, peer: &str, limit: usize, before_id: Option<&str>) -> StoreResult<Vec<rpc::Message>> {
+    pub fn history(
+        &self,
+        peer: &str,
+        limit: usize,
+        before_id: Option<&str>,
+    ) -> StoreResult<Vec<rpc::Message>> {
         let end = match before_id {
             Some(id) => match self.seq_of(peer, id)? {
                 Some(seq) => peer_key(P_MSG, peer, &seq.to_be_bytes()),
-                None => return Err(StoreError::UnknownId { peer: peer.to_owned(), id: id.to_owned() }),
+                None => {
+                    return Err(StoreError::UnknownId {
+                        peer: peer.to_owned(),
+                        id: id.to_owned(),
+                    })
+                }
             },
             None => {
                 let mut k = peer_key(P_MSG, peer, &[]);
@@ -645,12 +718,28 @@ impl Store {
             let (k, v) = kv?;
             let peer = String::from_utf8_lossy(&k[1..]).into_owned();
             let summary = Summary::decode(&v[..])?;
-            let last = self.inner.data.scan_prefix(peer_key(P_MSG, &peer, &[])).next_back().transpose()?;
+            let last = self
+                .inner
+                .data
+                .scan_prefix(peer_key(P_MSG, &peer, &[]))
+                .next_back()
+                .transpose()?;
             let (seq, last) = match last {
-                Some((k, v)) => (be_u64(&k[k.len() - 8..]).unwrap_or(0), Some(rpc::Message::decode(&v[..])?)),
+                Some((k, v)) => (
+                    be_u64(&k[k.len() - 8..]).unwrap_or(0),
+                    Some(rpc::Message::decode(&v[..])?),
+                ),
                 None => (0, None),
             };
-            found.push((seq, rpc::Conversation { peer, unread: summary.unread, total: summary.total, last }));
+            found.push((
+                seq,
+                rpc::Conversation {
+                    peer,
+                    unread: summary.unread,
+                    total: summary.total,
+                    last,
+                },
+            ));
         }
         found.sort_by_key(|f| std::cmp::Reverse(f.0));
         Ok(found.into_iter().map(|(_, c)| c).collect())
@@ -674,12 +763,19 @@ impl Store {
         let last = match up_to_id {
             Some(id) => match self.seq_of(peer, id)? {
                 Some(seq) => seq,
-                None => return Err(StoreError::UnknownId { peer: peer.to_owned(), id: id.to_owned() }),
+                None => {
+                    return Err(StoreError::UnknownId {
+                        peer: peer.to_owned(),
+                        id: id.to_owned(),
+                    })
+                }
             },
             None => u64::MAX,
         };
         let mut marked = 0u64;
-        for kv in data.range(peer_key(P_UNREAD, peer, &[])..=peer_key(P_UNREAD, peer, &last.to_be_bytes())) {
+        for kv in data
+            .range(peer_key(P_UNREAD, peer, &[])..=peer_key(P_UNREAD, peer, &last.to_be_bytes()))
+        {
             let (k, _) = kv?;
             let seq_bytes = &k[k.len() - 8..];
             let mkey = peer_key(P_MSG, peer, seq_bytes);
@@ -697,7 +793,10 @@ impl Store {
         let mut summary = self.summary(peer)?;
         summary.unread = summary.unread.saturating_sub(marked);
         c.batch.insert(summary_key(peer), summary.encode_to_vec());
-        c.event(Kind::MarkedRead(rpc::MarkedRead { peer: peer.to_owned(), unread: summary.unread }));
+        c.event(Kind::MarkedRead(rpc::MarkedRead {
+            peer: peer.to_owned(),
+            unread: summary.unread,
+        }));
         c.apply(data)?;
         Ok(marked)
     }
@@ -710,7 +809,11 @@ impl Store {
             let seq_bytes = &k[k.len() - 8..];
             let seq = be_u64(seq_bytes).unwrap_or(0);
             if let Some(bytes) = self.inner.data.get(peer_key(P_MSG, peer, seq_bytes))? {
-                out.push(Held { seq, message: rpc::Message::decode(&bytes[..])?, frame: frame.to_vec() });
+                out.push(Held {
+                    seq,
+                    message: rpc::Message::decode(&bytes[..])?,
+                    frame: frame.to_vec(),
+                });
             }
         }
         Ok(out)
@@ -718,7 +821,12 @@ impl Store {
 
     /// Releases a held message after its sender's new keys were trusted and it verified:
     /// it becomes RECEIVED with its text.
-    pub fn release_held(&self, peer: &str, seq: u64, text: String) -> StoreResult<Option<rpc::Message>> {
+    pub fn release_held(
+        &self,
+        peer: &str,
+        seq: u64,
+        text: String,
+    ) -> StoreResult<Option<rpc::Message>> {
         let data = &self.inner.data;
         let mut c = self.change();
         let key = peer_key(P_MSG, peer, &seq.to_be_bytes());
@@ -737,7 +845,8 @@ impl Store {
         summary.unread += 1;
         c.batch.insert(key, message.encode_to_vec());
         c.batch.remove(peer_key(P_HELD, peer, &seq.to_be_bytes()));
-        c.batch.insert(peer_key(P_UNREAD, peer, &seq.to_be_bytes()), &[]);
+        c.batch
+            .insert(peer_key(P_UNREAD, peer, &seq.to_be_bytes()), &[]);
         c.batch.insert(summary_key(peer), summary.encode_to_vec());
         c.event(Kind::Message(message.clone()));
         c.apply(data)?;
@@ -773,36 +882,59 @@ impl Store {
     /// after the next [`Store::commit_all`].
     pub fn park(&self, from: &str, frame: &[u8]) -> StoreResult<Parked> {
         let mut index = self.park_index();
-        if index.per_sender.get(from).is_some_and(|n| *n >= MAX_WAITING_PER_SENDER) {
+        if index
+            .per_sender
+            .get(from)
+            .is_some_and(|n| *n >= MAX_WAITING_PER_SENDER)
+        {
             return Ok(Parked::TooManyFromSender);
         }
         let oldest = if index.by_seq.len() as u64 >= MAX_WAITING {
-            index.by_seq.iter().next().map(|(seq, who)| (*seq, who.clone()))
+            index
+                .by_seq
+                .iter()
+                .next()
+                .map(|(seq, who)| (*seq, who.clone()))
         } else {
             None
         };
         let mut c = self.change();
         let seq = c.seq();
-        c.batch.insert(peer_key(P_WAITING, from, &seq.to_be_bytes()), frame);
+        c.batch
+            .insert(peer_key(P_WAITING, from, &seq.to_be_bytes()), frame);
         if let Some((old_seq, who)) = &oldest {
-            c.batch.remove(peer_key(P_WAITING, who, &old_seq.to_be_bytes()));
+            c.batch
+                .remove(peer_key(P_WAITING, who, &old_seq.to_be_bytes()));
         }
         c.apply(&self.inner.data)?;
         index.add(from, seq);
         if let Some((old_seq, who)) = &oldest {
             index.remove(who, *old_seq);
         }
-        self.inner.waiting_len.store(index.by_seq.len() as u64, Ordering::Release);
-        Ok(Parked::Kept { evicted: oldest.map(|(_, who)| who) })
+        self.inner
+            .waiting_len
+            .store(index.by_seq.len() as u64, Ordering::Release);
+        Ok(Parked::Kept {
+            evicted: oldest.map(|(_, who)| who),
+        })
     }
 
     /// The frames of `from` waiting for its keys, in arrival order, at most `limit`.
     pub fn waiting_of(&self, from: &str, limit: usize) -> StoreResult<Vec<Waiting>> {
         let mut out = Vec::new();
-        for kv in self.inner.data.scan_prefix(peer_key(P_WAITING, from, &[])).take(limit) {
+        for kv in self
+            .inner
+            .data
+            .scan_prefix(peer_key(P_WAITING, from, &[]))
+            .take(limit)
+        {
             let (k, frame) = kv?;
             if let Some((who, seq)) = waiting_key(&k) {
-                out.push(Waiting { from: who.to_owned(), seq, frame: frame.to_vec() });
+                out.push(Waiting {
+                    from: who.to_owned(),
+                    seq,
+                    frame: frame.to_vec(),
+                });
             }
         }
         Ok(out)
@@ -830,8 +962,14 @@ impl Store {
         let mut out = Vec::new();
         for kv in self.inner.data.scan_prefix([P_WAITING]).take(limit) {
             let (k, frame) = kv?;
-            let Some((from, seq)) = waiting_key(&k) else { continue };
-            out.push(Waiting { from: from.to_owned(), seq, frame: frame.to_vec() });
+            let Some((from, seq)) = waiting_key(&k) else {
+                continue;
+            };
+            out.push(Waiting {
+                from: from.to_owned(),
+                seq,
+                frame: frame.to_vec(),
+            });
         }
         Ok(out)
     }
@@ -844,9 +982,13 @@ impl Store {
     /// Forgets a waiting frame once it was stored or refused.
     pub fn unpark(&self, from: &str, seq: u64) -> StoreResult<()> {
         let mut index = self.park_index();
-        self.inner.data.remove(peer_key(P_WAITING, from, &seq.to_be_bytes()))?;
+        self.inner
+            .data
+            .remove(peer_key(P_WAITING, from, &seq.to_be_bytes()))?;
         index.remove(from, seq);
-        self.inner.waiting_len.store(index.by_seq.len() as u64, Ordering::Release);
+        self.inner
+            .waiting_len
+            .store(index.by_seq.len() as u64, Ordering::Release);
         Ok(())
     }
 
@@ -871,20 +1013,34 @@ impl Store {
     }
 
     fn seq_of(&self, peer: &str, id: &str) -> StoreResult<Option<u64>> {
-        Ok(self.inner.data.get(peer_key(P_ID, peer, id.as_bytes()))?.and_then(|v| be_u64(&v)))
+        Ok(self
+            .inner
+            .data
+            .get(peer_key(P_ID, peer, id.as_bytes()))?
+            .and_then(|v| be_u64(&v)))
     }
 }
 
 /// Whether an outgoing message may move from `from` to `to`.
 fn advances(from: MessageState, to: MessageState) -> bool {
     use MessageState::*;
-    matches!((from, to), (Queued, Sent) | (Queued, Delivered) | (Sent, Delivered) | (Queued, Failed) | (Sent, Failed))
+    matches!(
+        (from, to),
+        (Queued, Sent)
+            | (Queued, Delivered)
+            | (Sent, Delivered)
+            | (Queued, Failed)
+            | (Sent, Failed)
+    )
 }
 
 /// `w` sender `\0` seq, split.
 fn waiting_key(k: &[u8]) -> Option<(&str, u64)> {
     let zero = k.iter().position(|&b| b == 0)?;
-    Some((std::str::from_utf8(k.get(1..zero)?).ok()?, be_u64(k.get(zero + 1..)?)?))
+    Some((
+        std::str::from_utf8(k.get(1..zero)?).ok()?,
+        be_u64(k.get(zero + 1..)?)?,
+    ))
 }
 
 fn peer_key(prefix: u8, peer: &str, tail: &[u8]) -> Vec<u8> {
@@ -956,7 +1112,10 @@ pub(crate) fn open_in_test(path: &Path) -> Store {
     loop {
         match Store::open(path) {
             Ok(store) => return store,
-            Err(e) if e.to_string().contains("could not acquire lock") && std::time::Instant::now() < deadline => {
+            Err(e)
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
             Err(e) => panic!("cannot open the store at {}: {e}", path.display()),
@@ -998,7 +1157,12 @@ mod tests {
             wire_version: 2,
             ..Default::default()
         };
-        let o = OutboxRecord { peer: to.into(), id: id.into(), exactly_once: false, frame: id.as_bytes().to_vec() };
+        let o = OutboxRecord {
+            peer: to.into(),
+            id: id.into(),
+            exactly_once: false,
+            frame: id.as_bytes().to_vec(),
+        };
         (m, o)
     }
 
@@ -1008,38 +1172,78 @@ mod tests {
         {
             let store = open_in_test(tmp.path());
             assert!(!store.has_waiting("alice").unwrap());
-            assert_eq!(store.park("alice", b"a1").unwrap(), Parked::Kept { evicted: None });
-            assert_eq!(store.park("bob", b"b1").unwrap(), Parked::Kept { evicted: None });
-            assert_eq!(store.park("alice", b"a2").unwrap(), Parked::Kept { evicted: None });
+            assert_eq!(
+                store.park("alice", b"a1").unwrap(),
+                Parked::Kept { evicted: None }
+            );
+            assert_eq!(
+                store.park("bob", b"b1").unwrap(),
+                Parked::Kept { evicted: None }
+            );
+            assert_eq!(
+                store.park("alice", b"a2").unwrap(),
+                Parked::Kept { evicted: None }
+            );
             store.commit_all().await.unwrap();
         }
         let store = open_in_test(tmp.path());
         assert_eq!(store.waiting_len(), 3, "counted again at open");
         assert!(store.has_waiting("alice").unwrap());
         assert!(!store.has_waiting("carol").unwrap());
-        assert!(!store.has_waiting("alic").unwrap(), "a prefix of a name is another sender");
+        assert!(
+            !store.has_waiting("alic").unwrap(),
+            "a prefix of a name is another sender"
+        );
         let w = store.waiting(10).unwrap();
-        let got: Vec<_> = w.iter().map(|w| (w.from.as_str(), w.frame.as_slice())).collect();
-        assert_eq!(got, [("alice", &b"a1"[..]), ("alice", b"a2"), ("bob", b"b1")]);
+        let got: Vec<_> = w
+            .iter()
+            .map(|w| (w.from.as_str(), w.frame.as_slice()))
+            .collect();
+        assert_eq!(
+            got,
+            [("alice", &b"a1"[..]), ("alice", b"a2"), ("bob", b"b1")]
+        );
         assert!(w[0].seq < w[1].seq);
         assert_eq!(store.waiting(1).unwrap().len(), 1);
         store.unpark("alice", w[0].seq).unwrap();
         store.unpark("alice", w[0].seq).unwrap();
-        assert_eq!(store.waiting_len(), 2, "a second unpark of the same frame counts nothing");
+        assert_eq!(
+            store.waiting_len(),
+            2,
+            "a second unpark of the same frame counts nothing"
+        );
         // The per-sender cap: past it, that sender's frames are not kept; others' are.
         for i in 0..MAX_WAITING_PER_SENDER {
-            assert!(matches!(store.park("dave", format!("d{i}").as_bytes()).unwrap(), Parked::Kept { evicted: None }));
+            assert!(matches!(
+                store.park("dave", format!("d{i}").as_bytes()).unwrap(),
+                Parked::Kept { evicted: None }
+            ));
         }
-        assert_eq!(store.park("dave", b"one too many").unwrap(), Parked::TooManyFromSender);
-        assert_eq!(store.waiting_of("dave", 1000).unwrap().len(), MAX_WAITING_PER_SENDER as usize);
+        assert_eq!(
+            store.park("dave", b"one too many").unwrap(),
+            Parked::TooManyFromSender
+        );
+        assert_eq!(
+            store.waiting_of("dave", 1000).unwrap().len(),
+            MAX_WAITING_PER_SENDER as usize
+        );
         // The global cap: the oldest parked frame makes room for a new one.
         let before = store.waiting_len();
         for i in 0..MAX_WAITING - before {
             store.park(&format!("flood{}", i % 5000), b"f").unwrap();
         }
         assert_eq!(store.waiting_len(), MAX_WAITING);
-        assert_eq!(store.waiting_senders(1), vec!["bob".to_owned()], "bob's frame is the oldest left");
-        assert_eq!(store.park("carol", b"c1").unwrap(), Parked::Kept { evicted: Some("bob".into()) });
+        assert_eq!(
+            store.waiting_senders(1),
+            vec!["bob".to_owned()],
+            "bob's frame is the oldest left"
+        );
+        assert_eq!(
+            store.park("carol", b"c1").unwrap(),
+            Parked::Kept {
+                evicted: Some("bob".into())
+            }
+        );
         assert_eq!(store.waiting_len(), MAX_WAITING);
         assert!(store.has_waiting("carol").unwrap());
         assert!(!store.has_waiting("bob").unwrap());
@@ -1050,10 +1254,19 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = open_in_test(tmp.path());
         let mut live = store.subscribe();
-        assert!(store.insert_incoming(incoming("a", "bob", "1"), None).unwrap().is_some());
-        assert!(store.insert_incoming(incoming("a", "bob", "again"), None).unwrap().is_none());
+        assert!(store
+            .insert_incoming(incoming("a", "bob", "1"), None)
+            .unwrap()
+            .is_some());
+        assert!(store
+            .insert_incoming(incoming("a", "bob", "again"), None)
+            .unwrap()
+            .is_none());
         // The same id from someone else is another message.
-        assert!(store.insert_incoming(incoming("a", "eve", "x"), None).unwrap().is_some());
+        assert!(store
+            .insert_incoming(incoming("a", "eve", "x"), None)
+            .unwrap()
+            .is_some());
         assert!(live.try_recv().is_err(), "events wait for the commit");
         store.commit().await.unwrap();
         assert_eq!(live.try_recv().unwrap().cursor, 1);
@@ -1073,16 +1286,29 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let store = open_in_test(tmp.path());
         for i in 0..2000 {
-            store.insert_incoming(incoming(&format!("id{i}"), "bob", &format!("{i}")), None).unwrap();
+            store
+                .insert_incoming(incoming(&format!("id{i}"), "bob", &format!("{i}")), None)
+                .unwrap();
             if i % 500 == 0 {
-                store.insert_incoming(incoming(&format!("x{i}"), "carol", "c"), None).unwrap();
+                store
+                    .insert_incoming(incoming(&format!("x{i}"), "carol", "c"), None)
+                    .unwrap();
             }
         }
         let last = store.history("bob", 3, None).unwrap();
-        assert_eq!(last.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["1997", "1998", "1999"]);
+        assert_eq!(
+            last.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
+            ["1997", "1998", "1999"]
+        );
         let before = store.history("bob", 2, Some("id1997")).unwrap();
-        assert_eq!(before.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(), ["1995", "1996"]);
-        assert!(matches!(store.history("bob", 2, Some("nope")), Err(StoreError::UnknownId { .. })));
+        assert_eq!(
+            before.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
+            ["1995", "1996"]
+        );
+        assert!(matches!(
+            store.history("bob", 2, Some("nope")),
+            Err(StoreError::UnknownId { .. })
+        ));
         assert!(store.history("nobody", 0, None).unwrap().is_empty());
         // A peer whose name is a prefix of another's does not see its messages.
         assert!(store.history("bo", 0, None).unwrap().is_empty());
@@ -1107,15 +1333,36 @@ mod tests {
         }
         assert_eq!(store.outbox_len(), 5);
         let all = store.outbox_after(0, 100).unwrap();
-        assert_eq!(all.iter().map(|(_, o)| o.id.as_str()).collect::<Vec<_>>(), ["o0", "o1", "o2", "o3", "o4"]);
+        assert_eq!(
+            all.iter().map(|(_, o)| o.id.as_str()).collect::<Vec<_>>(),
+            ["o0", "o1", "o2", "o3", "o4"]
+        );
         let after = store.outbox_after(all[1].0, 2).unwrap();
-        assert_eq!(after.iter().map(|(_, o)| o.id.as_str()).collect::<Vec<_>>(), ["o2", "o3"]);
+        assert_eq!(
+            after.iter().map(|(_, o)| o.id.as_str()).collect::<Vec<_>>(),
+            ["o2", "o3"]
+        );
 
-        assert!(store.set_outgoing_state("bob", "o0", MessageState::Sent, "").unwrap().is_some());
-        assert!(store.set_outgoing_state("bob", "o0", MessageState::Delivered, "").unwrap().is_some());
-        assert!(store.set_outgoing_state("bob", "o0", MessageState::Sent, "").unwrap().is_none());
-        assert!(store.set_outgoing_state("carol", "o1", MessageState::Failed, "no keys").unwrap().is_some());
-        assert!(store.set_outgoing_state("carol", "missing", MessageState::Sent, "").unwrap().is_none());
+        assert!(store
+            .set_outgoing_state("bob", "o0", MessageState::Sent, "")
+            .unwrap()
+            .is_some());
+        assert!(store
+            .set_outgoing_state("bob", "o0", MessageState::Delivered, "")
+            .unwrap()
+            .is_some());
+        assert!(store
+            .set_outgoing_state("bob", "o0", MessageState::Sent, "")
+            .unwrap()
+            .is_none());
+        assert!(store
+            .set_outgoing_state("carol", "o1", MessageState::Failed, "no keys")
+            .unwrap()
+            .is_some());
+        assert!(store
+            .set_outgoing_state("carol", "missing", MessageState::Sent, "")
+            .unwrap()
+            .is_none());
         assert_eq!(store.outbox_len(), 3);
         assert_eq!(store.outbox_after(0, 100).unwrap()[0].1.id, "o2");
         let h = store.history("carol", 0, None).unwrap();
@@ -1130,21 +1377,37 @@ mod tests {
             let store = open_in_test(tmp.path());
             let (m, o) = outgoing("o1", "bob");
             store.insert_outgoing(m, o).unwrap();
-            store.insert_incoming(incoming("i1", "bob", "hi"), None).unwrap();
+            store
+                .insert_incoming(incoming("i1", "bob", "hi"), None)
+                .unwrap();
             store.commit().await.unwrap();
             assert_eq!(store.last_cursor(), 2);
         }
         let store = open_in_test(tmp.path());
         assert_eq!(store.last_cursor(), 2);
         assert_eq!(store.outbox_len(), 1);
-        assert!(store.insert_incoming(incoming("i1", "bob", "hi"), None).unwrap().is_none(), "dedup survives");
-        store.insert_incoming(incoming("i2", "bob", "two"), None).unwrap();
+        assert!(
+            store
+                .insert_incoming(incoming("i1", "bob", "hi"), None)
+                .unwrap()
+                .is_none(),
+            "dedup survives"
+        );
+        store
+            .insert_incoming(incoming("i2", "bob", "two"), None)
+            .unwrap();
         store.commit().await.unwrap();
         let events = store.events_after(0, 100).unwrap();
-        assert_eq!(events.iter().map(|e| e.cursor).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(
+            events.iter().map(|e| e.cursor).collect::<Vec<_>>(),
+            [1, 2, 3]
+        );
         assert_eq!(store.events_after(2, 100).unwrap().len(), 1);
         let h = store.history("bob", 0, None).unwrap();
-        assert_eq!(h.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(), ["o1", "i1", "i2"]);
+        assert_eq!(
+            h.iter().map(|m| m.id.as_str()).collect::<Vec<_>>(),
+            ["o1", "i1", "i2"]
+        );
     }
 
     /// Copies a (closed) store directory, as a backup would.
@@ -1174,16 +1437,35 @@ mod tests {
         let store = open_in_test(tmp.path());
         let id = store.store_id().to_owned();
         assert_eq!(id.len(), 16);
-        assert_eq!(store.last_log_cursor().unwrap(), format!("{id}-0-{START_TAG}"));
-        assert_eq!(store.resolve_since(&store.last_log_cursor().unwrap()).unwrap(), 0);
+        assert_eq!(
+            store.last_log_cursor().unwrap(),
+            format!("{id}-0-{START_TAG}")
+        );
+        assert_eq!(
+            store
+                .resolve_since(&store.last_log_cursor().unwrap())
+                .unwrap(),
+            0
+        );
         let mut live = store.subscribe();
-        store.insert_incoming(incoming("a", "bob", "1"), None).unwrap();
-        store.insert_incoming(incoming("b", "bob", "2"), None).unwrap();
+        store
+            .insert_incoming(incoming("a", "bob", "1"), None)
+            .unwrap();
+        store
+            .insert_incoming(incoming("b", "bob", "2"), None)
+            .unwrap();
         store.commit().await.unwrap();
         let logged = store.events_after(0, 10).unwrap();
         let first = live.try_recv().unwrap();
-        assert_eq!(first.log_cursor, logged[0].log_cursor, "live and replayed events carry the same cursor");
-        assert!(first.log_cursor.starts_with(&format!("{id}-1-")), "{}", first.log_cursor);
+        assert_eq!(
+            first.log_cursor, logged[0].log_cursor,
+            "live and replayed events carry the same cursor"
+        );
+        assert!(
+            first.log_cursor.starts_with(&format!("{id}-1-")),
+            "{}",
+            first.log_cursor
+        );
         assert_ne!(logged[0].log_cursor, logged[1].log_cursor);
         assert_eq!(store.last_log_cursor().unwrap(), logged[1].log_cursor);
         assert_eq!(store.resolve_since(&logged[0].log_cursor).unwrap(), 1);
@@ -1191,12 +1473,24 @@ mod tests {
         // Bare numbers, as cursors were before: up to the last event.
         assert_eq!(store.resolve_since("0").unwrap(), 0);
         assert_eq!(store.resolve_since(" 2 ").unwrap(), 2);
-        assert!(matches!(refusal(&store, "3"), CursorError::Beyond { last: 2, .. }));
-        assert!(matches!(refusal(&store, "1000"), CursorError::Beyond { last: 2, .. }));
+        assert!(matches!(
+            refusal(&store, "3"),
+            CursorError::Beyond { last: 2, .. }
+        ));
+        assert!(matches!(
+            refusal(&store, "1000"),
+            CursorError::Beyond { last: 2, .. }
+        ));
         let beyond = format!("{id}-3-{START_TAG}");
-        assert!(matches!(refusal(&store, &beyond), CursorError::Beyond { .. }));
+        assert!(matches!(
+            refusal(&store, &beyond),
+            CursorError::Beyond { .. }
+        ));
         let wrong_tag = format!("{id}-2-{START_TAG}");
-        assert!(matches!(refusal(&store, &wrong_tag), CursorError::OtherEvent { seq: 2, .. }));
+        assert!(matches!(
+            refusal(&store, &wrong_tag),
+            CursorError::OtherEvent { seq: 2, .. }
+        ));
         let other = format!("{}-1-{}", "0123456789abcdef", &logged[0].log_cursor[19..]);
         let e = refusal(&store, &other);
         assert!(matches!(e, CursorError::OtherStore { .. }), "{e}");
@@ -1204,7 +1498,10 @@ mod tests {
         let (bad_number, no_tag) = (format!("{id}-x-1"), format!("{id}-1"));
         let bads: [&str; 6] = ["", "x", "-5", "abc-1-2", &bad_number, &no_tag];
         for bad in bads {
-            assert!(matches!(refusal(&store, bad), CursorError::Malformed { .. }), "{bad:?}");
+            assert!(
+                matches!(refusal(&store, bad), CursorError::Malformed { .. }),
+                "{bad:?}"
+            );
         }
         // The id stays across a reopen, and so do the cursors.
         drop(live);
@@ -1212,15 +1509,25 @@ mod tests {
         let store = open_in_test(tmp.path());
         assert_eq!(store.store_id(), id);
         assert_eq!(store.resolve_since(&logged[1].log_cursor).unwrap(), 2);
-        assert_eq!(store.events_after(1, 10).unwrap()[0].log_cursor, logged[1].log_cursor);
+        assert_eq!(
+            store.events_after(1, 10).unwrap()[0].log_cursor,
+            logged[1].log_cursor
+        );
         // A re-created store (a new directory) has another id and refuses the old cursors.
         let tmp2 = tempfile::tempdir().unwrap();
         let fresh = open_in_test(tmp2.path());
         assert_ne!(fresh.store_id(), id);
-        fresh.insert_incoming(incoming("x", "bob", "x"), None).unwrap();
-        fresh.insert_incoming(incoming("y", "bob", "y"), None).unwrap();
+        fresh
+            .insert_incoming(incoming("x", "bob", "x"), None)
+            .unwrap();
+        fresh
+            .insert_incoming(incoming("y", "bob", "y"), None)
+            .unwrap();
         fresh.commit().await.unwrap();
-        assert!(matches!(refusal(&fresh, &logged[1].log_cursor), CursorError::OtherStore { .. }));
+        assert!(matches!(
+            refusal(&fresh, &logged[1].log_cursor),
+            CursorError::OtherStore { .. }
+        ));
     }
 
     #[tokio::test]
@@ -1229,35 +1536,64 @@ mod tests {
         let (live_dir, backup) = (tmp.path().join("store"), tmp.path().join("backup"));
         {
             let store = open_in_test(&live_dir);
-            store.insert_incoming(incoming("a", "bob", "1"), None).unwrap();
+            store
+                .insert_incoming(incoming("a", "bob", "1"), None)
+                .unwrap();
             store.commit().await.unwrap();
         }
         copy_dir(&live_dir, &backup);
         let (shared, third, fourth) = {
             let store = open_in_test(&live_dir);
-            store.insert_incoming(incoming("b", "bob", "2"), None).unwrap();
-            store.insert_incoming(incoming("c", "bob", "3"), None).unwrap();
-            store.insert_incoming(incoming("d", "bob", "4"), None).unwrap();
+            store
+                .insert_incoming(incoming("b", "bob", "2"), None)
+                .unwrap();
+            store
+                .insert_incoming(incoming("c", "bob", "3"), None)
+                .unwrap();
+            store
+                .insert_incoming(incoming("d", "bob", "4"), None)
+                .unwrap();
             store.commit().await.unwrap();
             let e = store.events_after(0, 10).unwrap();
-            (e[0].log_cursor.clone(), e[2].log_cursor.clone(), e[3].log_cursor.clone())
+            (
+                e[0].log_cursor.clone(),
+                e[2].log_cursor.clone(),
+                e[3].log_cursor.clone(),
+            )
         };
         // The backup comes back in place of the store.
         std::fs::remove_dir_all(&live_dir).unwrap();
         copy_dir(&backup, &live_dir);
         let store = open_in_test(&live_dir);
         assert_eq!(store.last_cursor(), 1);
-        assert!(shared.starts_with(store.store_id()), "the same store, so the same id");
-        assert_eq!(store.resolve_since(&shared).unwrap(), 1, "history both copies share still resumes");
-        assert!(matches!(refusal(&store, &fourth), CursorError::Beyond { last: 1, .. }));
+        assert!(
+            shared.starts_with(store.store_id()),
+            "the same store, so the same id"
+        );
+        assert_eq!(
+            store.resolve_since(&shared).unwrap(),
+            1,
+            "history both copies share still resumes"
+        );
+        assert!(matches!(
+            refusal(&store, &fourth),
+            CursorError::Beyond { last: 1, .. }
+        ));
         // It logs other events under the numbers the lost ones had.
-        store.insert_incoming(incoming("e", "carol", "other 2"), None).unwrap();
-        store.insert_incoming(incoming("f", "carol", "other 3"), None).unwrap();
+        store
+            .insert_incoming(incoming("e", "carol", "other 2"), None)
+            .unwrap();
+        store
+            .insert_incoming(incoming("f", "carol", "other 3"), None)
+            .unwrap();
         store.commit().await.unwrap();
         let e = refusal(&store, &third);
         assert!(matches!(e, CursorError::OtherEvent { seq: 3, .. }), "{e}");
         assert!(e.to_string().contains("restored from an older copy"), "{e}");
-        assert!(matches!(refusal(&store, &fourth), CursorError::Beyond { last: 3, .. }));
+        assert!(matches!(
+            refusal(&store, &fourth),
+            CursorError::Beyond { last: 3, .. }
+        ));
     }
 
     #[tokio::test]
@@ -1265,7 +1601,9 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         {
             let store = open_in_test(tmp.path());
-            store.insert_incoming(incoming("a", "bob", "1"), None).unwrap();
+            store
+                .insert_incoming(incoming("a", "bob", "1"), None)
+                .unwrap();
             store.commit().await.unwrap();
             // As a store written by a daemon that had no store id.
             store.inner.data.remove(K_STORE_ID).unwrap();
@@ -1275,9 +1613,16 @@ mod tests {
         let id = store.store_id().to_owned();
         assert_eq!(store.history("bob", 0, None).unwrap()[0].text, "1");
         assert_eq!(store.last_cursor(), 1);
-        assert_eq!(store.resolve_since("1").unwrap(), 1, "a number saved before still resumes");
+        assert_eq!(
+            store.resolve_since("1").unwrap(),
+            1,
+            "a number saved before still resumes"
+        );
         let old = store.events_after(0, 10).unwrap();
-        assert!(old[0].log_cursor.starts_with(&format!("{id}-1-")), "old events have log cursors too");
+        assert!(
+            old[0].log_cursor.starts_with(&format!("{id}-1-")),
+            "old events have log cursors too"
+        );
         assert_eq!(store.resolve_since(&old[0].log_cursor).unwrap(), 1);
         drop(store);
         assert_eq!(open_in_test(tmp.path()).store_id(), id, "made once");
@@ -1293,11 +1638,18 @@ mod tests {
         let mut m = incoming("h2", "carol", "");
         m.state = MessageState::Held as i32;
         store.insert_incoming(m, Some(b"frame2".to_vec())).unwrap();
-        assert_eq!(store.unread_total().unwrap(), 0, "held messages are not unread");
+        assert_eq!(
+            store.unread_total().unwrap(),
+            0,
+            "held messages are not unread"
+        );
         let held = store.held("carol").unwrap();
         assert_eq!(held.len(), 2);
         assert_eq!(held[0].frame, b"frame1");
-        let released = store.release_held("carol", held[0].seq, "hello".into()).unwrap().unwrap();
+        let released = store
+            .release_held("carol", held[0].seq, "hello".into())
+            .unwrap()
+            .unwrap();
         assert_eq!(released.state, MessageState::Received as i32);
         store.drop_held("carol", held[1].seq).unwrap();
         assert!(store.held("carol").unwrap().is_empty());

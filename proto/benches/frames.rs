@@ -15,8 +15,8 @@ use nes_proto::frame::{open, open_with, seal, Draft, Version};
 use nes_proto::v3::{self, CertificateSecret, PrekeySecret};
 use nes_proto::{PrivateKey, PublicKey, Username};
 use std::collections::HashMap;
-use std::sync::Arc;
 use std::hint::black_box;
+use std::sync::Arc;
 
 fn key(name: &str) -> String {
     let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/legacy-v1/keys/");
@@ -28,15 +28,25 @@ fn frames(c: &mut Criterion) {
     let alice_sign_pub = PublicKey::from_pem(&key("alice-rsa-sign.pub")).expect("key");
     let bob_message = PrivateKey::from_pem(&key("bob-rsa-message")).expect("key");
     let bob_message_pub = PublicKey::from_pem(&key("bob-rsa-message.pub")).expect("key");
-    let (alice, bob) = (Username::parse("alice").expect("name"), Username::parse("bob").expect("name"));
+    let (alice, bob) = (
+        Username::parse("alice").expect("name"),
+        Username::parse("bob").expect("name"),
+    );
     let text = "Hello Bob! A message of a typical length, about one line of chat.";
-    let draft = Draft { from: &alice, to: &bob, text, timestamp_ms: 1_735_689_601_000 };
+    let draft = Draft {
+        from: &alice,
+        to: &bob,
+        text,
+        timestamp_ms: 1_735_689_601_000,
+    };
 
     let mut group = c.benchmark_group("frame");
     for version in [Version::V1, Version::V2] {
         let name = format!("v{}", version.number());
         group.bench_function(BenchmarkId::new("seal", &name), |b| {
-            b.iter(|| seal(version, black_box(&draft), &bob_message_pub, &alice_sign).expect("seal"))
+            b.iter(|| {
+                seal(version, black_box(&draft), &bob_message_pub, &alice_sign).expect("seal")
+            })
         });
         let sealed = seal(version, &draft, &bob_message_pub, &alice_sign).expect("seal");
         group.bench_function(BenchmarkId::new("open", &name), |b| {
@@ -48,27 +58,40 @@ fn frames(c: &mut Criterion) {
     let bob_sign = PrivateKey::from_pem(&key("bob-rsa-sign")).expect("key");
     let now = nes_proto::now_ms();
     let day = 24 * 3600 * 1000;
-    let prekey = Arc::new(PrekeySecret::generate(&bob, now - day, now + 13 * day, &bob_sign).expect("prekey"));
-    let cert = CertificateSecret::generate(&alice, now - day, now + 13 * day, &alice_sign).expect("certificate");
+    let prekey = Arc::new(
+        PrekeySecret::generate(&bob, now - day, now + 13 * day, &bob_sign).expect("prekey"),
+    );
+    let cert = CertificateSecret::generate(&alice, now - day, now + 13 * day, &alice_sign)
+        .expect("certificate");
     let prekeys = HashMap::from([(prekey.id(), prekey.clone())]);
-    let draft_v3 = Draft { timestamp_ms: now, ..draft };
+    let draft_v3 = Draft {
+        timestamp_ms: now,
+        ..draft
+    };
     group.bench_function(BenchmarkId::new("seal", "v3"), |b| {
         b.iter(|| v3::seal(black_box(&draft_v3), prekey.signed(), &cert, now).expect("seal"))
     });
     let sealed = v3::seal(&draft_v3, prekey.signed(), &cert, now).expect("seal");
     group.bench_function(BenchmarkId::new("open", "v3"), |b| {
-        b.iter(|| open_with(black_box(&sealed.frame), None, &prekeys, &alice_sign_pub).expect("open"))
+        b.iter(|| {
+            open_with(black_box(&sealed.frame), None, &prekeys, &alice_sign_pub).expect("open")
+        })
     });
     println!(
         "frame size for this text: v3 {} bytes (v2 {} bytes)",
         sealed.frame.len(),
-        seal(Version::V2, &draft, &bob_message_pub, &alice_sign).expect("seal").frame.len()
+        seal(Version::V2, &draft, &bob_message_pub, &alice_sign)
+            .expect("seal")
+            .frame
+            .len()
     );
     group.finish();
 
     // The backend choice: one RSA-2048 private operation in each library.
     let mut group = c.benchmark_group("rsa2048_private_op");
-    group.bench_function("aws-lc-rs sign", |b| b.iter(|| alice_sign.sign_pss(black_box(b"x")).expect("sign")));
+    group.bench_function("aws-lc-rs sign", |b| {
+        b.iter(|| alice_sign.sign_pss(black_box(b"x")).expect("sign"))
+    });
     let rsa_key = {
         use rsa::pkcs1::DecodeRsaPrivateKey;
         rsa::RsaPrivateKey::from_pkcs1_pem(&key("alice-rsa-sign")).expect("key")

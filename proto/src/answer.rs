@@ -108,14 +108,16 @@ pub fn verify_answer(
     if body.len() > MAX_ANSWER_BYTES {
         return Err(AnswerError::TooLarge(body.len()));
     }
-    let parsed: Body<'_> = serde_json::from_slice(body).map_err(|e| AnswerError::Json(e.to_string()))?;
+    let parsed: Body<'_> =
+        serde_json::from_slice(body).map_err(|e| AnswerError::Json(e.to_string()))?;
     let signature = b64::decode(&parsed.signature).ok_or(AnswerError::Base64)?;
     let signed = parsed.response.get().as_bytes();
     // Any salt length: the original server signs with the maximum, ours with 32.
     if !server_key.verify_pss_any_salt(signed, &signature) {
         return Err(AnswerError::Signature);
     }
-    let response: Response = serde_json::from_slice(signed).map_err(|e| AnswerError::Json(e.to_string()))?;
+    let response: Response =
+        serde_json::from_slice(signed).map_err(|e| AnswerError::Json(e.to_string()))?;
     match (&response.username, rule) {
         (None, UsernameRule::Require) => return Err(AnswerError::MissingUsername),
         (None, UsernameRule::IfPresent) => {}
@@ -153,7 +155,11 @@ pub fn build_answer(
     push_go_string(&mut response, public_key_sign);
     response.push('}');
     let signature = server_key.sign_pss(response.as_bytes())?;
-    Ok(format!("{{\"response\":{response},\"signature\":\"{}\"}}\n", b64::encode(&signature)).into_bytes())
+    Ok(format!(
+        "{{\"response\":{response},\"signature\":\"{}\"}}\n",
+        b64::encode(&signature)
+    )
+    .into_bytes())
 }
 
 #[cfg(test)]
@@ -176,7 +182,10 @@ mod tests {
     #[test]
     fn built_answers_verify_under_both_rules() {
         let key = server();
-        let (m, s) = (vector("keys/bob-rsa-message.pub"), vector("keys/bob-rsa-sign.pub"));
+        let (m, s) = (
+            vector("keys/bob-rsa-message.pub"),
+            vector("keys/bob-rsa-sign.pub"),
+        );
         let body = build_answer(&key, &user("bob"), &m, &s).unwrap();
         assert!(body.ends_with(b"}\n"));
         for rule in [UsernameRule::Require, UsernameRule::IfPresent] {
@@ -191,7 +200,13 @@ mod tests {
     fn an_answer_about_someone_else_is_refused() {
         let key = server();
         let body = build_answer(&key, &user("carol"), "a", "b").unwrap();
-        let err = verify_answer(&body, key.public_key(), &user("bob"), UsernameRule::IfPresent).unwrap_err();
+        let err = verify_answer(
+            &body,
+            key.public_key(),
+            &user("bob"),
+            UsernameRule::IfPresent,
+        )
+        .unwrap_err();
         assert!(matches!(err, AnswerError::WrongUsername { .. }));
     }
 
@@ -199,30 +214,60 @@ mod tests {
     fn original_answers_need_the_lenient_rule() {
         let key = PublicKey::from_pem(&vector("provider-public-key.pem")).unwrap();
         let body = vector("http/get-bob.body");
-        let err = verify_answer(body.as_bytes(), &key, &user("bob"), UsernameRule::Require).unwrap_err();
+        let err =
+            verify_answer(body.as_bytes(), &key, &user("bob"), UsernameRule::Require).unwrap_err();
         assert!(matches!(err, AnswerError::MissingUsername));
     }
 
     #[test]
     fn tampering_is_refused() {
         let key = server();
-        let body = String::from_utf8(build_answer(&key, &user("bob"), "KEY-A", "KEY-B").unwrap()).unwrap();
+        let body =
+            String::from_utf8(build_answer(&key, &user("bob"), "KEY-A", "KEY-B").unwrap()).unwrap();
         let changed = body.replace("KEY-A", "KEY-C");
-        let err = verify_answer(changed.as_bytes(), key.public_key(), &user("bob"), UsernameRule::Require).unwrap_err();
+        let err = verify_answer(
+            changed.as_bytes(),
+            key.public_key(),
+            &user("bob"),
+            UsernameRule::Require,
+        )
+        .unwrap_err();
         assert!(matches!(err, AnswerError::Signature));
         // Re-serialising the response (here: a space) breaks the signature, by design.
         let spaced = body.replacen("{\"username\":", "{ \"username\":", 1);
         assert!(matches!(
-            verify_answer(spaced.as_bytes(), key.public_key(), &user("bob"), UsernameRule::Require),
+            verify_answer(
+                spaced.as_bytes(),
+                key.public_key(),
+                &user("bob"),
+                UsernameRule::Require
+            ),
             Err(AnswerError::Signature)
         ));
         let other = PrivateKey::from_pem(&vector("keys/alice-rsa-sign")).unwrap();
         assert!(matches!(
-            verify_answer(body.as_bytes(), other.public_key(), &user("bob"), UsernameRule::Require),
+            verify_answer(
+                body.as_bytes(),
+                other.public_key(),
+                &user("bob"),
+                UsernameRule::Require
+            ),
             Err(AnswerError::Signature)
         ));
-        for bad in ["", "{}", "{\"response\":{}}", "[1]", "{\"response\":{},\"signature\":\"+\"}"] {
-            assert!(verify_answer(bad.as_bytes(), key.public_key(), &user("bob"), UsernameRule::Require).is_err());
+        for bad in [
+            "",
+            "{}",
+            "{\"response\":{}}",
+            "[1]",
+            "{\"response\":{},\"signature\":\"+\"}",
+        ] {
+            assert!(verify_answer(
+                bad.as_bytes(),
+                key.public_key(),
+                &user("bob"),
+                UsernameRule::Require
+            )
+            .is_err());
         }
         let huge = vec![b' '; MAX_ANSWER_BYTES + 1];
         assert!(matches!(

@@ -207,12 +207,18 @@ pub fn seal(
         }
     };
     if sealed.frame.len() > MAX_FRAME_BYTES {
-        return Err(FrameError::TooLarge { size: sealed.frame.len() });
+        return Err(FrameError::TooLarge {
+            size: sealed.frame.len(),
+        });
     }
     Ok(sealed)
 }
 
-fn seal_v1(draft: &Draft<'_>, to_key: &PublicKey, sign_key: &PrivateKey) -> Result<Sealed, FrameError> {
+fn seal_v1(
+    draft: &Draft<'_>,
+    to_key: &PublicKey,
+    sign_key: &PrivateKey,
+) -> Result<Sealed, FrameError> {
     let inner = draft.inner_json(None);
     let mut k = Zeroizing::new([0u8; 48]);
     rand::rngs::OsRng.fill_bytes(k.as_mut());
@@ -229,10 +235,19 @@ fn seal_v1(draft: &Draft<'_>, to_key: &PublicKey, sign_key: &PrivateKey) -> Resu
         b64::encode(&signature)
     )
     .into_bytes();
-    Ok(Sealed { id: v1_signature_id(&signature), frame, inner, version: Version::V1 })
+    Ok(Sealed {
+        id: v1_signature_id(&signature),
+        frame,
+        inner,
+        version: Version::V1,
+    })
 }
 
-fn seal_v2(draft: &Draft<'_>, to_key: &PublicKey, sign_key: &PrivateKey) -> Result<Sealed, FrameError> {
+fn seal_v2(
+    draft: &Draft<'_>,
+    to_key: &PublicKey,
+    sign_key: &PrivateKey,
+) -> Result<Sealed, FrameError> {
     let id = new_message_id();
     let inner = draft.inner_json(Some(id.clone()));
     let signature = sign_key.sign_pss(&inner)?;
@@ -252,7 +267,13 @@ fn seal_v2(draft: &Draft<'_>, to_key: &PublicKey, sign_key: &PrivateKey) -> Resu
     let cipher = Aes256Gcm::new_from_slice(k.as_ref())
         .map_err(|_| FrameError::Key(KeyError::Backend("AES-GCM key setup".into())))?;
     let ciphertext = cipher
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: &plaintext, aad: &aad })
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: &plaintext,
+                aad: &aad,
+            },
+        )
         .map_err(|_| FrameError::Key(KeyError::Backend("AES-GCM encryption".into())))?;
     let frame = format!(
         "{{\"v\":2,\"cipherkey\":\"{}\",\"nonce\":\"{}\",\"ciphertext\":\"{}\"}}",
@@ -261,7 +282,12 @@ fn seal_v2(draft: &Draft<'_>, to_key: &PublicKey, sign_key: &PrivateKey) -> Resu
         b64::encode(&ciphertext)
     )
     .into_bytes();
-    Ok(Sealed { frame, inner, id, version: Version::V2 })
+    Ok(Sealed {
+        frame,
+        inner,
+        id,
+        version: Version::V2,
+    })
 }
 
 /// A decrypted frame whose signature has not been checked yet.
@@ -317,7 +343,8 @@ pub fn decrypt_with(
     if frame.len() > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge { size: frame.len() });
     }
-    let outer: Outer = serde_json::from_slice(frame).map_err(|e| FrameError::Json(e.to_string()))?;
+    let outer: Outer =
+        serde_json::from_slice(frame).map_err(|e| FrameError::Json(e.to_string()))?;
     match (outer.v, message_key) {
         (None, Some(message_key)) => decrypt_v1(outer, message_key),
         (Some(2), Some(message_key)) => decrypt_v2(outer, message_key),
@@ -337,8 +364,19 @@ pub fn decrypt_with(
 }
 
 /// A v3 [`Decrypted`]; `signature` holds S ‖ C (see `v3::seal::verify`).
-pub(crate) fn decrypted_v3(inner_bytes: Vec<u8>, inner: Inner, signature: Vec<u8>, id: String) -> Decrypted {
-    Decrypted { version: Version::V3, inner_bytes, inner, signature, id }
+pub(crate) fn decrypted_v3(
+    inner_bytes: Vec<u8>,
+    inner: Inner,
+    signature: Vec<u8>,
+    id: String,
+) -> Decrypted {
+    Decrypted {
+        version: Version::V3,
+        inner_bytes,
+        inner,
+        signature,
+        id,
+    }
 }
 
 fn field(value: Option<String>, name: &'static str) -> Result<Vec<u8>, FrameError> {
@@ -352,7 +390,9 @@ fn decrypt_v1(outer: Outer, key: &PrivateKey) -> Result<Decrypted, FrameError> {
     let ciphertext = field(outer.ciphertext, "ciphertext")?;
     let signature = field(outer.signature, "signature")?;
     if ciphertext.is_empty() || ciphertext.len() % 16 != 0 {
-        return Err(FrameError::Length { field: "ciphertext" });
+        return Err(FrameError::Length {
+            field: "ciphertext",
+        });
     }
     // Implicit rejection (keys.rs): a cipherkey that does not unwrap yields a stand-in key
     // and goes through the same CBC decryption and inner parsing as a real one; only then is
@@ -361,14 +401,27 @@ fn decrypt_v1(outer: Outer, key: &PrivateKey) -> Result<Decrypted, FrameError> {
     let k = &unwrapped.key;
     let parsed = cbc::Decryptor::<aes::Aes256>::new_from_slices(&k[..32], &k[32..])
         .map_err(|_| FrameError::Decrypt)
-        .and_then(|d| d.decrypt_padded_vec_mut::<Pkcs7>(&ciphertext).map_err(|_| FrameError::Decrypt))
-        .and_then(|bytes| Inner::parse(&bytes).map(|inner| (bytes, inner)).map_err(FrameError::Inner));
+        .and_then(|d| {
+            d.decrypt_padded_vec_mut::<Pkcs7>(&ciphertext)
+                .map_err(|_| FrameError::Decrypt)
+        })
+        .and_then(|bytes| {
+            Inner::parse(&bytes)
+                .map(|inner| (bytes, inner))
+                .map_err(FrameError::Inner)
+        });
     if unwrapped.unwrapped != 1 {
         return Err(FrameError::Decrypt);
     }
     let (inner_bytes, inner) = parsed?;
     let id = v1_signature_id(&signature);
-    Ok(Decrypted { version: Version::V1, inner_bytes, inner, signature, id })
+    Ok(Decrypted {
+        version: Version::V1,
+        inner_bytes,
+        inner,
+        signature,
+        id,
+    })
 }
 
 fn decrypt_v2(outer: Outer, key: &PrivateKey) -> Result<Decrypted, FrameError> {
@@ -385,7 +438,13 @@ fn decrypt_v2(outer: Outer, key: &PrivateKey) -> Result<Decrypted, FrameError> {
     let cipher = Aes256Gcm::new_from_slice(&k).map_err(|_| FrameError::Unwrap)?;
     let plaintext = Zeroizing::new(
         cipher
-            .decrypt(Nonce::from_slice(&nonce), Payload { msg: &ciphertext, aad: &v2_aad(&cipherkey) })
+            .decrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: &ciphertext,
+                    aad: &v2_aad(&cipherkey),
+                },
+            )
             .map_err(|_| FrameError::Decrypt)?,
     );
     if plaintext.len() < 2 {
@@ -398,9 +457,14 @@ fn decrypt_v2(outer: Outer, key: &PrivateKey) -> Result<Decrypted, FrameError> {
     }
     let (signature, inner_bytes) = rest.split_at(sig_len);
     let inner = Inner::parse(inner_bytes).map_err(FrameError::Inner)?;
-    let id = inner.id.clone().ok_or_else(|| FrameError::Inner("missing field `id`".into()))?;
+    let id = inner
+        .id
+        .clone()
+        .ok_or_else(|| FrameError::Inner("missing field `id`".into()))?;
     if b64::decode(&id).map(|b| b.len()) != Some(ID_BYTES) {
-        return Err(FrameError::Inner("`id` is not 16 bytes of base64url".into()));
+        return Err(FrameError::Inner(
+            "`id` is not 16 bytes of base64url".into(),
+        ));
     }
     Ok(Decrypted {
         version: Version::V2,
@@ -433,16 +497,28 @@ impl Decrypted {
     pub fn verify(self, sender_sign_key: &PublicKey) -> Result<Opened, FrameError> {
         let ok = match self.version {
             Version::V1 => sender_sign_key.verify_pss_any_salt(&self.inner_bytes, &self.signature),
-            Version::V2 => sender_sign_key.verify_pss_digest_salt(&self.inner_bytes, &self.signature),
+            Version::V2 => {
+                sender_sign_key.verify_pss_digest_salt(&self.inner_bytes, &self.signature)
+            }
             Version::V3 => {
-                crate::v3::seal::verify(&self.signature, &self.inner_bytes, &self.inner, sender_sign_key)?;
+                crate::v3::seal::verify(
+                    &self.signature,
+                    &self.inner_bytes,
+                    &self.inner,
+                    sender_sign_key,
+                )?;
                 true
             }
         };
         if !ok {
             return Err(FrameError::Signature);
         }
-        Ok(Opened { version: self.version, inner_bytes: self.inner_bytes, inner: self.inner, id: self.id })
+        Ok(Opened {
+            version: self.version,
+            inner_bytes: self.inner_bytes,
+            inner: self.inner,
+            id: self.id,
+        })
     }
 }
 
@@ -453,14 +529,18 @@ impl Opened {
         if self.inner.to.to_ascii_lowercase() == me.as_str() {
             Ok(())
         } else {
-            Err(FrameError::Misaddressed { to: self.inner.to.chars().take(64).collect() })
+            Err(FrameError::Misaddressed {
+                to: self.inner.to.chars().take(64).collect(),
+            })
         }
     }
 
     /// Refuses a timestamp more than [`MAX_FUTURE_SKEW_MS`] after `now_ms`.
     pub fn check_time(&self, now_ms: i64) -> Result<(), FrameError> {
         if self.inner.timestamp > now_ms.saturating_add(MAX_FUTURE_SKEW_MS) {
-            Err(FrameError::FromTheFuture { timestamp: self.inner.timestamp })
+            Err(FrameError::FromTheFuture {
+                timestamp: self.inner.timestamp,
+            })
         } else {
             Ok(())
         }
@@ -510,7 +590,11 @@ fn v2_aad(cipherkey: &[u8]) -> Vec<u8> {
 }
 
 /// Opens with both keys at once: [`decrypt`] then [`Decrypted::verify`].
-pub fn open(frame: &[u8], message_key: &PrivateKey, sender_sign_key: &PublicKey) -> Result<Opened, FrameError> {
+pub fn open(
+    frame: &[u8],
+    message_key: &PrivateKey,
+    sender_sign_key: &PublicKey,
+) -> Result<Opened, FrameError> {
     decrypt(frame, message_key)?.verify(sender_sign_key)
 }
 

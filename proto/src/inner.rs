@@ -99,11 +99,15 @@ mod tests {
 
     #[test]
     fn reads_any_order_and_ignores_unknown_fields() {
-        let inner = Inner::parse(br#"{ "message":"hi","x":[1],"timestamp":5,"to":"bob","from":"al" }"#)
-            .unwrap();
+        let inner =
+            Inner::parse(br#"{ "message":"hi","x":[1],"timestamp":5,"to":"bob","from":"al" }"#)
+                .unwrap();
         assert_eq!(inner.message, "hi");
         assert_eq!(inner.id, None);
         assert!(Inner::parse(br#"{"from":"a","to":"b","message":"m"}"#).is_err());
-        assert!(Inner::parse(br#"{"from":"a","from":"b","to":"b","timestamp":1,"message":"m"}"#).is_err());
+        assert!(
+            Inner::parse(br#"{"from":"a","from":"b","to":"b","timestamp":1,"message":"m"}"#)
+                .is_err()
+        );
     }
 }

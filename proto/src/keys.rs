@@ -15,14 +15,16 @@
 //! accepts any, so we must too). No private-key arithmetic runs in the `rsa` crate.
 
 use aws_lc_rs::encoding::{AsDer, Pkcs8V1Der};
+use aws_lc_rs::hmac;
 use aws_lc_rs::rsa::{
     KeySize, OaepPrivateDecryptingKey, OaepPublicEncryptingKey, Pkcs1PrivateDecryptingKey,
     Pkcs1PublicEncryptingKey, PrivateDecryptingKey, PublicEncryptingKey, OAEP_SHA256_MGF1SHA256,
 };
-use aws_lc_rs::hmac;
 use aws_lc_rs::signature::{self, RsaKeyPair, RsaPssSaltLength};
 use rsa::pkcs1::{DecodeRsaPrivateKey, EncodeRsaPrivateKey, EncodeRsaPublicKey};
-use rsa::pkcs8::{DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding};
+use rsa::pkcs8::{
+    DecodePrivateKey, DecodePublicKey, EncodePrivateKey, EncodePublicKey, LineEnding,
+};
 use rsa::traits::PublicKeyParts;
 use rsa::{BigUint, RsaPrivateKey, RsaPublicKey};
 use sha2::{Digest, Sha256};
@@ -124,14 +126,17 @@ impl PublicKey {
             .or_else(|_| {
                 <RsaPublicKey as rsa::pkcs1::DecodeRsaPublicKey>::from_pkcs1_pem(pem.trim())
             })
-            .map_err(|_| KeyError::Format { expected: "PUBLIC KEY" })?;
+            .map_err(|_| KeyError::Format {
+                expected: "PUBLIC KEY",
+            })?;
         Self::from_rsa(rsa)
     }
 
     /// Reads a DER SubjectPublicKeyInfo.
     pub fn from_spki_der(der: &[u8]) -> Result<Self, KeyError> {
-        let rsa = RsaPublicKey::from_public_key_der(der)
-            .map_err(|_| KeyError::Format { expected: "PUBLIC KEY" })?;
+        let rsa = RsaPublicKey::from_public_key_der(der).map_err(|_| KeyError::Format {
+            expected: "PUBLIC KEY",
+        })?;
         Self::from_rsa(rsa)
     }
 
@@ -155,7 +160,12 @@ impl PublicKey {
             .into_vec();
         let encrypting = PublicEncryptingKey::from_der(&spki_der)
             .map_err(|e| KeyError::Backend(e.to_string()))?;
-        Ok(Self { rsa, spki_der, pkcs1_der, encrypting })
+        Ok(Self {
+            rsa,
+            spki_der,
+            pkcs1_der,
+            encrypting,
+        })
     }
 
     /// The key as PEM `PUBLIC KEY`, 64-character lines and a final newline, as the original
@@ -229,7 +239,10 @@ impl PublicKey {
         // check at its own speed; any other length takes the general (slower) path.
         const MAX_SALT: signature::RsaParameters =
             signature::RSA_PSS_2048_8192_SHA256.with_pss_salt_length(RsaPssSaltLength::Max);
-        if signature::UnparsedPublicKey::new(&MAX_SALT, &self.pkcs1_der).verify(message, sig).is_ok() {
+        if signature::UnparsedPublicKey::new(&MAX_SALT, &self.pkcs1_der)
+            .verify(message, sig)
+            .is_ok()
+        {
             return true;
         }
         self.verify_pss_recovered_salt(message, sig)
@@ -296,7 +309,12 @@ impl Eq for PublicKey {}
 
 impl fmt::Debug for PublicKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PublicKey(rsa-{}, sha256:{})", self.bits(), self.fingerprint())
+        write!(
+            f,
+            "PublicKey(rsa-{}, sha256:{})",
+            self.bits(),
+            self.fingerprint()
+        )
     }
 }
 
@@ -323,7 +341,9 @@ impl PrivateKey {
     pub fn from_pem(pem: &str) -> Result<Self, KeyError> {
         let rsa = RsaPrivateKey::from_pkcs1_pem(pem.trim())
             .or_else(|_| RsaPrivateKey::from_pkcs8_pem(pem.trim()))
-            .map_err(|_| KeyError::Format { expected: "RSA PRIVATE KEY (PKCS#1)" })?;
+            .map_err(|_| KeyError::Format {
+                expected: "RSA PRIVATE KEY (PKCS#1)",
+            })?;
         Self::from_rsa(&rsa)
     }
 
@@ -399,7 +419,12 @@ impl PrivateKey {
     ) -> Result<Vec<u8>, KeyError> {
         let mut sig = vec![0u8; self.signing.public_modulus_len()];
         self.signing
-            .sign(alg, &aws_lc_rs::rand::SystemRandom::new(), message, &mut sig)
+            .sign(
+                alg,
+                &aws_lc_rs::rand::SystemRandom::new(),
+                message,
+                &mut sig,
+            )
             .map_err(|e| KeyError::Backend(e.to_string()))?;
         Ok(sig)
     }
@@ -443,7 +468,10 @@ impl PrivateKey {
         for ((k, real), fake) in key.iter_mut().zip(out.iter()).zip(stand_in.iter()) {
             *k = (real & mask) | (fake & !mask);
         }
-        V1Key { key, unwrapped: good }
+        V1Key {
+            key,
+            unwrapped: good,
+        }
     }
 
     /// The stand-in v1 key for `ciphertext`: two HMAC-SHA-256 blocks, the first 48 bytes.
@@ -469,7 +497,12 @@ fn ct_eq_usize(a: usize, b: usize) -> u8 {
 
 impl fmt::Debug for PrivateKey {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "PrivateKey(rsa-{}, public sha256:{})", self.bits(), self.public.fingerprint())
+        write!(
+            f,
+            "PrivateKey(rsa-{}, public sha256:{})",
+            self.bits(),
+            self.public.fingerprint()
+        )
     }
 }
 
@@ -479,7 +512,10 @@ impl fmt::Debug for PrivateKey {
 pub fn write_private_file(path: &Path, contents: &[u8], overwrite: bool) -> Result<(), KeyError> {
     use std::io::Write;
     use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-    let io = |source| KeyError::Io { path: path.display().to_string(), source };
+    let io = |source| KeyError::Io {
+        path: path.display().to_string(),
+        source,
+    };
     let mut options = std::fs::OpenOptions::new();
     options.write(true).mode(0o600);
     if overwrite {
@@ -489,14 +525,18 @@ pub fn write_private_file(path: &Path, contents: &[u8], overwrite: bool) -> Resu
     }
     let mut file = options.open(path).map_err(io)?;
     // An existing file keeps its old mode on truncate: force it.
-    file.set_permissions(std::fs::Permissions::from_mode(0o600)).map_err(io)?;
+    file.set_permissions(std::fs::Permissions::from_mode(0o600))
+        .map_err(io)?;
     file.write_all(contents).map_err(io)?;
     file.sync_all().map_err(io)?;
     Ok(())
 }
 
 fn read_text(path: &Path) -> Result<String, KeyError> {
-    std::fs::read_to_string(path).map_err(|source| KeyError::Io { path: path.display().to_string(), source })
+    std::fs::read_to_string(path).map_err(|source| KeyError::Io {
+        path: path.display().to_string(),
+        source,
+    })
 }
 
 fn mgf1_sha256(seed: &[u8], len: usize) -> Vec<u8> {
@@ -519,10 +559,12 @@ fn subtle_eq(a: &[u8], b: &[u8]) -> bool {
 
 pub(crate) fn hex_lower(bytes: &[u8]) -> String {
     use std::fmt::Write;
-    bytes.iter().fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
-        let _ = write!(s, "{b:02x}");
-        s
-    })
+    bytes
+        .iter()
+        .fold(String::with_capacity(bytes.len() * 2), |mut s, b| {
+            let _ = write!(s, "{b:02x}");
+            s
+        })
 }
 
 #[cfg(test)]
@@ -557,9 +599,17 @@ mod tests {
         assert_eq!(key.bits(), 2048);
         let again = PrivateKey::from_pem(&key.to_pkcs1_pem()).unwrap();
         assert_eq!(again.public_key(), key.public_key());
-        assert!(key.to_pkcs1_pem().starts_with("-----BEGIN RSA PRIVATE KEY-----\n"));
-        assert!(key.public_key().to_pem().starts_with("-----BEGIN PUBLIC KEY-----\n"));
-        assert!(matches!(PrivateKey::generate(1024), Err(KeyError::GenerateSize { bits: 1024 })));
+        assert!(key
+            .to_pkcs1_pem()
+            .starts_with("-----BEGIN RSA PRIVATE KEY-----\n"));
+        assert!(key
+            .public_key()
+            .to_pem()
+            .starts_with("-----BEGIN PUBLIC KEY-----\n"));
+        assert!(matches!(
+            PrivateKey::generate(1024),
+            Err(KeyError::GenerateSize { bits: 1024 })
+        ));
     }
 
     #[test]
@@ -570,16 +620,31 @@ mod tests {
         let err = PrivateKey::from_pem(&pem).unwrap_err();
         assert!(matches!(err, KeyError::Size { bits: 1024 }));
         assert!(err.to_string().contains("2048"));
-        let pub_pem = small.to_public_key().to_public_key_pem(LineEnding::LF).unwrap();
-        assert!(matches!(PublicKey::from_pem(&pub_pem), Err(KeyError::Size { bits: 1024 })));
+        let pub_pem = small
+            .to_public_key()
+            .to_public_key_pem(LineEnding::LF)
+            .unwrap();
+        assert!(matches!(
+            PublicKey::from_pem(&pub_pem),
+            Err(KeyError::Size { bits: 1024 })
+        ));
     }
 
     #[test]
     fn refuses_garbage() {
-        assert!(matches!(PublicKey::from_pem("hello"), Err(KeyError::Format { .. })));
-        assert!(matches!(PrivateKey::from_pem(""), Err(KeyError::Format { .. })));
+        assert!(matches!(
+            PublicKey::from_pem("hello"),
+            Err(KeyError::Format { .. })
+        ));
+        assert!(matches!(
+            PrivateKey::from_pem(""),
+            Err(KeyError::Format { .. })
+        ));
         let public = vector("keys/alice-rsa-sign.pub");
-        assert!(PrivateKey::from_pem(&public).is_err(), "a public key is not a private key");
+        assert!(
+            PrivateKey::from_pem(&public).is_err(),
+            "a public key is not a private key"
+        );
     }
 
     #[test]
@@ -619,7 +684,12 @@ mod tests {
         // Not for this key, not PKCS#1, the wrong size: a stand-in, never an early error,
         // the same each time for the same cipherkey and key, other for another of either.
         let other_size = bob.public_key().encrypt_pkcs1(&[7u8; 47]).unwrap();
-        for bad in [&cipherkey[..], &other_size[..], &[0u8; 256][..], &[1u8; 3][..]] {
+        for bad in [
+            &cipherkey[..],
+            &other_size[..],
+            &[0u8; 256][..],
+            &[1u8; 3][..],
+        ] {
             let key = if bad == &cipherkey[..] { &alice } else { &bob };
             let (once, twice) = (key.unwrap_v1_key(bad), key.unwrap_v1_key(bad));
             assert_eq!((once.unwrapped, twice.unwrapped), (0, 0));
@@ -627,9 +697,23 @@ mod tests {
             assert_ne!(*once.key, real);
             assert_ne!(*once.key, [0u8; V1_KEY_BYTES]);
         }
-        assert_ne!(*bob.unwrap_v1_key(&[0u8; 256]).key, *alice.unwrap_v1_key(&[0u8; 256]).key);
-        assert_ne!(*bob.unwrap_v1_key(&[0u8; 256]).key, *bob.unwrap_v1_key(&[1u8; 256]).key);
-        assert_eq!((ct_eq_usize(48, 48), ct_eq_usize(47, 48), ct_eq_usize(0, 48), ct_eq_usize(usize::MAX, 48)), (1, 0, 0, 0));
+        assert_ne!(
+            *bob.unwrap_v1_key(&[0u8; 256]).key,
+            *alice.unwrap_v1_key(&[0u8; 256]).key
+        );
+        assert_ne!(
+            *bob.unwrap_v1_key(&[0u8; 256]).key,
+            *bob.unwrap_v1_key(&[1u8; 256]).key
+        );
+        assert_eq!(
+            (
+                ct_eq_usize(48, 48),
+                ct_eq_usize(47, 48),
+                ct_eq_usize(0, 48),
+                ct_eq_usize(usize::MAX, 48)
+            ),
+            (1, 0, 0, 0)
+        );
     }
 
     #[test]

@@ -161,10 +161,7 @@ fn preview(text: &str) -> String {
 mod tests {
     use super::*;
 
-    const VECTORS: &str = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/vectors/legacy-v1/keys"
-    );
+    const VECTORS: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/vectors/legacy-v1/keys");
 
     fn key(name: &str) -> String {
         std::fs::read_to_string(format!("{VECTORS}/{name}")).unwrap()
@@ -187,7 +184,11 @@ mod tests {
         let r = Registration::parse(&body("Alice_1", "alice@example.org", &m, &s)).unwrap();
         assert_eq!(r.username.as_str(), "alice_1");
         assert_eq!(r.public_key_message, m, "kept verbatim");
-        assert_eq!(Registration::parse(&r.to_json()).unwrap(), r, "to_json round-trips");
+        assert_eq!(
+            Registration::parse(&r.to_json()).unwrap(),
+            r,
+            "to_json round-trips"
+        );
     }
 
     #[test]
@@ -205,9 +206,23 @@ mod tests {
         let (m, s) = (key("alice-rsa-message.pub"), key("alice-rsa-sign.pub"));
         assert_eq!(code(Registration::parse(b"not json")), "invalid_json");
         assert_eq!(code(Registration::parse(b"[]")), "invalid_json");
-        assert_eq!(code(Registration::parse(br#"{"username":"alice"}"#)), "invalid_json");
-        assert_eq!(code(Registration::parse(&body("al", "a@example.org", &m, &s))), "invalid_username");
-        assert_eq!(code(Registration::parse(&body("al ice", "a@example.org", &m, &s))), "invalid_username");
+        assert_eq!(
+            code(Registration::parse(br#"{"username":"alice"}"#)),
+            "invalid_json"
+        );
+        assert_eq!(
+            code(Registration::parse(&body("al", "a@example.org", &m, &s))),
+            "invalid_username"
+        );
+        assert_eq!(
+            code(Registration::parse(&body(
+                "al ice",
+                "a@example.org",
+                &m,
+                &s
+            ))),
+            "invalid_username"
+        );
         for email in [
             "",
             "alice",
@@ -221,16 +236,44 @@ mod tests {
             "alice@example..org",
             &format!("{}@example.org", "a".repeat(250)),
         ] {
-            assert_eq!(code(Registration::parse(&body("alice", email, &m, &s))), "invalid_email", "{email:?}");
+            assert_eq!(
+                code(Registration::parse(&body("alice", email, &m, &s))),
+                "invalid_email",
+                "{email:?}"
+            );
         }
-        assert_eq!(code(Registration::parse(&body("alice", "a@example.org", "junk", &s))), "invalid_key");
-        assert_eq!(code(Registration::parse(&body("alice", "a@example.org", "k\u{0}", &s))), "invalid_key");
         assert_eq!(
-            code(Registration::parse(&body("alice", "a@example.org", &m, &key("alice-rsa-sign")))),
+            code(Registration::parse(&body(
+                "alice",
+                "a@example.org",
+                "junk",
+                &s
+            ))),
+            "invalid_key"
+        );
+        assert_eq!(
+            code(Registration::parse(&body(
+                "alice",
+                "a@example.org",
+                "k\u{0}",
+                &s
+            ))),
+            "invalid_key"
+        );
+        assert_eq!(
+            code(Registration::parse(&body(
+                "alice",
+                "a@example.org",
+                &m,
+                &key("alice-rsa-sign")
+            ))),
             "invalid_key",
             "a private key is not a public key"
         );
-        assert_eq!(code(Registration::parse(&body("alice", "a@example.org", &m, &m))), "same_keys");
+        assert_eq!(
+            code(Registration::parse(&body("alice", "a@example.org", &m, &m))),
+            "same_keys"
+        );
     }
 
     #[test]

@@ -10,7 +10,9 @@ use rsa::pkcs8::DecodePublicKey;
 use std::path::PathBuf;
 
 fn key_text(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/legacy-v1/keys").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/vectors/legacy-v1/keys")
+        .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -40,8 +42,15 @@ fn user(name: &str) -> Username {
 
 fn sealed(k: &Keys, version: Version, to: &str, text: &str, ts: i64) -> Vec<u8> {
     let (alice, to) = (user("alice"), user(to));
-    let draft = Draft { from: &alice, to: &to, text, timestamp_ms: ts };
-    seal(version, &draft, &k.bob_message_pub, &k.alice_sign).unwrap().frame
+    let draft = Draft {
+        from: &alice,
+        to: &to,
+        text,
+        timestamp_ms: ts,
+    };
+    seal(version, &draft, &k.bob_message_pub, &k.alice_sign)
+        .unwrap()
+        .frame
 }
 
 /// A v2 frame around an arbitrary plaintext P, encrypted for bob with a key we know.
@@ -49,12 +58,20 @@ fn raw_v2(plaintext: &[u8]) -> Vec<u8> {
     let bob = rsa::RsaPublicKey::from_public_key_pem(&key_text("bob-rsa-message.pub")).unwrap();
     let k = [7u8; 32];
     let nonce = [9u8; 12];
-    let cipherkey = bob.encrypt(&mut rand::rngs::OsRng, rsa::Oaep::new::<sha2::Sha256>(), &k).unwrap();
+    let cipherkey = bob
+        .encrypt(&mut rand::rngs::OsRng, rsa::Oaep::new::<sha2::Sha256>(), &k)
+        .unwrap();
     let mut aad = b"NES/2".to_vec();
     aad.extend_from_slice(&cipherkey);
     let ct = Aes256Gcm::new_from_slice(&k)
         .unwrap()
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: plaintext, aad: &aad })
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: plaintext,
+                aad: &aad,
+            },
+        )
         .unwrap();
     format!(
         r#"{{"v":2,"cipherkey":"{}","nonce":"{}","ciphertext":"{}"}}"#,
@@ -69,7 +86,9 @@ fn raw_v2(plaintext: &[u8]) -> Vec<u8> {
 fn raw_v1(padded_plaintext: &[u8], signature: &[u8]) -> Vec<u8> {
     let bob = rsa::RsaPublicKey::from_public_key_pem(&key_text("bob-rsa-message.pub")).unwrap();
     let k = [5u8; 48];
-    let cipherkey = bob.encrypt(&mut rand::rngs::OsRng, rsa::Pkcs1v15Encrypt, &k).unwrap();
+    let cipherkey = bob
+        .encrypt(&mut rand::rngs::OsRng, rsa::Pkcs1v15Encrypt, &k)
+        .unwrap();
     let ct = cbc::Encryptor::<aes::Aes256>::new_from_slices(&k[..32], &k[32..])
         .unwrap()
         .encrypt_padded_vec_mut::<NoPadding>(padded_plaintext);
@@ -114,7 +133,10 @@ fn v1_frames_are_shaped_like_the_originals() {
     assert!(text.starts_with(r#"{"cipherkey":""#), "{text}");
     assert!(text.contains(r#"","ciphertext":""#) && text.contains(r#"","signature":""#));
     let opened = open(&frame_bytes, &k.bob_message, &k.alice_sign_pub).unwrap();
-    assert_eq!(opened.inner_bytes, br#"{"from":"alice","to":"bob","timestamp":1,"message":"hello"}"#);
+    assert_eq!(
+        opened.inner_bytes,
+        br#"{"from":"alice","to":"bob","timestamp":1,"message":"hello"}"#
+    );
     // The id of a v1 message is derived from its signature, the same on both sides.
     assert_eq!(Some(opened.id), frame::v1_id(&frame_bytes));
 }
@@ -130,25 +152,47 @@ fn v2_hides_the_signature_and_carries_an_id() {
     assert_eq!(b64::decode(&opened.id).map(|b| b.len()), Some(16));
     assert_eq!(opened.inner.id.as_deref(), Some(opened.id.as_str()));
     let other = sealed(&k, Version::V2, "bob", "hello", 1);
-    assert_ne!(open(&other, &k.bob_message, &k.alice_sign_pub).unwrap().id, opened.id);
+    assert_ne!(
+        open(&other, &k.bob_message, &k.alice_sign_pub).unwrap().id,
+        opened.id
+    );
 }
 
 #[test]
 fn refuses_too_large() {
     let k = keys();
     let big = vec![b' '; MAX_FRAME_BYTES + 1];
-    assert!(matches!(decrypt(&big, &k.bob_message), Err(FrameError::TooLarge { .. })));
+    assert!(matches!(
+        decrypt(&big, &k.bob_message),
+        Err(FrameError::TooLarge { .. })
+    ));
     // Sealing refuses what the receiver would refuse.
     let (a, b) = (user("alice"), user("bob"));
     let text = "x".repeat(MAX_FRAME_BYTES);
-    let draft = Draft { from: &a, to: &b, text: &text, timestamp_ms: 1 };
-    assert!(matches!(seal(Version::V2, &draft, &k.bob_message_pub, &k.alice_sign), Err(FrameError::TooLarge { .. })));
+    let draft = Draft {
+        from: &a,
+        to: &b,
+        text: &text,
+        timestamp_ms: 1,
+    };
+    assert!(matches!(
+        seal(Version::V2, &draft, &k.bob_message_pub, &k.alice_sign),
+        Err(FrameError::TooLarge { .. })
+    ));
 }
 
 #[test]
 fn refuses_bad_json() {
     let k = keys();
-    for bad in [&b"not json"[..], b"", b"[]", b"{\"cipherkey\":1}", b"{\"v\":2}", b"{\"cipherkey\":\"AA==\"", b"\xff\xfe"] {
+    for bad in [
+        &b"not json"[..],
+        b"",
+        b"[]",
+        b"{\"cipherkey\":1}",
+        b"{\"v\":2}",
+        b"{\"cipherkey\":\"AA==\"",
+        b"\xff\xfe",
+    ] {
         let err = decrypt(bad, &k.bob_message).unwrap_err();
         assert!(matches!(err, FrameError::Json(_)), "{bad:?}: {err:?}");
         assert_eq!(err.reason(), "bad_json");
@@ -158,10 +202,18 @@ fn refuses_bad_json() {
 #[test]
 fn refuses_unknown_versions() {
     let k = keys();
-    let err = decrypt(br#"{"v":4,"cipherkey":"","nonce":"","ciphertext":""}"#, &k.bob_message).unwrap_err();
+    let err = decrypt(
+        br#"{"v":4,"cipherkey":"","nonce":"","ciphertext":""}"#,
+        &k.bob_message,
+    )
+    .unwrap_err();
     assert!(matches!(err, FrameError::UnsupportedVersion(4)));
     // v3 is known now: without its fields it is bad JSON (proto/tests/v3.rs has the rest).
-    let err = decrypt(br#"{"v":3,"cipherkey":"","nonce":"","ciphertext":""}"#, &k.bob_message).unwrap_err();
+    let err = decrypt(
+        br#"{"v":3,"cipherkey":"","nonce":"","ciphertext":""}"#,
+        &k.bob_message,
+    )
+    .unwrap_err();
     assert_eq!(err.reason(), "bad_json");
 }
 
@@ -171,10 +223,16 @@ fn refuses_bad_base64() {
     let good = String::from_utf8(sealed(&k, Version::V2, "bob", "hi", 1)).unwrap();
     // The standard alphabet, and a dropped padding, are not Go's URLEncoding.
     let bad = good.replacen("\"nonce\":\"", "\"nonce\":\"+/", 1);
-    assert!(matches!(decrypt(bad.as_bytes(), &k.bob_message), Err(FrameError::Base64 { field: "nonce" })));
+    assert!(matches!(
+        decrypt(bad.as_bytes(), &k.bob_message),
+        Err(FrameError::Base64 { field: "nonce" })
+    ));
     let v1 = String::from_utf8(sealed(&k, Version::V1, "bob", "hi", 1)).unwrap();
     let bad = v1.replacen("==\",\"ciphertext\"", "\",\"ciphertext\"", 1);
-    assert!(matches!(decrypt(bad.as_bytes(), &k.bob_message), Err(FrameError::Base64 { field: "cipherkey" })));
+    assert!(matches!(
+        decrypt(bad.as_bytes(), &k.bob_message),
+        Err(FrameError::Base64 { field: "cipherkey" })
+    ));
 }
 
 #[test]
@@ -183,8 +241,16 @@ fn refuses_bad_lengths() {
     let good = String::from_utf8(sealed(&k, Version::V2, "bob", "hi", 1)).unwrap();
     let start = good.find("\"nonce\":\"").unwrap() + 9;
     let end = start + good[start..].find('"').unwrap();
-    let bad = format!("{}{}{}", &good[..start], b64::encode(&[0u8; 11]), &good[end..]);
-    assert!(matches!(decrypt(bad.as_bytes(), &k.bob_message), Err(FrameError::Length { field: "nonce" })));
+    let bad = format!(
+        "{}{}{}",
+        &good[..start],
+        b64::encode(&[0u8; 11]),
+        &good[end..]
+    );
+    assert!(matches!(
+        decrypt(bad.as_bytes(), &k.bob_message),
+        Err(FrameError::Length { field: "nonce" })
+    ));
     // v1 ciphertext that is not whole AES blocks (crashed the original receiver).
     let v1 = raw_v1(&[0u8; 16], &[0u8; 256]);
     let text = String::from_utf8(v1).unwrap();
@@ -192,7 +258,12 @@ fn refuses_bad_lengths() {
     let end = start + text[start..].find('"').unwrap();
     for ct in [&[][..], &[1u8; 15][..]] {
         let bad = format!("{}{}{}", &text[..start], b64::encode(ct), &text[end..]);
-        assert!(matches!(decrypt(bad.as_bytes(), &k.bob_message), Err(FrameError::Length { field: "ciphertext" })));
+        assert!(matches!(
+            decrypt(bad.as_bytes(), &k.bob_message),
+            Err(FrameError::Length {
+                field: "ciphertext"
+            })
+        ));
     }
 }
 
@@ -202,14 +273,25 @@ fn refuses_keys_that_do_not_unwrap() {
     // Someone else's key (alice's message key) cannot unwrap bob's frame. v1 rejects
     // implicitly, so its refusal is the tampered-ciphertext one.
     let v1 = sealed(&k, Version::V1, "bob", "hi", 1);
-    assert!(matches!(decrypt(&v1, &k.alice_message), Err(FrameError::Decrypt)));
+    assert!(matches!(
+        decrypt(&v1, &k.alice_message),
+        Err(FrameError::Decrypt)
+    ));
     let v2 = sealed(&k, Version::V2, "bob", "hi", 1);
-    assert!(matches!(decrypt(&v2, &k.alice_message), Err(FrameError::Unwrap)));
+    assert!(matches!(
+        decrypt(&v2, &k.alice_message),
+        Err(FrameError::Unwrap)
+    ));
     // A v1 cipherkey that unwraps to something other than 48 bytes.
     let bob = rsa::RsaPublicKey::from_public_key_pem(&key_text("bob-rsa-message.pub")).unwrap();
-    let short = bob.encrypt(&mut rand::rngs::OsRng, rsa::Pkcs1v15Encrypt, &[1u8; 20]).unwrap();
+    let short = bob
+        .encrypt(&mut rand::rngs::OsRng, rsa::Pkcs1v15Encrypt, &[1u8; 20])
+        .unwrap();
     let frame_bytes = v1_with_cipherkey(&v1, &short);
-    assert!(matches!(decrypt(&frame_bytes, &k.bob_message), Err(FrameError::Decrypt)));
+    assert!(matches!(
+        decrypt(&frame_bytes, &k.bob_message),
+        Err(FrameError::Decrypt)
+    ));
 }
 
 /// `frame` (a v1 frame) with its cipherkey replaced.
@@ -234,7 +316,9 @@ fn v1_unwrap_failures_are_rejected_implicitly() {
 
     // Tampered ciphertext: flipping byte 15 of the next-to-last block flips the last
     // plaintext byte, the PKCS#7 pad length p; XOR with p makes it 0, never valid padding.
-    let pad = (16 - (br#"{"from":"alice","to":"bob","timestamp":1,"message":""}"#.len() + text.len()) % 16) as u8;
+    let pad = (16
+        - (br#"{"from":"alice","to":"bob","timestamp":1,"message":""}"#.len() + text.len()) % 16)
+        as u8;
     let mut tampered_ct = ciphertext.clone();
     let at = tampered_ct.len() - 17;
     tampered_ct[at] ^= pad;
@@ -242,7 +326,10 @@ fn v1_unwrap_failures_are_rejected_implicitly() {
     tampered["ciphertext"] = b64::encode(&tampered_ct).into();
     let tampered = serde_json::to_vec(&tampered).unwrap();
     let tampered_err = decrypt(&tampered, &k.bob_message).unwrap_err();
-    assert!(matches!(tampered_err, FrameError::Decrypt), "{tampered_err:?}");
+    assert!(
+        matches!(tampered_err, FrameError::Decrypt),
+        "{tampered_err:?}"
+    );
 
     // Random bytes of the right length, OAEP instead of PKCS#1 v1.5, the real cipherkey
     // with one bit flipped, and a valid PKCS#1 v1.5 encoding of 47 bytes.
@@ -250,11 +337,24 @@ fn v1_unwrap_failures_are_rejected_implicitly() {
     let mut random = vec![0u8; cipherkey.len()];
     rand::RngCore::fill_bytes(&mut rand::rngs::OsRng, &mut random);
     random[0] = 0; // below the modulus
-    let oaep = bob.encrypt(&mut rand::rngs::OsRng, rsa::Oaep::new::<sha2::Sha256>(), &[5u8; 48]).unwrap();
+    let oaep = bob
+        .encrypt(
+            &mut rand::rngs::OsRng,
+            rsa::Oaep::new::<sha2::Sha256>(),
+            &[5u8; 48],
+        )
+        .unwrap();
     let mut flipped = cipherkey.clone();
     flipped[100] ^= 0x10;
-    let short = bob.encrypt(&mut rand::rngs::OsRng, rsa::Pkcs1v15Encrypt, &[5u8; 47]).unwrap();
-    for (what, bad) in [("random", random), ("oaep", oaep), ("flipped", flipped), ("47 bytes", short)] {
+    let short = bob
+        .encrypt(&mut rand::rngs::OsRng, rsa::Pkcs1v15Encrypt, &[5u8; 47])
+        .unwrap();
+    for (what, bad) in [
+        ("random", random),
+        ("oaep", oaep),
+        ("flipped", flipped),
+        ("47 bytes", short),
+    ] {
         let frame_bytes = v1_with_cipherkey(&good, &bad);
         for _ in 0..2 {
             let err = decrypt(&frame_bytes, &k.bob_message).unwrap_err();
@@ -268,7 +368,12 @@ fn v1_unwrap_failures_are_rejected_implicitly() {
     for n in 1..=5 {
         let frame_bytes = std::fs::read(vectors.join(format!("frame-{n:02}.json"))).unwrap();
         let expected = std::fs::read(vectors.join(format!("frame-{n:02}.expected.json"))).unwrap();
-        assert_eq!(open(&frame_bytes, &k.bob_message, &k.alice_sign_pub).unwrap().inner_bytes, expected);
+        assert_eq!(
+            open(&frame_bytes, &k.bob_message, &k.alice_sign_pub)
+                .unwrap()
+                .inner_bytes,
+            expected
+        );
     }
 }
 
@@ -281,8 +386,14 @@ fn v1_ids_survive_re_encoding_of_the_outer_json() {
     let vectors = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/legacy-v1/frames");
     let original = std::fs::read(vectors.join("frame-01.json")).unwrap();
     let other = std::fs::read(vectors.join("frame-02.json")).unwrap();
-    for frame_bytes in [original.clone(), sealed(&k, Version::V1, "bob", "one of ours", 1)] {
-        let id = decrypt(&frame_bytes, &k.bob_message).unwrap().id().to_string();
+    for frame_bytes in [
+        original.clone(),
+        sealed(&k, Version::V1, "bob", "one of ours", 1),
+    ] {
+        let id = decrypt(&frame_bytes, &k.bob_message)
+            .unwrap()
+            .id()
+            .to_string();
         assert_eq!(frame::v1_id(&frame_bytes).as_deref(), Some(id.as_str()));
         let json: serde_json::Value = serde_json::from_slice(&frame_bytes).unwrap();
         let field = |name: &str| json[name].as_str().unwrap().to_string();
@@ -301,7 +412,10 @@ fn v1_ids_survive_re_encoding_of_the_outer_json() {
         ];
         for again in &re_encoded {
             assert_ne!(again.as_bytes(), &frame_bytes[..]);
-            assert_ne!(frame::v1_legacy_id(again.as_bytes()), frame::v1_legacy_id(&frame_bytes));
+            assert_ne!(
+                frame::v1_legacy_id(again.as_bytes()),
+                frame::v1_legacy_id(&frame_bytes)
+            );
             let opened = open(again.as_bytes(), &k.bob_message, &k.alice_sign_pub).unwrap();
             assert_eq!(opened.id, id, "{again}");
             assert_eq!(frame::v1_id(again.as_bytes()).as_deref(), Some(id.as_str()));
@@ -310,11 +424,25 @@ fn v1_ids_survive_re_encoding_of_the_outer_json() {
     // Another frame has another id; so does the same text signed again (PSS is randomised).
     let id = |f: &[u8]| decrypt(f, &k.bob_message).unwrap().id().to_string();
     assert_ne!(id(&original), id(&other));
-    let (once, twice) = (sealed(&k, Version::V1, "bob", "same", 7), sealed(&k, Version::V1, "bob", "same", 7));
+    let (once, twice) = (
+        sealed(&k, Version::V1, "bob", "same", 7),
+        sealed(&k, Version::V1, "bob", "same", 7),
+    );
     assert_ne!(id(&once), id(&twice));
     // What the sender records is what the receiver derives.
     let (a, b) = (user("alice"), user("bob"));
-    let s = seal(Version::V1, &Draft { from: &a, to: &b, text: "x", timestamp_ms: 1 }, &k.bob_message_pub, &k.alice_sign).unwrap();
+    let s = seal(
+        Version::V1,
+        &Draft {
+            from: &a,
+            to: &b,
+            text: "x",
+            timestamp_ms: 1,
+        },
+        &k.bob_message_pub,
+        &k.alice_sign,
+    )
+    .unwrap();
     assert_eq!(s.id, id(&s.frame));
     assert_eq!(frame::v1_id(b"{\"v\":2}"), None);
     assert_eq!(frame::v1_id(b"not json"), None);
@@ -329,14 +457,27 @@ fn refuses_failed_tags_and_padding() {
     let mut ct = b64::decode(&good[start..good.len() - 2]).unwrap();
     ct[3] ^= 0x40;
     let bad = format!("{}{}\"}}", &good[..start], b64::encode(&ct));
-    assert!(matches!(decrypt(bad.as_bytes(), &k.bob_message), Err(FrameError::Decrypt)));
+    assert!(matches!(
+        decrypt(bad.as_bytes(), &k.bob_message),
+        Err(FrameError::Decrypt)
+    ));
     // v2: the cipherkey is bound by the associated data.
     let swapped = raw_v2(b"\x00\x00{}");
     assert!(decrypt(&swapped, &k.bob_message).is_err());
     // v1: bad PKCS#7 padding (the original stripped it unchecked, or crashed).
-    for block in [[0u8; 16], [17u8; 16], { let mut b = [3u8; 16]; b[14] = 2; b }] {
+    for block in [[0u8; 16], [17u8; 16], {
+        let mut b = [3u8; 16];
+        b[14] = 2;
+        b
+    }] {
         let frame_bytes = raw_v1(&block, &[0u8; 256]);
-        assert!(matches!(decrypt(&frame_bytes, &k.bob_message), Err(FrameError::Decrypt)), "{block:?}");
+        assert!(
+            matches!(
+                decrypt(&frame_bytes, &k.bob_message),
+                Err(FrameError::Decrypt)
+            ),
+            "{block:?}"
+        );
     }
 }
 
@@ -351,18 +492,24 @@ fn refuses_bad_inner_messages() {
         p
     };
     for plaintext in [
-        vec![0u8],                                                              // no length
-        vec![0xff, 0xff, 1, 2, 3],                                              // length past the end
-        with_sig(b"not json"),                                                  // not JSON
+        vec![0u8],                                                               // no length
+        vec![0xff, 0xff, 1, 2, 3], // length past the end
+        with_sig(b"not json"),     // not JSON
         with_sig(br#"{"from":"alice","to":"bob","timestamp":1,"message":"x"}"#), // v2 without id
         with_sig(br#"{"from":"alice","to":"bob","timestamp":1,"message":"x","id":"AAAA"}"#), // short id
         with_sig(br#"{"from":"alice","to":"bob","message":"x","id":"AAAAAAAAAAAAAAAAAAAAAA=="}"#), // no timestamp
     ] {
         let err = decrypt(&raw_v2(&plaintext), &k.bob_message).unwrap_err();
-        assert!(matches!(err, FrameError::Inner(_)), "{plaintext:?}: {err:?}");
+        assert!(
+            matches!(err, FrameError::Inner(_)),
+            "{plaintext:?}: {err:?}"
+        );
     }
     let v1 = raw_v1(&pkcs7(b"\xff not utf8 json"), &sig);
-    assert!(matches!(decrypt(&v1, &k.bob_message), Err(FrameError::Inner(_))));
+    assert!(matches!(
+        decrypt(&v1, &k.bob_message),
+        Err(FrameError::Inner(_))
+    ));
 }
 
 #[test]
@@ -377,14 +524,28 @@ fn refuses_signatures_that_do_not_verify() {
     // A v2 frame whose inner was signed by someone else than it claims.
     let bob_user = user("bob");
     let carol = user("alice");
-    let draft = Draft { from: &carol, to: &bob_user, text: "I am alice", timestamp_ms: 1 };
+    let draft = Draft {
+        from: &carol,
+        to: &bob_user,
+        text: "I am alice",
+        timestamp_ms: 1,
+    };
     let forged = seal(Version::V2, &draft, &k.bob_message_pub, &k.bob_sign).unwrap();
-    assert!(matches!(open(&forged.frame, &k.bob_message, &k.alice_sign_pub), Err(FrameError::Signature)));
+    assert!(matches!(
+        open(&forged.frame, &k.bob_message, &k.alice_sign_pub),
+        Err(FrameError::Signature)
+    ));
     // A v1 frame whose signature field was swapped for another message's signature.
     let inner = br#"{"from":"alice","to":"bob","timestamp":1,"message":"pay 100"}"#;
-    let sig = k.alice_sign.sign_pss_max_salt(br#"{"from":"alice","to":"bob","timestamp":1,"message":"pay 1"}"#).unwrap();
+    let sig = k
+        .alice_sign
+        .sign_pss_max_salt(br#"{"from":"alice","to":"bob","timestamp":1,"message":"pay 1"}"#)
+        .unwrap();
     let frame_bytes = raw_v1(&pkcs7(inner), &sig);
-    assert!(matches!(open(&frame_bytes, &k.bob_message, &k.alice_sign_pub), Err(FrameError::Signature)));
+    assert!(matches!(
+        open(&frame_bytes, &k.bob_message, &k.alice_sign_pub),
+        Err(FrameError::Signature)
+    ));
 }
 
 #[test]
@@ -392,13 +553,22 @@ fn refuses_misaddressed_and_future_messages() {
     let k = keys();
     let frame_bytes = sealed(&k, Version::V2, "carol", "for carol", 1);
     let opened = open(&frame_bytes, &k.bob_message, &k.alice_sign_pub).unwrap();
-    assert!(matches!(opened.check_recipient(&user("bob")), Err(FrameError::Misaddressed { .. })));
+    assert!(matches!(
+        opened.check_recipient(&user("bob")),
+        Err(FrameError::Misaddressed { .. })
+    ));
     let now = nes_proto::now_ms();
     let frame_bytes = sealed(&k, Version::V2, "bob", "later", now + 6 * 60 * 1000);
     let opened = open(&frame_bytes, &k.bob_message, &k.alice_sign_pub).unwrap();
-    assert!(matches!(opened.check_time(now), Err(FrameError::FromTheFuture { .. })));
+    assert!(matches!(
+        opened.check_time(now),
+        Err(FrameError::FromTheFuture { .. })
+    ));
     let frame_bytes = sealed(&k, Version::V2, "bob", "soon", now + 60 * 1000);
-    open(&frame_bytes, &k.bob_message, &k.alice_sign_pub).unwrap().check_time(now).unwrap();
+    open(&frame_bytes, &k.bob_message, &k.alice_sign_pub)
+        .unwrap()
+        .check_time(now)
+        .unwrap();
 }
 
 mod properties {
@@ -415,7 +585,10 @@ mod properties {
         static FRAMES: OnceLock<[Vec<u8>; 2]> = OnceLock::new();
         FRAMES.get_or_init(|| {
             let k = shared();
-            [sealed(k, Version::V1, "bob", "mutate me", 1), sealed(k, Version::V2, "bob", "mutate me", 1)]
+            [
+                sealed(k, Version::V1, "bob", "mutate me", 1),
+                sealed(k, Version::V2, "bob", "mutate me", 1),
+            ]
         })
     }
 

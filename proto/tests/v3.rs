@@ -6,9 +6,13 @@
 use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use aws_lc_rs::{agreement, digest, kem};
-use nes_proto::frame::{decrypt, decrypt_with, open_with, Draft, FrameError, Version, MAX_FRAME_BYTES};
+use nes_proto::frame::{
+    decrypt, decrypt_with, open_with, Draft, FrameError, Version, MAX_FRAME_BYTES,
+};
 use nes_proto::inner::Inner;
-use nes_proto::v3::{self, CertificateSecret, KeyDir, NoPrekeys, PrekeySecret, Prekeys, SignedPrekey, V3Error};
+use nes_proto::v3::{
+    self, CertificateSecret, KeyDir, NoPrekeys, PrekeySecret, Prekeys, SignedPrekey, V3Error,
+};
 use nes_proto::{b64, PrivateKey, PublicKey, Username};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -19,7 +23,9 @@ const NOW: i64 = 1_765_000_000_000;
 const DAY: i64 = 24 * 3600 * 1000;
 
 fn key_text(name: &str) -> String {
-    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/vectors/legacy-v1/keys").join(name);
+    let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/vectors/legacy-v1/keys")
+        .join(name);
     std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
@@ -49,8 +55,12 @@ fn world() -> &'static World {
     WORLD.get_or_init(|| {
         let alice_sign = PrivateKey::from_pem(&key_text("alice-rsa-sign")).unwrap();
         let bob_sign = PrivateKey::from_pem(&key_text("bob-rsa-sign")).unwrap();
-        let bob_prekey = Arc::new(PrekeySecret::generate(&user("bob"), NOW - DAY, NOW + 13 * DAY, &bob_sign).unwrap());
-        let alice_cert = CertificateSecret::generate(&user("alice"), NOW - DAY, NOW + 13 * DAY, &alice_sign).unwrap();
+        let bob_prekey = Arc::new(
+            PrekeySecret::generate(&user("bob"), NOW - DAY, NOW + 13 * DAY, &bob_sign).unwrap(),
+        );
+        let alice_cert =
+            CertificateSecret::generate(&user("alice"), NOW - DAY, NOW + 13 * DAY, &alice_sign)
+                .unwrap();
         World {
             alice_sign_pub: PublicKey::from_pem(&key_text("alice-rsa-sign.pub")).unwrap(),
             bob_message: PrivateKey::from_pem(&key_text("bob-rsa-message")).unwrap(),
@@ -64,8 +74,15 @@ fn world() -> &'static World {
 
 fn sealed(w: &World, text: &str, ts: i64) -> Vec<u8> {
     let (alice, bob) = (user("alice"), user("bob"));
-    let draft = Draft { from: &alice, to: &bob, text, timestamp_ms: ts };
-    v3::seal(&draft, w.bob_prekey.signed(), &w.alice_cert, NOW).unwrap().frame
+    let draft = Draft {
+        from: &alice,
+        to: &bob,
+        text,
+        timestamp_ms: ts,
+    };
+    v3::seal(&draft, w.bob_prekey.signed(), &w.alice_cert, NOW)
+        .unwrap()
+        .frame
 }
 
 fn open_bob(w: &World, frame: &[u8]) -> Result<nes_proto::Opened, FrameError> {
@@ -82,23 +99,34 @@ struct Twist {
 
 /// A v3 frame from DESIGN's steps, with a plaintext layout we choose: C ‖ S(over `NES/3`
 /// ‖ inner, by `signer`) ‖ inner.
-fn raw_v3(prekey: &SignedPrekey, c: &[u8], signer: &CertificateSecret, inner: &[u8], twist: Twist) -> Vec<u8> {
+fn raw_v3(
+    prekey: &SignedPrekey,
+    c: &[u8],
+    signer: &CertificateSecret,
+    inner: &[u8],
+    twist: Twist,
+) -> Vec<u8> {
     let p = prekey.prekey();
     let ek_key = kem::EncapsulationKey::new(&kem::ML_KEM_768, &p.mlkem768).unwrap();
     let (kem_ct, ss_m) = ek_key.encapsulate().unwrap();
     let e = agreement::PrivateKey::generate(&agreement::X25519).unwrap();
     let ek = e.compute_public_key().unwrap();
-    let k = agreement::agree(&e, agreement::UnparsedPublicKey::new(&agreement::X25519, &p.x25519), (), |ss_x| {
-        let mut ctx = digest::Context::new(&digest::SHA3_256);
-        ctx.update(&[0x5c, 0x2e, 0x2f, 0x2f, 0x5e, 0x5c]);
-        ctx.update(ss_m.as_ref());
-        ctx.update(ss_x);
-        ctx.update(ek.as_ref());
-        if !twist.skip_static_in_kdf {
-            ctx.update(&p.x25519);
-        }
-        Ok(ctx.finish().as_ref().to_vec())
-    })
+    let k = agreement::agree(
+        &e,
+        agreement::UnparsedPublicKey::new(&agreement::X25519, &p.x25519),
+        (),
+        |ss_x| {
+            let mut ctx = digest::Context::new(&digest::SHA3_256);
+            ctx.update(&[0x5c, 0x2e, 0x2f, 0x2f, 0x5e, 0x5c]);
+            ctx.update(ss_m.as_ref());
+            ctx.update(ss_x);
+            ctx.update(ek.as_ref());
+            if !twist.skip_static_in_kdf {
+                ctx.update(&p.x25519);
+            }
+            Ok(ctx.finish().as_ref().to_vec())
+        },
+    )
     .unwrap();
     let mut signed = b"NES/3".to_vec();
     signed.extend_from_slice(inner);
@@ -117,7 +145,13 @@ fn raw_v3(prekey: &SignedPrekey, c: &[u8], signer: &CertificateSecret, inner: &[
     let nonce = [3u8; 12];
     let ct = Aes256Gcm::new_from_slice(&k)
         .unwrap()
-        .encrypt(Nonce::from_slice(&nonce), Payload { msg: &plaintext, aad: &aad })
+        .encrypt(
+            Nonce::from_slice(&nonce),
+            Payload {
+                msg: &plaintext,
+                aad: &aad,
+            },
+        )
         .unwrap();
     format!(
         r#"{{"v":3,"prekey":"{}","ek":"{}","kem":"{}","nonce":"{}","ciphertext":"{}"}}"#,
@@ -172,7 +206,9 @@ fn v3_round_trips() {
         let m = fields(&frame);
         let keys: Vec<_> = m.keys().cloned().collect();
         assert_eq!(keys.len(), 6);
-        assert!(std::str::from_utf8(&frame).unwrap().starts_with("{\"v\":3,\"prekey\":\""));
+        assert!(std::str::from_utf8(&frame)
+            .unwrap()
+            .starts_with("{\"v\":3,\"prekey\":\""));
         assert_eq!(field_bytes(&frame, "prekey"), w.bob_prekey.id());
         assert_eq!(field_bytes(&frame, "ek").len(), 32);
         assert_eq!(field_bytes(&frame, "kem").len(), 1088);
@@ -180,7 +216,13 @@ fn v3_round_trips() {
     }
     // The independent construction opens too: the combiner, P and AD agree byte for byte.
     let m = inner("alice", "bob", NOW, "built by the test");
-    let frame = raw_v3(w.bob_prekey.signed(), w.alice_cert.signed().as_bytes(), &w.alice_cert, &m, Twist::default());
+    let frame = raw_v3(
+        w.bob_prekey.signed(),
+        w.alice_cert.signed().as_bytes(),
+        &w.alice_cert,
+        &m,
+        Twist::default(),
+    );
     let opened = open_bob(w, &frame).unwrap();
     assert_eq!(opened.inner_bytes, m);
     assert_eq!(opened.id, b64::encode(&[4u8; 16]));
@@ -190,16 +232,31 @@ fn v3_round_trips() {
 fn v1_and_v2_still_open_through_the_same_entry() {
     let w = world();
     let (alice, bob) = (user("alice"), user("bob"));
-    let draft = Draft { from: &alice, to: &bob, text: "old", timestamp_ms: NOW };
+    let draft = Draft {
+        from: &alice,
+        to: &bob,
+        text: "old",
+        timestamp_ms: NOW,
+    };
     for version in [Version::V1, Version::V2] {
         let bob_pub = PublicKey::from_pem(&key_text("bob-rsa-message.pub")).unwrap();
-        let frame = nes_proto::frame::seal(version, &draft, &bob_pub, &w.alice_sign).unwrap().frame;
+        let frame = nes_proto::frame::seal(version, &draft, &bob_pub, &w.alice_sign)
+            .unwrap()
+            .frame;
         assert_eq!(open_bob(w, &frame).unwrap().version, version);
         // Without the message key they are refused as not unwrapping.
-        assert!(matches!(open_with(&frame, None, &w.prekeys(), &w.alice_sign_pub), Err(FrameError::Unwrap)));
+        assert!(matches!(
+            open_with(&frame, None, &w.prekeys(), &w.alice_sign_pub),
+            Err(FrameError::Unwrap)
+        ));
     }
     assert!(matches!(
-        nes_proto::frame::seal(Version::V3, &draft, w.bob_message.public_key(), &w.alice_sign),
+        nes_proto::frame::seal(
+            Version::V3,
+            &draft,
+            w.bob_message.public_key(),
+            &w.alice_sign
+        ),
         Err(FrameError::Key(_))
     ));
 }
@@ -212,10 +269,16 @@ fn unknown_or_deleted_prekeys_are_refused() {
     assert!(matches!(err, FrameError::UnknownPrekey));
     assert_eq!(err.reason(), "unknown_prekey");
     // The RSA-only entry point holds no prekeys.
-    assert!(matches!(decrypt(&frame, &w.bob_message), Err(FrameError::UnknownPrekey)));
+    assert!(matches!(
+        decrypt(&frame, &w.bob_message),
+        Err(FrameError::UnknownPrekey)
+    ));
     // Another id than the one held.
     let other = with_field(&frame, "prekey", b64::encode(&[0u8; 16]).into());
-    assert!(matches!(open_bob(w, &other), Err(FrameError::UnknownPrekey)));
+    assert!(matches!(
+        open_bob(w, &other),
+        Err(FrameError::UnknownPrekey)
+    ));
 }
 
 #[test]
@@ -223,10 +286,24 @@ fn after_the_prekey_file_is_deleted_the_frame_no_longer_opens_from_the_directory
     let w = world();
     let dir = tempfile::tempdir().unwrap();
     let keys = KeyDir::new(dir.path());
-    let (prekey, _) = keys.create(&user("bob"), &w.bob_sign, Duration::from_secs(7 * 24 * 3600), NOW - 1000).unwrap();
+    let (prekey, _) = keys
+        .create(
+            &user("bob"),
+            &w.bob_sign,
+            Duration::from_secs(7 * 24 * 3600),
+            NOW - 1000,
+        )
+        .unwrap();
     let (alice, bob) = (user("alice"), user("bob"));
-    let draft = Draft { from: &alice, to: &bob, text: "captured", timestamp_ms: NOW };
-    let frame = v3::seal(&draft, prekey.signed(), &w.alice_cert, NOW).unwrap().frame;
+    let draft = Draft {
+        from: &alice,
+        to: &bob,
+        text: "captured",
+        timestamp_ms: NOW,
+    };
+    let frame = v3::seal(&draft, prekey.signed(), &w.alice_cert, NOW)
+        .unwrap()
+        .frame;
     drop(prekey);
     let opened = open_with(&frame, None, &keys, &w.alice_sign_pub).unwrap();
     assert_eq!(opened.inner.message, "captured");
@@ -236,10 +313,18 @@ fn after_the_prekey_file_is_deleted_the_frame_no_longer_opens_from_the_directory
     // A fresh view of the same directory, with everything still in it.
     let again = KeyDir::new(dir.path());
     assert!(again.prekey(&id).is_none());
-    assert!(matches!(open_with(&frame, Some(&w.bob_message), &again, &w.alice_sign_pub), Err(FrameError::UnknownPrekey)));
+    assert!(matches!(
+        open_with(&frame, Some(&w.bob_message), &again, &w.alice_sign_pub),
+        Err(FrameError::UnknownPrekey)
+    ));
     // A new prekey in the same directory does not help either.
-    again.create(&bob, &w.bob_sign, Duration::from_secs(3600), NOW).unwrap();
-    assert!(matches!(open_with(&frame, None, &again, &w.alice_sign_pub), Err(FrameError::UnknownPrekey)));
+    again
+        .create(&bob, &w.bob_sign, Duration::from_secs(3600), NOW)
+        .unwrap();
+    assert!(matches!(
+        open_with(&frame, None, &again, &w.alice_sign_pub),
+        Err(FrameError::UnknownPrekey)
+    ));
 }
 
 #[test]
@@ -259,21 +344,34 @@ fn tampering_with_any_authenticated_part_fails_the_tag() {
     let mut moved = w.prekeys();
     moved.insert([9u8; 16], w.bob_prekey.clone());
     let renamed = with_field(&frame, "prekey", b64::encode(&[9u8; 16]).into());
-    assert!(matches!(open_with(&renamed, None, &moved, &w.alice_sign_pub), Err(FrameError::Decrypt)));
+    assert!(matches!(
+        open_with(&renamed, None, &moved, &w.alice_sign_pub),
+        Err(FrameError::Decrypt)
+    ));
     // Wrong AD label, and a combiner that leaves out the static key.
     let m = inner("alice", "bob", NOW, "x");
     let c = w.alice_cert.signed().as_bytes();
     for twist in [
-        Twist { aad_label: Some(b"NES/2"), ..Twist::default() },
-        Twist { skip_static_in_kdf: true, ..Twist::default() },
+        Twist {
+            aad_label: Some(b"NES/2"),
+            ..Twist::default()
+        },
+        Twist {
+            skip_static_in_kdf: true,
+            ..Twist::default()
+        },
     ] {
         let bad = raw_v3(w.bob_prekey.signed(), c, &w.alice_cert, &m, twist);
         assert!(matches!(open_bob(w, &bad), Err(FrameError::Decrypt)));
     }
     // Sealed to another prekey of bob's that we hold under this one's id: the keys differ.
-    let other = Arc::new(PrekeySecret::generate(&user("bob"), NOW - DAY, NOW + DAY, &w.bob_sign).unwrap());
+    let other =
+        Arc::new(PrekeySecret::generate(&user("bob"), NOW - DAY, NOW + DAY, &w.bob_sign).unwrap());
     let swapped: HashMap<_, _> = HashMap::from([(w.bob_prekey.id(), other)]);
-    assert!(matches!(open_with(&frame, None, &swapped, &w.alice_sign_pub), Err(FrameError::Decrypt)));
+    assert!(matches!(
+        open_with(&frame, None, &swapped, &w.alice_sign_pub),
+        Err(FrameError::Decrypt)
+    ));
 }
 
 #[test]
@@ -283,25 +381,50 @@ fn certificate_and_signature_refusals() {
     let prekey = w.bob_prekey.signed();
 
     // Bad S.
-    let bad_s = raw_v3(prekey, c, &w.alice_cert, &inner("alice", "bob", NOW, "x"), Twist { flip_s: true, ..Twist::default() });
+    let bad_s = raw_v3(
+        prekey,
+        c,
+        &w.alice_cert,
+        &inner("alice", "bob", NOW, "x"),
+        Twist {
+            flip_s: true,
+            ..Twist::default()
+        },
+    );
     let err = open_bob(w, &bad_s).unwrap_err();
     assert!(matches!(err, FrameError::Signature));
     assert_eq!(err.reason(), "signature");
 
     // A certificate signed by another RSA key than alice's pinned one.
-    let forged = CertificateSecret::generate(&user("alice"), NOW - DAY, NOW + DAY, &w.bob_sign).unwrap();
+    let forged =
+        CertificateSecret::generate(&user("alice"), NOW - DAY, NOW + DAY, &w.bob_sign).unwrap();
     let (alice, bob) = (user("alice"), user("bob"));
-    let draft = Draft { from: &alice, to: &bob, text: "forged", timestamp_ms: NOW };
+    let draft = Draft {
+        from: &alice,
+        to: &bob,
+        text: "forged",
+        timestamp_ms: NOW,
+    };
     let frame = v3::seal(&draft, prekey, &forged, NOW).unwrap().frame;
     let err = open_bob(w, &frame).unwrap_err();
     assert!(matches!(err, FrameError::Certificate(_)), "{err:?}");
     assert_eq!(err.reason(), "signature");
 
     // A certificate for another user (signed by alice's key, so only the name is wrong).
-    let carol = CertificateSecret::generate(&user("carol"), NOW - DAY, NOW + DAY, &w.alice_sign).unwrap();
-    let frame = raw_v3(prekey, carol.signed().as_bytes(), &carol, &inner("alice", "bob", NOW, "x"), Twist::default());
+    let carol =
+        CertificateSecret::generate(&user("carol"), NOW - DAY, NOW + DAY, &w.alice_sign).unwrap();
+    let frame = raw_v3(
+        prekey,
+        carol.signed().as_bytes(),
+        &carol,
+        &inner("alice", "bob", NOW, "x"),
+        Twist::default(),
+    );
     let err = open_bob(w, &frame).unwrap_err();
-    assert!(matches!(&err, FrameError::Certificate(m) if m.contains("carol")), "{err:?}");
+    assert!(
+        matches!(&err, FrameError::Certificate(m) if m.contains("carol")),
+        "{err:?}"
+    );
 
     // A certificate that does not cover the timestamp: before created - 5 min, after expires.
     let cert = w.alice_cert.certificate();
@@ -311,7 +434,13 @@ fn certificate_and_signature_refusals() {
         (cert.expires, true),
         (cert.expires + 1, false),
     ] {
-        let frame = raw_v3(prekey, c, &w.alice_cert, &inner("alice", "bob", ts, "x"), Twist::default());
+        let frame = raw_v3(
+            prekey,
+            c,
+            &w.alice_cert,
+            &inner("alice", "bob", ts, "x"),
+            Twist::default(),
+        );
         let result = open_bob(w, &frame);
         assert_eq!(result.is_ok(), ok, "{ts}: {result:?}");
         if !ok {
@@ -320,14 +449,33 @@ fn certificate_and_signature_refusals() {
     }
 
     // S by another Ed25519 key than the certificate's.
-    let frame = raw_v3(prekey, c, &forged, &inner("alice", "bob", NOW, "x"), Twist::default());
+    let frame = raw_v3(
+        prekey,
+        c,
+        &forged,
+        &inner("alice", "bob", NOW, "x"),
+        Twist::default(),
+    );
     assert!(matches!(open_bob(w, &frame), Err(FrameError::Signature)));
 
     // A certificate that is not a certificate, and lengths past the end.
-    let frame = raw_v3(prekey, b"{\"certificate\":1}", &w.alice_cert, &inner("alice", "bob", NOW, "x"), Twist::default());
+    let frame = raw_v3(
+        prekey,
+        b"{\"certificate\":1}",
+        &w.alice_cert,
+        &inner("alice", "bob", NOW, "x"),
+        Twist::default(),
+    );
     assert_eq!(open_bob(w, &frame).unwrap_err().reason(), "signature");
     // An inner message without id.
-    let no_id = Inner { from: "alice".into(), to: "bob".into(), timestamp: NOW, message: "m".into(), id: None }.to_go_json();
+    let no_id = Inner {
+        from: "alice".into(),
+        to: "bob".into(),
+        timestamp: NOW,
+        message: "m".into(),
+        id: None,
+    }
+    .to_go_json();
     let frame = raw_v3(prekey, c, &w.alice_cert, &no_id, Twist::default());
     assert!(matches!(open_bob(w, &frame), Err(FrameError::Inner(_))));
 }
@@ -345,18 +493,32 @@ fn the_existing_receiving_rules_apply_to_v3() {
         Twist::default(),
     );
     let opened = open_bob(w, &frame).unwrap();
-    assert!(matches!(opened.check_recipient(&user("bob")), Err(FrameError::Misaddressed { .. })));
+    assert!(matches!(
+        opened.check_recipient(&user("bob")),
+        Err(FrameError::Misaddressed { .. })
+    ));
     opened.check_recipient(&carol).unwrap();
     // From the future (still inside the certificate).
     let ts = NOW + 6 * 60 * 1000;
     let frame = sealed(w, "later", ts);
-    assert!(matches!(open_bob(w, &frame).unwrap().check_time(NOW), Err(FrameError::FromTheFuture { .. })));
+    assert!(matches!(
+        open_bob(w, &frame).unwrap().check_time(NOW),
+        Err(FrameError::FromTheFuture { .. })
+    ));
     // Too large, at open and at seal.
     let huge = vec![b' '; MAX_FRAME_BYTES + 1];
-    assert!(matches!(open_bob(w, &huge), Err(FrameError::TooLarge { .. })));
+    assert!(matches!(
+        open_bob(w, &huge),
+        Err(FrameError::TooLarge { .. })
+    ));
     let text = "x".repeat(MAX_FRAME_BYTES);
     let bob = user("bob");
-    let draft = Draft { from: &alice, to: &bob, text: &text, timestamp_ms: NOW };
+    let draft = Draft {
+        from: &alice,
+        to: &bob,
+        text: &text,
+        timestamp_ms: NOW,
+    };
     assert!(matches!(
         v3::seal(&draft, w.bob_prekey.signed(), &w.alice_cert, NOW),
         Err(V3Error::Frame(FrameError::TooLarge { .. }))
@@ -367,7 +529,12 @@ fn the_existing_receiving_rules_apply_to_v3() {
 fn sealing_checks_the_prekey_and_the_certificate() {
     let w = world();
     let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
-    let draft = Draft { from: &alice, to: &bob, text: "x", timestamp_ms: NOW };
+    let draft = Draft {
+        from: &alice,
+        to: &bob,
+        text: "x",
+        timestamp_ms: NOW,
+    };
     let prekey = w.bob_prekey.prekey();
     // Expired, and not yet valid.
     for now in [prekey.expires, prekey.expires + 1, prekey.created - 1] {
@@ -378,29 +545,50 @@ fn sealing_checks_the_prekey_and_the_certificate() {
     }
     v3::seal(&draft, w.bob_prekey.signed(), &w.alice_cert, prekey.created).unwrap();
     // Bob's prekey is not carol's.
-    let to_carol = Draft { to: &carol, ..draft };
+    let to_carol = Draft {
+        to: &carol,
+        ..draft
+    };
     assert!(matches!(
         v3::seal(&to_carol, w.bob_prekey.signed(), &w.alice_cert, NOW),
         Err(V3Error::WrongUser { what: "prekey", .. })
     ));
     // Our certificate must be ours, valid now and cover the timestamp.
-    let from_carol = Draft { from: &carol, ..draft };
+    let from_carol = Draft {
+        from: &carol,
+        ..draft
+    };
     assert!(matches!(
         v3::seal(&from_carol, w.bob_prekey.signed(), &w.alice_cert, NOW),
-        Err(V3Error::WrongUser { what: "certificate", .. })
+        Err(V3Error::WrongUser {
+            what: "certificate",
+            ..
+        })
     ));
     let old = CertificateSecret::generate(&alice, NOW - 3 * DAY, NOW - DAY, &w.alice_sign).unwrap();
     assert!(matches!(
         v3::seal(&draft, w.bob_prekey.signed(), &old, NOW),
-        Err(V3Error::NotValid { what: "certificate", .. })
+        Err(V3Error::NotValid {
+            what: "certificate",
+            ..
+        })
     ));
-    let backdated = Draft { timestamp_ms: NOW - 2 * DAY, ..draft };
+    let backdated = Draft {
+        timestamp_ms: NOW - 2 * DAY,
+        ..draft
+    };
     assert!(matches!(
         v3::seal(&backdated, w.bob_prekey.signed(), &w.alice_cert, NOW),
-        Err(V3Error::NotValid { what: "certificate", .. })
+        Err(V3Error::NotValid {
+            what: "certificate",
+            ..
+        })
     ));
     // The sender verifies the prekey with the pinned key before sealing to it.
-    w.bob_prekey.signed().verify_for(&bob, w.bob_sign.public_key()).unwrap();
+    w.bob_prekey
+        .signed()
+        .verify_for(&bob, w.bob_sign.public_key())
+        .unwrap();
     assert!(w.bob_prekey.signed().verify(&w.alice_sign_pub).is_err());
 }
 
@@ -432,14 +620,31 @@ fn malformed_frames_and_wrong_sizes_are_refused() {
         let value = fields(&frame)[name].as_str().unwrap().to_owned();
         let unpadded = with_field(&frame, name, value.trim_end_matches('=').to_owned().into());
         if value.ends_with('=') {
-            assert_eq!(open_bob(w, &unpadded).unwrap_err().reason(), "bad_base64", "{name}");
+            assert_eq!(
+                open_bob(w, &unpadded).unwrap_err().reason(),
+                "bad_base64",
+                "{name}"
+            );
         }
         let standard = with_field(&frame, name, "+/+/".into());
-        assert_eq!(open_bob(w, &standard).unwrap_err().reason(), "bad_base64", "{name}");
+        assert_eq!(
+            open_bob(w, &standard).unwrap_err().reason(),
+            "bad_base64",
+            "{name}"
+        );
         let number = with_field(&frame, name, 5.into());
-        assert_eq!(open_bob(w, &number).unwrap_err().reason(), "bad_json", "{name}");
+        assert_eq!(
+            open_bob(w, &number).unwrap_err().reason(),
+            "bad_json",
+            "{name}"
+        );
     }
-    assert_eq!(open_bob(w, &with_field(&frame, "v", 4.into())).unwrap_err().reason(), "bad_version");
+    assert_eq!(
+        open_bob(w, &with_field(&frame, "v", 4.into()))
+            .unwrap_err()
+            .reason(),
+        "bad_version"
+    );
     for bad in ["", "{", "[]", "{\"v\":3}", "{\"v\":\"3\"}"] {
         assert!(open_bob(w, bad.as_bytes()).is_err(), "{bad:?}");
     }
@@ -453,16 +658,30 @@ fn malformed_frames_and_wrong_sizes_are_refused() {
 /// A v3 frame around an arbitrary plaintext P.
 fn short_plaintext_frame(w: &World, plaintext: &[u8]) -> Vec<u8> {
     let p = w.bob_prekey.prekey();
-    let (kem_ct, ss_m) = kem::EncapsulationKey::new(&kem::ML_KEM_768, &p.mlkem768).unwrap().encapsulate().unwrap();
+    let (kem_ct, ss_m) = kem::EncapsulationKey::new(&kem::ML_KEM_768, &p.mlkem768)
+        .unwrap()
+        .encapsulate()
+        .unwrap();
     let e = agreement::PrivateKey::generate(&agreement::X25519).unwrap();
     let ek = e.compute_public_key().unwrap();
-    let k = agreement::agree(&e, agreement::UnparsedPublicKey::new(&agreement::X25519, &p.x25519), (), |ss_x| {
-        let mut ctx = digest::Context::new(&digest::SHA3_256);
-        for part in [&[0x5c, 0x2e, 0x2f, 0x2f, 0x5e, 0x5c][..], ss_m.as_ref(), ss_x, ek.as_ref(), &p.x25519[..]] {
-            ctx.update(part);
-        }
-        Ok(ctx.finish().as_ref().to_vec())
-    })
+    let k = agreement::agree(
+        &e,
+        agreement::UnparsedPublicKey::new(&agreement::X25519, &p.x25519),
+        (),
+        |ss_x| {
+            let mut ctx = digest::Context::new(&digest::SHA3_256);
+            for part in [
+                &[0x5c, 0x2e, 0x2f, 0x2f, 0x5e, 0x5c][..],
+                ss_m.as_ref(),
+                ss_x,
+                ek.as_ref(),
+                &p.x25519[..],
+            ] {
+                ctx.update(part);
+            }
+            Ok(ctx.finish().as_ref().to_vec())
+        },
+    )
     .unwrap();
     let mut aad = b"NES/3".to_vec();
     aad.extend_from_slice(&p.id);
@@ -470,7 +689,13 @@ fn short_plaintext_frame(w: &World, plaintext: &[u8]) -> Vec<u8> {
     aad.extend_from_slice(kem_ct.as_ref());
     let ct = Aes256Gcm::new_from_slice(&k)
         .unwrap()
-        .encrypt(Nonce::from_slice(&[0u8; 12]), Payload { msg: plaintext, aad: &aad })
+        .encrypt(
+            Nonce::from_slice(&[0u8; 12]),
+            Payload {
+                msg: plaintext,
+                aad: &aad,
+            },
+        )
         .unwrap();
     format!(
         r#"{{"v":3,"prekey":"{}","ek":"{}","kem":"{}","nonce":"{}","ciphertext":"{}"}}"#,

@@ -31,7 +31,8 @@ fn all_original_frames_open_to_the_exact_inner_bytes() {
         let frame_bytes = read(&format!("frames/frame-{n:02}.json"));
         let expected = read(&format!("frames/frame-{n:02}.expected.json"));
         let text = String::from_utf8(read(&format!("frames/frame-{n:02}.message.txt"))).unwrap();
-        let opened = frame::open(&frame_bytes, &bob, &alice_sign).unwrap_or_else(|e| panic!("frame {n}: {e}"));
+        let opened = frame::open(&frame_bytes, &bob, &alice_sign)
+            .unwrap_or_else(|e| panic!("frame {n}: {e}"));
         assert_eq!(opened.version, Version::V1);
         assert_eq!(opened.inner_bytes, expected, "frame {n}");
         assert_eq!(opened.inner.message, text, "frame {n}");
@@ -51,8 +52,14 @@ fn both_original_key_server_answers_verify() {
         let name = Username::parse(user).unwrap();
         let answer = verify_answer(&body, &server, &name, UsernameRule::IfPresent).unwrap();
         assert_eq!(answer.username, None);
-        assert_eq!(answer.message_key().unwrap(), public(&format!("keys/{user}-rsa-message.pub")));
-        assert_eq!(answer.sign_key().unwrap(), public(&format!("keys/{user}-rsa-sign.pub")));
+        assert_eq!(
+            answer.message_key().unwrap(),
+            public(&format!("keys/{user}-rsa-message.pub"))
+        );
+        assert_eq!(
+            answer.sign_key().unwrap(),
+            public(&format!("keys/{user}-rsa-sign.pub"))
+        );
         // The signed range is exactly what the original signed.
         let signed = read(&format!("http/get-{user}.signed"));
         let body_text = std::str::from_utf8(&body).unwrap();

@@ -24,13 +24,23 @@ use std::time::{Duration, Instant};
 fn rss_kib(pid: Option<u32>) -> Result<u64> {
     let pid = pid.context("daemon not running")?;
     let text = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = text.lines().find(|l| l.starts_with("VmRSS:")).context("no VmRSS")?;
-    Ok(line.split_whitespace().nth(1).context("VmRSS value")?.parse()?)
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .context("no VmRSS")?;
+    Ok(line
+        .split_whitespace()
+        .nth(1)
+        .context("VmRSS value")?
+        .parse()?)
 }
 
 #[tokio::main]
 async fn main() -> Result<()> {
-    let n: usize = std::env::var("NES_BENCH_MESSAGES").ok().and_then(|v| v.parse().ok()).unwrap_or(2000);
+    let n: usize = std::env::var("NES_BENCH_MESSAGES")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2000);
     let w = World::start().await?;
     let (_alice_id, alice) = w.user("alice").await?;
     let (_bob_id, bob) = w.user("bob").await?;
@@ -38,7 +48,9 @@ async fn main() -> Result<()> {
     let mut b = bob.client().await?;
     eventually("both sessions", TIMEOUT, || {
         let (mut a, mut b) = (a.clone(), b.clone());
-        async move { Ok((status(&mut a).await?.connected && status(&mut b).await?.connected).then_some(())) }
+        async move {
+            Ok((status(&mut a).await?.connected && status(&mut b).await?.connected).then_some(()))
+        }
     })
     .await?;
     // Warm up: both sides fetch each other's keys.
@@ -62,7 +74,12 @@ async fn main() -> Result<()> {
     }
     let accepted_at = start.elapsed();
     ensure!(accepted == n);
-    let deadline = Duration::from_secs(std::env::var("NES_BENCH_DEADLINE").ok().and_then(|v| v.parse().ok()).unwrap_or(600));
+    let deadline = Duration::from_secs(
+        std::env::var("NES_BENCH_DEADLINE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(600),
+    );
     loop {
         let s = status(&mut b).await?;
         if s.received as usize > n {
@@ -71,10 +88,20 @@ async fn main() -> Result<()> {
         if start.elapsed() > deadline {
             let sa = status(&mut a).await?;
             eprintln!("alice: {sa:?}\nbob: {s:?}");
-            eprintln!("alice log:\n{}\nbob log:\n{}", alice.log_tail(30), bob.log_tail(30));
+            eprintln!(
+                "alice log:\n{}\nbob log:\n{}",
+                alice.log_tail(30),
+                bob.log_tail(30)
+            );
             eprintln!("broker log:\n{}", w.broker.log_tail(30));
             if std::env::var_os("NES_BENCH_HOLD").is_some() {
-                eprintln!("holding for inspection: alice pid {:?} log {}, bob pid {:?} log {}", alice.pid(), alice.log_path().display(), bob.pid(), bob.log_path().display());
+                eprintln!(
+                    "holding for inspection: alice pid {:?} log {}, bob pid {:?} log {}",
+                    alice.pid(),
+                    alice.log_path().display(),
+                    bob.pid(),
+                    bob.log_path().display()
+                );
                 tokio::time::sleep(Duration::from_secs(600)).await;
             }
             anyhow::bail!("bob received only {} of {n}", s.received.saturating_sub(1));
@@ -86,9 +113,23 @@ async fn main() -> Result<()> {
     let idle_after = (rss_kib(alice.pid())?, rss_kib(bob.pid())?);
 
     println!("messages:                 {n} (100-byte texts, v2, one SendStream)");
-    println!("accepted by alice's nesd: {:.0} msg/s ({:.2} s)", n as f64 / accepted_at.as_secs_f64(), accepted_at.as_secs_f64());
-    println!("stored by bob's nesd:     {:.0} msg/s ({:.2} s end to end)", n as f64 / received_at.as_secs_f64(), received_at.as_secs_f64());
-    println!("idle RSS before:          alice {} KiB, bob {} KiB", idle_before.0, idle_before.1);
-    println!("idle RSS after:           alice {} KiB, bob {} KiB", idle_after.0, idle_after.1);
+    println!(
+        "accepted by alice's nesd: {:.0} msg/s ({:.2} s)",
+        n as f64 / accepted_at.as_secs_f64(),
+        accepted_at.as_secs_f64()
+    );
+    println!(
+        "stored by bob's nesd:     {:.0} msg/s ({:.2} s end to end)",
+        n as f64 / received_at.as_secs_f64(),
+        received_at.as_secs_f64()
+    );
+    println!(
+        "idle RSS before:          alice {} KiB, bob {} KiB",
+        idle_before.0, idle_before.1
+    );
+    println!(
+        "idle RSS after:           alice {} KiB, bob {} KiB",
+        idle_after.0, idle_after.1
+    );
     Ok(())
 }

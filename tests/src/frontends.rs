@@ -34,7 +34,10 @@ pub fn nes(socket: &Path, home: &Path) -> Result<Command> {
     let mut cmd = Command::new(bin("nes")?);
     isolate(&mut cmd, home);
     cmd.env("NES_SOCKET", socket);
-    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     Ok(cmd)
 }
 
@@ -44,7 +47,9 @@ pub fn nes(socket: &Path, home: &Path) -> Result<Command> {
 pub fn nes_notify(socket: &Path, home: &Path, bus: &SessionBus) -> Result<Command> {
     let mut cmd = Command::new(bin("nes-notify")?);
     isolate(&mut cmd, home);
-    cmd.env("NES_SOCKET", socket).env("DBUS_SESSION_BUS_ADDRESS", bus.address()).arg("--print");
+    cmd.env("NES_SOCKET", socket)
+        .env("DBUS_SESSION_BUS_ADDRESS", bus.address())
+        .arg("--print");
     Ok(cmd)
 }
 
@@ -79,7 +84,12 @@ impl Outcome {
     /// Fails with the whole outcome unless the exit code is `code`.
     pub fn expect_code(self, code: i32) -> Result<Outcome> {
         if self.code != code {
-            bail!("expected exit {code}, got {}:\nstdout: {}\nstderr: {}", self.code, self.stdout, self.stderr);
+            bail!(
+                "expected exit {code}, got {}:\nstdout: {}\nstderr: {}",
+                self.code,
+                self.stdout,
+                self.stderr
+            );
         }
         Ok(self)
     }
@@ -87,7 +97,10 @@ impl Outcome {
 
 /// Runs a prepared command to the end with `stdin`, at most [`TIMEOUT`].
 pub async fn run(mut cmd: Command, stdin: &[u8]) -> Result<Outcome> {
-    cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).kill_on_drop(true);
+    cmd.stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     let mut child = cmd.spawn().context("cannot start the command")?;
     let mut input = child.stdin.take().ok_or_else(|| anyhow!("no stdin"))?;
     let bytes = stdin.to_vec();
@@ -129,7 +142,10 @@ impl Lines {
         let dir = tempfile::Builder::new().prefix("nes-lines-").tempdir()?;
         let stderr_path = dir.path().join("stderr");
         let stderr = std::fs::File::create(&stderr_path)?;
-        cmd.stdout(Stdio::piped()).stderr(stderr).stdin(Stdio::null()).kill_on_drop(true);
+        cmd.stdout(Stdio::piped())
+            .stderr(stderr)
+            .stdin(Stdio::null())
+            .kill_on_drop(true);
         let mut child = cmd.spawn().context("cannot start the command")?;
         let stdout = child.stdout.take().ok_or_else(|| anyhow!("no stdout"))?;
         let (tx, lines) = mpsc::unbounded_channel();
@@ -141,7 +157,13 @@ impl Lines {
                 }
             }
         });
-        Ok(Lines { child, lines, seen: Vec::new(), stderr_path, _dir: dir })
+        Ok(Lines {
+            child,
+            lines,
+            seen: Vec::new(),
+            stderr_path,
+            _dir: dir,
+        })
     }
 
     /// Waits for the next line, at most [`TIMEOUT`].
@@ -218,14 +240,23 @@ impl SessionBus {
             .stderr(Stdio::null())
             .spawn()
             .context("cannot start dbus-daemon (apt-get install dbus)")?;
-        let bus = SessionBus { child, address, _dir: dir };
+        let bus = SessionBus {
+            child,
+            address,
+            _dir: dir,
+        };
         let address = bus.address.clone();
         eventually("the session bus to answer", TIMEOUT, || {
             let address = address.clone();
             async move {
                 let out = Command::new("dbus-send")
                     .arg(format!("--bus={address}"))
-                    .args(["--dest=org.freedesktop.DBus", "--print-reply", "/org/freedesktop/DBus", "org.freedesktop.DBus.GetId"])
+                    .args([
+                        "--dest=org.freedesktop.DBus",
+                        "--print-reply",
+                        "/org/freedesktop/DBus",
+                        "org.freedesktop.DBus.GetId",
+                    ])
                     .output()
                     .await?;
                 Ok(out.status.success().then_some(()))
@@ -243,7 +274,8 @@ impl SessionBus {
     /// A command with this bus as its session bus.
     pub fn command(&self, program: &str) -> Command {
         let mut cmd = Command::new(program);
-        cmd.env("DBUS_SESSION_BUS_ADDRESS", &self.address).kill_on_drop(true);
+        cmd.env("DBUS_SESSION_BUS_ADDRESS", &self.address)
+            .kill_on_drop(true);
         cmd
     }
 
@@ -253,11 +285,19 @@ impl SessionBus {
         eventually(&what, TIMEOUT, || async {
             let out = self
                 .command("dbus-send")
-                .args(["--session", "--dest=org.freedesktop.DBus", "--print-reply", "/org/freedesktop/DBus", "org.freedesktop.DBus.NameHasOwner"])
+                .args([
+                    "--session",
+                    "--dest=org.freedesktop.DBus",
+                    "--print-reply",
+                    "/org/freedesktop/DBus",
+                    "org.freedesktop.DBus.NameHasOwner",
+                ])
                 .arg(format!("string:{name}"))
                 .output()
                 .await?;
-            Ok(String::from_utf8_lossy(&out.stdout).contains("boolean true").then_some(()))
+            Ok(String::from_utf8_lossy(&out.stdout)
+                .contains("boolean true")
+                .then_some(()))
         })
         .await
     }
@@ -279,7 +319,12 @@ pub struct BusNesd {
 
 impl BusNesd {
     /// Starts nesd for `id` with `env` added, and waits until Status answers.
-    pub async fn start(id: &Identity, broker: &Mosquitto, ks: &KeyServer, env: &[(&str, &str)]) -> Result<BusNesd> {
+    pub async fn start(
+        id: &Identity,
+        broker: &Mosquitto,
+        ks: &KeyServer,
+        env: &[(&str, &str)],
+    ) -> Result<BusNesd> {
         let args: Vec<std::ffi::OsString> = vec![
             "--user".into(),
             id.user.clone().into(),
@@ -297,11 +342,17 @@ impl BusNesd {
 
     /// Starts nesd with exactly `args` (plus `--socket` in its own run dir, and an empty
     /// `--config` unless `own_config` is false) and `env`, and waits until Status answers.
-    pub async fn start_with_args(args: &[std::ffi::OsString], env: &[(&str, &str)], own_config: bool) -> Result<BusNesd> {
+    pub async fn start_with_args(
+        args: &[std::ffi::OsString],
+        env: &[(&str, &str)],
+        own_config: bool,
+    ) -> Result<BusNesd> {
         let run_dir = tempfile::Builder::new().prefix("nesd-bus-run-").tempdir()?;
         let log = std::fs::File::create(run_dir.path().join("nesd.log"))?;
         let mut cmd = std::process::Command::new(bin("nesd")?);
-        cmd.args(args).arg("--socket").arg(run_dir.path().join("nesd.sock"));
+        cmd.args(args)
+            .arg("--socket")
+            .arg(run_dir.path().join("nesd.sock"));
         if own_config {
             let config = run_dir.path().join("config.toml");
             std::fs::write(&config, "")?;
@@ -324,11 +375,18 @@ impl BusNesd {
             cmd.env(k, v);
         }
         let child = cmd.spawn().context("cannot start nesd")?;
-        let mut nesd = BusNesd { child: Some(child), run_dir };
+        let mut nesd = BusNesd {
+            child: Some(child),
+            run_dir,
+        };
         let socket = nesd.socket();
         let deadline = Instant::now() + TIMEOUT;
         loop {
-            if let Some(status) = nesd.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = nesd
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 bail!("nesd exited at start ({status}):\n{}", nesd.log());
             }
             if let Ok(mut c) = crate::connect(&socket).await {
@@ -377,7 +435,15 @@ impl Xvfb {
     pub async fn start() -> Result<Xvfb> {
         // -displayfd 1: Xvfb picks a free display and writes its number to stdout.
         let mut child = Command::new("Xvfb")
-            .args(["-displayfd", "1", "-screen", "0", "800x600x24", "-nolisten", "tcp"])
+            .args([
+                "-displayfd",
+                "1",
+                "-screen",
+                "0",
+                "800x600x24",
+                "-nolisten",
+                "tcp",
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -390,7 +456,10 @@ impl Xvfb {
             .await
             .map_err(|_| anyhow!("Xvfb did not report its display"))??
             .ok_or_else(|| anyhow!("Xvfb exited before reporting its display"))?;
-        Ok(Xvfb { child, display: format!(":{}", number.trim()) })
+        Ok(Xvfb {
+            child,
+            display: format!(":{}", number.trim()),
+        })
     }
 
     /// The display, for `DISPLAY`.
@@ -435,7 +504,11 @@ impl Dunst {
             .spawn()
             .context("cannot start dunst (apt-get install dunst)")?;
         bus.wait_for_name("org.freedesktop.Notifications").await?;
-        Ok(Dunst { child, bus_address: bus.address().to_owned(), _dir: dir })
+        Ok(Dunst {
+            child,
+            bus_address: bus.address().to_owned(),
+            _dir: dir,
+        })
     }
 
     /// Moves every shown notification to the history and returns the history as
@@ -443,22 +516,37 @@ impl Dunst {
     pub async fn history(&self) -> Result<Vec<(String, String, String)>> {
         let ctl = |args: &[&str]| {
             let mut cmd = Command::new("dunstctl");
-            cmd.args(args).env("DBUS_SESSION_BUS_ADDRESS", &self.bus_address);
+            cmd.args(args)
+                .env("DBUS_SESSION_BUS_ADDRESS", &self.bus_address);
             cmd
         };
         ctl(&["close-all"]).output().await?;
         let out = ctl(&["history"]).output().await?;
         if !out.status.success() {
-            bail!("dunstctl history failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "dunstctl history failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
-        let json: serde_json::Value = serde_json::from_slice(&out.stdout).context("dunstctl history is not JSON")?;
-        let field = |n: &serde_json::Value, k: &str| n[k]["data"].as_str().unwrap_or_default().to_owned();
+        let json: serde_json::Value =
+            serde_json::from_slice(&out.stdout).context("dunstctl history is not JSON")?;
+        let field =
+            |n: &serde_json::Value, k: &str| n[k]["data"].as_str().unwrap_or_default().to_owned();
         let mut all: Vec<(i64, (String, String, String))> = json["data"]
             .as_array()
             .into_iter()
             .flatten()
             .flat_map(|group| group.as_array().cloned().unwrap_or_default())
-            .map(|n| (n["id"]["data"].as_i64().unwrap_or(0), (field(&n, "appname"), field(&n, "summary"), field(&n, "body"))))
+            .map(|n| {
+                (
+                    n["id"]["data"].as_i64().unwrap_or(0),
+                    (
+                        field(&n, "appname"),
+                        field(&n, "summary"),
+                        field(&n, "body"),
+                    ),
+                )
+            })
             .collect();
         all.sort_by_key(|(id, _)| *id);
         Ok(all.into_iter().map(|(_, n)| n).collect())
@@ -480,28 +568,61 @@ pub struct Tmux {
 impl Tmux {
     /// Starts `command` (run by the shell) in a new detached session of `width`×`height`,
     /// with `env` set in it.
-    pub async fn start(command: &str, env: &[(&str, String)], width: u16, height: u16) -> Result<Tmux> {
+    pub async fn start(
+        command: &str,
+        env: &[(&str, String)],
+        width: u16,
+        height: u16,
+    ) -> Result<Tmux> {
         let socket = format!("nes-test-{}-{}", std::process::id(), unique());
         let session = "nes".to_string();
         let mut cmd = Command::new("tmux");
-        cmd.args(["-L", &socket, "-f", "/dev/null", "new-session", "-d", "-s", &session])
-            .args(["-x", &width.to_string(), "-y", &height.to_string()]);
+        cmd.args([
+            "-L",
+            &socket,
+            "-f",
+            "/dev/null",
+            "new-session",
+            "-d",
+            "-s",
+            &session,
+        ])
+        .args(["-x", &width.to_string(), "-y", &height.to_string()]);
         for (k, v) in env {
             cmd.arg("-e").arg(format!("{k}={v}"));
         }
         cmd.arg(command);
-        let out = cmd.output().await.context("cannot start tmux (apt-get install tmux)")?;
+        let out = cmd
+            .output()
+            .await
+            .context("cannot start tmux (apt-get install tmux)")?;
         if !out.status.success() {
-            bail!("tmux new-session failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "tmux new-session failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(Tmux { socket, session })
     }
 
     /// The visible screen, as text.
     pub async fn screen(&self) -> Result<String> {
-        let out = Command::new("tmux").args(["-L", &self.socket, "capture-pane", "-p", "-t", &self.session]).output().await?;
+        let out = Command::new("tmux")
+            .args([
+                "-L",
+                &self.socket,
+                "capture-pane",
+                "-p",
+                "-t",
+                &self.session,
+            ])
+            .output()
+            .await?;
         if !out.status.success() {
-            bail!("tmux capture-pane failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "tmux capture-pane failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -519,7 +640,10 @@ impl Tmux {
             .output()
             .await?;
         if !out.status.success() {
-            bail!("tmux send-keys failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "tmux send-keys failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(())
     }
@@ -534,18 +658,32 @@ impl Tmux {
         .await;
         match result {
             Ok(screen) => Ok(screen),
-            Err(e) => bail!("{e}\n---- screen ----\n{}", self.screen().await.unwrap_or_default()),
+            Err(e) => bail!(
+                "{e}\n---- screen ----\n{}",
+                self.screen().await.unwrap_or_default()
+            ),
         }
     }
 
     /// The pane's title (what `ESC ] 0 ; ... BEL` from the program would set).
     pub async fn pane_title(&self) -> Result<String> {
         let out = Command::new("tmux")
-            .args(["-L", &self.socket, "display-message", "-p", "-t", &self.session, "#{pane_title}"])
+            .args([
+                "-L",
+                &self.socket,
+                "display-message",
+                "-p",
+                "-t",
+                &self.session,
+                "#{pane_title}",
+            ])
             .output()
             .await?;
         if !out.status.success() {
-            bail!("tmux display-message failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "tmux display-message failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).trim_end().to_string())
     }

@@ -62,7 +62,10 @@ pub fn bin_dir() -> PathBuf {
 /// `NES_E2E_BIN_<NAME>` (upper case, `-` as `_`, e.g. `NES_E2E_BIN_NES_KEYSERVER`) points
 /// at another build, e.g. a debug key server for a release bench of nesd.
 pub fn bin(name: &str) -> Result<PathBuf> {
-    let var = format!("NES_E2E_BIN_{}", name.to_ascii_uppercase().replace('-', "_"));
+    let var = format!(
+        "NES_E2E_BIN_{}",
+        name.to_ascii_uppercase().replace('-', "_")
+    );
     if let Some(path) = std::env::var_os(&var).filter(|v| !v.is_empty()) {
         return Ok(PathBuf::from(path));
     }
@@ -108,7 +111,10 @@ where
 }
 
 fn sigterm(child: &Child) {
-    let _ = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status();
+    let _ = Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status();
 }
 
 /// Waits for a child to exit, at most `timeout`; kills it after that.
@@ -121,7 +127,10 @@ async fn wait_exit(child: &mut Child, timeout: Duration) -> Result<std::process:
         if Instant::now() >= deadline {
             let _ = child.kill();
             let status = child.wait()?;
-            bail!("process {} did not exit in time (killed: {status})", child.id());
+            bail!(
+                "process {} did not exit in time (killed: {status})",
+                child.id()
+            );
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -149,7 +158,11 @@ pub struct Mosquitto {
 
 fn mosquitto_binary() -> Result<PathBuf> {
     let mut candidates: Vec<PathBuf> = std::env::var_os("PATH")
-        .map(|p| std::env::split_paths(&p).map(|d| d.join("mosquitto")).collect())
+        .map(|p| {
+            std::env::split_paths(&p)
+                .map(|d| d.join("mosquitto"))
+                .collect()
+        })
         .unwrap_or_default();
     candidates.extend(["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto"].map(PathBuf::from));
     candidates
@@ -175,7 +188,13 @@ impl Mosquitto {
         let mut last = None;
         for _ in 0..5 {
             let dir = tempfile::Builder::new().prefix("nes-mqtt-").tempdir()?;
-            let mut m = Mosquitto { port: free_port()?, dir, child: None, extra: extra.to_owned(), tls };
+            let mut m = Mosquitto {
+                port: free_port()?,
+                dir,
+                child: None,
+                extra: extra.to_owned(),
+                tls,
+            };
             match m.spawn().await {
                 Ok(()) => return Ok(m),
                 Err(e) => last = Some(e),
@@ -218,9 +237,15 @@ impl Mosquitto {
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait()? {
-                bail!("mosquitto exited at start ({status}): {}", tail(&self.dir.path().join("mosquitto.log"), 5));
+                bail!(
+                    "mosquitto exited at start ({status}): {}",
+                    tail(&self.dir.path().join("mosquitto.log"), 5)
+                );
             }
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port))
+                .await
+                .is_ok()
+            {
                 break;
             }
             if Instant::now() >= deadline {
@@ -314,11 +339,22 @@ impl KeyServer {
             .output()
             .context("cannot run nes-keyserver keygen")?;
         if !out.status.success() {
-            bail!("nes-keyserver keygen failed: {}", String::from_utf8_lossy(&out.stderr));
+            bail!(
+                "nes-keyserver keygen failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
         }
         std::fs::create_dir_all(dir.path().join("mail"))?;
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
-        let mut ks = KeyServer { port: 0, dir, child: None, http, lookup_rate: 0 };
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
+        let mut ks = KeyServer {
+            port: 0,
+            dir,
+            child: None,
+            http,
+            lookup_rate: 0,
+        };
         let mut last = None;
         for _ in 0..5 {
             ks.port = free_port()?;
@@ -337,13 +373,21 @@ impl KeyServer {
             .arg("serve")
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .arg("--database")
-            .arg(format!("sqlite://{}", self.dir.path().join("keys.db").display()))
+            .arg(format!(
+                "sqlite://{}",
+                self.dir.path().join("keys.db").display()
+            ))
             .arg("--key")
             .arg(self.dir.path().join("server-key"))
             .args(["--public-url", &url])
             .arg("--mail-dir")
             .arg(self.mail_dir())
-            .args(["--register-rate", "0", "--lookup-rate", &self.lookup_rate.to_string()])
+            .args([
+                "--register-rate",
+                "0",
+                "--lookup-rate",
+                &self.lookup_rate.to_string(),
+            ])
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -352,7 +396,10 @@ impl KeyServer {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Some(status) = child.try_wait()? {
-                bail!("nes-keyserver exited at start ({status}): {}", tail(&self.dir.path().join("keyserver.log"), 5));
+                bail!(
+                    "nes-keyserver exited at start ({status}): {}",
+                    tail(&self.dir.path().join("keyserver.log"), 5)
+                );
             }
             if let Ok(r) = self.http.get(format!("{url}/healthz")).send().await {
                 if r.status().is_success() {
@@ -420,7 +467,13 @@ impl KeyServer {
     }
 
     /// `POST /users` with these public keys; expects 201.
-    pub async fn post_user(&self, user: &str, email: &str, message_pem: &str, sign_pem: &str) -> Result<()> {
+    pub async fn post_user(
+        &self,
+        user: &str,
+        email: &str,
+        message_pem: &str,
+        sign_pem: &str,
+    ) -> Result<()> {
         let r = self
             .http
             .post(format!("{}/users", self.url()))
@@ -430,7 +483,11 @@ impl KeyServer {
             .send()
             .await?;
         if r.status().as_u16() != 201 {
-            bail!("POST /users for {user}: {} {}", r.status(), r.text().await.unwrap_or_default());
+            bail!(
+                "POST /users for {user}: {} {}",
+                r.status(),
+                r.text().await.unwrap_or_default()
+            );
         }
         Ok(())
     }
@@ -438,33 +495,43 @@ impl KeyServer {
     /// The `Activate:` and `Delete:` links of the newest mail for `user` not in `seen`.
     async fn links(&self, user: &str, seen: &[PathBuf]) -> Result<(String, String)> {
         let marker = format!("/users/{user}/");
-        eventually(&format!("the activation mail of {user}"), TIMEOUT, || async {
-            for path in self.mails()?.into_iter().rev() {
-                if seen.contains(&path) {
-                    continue;
+        eventually(
+            &format!("the activation mail of {user}"),
+            TIMEOUT,
+            || async {
+                for path in self.mails()?.into_iter().rev() {
+                    if seen.contains(&path) {
+                        continue;
+                    }
+                    let text = std::fs::read_to_string(&path)?;
+                    let find = |label: &str| {
+                        text.lines()
+                            .filter_map(|l| l.trim().strip_prefix(label))
+                            .map(str::trim)
+                            .find(|u| u.contains(&marker))
+                            .map(str::to_owned)
+                    };
+                    if let (Some(a), Some(d)) = (find("Activate:"), find("Delete:")) {
+                        return Ok(Some((a, d)));
+                    }
                 }
-                let text = std::fs::read_to_string(&path)?;
-                let find = |label: &str| {
-                    text.lines()
-                        .filter_map(|l| l.trim().strip_prefix(label))
-                        .map(str::trim)
-                        .find(|u| u.contains(&marker))
-                        .map(str::to_owned)
-                };
-                if let (Some(a), Some(d)) = (find("Activate:"), find("Delete:")) {
-                    return Ok(Some((a, d)));
-                }
-            }
-            Ok(None)
-        })
+                Ok(None)
+            },
+        )
         .await
     }
 
     /// Registers `user` with these keys and follows the activation link; returns the
     /// delete link.
-    pub async fn register_and_activate(&self, user: &str, message_pem: &str, sign_pem: &str) -> Result<String> {
+    pub async fn register_and_activate(
+        &self,
+        user: &str,
+        message_pem: &str,
+        sign_pem: &str,
+    ) -> Result<String> {
         let seen = self.mails()?;
-        self.post_user(user, &format!("{user}@example.test"), message_pem, sign_pem).await?;
+        self.post_user(user, &format!("{user}@example.test"), message_pem, sign_pem)
+            .await?;
         let (activate, delete) = self.links(user, &seen).await?;
         self.get_ok(&activate).await?;
         Ok(delete)
@@ -499,7 +566,13 @@ impl KeyServer {
 
     /// `GET /users/<user>`: the status code.
     pub async fn lookup_status(&self, user: &str) -> Result<u16> {
-        Ok(self.http.get(format!("{}/users/{user}", self.url())).send().await?.status().as_u16())
+        Ok(self
+            .http
+            .get(format!("{}/users/{user}", self.url()))
+            .send()
+            .await?
+            .status()
+            .as_u16())
     }
 }
 
@@ -537,8 +610,15 @@ impl Identity {
     /// Given keys (e.g. the legacy vectors) for `user`.
     pub fn with_keys(user: &str, message: PrivateKey, sign: PrivateKey) -> Result<Identity> {
         Username::parse(user)?;
-        let dir = tempfile::Builder::new().prefix(&format!("nes-{user}-")).tempdir()?;
-        let id = Identity { user: user.to_owned(), dir, message, sign };
+        let dir = tempfile::Builder::new()
+            .prefix(&format!("nes-{user}-"))
+            .tempdir()?;
+        let id = Identity {
+            user: user.to_owned(),
+            dir,
+            message,
+            sign,
+        };
         id.write_keys()?;
         Ok(id)
     }
@@ -562,10 +642,22 @@ impl Identity {
         std::fs::create_dir_all(&keys)?;
         std::fs::set_permissions(&keys, std::fs::Permissions::from_mode(0o700))?;
         let files = [
-            (format!("{}-rsa-message", self.user), self.message.to_pkcs1_pem().to_string()),
-            (format!("{}-rsa-message.pub", self.user), self.message.public_key().to_pem()),
-            (format!("{}-rsa-sign", self.user), self.sign.to_pkcs1_pem().to_string()),
-            (format!("{}-rsa-sign.pub", self.user), self.sign.public_key().to_pem()),
+            (
+                format!("{}-rsa-message", self.user),
+                self.message.to_pkcs1_pem().to_string(),
+            ),
+            (
+                format!("{}-rsa-message.pub", self.user),
+                self.message.public_key().to_pem(),
+            ),
+            (
+                format!("{}-rsa-sign", self.user),
+                self.sign.to_pkcs1_pem().to_string(),
+            ),
+            (
+                format!("{}-rsa-sign.pub", self.user),
+                self.sign.public_key().to_pem(),
+            ),
         ];
         for (name, text) in files {
             let path = keys.join(name);
@@ -598,7 +690,8 @@ impl Identity {
 
     /// Registers the public keys with the key server and activates them.
     pub async fn register(&self, ks: &KeyServer) -> Result<String> {
-        ks.register_and_activate(&self.user, &self.message_pem(), &self.sign_pem()).await
+        ks.register_and_activate(&self.user, &self.message_pem(), &self.sign_pem())
+            .await
     }
 
     /// The username, parsed.
@@ -627,7 +720,12 @@ impl Nesd {
     }
 
     /// Like [`Nesd::start`], with extra flags.
-    pub async fn start_with(id: &Identity, broker: &Mosquitto, ks: &KeyServer, extra: &[&str]) -> Result<Nesd> {
+    pub async fn start_with(
+        id: &Identity,
+        broker: &Mosquitto,
+        ks: &KeyServer,
+        extra: &[&str],
+    ) -> Result<Nesd> {
         let run_dir = tempfile::Builder::new().prefix("nesd-run-").tempdir()?;
         let config = run_dir.path().join("config.toml");
         std::fs::write(&config, "")?;
@@ -643,19 +741,33 @@ impl Nesd {
             "--data-dir".into(),
             id.data_dir().display().to_string(),
             "--socket".into(),
-            run_dir.path().join("nes").join("nesd.sock").display().to_string(),
+            run_dir
+                .path()
+                .join("nes")
+                .join("nesd.sock")
+                .display()
+                .to_string(),
             "--config".into(),
             config.display().to_string(),
         ];
         args.extend(extra.iter().map(|s| s.to_string()));
-        let mut nesd = Nesd { user: id.user.clone(), args, run_dir, child: None, starts: 0 };
+        let mut nesd = Nesd {
+            user: id.user.clone(),
+            args,
+            run_dir,
+            child: None,
+            starts: 0,
+        };
         nesd.spawn().await?;
         Ok(nesd)
     }
 
     async fn spawn(&mut self) -> Result<()> {
         self.starts += 1;
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.log_path())?;
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.log_path())?;
         let child = Command::new(bin("nesd")?)
             .args(&self.args)
             .env("NES_LOG", "info,nesd=debug")
@@ -679,7 +791,11 @@ impl Nesd {
             if let Some(child) = self.child.as_mut() {
                 if let Some(status) = child.try_wait()? {
                     self.child = None;
-                    bail!("nesd for {} exited at start ({status}):\n{}", self.user, self.log_tail(20));
+                    bail!(
+                        "nesd for {} exited at start ({status}):\n{}",
+                        self.user,
+                        self.log_tail(20)
+                    );
                 }
             }
             if let Ok(mut c) = connect(&socket).await {
@@ -688,7 +804,11 @@ impl Nesd {
                 }
             }
             if Instant::now() >= deadline {
-                bail!("nesd for {} did not answer:\n{}", self.user, self.log_tail(20));
+                bail!(
+                    "nesd for {} did not answer:\n{}",
+                    self.user,
+                    self.log_tail(20)
+                );
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
@@ -732,7 +852,11 @@ impl Nesd {
             sigterm(&child);
             let status = wait_exit(&mut child, Duration::from_secs(60)).await?;
             if !status.success() {
-                bail!("nesd for {} exited with {status} on SIGTERM:\n{}", self.user, self.log_tail(20));
+                bail!(
+                    "nesd for {} exited with {status} on SIGTERM:\n{}",
+                    self.user,
+                    self.log_tail(20)
+                );
             }
         }
         Ok(())
@@ -759,20 +883,30 @@ impl Nesd {
     /// code and stderr: for startup error checks.
     pub fn run_once(args: &[&str], env: &[(&str, &str)]) -> Result<(i32, String)> {
         let mut cmd = Command::new(bin("nesd")?);
-        cmd.args(args).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         for (k, v) in env {
             cmd.env(k, v);
         }
         let child = cmd.spawn()?;
         let out = child.wait_with_output()?;
-        Ok((out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned()))
+        Ok((
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
     }
 }
 
 impl Drop for Nesd {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("---- nesd {} log (last 40 lines) ----\n{}", self.user, self.log_tail(40));
+            eprintln!(
+                "---- nesd {} log (last 40 lines) ----\n{}",
+                self.user,
+                self.log_tail(40)
+            );
         }
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
@@ -800,17 +934,27 @@ pub async fn connect(socket: &Path) -> Result<Client> {
 /// Sends one message and returns it (state QUEUED or later).
 pub async fn send(client: &mut Client, to: &str, text: &str) -> Result<rpc::Message> {
     let reply = client
-        .send(rpc::SendRequest { to: to.into(), text: text.into(), legacy: false })
+        .send(rpc::SendRequest {
+            to: to.into(),
+            text: text.into(),
+            legacy: false,
+        })
         .await
         .with_context(|| format!("Send to {to}"))?
         .into_inner();
-    reply.message.ok_or_else(|| anyhow!("Send answered no message"))
+    reply
+        .message
+        .ok_or_else(|| anyhow!("Send answered no message"))
 }
 
 /// The conversation with `peer`.
 pub async fn history(client: &mut Client, peer: &str) -> Result<Vec<rpc::Message>> {
     Ok(client
-        .history(rpc::HistoryRequest { peer: peer.into(), limit: 0, before_id: String::new() })
+        .history(rpc::HistoryRequest {
+            peer: peer.into(),
+            limit: 0,
+            before_id: String::new(),
+        })
         .await?
         .into_inner()
         .messages)
@@ -848,12 +992,22 @@ pub struct EventStream {
 impl EventStream {
     /// Subscribes (`since` as in EventsRequest).
     pub async fn open(client: &Client, since: Option<u64>) -> Result<EventStream> {
-        Ok(Self::open_request(client, EventsRequest { since, ..Default::default() }).await?)
+        Ok(Self::open_request(
+            client,
+            EventsRequest {
+                since,
+                ..Default::default()
+            },
+        )
+        .await?)
     }
 
     /// Subscribes with this request; a refusal is the daemon's status, for tests of what
     /// it refuses (e.g. a `since_cursor` of another store).
-    pub async fn open_request(client: &Client, request: EventsRequest) -> std::result::Result<EventStream, tonic::Status> {
+    pub async fn open_request(
+        client: &Client,
+        request: EventsRequest,
+    ) -> std::result::Result<EventStream, tonic::Status> {
         let mut c = client.clone();
         let mut stream = c.events(request).await?.into_inner();
         let (tx, rx) = mpsc::unbounded_channel();
@@ -877,7 +1031,11 @@ impl EventStream {
     }
 
     /// The next event for which `pick` returns `Some`, skipping others.
-    pub async fn next_matching<T>(&mut self, what: &str, mut pick: impl FnMut(&Event) -> Option<T>) -> Result<T> {
+    pub async fn next_matching<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(&Event) -> Option<T>,
+    ) -> Result<T> {
         let deadline = tokio::time::Instant::now() + TIMEOUT;
         loop {
             let event = tokio::time::timeout_at(deadline, self.rx.recv())
@@ -908,7 +1066,9 @@ impl RawMqtt {
     pub async fn connect(broker: &Mosquitto) -> Result<RawMqtt> {
         let id = format!("raw-{}-{}", std::process::id(), free_port()?);
         let mut options = MqttOptions::new(id, "127.0.0.1", broker.port());
-        options.set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024).set_clean_session(true);
+        options
+            .set_max_packet_size(16 * 1024 * 1024, 16 * 1024 * 1024)
+            .set_clean_session(true);
         let (client, mut eventloop) = AsyncClient::new(options, 64);
         let (in_tx, incoming) = mpsc::unbounded_channel();
         let (ack_tx, acks) = mpsc::unbounded_channel();
@@ -925,7 +1085,8 @@ impl RawMqtt {
                     Ok(MqttEvent::Incoming(Packet::Publish(p))) => {
                         let _ = in_tx.send(p);
                     }
-                    Ok(MqttEvent::Incoming(Packet::PubAck(_))) | Ok(MqttEvent::Incoming(Packet::PubComp(_))) => {
+                    Ok(MqttEvent::Incoming(Packet::PubAck(_)))
+                    | Ok(MqttEvent::Incoming(Packet::PubComp(_))) => {
                         let _ = ack_tx.send(());
                     }
                     Ok(_) => {}
@@ -936,7 +1097,12 @@ impl RawMqtt {
         tokio::time::timeout(TIMEOUT, up_rx.recv())
             .await
             .map_err(|_| anyhow!("raw MQTT client did not connect"))?;
-        Ok(RawMqtt { client, incoming, acks, task })
+        Ok(RawMqtt {
+            client,
+            incoming,
+            acks,
+            task,
+        })
     }
 
     /// Subscribes to `topic` (QoS 1) and waits for the SUBACK.
@@ -948,24 +1114,36 @@ impl RawMqtt {
     /// the publisher's QoS) and waits for the SUBACK.
     pub async fn subscribe_qos(&mut self, topic: &str, qos: QoS) -> Result<()> {
         self.client.subscribe(topic, qos).await?;
-        tokio::time::timeout(TIMEOUT, self.acks.recv()).await.map_err(|_| anyhow!("no SUBACK"))?;
+        tokio::time::timeout(TIMEOUT, self.acks.recv())
+            .await
+            .map_err(|_| anyhow!("no SUBACK"))?;
         Ok(())
     }
 
     /// Publishes `payload` to `topic` (QoS 1) and waits for the broker's acknowledgement.
     pub async fn publish(&mut self, topic: &str, payload: Vec<u8>) -> Result<()> {
-        self.client.publish(topic, QoS::AtLeastOnce, false, payload).await?;
-        tokio::time::timeout(TIMEOUT, self.acks.recv()).await.map_err(|_| anyhow!("no PUBACK"))?;
+        self.client
+            .publish(topic, QoS::AtLeastOnce, false, payload)
+            .await?;
+        tokio::time::timeout(TIMEOUT, self.acks.recv())
+            .await
+            .map_err(|_| anyhow!("no PUBACK"))?;
         Ok(())
     }
 
     /// Publishes every payload to `topic` (QoS 1) as fast as the broker takes them, then
     /// waits for all the acknowledgements (for floods; nothing else may be waiting for an
     /// ack on this client meanwhile). Returns how many were published.
-    pub async fn publish_all(&mut self, topic: &str, payloads: impl IntoIterator<Item = Vec<u8>>) -> Result<usize> {
+    pub async fn publish_all(
+        &mut self,
+        topic: &str,
+        payloads: impl IntoIterator<Item = Vec<u8>>,
+    ) -> Result<usize> {
         let mut n = 0;
         for payload in payloads {
-            self.client.publish(topic, QoS::AtLeastOnce, false, payload).await?;
+            self.client
+                .publish(topic, QoS::AtLeastOnce, false, payload)
+                .await?;
             n += 1;
         }
         for i in 0..n {
@@ -1001,7 +1179,9 @@ pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
 /// stopped nesd's store would.
 pub fn copy_dir(from: &Path, to: &Path) -> Result<()> {
     std::fs::create_dir_all(to)?;
-    for entry in std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))? {
+    for entry in
+        std::fs::read_dir(from).with_context(|| format!("cannot read {}", from.display()))?
+    {
         let entry = entry?;
         let target = to.join(entry.file_name());
         if entry.file_type()?.is_dir() {

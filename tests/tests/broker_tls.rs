@@ -20,7 +20,11 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// The users of the test broker and their passwords.
-const USERS: &[(&str, &str)] = &[("alice", "alice-pw-1"), ("bob", "bob-pw-2"), ("carol", "carol-pw-3")];
+const USERS: &[(&str, &str)] = &[
+    ("alice", "alice-pw-1"),
+    ("bob", "bob-pw-2"),
+    ("carol", "carol-pw-3"),
+];
 
 /// The broker's certificates, password file and ACL, in one temp dir.
 struct Pki {
@@ -28,18 +32,39 @@ struct Pki {
 }
 
 fn run(cmd: &mut Command) -> Result<()> {
-    let out = cmd.output().with_context(|| format!("cannot run {cmd:?}"))?;
-    ensure!(out.status.success(), "{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = cmd
+        .output()
+        .with_context(|| format!("cannot run {cmd:?}"))?;
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     Ok(())
 }
 
 /// A self-signed CA: `<name>.pem`, `<name>.key`.
 fn make_ca(dir: &Path, name: &str) -> Result<()> {
     run(Command::new("openssl").current_dir(dir).args([
-        "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-        "-keyout", &format!("{name}.key"), "-out", &format!("{name}.pem"), "-days", "2",
-        "-subj", &format!("/CN=NES test {name}"),
-        "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+        "-keyout",
+        &format!("{name}.key"),
+        "-out",
+        &format!("{name}.pem"),
+        "-days",
+        "2",
+        "-subj",
+        &format!("/CN=NES test {name}"),
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign,cRLSign",
     ]))
 }
 
@@ -50,8 +75,18 @@ impl Pki {
         make_ca(d, "ca")?;
         make_ca(d, "other-ca")?;
         run(Command::new("openssl").current_dir(d).args([
-            "req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
-            "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=localhost",
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            "server.key",
+            "-out",
+            "server.csr",
+            "-subj",
+            "/CN=localhost",
         ]))?;
         std::fs::write(
             d.join("server.ext"),
@@ -59,8 +94,21 @@ impl Pki {
              keyUsage=critical,digitalSignature\nextendedKeyUsage=serverAuth\n",
         )?;
         run(Command::new("openssl").current_dir(d).args([
-            "x509", "-req", "-in", "server.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
-            "-out", "server.pem", "-days", "2", "-extfile", "server.ext",
+            "x509",
+            "-req",
+            "-in",
+            "server.csr",
+            "-CA",
+            "ca.pem",
+            "-CAkey",
+            "ca.key",
+            "-CAcreateserial",
+            "-out",
+            "server.pem",
+            "-days",
+            "2",
+            "-extfile",
+            "server.ext",
         ]))?;
         for (i, (user, password)) in USERS.iter().enumerate() {
             let mut cmd = Command::new("mosquitto_passwd");
@@ -74,9 +122,15 @@ impl Pki {
             std::fs::set_permissions(&file, std::fs::Permissions::from_mode(0o600))?;
         }
         std::fs::write(d.join("wrong.password"), "not-the-password\n")?;
-        std::fs::set_permissions(d.join("wrong.password"), std::fs::Permissions::from_mode(0o600))?;
+        std::fs::set_permissions(
+            d.join("wrong.password"),
+            std::fs::Permissions::from_mode(0o600),
+        )?;
         // docs/BROKER.md: read only your own topic, write anyone's.
-        std::fs::write(d.join("acl"), "pattern read nes/%u/message\npattern write nes/+/message\n")?;
+        std::fs::write(
+            d.join("acl"),
+            "pattern read nes/%u/message\npattern write nes/+/message\n",
+        )?;
         Ok(Pki { dir })
     }
 
@@ -107,9 +161,14 @@ impl SecureWorld {
     async fn start() -> Result<SecureWorld> {
         let pki = Pki::make()?;
         let config = pki.broker_config();
-        let (broker, keyserver) = tokio::try_join!(Mosquitto::start_with(&config, true), KeyServer::start())?;
+        let (broker, keyserver) =
+            tokio::try_join!(Mosquitto::start_with(&config, true), KeyServer::start())?;
         ensure!(broker.url().starts_with("mqtts://"), "{}", broker.url());
-        Ok(SecureWorld { pki, broker, keyserver })
+        Ok(SecureWorld {
+            pki,
+            broker,
+            keyserver,
+        })
     }
 
     /// The flags that log `user` in over TLS, trusting `ca` and reading `password_file`.
@@ -137,8 +196,16 @@ impl SecureWorld {
     /// A plain MQTT client over TLS, logged in as `user`; its publishes and SUBACKs are
     /// reported on the channels.
     async fn raw(&self, user: &str) -> Result<RawTls> {
-        let password = USERS.iter().find(|(u, _)| *u == user).map(|(_, p)| *p).ok_or_else(|| anyhow!("no user {user}"))?;
-        let mut options = MqttOptions::new(format!("raw-{user}-{}", free_port()?), "localhost", self.broker.port());
+        let password = USERS
+            .iter()
+            .find(|(u, _)| *u == user)
+            .map(|(_, p)| *p)
+            .ok_or_else(|| anyhow!("no user {user}"))?;
+        let mut options = MqttOptions::new(
+            format!("raw-{user}-{}", free_port()?),
+            "localhost",
+            self.broker.port(),
+        );
         options
             .set_clean_session(true)
             .set_credentials(user, password)
@@ -164,8 +231,15 @@ impl SecureWorld {
             }
         });
         let first = tokio::time::timeout(TIMEOUT, rx.recv()).await?;
-        ensure!(matches!(first, Some(Packet::ConnAck(_))), "raw client {user}: {first:?}");
-        Ok(RawTls { client, packets: rx, task })
+        ensure!(
+            matches!(first, Some(Packet::ConnAck(_))),
+            "raw client {user}: {first:?}"
+        );
+        Ok(RawTls {
+            client,
+            packets: rx,
+            task,
+        })
     }
 }
 
@@ -177,7 +251,11 @@ struct RawTls {
 
 impl RawTls {
     /// The next packet of the kind `pick` accepts (others are skipped).
-    async fn next<T>(&mut self, what: &str, mut pick: impl FnMut(Packet) -> Option<T>) -> Result<T> {
+    async fn next<T>(
+        &mut self,
+        what: &str,
+        mut pick: impl FnMut(Packet) -> Option<T>,
+    ) -> Result<T> {
         let deadline = tokio::time::Instant::now() + TIMEOUT;
         loop {
             let p = tokio::time::timeout_at(deadline, self.packets.recv())
@@ -198,7 +276,11 @@ impl Drop for RawTls {
 }
 
 fn incoming_from<'a>(from: &'a str) -> impl Fn(&rpc::Message) -> bool + 'a {
-    move |m| m.direction == Direction::Incoming as i32 && m.from == from && m.state == MessageState::Received as i32
+    move |m| {
+        m.direction == Direction::Incoming as i32
+            && m.from == from
+            && m.state == MessageState::Received as i32
+    }
 }
 
 /// Waits for `n` messages from `from` and returns them, oldest first.
@@ -239,32 +321,58 @@ async fn two_daemons_talk_over_tls_with_passwords_and_an_acl() -> Result<()> {
     let mut spy = w.raw("alice").await?;
     for topic in ["nes/bob/message", "nes/alice/message"] {
         spy.client.subscribe(topic, QoS::AtLeastOnce).await?;
-        spy.next("SUBACK", |p| matches!(p, Packet::SubAck(_)).then_some(())).await?;
+        spy.next("SUBACK", |p| matches!(p, Packet::SubAck(_)).then_some(()))
+            .await?;
     }
 
     let to_bob = send(&mut a, "bob", "over TLS to bob").await?;
     let got = received(&b, "alice", 1).await?;
-    ensure!(got[0].text == "over TLS to bob" && got[0].id == to_bob.id, "bob got {:?}", got[0]);
+    ensure!(
+        got[0].text == "over TLS to bob" && got[0].id == to_bob.id,
+        "bob got {:?}",
+        got[0]
+    );
     send(&mut b, "alice", "and back to alice").await?;
     let got = received(&a, "bob", 1).await?;
     ensure!(got[0].text == "and back to alice", "alice got {:?}", got[0]);
 
     // The spy's first frame is bob's reply on alice's topic: alice's earlier frame to bob
     // was published first, so had the ACL let it through it would have come first.
-    let topic = spy.next("a publish", |p| match p {
-        Packet::Publish(p) => Some(p.topic),
-        _ => None,
-    })
-    .await?;
-    ensure!(topic == "nes/alice/message", "alice could read {topic}: the ACL did not hold");
+    let topic = spy
+        .next("a publish", |p| match p {
+            Packet::Publish(p) => Some(p.topic),
+            _ => None,
+        })
+        .await?;
+    ensure!(
+        topic == "nes/alice/message",
+        "alice could read {topic}: the ACL did not hold"
+    );
 
     // The client id: Status shows a prefix only, never the 128-bit device id.
-    let device = std::fs::read_to_string(alice_id.data_dir().join("device-id"))?.trim().to_owned();
-    ensure!(device.len() == 32 && device.bytes().all(|c| c.is_ascii_hexdigit()), "device id {device:?}");
+    let device = std::fs::read_to_string(alice_id.data_dir().join("device-id"))?
+        .trim()
+        .to_owned();
+    ensure!(
+        device.len() == 32 && device.bytes().all(|c| c.is_ascii_hexdigit()),
+        "device id {device:?}"
+    );
     let s = status(&mut a).await?;
-    ensure!(s.client_id.starts_with("nes-alice-"), "client id {}", s.client_id);
-    ensure!(!s.client_id.contains(&device), "Status shows the full client id {}", s.client_id);
-    ensure!(s.client_id.contains(&device[..8]), "Status shows no prefix: {}", s.client_id);
+    ensure!(
+        s.client_id.starts_with("nes-alice-"),
+        "client id {}",
+        s.client_id
+    );
+    ensure!(
+        !s.client_id.contains(&device),
+        "Status shows the full client id {}",
+        s.client_id
+    );
+    ensure!(
+        s.client_id.contains(&device[..8]),
+        "Status shows no prefix: {}",
+        s.client_id
+    );
     let log = std::fs::read_to_string(alice.log_path())?;
     ensure!(!log.contains(&device), "the log shows the full client id");
     ensure!(!log.contains("alice-pw-1"), "the log shows the password");
@@ -279,8 +387,14 @@ async fn a_wrong_password_fails_clearly() -> Result<()> {
     let flags = w.flags("carol", "ca.pem", "wrong.password");
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let carol = Nesd::start_with(&id, &w.broker, &w.keyserver, &flags).await?;
-    let log = wait_log(&carol, "the refusal in carol's log", |t| t.contains("cannot connect to the broker")).await?;
-    ensure!(log.contains("NotAuthorized") || log.contains("BadUserNamePassword"), "the log does not say why:\n{log}");
+    let log = wait_log(&carol, "the refusal in carol's log", |t| {
+        t.contains("cannot connect to the broker")
+    })
+    .await?;
+    ensure!(
+        log.contains("NotAuthorized") || log.contains("BadUserNamePassword"),
+        "the log does not say why:\n{log}"
+    );
     // Still running, still answering, not connected.
     let s = status(&mut carol.client().await?).await?;
     ensure!(!s.connected, "connected with a wrong password");
@@ -294,7 +408,18 @@ async fn a_wrong_password_fails_clearly() -> Result<()> {
     let data_dir = id.data_dir().display().to_string();
     let url = w.broker.url();
     let ks = w.keyserver.url();
-    let base = ["--user", "carol", "--broker", &url, "--keyserver", &ks, "--data-dir", &data_dir, "--broker-user", "carol"];
+    let base = [
+        "--user",
+        "carol",
+        "--broker",
+        &url,
+        "--keyserver",
+        &ks,
+        "--data-dir",
+        &data_dir,
+        "--broker-user",
+        "carol",
+    ];
     let mut args = base.to_vec();
     args.extend(["--broker-password-file", &loose]);
     let (code, err) = Nesd::run_once(&args, &[])?;
@@ -302,7 +427,10 @@ async fn a_wrong_password_fails_clearly() -> Result<()> {
     let mut args = base.to_vec();
     args.extend(["--broker-password", "carol-pw-3"]);
     let (code, err) = Nesd::run_once(&args, &[])?;
-    ensure!(code == 2, "a password flag was accepted: exit {code}: {err}");
+    ensure!(
+        code == 2,
+        "a password flag was accepted: exit {code}: {err}"
+    );
     Ok(())
 }
 
@@ -318,10 +446,19 @@ async fn a_server_certificate_from_an_unknown_ca_is_refused() -> Result<()> {
     for flags in [other, system] {
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         let nesd = Nesd::start_with(&id, &w.broker, &w.keyserver, &flags).await?;
-        let log = wait_log(&nesd, "the TLS refusal in the log", |t| t.contains("cannot connect to the broker")).await?;
-        ensure!(log.contains("UnknownIssuer"), "the log does not say why:\n{log}");
+        let log = wait_log(&nesd, "the TLS refusal in the log", |t| {
+            t.contains("cannot connect to the broker")
+        })
+        .await?;
+        ensure!(
+            log.contains("UnknownIssuer"),
+            "the log does not say why:\n{log}"
+        );
         let s = status(&mut nesd.client().await?).await?;
-        ensure!(!s.connected, "connected to a broker whose certificate nobody trusts ({flags:?})");
+        ensure!(
+            !s.connected,
+            "connected to a broker whose certificate nobody trusts ({flags:?})"
+        );
         drop(nesd);
     }
     Ok(())
@@ -339,20 +476,40 @@ async fn an_oversized_publish_does_not_break_the_session() -> Result<()> {
 
     // carol may write to bob's topic: 300 KiB, over the 256 KiB frame limit.
     let mut carol = w.raw("carol").await?;
-    carol.client.publish("nes/bob/message", QoS::AtLeastOnce, false, vec![b'{'; 300 * 1024]).await?;
-    carol.next("PUBACK", |p| matches!(p, Packet::PubAck(_)).then_some(())).await?;
+    carol
+        .client
+        .publish(
+            "nes/bob/message",
+            QoS::AtLeastOnce,
+            false,
+            vec![b'{'; 300 * 1024],
+        )
+        .await?;
+    carol
+        .next("PUBACK", |p| matches!(p, Packet::PubAck(_)).then_some(()))
+        .await?;
 
     // The next normal message still arrives, and nothing of carol's was stored.
     send(&mut a, "bob", "after the big one").await?;
     let got = received(&b, "alice", 1).await?;
     ensure!(got[0].text == "after the big one", "bob got {:?}", got[0]);
-    ensure!(history(&mut b.clone(), "carol").await?.is_empty(), "carol's packet was stored");
+    ensure!(
+        history(&mut b.clone(), "carol").await?.is_empty(),
+        "carol's packet was stored"
+    );
     // MQTT 3.1.1: the cap refused the packet from its header, then one capless
     // connection read it once and acknowledged it away as too large (docs/BROKER.md).
     let log = std::fs::read_to_string(bob.log_path())?;
-    ensure!(log.contains("over the frame-size limit"), "the cap did not refuse the packet:\n{log}");
+    ensure!(
+        log.contains("over the frame-size limit"),
+        "the cap did not refuse the packet:\n{log}"
+    );
     let s = status(&mut b.clone()).await?;
-    ensure!(s.refused.get("too_large").copied().unwrap_or(0) == 1, "refused: {:?}", s.refused);
+    ensure!(
+        s.refused.get("too_large").copied().unwrap_or(0) == 1,
+        "refused: {:?}",
+        s.refused
+    );
     wait_connected(&b).await?;
     // And again: the session is not stuck on the big packet.
     send(&mut a, "bob", "and one more").await?;

@@ -7,9 +7,13 @@
 //! arrives on every path.
 
 use anyhow::{ensure, Context, Result};
-use nes_e2e::frontends::{json_lines, nes, nes_notify, run_nes, Dunst, Lines, Outcome, SessionBus, Xvfb};
+use nes_e2e::frontends::{
+    json_lines, nes, nes_notify, run_nes, Dunst, Lines, Outcome, SessionBus, Xvfb,
+};
+use nes_e2e::{
+    copy_dir, eventually, send, status, wait_history, Client, EventStream, Nesd, World, TIMEOUT,
+};
 use nes_proto::rpc::{self, EventsRequest};
-use nes_e2e::{copy_dir, eventually, send, status, wait_history, Client, EventStream, Nesd, World, TIMEOUT};
 use std::path::Path;
 
 /// The desktop nes-notify shows on.
@@ -31,14 +35,23 @@ impl Desktop {
     async fn wait_shown(&self, from: &str, body: &str) -> Result<()> {
         eventually(&format!("dunst to show {body:?}"), TIMEOUT, || async {
             let history = self.dunst.history().await?;
-            Ok(history.iter().any(|(app, s, b)| app == "NES" && s == from && b == body).then_some(()))
+            Ok(history
+                .iter()
+                .any(|(app, s, b)| app == "NES" && s == from && b == body)
+                .then_some(()))
         })
         .await
     }
 
     /// How many notifications with `body` dunst has shown.
     async fn count_shown(&self, body: &str) -> Result<usize> {
-        Ok(self.dunst.history().await?.iter().filter(|(_, _, b)| b == body).count())
+        Ok(self
+            .dunst
+            .history()
+            .await?
+            .iter()
+            .filter(|(_, _, b)| b == body)
+            .count())
     }
 }
 
@@ -51,10 +64,14 @@ fn notifier(nesd: &Nesd, home: &Path, desktop: &Desktop, state: &Path) -> Result
 
 /// Waits until nes-notify's log has `needle`.
 async fn wait_log(lines: &Lines, needle: &str) -> Result<String> {
-    eventually(&format!("nes-notify to log {needle:?}"), TIMEOUT, || async {
-        let log = lines.stderr();
-        Ok(log.contains(needle).then_some(log))
-    })
+    eventually(
+        &format!("nes-notify to log {needle:?}"),
+        TIMEOUT,
+        || async {
+            let log = lines.stderr();
+            Ok(log.contains(needle).then_some(log))
+        },
+    )
     .await
 }
 
@@ -62,14 +79,31 @@ async fn wait_log(lines: &Lines, needle: &str) -> Result<String> {
 async fn subscribed(lines: &Lines) -> Result<String> {
     eventually("nes-notify to subscribe", TIMEOUT, || async {
         let log = lines.stderr();
-        Ok((log.contains("starting with new messages") || log.contains("resuming after the stored cursor")).then_some(log))
+        Ok((log.contains("starting with new messages")
+            || log.contains("resuming after the stored cursor"))
+        .then_some(log))
     })
     .await
 }
 
 /// `nes listen --json --since SINCE` for one message, as a script resumes.
 async fn listen_since(nesd: &Nesd, home: &Path, since: &str) -> Result<Outcome> {
-    run_nes(&nesd.socket(), home, &["listen", "--json", "--since", since, "--count", "1", "--timeout", "100"], b"").await
+    run_nes(
+        &nesd.socket(),
+        home,
+        &[
+            "listen",
+            "--json",
+            "--since",
+            since,
+            "--count",
+            "1",
+            "--timeout",
+            "100",
+        ],
+        b"",
+    )
+    .await
 }
 
 /// Checks that `nes listen --since` refused the cursor: exit 1 (at once, not after the
@@ -77,8 +111,16 @@ async fn listen_since(nesd: &Nesd, home: &Path, since: &str) -> Result<Outcome> 
 fn refused(out: Outcome, why: &str) -> Result<()> {
     let out = out.expect_code(1)?;
     ensure!(out.stdout.is_empty(), "nothing printed: {}", out.stdout);
-    ensure!(out.stderr.contains(why), "says what happened ({why}): {}", out.stderr);
-    ensure!(!out.stderr.contains("timed out"), "refused, not waited on: {}", out.stderr);
+    ensure!(
+        out.stderr.contains(why),
+        "says what happened ({why}): {}",
+        out.stderr
+    );
+    ensure!(
+        !out.stderr.contains("timed out"),
+        "refused, not waited on: {}",
+        out.stderr
+    );
     ensure!(
         out.stderr.contains("without --since") && out.stderr.contains("--since 0"),
         "says what to do: {}",
@@ -92,33 +134,61 @@ async fn grpc_refuses(client: &Client, request: EventsRequest, why: &str) -> Res
     match EventStream::open_request(client, request.clone()).await {
         Ok(_) => anyhow::bail!("Events accepted {request:?}"),
         Err(status) => {
-            ensure!(status.code() == tonic::Code::FailedPrecondition, "{request:?}: {status:?}");
-            ensure!(status.message().contains(why), "{request:?}: the message says why ({why}): {}", status.message());
-            ensure!(status.message().contains("from 0"), "and what to do: {}", status.message());
+            ensure!(
+                status.code() == tonic::Code::FailedPrecondition,
+                "{request:?}: {status:?}"
+            );
+            ensure!(
+                status.message().contains(why),
+                "{request:?}: the message says why ({why}): {}",
+                status.message()
+            );
+            ensure!(
+                status.message().contains("from 0"),
+                "and what to do: {}",
+                status.message()
+            );
         }
     }
     Ok(())
 }
 
 fn since_cursor(cursor: &str) -> EventsRequest {
-    EventsRequest { since: None, since_cursor: cursor.to_owned() }
+    EventsRequest {
+        since: None,
+        since_cursor: cursor.to_owned(),
+    }
 }
 
 /// The `cursor` of the one line `nes listen --json` printed.
 fn line_cursor(out: &Outcome) -> Result<String> {
     let lines = json_lines(&out.stdout.lines().map(String::from).collect::<Vec<_>>())?;
     ensure!(lines.len() == 1, "one line: {}", out.stdout);
-    Ok(lines[0]["cursor"].as_str().context("the cursor is a string")?.to_owned())
+    Ok(lines[0]["cursor"]
+        .as_str()
+        .context("the cursor is a string")?
+        .to_owned())
 }
 
 /// alice sends `text`; bob's `nes listen` from `since` (a cursor it accepts) prints it.
-async fn arrives(alice: &mut Client, bob: &Nesd, home: &Path, since: &str, text: &str) -> Result<String> {
+async fn arrives(
+    alice: &mut Client,
+    bob: &Nesd,
+    home: &Path,
+    since: &str,
+    text: &str,
+) -> Result<String> {
     let mut cmd = nes(&bob.socket(), home)?;
-    cmd.args(["listen", "--json", "--from", "alice", "--count", "1", "--since", since]);
+    cmd.args([
+        "listen", "--json", "--from", "alice", "--count", "1", "--since", since,
+    ]);
     let mut listener = Lines::spawn(cmd)?;
     let sent = send(alice, "bob", text).await?;
     let line = json_lines(listener.until(1).await?)?.remove(0);
-    ensure!(line["message"] == text && line["id"] == sent.id.as_str(), "{line}");
+    ensure!(
+        line["message"] == text && line["id"] == sent.id.as_str(),
+        "{line}"
+    );
     ensure!(listener.wait().await? == 0);
     Ok(line["cursor"].as_str().context("cursor")?.to_owned())
 }
@@ -138,11 +208,16 @@ async fn a_cursor_of_a_re_created_store_is_refused_and_nothing_is_hidden() -> Re
     subscribed(&notify).await?;
     let old = arrives(&mut alice, &bob_d, h, "0", "before the re-creation").await?;
     assert!(notify.next().await?.ends_with(": before the re-creation"));
-    desktop.wait_shown("alice", "before the re-creation").await?;
+    desktop
+        .wait_shown("alice", "before the re-creation")
+        .await?;
     notify.kill().await?;
     let old_store = status(&mut bob_d.client().await?).await?.store_id;
     assert_eq!(old_store.len(), 16, "status reports the store id");
-    assert!(old.starts_with(&old_store), "the cursor names its store: {old}");
+    assert!(
+        old.starts_with(&old_store),
+        "the cursor names its store: {old}"
+    );
 
     // Bob's store is re-created (a new, empty store under the same identity).
     bob_d.stop().await?;
@@ -153,28 +228,53 @@ async fn a_cursor_of_a_re_created_store_is_refused_and_nothing_is_hidden() -> Re
     assert_ne!(new_store, old_store, "a new store has a new id");
 
     // gRPC: refused, saying why.
-    grpc_refuses(&bob_c, since_cursor(&old), "belongs to another message store").await?;
+    grpc_refuses(
+        &bob_c,
+        since_cursor(&old),
+        "belongs to another message store",
+    )
+    .await?;
     // nes listen --since: exit 1 at once, saying why and what to do.
-    refused(listen_since(&bob_d, h, &old).await?, "belongs to another message store")?;
-    let out = run_nes(&bob_d.socket(), h, &["status", "--json"], b"").await?.expect_code(0)?;
+    refused(
+        listen_since(&bob_d, h, &old).await?,
+        "belongs to another message store",
+    )?;
+    let out = run_nes(&bob_d.socket(), h, &["status", "--json"], b"")
+        .await?
+        .expect_code(0)?;
     let v: serde_json::Value = serde_json::from_str(&out.stdout)?;
     assert_eq!(v["store_id"], new_store.as_str());
 
     // nes-notify with the old cursor: says so once, starts from now, shows the next one.
     let mut notify = notifier(&bob_d, h, &desktop, &state)?;
     let log = subscribed(&notify).await?;
-    assert!(log.contains("nesd refused the stored cursor") && log.contains("another message store"), "{log}");
+    assert!(
+        log.contains("nesd refused the stored cursor") && log.contains("another message store"),
+        "{log}"
+    );
     let after = send(&mut alice, "bob", "after the re-creation").await?;
-    assert_eq!(notify.next().await?, format!("shown alice {}: after the re-creation", after.id));
+    assert_eq!(
+        notify.next().await?,
+        format!("shown alice {}: after the re-creation", after.id)
+    );
     desktop.wait_shown("alice", "after the re-creation").await?;
-    assert_eq!(notify.stderr().matches("refused").count(), 1, "said once: {}", notify.stderr());
+    assert_eq!(
+        notify.stderr().matches("refused").count(),
+        1,
+        "said once: {}",
+        notify.stderr()
+    );
     // Its cursor file now holds a cursor of the new store.
     let saved = std::fs::read_to_string(&state)?;
     assert!(saved.trim().starts_with(&new_store), "{saved}");
 
     // Nothing hidden: from the start of the new store, the message is there.
     let out = listen_since(&bob_d, h, "0").await?.expect_code(0)?;
-    assert!(out.stdout.contains("after the re-creation"), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("after the re-creation"),
+        "{}",
+        out.stdout
+    );
     let next = line_cursor(&out)?;
     assert!(next.starts_with(&new_store), "{next}");
     Ok(())
@@ -197,12 +297,25 @@ async fn a_cursor_beyond_the_last_event_is_refused_and_nothing_is_hidden() -> Re
     // The case: a bare number beyond the last event, and a log cursor of this
     // store with such a number. Before, listen waited and timed out with "0 of 1".
     for cursor in ["1000".to_string(), format!("{store}-1000-0badc0de")] {
-        refused(listen_since(&bob_d, h, &cursor).await?, "is beyond the last event")?;
+        refused(
+            listen_since(&bob_d, h, &cursor).await?,
+            "is beyond the last event",
+        )?;
         grpc_refuses(&bob_c, since_cursor(&cursor), "is beyond the last event").await?;
     }
-    grpc_refuses(&bob_c, EventsRequest { since: Some(1000), ..Default::default() }, "is beyond the last event").await?;
+    grpc_refuses(
+        &bob_c,
+        EventsRequest {
+            since: Some(1000),
+            ..Default::default()
+        },
+        "is beyond the last event",
+    )
+    .await?;
     // Not a cursor at all: bad usage.
-    run_nes(&bob_d.socket(), h, &["listen", "--since", "yesterday"], b"").await?.expect_code(2)?;
+    run_nes(&bob_d.socket(), h, &["listen", "--since", "yesterday"], b"")
+        .await?
+        .expect_code(2)?;
 
     // Today's numbers of this store still work, and so does 0 (everything).
     let last = status(&mut bob_c).await?.last_cursor.to_string();
@@ -215,7 +328,10 @@ async fn a_cursor_beyond_the_last_event_is_refused_and_nothing_is_hidden() -> Re
     std::fs::write(&state, "1000\n")?;
     let mut notify = notifier(&bob_d, h, &desktop, &state)?;
     let log = subscribed(&notify).await?;
-    assert!(log.contains("nesd refused the stored cursor") && log.contains("is beyond the last event"), "{log}");
+    assert!(
+        log.contains("nesd refused the stored cursor") && log.contains("is beyond the last event"),
+        "{log}"
+    );
     let two = send(&mut alice, "bob", "two").await?;
     assert_eq!(notify.next().await?, format!("shown alice {}: two", two.id));
     desktop.wait_shown("alice", "two").await?;
@@ -227,7 +343,9 @@ async fn a_cursor_beyond_the_last_event_is_refused_and_nothing_is_hidden() -> Re
         cmd.arg("--since").arg("0");
         cmd
     })?;
-    let file = h.join(".local/state/nes").join(format!("notify-bob-{store}.cursor"));
+    let file = h
+        .join(".local/state/nes")
+        .join(format!("notify-bob-{store}.cursor"));
     eventually("the cursor file of bob's store", TIMEOUT, || async {
         let text = std::fs::read_to_string(&file).unwrap_or_default();
         Ok(text.contains(&format!("{store}-")).then_some(()))
@@ -237,7 +355,11 @@ async fn a_cursor_beyond_the_last_event_is_refused_and_nothing_is_hidden() -> Re
     let three = send(&mut alice, "bob", "three").await?;
     let line = format!("shown alice {}: three", three.id);
     while notify.next().await? != line {}
-    assert_eq!(desktop.count_shown("two").await?, 2, "once with the refused cursor, once from 0");
+    assert_eq!(
+        desktop.count_shown("two").await?,
+        2,
+        "once with the refused cursor, once from 0"
+    );
     Ok(())
 }
 
@@ -269,7 +391,10 @@ async fn a_restored_older_copy_of_the_store_refuses_cursors_it_never_logged() ->
     subscribed(&notify).await?;
     for text in ["m2 lost with the restore", "m3 lost with the restore"] {
         let sent = send(&mut alice, "bob", text).await?;
-        assert_eq!(notify.next().await?, format!("shown alice {}: {text}", sent.id));
+        assert_eq!(
+            notify.next().await?,
+            format!("shown alice {}: {text}", sent.id)
+        );
     }
     let seen = json_lines(listener.until(3).await?)?;
     let lost = seen[2]["cursor"].as_str().context("cursor")?.to_owned();
@@ -278,11 +403,16 @@ async fn a_restored_older_copy_of_the_store_refuses_cursors_it_never_logged() ->
     let mut stream = EventStream::open(&bob_c, Some(0)).await?;
     let grpc_lost = stream
         .next_matching("m3 on the gRPC stream", |e| match &e.kind {
-            Some(rpc::event::Kind::Message(m)) if m.text.starts_with("m3") => Some(e.log_cursor.clone()),
+            Some(rpc::event::Kind::Message(m)) if m.text.starts_with("m3") => {
+                Some(e.log_cursor.clone())
+            }
             _ => None,
         })
         .await?;
-    assert_eq!(grpc_lost, lost, "the stream and listen show the same cursor");
+    assert_eq!(
+        grpc_lost, lost,
+        "the stream and listen show the same cursor"
+    );
 
     // The older copy comes back in place of the store.
     bob_d.stop().await?;
@@ -294,34 +424,73 @@ async fn a_restored_older_copy_of_the_store_refuses_cursors_it_never_logged() ->
     // The running listener's reconnect is refused: it ends with exit 1 and says why.
     assert_eq!(listener.wait().await?, 1, "{}", listener.stderr());
     let err = listener.stderr();
-    assert!(err.contains("restored from an older copy") && err.contains("--since 0"), "{err}");
+    assert!(
+        err.contains("restored from an older copy") && err.contains("--since 0"),
+        "{err}"
+    );
     // nes-notify says so once and goes on with new messages.
     wait_log(&notify, "refused the cursor").await?;
     let m4 = send(&mut alice, "bob", "m4 after the restore").await?;
-    assert_eq!(notify.next().await?, format!("shown alice {}: m4 after the restore", m4.id));
+    assert_eq!(
+        notify.next().await?,
+        format!("shown alice {}: m4 after the restore", m4.id)
+    );
     desktop.wait_shown("alice", "m4 after the restore").await?;
-    assert_eq!(notify.stderr().matches("refused").count(), 1, "said once: {}", notify.stderr());
+    assert_eq!(
+        notify.stderr().matches("refused").count(),
+        1,
+        "said once: {}",
+        notify.stderr()
+    );
 
     // The restored store has logged other events under the numbers the lost ones had:
     // the lost cursor names an event it does not have.
     let lost_number: u64 = lost.split('-').nth(1).context("number")?.parse()?;
     let mut n = 5;
     while status(&mut bob_c).await?.last_cursor < lost_number {
-        arrives(&mut alice, &bob_d, h, &status(&mut bob_c).await?.last_cursor.to_string(), &format!("m{n}")).await?;
+        arrives(
+            &mut alice,
+            &bob_d,
+            h,
+            &status(&mut bob_c).await?.last_cursor.to_string(),
+            &format!("m{n}"),
+        )
+        .await?;
         n += 1;
     }
     grpc_refuses(&bob_c, since_cursor(&lost), "restored from an older copy").await?;
     refused(listen_since(&bob_d, h, &lost).await?, "does not have")?;
     // A cursor of what both copies share still resumes, and shows every message since.
-    let out = run_nes(&bob_d.socket(), h, &["listen", "--json", "--since", &kept, "--count", "1", "--timeout", "100"], b"")
-        .await?
-        .expect_code(0)?;
-    assert!(out.stdout.contains("m4 after the restore"), "{}", out.stdout);
+    let out = run_nes(
+        &bob_d.socket(),
+        h,
+        &[
+            "listen",
+            "--json",
+            "--since",
+            &kept,
+            "--count",
+            "1",
+            "--timeout",
+            "100",
+        ],
+        b"",
+    )
+    .await?
+    .expect_code(0)?;
+    assert!(
+        out.stdout.contains("m4 after the restore"),
+        "{}",
+        out.stdout
+    );
     // nes-notify restarted with its (restored store's) cursor resumes without a refusal.
     notify.kill().await?;
     let mut notify = notifier(&bob_d, h, &desktop, &state)?;
     let log = subscribed(&notify).await?;
-    assert!(log.contains("resuming after the stored cursor") && !log.contains("refused"), "{log}");
+    assert!(
+        log.contains("resuming after the stored cursor") && !log.contains("refused"),
+        "{log}"
+    );
     let last = send(&mut alice, "bob", "the last one").await?;
     let line = format!("shown alice {}: the last one", last.id);
     while notify.next().await? != line {}

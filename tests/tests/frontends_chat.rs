@@ -11,11 +11,23 @@ async fn chat(socket: &Path, home: &Path, peer: &str) -> Result<Tmux> {
     let env = vec![
         ("NES_SOCKET", socket.display().to_string()),
         ("HOME", home.display().to_string()),
-        ("XDG_CONFIG_HOME", home.join(".config").display().to_string()),
-        ("XDG_STATE_HOME", home.join(".local/state").display().to_string()),
+        (
+            "XDG_CONFIG_HOME",
+            home.join(".config").display().to_string(),
+        ),
+        (
+            "XDG_STATE_HOME",
+            home.join(".local/state").display().to_string(),
+        ),
         ("LANG", "C.UTF-8".to_string()),
     ];
-    Tmux::start(&format!("'{}' chat -t {peer}", bin("nes")?.display()), &env, 100, 30).await
+    Tmux::start(
+        &format!("'{}' chat -t {peer}", bin("nes")?.display()),
+        &env,
+        100,
+        30,
+    )
+    .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -35,7 +47,10 @@ async fn typed_lines_reach_the_peer_and_incoming_lines_appear_in_every_window() 
 
     let one = chat(&bob_d.socket(), home.path(), "alice").await?;
     let screen = one.wait_for("alice: before the chat opened").await?;
-    assert!(screen.contains("bob ⇄ alice"), "title names both sides:\n{screen}");
+    assert!(
+        screen.contains("bob ⇄ alice"),
+        "title names both sides:\n{screen}"
+    );
     // What the chat showed is marked read.
     eventually("the chat marked it read", TIMEOUT, || {
         let mut c = bob.clone();
@@ -56,26 +71,55 @@ async fn typed_lines_reach_the_peer_and_incoming_lines_appear_in_every_window() 
     eventually("alice got the typed line", TIMEOUT, || {
         let mut c = alice.clone();
         async move {
-            let texts: Vec<String> = history(&mut c, "bob").await?.into_iter().map(|m| m.text).collect();
-            Ok(texts.contains(&"hello alice, from the terminal".to_string()).then_some(()))
+            let texts: Vec<String> = history(&mut c, "bob")
+                .await?
+                .into_iter()
+                .map(|m| m.text)
+                .collect();
+            Ok(texts
+                .contains(&"hello alice, from the terminal".to_string())
+                .then_some(()))
         }
     })
     .await?;
     two.wait_for("bob: hello alice, from the terminal").await?;
-    one.wait_for("bob: hello alice, from the terminal ✓").await?;
+    one.wait_for("bob: hello alice, from the terminal ✓")
+        .await?;
 
     // An empty line sends nothing; Esc leaves and gives the terminal back.
     one.keys(&["Enter"]).await?;
     one.keys(&["Escape"]).await?;
-    eventually("the chat to exit on Esc", TIMEOUT, || async { Ok((!one.alive().await).then_some(())) }).await?;
-    let sent: Vec<String> = history(&mut bob, "alice").await?.into_iter().filter(|m| m.from == "bob").map(|m| m.text).collect();
+    eventually("the chat to exit on Esc", TIMEOUT, || async {
+        Ok((!one.alive().await).then_some(()))
+    })
+    .await?;
+    let sent: Vec<String> = history(&mut bob, "alice")
+        .await?
+        .into_iter()
+        .filter(|m| m.from == "bob")
+        .map(|m| m.text)
+        .collect();
     assert_eq!(sent, ["hello alice, from the terminal"]);
     drop(two);
 
     // An unknown peer is refused before the screen is taken over.
-    let out = run_nes(&bob_d.socket(), home.path(), &["chat", "-t", "zed-nobody"], b"").await?.expect_code(1)?;
+    let out = run_nes(
+        &bob_d.socket(),
+        home.path(),
+        &["chat", "-t", "zed-nobody"],
+        b"",
+    )
+    .await?
+    .expect_code(1)?;
     assert!(out.stderr.contains("zed-nobody"), "{}", out.stderr);
-    let out = run_nes(&bob_d.socket(), home.path(), &["chat", "-t", "NOT VALID"], b"").await?.expect_code(1)?;
+    let out = run_nes(
+        &bob_d.socket(),
+        home.path(),
+        &["chat", "-t", "NOT VALID"],
+        b"",
+    )
+    .await?
+    .expect_code(1)?;
     assert!(out.stderr.contains("NOT VALID"), "{}", out.stderr);
     Ok(())
 }

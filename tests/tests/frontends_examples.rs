@@ -10,7 +10,9 @@ use std::path::Path;
 fn script(name: &str, socket: &Path, home: &Path, args: &[&str]) -> Result<Lines> {
     let mut cmd = tokio::process::Command::new(examples_dir().join(name));
     isolate(&mut cmd, home);
-    cmd.env("PATH", path_with_bins()).env("NES_SOCKET", socket).args(args);
+    cmd.env("PATH", path_with_bins())
+        .env("NES_SOCKET", socket)
+        .args(args);
     Lines::spawn(cmd)
 }
 
@@ -20,8 +22,16 @@ async fn the_echo_bot_answers_every_message_once() -> Result<()> {
     let (_bot, bot_d) = world.user("echo-bot").await?;
     let (_bob, bob_d) = world.user("bob").await?;
     let home = tempfile::tempdir()?;
-    let since = status(&mut bot_d.client().await?).await?.last_cursor.to_string();
-    let mut bot = script("echo-bot.sh", &bot_d.socket(), home.path(), &["--since", &since])?;
+    let since = status(&mut bot_d.client().await?)
+        .await?
+        .last_cursor
+        .to_string();
+    let mut bot = script(
+        "echo-bot.sh",
+        &bot_d.socket(),
+        home.path(),
+        &["--since", &since],
+    )?;
 
     let mut bob = bob_d.client().await?;
     for text in ["ping", "-starts with a dash", "two\nlines"] {
@@ -30,12 +40,24 @@ async fn the_echo_bot_answers_every_message_once() -> Result<()> {
     let answers = eventually("three echoes", TIMEOUT, || {
         let mut c = bob.clone();
         async move {
-            let got: Vec<String> = history(&mut c, "echo-bot").await?.into_iter().filter(|m| m.from == "echo-bot").map(|m| m.text).collect();
+            let got: Vec<String> = history(&mut c, "echo-bot")
+                .await?
+                .into_iter()
+                .filter(|m| m.from == "echo-bot")
+                .map(|m| m.text)
+                .collect();
             Ok((got.len() >= 3).then_some(got))
         }
     })
     .await?;
-    assert_eq!(answers, ["echo: ping", "echo: -starts with a dash", "echo: two\nlines"]);
+    assert_eq!(
+        answers,
+        [
+            "echo: ping",
+            "echo: -starts with a dash",
+            "echo: two\nlines"
+        ]
+    );
     // Each answer's id was printed by the inner `nes send`.
     assert_eq!(bot.until(3).await?.len(), 3);
     bot.kill().await?;
@@ -50,7 +72,10 @@ async fn the_logger_resumes_after_its_last_line() -> Result<()> {
     let home = tempfile::tempdir()?;
     let log = home.path().join("messages.jsonl");
     let log_arg = log.display().to_string();
-    let since = status(&mut bob_d.client().await?).await?.last_cursor.to_string();
+    let since = status(&mut bob_d.client().await?)
+        .await?
+        .last_cursor
+        .to_string();
     let read_log = || -> Result<Vec<serde_json::Value>> {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         json_lines(&text.lines().map(String::from).collect::<Vec<_>>())
@@ -64,7 +89,12 @@ async fn the_logger_resumes_after_its_last_line() -> Result<()> {
     };
 
     // First run: no file yet; --since makes the start exact for the test.
-    let mut logger = script("log-to-file.sh", &bob_d.socket(), home.path(), &[&log_arg, "--since", &since])?;
+    let mut logger = script(
+        "log-to-file.sh",
+        &bob_d.socket(),
+        home.path(),
+        &[&log_arg, "--since", &since],
+    )?;
     let mut alice = alice_d.client().await?;
     send(&mut alice, "bob", "one").await?;
     send(&mut alice, "bob", "two").await?;
@@ -78,9 +108,20 @@ async fn the_logger_resumes_after_its_last_line() -> Result<()> {
     let mut logger = script("log-to-file.sh", &bob_d.socket(), home.path(), &[&log_arg])?;
     let lines = wait_lines(4).await?;
     send(&mut alice, "bob", "five").await?;
-    let lines = if lines.len() < 5 { wait_lines(5).await? } else { lines };
-    let texts: Vec<&str> = lines.iter().map(|l| l["message"].as_str().unwrap()).collect();
-    assert_eq!(texts, ["one", "two", "three", "four", "five"], "no loss, no repeat");
+    let lines = if lines.len() < 5 {
+        wait_lines(5).await?
+    } else {
+        lines
+    };
+    let texts: Vec<&str> = lines
+        .iter()
+        .map(|l| l["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        texts,
+        ["one", "two", "three", "four", "five"],
+        "no loss, no repeat"
+    );
     logger.kill().await?;
     Ok(())
 }

@@ -13,7 +13,9 @@ use std::path::{Path, PathBuf};
 fn vectors() -> PathBuf {
     std::env::var_os("NES_VECTORS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto/tests/vectors/legacy-v1"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto/tests/vectors/legacy-v1")
+        })
 }
 
 fn mode(path: &Path) -> u32 {
@@ -47,30 +49,60 @@ async fn an_original_identity_is_imported_and_then_used_by_nesd() -> Result<()> 
     );
     let legacy = legacy_home(h, &["alice"], &config)?;
 
-    let out = run_nes(&none, h, &["import-legacy"], b"").await?.expect_code(0)?;
+    let out = run_nes(&none, h, &["import-legacy"], b"")
+        .await?
+        .expect_code(0)?;
     assert!(out.stdout.contains("imported alice"), "{}", out.stdout);
     let keys = h.join(".local/share/nes/keys");
     assert_eq!(mode(&keys), 0o700);
     assert_eq!(mode(keys.parent().unwrap()), 0o700);
     for suffix in ["rsa-message", "rsa-message.pub", "rsa-sign", "rsa-sign.pub"] {
         let name = format!("alice-{suffix}");
-        assert_eq!(std::fs::read(keys.join(&name))?, std::fs::read(legacy.join(&name))?, "{name} copied byte for byte");
+        assert_eq!(
+            std::fs::read(keys.join(&name))?,
+            std::fs::read(legacy.join(&name))?,
+            "{name} copied byte for byte"
+        );
         assert_eq!(mode(&keys.join(&name)), 0o600, "{name}");
     }
     let toml = std::fs::read_to_string(h.join(".config/nes/config.toml"))?;
     assert!(toml.contains("user = \"alice\""), "{toml}");
-    assert!(toml.contains(&format!("broker = \"{}\"", world.broker.url())), "tcp:// becomes mqtt://: {toml}");
-    assert!(toml.contains(&format!("keyserver = \"{}\"", world.keyserver.url())), "{toml}");
-    assert!(legacy.join("alice-rsa-sign").exists(), "the original folder is left as it was");
+    assert!(
+        toml.contains(&format!("broker = \"{}\"", world.broker.url())),
+        "tcp:// becomes mqtt://: {toml}"
+    );
+    assert!(
+        toml.contains(&format!("keyserver = \"{}\"", world.keyserver.url())),
+        "{toml}"
+    );
+    assert!(
+        legacy.join("alice-rsa-sign").exists(),
+        "the original folder is left as it was"
+    );
 
     // Never overwritten without --force.
-    let out = run_nes(&none, h, &["import-legacy"], b"").await?.expect_code(1)?;
-    assert!(out.stderr.contains("already exists") && out.stderr.contains("--force"), "{}", out.stderr);
-    run_nes(&none, h, &["import-legacy", "--force"], b"").await?.expect_code(0)?;
+    let out = run_nes(&none, h, &["import-legacy"], b"")
+        .await?
+        .expect_code(1)?;
+    assert!(
+        out.stderr.contains("already exists") && out.stderr.contains("--force"),
+        "{}",
+        out.stderr
+    );
+    run_nes(&none, h, &["import-legacy", "--force"], b"")
+        .await?
+        .expect_code(0)?;
 
     // A nesd started from the imported config alone (plus the key server's key, which
     // the original compiled in) is alice, with the original keys.
-    world.keyserver.register_and_activate("alice", &std::fs::read_to_string(legacy.join("alice-rsa-message.pub"))?, &std::fs::read_to_string(legacy.join("alice-rsa-sign.pub"))?).await?;
+    world
+        .keyserver
+        .register_and_activate(
+            "alice",
+            &std::fs::read_to_string(legacy.join("alice-rsa-message.pub"))?,
+            &std::fs::read_to_string(legacy.join("alice-rsa-sign.pub"))?,
+        )
+        .await?;
     let bob = Identity::from_key_dir("bob", &vectors().join("keys"))?;
     bob.register(&world.keyserver).await?;
     let bob_d = Nesd::start(&bob, &world.broker, &world.keyserver).await?;
@@ -82,30 +114,52 @@ async fn an_original_identity_is_imported_and_then_used_by_nesd() -> Result<()> 
     ];
     let env = [
         ("HOME", h.to_str().unwrap()),
-        ("XDG_DATA_HOME", &*h.join(".local/share").display().to_string()),
+        (
+            "XDG_DATA_HOME",
+            &*h.join(".local/share").display().to_string(),
+        ),
         ("XDG_CONFIG_HOME", &*h.join(".config").display().to_string()),
     ];
     let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, *v)).collect();
     let alice_d = BusNesd::start_with_args(&args, &env, false).await?;
     let a = alice_d.socket();
-    let out = run_nes(&a, h, &["status", "--json"], b"").await?.expect_code(0)?;
+    let out = run_nes(&a, h, &["status", "--json"], b"")
+        .await?
+        .expect_code(0)?;
     let status: serde_json::Value = serde_json::from_str(out.stdout.trim())?;
     assert_eq!(status["user"], "alice");
     assert_eq!(status["broker"], world.broker.url());
 
     let mut bob_client = bob_d.client().await?;
     send(&mut bob_client, "alice", "welcome back, alice").await?;
-    run_nes(&a, h, &["send", "bob", "thanks, bob"], b"").await?.expect_code(0)?;
-    let lines = eventually("alice's imported identity received bob's message", TIMEOUT, || async {
-        let out = run_nes(&a, h, &["history", "bob", "--json"], b"").await?;
-        let lines = json_lines(&out.stdout.lines().map(String::from).collect::<Vec<_>>())?;
-        Ok(lines.iter().any(|l| l["message"] == "welcome back, alice").then_some(lines))
-    })
+    run_nes(&a, h, &["send", "bob", "thanks, bob"], b"")
+        .await?
+        .expect_code(0)?;
+    let lines = eventually(
+        "alice's imported identity received bob's message",
+        TIMEOUT,
+        || async {
+            let out = run_nes(&a, h, &["history", "bob", "--json"], b"").await?;
+            let lines = json_lines(&out.stdout.lines().map(String::from).collect::<Vec<_>>())?;
+            Ok(lines
+                .iter()
+                .any(|l| l["message"] == "welcome back, alice")
+                .then_some(lines))
+        },
+    )
     .await?;
-    assert!(lines.iter().any(|l| l["message"] == "thanks, bob" && l["direction"] == "outgoing"));
+    assert!(lines
+        .iter()
+        .any(|l| l["message"] == "thanks, bob" && l["direction"] == "outgoing"));
     eventually("bob received alice's answer", TIMEOUT, || {
         let mut c = bob_client.clone();
-        async move { Ok(history(&mut c, "alice").await?.iter().any(|m| m.text == "thanks, bob").then_some(())) }
+        async move {
+            Ok(history(&mut c, "alice")
+                .await?
+                .iter()
+                .any(|m| m.text == "thanks, bob")
+                .then_some(()))
+        }
     })
     .await?;
     Ok(())
@@ -117,42 +171,85 @@ async fn broken_or_ambiguous_original_folders_are_refused_with_a_reason() -> Res
 
     // No ~/.nes at all.
     let home = tempfile::tempdir()?;
-    let out = run_nes(none, home.path(), &["import-legacy"], b"").await?.expect_code(1)?;
+    let out = run_nes(none, home.path(), &["import-legacy"], b"")
+        .await?
+        .expect_code(1)?;
     assert!(out.stderr.contains(".nes does not exist"), "{}", out.stderr);
 
     // Two identities and no username in the config: choose one with -u.
     let home = tempfile::tempdir()?;
-    legacy_home(home.path(), &["alice", "bob"], "MQTT_BROKER_ADDRESS=test.mosquitto.org\n")?;
-    let out = run_nes(none, home.path(), &["import-legacy"], b"").await?.expect_code(1)?;
-    assert!(out.stderr.contains("several identities") && out.stderr.contains("-u"), "{}", out.stderr);
-    let out = run_nes(none, home.path(), &["import-legacy", "-u", "bob"], b"").await?.expect_code(0)?;
-    assert!(out.stdout.contains("broker = \"mqtt://test.mosquitto.org:1883\""), "a bare host gets the default port: {}", out.stdout);
+    legacy_home(
+        home.path(),
+        &["alice", "bob"],
+        "MQTT_BROKER_ADDRESS=test.mosquitto.org\n",
+    )?;
+    let out = run_nes(none, home.path(), &["import-legacy"], b"")
+        .await?
+        .expect_code(1)?;
+    assert!(
+        out.stderr.contains("several identities") && out.stderr.contains("-u"),
+        "{}",
+        out.stderr
+    );
+    let out = run_nes(none, home.path(), &["import-legacy", "-u", "bob"], b"")
+        .await?
+        .expect_code(0)?;
+    assert!(
+        out.stdout
+            .contains("broker = \"mqtt://test.mosquitto.org:1883\""),
+        "a bare host gets the default port: {}",
+        out.stdout
+    );
 
     // A public key that belongs to another private key.
     let home = tempfile::tempdir()?;
     let dir = legacy_home(home.path(), &["alice"], "USERNAME=alice\n")?;
-    std::fs::copy(vectors().join("keys/bob-rsa-sign.pub"), dir.join("alice-rsa-sign.pub"))?;
-    let out = run_nes(none, home.path(), &["import-legacy"], b"").await?.expect_code(1)?;
+    std::fs::copy(
+        vectors().join("keys/bob-rsa-sign.pub"),
+        dir.join("alice-rsa-sign.pub"),
+    )?;
+    let out = run_nes(none, home.path(), &["import-legacy"], b"")
+        .await?
+        .expect_code(1)?;
     assert!(out.stderr.contains("does not belong"), "{}", out.stderr);
-    assert!(!home.path().join(".local/share/nes/keys").exists(), "nothing written on refusal");
+    assert!(
+        !home.path().join(".local/share/nes/keys").exists(),
+        "nothing written on refusal"
+    );
 
     // A missing private key; a missing public key is derived instead.
     let home = tempfile::tempdir()?;
     let dir = legacy_home(home.path(), &["alice"], "NES_USERNAME=alice\n")?;
     std::fs::remove_file(dir.join("alice-rsa-message.pub"))?;
-    run_nes(none, home.path(), &["import-legacy"], b"").await?.expect_code(0)?;
-    let derived = std::fs::read_to_string(home.path().join(".local/share/nes/keys/alice-rsa-message.pub"))?;
+    run_nes(none, home.path(), &["import-legacy"], b"")
+        .await?
+        .expect_code(0)?;
+    let derived = std::fs::read_to_string(
+        home.path()
+            .join(".local/share/nes/keys/alice-rsa-message.pub"),
+    )?;
     assert!(derived.starts_with("-----BEGIN PUBLIC KEY-----"));
     std::fs::remove_file(dir.join("alice-rsa-sign"))?;
-    let out = run_nes(none, home.path(), &["import-legacy", "--force"], b"").await?.expect_code(1)?;
+    let out = run_nes(none, home.path(), &["import-legacy", "--force"], b"")
+        .await?
+        .expect_code(1)?;
     assert!(out.stderr.contains("alice-rsa-sign"), "{}", out.stderr);
 
     // A config.toml that already names someone else is not overwritten without --force.
     let home = tempfile::tempdir()?;
     legacy_home(home.path(), &["alice"], "NES_USERNAME=alice\n")?;
     std::fs::create_dir_all(home.path().join(".config/nes"))?;
-    std::fs::write(home.path().join(".config/nes/config.toml"), "user = \"carol\"\n")?;
-    let out = run_nes(none, home.path(), &["import-legacy"], b"").await?.expect_code(1)?;
-    assert!(out.stderr.contains("user = \"carol\"") && out.stderr.contains("--force"), "{}", out.stderr);
+    std::fs::write(
+        home.path().join(".config/nes/config.toml"),
+        "user = \"carol\"\n",
+    )?;
+    let out = run_nes(none, home.path(), &["import-legacy"], b"")
+        .await?
+        .expect_code(1)?;
+    assert!(
+        out.stderr.contains("user = \"carol\"") && out.stderr.contains("--force"),
+        "{}",
+        out.stderr
+    );
     Ok(())
 }

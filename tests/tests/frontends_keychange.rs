@@ -31,8 +31,18 @@ async fn a_key_change_is_shown_refused_and_trusted_through_the_frontends() -> Re
         cmd.args(["listen", "--json", "--since", &since]);
         Lines::spawn(cmd)?
     };
-    let env = vec![("NES_SOCKET", b.display().to_string()), ("HOME", h.display().to_string()), ("LANG", "C.UTF-8".to_string())];
-    let chat = Tmux::start(&format!("'{}' chat -t carol", bin("nes")?.display()), &env, 160, 30).await?;
+    let env = vec![
+        ("NES_SOCKET", b.display().to_string()),
+        ("HOME", h.display().to_string()),
+        ("LANG", "C.UTF-8".to_string()),
+    ];
+    let chat = Tmux::start(
+        &format!("'{}' chat -t carol", bin("nes")?.display()),
+        &env,
+        160,
+        30,
+    )
+    .await?;
     chat.wait_for("carol: before the change").await?;
 
     // carol re-registers with new keys and writes again.
@@ -44,22 +54,58 @@ async fn a_key_change_is_shown_refused_and_trusted_through_the_frontends() -> Re
     let second = send(&mut carol.client().await?, "bob", "after the change").await?;
 
     let screen = chat.wait_for("KEYS CHANGED").await?;
-    assert!(screen.contains("nes contacts trust carol"), "the chat says what to do:\n{screen}");
-    chat.wait_for("carol: (held: sender's keys changed)").await?;
-    let out = run_nes(&b, h, &["send", "carol", "hi"], b"").await?.expect_code(1)?;
+    assert!(
+        screen.contains("nes contacts trust carol"),
+        "the chat says what to do:\n{screen}"
+    );
+    chat.wait_for("carol: (held: sender's keys changed)")
+        .await?;
+    let out = run_nes(&b, h, &["send", "carol", "hi"], b"")
+        .await?
+        .expect_code(1)?;
     assert!(!out.stderr.trim().is_empty(), "the refusal says why");
-    let out = run_nes(&b, h, &["contacts", "show", "carol"], b"").await?.expect_code(0)?;
+    let out = run_nes(&b, h, &["contacts", "show", "carol"], b"")
+        .await?
+        .expect_code(0)?;
     let new_sign = carol_id.sign.public_key().fingerprint();
-    assert!(out.stdout.contains("KEYS CHANGED") && out.stdout.contains(&format!("new sign key:    sha256:{new_sign}")), "{}", out.stdout);
+    assert!(
+        out.stdout.contains("KEYS CHANGED")
+            && out
+                .stdout
+                .contains(&format!("new sign key:    sha256:{new_sign}")),
+        "{}",
+        out.stdout
+    );
     let out = run_nes(&b, h, &["contacts"], b"").await?.expect_code(0)?;
     assert!(out.stdout.contains("key-changed"), "{}", out.stdout);
     // Trusting other fingerprints than the pending ones is refused.
     let wrong = "00".repeat(32);
-    let out = run_nes(&b, h, &["contacts", "trust", "carol", "--message-key", &wrong, "--sign-key", &wrong], b"").await?.expect_code(1)?;
+    let out = run_nes(
+        &b,
+        h,
+        &[
+            "contacts",
+            "trust",
+            "carol",
+            "--message-key",
+            &wrong,
+            "--sign-key",
+            &wrong,
+        ],
+        b"",
+    )
+    .await?
+    .expect_code(1)?;
     assert!(!out.stderr.trim().is_empty());
 
-    let out = run_nes(&b, h, &["contacts", "trust", "carol"], b"").await?.expect_code(0)?;
-    assert!(out.stdout.contains(&new_sign) && out.stdout.contains("pinned"), "{}", out.stdout);
+    let out = run_nes(&b, h, &["contacts", "trust", "carol"], b"")
+        .await?
+        .expect_code(0)?;
+    assert!(
+        out.stdout.contains(&new_sign) && out.stdout.contains("pinned"),
+        "{}",
+        out.stdout
+    );
     chat.wait_for("carol's new keys are trusted").await?;
     chat.wait_for("carol: after the change").await?;
     let line = loop {
@@ -70,6 +116,8 @@ async fn a_key_change_is_shown_refused_and_trusted_through_the_frontends() -> Re
     };
     assert_eq!(line["message"], "after the change");
     assert_eq!(line["state"], "received");
-    run_nes(&b, h, &["send", "carol", "welcome back"], b"").await?.expect_code(0)?;
+    run_nes(&b, h, &["send", "carol", "welcome back"], b"")
+        .await?
+        .expect_code(0)?;
     Ok(())
 }

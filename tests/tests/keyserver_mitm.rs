@@ -57,8 +57,14 @@ impl Proxy {
     async fn start(upstream: String) -> Result<Proxy> {
         let listener = TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
-        let state = Arc::new(Mutex::new(ProxyState { mode: Mode::Pass, recorded: HashMap::new(), tampered: 0 }));
-        let http = reqwest::Client::builder().timeout(Duration::from_secs(30)).build()?;
+        let state = Arc::new(Mutex::new(ProxyState {
+            mode: Mode::Pass,
+            recorded: HashMap::new(),
+            tampered: 0,
+        }));
+        let http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .build()?;
         let shared = state.clone();
         let task = tokio::spawn(async move {
             while let Ok((stream, _)) = listener.accept().await {
@@ -97,7 +103,12 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// One request: read it, forward (or not), answer, close.
-async fn serve(mut stream: TcpStream, state: &Mutex<ProxyState>, http: &reqwest::Client, upstream: &str) -> Result<()> {
+async fn serve(
+    mut stream: TcpStream,
+    state: &Mutex<ProxyState>,
+    http: &reqwest::Client,
+    upstream: &str,
+) -> Result<()> {
     let mut buf = Vec::new();
     let head_end = loop {
         if let Some(i) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -141,18 +152,34 @@ async fn serve(mut stream: TcpStream, state: &Mutex<ProxyState>, http: &reqwest:
     let target = |user: &str| format!("/users/{user}");
     let (status, answer, tampered) = match &mode {
         Mode::Swap { victim, with } if method == "GET" && path == target(victim) => {
-            let (s, b) = forward(http, "GET", &format!("{upstream}{}", target(with)), None, Vec::new()).await?;
+            let (s, b) = forward(
+                http,
+                "GET",
+                &format!("{upstream}{}", target(with)),
+                None,
+                Vec::new(),
+            )
+            .await?;
             (s, b, true)
         }
         Mode::FlipByte { victim } if method == "GET" && path == target(victim) => {
-            let (s, b) = forward(http, "GET", &format!("{upstream}{path}"), None, Vec::new()).await?;
+            let (s, b) =
+                forward(http, "GET", &format!("{upstream}{path}"), None, Vec::new()).await?;
             (s, flip_key_byte(&b)?, true)
         }
-        Mode::Replay { victim, body: recorded } if method == "GET" && path == target(victim) => {
-            (200, recorded.clone(), true)
-        }
+        Mode::Replay {
+            victim,
+            body: recorded,
+        } if method == "GET" && path == target(victim) => (200, recorded.clone(), true),
         _ => {
-            let (s, b) = forward(http, &method, &format!("{upstream}{path}"), content_type, body).await?;
+            let (s, b) = forward(
+                http,
+                &method,
+                &format!("{upstream}{path}"),
+                content_type,
+                body,
+            )
+            .await?;
             if s == 200 && method == "GET" {
                 lock(state).recorded.insert(path.clone(), b.clone());
             }
@@ -205,7 +232,9 @@ fn reason(status: u16) -> &'static str {
 /// leaving the JSON well-formed and the key still plausible base64.
 fn flip_key_byte(body: &[u8]) -> Result<Vec<u8>> {
     let text = std::str::from_utf8(body)?;
-    let field = text.find("\"public_key_message\"").context("no public_key_message in the answer")?;
+    let field = text
+        .find("\"public_key_message\"")
+        .context("no public_key_message in the answer")?;
     let spki = field + text[field..].find("MII").context("no base64 key body")?;
     let mut out = body.to_vec();
     // 120 characters in: well inside the modulus of a 2048-bit key, past the DER header.
@@ -228,13 +257,25 @@ struct ProxiedNesd {
 }
 
 impl ProxiedNesd {
-    async fn start(id: &Identity, broker: &Mosquitto, keyserver_url: &str, server_key: &Path) -> Result<ProxiedNesd> {
+    async fn start(
+        id: &Identity,
+        broker: &Mosquitto,
+        keyserver_url: &str,
+        server_key: &Path,
+    ) -> Result<ProxiedNesd> {
         let dir = tempfile::Builder::new().prefix("nesd-mitm-").tempdir()?;
         let config = dir.path().join("config.toml");
         std::fs::write(&config, "")?;
         let log = std::fs::File::create(dir.path().join("nesd.log"))?;
         let child = Command::new(bin("nesd")?)
-            .args(["--user", &id.user, "--broker", &broker.url(), "--keyserver", keyserver_url])
+            .args([
+                "--user",
+                &id.user,
+                "--broker",
+                &broker.url(),
+                "--keyserver",
+                keyserver_url,
+            ])
             .arg("--keyserver-key")
             .arg(server_key)
             .arg("--data-dir")
@@ -311,15 +352,35 @@ impl Scene {
     async fn start() -> Result<Scene> {
         let w = World::start().await?;
         let proxy = Proxy::start(w.keyserver.url()).await?;
-        let (alice_id, bob, carol) = (Identity::generate("alice")?, Identity::generate("bob")?, Identity::generate("carol")?);
+        let (alice_id, bob, carol) = (
+            Identity::generate("alice")?,
+            Identity::generate("bob")?,
+            Identity::generate("carol")?,
+        );
         alice_id.register(&w.keyserver).await?;
         let bob_delete = bob.register(&w.keyserver).await?;
         carol.register(&w.keyserver).await?;
         let mut wire = RawMqtt::connect(&w.broker).await?;
         wire.subscribe("nes/bob/message").await?;
-        let alice = ProxiedNesd::start(&alice_id, &w.broker, &proxy.url, &w.keyserver.public_key_path()).await?;
+        let alice = ProxiedNesd::start(
+            &alice_id,
+            &w.broker,
+            &proxy.url,
+            &w.keyserver.public_key_path(),
+        )
+        .await?;
         let a = connect(&alice.socket()).await?;
-        Ok(Scene { w, proxy, bob, bob_delete, carol, _alice: alice, _alice_id: alice_id, a, wire })
+        Ok(Scene {
+            w,
+            proxy,
+            bob,
+            bob_delete,
+            carol,
+            _alice: alice,
+            _alice_id: alice_id,
+            a,
+            wire,
+        })
     }
 
     /// Nothing is queued or stored for bob, and alice holds no keys for him.
@@ -327,9 +388,20 @@ impl Scene {
         let h = history(&mut self.a, "bob").await?;
         ensure!(h.is_empty(), "messages to bob were stored: {h:?}");
         let s = status(&mut self.a).await?;
-        ensure!(s.queued == 0 && s.sent == 0, "something was queued or sent: {s:?}");
-        let contacts = self.a.contacts(rpc::ContactsRequest {}).await?.into_inner().contacts;
-        ensure!(!contacts.iter().any(|c| c.username == "bob"), "keys for bob were cached: {contacts:?}");
+        ensure!(
+            s.queued == 0 && s.sent == 0,
+            "something was queued or sent: {s:?}"
+        );
+        let contacts = self
+            .a
+            .contacts(rpc::ContactsRequest {})
+            .await?
+            .into_inner()
+            .contacts;
+        ensure!(
+            !contacts.iter().any(|c| c.username == "bob"),
+            "keys for bob were cached: {contacts:?}"
+        );
         Ok(())
     }
 
@@ -340,13 +412,22 @@ impl Scene {
         self.proxy.set(Mode::Pass);
         // nesd repeats a failed lookup for a few seconds without asking again (a flood of
         // frames from made-up names must not become a flood of lookups); ask explicitly.
-        self.a.lookup_contact(rpc::LookupContactRequest { username: "bob".into(), refresh: true }).await?;
+        self.a
+            .lookup_contact(rpc::LookupContactRequest {
+                username: "bob".into(),
+                refresh: true,
+            })
+            .await?;
         let text = "the control message, sent once the key server's answers are honest";
         let sent = send(&mut self.a, "bob", text).await?;
         let frame = self.wire.next_publish().await?;
         let opened = nes_proto::frame::decrypt(&frame.payload, &self.bob.message)
             .context("the first frame on nes/bob/message does not open with bob's current key")?;
-        ensure!(opened.inner().message == text, "the first frame on bob's topic is {:?}, not the control", opened.inner().message);
+        ensure!(
+            opened.inner().message == text,
+            "the first frame on bob's topic is {:?}, not the control",
+            opened.inner().message
+        );
         ensure!(opened.id() == sent.id, "ids differ");
         Ok(())
     }
@@ -359,28 +440,61 @@ fn rpc_error(e: &anyhow::Error) -> Option<&tonic::Status> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn carols_signed_answer_for_bob_is_refused() -> Result<()> {
     let mut s = Scene::start().await?;
-    s.proxy.set(Mode::Swap { victim: "bob".into(), with: "carol".into() });
+    s.proxy.set(Mode::Swap {
+        victim: "bob".into(),
+        with: "carol".into(),
+    });
 
-    let e = send(&mut s.a, "bob", "for bob only").await.expect_err("a send sealed with carol's answer");
+    let e = send(&mut s.a, "bob", "for bob only")
+        .await
+        .expect_err("a send sealed with carol's answer");
     let status = rpc_error(&e).context("no gRPC status")?;
     ensure!(status.code() == tonic::Code::Unavailable, "{status:?}");
-    ensure!(status.message().contains("about \"carol\", not \"bob\""), "unclear error: {:?}", status.message());
-    let e = s
-        .a
-        .lookup_contact(rpc::LookupContactRequest { username: "bob".into(), refresh: true })
+    ensure!(
+        status.message().contains("about \"carol\", not \"bob\""),
+        "unclear error: {:?}",
+        status.message()
+    );
+    let e =
+        s.a.lookup_contact(rpc::LookupContactRequest {
+            username: "bob".into(),
+            refresh: true,
+        })
         .await
         .expect_err("LookupContact accepted carol's answer for bob");
-    ensure!(e.message().contains("not \"bob\""), "unclear error: {:?}", e.message());
-    ensure!(s.proxy.tampered() >= 2, "the proxy was not asked: {}", s.proxy.tampered());
+    ensure!(
+        e.message().contains("not \"bob\""),
+        "unclear error: {:?}",
+        e.message()
+    );
+    ensure!(
+        s.proxy.tampered() >= 2,
+        "the proxy was not asked: {}",
+        s.proxy.tampered()
+    );
     s.nothing_for_bob().await?;
     ensure!(
-        !s.a.contacts(rpc::ContactsRequest {}).await?.into_inner().contacts.iter().any(|c| c.username == "carol"),
+        !s.a.contacts(rpc::ContactsRequest {})
+            .await?
+            .into_inner()
+            .contacts
+            .iter()
+            .any(|c| c.username == "carol"),
         "carol's keys were cached"
     );
 
     s.control_message_opens_with_bobs_key().await?;
-    let contact = s.a.lookup_contact(rpc::LookupContactRequest { username: "bob".into(), refresh: false }).await?.into_inner();
-    ensure!(contact.message_key_fingerprint == s.bob.message.public_key().fingerprint(), "bob pinned with the wrong key");
+    let contact =
+        s.a.lookup_contact(rpc::LookupContactRequest {
+            username: "bob".into(),
+            refresh: false,
+        })
+        .await?
+        .into_inner();
+    ensure!(
+        contact.message_key_fingerprint == s.bob.message.public_key().fingerprint(),
+        "bob pinned with the wrong key"
+    );
     ensure!(contact.message_key_fingerprint != s.carol.message.public_key().fingerprint());
     Ok(())
 }
@@ -388,18 +502,35 @@ async fn carols_signed_answer_for_bob_is_refused() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_answer_with_one_byte_of_a_key_changed_is_refused() -> Result<()> {
     let mut s = Scene::start().await?;
-    s.proxy.set(Mode::FlipByte { victim: "bob".into() });
+    s.proxy.set(Mode::FlipByte {
+        victim: "bob".into(),
+    });
 
-    let e = send(&mut s.a, "bob", "for bob only").await.expect_err("a send sealed with an altered key");
+    let e = send(&mut s.a, "bob", "for bob only")
+        .await
+        .expect_err("a send sealed with an altered key");
     let status = rpc_error(&e).context("no gRPC status")?;
     ensure!(status.code() == tonic::Code::Unavailable, "{status:?}");
-    ensure!(status.message().contains("signature does not verify"), "unclear error: {:?}", status.message());
+    ensure!(
+        status.message().contains("signature does not verify"),
+        "unclear error: {:?}",
+        status.message()
+    );
     ensure!(s.proxy.tampered() >= 1, "the proxy was not asked");
     s.nothing_for_bob().await?;
 
     s.control_message_opens_with_bobs_key().await?;
-    let contact = s.a.lookup_contact(rpc::LookupContactRequest { username: "bob".into(), refresh: false }).await?.into_inner();
-    ensure!(contact.message_key_fingerprint == s.bob.message.public_key().fingerprint(), "bob pinned with the wrong key");
+    let contact =
+        s.a.lookup_contact(rpc::LookupContactRequest {
+            username: "bob".into(),
+            refresh: false,
+        })
+        .await?
+        .into_inner();
+    ensure!(
+        contact.message_key_fingerprint == s.bob.message.public_key().fingerprint(),
+        "bob pinned with the wrong key"
+    );
     Ok(())
 }
 
@@ -408,50 +539,106 @@ async fn an_old_answer_replayed_after_a_key_change_is_a_key_change() -> Result<(
     let mut s = Scene::start().await?;
     // The attacker records bob's answer while it is current...
     let r = reqwest::get(format!("{}/users/bob", s.proxy.url)).await?;
-    ensure!(r.status() == 200, "lookup through the proxy: {}", r.status());
+    ensure!(
+        r.status() == 200,
+        "lookup through the proxy: {}",
+        r.status()
+    );
     let old_answer = s.proxy.recorded("/users/bob").context("nothing recorded")?;
-    let (old_message_fp, old_sign_fp) =
-        (s.bob.message.public_key().fingerprint(), s.bob.sign.public_key().fingerprint());
+    let (old_message_fp, old_sign_fp) = (
+        s.bob.message.public_key().fingerprint(),
+        s.bob.sign.public_key().fingerprint(),
+    );
 
     // ... bob changes keys (deletes his entry, registers new keys) ...
     s.w.keyserver.post_ok(&s.bob_delete).await?;
     s.bob.rekey()?;
     s.bob.register(&s.w.keyserver).await?;
-    let (new_message_fp, new_sign_fp) =
-        (s.bob.message.public_key().fingerprint(), s.bob.sign.public_key().fingerprint());
+    let (new_message_fp, new_sign_fp) = (
+        s.bob.message.public_key().fingerprint(),
+        s.bob.sign.public_key().fingerprint(),
+    );
 
     // ... alice learns the new keys ...
-    let contact = s.a.lookup_contact(rpc::LookupContactRequest { username: "bob".into(), refresh: false }).await?.into_inner();
-    ensure!(contact.message_key_fingerprint == new_message_fp && contact.sign_key_fingerprint == new_sign_fp);
+    let contact =
+        s.a.lookup_contact(rpc::LookupContactRequest {
+            username: "bob".into(),
+            refresh: false,
+        })
+        .await?
+        .into_inner();
+    ensure!(
+        contact.message_key_fingerprint == new_message_fp
+            && contact.sign_key_fingerprint == new_sign_fp
+    );
     ensure!(contact.trust == TrustState::Pinned as i32);
 
     // ... and the attacker replays the old, validly signed answer.
     let mut events = EventStream::open(&s.a, None).await?;
-    s.proxy.set(Mode::Replay { victim: "bob".into(), body: old_answer });
-    let contact = s.a.lookup_contact(rpc::LookupContactRequest { username: "bob".into(), refresh: true }).await?.into_inner();
+    s.proxy.set(Mode::Replay {
+        victim: "bob".into(),
+        body: old_answer,
+    });
+    let contact =
+        s.a.lookup_contact(rpc::LookupContactRequest {
+            username: "bob".into(),
+            refresh: true,
+        })
+        .await?
+        .into_inner();
     ensure!(s.proxy.tampered() >= 1, "the proxy was not asked");
-    ensure!(contact.trust == TrustState::KeyChanged as i32, "the replay was not seen as a key change: {contact:?}");
-    ensure!(contact.message_key_fingerprint == new_message_fp, "the pinned keys moved: {contact:?}");
-    ensure!(contact.pending_message_key_fingerprint == old_message_fp && contact.pending_sign_key_fingerprint == old_sign_fp);
+    ensure!(
+        contact.trust == TrustState::KeyChanged as i32,
+        "the replay was not seen as a key change: {contact:?}"
+    );
+    ensure!(
+        contact.message_key_fingerprint == new_message_fp,
+        "the pinned keys moved: {contact:?}"
+    );
+    ensure!(
+        contact.pending_message_key_fingerprint == old_message_fp
+            && contact.pending_sign_key_fingerprint == old_sign_fp
+    );
     let changed = events
         .next_matching("a KeyChanged event", |e| match &e.kind {
             Some(Kind::KeyChanged(k)) if k.username == "bob" => Some(k.clone()),
             _ => None,
         })
         .await?;
-    ensure!(changed.new_message_key == old_message_fp && changed.old_message_key == new_message_fp, "{changed:?}");
+    ensure!(
+        changed.new_message_key == old_message_fp && changed.old_message_key == new_message_fp,
+        "{changed:?}"
+    );
 
     // Sending is refused until the user decides.
-    let e = send(&mut s.a, "bob", "for bob only").await.expect_err("a send while bob's keys are in doubt");
+    let e = send(&mut s.a, "bob", "for bob only")
+        .await
+        .expect_err("a send while bob's keys are in doubt");
     let status = rpc_error(&e).context("no gRPC status")?;
-    ensure!(status.code() == tonic::Code::FailedPrecondition, "{status:?}");
-    ensure!(status.message().contains("changed"), "unclear error: {:?}", status.message());
-    ensure!(history(&mut s.a, "bob").await?.is_empty(), "a message to bob was stored");
+    ensure!(
+        status.code() == tonic::Code::FailedPrecondition,
+        "{status:?}"
+    );
+    ensure!(
+        status.message().contains("changed"),
+        "unclear error: {:?}",
+        status.message()
+    );
+    ensure!(
+        history(&mut s.a, "bob").await?.is_empty(),
+        "a message to bob was stored"
+    );
 
     // The key server is honest again: the doubt goes away and the control message is
     // sealed to bob's current key, the first frame on his topic.
     s.proxy.set(Mode::Pass);
-    let contact = s.a.lookup_contact(rpc::LookupContactRequest { username: "bob".into(), refresh: true }).await?.into_inner();
+    let contact =
+        s.a.lookup_contact(rpc::LookupContactRequest {
+            username: "bob".into(),
+            refresh: true,
+        })
+        .await?
+        .into_inner();
     ensure!(contact.trust == TrustState::Pinned as i32, "{contact:?}");
     s.control_message_opens_with_bobs_key().await?;
     Ok(())

@@ -20,8 +20,16 @@ const OTHER: &str = "nes-other";
 fn other_user() -> Result<(u32, u32)> {
     let lookup = || -> Result<Option<(u32, u32)>> {
         let id = |flag: &str| -> Result<Option<u32>> {
-            let out = Command::new("id").arg(flag).arg(OTHER).stderr(Stdio::null()).output()?;
-            Ok(if out.status.success() { Some(String::from_utf8_lossy(&out.stdout).trim().parse()?) } else { None })
+            let out = Command::new("id")
+                .arg(flag)
+                .arg(OTHER)
+                .stderr(Stdio::null())
+                .output()?;
+            Ok(if out.status.success() {
+                Some(String::from_utf8_lossy(&out.stdout).trim().parse()?)
+            } else {
+                None
+            })
         };
         Ok(id("-u")?.zip(id("-g")?))
     };
@@ -30,11 +38,20 @@ fn other_user() -> Result<(u32, u32)> {
     }
     // Another test may create it at the same moment: look again whatever useradd says.
     let out = Command::new("useradd")
-        .args(["--system", "--no-create-home", "--shell", "/usr/sbin/nologin", OTHER])
+        .args([
+            "--system",
+            "--no-create-home",
+            "--shell",
+            "/usr/sbin/nologin",
+            OTHER,
+        ])
         .output()
         .context("cannot run useradd (this test needs root to create the user nes-other)")?;
     lookup()?.with_context(|| {
-        format!("cannot create the user {OTHER} (this test needs root): {}", String::from_utf8_lossy(&out.stderr).trim())
+        format!(
+            "cannot create the user {OTHER} (this test needs root): {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
     })
 }
 
@@ -53,23 +70,41 @@ fn as_other(ids: (u32, u32), program: &Path, args: &[&std::ffi::OsStr]) -> Resul
 }
 
 fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 fn mode(path: &Path) -> Result<u32> {
-    Ok(std::fs::metadata(path).with_context(|| path.display().to_string())?.mode() & 0o777)
+    Ok(std::fs::metadata(path)
+        .with_context(|| path.display().to_string())?
+        .mode()
+        & 0o777)
 }
 
 fn chmod(path: &Path, mode: u32) -> Result<()> {
-    Ok(std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))?)
+    Ok(std::fs::set_permissions(
+        path,
+        std::fs::Permissions::from_mode(mode),
+    )?)
 }
 
 /// The other user can neither connect to the socket nor read key files, and can't when
 /// the directories above them are opened up either (the socket and files are 0600).
 fn refused_to_other(ids: (u32, u32), socket: &Path, key: &Path, data_dir: &Path) -> Result<()> {
     let nes = bin("nes")?;
-    let out = as_other(ids, &nes, &["--socket".as_ref(), socket.as_os_str(), "status".as_ref()])?;
-    ensure!(!out.status.success(), "another user got a status from the daemon: {}", text(&out));
+    let out = as_other(
+        ids,
+        &nes,
+        &["--socket".as_ref(), socket.as_os_str(), "status".as_ref()],
+    )?;
+    ensure!(
+        !out.status.success(),
+        "another user got a status from the daemon: {}",
+        text(&out)
+    );
     ensure!(
         text(&out).to_lowercase().contains("permission denied"),
         "`nes status` as another user failed for another reason (code {:?}): {}",
@@ -77,12 +112,32 @@ fn refused_to_other(ids: (u32, u32), socket: &Path, key: &Path, data_dir: &Path)
         text(&out)
     );
     let out = as_other(ids, Path::new("/bin/cat"), &[key.as_os_str()])?;
-    ensure!(!out.status.success() && out.stdout.is_empty(), "another user read {}", key.display());
-    ensure!(text(&out).contains("Permission denied"), "cat failed for another reason: {}", text(&out));
-    let out = as_other(ids, Path::new("/bin/cat"), &[key.with_extension("pub").as_os_str()])?;
+    ensure!(
+        !out.status.success() && out.stdout.is_empty(),
+        "another user read {}",
+        key.display()
+    );
+    ensure!(
+        text(&out).contains("Permission denied"),
+        "cat failed for another reason: {}",
+        text(&out)
+    );
+    let out = as_other(
+        ids,
+        Path::new("/bin/cat"),
+        &[key.with_extension("pub").as_os_str()],
+    )?;
     let _ = out; // public keys may be readable; nothing to assert
-    let out = as_other(ids, Path::new("/bin/ls"), &[data_dir.join("keys").as_os_str()])?;
-    ensure!(!out.status.success(), "another user listed the key dir: {}", text(&out));
+    let out = as_other(
+        ids,
+        Path::new("/bin/ls"),
+        &[data_dir.join("keys").as_os_str()],
+    )?;
+    ensure!(
+        !out.status.success(),
+        "another user listed the key dir: {}",
+        text(&out)
+    );
     Ok(())
 }
 
@@ -99,9 +154,17 @@ async fn another_user_cannot_connect_to_the_socket_or_read_the_keys() -> Result<
     // The modes the design asks for.
     ensure!(mode(&socket)? == 0o600, "socket mode {:o}", mode(&socket)?);
     let socket_dir = socket.parent().context("socket without a dir")?;
-    ensure!(mode(socket_dir)? == 0o700, "socket dir mode {:o}", mode(socket_dir)?);
+    ensure!(
+        mode(socket_dir)? == 0o700,
+        "socket dir mode {:o}",
+        mode(socket_dir)?
+    );
     ensure!(mode(data)? == 0o700, "data dir mode {:o}", mode(data)?);
-    ensure!(mode(&data.join("keys"))? == 0o700, "key dir mode {:o}", mode(&data.join("keys"))?);
+    ensure!(
+        mode(&data.join("keys"))? == 0o700,
+        "key dir mode {:o}",
+        mode(&data.join("keys"))?
+    );
     for k in [&key, &sign_key] {
         ensure!(mode(k)? == 0o600, "{} mode {:o}", k.display(), mode(k)?);
     }
@@ -121,13 +184,33 @@ async fn another_user_cannot_connect_to_the_socket_or_read_the_keys() -> Result<
     }
     chmod(data, 0o755)?;
     let out = as_other(ids, Path::new("/bin/ls"), &[data.as_os_str()])?;
-    ensure!(out.status.success(), "the data dir was not opened up: {}", text(&out));
-    let out = as_other(ids, &bin("nes")?, &["--socket".as_ref(), socket.as_os_str(), "status".as_ref()])?;
-    ensure!(!out.status.success(), "another user got a status through an opened dir: {}", text(&out));
-    ensure!(text(&out).to_lowercase().contains("permission denied"), "{}", text(&out));
+    ensure!(
+        out.status.success(),
+        "the data dir was not opened up: {}",
+        text(&out)
+    );
+    let out = as_other(
+        ids,
+        &bin("nes")?,
+        &["--socket".as_ref(), socket.as_os_str(), "status".as_ref()],
+    )?;
+    ensure!(
+        !out.status.success(),
+        "another user got a status through an opened dir: {}",
+        text(&out)
+    );
+    ensure!(
+        text(&out).to_lowercase().contains("permission denied"),
+        "{}",
+        text(&out)
+    );
     for k in [&key, &sign_key] {
         let out = as_other(ids, Path::new("/bin/cat"), &[k.as_os_str()])?;
-        ensure!(!out.status.success() && out.stdout.is_empty(), "another user read {}", k.display());
+        ensure!(
+            !out.status.success() && out.stdout.is_empty(),
+            "another user read {}",
+            k.display()
+        );
     }
     chmod(data, 0o700)?;
     Ok(())
@@ -149,7 +232,12 @@ fn needles(id: &Identity) -> Vec<String> {
 }
 
 async fn busctl(bus: &SessionBus, args: &[&str]) -> Result<String> {
-    let out = bus.command("busctl").arg("--user").args(args).output().await?;
+    let out = bus
+        .command("busctl")
+        .arg("--user")
+        .args(args)
+        .output()
+        .await?;
     if !out.status.success() {
         bail!("busctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
     }
@@ -168,7 +256,10 @@ async fn private_keys_never_appear_in_the_log_the_grpc_api_or_d_bus() -> Result<
         &alice_id,
         &w.broker,
         &w.keyserver,
-        &[("DBUS_SESSION_BUS_ADDRESS", bus.address()), ("NES_LOG", "trace")],
+        &[
+            ("DBUS_SESSION_BUS_ADDRESS", bus.address()),
+            ("NES_LOG", "trace"),
+        ],
     )
     .await?;
     bus.wait_for_name("org.nes.Messenger1").await?;
@@ -183,19 +274,55 @@ async fn private_keys_never_appear_in_the_log_the_grpc_api_or_d_bus() -> Result<
     send(&mut b, "alice", "a reply").await?;
     seen += &format!("{:?}\n", wait_history(&a, "bob", 2, |_| true).await?);
     seen += &format!("{:?}\n", status(&mut a).await?);
-    seen += &format!("{:?}\n", a.contacts(rpc::ContactsRequest {}).await?.into_inner());
+    seen += &format!(
+        "{:?}\n",
+        a.contacts(rpc::ContactsRequest {}).await?.into_inner()
+    );
     for user in ["bob", "alice"] {
-        let c = a.lookup_contact(rpc::LookupContactRequest { username: user.into(), refresh: true }).await?;
+        let c = a
+            .lookup_contact(rpc::LookupContactRequest {
+                username: user.into(),
+                refresh: true,
+            })
+            .await?;
         seen += &format!("{:?}\n", c.into_inner());
     }
-    seen += &format!("{:?}\n", a.conversations(rpc::ConversationsRequest {}).await?.into_inner());
-    seen += &format!("{:?}\n", a.set_contact_legacy(rpc::SetContactLegacyRequest { username: "bob".into(), legacy: false }).await?.into_inner());
-    seen += &format!("{:?}\n", a.register(rpc::RegisterRequest { email: "alice@example.test".into() }).await);
-    seen += &format!("{:?}\n", a.trust_contact(rpc::TrustContactRequest { username: "bob".into(), ..Default::default() }).await);
+    seen += &format!(
+        "{:?}\n",
+        a.conversations(rpc::ConversationsRequest {})
+            .await?
+            .into_inner()
+    );
+    seen += &format!(
+        "{:?}\n",
+        a.set_contact_legacy(rpc::SetContactLegacyRequest {
+            username: "bob".into(),
+            legacy: false
+        })
+        .await?
+        .into_inner()
+    );
+    seen += &format!(
+        "{:?}\n",
+        a.register(rpc::RegisterRequest {
+            email: "alice@example.test".into()
+        })
+        .await
+    );
+    seen += &format!(
+        "{:?}\n",
+        a.trust_contact(rpc::TrustContactRequest {
+            username: "bob".into(),
+            ..Default::default()
+        })
+        .await
+    );
     let last = status(&mut a).await?.last_cursor;
     let mut events = EventStream::open(&a, Some(0)).await?;
     loop {
-        let e = events.next_matching("the logged events", |e| Some(e.clone())).await?;
+        let e = events
+            .next_matching("the logged events", |e| Some(e.clone()))
+            .await?;
         seen += &format!("{e:?}\n");
         if e.cursor >= last {
             break;
@@ -206,24 +333,57 @@ async fn private_keys_never_appear_in_the_log_the_grpc_api_or_d_bus() -> Result<
     const PATH: &str = "/org/nes/Messenger1";
     for args in [
         vec!["introspect", DEST, PATH],
-        vec!["get-property", DEST, PATH, DEST, "User", "Connected", "Unread"],
+        vec![
+            "get-property",
+            DEST,
+            PATH,
+            DEST,
+            "User",
+            "Connected",
+            "Unread",
+        ],
         vec!["call", DEST, PATH, DEST, "ListConversations"],
         vec!["call", DEST, PATH, DEST, "History", "su", "bob", "0"],
         vec!["call", DEST, PATH, DEST, "Send", "ss", "bob", "over d-bus"],
-        vec!["call", DEST, PATH, "org.freedesktop.DBus.Properties", "GetAll", "s", DEST],
+        vec![
+            "call",
+            DEST,
+            PATH,
+            "org.freedesktop.DBus.Properties",
+            "GetAll",
+            "s",
+            DEST,
+        ],
     ] {
         seen += &busctl(&bus, &args).await?;
     }
     wait_history(&b, "alice", 2, |_| true).await?;
     let log = alice.log();
 
-    ensure!(seen.contains(secret_text), "the API outputs were not captured");
-    ensure!(log.contains("TRACE") || log.contains("DEBUG"), "the log is not verbose: {log}");
-    for (what, haystack) in [("gRPC and D-Bus answers", &seen), ("alice's nesd log", &log), ("bob's nesd log", &std::fs::read_to_string(bob.log_path())?)] {
-        ensure!(!haystack.contains("PRIVATE KEY"), "a private key marker in {what}");
+    ensure!(
+        seen.contains(secret_text),
+        "the API outputs were not captured"
+    );
+    ensure!(
+        log.contains("TRACE") || log.contains("DEBUG"),
+        "the log is not verbose: {log}"
+    );
+    for (what, haystack) in [
+        ("gRPC and D-Bus answers", &seen),
+        ("alice's nesd log", &log),
+        ("bob's nesd log", &std::fs::read_to_string(bob.log_path())?),
+    ] {
+        ensure!(
+            !haystack.contains("PRIVATE KEY"),
+            "a private key marker in {what}"
+        );
         for id in [&alice_id, &bob_id] {
             for needle in needles(id) {
-                ensure!(!haystack.contains(&needle), "a line of {}'s private key in {what}", id.user);
+                ensure!(
+                    !haystack.contains(&needle),
+                    "a line of {}'s private key in {what}",
+                    id.user
+                );
             }
         }
     }
@@ -232,7 +392,11 @@ async fn private_keys_never_appear_in_the_log_the_grpc_api_or_d_bus() -> Result<
 
 /// Runs `nes ARGS` as this user (the victim) with nothing of the test's environment but
 /// a fresh HOME and a runtime dir of its own, so only the socket given is tried.
-fn nes_as_me(home: &Path, args: &[&std::ffi::OsStr], env: &[(&str, &std::ffi::OsStr)]) -> Result<Output> {
+fn nes_as_me(
+    home: &Path,
+    args: &[&std::ffi::OsStr],
+    env: &[(&str, &std::ffi::OsStr)],
+) -> Result<Output> {
     let mut cmd = Command::new(bin("nes")?);
     cmd.args(args)
         .env_clear()
@@ -249,7 +413,8 @@ fn nes_as_me(home: &Path, args: &[&std::ffi::OsStr], env: &[(&str, &std::ffi::Os
 }
 
 fn chown(path: &Path, ids: (u32, u32)) -> Result<()> {
-    std::os::unix::fs::lchown(path, Some(ids.0), Some(ids.1)).with_context(|| format!("chown {}", path.display()))
+    std::os::unix::fs::lchown(path, Some(ids.0), Some(ids.1))
+        .with_context(|| format!("chown {}", path.display()))
 }
 
 /// `nes status` and `nes send` through `socket` exit 1, name the path and say `why`.
@@ -259,8 +424,15 @@ fn refused(home: &Path, socket: &Path, why: &str) -> Result<()> {
         all.extend(args.iter().map(|a| std::ffi::OsStr::new(*a)));
         let out = nes_as_me(home, &all, &[])?;
         let said = text(&out);
-        ensure!(out.status.code() == Some(1), "`nes {args:?}` exited {:?}: {said}", out.status.code());
-        ensure!(said.contains(&format!("refusing nesd's socket {}", socket.display())), "{said}");
+        ensure!(
+            out.status.code() == Some(1),
+            "`nes {args:?}` exited {:?}: {said}",
+            out.status.code()
+        );
+        ensure!(
+            said.contains(&format!("refusing nesd's socket {}", socket.display())),
+            "{said}"
+        );
         ensure!(said.contains(why), "expected {why:?} in: {said}");
     }
     Ok(())
@@ -295,7 +467,14 @@ async fn a_socket_or_folder_of_another_user_is_refused_before_connecting() -> Re
     chown(&socket, ids)?;
     chown(&folder, ids)?;
     chmod(&folder, 0o755)?;
-    refused(home.path(), &socket, &format!("its folder {} belongs to {other}, not to you", folder.display()))?;
+    refused(
+        home.path(),
+        &socket,
+        &format!(
+            "its folder {} belongs to {other}, not to you",
+            folder.display()
+        ),
+    )?;
     // Found by the fallback itself (no --socket, no XDG_RUNTIME_DIR), where it applies.
     if !Path::new(&format!("/run/user/{me}")).exists() {
         let mut cmd = Command::new(bin("nes")?);
@@ -307,19 +486,36 @@ async fn a_socket_or_folder_of_another_user_is_refused_before_connecting() -> Re
             .env("TMPDIR", root.path())
             .stdin(Stdio::null());
         let out = cmd.output()?;
-        ensure!(out.status.code() == Some(1), "fallback: exit {:?}: {}", out.status.code(), text(&out));
-        ensure!(text(&out).contains(&format!("refusing nesd's socket {}", socket.display())), "{}", text(&out));
+        ensure!(
+            out.status.code() == Some(1),
+            "fallback: exit {:?}: {}",
+            out.status.code(),
+            text(&out)
+        );
+        ensure!(
+            text(&out).contains(&format!("refusing nesd's socket {}", socket.display())),
+            "{}",
+            text(&out)
+        );
     }
 
     // Our folder, their socket.
     chown(&folder, (me, 0))?;
     chmod(&folder, 0o700)?;
-    refused(home.path(), &socket, &format!("it belongs to {other}, not to you"))?;
+    refused(
+        home.path(),
+        &socket,
+        &format!("it belongs to {other}, not to you"),
+    )?;
 
     // Our socket in a folder anyone may write to.
     chown(&socket, (me, 0))?;
     chmod(&folder, 0o777)?;
-    refused(home.path(), &socket, "writable by its group and every user (mode 0777)")?;
+    refused(
+        home.path(),
+        &socket,
+        "writable by its group and every user (mode 0777)",
+    )?;
     chmod(&folder, 0o1777)?;
     refused(home.path(), &socket, "(mode 1777)")?;
     assert_untouched(&fake)?;
@@ -353,18 +549,41 @@ async fn a_socket_or_folder_of_another_user_is_refused_before_connecting() -> Re
         .context("cannot start python3")?;
     let result = async {
         eventually("the fake listener", TIMEOUT, || async {
-            Ok(std::fs::read_to_string(&log).unwrap_or_default().contains("listening").then_some(()))
+            Ok(std::fs::read_to_string(&log)
+                .unwrap_or_default()
+                .contains("listening")
+                .then_some(()))
         })
         .await?;
         // Make the socket and folder look like ours again.
         chown(&socket, (me, 0))?;
         chown(&folder, (me, 0))?;
         chmod(&folder, 0o700)?;
-        let out = nes_as_me(home.path(), &["--socket".as_ref(), socket.as_os_str(), "send".as_ref(), "bob".as_ref(), "secret".as_ref()], &[])?;
+        let out = nes_as_me(
+            home.path(),
+            &[
+                "--socket".as_ref(),
+                socket.as_os_str(),
+                "send".as_ref(),
+                "bob".as_ref(),
+                "secret".as_ref(),
+            ],
+            &[],
+        )?;
         let said = text(&out);
-        ensure!(out.status.code() == Some(1), "exit {:?}: {said}", out.status.code());
-        ensure!(said.contains(&format!("refusing nesd's socket {}", socket.display())), "{said}");
-        ensure!(said.contains(&format!("the program listening on it runs as {other}")), "{said}");
+        ensure!(
+            out.status.code() == Some(1),
+            "exit {:?}: {said}",
+            out.status.code()
+        );
+        ensure!(
+            said.contains(&format!("refusing nesd's socket {}", socket.display())),
+            "{said}"
+        );
+        ensure!(
+            said.contains(&format!("the program listening on it runs as {other}")),
+            "{said}"
+        );
         // The kernel completed the connection before the CLI looked at the peer; the
         // fake sees it closed with nothing read.
         let logged = eventually("the fake to log the connection", TIMEOUT, || async {
@@ -372,7 +591,13 @@ async fn a_socket_or_folder_of_another_user_is_refused_before_connecting() -> Re
             Ok(t.contains("conn").then_some(t))
         })
         .await?;
-        ensure!(logged.lines().filter(|l| l.starts_with("conn")).all(|l| l == "conn 0"), "bytes reached the fake: {logged}");
+        ensure!(
+            logged
+                .lines()
+                .filter(|l| l.starts_with("conn"))
+                .all(|l| l == "conn 0"),
+            "bytes reached the fake: {logged}"
+        );
         Ok(())
     }
     .await;

@@ -12,7 +12,11 @@ use nes_proto::rpc::{self, event::Kind, Direction, MessageState};
 use std::collections::HashSet;
 
 fn incoming_from<'a>(from: &'a str) -> impl Fn(&rpc::Message) -> bool + 'a {
-    move |m| m.direction == Direction::Incoming as i32 && m.from == from && m.state == MessageState::Received as i32
+    move |m| {
+        m.direction == Direction::Incoming as i32
+            && m.from == from
+            && m.state == MessageState::Received as i32
+    }
 }
 
 async fn wait_connected(client: &Client) -> Result<()> {
@@ -23,7 +27,10 @@ async fn wait_connected(client: &Client) -> Result<()> {
     .await
 }
 
-async fn wait_status(client: &Client, ok: impl Fn(&rpc::StatusReply) -> bool) -> Result<rpc::StatusReply> {
+async fn wait_status(
+    client: &Client,
+    ok: impl Fn(&rpc::StatusReply) -> bool,
+) -> Result<rpc::StatusReply> {
     eventually("the status counters", TIMEOUT, || {
         let mut c = client.clone();
         let ok = &ok;
@@ -54,14 +61,30 @@ async fn alice_to_bob_through_the_broker_shows_only_ciphertext_on_the_wire() -> 
 
     // Register through the daemons (the Register RPC), activate by mail.
     for (client, user) in [(&mut a, "alice"), (&mut b, "bob")] {
-        let reply = client.register(rpc::RegisterRequest { email: format!("{user}@example.test") }).await?.into_inner();
+        let reply = client
+            .register(rpc::RegisterRequest {
+                email: format!("{user}@example.test"),
+            })
+            .await?
+            .into_inner();
         ensure!(reply.username == user, "registered {:?}", reply.username);
         w.keyserver.activate_pending(user).await?;
-        ensure!(w.keyserver.lookup_status(user).await? == 200, "{user} not served after activation");
+        ensure!(
+            w.keyserver.lookup_status(user).await? == 200,
+            "{user} not served after activation"
+        );
     }
     // A second registration of the same name is refused.
-    let again = a.register(rpc::RegisterRequest { email: "alice@example.test".into() }).await.unwrap_err();
-    ensure!(again.code() == tonic::Code::AlreadyExists, "second register: {again:?}");
+    let again = a
+        .register(rpc::RegisterRequest {
+            email: "alice@example.test".into(),
+        })
+        .await
+        .unwrap_err();
+    ensure!(
+        again.code() == tonic::Code::AlreadyExists,
+        "second register: {again:?}"
+    );
 
     wait_connected(&b).await?;
     let mut wire = RawMqtt::connect(&w.broker).await?;
@@ -70,10 +93,23 @@ async fn alice_to_bob_through_the_broker_shows_only_ciphertext_on_the_wire() -> 
 
     let text = "hello bob: the launch code is 0xC0FFEE-4711";
     let sent = send(&mut a, "bob", text).await?;
-    ensure!(sent.state == MessageState::Queued as i32 || sent.state == MessageState::Sent as i32
-        || sent.state == MessageState::Delivered as i32, "Send answered state {}", sent.state);
-    ensure!(sent.wire_version == 2 && sent.direction == Direction::Outgoing as i32 && sent.peer == "bob");
-    ensure!(sent.id.len() == 24 && sent.id.ends_with("=="), "id {:?}", sent.id);
+    ensure!(
+        sent.state == MessageState::Queued as i32
+            || sent.state == MessageState::Sent as i32
+            || sent.state == MessageState::Delivered as i32,
+        "Send answered state {}",
+        sent.state
+    );
+    ensure!(
+        sent.wire_version == 2
+            && sent.direction == Direction::Outgoing as i32
+            && sent.peer == "bob"
+    );
+    ensure!(
+        sent.id.len() == 24 && sent.id.ends_with("=="),
+        "id {:?}",
+        sent.id
+    );
 
     let got = events
         .next_matching("alice's message on bob's event stream", |e| match &e.kind {
@@ -81,21 +117,46 @@ async fn alice_to_bob_through_the_broker_shows_only_ciphertext_on_the_wire() -> 
             _ => None,
         })
         .await?;
-    ensure!(got.text == text && got.from == "alice" && got.to == "bob", "{got:?}");
-    ensure!(got.state == MessageState::Received as i32 && got.direction == Direction::Incoming as i32);
+    ensure!(
+        got.text == text && got.from == "alice" && got.to == "bob",
+        "{got:?}"
+    );
+    ensure!(
+        got.state == MessageState::Received as i32 && got.direction == Direction::Incoming as i32
+    );
 
     let h = wait_history(&b, "alice", 1, incoming_from("alice")).await?;
-    ensure!(h.len() == 1 && h[0].id == sent.id && h[0].text == text && !h[0].read, "{h:?}");
+    ensure!(
+        h.len() == 1 && h[0].id == sent.id && h[0].text == text && !h[0].read,
+        "{h:?}"
+    );
 
     // The wire: a v2 frame, no plaintext, not even who sent it.
     let frame = wire.next_publish().await?;
-    ensure!(!contains_bytes(&frame.payload, text.as_bytes()), "plaintext on the wire");
-    ensure!(!contains_bytes(&frame.payload, b"0xC0FFEE"), "plaintext on the wire");
-    ensure!(!contains_bytes(&frame.payload, b"alice"), "sender name on the wire");
+    ensure!(
+        !contains_bytes(&frame.payload, text.as_bytes()),
+        "plaintext on the wire"
+    );
+    ensure!(
+        !contains_bytes(&frame.payload, b"0xC0FFEE"),
+        "plaintext on the wire"
+    );
+    ensure!(
+        !contains_bytes(&frame.payload, b"alice"),
+        "sender name on the wire"
+    );
     let json: serde_json::Value = serde_json::from_slice(&frame.payload)?;
-    let mut keys: Vec<&str> = json.as_object().context("frame is not an object")?.keys().map(String::as_str).collect();
+    let mut keys: Vec<&str> = json
+        .as_object()
+        .context("frame is not an object")?
+        .keys()
+        .map(String::as_str)
+        .collect();
     keys.sort();
-    ensure!(keys == ["cipherkey", "ciphertext", "nonce", "v"], "frame fields {keys:?}");
+    ensure!(
+        keys == ["cipherkey", "ciphertext", "nonce", "v"],
+        "frame fields {keys:?}"
+    );
 
     // Alice sees it acknowledged by the broker.
     wait_all_delivered(&a, "bob", 1).await?;
@@ -106,24 +167,67 @@ async fn alice_to_bob_through_the_broker_shows_only_ciphertext_on_the_wire() -> 
     ensure!(sb.unread == 1 && sb.refused.is_empty(), "{sb:?}");
 
     // Conversations and read marks.
-    let convs = b.conversations(rpc::ConversationsRequest {}).await?.into_inner().conversations;
-    ensure!(convs.len() == 1 && convs[0].peer == "alice" && convs[0].unread == 1 && convs[0].total == 1, "{convs:?}");
-    let marked = b.mark_read(rpc::MarkReadRequest { peer: "alice".into(), up_to_id: String::new() }).await?.into_inner();
+    let convs = b
+        .conversations(rpc::ConversationsRequest {})
+        .await?
+        .into_inner()
+        .conversations;
+    ensure!(
+        convs.len() == 1 && convs[0].peer == "alice" && convs[0].unread == 1 && convs[0].total == 1,
+        "{convs:?}"
+    );
+    let marked = b
+        .mark_read(rpc::MarkReadRequest {
+            peer: "alice".into(),
+            up_to_id: String::new(),
+        })
+        .await?
+        .into_inner();
     ensure!(marked.marked == 1);
     ensure!(status(&mut b).await?.unread == 0);
 
     // Contacts carry public keys only.
-    let contact = b.lookup_contact(rpc::LookupContactRequest { username: "alice".into(), refresh: false }).await?.into_inner();
+    let contact = b
+        .lookup_contact(rpc::LookupContactRequest {
+            username: "alice".into(),
+            refresh: false,
+        })
+        .await?
+        .into_inner();
     ensure!(contact.sign_key_fingerprint == alice_id.sign.public_key().fingerprint());
     ensure!(contact.trust == rpc::TrustState::Pinned as i32);
-    ensure!(!contact.message_key_pem.contains("PRIVATE"), "a private key in an API answer");
+    ensure!(
+        !contact.message_key_pem.contains("PRIVATE"),
+        "a private key in an API answer"
+    );
 
     // Bad input gets the documented codes.
-    let e = a.send(rpc::SendRequest { to: "no such user!".into(), text: "x".into(), legacy: false }).await.unwrap_err();
+    let e = a
+        .send(rpc::SendRequest {
+            to: "no such user!".into(),
+            text: "x".into(),
+            legacy: false,
+        })
+        .await
+        .unwrap_err();
     ensure!(e.code() == tonic::Code::InvalidArgument, "{e:?}");
-    let e = a.send(rpc::SendRequest { to: "bob".into(), text: String::new(), legacy: false }).await.unwrap_err();
+    let e = a
+        .send(rpc::SendRequest {
+            to: "bob".into(),
+            text: String::new(),
+            legacy: false,
+        })
+        .await
+        .unwrap_err();
     ensure!(e.code() == tonic::Code::InvalidArgument, "{e:?}");
-    let e = a.send(rpc::SendRequest { to: "nobody".into(), text: "hi".into(), legacy: false }).await.unwrap_err();
+    let e = a
+        .send(rpc::SendRequest {
+            to: "nobody".into(),
+            text: "hi".into(),
+            legacy: false,
+        })
+        .await
+        .unwrap_err();
     ensure!(e.code() == tonic::Code::NotFound, "{e:?}");
     Ok(())
 }
@@ -148,7 +252,9 @@ async fn a_stopped_recipient_gets_all_20_once_and_in_order() -> Result<()> {
     let b = bob.client().await?;
     let h = wait_history(&b, "alice", 20, incoming_from("alice")).await?;
     let texts: Vec<&str> = h.iter().map(|m| m.text.as_str()).collect();
-    let want: Vec<String> = (0..20).map(|i| format!("while you were away #{i:02}")).collect();
+    let want: Vec<String> = (0..20)
+        .map(|i| format!("while you were away #{i:02}"))
+        .collect();
     ensure!(texts == want, "history {texts:?}");
     let ids: Vec<&str> = h.iter().map(|m| m.id.as_str()).collect();
     let sent_ids: Vec<&str> = sent.iter().map(|m| m.id.as_str()).collect();
@@ -166,7 +272,11 @@ async fn a_broker_outage_queues_then_delivers_everything() -> Result<()> {
     wait_connected(&a).await?;
     wait_connected(&b).await?;
     // alice knows bob's keys before the outage (the key server stays up anyway).
-    a.lookup_contact(rpc::LookupContactRequest { username: "bob".into(), refresh: false }).await?;
+    a.lookup_contact(rpc::LookupContactRequest {
+        username: "bob".into(),
+        refresh: false,
+    })
+    .await?;
 
     w.broker.stop().await?;
     eventually("alice to notice the outage", TIMEOUT, || {
@@ -178,11 +288,18 @@ async fn a_broker_outage_queues_then_delivers_everything() -> Result<()> {
     let mut sent = Vec::new();
     for i in 0..20 {
         let m = send(&mut a, "bob", &format!("during the outage {i:02}")).await?;
-        ensure!(m.state == MessageState::Queued as i32, "state {} while the broker is down", m.state);
+        ensure!(
+            m.state == MessageState::Queued as i32,
+            "state {} while the broker is down",
+            m.state
+        );
         sent.push(m);
     }
     let h = history(&mut a, "bob").await?;
-    ensure!(h.len() == 20 && h.iter().all(|m| m.state == MessageState::Queued as i32), "queued: {h:?}");
+    ensure!(
+        h.len() == 20 && h.iter().all(|m| m.state == MessageState::Queued as i32),
+        "queued: {h:?}"
+    );
     ensure!(status(&mut a).await?.queued == 20);
 
     w.broker.restart().await?;
@@ -191,7 +308,12 @@ async fn a_broker_outage_queues_then_delivers_everything() -> Result<()> {
     let got = wait_history(&b, "alice", 20, incoming_from("alice")).await?;
     let got_ids: Vec<&str> = got.iter().map(|m| m.id.as_str()).collect();
     let sent_ids: Vec<&str> = sent.iter().map(|m| m.id.as_str()).collect();
-    ensure!(got_ids == sent_ids, "bob got {} messages, in order: {}", got.len(), got_ids == sent_ids);
+    ensure!(
+        got_ids == sent_ids,
+        "bob got {} messages, in order: {}",
+        got.len(),
+        got_ids == sent_ids
+    );
     Ok(())
 }
 
@@ -207,7 +329,11 @@ async fn kill_9_during_a_stream_of_200_loses_and_duplicates_nothing() -> Result<
 
     // 200 messages over one SendStream: the first 100 at once, the rest once bob is dead,
     // so messages are on their way to bob before, while and after he is killed.
-    let request = |i: usize| rpc::SendRequest { to: "bob".into(), text: format!("stream {i:03}"), legacy: false };
+    let request = |i: usize| rpc::SendRequest {
+        to: "bob".into(),
+        text: format!("stream {i:03}"),
+        legacy: false,
+    };
     let (killed_tx, killed_rx) = tokio::sync::oneshot::channel::<()>();
     let requests = futures::stream::iter((0..100).map(request)).chain(
         futures::stream::once(async move {
@@ -221,7 +347,11 @@ async fn kill_9_during_a_stream_of_200_loses_and_duplicates_nothing() -> Result<
         let mut ids = Vec::new();
         while let Some(reply) = replies.next().await {
             let reply = reply?;
-            ensure!(reply.error.is_empty(), "SendStream refused one: {}", reply.error);
+            ensure!(
+                reply.error.is_empty(),
+                "SendStream refused one: {}",
+                reply.error
+            );
             ids.push(reply.message.context("no message in reply")?.id);
         }
         anyhow::Ok(ids)
@@ -249,13 +379,24 @@ async fn kill_9_during_a_stream_of_200_loses_and_duplicates_nothing() -> Result<
     let h = wait_history(&b, "alice", 200, incoming_from("alice")).await?;
     let got: Vec<&str> = h.iter().map(|m| m.id.as_str()).collect();
     let unique: HashSet<&str> = got.iter().copied().collect();
-    ensure!(got.len() == 200 && unique.len() == 200, "{} stored, {} distinct", got.len(), unique.len());
+    ensure!(
+        got.len() == 200 && unique.len() == 200,
+        "{} stored, {} distinct",
+        got.len(),
+        unique.len()
+    );
     let want: HashSet<&str> = sent_ids.iter().map(String::as_str).collect();
     ensure!(unique == want, "stored ids differ from sent ids");
     let s = status(&mut b.clone()).await?;
-    eprintln!("bob after the restart: received {}, refused {:?}", s.received, s.refused);
+    eprintln!(
+        "bob after the restart: received {}, refused {:?}",
+        s.received, s.refused
+    );
     // Per sender, in order.
-    ensure!(got == sent_ids.iter().map(String::as_str).collect::<Vec<_>>(), "not in send order");
+    ensure!(
+        got == sent_ids.iter().map(String::as_str).collect::<Vec<_>>(),
+        "not in send order"
+    );
     Ok(())
 }
 
@@ -283,11 +424,24 @@ async fn cached_keys_keep_working_past_their_ttl_while_the_key_server_is_down() 
     // Let the 1-second TTL run out (this sleep only ages the cache; nothing is timed).
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
     let m = send(&mut a, "bob", "the key server is gone").await?;
-    wait_history(&b, "alice", 1, |x| x.id == m.id && x.state == MessageState::Received as i32).await?;
+    wait_history(&b, "alice", 1, |x| {
+        x.id == m.id && x.state == MessageState::Received as i32
+    })
+    .await?;
     let m = send(&mut b, "alice", "still works").await?;
-    wait_history(&a, "bob", 1, |x| x.id == m.id && x.state == MessageState::Received as i32).await?;
+    wait_history(&a, "bob", 1, |x| {
+        x.id == m.id && x.state == MessageState::Received as i32
+    })
+    .await?;
     // Someone never seen: nothing cached, nobody to ask.
-    let e = a.send(rpc::SendRequest { to: "carol".into(), text: "hi".into(), legacy: false }).await.unwrap_err();
+    let e = a
+        .send(rpc::SendRequest {
+            to: "carol".into(),
+            text: "hi".into(),
+            legacy: false,
+        })
+        .await
+        .unwrap_err();
     ensure!(e.code() == tonic::Code::Unavailable, "{e:?}");
     Ok(())
 }

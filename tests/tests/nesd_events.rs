@@ -41,7 +41,9 @@ async fn wait_cursor(client: &Client, n: u64) -> Result<u64> {
 async fn read_through(stream: &mut EventStream, first: u64, last: u64) -> Result<()> {
     let mut expect = first;
     while expect <= last {
-        let cursor = stream.next_matching(&format!("event {expect}"), |e| Some(e.cursor)).await?;
+        let cursor = stream
+            .next_matching(&format!("event {expect}"), |e| Some(e.cursor))
+            .await?;
         ensure!(cursor == expect, "got cursor {cursor}, expected {expect}");
         expect += 1;
     }
@@ -78,16 +80,26 @@ async fn every_client_gets_every_event_and_resumes_without_gap() -> Result<()> {
                 Some(Kind::Message(m)) if m.direction == Direction::Outgoing as i32 => {
                     states.entry(m.id.clone()).or_default().push(m.state)
                 }
-                Some(Kind::StateChanged(s)) => states.entry(s.id.clone()).or_default().push(s.state),
+                Some(Kind::StateChanged(s)) => {
+                    states.entry(s.id.clone()).or_default().push(s.state)
+                }
                 _ => {}
             }
             Some(())
         })
         .await?;
     }
-    let want = vec![MessageState::Queued as i32, MessageState::Sent as i32, MessageState::Delivered as i32];
+    let want = vec![
+        MessageState::Queued as i32,
+        MessageState::Sent as i32,
+        MessageState::Delivered as i32,
+    ];
     for id in &sent {
-        ensure!(states.get(id) == Some(&want), "states of {id}: {:?}", states.get(id));
+        ensure!(
+            states.get(id) == Some(&want),
+            "states of {id}: {:?}",
+            states.get(id)
+        );
     }
 
     // Resume from the middle: exactly the rest.
@@ -110,7 +122,14 @@ async fn a_client_that_stops_reading_is_dropped_and_resumes_by_cursor() -> Resul
     wait_connected(&bob.client().await?).await?;
 
     // A client that subscribes and then does not read.
-    let mut slow = a.clone().events(rpc::EventsRequest { since: Some(0), ..Default::default() }).await?.into_inner();
+    let mut slow = a
+        .clone()
+        .events(rpc::EventsRequest {
+            since: Some(0),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
     // A client that keeps up.
     let mut fast = EventStream::open(&a, Some(0)).await?;
 
@@ -136,7 +155,10 @@ async fn a_client_that_stops_reading_is_dropped_and_resumes_by_cursor() -> Resul
     // The slow client: a gapless prefix, then RESOURCE_EXHAUSTED.
     let mut seen = 0u64;
     let code = loop {
-        match tokio::time::timeout(TIMEOUT, slow.message()).await.context("slow stream stalled")? {
+        match tokio::time::timeout(TIMEOUT, slow.message())
+            .await
+            .context("slow stream stalled")?
+        {
             Ok(Some(e)) => {
                 ensure!(e.cursor == seen + 1, "gap: {} after {seen}", e.cursor);
                 seen = e.cursor;
@@ -145,7 +167,10 @@ async fn a_client_that_stops_reading_is_dropped_and_resumes_by_cursor() -> Resul
             Err(status) => break status.code(),
         }
     };
-    ensure!(code == tonic::Code::ResourceExhausted, "slow client got {code:?}");
+    ensure!(
+        code == tonic::Code::ResourceExhausted,
+        "slow client got {code:?}"
+    );
     ensure!(seen < last, "the slow client was not behind");
 
     // It resumes from its last cursor and gets the rest.

@@ -18,12 +18,27 @@ use std::path::PathBuf;
 fn vectors() -> PathBuf {
     std::env::var_os("NES_VECTORS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto/tests/vectors/legacy-v1"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto/tests/vectors/legacy-v1")
+        })
 }
 
-fn seal(version: Version, from: &str, to: &str, text: &str, ts: i64, to_id: &Identity, signer: &Identity) -> Result<Vec<u8>> {
+fn seal(
+    version: Version,
+    from: &str,
+    to: &str,
+    text: &str,
+    ts: i64,
+    to_id: &Identity,
+    signer: &Identity,
+) -> Result<Vec<u8>> {
     let (from, to) = (Username::parse(from)?, Username::parse(to)?);
-    let draft = Draft { from: &from, to: &to, text, timestamp_ms: ts };
+    let draft = Draft {
+        from: &from,
+        to: &to,
+        text,
+        timestamp_ms: ts,
+    };
     Ok(frame::seal(version, &draft, to_id.message.public_key(), &signer.sign)?.frame)
 }
 
@@ -32,7 +47,9 @@ async fn wait_refused(client: &Client, want: &[(&str, u64)]) -> Result<HashMap<S
         let mut c = client.clone();
         async move {
             let refused = status(&mut c).await?.refused;
-            let all = want.iter().all(|(reason, n)| refused.get(*reason).copied().unwrap_or(0) >= *n);
+            let all = want
+                .iter()
+                .all(|(reason, n)| refused.get(*reason).copied().unwrap_or(0) >= *n);
             Ok(all.then_some(refused))
         }
     })
@@ -68,13 +85,69 @@ async fn bad_frames_are_refused_counted_and_the_daemon_keeps_serving() -> Result
     let captured = wire.next_publish().await?.payload.to_vec();
     wait_history(&b, "alice", 1, |m| m.id == real.id).await?;
 
-    let forged = seal(Version::V2, "alice", "bob", "forged by mallory", now, &bob_id, &mallory)?;
-    let misaddressed = seal(Version::V2, "alice", "carol", "meant for carol", now, &bob_id, &alice_id)?;
-    let from_the_future = seal(Version::V2, "alice", "bob", "from the future", now + 3_600_000, &bob_id, &alice_id)?;
-    let unknown_sender = seal(Version::V2, "mallory", "bob", "who am i", now, &bob_id, &mallory)?;
-    let for_someone_else = seal(Version::V2, "alice", "bob", "wrong key", now, &mallory, &alice_id)?;
-    let twice_v2 = seal(Version::V2, "alice", "bob", "sent twice v2", now, &bob_id, &alice_id)?;
-    let twice_v1 = seal(Version::V1, "alice", "bob", "sent twice v1", now, &bob_id, &alice_id)?;
+    let forged = seal(
+        Version::V2,
+        "alice",
+        "bob",
+        "forged by mallory",
+        now,
+        &bob_id,
+        &mallory,
+    )?;
+    let misaddressed = seal(
+        Version::V2,
+        "alice",
+        "carol",
+        "meant for carol",
+        now,
+        &bob_id,
+        &alice_id,
+    )?;
+    let from_the_future = seal(
+        Version::V2,
+        "alice",
+        "bob",
+        "from the future",
+        now + 3_600_000,
+        &bob_id,
+        &alice_id,
+    )?;
+    let unknown_sender = seal(
+        Version::V2,
+        "mallory",
+        "bob",
+        "who am i",
+        now,
+        &bob_id,
+        &mallory,
+    )?;
+    let for_someone_else = seal(
+        Version::V2,
+        "alice",
+        "bob",
+        "wrong key",
+        now,
+        &mallory,
+        &alice_id,
+    )?;
+    let twice_v2 = seal(
+        Version::V2,
+        "alice",
+        "bob",
+        "sent twice v2",
+        now,
+        &bob_id,
+        &alice_id,
+    )?;
+    let twice_v1 = seal(
+        Version::V1,
+        "alice",
+        "bob",
+        "sent twice v1",
+        now,
+        &bob_id,
+        &alice_id,
+    )?;
     let mut oversized = b"{\"v\":2,\"cipherkey\":\"".to_vec();
     oversized.extend(std::iter::repeat_n(b'A', 300 * 1024));
     oversized.extend_from_slice(b"\"}");
@@ -92,11 +165,16 @@ async fn bad_frames_are_refused_counted_and_the_daemon_keeps_serving() -> Result
         ("replayed", captured),
         ("garbage", b"\x00\x01 this is not a frame".to_vec()),
         ("bad json shape", b"{\"v\":2,\"cipherkey\":5}".to_vec()),
-        ("bad base64", b"{\"v\":2,\"cipherkey\":\"!!\",\"nonce\":\"!!\",\"ciphertext\":\"!!\"}".to_vec()),
+        (
+            "bad base64",
+            b"{\"v\":2,\"cipherkey\":\"!!\",\"nonce\":\"!!\",\"ciphertext\":\"!!\"}".to_vec(),
+        ),
         ("unknown version", b"{\"v\":9}".to_vec()),
     ];
     for (what, payload) in frames {
-        wire.publish(topic, payload).await.with_context(|| format!("publishing {what}"))?;
+        wire.publish(topic, payload)
+            .await
+            .with_context(|| format!("publishing {what}"))?;
     }
 
     let refused = wait_refused(
@@ -126,14 +204,33 @@ async fn bad_frames_are_refused_counted_and_the_daemon_keeps_serving() -> Result
     // acknowledged: nesd refuses it from its header, which on MQTT 3.1.1 costs a reconnect
     // (docs/BROKER.md), and the broker then delivers again whatever was not acknowledged
     // yet; that would count earlier refusals twice, not what this test is about.
-    wire.publish(topic, oversized).await.context("publishing oversized")?;
+    wire.publish(topic, oversized)
+        .await
+        .context("publishing oversized")?;
     let refused = wait_refused(&b, &[("too_large", 1)]).await?;
     let total: u64 = refused.values().sum();
     ensure!(total == 13, "refusals {refused:?}");
     ensure!(bob.pid() == bob_pid);
     let texts: Vec<&str> = h.iter().map(|m| m.text.as_str()).collect();
-    ensure!(texts == ["the real one", "sent twice v2", "sent twice v1", "still there?"], "history {texts:?}");
-    ensure!(b.history(rpc::HistoryRequest { peer: "mallory".into(), ..Default::default() }).await?.into_inner().messages.is_empty());
+    ensure!(
+        texts
+            == [
+                "the real one",
+                "sent twice v2",
+                "sent twice v1",
+                "still there?"
+            ],
+        "history {texts:?}"
+    );
+    ensure!(b
+        .history(rpc::HistoryRequest {
+            peer: "mallory".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner()
+        .messages
+        .is_empty());
     eventually("bob's received counter", TIMEOUT, || {
         let mut b = b.clone();
         async move { Ok((status(&mut b).await?.received == 4).then_some(())) }
@@ -162,10 +259,17 @@ async fn the_original_clients_v1_frames_show_up_with_their_text() -> Result<()> 
         let text = std::fs::read_to_string(format!("{}.message.txt", base.display()))?;
         let inner: serde_json::Value =
             serde_json::from_slice(&std::fs::read(format!("{}.expected.json", base.display()))?)?;
-        expected.push((frame::v1_id(&frame).context("v1 id")?, text, inner["timestamp"].as_i64().context("timestamp")?));
+        expected.push((
+            frame::v1_id(&frame).context("v1 id")?,
+            text,
+            inner["timestamp"].as_i64().context("timestamp")?,
+        ));
         wire.publish("nes/bob/message", frame).await?;
     }
-    let h = wait_history(&b, "alice", 5, |m| m.direction == Direction::Incoming as i32).await?;
+    let h = wait_history(&b, "alice", 5, |m| {
+        m.direction == Direction::Incoming as i32
+    })
+    .await?;
     ensure!(h.len() == 5, "history {h:?}");
     for (m, (id, text, ts)) in h.iter().zip(&expected) {
         ensure!(&m.id == id, "id {} != {id}", m.id);
@@ -174,7 +278,11 @@ async fn the_original_clients_v1_frames_show_up_with_their_text() -> Result<()> 
         ensure!(m.state == MessageState::Received as i32);
     }
     // The same bytes again are a duplicate.
-    wire.publish("nes/bob/message", std::fs::read(vectors().join("frames/frame-01.json"))?).await?;
+    wire.publish(
+        "nes/bob/message",
+        std::fs::read(vectors().join("frames/frame-01.json"))?,
+    )
+    .await?;
     wait_refused(&b, &[("duplicate", 1)]).await?;
     ensure!(history(&mut b, "alice").await?.len() == 5);
     Ok(())
@@ -189,15 +297,30 @@ async fn legacy_contacts_get_v1_frames_on_qos_2() -> Result<()> {
     let b = bob.client().await?;
     wait_connected(&b).await?;
     let mut wire = RawMqtt::connect(&w.broker).await?;
-    wire.subscribe_qos("nes/bob/message", QoS::ExactlyOnce).await?;
+    wire.subscribe_qos("nes/bob/message", QoS::ExactlyOnce)
+        .await?;
 
-    let c = a.set_contact_legacy(rpc::SetContactLegacyRequest { username: "bob".into(), legacy: true }).await?.into_inner();
+    let c = a
+        .set_contact_legacy(rpc::SetContactLegacyRequest {
+            username: "bob".into(),
+            legacy: true,
+        })
+        .await?
+        .into_inner();
     ensure!(c.legacy);
     let m1 = send(&mut a, "bob", "to the original client").await?;
     ensure!(m1.wire_version == 1);
-    a.set_contact_legacy(rpc::SetContactLegacyRequest { username: "bob".into(), legacy: false }).await?;
+    a.set_contact_legacy(rpc::SetContactLegacyRequest {
+        username: "bob".into(),
+        legacy: false,
+    })
+    .await?;
     let m2 = a
-        .send(rpc::SendRequest { to: "bob".into(), text: "legacy for this one".into(), legacy: true })
+        .send(rpc::SendRequest {
+            to: "bob".into(),
+            text: "legacy for this one".into(),
+            legacy: true,
+        })
         .await?
         .into_inner()
         .message
@@ -211,14 +334,24 @@ async fn legacy_contacts_get_v1_frames_on_qos_2() -> Result<()> {
         let json: serde_json::Value = serde_json::from_slice(&p.payload)?;
         ensure!(json.get("v").is_none() == want_v1, "frame {json}");
         ensure!(json.get("signature").is_some() == want_v1);
-        let want_qos = if want_v1 { QoS::ExactlyOnce } else { QoS::AtLeastOnce };
+        let want_qos = if want_v1 {
+            QoS::ExactlyOnce
+        } else {
+            QoS::AtLeastOnce
+        };
         ensure!(p.qos == want_qos, "published with {:?}", p.qos);
     }
-    let h = wait_history(&b, "alice", 3, |m| m.direction == Direction::Incoming as i32).await?;
+    let h = wait_history(&b, "alice", 3, |m| {
+        m.direction == Direction::Incoming as i32
+    })
+    .await?;
     let versions: Vec<u32> = h.iter().map(|m| m.wire_version).collect();
     ensure!(versions == [1, 1, 2], "{versions:?}");
     let ids: Vec<&str> = h.iter().map(|m| m.id.as_str()).collect();
-    ensure!(ids == [m1.id.as_str(), m2.id.as_str(), m3.id.as_str()], "ids differ");
+    ensure!(
+        ids == [m1.id.as_str(), m2.id.as_str(), m3.id.as_str()],
+        "ids differ"
+    );
     Ok(())
 }
 
@@ -234,8 +367,17 @@ async fn a_key_change_is_held_until_trusted() -> Result<()> {
 
     // bob pins carol's first keys.
     let first = send(&mut carol.client().await?, "bob", "before the change").await?;
-    wait_history(&b, "carol", 1, |m| m.id == first.id && m.state == MessageState::Received as i32).await?;
-    let pinned = b.lookup_contact(rpc::LookupContactRequest { username: "carol".into(), refresh: false }).await?.into_inner();
+    wait_history(&b, "carol", 1, |m| {
+        m.id == first.id && m.state == MessageState::Received as i32
+    })
+    .await?;
+    let pinned = b
+        .lookup_contact(rpc::LookupContactRequest {
+            username: "carol".into(),
+            refresh: false,
+        })
+        .await?
+        .into_inner();
     ensure!(pinned.trust == TrustState::Pinned as i32);
 
     // carol deletes her registration and registers new keys.
@@ -250,17 +392,39 @@ async fn a_key_change_is_held_until_trusted() -> Result<()> {
 
     let second = send(&mut c, "bob", "after the change").await?;
     let h = wait_history(&b, "carol", 1, |m| m.id == second.id).await?;
-    let held = h.iter().find(|m| m.id == second.id).context("held message")?;
-    ensure!(held.state == MessageState::Held as i32, "state {}", held.state);
+    let held = h
+        .iter()
+        .find(|m| m.id == second.id)
+        .context("held message")?;
+    ensure!(
+        held.state == MessageState::Held as i32,
+        "state {}",
+        held.state
+    );
     ensure!(held.text.is_empty(), "a held message shows its text");
-    ensure!(status(&mut b).await?.unread == 1, "a held message counts as unread (only the first one should)");
+    ensure!(
+        status(&mut b).await?.unread == 1,
+        "a held message counts as unread (only the first one should)"
+    );
 
-    let contact = b.lookup_contact(rpc::LookupContactRequest { username: "carol".into(), refresh: false }).await?.into_inner();
+    let contact = b
+        .lookup_contact(rpc::LookupContactRequest {
+            username: "carol".into(),
+            refresh: false,
+        })
+        .await?
+        .into_inner();
     let new_sign = carol_id.sign.public_key().fingerprint();
     let new_message = carol_id.message.public_key().fingerprint();
-    ensure!(contact.trust == TrustState::KeyChanged as i32, "{contact:?}");
+    ensure!(
+        contact.trust == TrustState::KeyChanged as i32,
+        "{contact:?}"
+    );
     ensure!(contact.sign_key_fingerprint == pinned.sign_key_fingerprint);
-    ensure!(contact.pending_sign_key_fingerprint == new_sign && contact.pending_message_key_fingerprint == new_message);
+    ensure!(
+        contact.pending_sign_key_fingerprint == new_sign
+            && contact.pending_message_key_fingerprint == new_message
+    );
 
     // The change is in the event log.
     let mut log = EventStream::open(&b, Some(0)).await?;
@@ -273,7 +437,14 @@ async fn a_key_change_is_held_until_trusted() -> Result<()> {
     ensure!(change.new_sign_key == new_sign && change.old_sign_key == pinned.sign_key_fingerprint);
 
     // Sending to carol is refused until the new keys are trusted.
-    let e = b.send(rpc::SendRequest { to: "carol".into(), text: "hi".into(), legacy: false }).await.unwrap_err();
+    let e = b
+        .send(rpc::SendRequest {
+            to: "carol".into(),
+            text: "hi".into(),
+            legacy: false,
+        })
+        .await
+        .unwrap_err();
     ensure!(e.code() == tonic::Code::FailedPrecondition, "{e:?}");
     let e = b
         .trust_contact(rpc::TrustContactRequest {
@@ -283,7 +454,10 @@ async fn a_key_change_is_held_until_trusted() -> Result<()> {
         })
         .await
         .unwrap_err();
-    ensure!(e.code() == tonic::Code::FailedPrecondition, "trusting the wrong fingerprints: {e:?}");
+    ensure!(
+        e.code() == tonic::Code::FailedPrecondition,
+        "trusting the wrong fingerprints: {e:?}"
+    );
 
     let trusted = b
         .trust_contact(rpc::TrustContactRequest {
@@ -295,12 +469,21 @@ async fn a_key_change_is_held_until_trusted() -> Result<()> {
         .into_inner();
     ensure!(trusted.trust == TrustState::Pinned as i32 && trusted.sign_key_fingerprint == new_sign);
     let h = history(&mut b, "carol").await?;
-    let released = h.iter().find(|m| m.id == second.id).context("released message")?;
-    ensure!(released.state == MessageState::Received as i32 && released.text == "after the change", "{released:?}");
+    let released = h
+        .iter()
+        .find(|m| m.id == second.id)
+        .context("released message")?;
+    ensure!(
+        released.state == MessageState::Received as i32 && released.text == "after the change",
+        "{released:?}"
+    );
 
     // And bob can write to carol's new keys.
     let reply = send(&mut b, "carol", "welcome back").await?;
-    wait_history(&c, "bob", 1, |m| m.id == reply.id && m.text == "welcome back").await?;
+    wait_history(&c, "bob", 1, |m| {
+        m.id == reply.id && m.text == "welcome back"
+    })
+    .await?;
     Ok(())
 }
 
@@ -321,19 +504,35 @@ async fn frames_from_a_new_sender_wait_for_the_key_server_and_are_not_lost() -> 
     let mut wire = RawMqtt::connect(&w.broker).await?;
     let now = now_ms();
     for i in 0..3 {
-        let frame = seal(Version::V2, "alice", "bob", &format!("while the key server is down #{i}"), now + i, &bob_id, &alice_id)?;
+        let frame = seal(
+            Version::V2,
+            "alice",
+            "bob",
+            &format!("while the key server is down #{i}"),
+            now + i,
+            &bob_id,
+            &alice_id,
+        )?;
         wire.publish("nes/bob/message", frame).await?;
     }
     // Parked, not refused: nothing stored yet, nothing counted as refused.
     eventually("bob to park the frames", TIMEOUT, || async {
-        Ok(std::fs::read_to_string(bob.log_path())?.matches("frame parked").count().eq(&3).then_some(()))
+        Ok(std::fs::read_to_string(bob.log_path())?
+            .matches("frame parked")
+            .count()
+            .eq(&3)
+            .then_some(()))
     })
     .await
     .with_context(|| bob.log_tail(20))?;
     let mut c = b.clone();
     let st = status(&mut c).await?;
     ensure!(st.refused.is_empty(), "refused {:?}", st.refused);
-    ensure!(st.waiting == 3, "status counts the parked frames: {}", st.waiting);
+    ensure!(
+        st.waiting == 3,
+        "status counts the parked frames: {}",
+        st.waiting
+    );
     ensure!(history(&mut c, "alice").await?.is_empty());
 
     // Parked frames were flushed before the broker got its ack: a kill -9 keeps them.
@@ -342,13 +541,25 @@ async fn frames_from_a_new_sender_wait_for_the_key_server_and_are_not_lost() -> 
     let b = bob.client().await?;
     wait_connected(&b).await?;
     // One more while the key server is still down: it must wait behind the three.
-    let late = seal(Version::V2, "alice", "bob", "while the key server is down #3", now + 3, &bob_id, &alice_id)?;
+    let late = seal(
+        Version::V2,
+        "alice",
+        "bob",
+        "while the key server is down #3",
+        now + 3,
+        &bob_id,
+        &alice_id,
+    )?;
     wire.publish("nes/bob/message", late).await?;
 
     w.keyserver.start_again().await?;
-    let h = wait_history(&b, "alice", 4, |_| true).await.with_context(|| bob.log_tail(30))?;
+    let h = wait_history(&b, "alice", 4, |_| true)
+        .await
+        .with_context(|| bob.log_tail(30))?;
     let texts: Vec<&str> = h.iter().map(|m| m.text.as_str()).collect();
-    let want: Vec<String> = (0..4).map(|i| format!("while the key server is down #{i}")).collect();
+    let want: Vec<String> = (0..4)
+        .map(|i| format!("while the key server is down #{i}"))
+        .collect();
     ensure!(texts == want, "history {texts:?}");
     ensure!(h.iter().all(|m| m.state == MessageState::Received as i32));
     // Nothing more arrives later (no duplicate from a second try).
@@ -376,23 +587,66 @@ async fn a_forged_frame_pins_nothing_and_the_real_sender_pins_later() -> Result<
     let mut wire = RawMqtt::connect(&w.broker).await?;
     let now = now_ms();
 
-    let forged = seal(Version::V2, "carol", "bob", "forged, claims carol", now, &bob_id, &mallory)?;
+    let forged = seal(
+        Version::V2,
+        "carol",
+        "bob",
+        "forged, claims carol",
+        now,
+        &bob_id,
+        &mallory,
+    )?;
     wire.publish("nes/bob/message", forged).await?;
-    wait_refused(&b, &[("signature", 1)]).await.with_context(|| bob.log_tail(20))?;
-    let contacts = b.contacts(rpc::ContactsRequest {}).await?.into_inner().contacts;
-    ensure!(!contacts.iter().any(|c| c.username == "carol"), "a forged frame pinned carol: {contacts:?}");
+    wait_refused(&b, &[("signature", 1)])
+        .await
+        .with_context(|| bob.log_tail(20))?;
+    let contacts = b
+        .contacts(rpc::ContactsRequest {})
+        .await?
+        .into_inner()
+        .contacts;
+    ensure!(
+        !contacts.iter().any(|c| c.username == "carol"),
+        "a forged frame pinned carol: {contacts:?}"
+    );
     ensure!(history(&mut b, "carol").await?.is_empty());
 
-    let genuine = seal(Version::V2, "carol", "bob", "really carol", now + 1, &bob_id, &carol_id)?;
+    let genuine = seal(
+        Version::V2,
+        "carol",
+        "bob",
+        "really carol",
+        now + 1,
+        &bob_id,
+        &carol_id,
+    )?;
     wire.publish("nes/bob/message", genuine).await?;
-    let h = wait_history(&b, "carol", 1, |_| true).await.with_context(|| bob.log_tail(20))?;
-    ensure!(h.len() == 1 && h[0].text == "really carol" && h[0].state == MessageState::Received as i32, "{h:?}");
-    let contacts = b.contacts(rpc::ContactsRequest {}).await?.into_inner().contacts;
-    let carol = contacts.iter().find(|c| c.username == "carol").context("carol pinned")?;
+    let h = wait_history(&b, "carol", 1, |_| true)
+        .await
+        .with_context(|| bob.log_tail(20))?;
+    ensure!(
+        h.len() == 1 && h[0].text == "really carol" && h[0].state == MessageState::Received as i32,
+        "{h:?}"
+    );
+    let contacts = b
+        .contacts(rpc::ContactsRequest {})
+        .await?
+        .into_inner()
+        .contacts;
+    let carol = contacts
+        .iter()
+        .find(|c| c.username == "carol")
+        .context("carol pinned")?;
     ensure!(carol.trust == TrustState::Pinned as i32);
-    ensure!(carol.sign_key_fingerprint == carol_id.sign.public_key().fingerprint(), "{carol:?}");
+    ensure!(
+        carol.sign_key_fingerprint == carol_id.sign.public_key().fingerprint(),
+        "{carol:?}"
+    );
     ensure!(carol.message_key_fingerprint == carol_id.message.public_key().fingerprint());
     let refused = status(&mut b).await?.refused;
-    ensure!(refused.values().sum::<u64>() == 1, "only the forged frame is refused: {refused:?}");
+    ensure!(
+        refused.values().sum::<u64>() == 1,
+        "only the forged frame is refused: {refused:?}"
+    );
     Ok(())
 }

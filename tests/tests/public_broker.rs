@@ -16,7 +16,9 @@ use std::path::PathBuf;
 fn vectors() -> PathBuf {
     std::env::var_os("NES_VECTORS")
         .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto/tests/vectors/legacy-v1"))
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto/tests/vectors/legacy-v1")
+        })
 }
 
 async fn refused(client: &Client) -> Result<HashMap<String, u64>> {
@@ -25,10 +27,14 @@ async fn refused(client: &Client) -> Result<HashMap<String, u64>> {
 }
 
 async fn wait_refused(client: &Client, reason: &str, n: u64) -> Result<HashMap<String, u64>> {
-    eventually(&format!("{n} refusals as {reason}"), TIMEOUT, || async move {
-        let all = refused(client).await?;
-        Ok((all.get(reason).copied().unwrap_or(0) >= n).then_some(all))
-    })
+    eventually(
+        &format!("{n} refusals as {reason}"),
+        TIMEOUT,
+        || async move {
+            let all = refused(client).await?;
+            Ok((all.get(reason).copied().unwrap_or(0) >= n).then_some(all))
+        },
+    )
     .await
 }
 
@@ -55,13 +61,28 @@ async fn re_encoded_v1_replays_are_duplicates() -> Result<()> {
     let id = frame::v1_id(&original).context("the vector is a v1 frame")?;
     let mut wire = RawMqtt::connect(&w.broker).await?;
     wire.publish("nes/bob/message", original.clone()).await?;
-    let h = wait_history(&b, "alice", 1, |m| m.direction == Direction::Incoming as i32).await?;
-    ensure!(h.len() == 1 && h[0].id == id && h[0].text == text, "history {h:?}");
+    let h = wait_history(&b, "alice", 1, |m| {
+        m.direction == Direction::Incoming as i32
+    })
+    .await?;
+    ensure!(
+        h.len() == 1 && h[0].id == id && h[0].text == text,
+        "history {h:?}"
+    );
 
     // The same frame, re-encoded three ways: what anyone on the broker can do with it.
     let json: serde_json::Value = serde_json::from_slice(&original)?;
-    let field = |name: &str| json[name].as_str().map(str::to_owned).context("a string field");
-    let (ck, ct, sig) = (field("cipherkey")?, field("ciphertext")?, field("signature")?);
+    let field = |name: &str| {
+        json[name]
+            .as_str()
+            .map(str::to_owned)
+            .context("a string field")
+    };
+    let (ck, ct, sig) = (
+        field("cipherkey")?,
+        field("ciphertext")?,
+        field("signature")?,
+    );
     let replays = [
         format!("{{ \"cipherkey\" : \"{ck}\",\n  \"ciphertext\" : \"{ct}\",\n  \"signature\" : \"{sig}\" }}\n"),
         format!(r#"{{"signature":"{sig}","cipherkey":"{ck}","ciphertext":"{ct}"}}"#),
@@ -69,7 +90,8 @@ async fn re_encoded_v1_replays_are_duplicates() -> Result<()> {
     ];
     for replay in &replays {
         ensure!(replay.as_bytes() != original.as_slice());
-        wire.publish("nes/bob/message", replay.clone().into_bytes()).await?;
+        wire.publish("nes/bob/message", replay.clone().into_bytes())
+            .await?;
     }
     // And the exact bytes once more.
     wire.publish("nes/bob/message", original.clone()).await?;
@@ -79,14 +101,25 @@ async fn re_encoded_v1_replays_are_duplicates() -> Result<()> {
 
     // A different frame of the same sender is still a new message, after the replays.
     let next = vectors().join("frames/frame-02");
-    wire.publish("nes/bob/message", std::fs::read(next.with_extension("json"))?).await?;
+    wire.publish(
+        "nes/bob/message",
+        std::fs::read(next.with_extension("json"))?,
+    )
+    .await?;
     let next_text = std::fs::read_to_string(format!("{}.message.txt", next.display()))?;
     let h = wait_history(&b, "alice", 1, |m| m.text == next_text).await?;
     let texts: Vec<&str> = h.iter().map(|m| m.text.as_str()).collect();
-    ensure!(texts == [text.as_str(), next_text.as_str()], "stored once each: {texts:?}");
+    ensure!(
+        texts == [text.as_str(), next_text.as_str()],
+        "stored once each: {texts:?}"
+    );
     ensure!(history(&mut b, "alice").await?.len() == 2);
     let st = status(&mut b).await?;
     ensure!(st.received == 2, "received {}", st.received);
-    ensure!(st.refused.get("duplicate") == Some(&4), "refused {:?}", st.refused);
+    ensure!(
+        st.refused.get("duplicate") == Some(&4),
+        "refused {:?}",
+        st.refused
+    );
     Ok(())
 }

@@ -47,7 +47,14 @@ enum Fault {
 fn schedule(n: usize) -> Vec<(usize, Fault)> {
     use Fault::*;
     if n >= FULL_FROM {
-        vec![(10, RestartBroker), (25, KillBob), (40, RestartBroker), (55, KillAlice), (70, KillBob), (85, RestartBroker)]
+        vec![
+            (10, RestartBroker),
+            (25, KillBob),
+            (40, RestartBroker),
+            (55, KillAlice),
+            (70, KillBob),
+            (85, RestartBroker),
+        ]
     } else {
         vec![(20, RestartBroker), (45, KillBob), (70, KillAlice)]
     }
@@ -59,7 +66,9 @@ fn text(from: &str, to: &str, i: usize) -> String {
 
 /// The index in a soak text from `from`, if it is one.
 fn index_of(text: &str, from: &str, to: &str) -> Option<usize> {
-    text.strip_prefix(&format!("soak {from}->{to} #"))?.parse().ok()
+    text.strip_prefix(&format!("soak {from}->{to} #"))?
+        .parse()
+        .ok()
 }
 
 /// A client with room for the long histories of the full version.
@@ -69,11 +78,15 @@ async fn client_at(socket: &Path) -> Result<Client> {
 
 /// Waits until the daemon at `socket` answers again (after a kill) and returns a client.
 async fn reconnect(socket: &Path) -> Result<Client> {
-    eventually(&format!("nesd at {} to answer", socket.display()), TIMEOUT, || async {
-        let mut c = client_at(socket).await?;
-        status(&mut c).await?;
-        Ok(Some(c))
-    })
+    eventually(
+        &format!("nesd at {} to answer", socket.display()),
+        TIMEOUT,
+        || async {
+            let mut c = client_at(socket).await?;
+            status(&mut c).await?;
+            Ok(Some(c))
+        },
+    )
     .await
 }
 
@@ -100,13 +113,19 @@ async fn sender(
                 Ok(m) => break m.id,
                 Err(e) => {
                     if since.elapsed() > TIMEOUT {
-                        return Err(e.context(format!("{from} could not send #{i} for {TIMEOUT:?}")));
+                        return Err(
+                            e.context(format!("{from} could not send #{i} for {TIMEOUT:?}"))
+                        );
                     }
                     // The daemon is down (or was killed while answering): once it is back,
                     // the message is either stored or not at all.
                     client = reconnect(&socket).await?;
                     let all = history(&mut client, to).await?;
-                    if let Some(m) = all.iter().rev().find(|m| m.direction == Direction::Outgoing as i32 && m.text == body) {
+                    if let Some(m) = all
+                        .iter()
+                        .rev()
+                        .find(|m| m.direction == Direction::Outgoing as i32 && m.text == body)
+                    {
                         break m.id.clone();
                     }
                 }
@@ -145,11 +164,23 @@ impl Tally {
 
 /// Counts what `to`'s store holds from `from` against what `from` sent (and `from`'s own
 /// view of its outgoing messages).
-fn tally(from: &str, to: &str, sent_ids: &[String], receiver: &[rpc::Message], sender: &[rpc::Message]) -> Tally {
-    let mut t = Tally { sent: sent_ids.len(), ..Tally::default() };
+fn tally(
+    from: &str,
+    to: &str,
+    sent_ids: &[String],
+    receiver: &[rpc::Message],
+    sender: &[rpc::Message],
+) -> Tally {
+    let mut t = Tally {
+        sent: sent_ids.len(),
+        ..Tally::default()
+    };
     let mut seen = vec![0usize; sent_ids.len()];
     let mut last: Option<usize> = None;
-    for m in receiver.iter().filter(|m| m.direction == Direction::Incoming as i32 && m.from == from) {
+    for m in receiver
+        .iter()
+        .filter(|m| m.direction == Direction::Incoming as i32 && m.from == from)
+    {
         let Some(i) = index_of(&m.text, from, to).filter(|&i| i < sent_ids.len()) else {
             t.wrong_id += 1;
             continue;
@@ -174,7 +205,10 @@ fn tally(from: &str, to: &str, sent_ids: &[String], receiver: &[rpc::Message], s
     }
     t.lost = seen.iter().filter(|&&n| n == 0).count();
     let mut outgoing = HashMap::new();
-    for m in sender.iter().filter(|m| m.direction == Direction::Outgoing as i32) {
+    for m in sender
+        .iter()
+        .filter(|m| m.direction == Direction::Outgoing as i32)
+    {
         *outgoing.entry(m.text.clone()).or_insert(0usize) += 1;
         if m.state == MessageState::Failed as i32 {
             t.failed += 1;
@@ -183,13 +217,22 @@ fn tally(from: &str, to: &str, sent_ids: &[String], receiver: &[rpc::Message], s
         }
     }
     // A message stored twice by the sender (a resend after a lost reply) is a duplicate too.
-    t.duplicates += outgoing.values().map(|&n| n.saturating_sub(1)).sum::<usize>();
+    t.duplicates += outgoing
+        .values()
+        .map(|&n| n.saturating_sub(1))
+        .sum::<usize>();
     t
 }
 
 /// Whether `to`'s store holds `n` messages from `from` and `from` sees all of its `n`
 /// outgoing ones acknowledged; also how many have arrived so far.
-async fn arrived(receiver: &Client, sender: &Client, from: &str, to: &str, n: usize) -> Result<(bool, usize)> {
+async fn arrived(
+    receiver: &Client,
+    sender: &Client,
+    from: &str,
+    to: &str,
+    n: usize,
+) -> Result<(bool, usize)> {
     let got = history(&mut receiver.clone(), from)
         .await?
         .iter()
@@ -198,7 +241,9 @@ async fn arrived(receiver: &Client, sender: &Client, from: &str, to: &str, n: us
     let delivered = history(&mut sender.clone(), to)
         .await?
         .iter()
-        .filter(|m| m.direction == Direction::Outgoing as i32 && m.state == MessageState::Delivered as i32)
+        .filter(|m| {
+            m.direction == Direction::Outgoing as i32 && m.state == MessageState::Delivered as i32
+        })
         .count();
     Ok((got >= n && delivered >= n, got + delivered))
 }
@@ -206,7 +251,10 @@ async fn arrived(receiver: &Client, sender: &Client, from: &str, to: &str, n: us
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_survive_broker_restarts_and_kill_9_exactly_once_in_order() -> Result<()> {
     let n: usize = match std::env::var("NES_SOAK_MESSAGES") {
-        Ok(v) => v.trim().parse().context("NES_SOAK_MESSAGES must be a number")?,
+        Ok(v) => v
+            .trim()
+            .parse()
+            .context("NES_SOAK_MESSAGES must be a number")?,
         Err(_) => DEFAULT_MESSAGES,
     };
     ensure!(n >= 10, "NES_SOAK_MESSAGES must be at least 10");
@@ -229,8 +277,16 @@ async fn messages_survive_broker_restarts_and_kill_9_exactly_once_in_order() -> 
         }
         // Both know each other's keys before the chaos starts (the key server is not
         // what this test is about).
-        a.lookup_contact(rpc::LookupContactRequest { username: "bob".into(), refresh: false }).await?;
-        b.lookup_contact(rpc::LookupContactRequest { username: "alice".into(), refresh: false }).await?;
+        a.lookup_contact(rpc::LookupContactRequest {
+            username: "bob".into(),
+            refresh: false,
+        })
+        .await?;
+        b.lookup_contact(rpc::LookupContactRequest {
+            username: "alice".into(),
+            refresh: false,
+        })
+        .await?;
     }
 
     let alice_progress = Arc::new(AtomicUsize::new(0));
@@ -242,14 +298,23 @@ async fn messages_survive_broker_restarts_and_kill_9_exactly_once_in_order() -> 
     let bob_has = Arc::new(AtomicUsize::new(0));
     let window = (n / 10).max(50);
     let watcher = tokio::spawn({
-        let (bob_has, bob_progress, b_sock) = (bob_has.clone(), bob_progress.clone(), b_sock.clone());
+        let (bob_has, bob_progress, b_sock) =
+            (bob_has.clone(), bob_progress.clone(), b_sock.clone());
         async move {
             loop {
                 if let Ok(mut c) = client_at(&b_sock).await {
                     if let Ok(r) = c.conversations(rpc::ConversationsRequest {}).await {
-                        if let Some(conv) = r.into_inner().conversations.iter().find(|c| c.peer == "alice") {
+                        if let Some(conv) = r
+                            .into_inner()
+                            .conversations
+                            .iter()
+                            .find(|c| c.peer == "alice")
+                        {
                             let total = usize::try_from(conv.total).unwrap_or(usize::MAX);
-                            bob_has.store(total.saturating_sub(bob_progress.load(Ordering::SeqCst)), Ordering::SeqCst);
+                            bob_has.store(
+                                total.saturating_sub(bob_progress.load(Ordering::SeqCst)),
+                                Ordering::SeqCst,
+                            );
                         }
                     }
                 }
@@ -258,14 +323,26 @@ async fn messages_survive_broker_restarts_and_kill_9_exactly_once_in_order() -> 
         }
     });
     let ahead = bob_has.clone();
-    let a_to_b = tokio::spawn(sender(a_sock.clone(), "alice", "bob", n, alice_progress.clone(), move |i| {
-        i < ahead.load(Ordering::SeqCst) + window
-    }));
+    let a_to_b = tokio::spawn(sender(
+        a_sock.clone(),
+        "alice",
+        "bob",
+        n,
+        alice_progress.clone(),
+        move |i| i < ahead.load(Ordering::SeqCst) + window,
+    ));
     let paced = alice_progress.clone();
-    let b_to_a = tokio::spawn(sender(b_sock.clone(), "bob", "alice", m, bob_progress.clone(), move |j| {
-        // bob's j-th message waits for alice's (j * n / m)-th: both streams span the run.
-        paced.load(Ordering::SeqCst) >= j * n / m.max(1)
-    }));
+    let b_to_a = tokio::spawn(sender(
+        b_sock.clone(),
+        "bob",
+        "alice",
+        m,
+        bob_progress.clone(),
+        move |j| {
+            // bob's j-th message waits for alice's (j * n / m)-th: both streams span the run.
+            paced.load(Ordering::SeqCst) >= j * n / m.max(1)
+        },
+    ));
 
     // The chaos, driven by alice's progress, while the senders run.
     let mut injected: Vec<(Fault, usize, usize)> = Vec::new();
@@ -281,7 +358,10 @@ async fn messages_survive_broker_restarts_and_kill_9_exactly_once_in_order() -> 
         if a_to_b.is_finished() {
             break;
         }
-        let (a_at, b_at) = (alice_progress.load(Ordering::SeqCst), bob_progress.load(Ordering::SeqCst));
+        let (a_at, b_at) = (
+            alice_progress.load(Ordering::SeqCst),
+            bob_progress.load(Ordering::SeqCst),
+        );
         match fault {
             Fault::RestartBroker => {
                 w.broker.stop().await?;
@@ -302,8 +382,12 @@ async fn messages_survive_broker_restarts_and_kill_9_exactly_once_in_order() -> 
         eprintln!("soak: {fault:?} after alice sent {a_at}, bob sent {b_at}");
         injected.push((*fault, a_at, b_at));
     }
-    let alice_ids = a_to_b.await.map_err(|e| anyhow!("alice's sender panicked: {e}"))??;
-    let bob_ids = b_to_a.await.map_err(|e| anyhow!("bob's sender panicked: {e}"))??;
+    let alice_ids = a_to_b
+        .await
+        .map_err(|e| anyhow!("alice's sender panicked: {e}"))??;
+    let bob_ids = b_to_a
+        .await
+        .map_err(|e| anyhow!("bob's sender panicked: {e}"))??;
     let sending_took = started.elapsed();
     watcher.abort();
 
@@ -324,7 +408,10 @@ async fn messages_survive_broker_restarts_and_kill_9_exactly_once_in_order() -> 
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
 
-    let (a_hist, b_hist) = (history(&mut a.clone(), "bob").await?, history(&mut b.clone(), "alice").await?);
+    let (a_hist, b_hist) = (
+        history(&mut a.clone(), "bob").await?,
+        history(&mut b.clone(), "alice").await?,
+    );
     let ab = tally("alice", "bob", &alice_ids, &b_hist, &a_hist);
     let ba = tally("bob", "alice", &bob_ids, &a_hist, &b_hist);
     let count = |f: Fault| injected.iter().filter(|(g, _, _)| *g == f).count();
@@ -344,9 +431,18 @@ async fn messages_survive_broker_restarts_and_kill_9_exactly_once_in_order() -> 
         status(&mut a.clone()).await?.refused,
     );
     if !(ab.clean() && ba.clean()) {
-        eprintln!("---- alice's nesd log ----\n{}\n---- bob's nesd log ----\n{}", alice.log_tail(60), bob.log_tail(60));
+        eprintln!(
+            "---- alice's nesd log ----\n{}\n---- bob's nesd log ----\n{}",
+            alice.log_tail(60),
+            bob.log_tail(60)
+        );
     }
-    ensure!(injected.len() == faults.len(), "only {} of {} faults were injected", injected.len(), faults.len());
+    ensure!(
+        injected.len() == faults.len(),
+        "only {} of {} faults were injected",
+        injected.len(),
+        faults.len()
+    );
     ensure!(ab.clean(), "alice->bob: {ab:?}");
     ensure!(ba.clean(), "bob->alice: {ba:?}");
     Ok(())

@@ -15,7 +15,10 @@ fn root() -> PathBuf {
 fn bin_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("test exe");
     // target/debug/deps/<test> -> target/debug
-    exe.parent().and_then(Path::parent).expect("target dir").to_path_buf()
+    exe.parent()
+        .and_then(Path::parent)
+        .expect("target dir")
+        .to_path_buf()
 }
 
 fn units_in_copy() -> (tempfile::TempDir, Vec<PathBuf>) {
@@ -24,7 +27,11 @@ fn units_in_copy() -> (tempfile::TempDir, Vec<PathBuf>) {
     let mut units = Vec::new();
     for entry in std::fs::read_dir(root().join("systemd")).expect("systemd/") {
         let path = entry.expect("entry").path();
-        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or_default().to_owned();
+        let name = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or_default()
+            .to_owned();
         if !(name.ends_with(".service") || name.ends_with(".socket")) || name.starts_with("org.") {
             continue;
         }
@@ -43,17 +50,39 @@ fn units_in_copy() -> (tempfile::TempDir, Vec<PathBuf>) {
 #[test]
 fn every_unit_passes_systemd_analyze_verify() {
     let (_dir, units) = units_in_copy();
-    let names: Vec<_> = units.iter().map(|u| u.file_name().unwrap().to_string_lossy().into_owned()).collect();
-    for expected in ["nes-keyserver.service", "nes-notify.service", "nesd.service", "nesd.socket"] {
-        assert!(names.iter().any(|n| n == expected), "{expected} missing from systemd/");
+    let names: Vec<_> = units
+        .iter()
+        .map(|u| u.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    for expected in [
+        "nes-keyserver.service",
+        "nes-notify.service",
+        "nesd.service",
+        "nesd.socket",
+    ] {
+        assert!(
+            names.iter().any(|n| n == expected),
+            "{expected} missing from systemd/"
+        );
     }
     for bin in ["nesd", "nes-notify", "nes-keyserver"] {
-        assert!(bin_dir().join(bin).exists(), "{bin} not built: run `cargo build --workspace --bins` first");
+        assert!(
+            bin_dir().join(bin).exists(),
+            "{bin} not built: run `cargo build --workspace --bins` first"
+        );
     }
     for unit in &units {
-        let out = Command::new("systemd-analyze").arg("verify").arg(unit).output().expect("systemd-analyze (apt-get install systemd)");
+        let out = Command::new("systemd-analyze")
+            .arg("verify")
+            .arg(unit)
+            .output()
+            .expect("systemd-analyze (apt-get install systemd)");
         let stderr = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && stderr.trim().is_empty(), "{}: {stderr}", unit.display());
+        assert!(
+            out.status.success() && stderr.trim().is_empty(),
+            "{}: {stderr}",
+            unit.display()
+        );
     }
 }
 
@@ -71,14 +100,20 @@ fn the_dbus_service_file_activates_nesd_through_systemd() {
 #[test]
 fn keyserver_unit_exposure_stays_low() {
     let (_dir, units) = units_in_copy();
-    let unit = units.iter().find(|u| u.ends_with("nes-keyserver.service")).expect("keyserver unit");
+    let unit = units
+        .iter()
+        .find(|u| u.ends_with("nes-keyserver.service"))
+        .expect("keyserver unit");
     let out = Command::new("systemd-analyze")
         .args(["security", "--offline=true", "--no-pager"])
         .arg(unit)
         .output()
         .expect("systemd-analyze");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().find(|l| l.contains("Overall exposure level")).unwrap_or_else(|| panic!("no score in: {stdout}"));
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("Overall exposure level"))
+        .unwrap_or_else(|| panic!("no score in: {stdout}"));
     // "→ Overall exposure level for nes-keyserver.service: 1.2 OK 🙂"
     let score: f64 = line
         .split(':')
@@ -87,8 +122,19 @@ fn keyserver_unit_exposure_stays_low() {
         .and_then(|s| s.parse().ok())
         .unwrap_or_else(|| panic!("unreadable score line: {line}"));
     println!("{line}");
-    assert!(score <= 2.0, "exposure {score} > 2.0: hardening regressed ({line})");
-    for must in ["DynamicUser=yes", "ProtectSystem=strict", "ProtectHome=yes", "NoNewPrivileges=yes", "PrivateTmp=yes", "CapabilityBoundingSet=", "LoadCredential=server-key:"] {
+    assert!(
+        score <= 2.0,
+        "exposure {score} > 2.0: hardening regressed ({line})"
+    );
+    for must in [
+        "DynamicUser=yes",
+        "ProtectSystem=strict",
+        "ProtectHome=yes",
+        "NoNewPrivileges=yes",
+        "PrivateTmp=yes",
+        "CapabilityBoundingSet=",
+        "LoadCredential=server-key:",
+    ] {
         let text = std::fs::read_to_string(unit).unwrap();
         assert!(text.lines().any(|l| l.starts_with(must)), "{must} missing");
     }

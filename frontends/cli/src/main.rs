@@ -33,7 +33,13 @@ pub struct Cli {
     pub socket: Option<PathBuf>,
 
     /// Config file (default: ~/.config/nes/config.toml).
-    #[arg(short = 'c', long, global = true, env = "NES_CONFIG", value_name = "FILE")]
+    #[arg(
+        short = 'c',
+        long,
+        global = true,
+        env = "NES_CONFIG",
+        value_name = "FILE"
+    )]
     pub config: Option<PathBuf>,
 
     #[command(subcommand)]
@@ -129,7 +135,9 @@ fn main() -> ExitCode {
 }
 
 /// Runs one daemon command on a small runtime: a thin client needs no thread pool.
-fn block_on(future: impl std::future::Future<Output = Result<(), CliError>>) -> Result<(), CliError> {
+fn block_on(
+    future: impl std::future::Future<Output = Result<(), CliError>>,
+) -> Result<(), CliError> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

@@ -114,7 +114,11 @@ pub fn message_line(message: &Message) -> String {
         _ if message.state == MessageState::Held as i32 => " (held: sender's keys changed)".into(),
         _ => String::new(),
     };
-    let error = if message.error.is_empty() { String::new() } else { format!(" ({})", line(&message.error)) };
+    let error = if message.error.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", line(&message.error))
+    };
     format!(
         "[{}] {} → {}: {}{}{}",
         local_time(message.timestamp_ms),
@@ -138,7 +142,8 @@ pub fn print_line(line: &str) -> Result<(), CliError> {
 
 /// Writes one JSON value as a line.
 pub fn print_json(value: &impl serde::Serialize) -> Result<(), CliError> {
-    let line = serde_json::to_string(value).map_err(|e| crate::error::user(format!("cannot encode JSON: {e}")))?;
+    let line = serde_json::to_string(value)
+        .map_err(|e| crate::error::user(format!("cannot encode JSON: {e}")))?;
     print_line(&line)
 }
 
@@ -176,8 +181,17 @@ mod tests {
 
     #[test]
     fn json_line_has_the_design_fields_and_text_once() {
-        let line = serde_json::to_string(&message_json(&sample(), Some("3f9a0c1d2e4b5a67-42-9c1e33ab"))).unwrap();
-        assert!(line.starts_with("{\"id\":\"AAAAAAAAAAAAAAAAAAAAAA==\",\"from\":\"alice\",\"to\":\"bob\""), "{line}");
+        let line = serde_json::to_string(&message_json(
+            &sample(),
+            Some("3f9a0c1d2e4b5a67-42-9c1e33ab"),
+        ))
+        .unwrap();
+        assert!(
+            line.starts_with(
+                "{\"id\":\"AAAAAAAAAAAAAAAAAAAAAA==\",\"from\":\"alice\",\"to\":\"bob\""
+            ),
+            "{line}"
+        );
         assert!(!line.contains('\n'), "one line: {line}");
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["id"], "AAAAAAAAAAAAAAAAAAAAAA==");
@@ -223,7 +237,10 @@ mod tests {
         let mut m = sample();
         m.text = "\x1b]0;pwned\x07\x1b[2J\rx\nmallory: fake line\u{202e}a\u{200b}b".into();
         let shown = message_line(&m);
-        assert!(!shown.contains(['\x1b', '\x07', '\r', '\n', '\u{202e}', '\u{200b}']), "{shown:?}");
+        assert!(
+            !shown.contains(['\x1b', '\x07', '\r', '\n', '\u{202e}', '\u{200b}']),
+            "{shown:?}"
+        );
         assert!(shown.contains("alice → bob: \\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\rx\\nmallory: fake line\\u{202e}a\\u{200b}b"), "{shown}");
         // --json keeps the exact text.
         let v = serde_json::to_value(message_json(&m, None)).unwrap();

@@ -7,9 +7,10 @@
 use crate::error::Error;
 use nes_proto::rpc::messenger_client::MessengerClient;
 use nes_proto::rpc::{
-    Contact, ContactsRequest, Conversation, ConversationsRequest, Event, EventsRequest, HistoryRequest,
-    LookupContactRequest, MarkReadRequest, Message, RegisterReply, RegisterRequest, SendReply, SendRequest,
-    SetContactLegacyRequest, StatusReply, StatusRequest, TrustContactRequest,
+    Contact, ContactsRequest, Conversation, ConversationsRequest, Event, EventsRequest,
+    HistoryRequest, LookupContactRequest, MarkReadRequest, Message, RegisterReply, RegisterRequest,
+    SendReply, SendRequest, SetContactLegacyRequest, StatusReply, StatusRequest,
+    TrustContactRequest,
 };
 use std::path::{Path, PathBuf};
 use tonic::transport::{Channel, Endpoint, Uri};
@@ -53,7 +54,10 @@ impl Client {
         // History pages (below) can hold HISTORY_PAGE messages of the largest text nesd
         // accepts (128 KiB): more than tonic's default 4 MiB.
         let rpc = MessengerClient::new(channel).max_decoding_message_size(MAX_REPLY_BYTES);
-        Ok(Client { rpc, socket: socket.to_path_buf() })
+        Ok(Client {
+            rpc,
+            socket: socket.to_path_buf(),
+        })
     }
 
     /// The socket this client is connected to.
@@ -79,11 +83,18 @@ impl Client {
 
     /// `Send`: seals and queues one message; returns it as stored (state QUEUED or later).
     pub async fn send(&mut self, to: &str, text: &str, legacy: bool) -> Result<Message, Error> {
-        let request = SendRequest { to: to.into(), text: text.into(), legacy };
+        let request = SendRequest {
+            to: to.into(),
+            text: text.into(),
+            legacy,
+        };
         let reply = self.rpc.send(request).await;
         let reply: SendReply = self.unpack(reply)?;
         if !reply.error.is_empty() {
-            return Err(Error::Rpc { code: tonic::Code::from_i32(reply.code), message: reply.error });
+            return Err(Error::Rpc {
+                code: tonic::Code::from_i32(reply.code),
+                message: reply.error,
+            });
         }
         reply.message.ok_or_else(|| Error::Rpc {
             code: tonic::Code::Internal,
@@ -99,8 +110,16 @@ impl Client {
         let mut have = 0u32;
         let mut before_id = String::new();
         loop {
-            let want = if limit == 0 { HISTORY_PAGE } else { (limit - have).min(HISTORY_PAGE) };
-            let request = HistoryRequest { peer: peer.into(), limit: want, before_id: before_id.clone() };
+            let want = if limit == 0 {
+                HISTORY_PAGE
+            } else {
+                (limit - have).min(HISTORY_PAGE)
+            };
+            let request = HistoryRequest {
+                peer: peer.into(),
+                limit: want,
+                before_id: before_id.clone(),
+            };
             let reply = self.rpc.history(request).await;
             let page = self.unpack(reply)?.messages;
             let full = page.len() as u32 == want;
@@ -126,7 +145,10 @@ impl Client {
     /// `MarkRead`: marks `peer`'s messages read (up to `up_to_id`, or all when empty);
     /// returns how many changed.
     pub async fn mark_read(&mut self, peer: &str, up_to_id: &str) -> Result<u64, Error> {
-        let request = MarkReadRequest { peer: peer.into(), up_to_id: up_to_id.into() };
+        let request = MarkReadRequest {
+            peer: peer.into(),
+            up_to_id: up_to_id.into(),
+        };
         let reply = self.rpc.mark_read(request).await;
         Ok(self.unpack(reply)?.marked)
     }
@@ -138,8 +160,15 @@ impl Client {
     }
 
     /// `LookupContact`: one contact, fetched from the key server when unknown or `refresh`.
-    pub async fn lookup_contact(&mut self, username: &str, refresh: bool) -> Result<Contact, Error> {
-        let request = LookupContactRequest { username: username.into(), refresh };
+    pub async fn lookup_contact(
+        &mut self,
+        username: &str,
+        refresh: bool,
+    ) -> Result<Contact, Error> {
+        let request = LookupContactRequest {
+            username: username.into(),
+            refresh,
+        };
         let reply = self.rpc.lookup_contact(request).await;
         self.unpack(reply)
     }
@@ -162,22 +191,40 @@ impl Client {
     }
 
     /// `SetContactLegacy`: messages to `username` go out as v1 frames (or no longer do).
-    pub async fn set_contact_legacy(&mut self, username: &str, legacy: bool) -> Result<Contact, Error> {
-        let request = SetContactLegacyRequest { username: username.into(), legacy };
+    pub async fn set_contact_legacy(
+        &mut self,
+        username: &str,
+        legacy: bool,
+    ) -> Result<Contact, Error> {
+        let request = SetContactLegacyRequest {
+            username: username.into(),
+            legacy,
+        };
         let reply = self.rpc.set_contact_legacy(request).await;
         self.unpack(reply)
     }
 
     /// `Register`: registers this identity's keys with the key server.
     pub async fn register(&mut self, email: &str) -> Result<RegisterReply, Error> {
-        let reply = self.rpc.register(RegisterRequest { email: email.into() }).await;
+        let reply = self
+            .rpc
+            .register(RegisterRequest {
+                email: email.into(),
+            })
+            .await;
         self.unpack(reply)
     }
 
     /// `Events`: the raw event stream after `since` (live only when `None`). Most
     /// frontends want a [`crate::Feed`], which reconnects.
     pub async fn events(&mut self, since: Option<u64>) -> Result<tonic::Streaming<Event>, Error> {
-        let reply = self.rpc.events(EventsRequest { since, ..Default::default() }).await;
+        let reply = self
+            .rpc
+            .events(EventsRequest {
+                since,
+                ..Default::default()
+            })
+            .await;
         self.unpack(reply)
     }
 
@@ -185,12 +232,20 @@ impl Client {
     /// that is not a position in this daemon's log is refused with FAILED_PRECONDITION
     /// (see [`crate::feed::is_refused_cursor`]).
     pub async fn events_after(&mut self, cursor: &str) -> Result<tonic::Streaming<Event>, Error> {
-        let reply = self.rpc.events(EventsRequest { since: crate::feed::cursor_number(cursor), since_cursor: cursor.to_owned() }).await;
+        let reply = self
+            .rpc
+            .events(EventsRequest {
+                since: crate::feed::cursor_number(cursor),
+                since_cursor: cursor.to_owned(),
+            })
+            .await;
         self.unpack(reply)
     }
 
     fn unpack<T>(&self, reply: Result<tonic::Response<T>, tonic::Status>) -> Result<T, Error> {
-        reply.map(tonic::Response::into_inner).map_err(|s| self.error(s))
+        reply
+            .map(tonic::Response::into_inner)
+            .map_err(|s| self.error(s))
     }
 }
 
@@ -219,26 +274,40 @@ fn connect_error(err: &tonic::transport::Error, socket: &Path) -> Error {
     let mut source: Option<&(dyn std::error::Error + 'static)> = Some(err);
     while let Some(e) = source {
         if let Some(io) = e.downcast_ref::<std::io::Error>() {
-            if let Some(peer) = io.get_ref().and_then(|inner| inner.downcast_ref::<UntrustedPeer>()) {
-                return Error::Untrusted { socket: socket.to_path_buf(), reason: peer.to_string() };
+            if let Some(peer) = io
+                .get_ref()
+                .and_then(|inner| inner.downcast_ref::<UntrustedPeer>())
+            {
+                return Error::Untrusted {
+                    socket: socket.to_path_buf(),
+                    reason: peer.to_string(),
+                };
             }
             return match io.kind() {
-                std::io::ErrorKind::PermissionDenied => {
-                    Error::Socket { socket: socket.to_path_buf(), reason: io.to_string() }
-                }
+                std::io::ErrorKind::PermissionDenied => Error::Socket {
+                    socket: socket.to_path_buf(),
+                    reason: io.to_string(),
+                },
                 std::io::ErrorKind::ConnectionRefused => Error::NotRunning {
                     socket: socket.to_path_buf(),
                     reason: "connection refused: a stale socket, the daemon has stopped".into(),
                 },
-                std::io::ErrorKind::NotFound => {
-                    Error::NotRunning { socket: socket.to_path_buf(), reason: "no socket".into() }
-                }
-                _ => Error::NotRunning { socket: socket.to_path_buf(), reason: io.to_string() },
+                std::io::ErrorKind::NotFound => Error::NotRunning {
+                    socket: socket.to_path_buf(),
+                    reason: "no socket".into(),
+                },
+                _ => Error::NotRunning {
+                    socket: socket.to_path_buf(),
+                    reason: io.to_string(),
+                },
             };
         }
         source = e.source();
     }
-    Error::NotRunning { socket: socket.to_path_buf(), reason: err.to_string() }
+    Error::NotRunning {
+        socket: socket.to_path_buf(),
+        reason: err.to_string(),
+    }
 }
 
 #[cfg(test)]
@@ -248,7 +317,9 @@ mod tests {
     #[tokio::test]
     async fn missing_socket_is_not_running() {
         let dir = tempfile::tempdir().unwrap();
-        let err = Client::connect(&dir.path().join("nesd.sock")).await.unwrap_err();
+        let err = Client::connect(&dir.path().join("nesd.sock"))
+            .await
+            .unwrap_err();
         assert!(err.is_not_running(), "{err:?}");
         assert!(err.to_string().contains("no socket"), "{err}");
     }

@@ -49,7 +49,15 @@ impl Error {
     /// connection broke) mean the daemon went away.
     pub fn from_status(status: tonic::Status, socket: &Path) -> Self {
         let local = std::error::Error::source(&status).is_some();
-        if local && matches!(status.code(), tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Internal | tonic::Code::Cancelled) {
+        if local
+            && matches!(
+                status.code(),
+                tonic::Code::Unavailable
+                    | tonic::Code::Unknown
+                    | tonic::Code::Internal
+                    | tonic::Code::Cancelled
+            )
+        {
             return Error::NotRunning {
                 socket: socket.to_path_buf(),
                 reason: format!("the connection broke: {}", status.message()),
@@ -60,7 +68,10 @@ impl Error {
         } else {
             status.message().to_string()
         };
-        Error::Rpc { code: status.code(), message }
+        Error::Rpc {
+            code: status.code(),
+            message,
+        }
     }
 
     /// Whether this is "the daemon is not there" (exit 3).
@@ -92,12 +103,18 @@ mod tests {
 
     #[test]
     fn daemon_statuses_keep_their_message() {
-        let err = Error::from_status(tonic::Status::not_found("unknown user: zed"), Path::new("/s"));
+        let err = Error::from_status(
+            tonic::Status::not_found("unknown user: zed"),
+            Path::new("/s"),
+        );
         assert_eq!(err.to_string(), "unknown user: zed");
         assert_eq!(err.code(), Some(tonic::Code::NotFound));
         assert_eq!(err.exit_code(), 1);
         // UNAVAILABLE sent by the daemon means "key server unreachable": fixable, not exit 3.
-        let err = Error::from_status(tonic::Status::unavailable("key server down"), Path::new("/s"));
+        let err = Error::from_status(
+            tonic::Status::unavailable("key server down"),
+            Path::new("/s"),
+        );
         assert_eq!(err.exit_code(), 1);
     }
 
@@ -116,7 +133,10 @@ mod tests {
 
     #[test]
     fn empty_status_message_still_says_something() {
-        let err = Error::from_status(tonic::Status::new(tonic::Code::Internal, ""), Path::new("/s"));
+        let err = Error::from_status(
+            tonic::Status::new(tonic::Code::Internal, ""),
+            Path::new("/s"),
+        );
         assert!(err.to_string().contains("Internal"));
     }
 }

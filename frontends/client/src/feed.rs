@@ -60,14 +60,20 @@ const MAX_DELAY: Duration = Duration::from_secs(2);
 /// not a position in its log (FAILED_PRECONDITION), or not a cursor (INVALID_ARGUMENT).
 /// The message says which.
 pub fn is_refused_cursor(err: &Error) -> bool {
-    matches!(err.code(), Some(tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument))
+    matches!(
+        err.code(),
+        Some(tonic::Code::FailedPrecondition | tonic::Code::InvalidArgument)
+    )
 }
 
 /// The event number in a cursor: a bare number, or the middle of a log cursor. `None`
 /// when it is neither (the daemon then says what is wrong with it).
 pub fn cursor_number(cursor: &str) -> Option<u64> {
     let cursor = cursor.trim();
-    cursor.parse().ok().or_else(|| cursor.split('-').nth(1)?.parse().ok())
+    cursor
+        .parse()
+        .ok()
+        .or_else(|| cursor.split('-').nth(1)?.parse().ok())
 }
 
 impl Feed {
@@ -102,10 +108,15 @@ impl Feed {
     /// back with it, to tell the user once. The feed recovers the same way when the
     /// daemon comes back later with a store that refuses its cursor
     /// ([`FeedItem::Restarted`]): for agents that must go on rather than stop.
-    pub async fn open_or_now(socket: &Path, since: Option<&str>) -> Result<(Self, Option<String>), Error> {
+    pub async fn open_or_now(
+        socket: &Path,
+        since: Option<&str>,
+    ) -> Result<(Self, Option<String>), Error> {
         let (mut feed, refused) = match Self::open(socket, since).await {
             Ok(feed) => (feed, None),
-            Err(err) if since.is_some() && is_refused_cursor(&err) => (Self::open(socket, None).await?, Some(err.to_string())),
+            Err(err) if since.is_some() && is_refused_cursor(&err) => {
+                (Self::open(socket, None).await?, Some(err.to_string()))
+            }
             Err(err) => return Err(err),
         };
         feed.recover = true;
@@ -127,7 +138,11 @@ impl Feed {
     async fn start_now(&mut self, client: &mut Client) -> Result<(), Error> {
         let status = client.status().await?;
         // A daemon without log cursors answers none: its bare number resumes as before.
-        let position = if status.last_log_cursor.is_empty() { status.last_cursor.to_string() } else { status.last_log_cursor };
+        let position = if status.last_log_cursor.is_empty() {
+            status.last_cursor.to_string()
+        } else {
+            status.last_log_cursor
+        };
         self.stream = Some(client.events_after(&position).await?);
         self.cursor = status.last_cursor;
         self.position = position;
@@ -178,8 +193,11 @@ impl Feed {
                         continue;
                     }
                     self.cursor = event.cursor;
-                    self.position =
-                        if event.log_cursor.is_empty() { event.cursor.to_string() } else { event.log_cursor.clone() };
+                    self.position = if event.log_cursor.is_empty() {
+                        event.cursor.to_string()
+                    } else {
+                        event.log_cursor.clone()
+                    };
                     return Ok(FeedItem::Event(event));
                 }
                 Ok(None) => {
@@ -193,12 +211,18 @@ impl Feed {
                     self.stream = None;
                     match Error::from_status(status, &self.socket) {
                         // Fell behind: the daemon dropped us; catch up from the log at once.
-                        Error::Rpc { code: tonic::Code::ResourceExhausted, .. } => {
+                        Error::Rpc {
+                            code: tonic::Code::ResourceExhausted,
+                            ..
+                        } => {
                             self.delay = std::time::Duration::ZERO;
                             continue;
                         }
                         err if err.is_not_running() => return Ok(FeedItem::Disconnected(err)),
-                        Error::Rpc { code: tonic::Code::Unavailable, .. } => {
+                        Error::Rpc {
+                            code: tonic::Code::Unavailable,
+                            ..
+                        } => {
                             // The daemon is shutting down and said so.
                             return Ok(FeedItem::Disconnected(Error::NotRunning {
                                 socket: self.socket.clone(),
@@ -235,7 +259,10 @@ mod tests {
 
     #[test]
     fn refusals_of_a_cursor() {
-        let refused = Error::from_status(tonic::Status::failed_precondition("another store"), Path::new("/s"));
+        let refused = Error::from_status(
+            tonic::Status::failed_precondition("another store"),
+            Path::new("/s"),
+        );
         assert!(is_refused_cursor(&refused));
         let gone = Error::from_status(tonic::Status::unavailable("stopping"), Path::new("/s"));
         assert!(!is_refused_cursor(&gone));

@@ -31,7 +31,12 @@ pub fn socket_path(explicit: Option<&Path>, config: Option<&Path>) -> PathBuf {
         .then(|| config_value(&config_path(config), "socket"))
         .flatten()
         .map(|s| expand_home(&s));
-    resolve_socket(explicit, config_socket, |name| std::env::var_os(name), current_uid())
+    resolve_socket(
+        explicit,
+        config_socket,
+        |name| std::env::var_os(name),
+        current_uid(),
+    )
 }
 
 /// The resolution order of the module docs, with the environment given as a lookup so it
@@ -64,7 +69,10 @@ fn fallback_socket(uid: Option<u32>, env: impl Fn(&str) -> Option<OsString>) -> 
     if run.is_dir() {
         return run.join("nes").join(SOCKET_NAME);
     }
-    let tmp = env("TMPDIR").filter(|v| !v.is_empty()).map(PathBuf::from).unwrap_or_else(|| "/tmp".into());
+    let tmp = env("TMPDIR")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| "/tmp".into());
     tmp.join(format!("nes-{uid}")).join(SOCKET_NAME)
 }
 
@@ -127,25 +135,47 @@ pub fn expand_home(path: &str) -> PathBuf {
 /// checks who listens on the socket (peer credentials), which closes the window between
 /// this check and the connect.
 pub fn check_socket(socket: &Path) -> Result<(), Error> {
-    let fail = |reason: String| Error::Untrusted { socket: socket.to_path_buf(), reason };
+    let fail = |reason: String| Error::Untrusted {
+        socket: socket.to_path_buf(),
+        reason,
+    };
     match std::fs::symlink_metadata(socket) {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            return Err(Error::NotRunning { socket: socket.to_path_buf(), reason: "no socket".into() })
+            return Err(Error::NotRunning {
+                socket: socket.to_path_buf(),
+                reason: "no socket".into(),
+            })
         }
-        Err(e) => return Err(Error::Socket { socket: socket.to_path_buf(), reason: e.to_string() }),
+        Err(e) => {
+            return Err(Error::Socket {
+                socket: socket.to_path_buf(),
+                reason: e.to_string(),
+            })
+        }
         Ok(_) => {}
     }
     let socket_error = |e: std::io::Error| match e.kind() {
         // A dangling symlink: nothing listens there.
-        std::io::ErrorKind::NotFound => Error::NotRunning { socket: socket.to_path_buf(), reason: "no socket".into() },
-        _ => Error::Socket { socket: socket.to_path_buf(), reason: e.to_string() },
+        std::io::ErrorKind::NotFound => Error::NotRunning {
+            socket: socket.to_path_buf(),
+            reason: "no socket".into(),
+        },
+        _ => Error::Socket {
+            socket: socket.to_path_buf(),
+            reason: e.to_string(),
+        },
     };
     let real = std::fs::canonicalize(socket).map_err(socket_error)?;
     let file = std::fs::metadata(&real).map_err(socket_error)?;
     let dir = real.parent().unwrap_or(Path::new("/"));
     let folder = std::fs::metadata(dir).map_err(socket_error)?;
-    let me = current_uid().ok_or_else(|| fail("cannot tell which user this is (no /proc/self)".into()))?;
-    let found = Found { socket_uid: file.uid(), folder_uid: folder.uid(), folder_mode: folder.mode() };
+    let me = current_uid()
+        .ok_or_else(|| fail("cannot tell which user this is (no /proc/self)".into()))?;
+    let found = Found {
+        socket_uid: file.uid(),
+        folder_uid: folder.uid(),
+        folder_mode: folder.mode(),
+    };
     judge(&found, dir, me).map_err(fail)
 }
 
@@ -208,14 +238,16 @@ pub(crate) fn you(uid: u32) -> String {
 
 /// The login name of `uid` in /etc/passwd.
 fn login_name(uid: u32) -> Option<String> {
-    std::fs::read_to_string("/etc/passwd").ok().and_then(|passwd| {
-        passwd.lines().find_map(|line| {
-            let mut fields = line.split(':');
-            let name = fields.next()?;
-            let id = fields.nth(1)?.parse::<u32>().ok()?;
-            (id == uid).then(|| name.to_string())
+    std::fs::read_to_string("/etc/passwd")
+        .ok()
+        .and_then(|passwd| {
+            passwd.lines().find_map(|line| {
+                let mut fields = line.split(':');
+                let name = fields.next()?;
+                let id = fields.nth(1)?.parse::<u32>().ok()?;
+                (id == uid).then(|| name.to_string())
+            })
         })
-    })
 }
 
 /// This process's user id, read from the owner of `/proc/self` (no libc call needed).
@@ -230,8 +262,10 @@ mod tests {
     use std::collections::HashMap;
 
     fn env(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<OsString> {
-        let map: HashMap<String, OsString> =
-            pairs.iter().map(|(k, v)| (k.to_string(), OsString::from(v))).collect();
+        let map: HashMap<String, OsString> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), OsString::from(v)))
+            .collect();
         move |name| map.get(name).cloned()
     }
 
@@ -240,7 +274,10 @@ mod tests {
         let got = resolve_socket(
             Some(Path::new("/flag.sock")),
             Some("/config.sock".into()),
-            env(&[("NES_SOCKET", "/env.sock"), ("XDG_RUNTIME_DIR", "/run/user/7")]),
+            env(&[
+                ("NES_SOCKET", "/env.sock"),
+                ("XDG_RUNTIME_DIR", "/run/user/7"),
+            ]),
             Some(7),
         );
         assert_eq!(got, PathBuf::from("/flag.sock"));
@@ -251,7 +288,10 @@ mod tests {
         let got = resolve_socket(
             None,
             Some("/config.sock".into()),
-            env(&[("NES_SOCKET", "/env.sock"), ("XDG_RUNTIME_DIR", "/run/user/7")]),
+            env(&[
+                ("NES_SOCKET", "/env.sock"),
+                ("XDG_RUNTIME_DIR", "/run/user/7"),
+            ]),
             Some(7),
         );
         assert_eq!(got, PathBuf::from("/env.sock"));
@@ -259,19 +299,34 @@ mod tests {
 
     #[test]
     fn config_wins_over_xdg() {
-        let got = resolve_socket(None, Some("/config.sock".into()), env(&[("XDG_RUNTIME_DIR", "/r")]), Some(7));
+        let got = resolve_socket(
+            None,
+            Some("/config.sock".into()),
+            env(&[("XDG_RUNTIME_DIR", "/r")]),
+            Some(7),
+        );
         assert_eq!(got, PathBuf::from("/config.sock"));
     }
 
     #[test]
     fn xdg_runtime_dir_default() {
-        let got = resolve_socket(None, None, env(&[("XDG_RUNTIME_DIR", "/run/user/1000")]), Some(1000));
+        let got = resolve_socket(
+            None,
+            None,
+            env(&[("XDG_RUNTIME_DIR", "/run/user/1000")]),
+            Some(1000),
+        );
         assert_eq!(got, PathBuf::from("/run/user/1000/nes/nesd.sock"));
     }
 
     #[test]
     fn empty_values_are_unset() {
-        let got = resolve_socket(None, None, env(&[("NES_SOCKET", ""), ("XDG_RUNTIME_DIR", "/x")]), Some(1));
+        let got = resolve_socket(
+            None,
+            None,
+            env(&[("NES_SOCKET", ""), ("XDG_RUNTIME_DIR", "/x")]),
+            Some(1),
+        );
         assert_eq!(got, PathBuf::from("/x/nes/nesd.sock"));
     }
 
@@ -301,15 +356,27 @@ mod tests {
     const OTHER: u32 = 4_242_002;
 
     fn found(socket_uid: u32, folder_uid: u32, folder_mode: u32) -> Found {
-        Found { socket_uid, folder_uid, folder_mode: 0o40000 | folder_mode }
+        Found {
+            socket_uid,
+            folder_uid,
+            folder_mode: 0o40000 | folder_mode,
+        }
     }
 
     #[test]
     fn own_socket_in_own_private_folder_is_fine() {
         let dir = Path::new("/run/user/4242001/nes");
         assert_eq!(judge(&found(ME, ME, 0o700), dir, ME), Ok(()));
-        assert_eq!(judge(&found(ME, ME, 0o755), dir, ME), Ok(()), "readable by others is fine");
-        assert_eq!(judge(&found(0, 0, 0o755), dir, ME), Ok(()), "root is trusted");
+        assert_eq!(
+            judge(&found(ME, ME, 0o755), dir, ME),
+            Ok(()),
+            "readable by others is fine"
+        );
+        assert_eq!(
+            judge(&found(0, 0, 0o755), dir, ME),
+            Ok(()),
+            "root is trusted"
+        );
         assert_eq!(judge(&found(ME, 0, 0o700), dir, ME), Ok(()));
     }
 
@@ -317,18 +384,30 @@ mod tests {
     fn another_users_socket_or_folder_is_refused() {
         let dir = Path::new("/tmp/nes-4242001");
         let why = judge(&found(OTHER, ME, 0o700), dir, ME).unwrap_err();
-        assert!(why.contains("belongs to uid 4242002") && why.contains("not to you (uid 4242001)"), "{why}");
+        assert!(
+            why.contains("belongs to uid 4242002") && why.contains("not to you (uid 4242001)"),
+            "{why}"
+        );
         let why = judge(&found(ME, OTHER, 0o700), dir, ME).unwrap_err();
-        assert!(why.contains("its folder /tmp/nes-4242001 belongs to uid 4242002"), "{why}");
+        assert!(
+            why.contains("its folder /tmp/nes-4242001 belongs to uid 4242002"),
+            "{why}"
+        );
         let why = judge(&found(OTHER, OTHER, 0o700), dir, ME).unwrap_err();
-        assert!(why.contains("its folder"), "the folder is named first: {why}");
+        assert!(
+            why.contains("its folder"),
+            "the folder is named first: {why}"
+        );
     }
 
     #[test]
     fn a_folder_others_can_write_is_refused() {
         let dir = Path::new("/tmp");
         let why = judge(&found(ME, 0, 0o1777), dir, ME).unwrap_err();
-        assert!(why.contains("writable by its group and every user (mode 1777)"), "even sticky: {why}");
+        assert!(
+            why.contains("writable by its group and every user (mode 1777)"),
+            "even sticky: {why}"
+        );
         let why = judge(&found(ME, ME, 0o770), dir, ME).unwrap_err();
         assert!(why.contains("writable by its group (mode 0770)"), "{why}");
         let why = judge(&found(ME, ME, 0o702), dir, ME).unwrap_err();
@@ -340,7 +419,10 @@ mod tests {
         use std::os::unix::fs::PermissionsExt;
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("nesd.sock");
-        assert!(matches!(check_socket(&path), Err(Error::NotRunning { .. })), "missing: not running");
+        assert!(
+            matches!(check_socket(&path), Err(Error::NotRunning { .. })),
+            "missing: not running"
+        );
         let _listener = std::os::unix::net::UnixListener::bind(&path).unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         check_socket(&path).unwrap();
@@ -355,7 +437,10 @@ mod tests {
             assert!(matches!(err, Error::Untrusted { .. }), "{err:?}");
             assert_eq!(err.exit_code(), 1);
             let text = err.to_string();
-            assert!(text.contains(&p.display().to_string()) && text.contains("writable by"), "{text}");
+            assert!(
+                text.contains(&p.display().to_string()) && text.contains("writable by"),
+                "{text}"
+            );
         }
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o700)).unwrap();
         // A dangling symlink: no daemon.

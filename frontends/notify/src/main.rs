@@ -92,11 +92,17 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let filter = std::env::var("NES_LOG").unwrap_or_else(|_| "info".into());
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_new(filter).unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .with_target(false)
         .init();
-    let runtime = match tokio::runtime::Builder::new_multi_thread().worker_threads(1).enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nes-notify: cannot start the async runtime: {e}");
@@ -127,19 +133,27 @@ async fn run(args: Args) -> Result<(), Failure> {
 
     let mut client = connect(&socket, args.wait).await?;
     let status = client.status().await?;
-    let state_path = args.state_file.clone().unwrap_or_else(|| state::default_path(&status.user, &status.store_id));
+    let state_path = args
+        .state_file
+        .clone()
+        .unwrap_or_else(|| state::default_path(&status.user, &status.store_id));
     // The file of before store ids, when this store has none of its own yet.
-    let legacy = (args.state_file.is_none() && !state_path.exists()).then(|| state::legacy_path(&status.user));
+    let legacy = (args.state_file.is_none() && !state_path.exists())
+        .then(|| state::legacy_path(&status.user));
     let stored = state::load(&state_path).or_else(|| legacy.as_deref().and_then(state::load));
     let since = args.since.clone().or(stored);
     let (mut feed, refused) = Feed::open_or_now(&socket, since.as_deref()).await?;
     match (&since, refused) {
-        (Some(c), None) => info!(user = %status.user, cursor = %c, state = %state_path.display(), "resuming after the stored cursor"),
+        (Some(c), None) => {
+            info!(user = %status.user, cursor = %c, state = %state_path.display(), "resuming after the stored cursor")
+        }
         (Some(c), Some(reason)) => warn!(
             user = %status.user, stored = %c, cursor = feed.cursor(), state = %state_path.display(),
             "nesd refused the stored cursor: {reason}; starting with new messages"
         ),
-        (None, _) => info!(user = %status.user, cursor = feed.cursor(), state = %state_path.display(), "starting with new messages"),
+        (None, _) => {
+            info!(user = %status.user, cursor = feed.cursor(), state = %state_path.display(), "starting with new messages")
+        }
     }
     save_cursor(&state_path, feed.position());
     if let Some(legacy) = legacy.filter(|l| l.exists()) {
@@ -153,7 +167,10 @@ async fn run(args: Args) -> Result<(), Failure> {
         let event = match feed.next().await? {
             FeedItem::Event(event) => event,
             FeedItem::Disconnected(e) => {
-                warn!("{e}; waiting for nesd to come back (resuming after cursor {})", feed.cursor());
+                warn!(
+                    "{e}; waiting for nesd to come back (resuming after cursor {})",
+                    feed.cursor()
+                );
                 continue;
             }
             FeedItem::Reconnected => {
@@ -161,7 +178,10 @@ async fn run(args: Args) -> Result<(), Failure> {
                 continue;
             }
             FeedItem::Restarted(reason) => {
-                warn!(cursor = feed.cursor(), "nesd came back and refused the cursor: {reason}; going on with new messages");
+                warn!(
+                    cursor = feed.cursor(),
+                    "nesd came back and refused the cursor: {reason}; going on with new messages"
+                );
                 save_cursor(&state_path, feed.position());
                 continue;
             }
@@ -198,12 +218,23 @@ async fn connect(socket: &std::path::Path, wait: bool) -> Result<Client, Failure
 /// Incoming, verified messages: the ones a person is told about (held ones wait until
 /// their sender's new keys are trusted, and come again then).
 fn is_shown_kind(message: &Message) -> bool {
-    message.direction == Direction::Incoming as i32 && message.state == MessageState::Received as i32
+    message.direction == Direction::Incoming as i32
+        && message.state == MessageState::Received as i32
 }
 
-async fn handle(message: &Message, policy: &Policy, markup: bool, expire_ms: Option<u32>, print: bool) {
+async fn handle(
+    message: &Message,
+    policy: &Policy,
+    markup: bool,
+    expire_ms: Option<u32>,
+    print: bool,
+) {
     if !policy.shows(&message.from) {
-        let why = if policy.dnd { "do not disturb" } else { "muted" };
+        let why = if policy.dnd {
+            "do not disturb"
+        } else {
+            "muted"
+        };
         info!(from = %message.from, id = %message.id, why, "not shown");
         if print {
             println!("skipped {} {} ({why})", message.from, message.id);
@@ -211,7 +242,11 @@ async fn handle(message: &Message, policy: &Policy, markup: bool, expire_ms: Opt
         return;
     }
     let text = policy::body(&message.text, policy.body_max);
-    let body = if markup { policy::escape_markup(&text) } else { text.clone() };
+    let body = if markup {
+        policy::escape_markup(&text)
+    } else {
+        text.clone()
+    };
     let summary = nes_client::display::line(&message.from);
     let mut notification = notify_rust::Notification::new();
     notification
@@ -269,7 +304,11 @@ mod tests {
 
     #[test]
     fn only_received_incoming_messages_notify() {
-        let mut m = Message { direction: Direction::Incoming as i32, state: MessageState::Received as i32, ..Default::default() };
+        let mut m = Message {
+            direction: Direction::Incoming as i32,
+            state: MessageState::Received as i32,
+            ..Default::default()
+        };
         assert!(is_shown_kind(&m));
         m.state = MessageState::Held as i32;
         assert!(!is_shown_kind(&m));

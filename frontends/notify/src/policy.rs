@@ -32,7 +32,10 @@ impl Policy {
         Policy {
             mute,
             dnd: flags.dnd || file.dnd,
-            body_max: flag_body_max.or(file.body_max).unwrap_or(DEFAULT_BODY_MAX).max(1),
+            body_max: flag_body_max
+                .or(file.body_max)
+                .unwrap_or(DEFAULT_BODY_MAX)
+                .max(1),
         }
     }
 
@@ -57,16 +60,31 @@ impl FileSettings {
     /// Reads them from `path`; a missing or broken file means no settings (a broken file
     /// is reported by `nes config` and nesd, not here on every message).
     pub fn read(path: &Path) -> FileSettings {
-        let Ok(text) = std::fs::read_to_string(path) else { return FileSettings::default() };
-        let Ok(table) = text.parse::<toml::Table>() else { return FileSettings::default() };
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return FileSettings::default();
+        };
+        let Ok(table) = text.parse::<toml::Table>() else {
+            return FileSettings::default();
+        };
         let mute = match table.get("notify_mute") {
-            Some(toml::Value::Array(items)) => items.iter().filter_map(|v| v.as_str().map(String::from)).collect(),
-            Some(toml::Value::String(s)) => s.split(',').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+            Some(toml::Value::Array(items)) => items
+                .iter()
+                .filter_map(|v| v.as_str().map(String::from))
+                .collect(),
+            Some(toml::Value::String(s)) => s
+                .split(',')
+                .map(str::trim)
+                .filter(|s| !s.is_empty())
+                .map(String::from)
+                .collect(),
             _ => Vec::new(),
         };
         FileSettings {
             mute,
-            dnd: table.get("notify_dnd").and_then(|v| v.as_bool()).unwrap_or(false),
+            dnd: table
+                .get("notify_dnd")
+                .and_then(|v| v.as_bool())
+                .unwrap_or(false),
             body_max: table
                 .get("notify_body_max")
                 .and_then(|v| v.as_integer())
@@ -94,17 +112,35 @@ mod tests {
     use super::*;
 
     fn flags(mute: &[&str], dnd: bool) -> Policy {
-        Policy { mute: mute.iter().map(|s| s.to_string()).collect(), dnd, body_max: DEFAULT_BODY_MAX }
+        Policy {
+            mute: mute.iter().map(|s| s.to_string()).collect(),
+            dnd,
+            body_max: DEFAULT_BODY_MAX,
+        }
     }
 
     #[test]
     fn mute_and_dnd() {
-        let p = Policy::merge(&flags(&["carol"], false), None, &FileSettings { mute: vec!["Dave".into()], ..Default::default() });
+        let p = Policy::merge(
+            &flags(&["carol"], false),
+            None,
+            &FileSettings {
+                mute: vec!["Dave".into()],
+                ..Default::default()
+            },
+        );
         assert!(p.shows("alice"));
         assert!(!p.shows("carol"));
         assert!(!p.shows("dave"), "config mutes are case-insensitive");
         assert!(!p.shows("DAVE"));
-        let p = Policy::merge(&flags(&[], false), None, &FileSettings { dnd: true, ..Default::default() });
+        let p = Policy::merge(
+            &flags(&[], false),
+            None,
+            &FileSettings {
+                dnd: true,
+                ..Default::default()
+            },
+        );
         assert!(!p.shows("alice"));
         let p = Policy::merge(&flags(&[], true), None, &FileSettings::default());
         assert!(!p.shows("alice"));
@@ -112,11 +148,23 @@ mod tests {
 
     #[test]
     fn body_length_precedence() {
-        let file = FileSettings { body_max: Some(50), ..Default::default() };
-        assert_eq!(Policy::merge(&flags(&[], false), Some(10), &file).body_max, 10);
+        let file = FileSettings {
+            body_max: Some(50),
+            ..Default::default()
+        };
+        assert_eq!(
+            Policy::merge(&flags(&[], false), Some(10), &file).body_max,
+            10
+        );
         assert_eq!(Policy::merge(&flags(&[], false), None, &file).body_max, 50);
-        assert_eq!(Policy::merge(&flags(&[], false), None, &FileSettings::default()).body_max, DEFAULT_BODY_MAX);
-        assert_eq!(Policy::merge(&flags(&[], false), Some(0), &file).body_max, 1);
+        assert_eq!(
+            Policy::merge(&flags(&[], false), None, &FileSettings::default()).body_max,
+            DEFAULT_BODY_MAX
+        );
+        assert_eq!(
+            Policy::merge(&flags(&[], false), Some(0), &file).body_max,
+            1
+        );
     }
 
     #[test]
@@ -130,7 +178,10 @@ mod tests {
 
     #[test]
     fn bodies_are_one_escaped_line() {
-        assert_eq!(body("hi\nmallory: fake\x1b[2J\u{202e}", 200), "hi\\nmallory: fake\\u{1b}[2J\\u{202e}");
+        assert_eq!(
+            body("hi\nmallory: fake\x1b[2J\u{202e}", 200),
+            "hi\\nmallory: fake\\u{1b}[2J\\u{202e}"
+        );
         assert_eq!(body("ab\x07cd", 5), "ab…", "an escape is not cut in half");
     }
 

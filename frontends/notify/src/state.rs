@@ -57,14 +57,21 @@ mod tests {
         save(&path, "0123456789abcdef-43-00aa11bb").unwrap();
         assert_eq!(load(&path).as_deref(), Some("0123456789abcdef-43-00aa11bb"));
         std::fs::write(&path, "17\n").unwrap();
-        assert_eq!(load(&path).as_deref(), Some("17"), "a file of before store ids");
+        assert_eq!(
+            load(&path).as_deref(),
+            Some("17"),
+            "a file of before store ids"
+        );
         std::fs::write(&path, "garbage").unwrap();
         assert_eq!(load(&path), None);
     }
 
     #[test]
     fn default_files_are_per_store() {
-        assert_ne!(default_path("bob", "0123456789abcdef"), default_path("bob", "fedcba9876543210"));
+        assert_ne!(
+            default_path("bob", "0123456789abcdef"),
+            default_path("bob", "fedcba9876543210")
+        );
         assert_ne!(default_path("bob", "0123456789abcdef"), legacy_path("bob"));
     }
 }

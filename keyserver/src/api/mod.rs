@@ -69,7 +69,10 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/users", post(register::register))
         .route("/users/{username}", get(lookup::lookup))
-        .route("/users/{username}/{token}", get(token::token).post(token::delete))
+        .route(
+            "/users/{username}/{token}",
+            get(token::token).post(token::delete),
+        )
         // A literal segment wins over `{token}` (tokens are 43 characters, never "prekey").
         .route(
             "/users/{username}/prekey",

@@ -44,7 +44,10 @@ pub fn parse_registration(body: &[u8]) -> Result<Registration, ApiError> {
     if let Err(e) = registration.email.parse::<lettre::Address>() {
         return Err(ApiError::bad_request(
             "invalid_email",
-            format!("{:?} is not an address mail can be sent to: {e}", registration.email),
+            format!(
+                "{:?} is not an address mail can be sent to: {e}",
+                registration.email
+            ),
         ));
     }
     Ok(registration)

@@ -267,7 +267,10 @@ async fn every_setting_can_come_from_the_environment() {
             "NES_KEYSERVER_DATABASE",
             format!("sqlite://{}", dir.path().join("db/ks.db").display()),
         ),
-        ("NES_KEYSERVER_PRIVATE_KEY", server_key_file().display().to_string()),
+        (
+            "NES_KEYSERVER_PRIVATE_KEY",
+            server_key_file().display().to_string(),
+        ),
         (
             "NES_KEYSERVER_PUBLIC_URL",
             "https://keys.example.org/".to_string(),

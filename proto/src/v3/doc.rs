@@ -14,7 +14,9 @@
 //! are ignored, duplicates refused) and insists on the exact size of every binary field.
 //! A parsed document keeps its bytes: [`SignedPrekey::as_bytes`] is what was published.
 
-use super::{fixed, KeyId, V3Error, ED25519_BYTES, MAX_DOCUMENT_BYTES, MLKEM768_PUBLIC_BYTES, X25519_BYTES};
+use super::{
+    fixed, KeyId, V3Error, ED25519_BYTES, MAX_DOCUMENT_BYTES, MLKEM768_PUBLIC_BYTES, X25519_BYTES,
+};
 use crate::b64;
 use crate::inner::push_go_string;
 use crate::keys::{PrivateKey, PublicKey};
@@ -128,15 +130,28 @@ fn check_valid(what: &'static str, created: i64, expires: i64, now: i64) -> Resu
     if created <= now && now < expires {
         Ok(())
     } else {
-        Err(V3Error::NotValid { what, created, expires, now })
+        Err(V3Error::NotValid {
+            what,
+            created,
+            expires,
+            now,
+        })
     }
 }
 
-pub(crate) fn check_user(what: &'static str, got: &Username, expected: &Username) -> Result<(), V3Error> {
+pub(crate) fn check_user(
+    what: &'static str,
+    got: &Username,
+    expected: &Username,
+) -> Result<(), V3Error> {
     if got == expected {
         Ok(())
     } else {
-        Err(V3Error::WrongUser { what, expected: expected.to_string(), got: got.to_string() })
+        Err(V3Error::WrongUser {
+            what,
+            expected: expected.to_string(),
+            got: got.to_string(),
+        })
     }
 }
 
@@ -154,7 +169,10 @@ fn push_common(out: &mut String, username: &Username, id: &KeyId, created: i64, 
 fn envelope(name: &str, body: &str, signature: &[u8]) -> (Vec<u8>, Range<usize>) {
     let head = format!("{{\"{name}\":");
     let start = head.len();
-    let text = format!("{head}{body},\"signature\":\"{}\"}}", b64::encode(signature));
+    let text = format!(
+        "{head}{body},\"signature\":\"{}\"}}",
+        b64::encode(signature)
+    );
     (text.into_bytes(), start..start + body.len())
 }
 
@@ -162,7 +180,13 @@ impl Prekey {
     /// The compact JSON the signature covers, keys in DESIGN's order.
     pub fn to_json(&self) -> String {
         let mut out = String::with_capacity(1700);
-        push_common(&mut out, &self.username, &self.id, self.created, self.expires);
+        push_common(
+            &mut out,
+            &self.username,
+            &self.id,
+            self.created,
+            self.expires,
+        );
         out.push_str(",\"x25519\":\"");
         out.push_str(&b64::encode(&self.x25519));
         out.push_str("\",\"mlkem768\":\"");
@@ -197,7 +221,13 @@ impl Certificate {
     /// The compact JSON the signature covers, keys in DESIGN's order.
     pub fn to_json(&self) -> String {
         let mut out = String::with_capacity(256);
-        push_common(&mut out, &self.username, &self.id, self.created, self.expires);
+        push_common(
+            &mut out,
+            &self.username,
+            &self.id,
+            self.created,
+            self.expires,
+        );
         out.push_str(",\"ed25519\":\"");
         out.push_str(&b64::encode(&self.ed25519));
         out.push_str("\"}");
@@ -211,7 +241,8 @@ impl Certificate {
 
     /// Whether it covers a frame's inner timestamp: `created - 5 min <= t <= expires`.
     pub fn covers(&self, timestamp_ms: i64) -> bool {
-        self.created.saturating_sub(super::CERTIFICATE_SKEW_MS) <= timestamp_ms && timestamp_ms <= self.expires
+        self.created.saturating_sub(super::CERTIFICATE_SKEW_MS) <= timestamp_ms
+            && timestamp_ms <= self.expires
     }
 
     fn from_json(bytes: &[u8]) -> Result<Self, V3Error> {
@@ -231,10 +262,17 @@ impl SignedPrekey {
     pub fn parse(bytes: &[u8]) -> Result<Self, V3Error> {
         check_size(bytes)?;
         let env: PrekeyEnvelope<'_> = serde_json::from_slice(bytes).map_err(json)?;
-        let body = range_in(bytes, env.prekey.get()).ok_or(V3Error::Json("prekey out of range".into()))?;
-        let signature = b64::decode(&env.signature).ok_or(V3Error::Base64 { field: "signature" })?;
+        let body =
+            range_in(bytes, env.prekey.get()).ok_or(V3Error::Json("prekey out of range".into()))?;
+        let signature =
+            b64::decode(&env.signature).ok_or(V3Error::Base64 { field: "signature" })?;
         let prekey = Prekey::from_json(&bytes[body.clone()])?;
-        Ok(Self { bytes: bytes.to_vec(), body, signature, prekey })
+        Ok(Self {
+            bytes: bytes.to_vec(),
+            body,
+            signature,
+            prekey,
+        })
     }
 
     /// Signs `prekey` with the identity's RSA sign key and builds the document.
@@ -242,7 +280,12 @@ impl SignedPrekey {
         let body = prekey.to_json();
         let signature = sign_key.sign_pss(body.as_bytes())?;
         let (bytes, range) = envelope("prekey", &body, &signature);
-        Ok(Self { bytes, body: range, signature, prekey })
+        Ok(Self {
+            bytes,
+            body: range,
+            signature,
+            prekey,
+        })
     }
 
     /// Checks the RSA-PSS-SHA-256 (salt 32) signature over the `"prekey"` bytes as they
@@ -288,11 +331,17 @@ impl SignedCertificate {
     pub fn parse(bytes: &[u8]) -> Result<Self, V3Error> {
         check_size(bytes)?;
         let env: CertificateEnvelope<'_> = serde_json::from_slice(bytes).map_err(json)?;
-        let body =
-            range_in(bytes, env.certificate.get()).ok_or(V3Error::Json("certificate out of range".into()))?;
-        let signature = b64::decode(&env.signature).ok_or(V3Error::Base64 { field: "signature" })?;
+        let body = range_in(bytes, env.certificate.get())
+            .ok_or(V3Error::Json("certificate out of range".into()))?;
+        let signature =
+            b64::decode(&env.signature).ok_or(V3Error::Base64 { field: "signature" })?;
         let certificate = Certificate::from_json(&bytes[body.clone()])?;
-        Ok(Self { bytes: bytes.to_vec(), body, signature, certificate })
+        Ok(Self {
+            bytes: bytes.to_vec(),
+            body,
+            signature,
+            certificate,
+        })
     }
 
     /// Signs `certificate` with the identity's RSA sign key and builds the document.
@@ -300,7 +349,12 @@ impl SignedCertificate {
         let body = certificate.to_json();
         let signature = sign_key.sign_pss(body.as_bytes())?;
         let (bytes, range) = envelope("certificate", &body, &signature);
-        Ok(Self { bytes, body: range, signature, certificate })
+        Ok(Self {
+            bytes,
+            body: range,
+            signature,
+            certificate,
+        })
     }
 
     /// Checks the RSA-PSS-SHA-256 (salt 32) signature over the `"certificate"` bytes as
@@ -309,7 +363,9 @@ impl SignedCertificate {
         if sign_key.verify_pss_digest_salt(&self.bytes[self.body.clone()], &self.signature) {
             Ok(())
         } else {
-            Err(V3Error::Signature { what: "certificate" })
+            Err(V3Error::Signature {
+                what: "certificate",
+            })
         }
     }
 
@@ -378,7 +434,9 @@ mod tests {
         let again = SignedPrekey::parse(signed.as_bytes()).unwrap();
         assert_eq!(again, signed);
         assert_eq!(again.prekey(), &prekey());
-        again.verify_for(&Username::parse("alice").unwrap(), key.public_key()).unwrap();
+        again
+            .verify_for(&Username::parse("alice").unwrap(), key.public_key())
+            .unwrap();
         assert!(matches!(
             again.verify_for(&Username::parse("bob").unwrap(), key.public_key()),
             Err(V3Error::WrongUser { .. })
@@ -394,12 +452,21 @@ mod tests {
         let spaced = text.replacen("{\"username\"", "{ \"username\"", 1);
         let parsed = SignedPrekey::parse(spaced.as_bytes()).unwrap();
         assert_eq!(parsed.prekey(), signed.prekey());
-        assert!(matches!(parsed.verify(key.public_key()), Err(V3Error::Signature { .. })));
+        assert!(matches!(
+            parsed.verify(key.public_key()),
+            Err(V3Error::Signature { .. })
+        ));
         // Whitespace around the signed object is outside the range: still verifies.
         let outer = text.replacen("{\"prekey\":", "{ \"prekey\" : ", 1);
-        SignedPrekey::parse(outer.as_bytes()).unwrap().verify(key.public_key()).unwrap();
+        SignedPrekey::parse(outer.as_bytes())
+            .unwrap()
+            .verify(key.public_key())
+            .unwrap();
         let changed = text.replacen("\"expires\":2000", "\"expires\":2001", 1);
-        assert!(SignedPrekey::parse(changed.as_bytes()).unwrap().verify(key.public_key()).is_err());
+        assert!(SignedPrekey::parse(changed.as_bytes())
+            .unwrap()
+            .verify(key.public_key())
+            .is_err());
     }
 
     #[test]
@@ -430,27 +497,61 @@ mod tests {
     #[test]
     fn wrong_sizes_and_garbage_are_refused() {
         let key = sign_key();
-        let good = String::from_utf8(SignedPrekey::sign(prekey(), &key).unwrap().as_bytes().to_vec()).unwrap();
+        let good = String::from_utf8(
+            SignedPrekey::sign(prekey(), &key)
+                .unwrap()
+                .as_bytes()
+                .to_vec(),
+        )
+        .unwrap();
         let short_x = good.replacen(&b64::encode(&[9u8; 32]), &b64::encode(&[9u8; 31]), 1);
-        assert!(matches!(SignedPrekey::parse(short_x.as_bytes()), Err(V3Error::Length { field: "x25519" })));
+        assert!(matches!(
+            SignedPrekey::parse(short_x.as_bytes()),
+            Err(V3Error::Length { field: "x25519" })
+        ));
         let short_id = good.replacen(&b64::encode(&[7u8; 16]), &b64::encode(&[7u8; 15]), 1);
-        assert!(matches!(SignedPrekey::parse(short_id.as_bytes()), Err(V3Error::Length { field: "id" })));
+        assert!(matches!(
+            SignedPrekey::parse(short_id.as_bytes()),
+            Err(V3Error::Length { field: "id" })
+        ));
         let long_kem = good.replacen(
             &b64::encode(&[3u8; MLKEM768_PUBLIC_BYTES]),
             &b64::encode(&[3u8; MLKEM768_PUBLIC_BYTES + 1]),
             1,
         );
-        assert!(matches!(SignedPrekey::parse(long_kem.as_bytes()), Err(V3Error::Length { field: "mlkem768" })));
+        assert!(matches!(
+            SignedPrekey::parse(long_kem.as_bytes()),
+            Err(V3Error::Length { field: "mlkem768" })
+        ));
         let bad_user = good.replacen("\"alice\"", "\"Al ice\"", 1);
-        assert!(matches!(SignedPrekey::parse(bad_user.as_bytes()), Err(V3Error::Username(_))));
+        assert!(matches!(
+            SignedPrekey::parse(bad_user.as_bytes()),
+            Err(V3Error::Username(_))
+        ));
         let unpadded = good.replacen("BwcHBwcHBwcHBwcHBwcHBw==", "BwcHBwcHBwcHBwcHBwcHBw", 1);
-        assert!(matches!(SignedPrekey::parse(unpadded.as_bytes()), Err(V3Error::Base64 { field: "id" })));
-        for bad in ["", "{}", "[]", "{\"prekey\":{},\"signature\":\"\"}", "{\"prekey\":1,\"signature\":\"\"}", "\u{0}"] {
+        assert!(matches!(
+            SignedPrekey::parse(unpadded.as_bytes()),
+            Err(V3Error::Base64 { field: "id" })
+        ));
+        for bad in [
+            "",
+            "{}",
+            "[]",
+            "{\"prekey\":{},\"signature\":\"\"}",
+            "{\"prekey\":1,\"signature\":\"\"}",
+            "\u{0}",
+        ] {
             assert!(SignedPrekey::parse(bad.as_bytes()).is_err(), "{bad:?}");
             assert!(SignedCertificate::parse(bad.as_bytes()).is_err(), "{bad:?}");
         }
-        assert!(SignedCertificate::parse(good.as_bytes()).is_err(), "a prekey is not a certificate");
+        assert!(
+            SignedCertificate::parse(good.as_bytes()).is_err(),
+            "a prekey is not a certificate"
+        );
         let huge = vec![b' '; MAX_DOCUMENT_BYTES + 1];
-        assert!(matches!(SignedPrekey::parse(&huge), Err(V3Error::TooLarge { .. })));
+        assert!(matches!(
+            SignedPrekey::parse(&huge),
+            Err(V3Error::TooLarge { .. })
+        ));
     }
 }

@@ -142,7 +142,11 @@ pub fn id_hex(id: &KeyId) -> String {
 
 /// Reads a file name's lower-case hex back into an id.
 pub fn parse_id_hex(text: &str) -> Option<KeyId> {
-    if text.len() != 2 * ID_BYTES || !text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b)) {
+    if text.len() != 2 * ID_BYTES
+        || !text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    {
         return None;
     }
     let mut id = [0u8; ID_BYTES];
@@ -176,7 +180,10 @@ mod tests {
         let hex = id_hex(&id);
         assert_eq!(hex.len(), 32);
         assert_eq!(parse_id_hex(&hex), Some(id));
-        assert_eq!(parse_id_hex(&id_hex(&[0xab; 16]).to_ascii_uppercase()), None);
+        assert_eq!(
+            parse_id_hex(&id_hex(&[0xab; 16]).to_ascii_uppercase()),
+            None
+        );
         assert_eq!(parse_id_hex("00"), None);
         assert_eq!(parse_id_hex(&"g".repeat(32)), None);
     }

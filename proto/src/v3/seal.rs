@@ -15,11 +15,13 @@
 use super::doc::SignedCertificate;
 use super::store::{CertificateSecret, Prekeys};
 use super::{
-    fixed, KeyId, V3Error, COMBINER_LABEL, ED25519_SIGNATURE_BYTES, ID_BYTES, MLKEM768_CIPHERTEXT_BYTES,
-    V3_LABEL, X25519_BYTES,
+    fixed, KeyId, V3Error, COMBINER_LABEL, ED25519_SIGNATURE_BYTES, ID_BYTES,
+    MLKEM768_CIPHERTEXT_BYTES, V3_LABEL, X25519_BYTES,
 };
 use crate::b64;
-use crate::frame::{new_message_id, Decrypted, Draft, FrameError, Sealed, Version, MAX_FRAME_BYTES};
+use crate::frame::{
+    new_message_id, Decrypted, Draft, FrameError, Sealed, Version, MAX_FRAME_BYTES,
+};
 use crate::inner::{Inner, ID_BYTES as MESSAGE_ID_BYTES};
 use crate::keys::PublicKey;
 use crate::username::Username;
@@ -96,21 +98,29 @@ pub fn seal(
     // 2. both shared secrets
     let encaps = EncapsulationKey::new(&ML_KEM_768, &prekey.mlkem768)
         .map_err(|_| V3Error::Crypto("the prekey's ML-KEM-768 key is refused"))?;
-    let (kem, ss_m) = encaps.encapsulate().map_err(|_| V3Error::Crypto("ML-KEM-768 encapsulation"))?;
+    let (kem, ss_m) = encaps
+        .encapsulate()
+        .map_err(|_| V3Error::Crypto("ML-KEM-768 encapsulation"))?;
     let mut e = Zeroizing::new([0u8; X25519_BYTES]);
     rand::rngs::OsRng.fill_bytes(e.as_mut());
     let e = agreement::PrivateKey::from_private_key(&agreement::X25519, e.as_ref())
         .map_err(|_| V3Error::Crypto("X25519 key"))?;
-    let ek = e.compute_public_key().map_err(|_| V3Error::Crypto("X25519 public key"))?;
+    let ek = e
+        .compute_public_key()
+        .map_err(|_| V3Error::Crypto("X25519 public key"))?;
     let peer = agreement::UnparsedPublicKey::new(&agreement::X25519, &prekey.x25519);
     // 3. K (an all-zero shared secret, from a low-order prekey key, is refused by AWS-LC)
-    let k = agreement::agree(&e, peer, V3Error::Crypto("X25519 with the prekey's key"), |ss_x| {
-        Ok(combine(ss_m.as_ref(), ss_x, ek.as_ref(), &prekey.x25519))
-    })?;
+    let k = agreement::agree(
+        &e,
+        peer,
+        V3Error::Crypto("X25519 with the prekey's key"),
+        |ss_x| Ok(combine(ss_m.as_ref(), ss_x, ek.as_ref(), &prekey.x25519)),
+    )?;
 
     // 4. and 5. P = len(C) ‖ C ‖ S ‖ M
     let c = certificate.signed().as_bytes();
-    let c_len = u16::try_from(c.len()).map_err(|_| V3Error::Crypto("certificate longer than 65535 bytes"))?;
+    let c_len = u16::try_from(c.len())
+        .map_err(|_| V3Error::Crypto("certificate longer than 65535 bytes"))?;
     let s = certificate.sign(&signed_message(&inner));
     let mut plaintext = Zeroizing::new(Vec::with_capacity(2 + c.len() + s.len() + inner.len()));
     plaintext.extend_from_slice(&c_len.to_be_bytes());
@@ -121,11 +131,15 @@ pub fn seal(
     // 6.
     let mut nonce = [0u8; 12];
     rand::rngs::OsRng.fill_bytes(&mut nonce);
-    let cipher = Aes256Gcm::new_from_slice(k.as_ref()).map_err(|_| V3Error::Crypto("AES-GCM key setup"))?;
+    let cipher =
+        Aes256Gcm::new_from_slice(k.as_ref()).map_err(|_| V3Error::Crypto("AES-GCM key setup"))?;
     let ciphertext = cipher
         .encrypt(
             Nonce::from_slice(&nonce),
-            Payload { msg: &plaintext, aad: &aad(&prekey.id, ek.as_ref(), kem.as_ref()) },
+            Payload {
+                msg: &plaintext,
+                aad: &aad(&prekey.id, ek.as_ref(), kem.as_ref()),
+            },
         )
         .map_err(|_| V3Error::Crypto("AES-GCM encryption"))?;
     let frame = format!(
@@ -140,7 +154,12 @@ pub fn seal(
     if frame.len() > MAX_FRAME_BYTES {
         return Err(FrameError::TooLarge { size: frame.len() }.into());
     }
-    Ok(Sealed { frame, inner, id, version: Version::V3 })
+    Ok(Sealed {
+        frame,
+        inner,
+        id,
+        version: Version::V3,
+    })
 }
 
 /// The v3 fields of a frame, as [`crate::frame`] read them.
@@ -177,26 +196,46 @@ pub(crate) fn decrypt(outer: Outer, prekeys: &dyn Prekeys) -> Result<Decrypted, 
     let ek: [u8; X25519_BYTES] = field(outer.ek, "ek")?;
     let kem = kem_field(outer.kem)?;
     let nonce: [u8; 12] = field(outer.nonce, "nonce")?;
-    let text = outer.ciphertext.ok_or_else(|| FrameError::Json("missing field `ciphertext`".into()))?;
-    let ciphertext = b64::decode(&text).ok_or(FrameError::Base64 { field: "ciphertext" })?;
+    let text = outer
+        .ciphertext
+        .ok_or_else(|| FrameError::Json("missing field `ciphertext`".into()))?;
+    let ciphertext = b64::decode(&text).ok_or(FrameError::Base64 {
+        field: "ciphertext",
+    })?;
     if ciphertext.len() < 16 {
-        return Err(FrameError::Length { field: "ciphertext" });
+        return Err(FrameError::Length {
+            field: "ciphertext",
+        });
     }
 
-    let secret = prekeys.prekey(&prekey_id).ok_or(FrameError::UnknownPrekey)?;
-    let dk = DecapsulationKey::new(&ML_KEM_768, secret.mlkem768_secret()).map_err(|_| FrameError::Decrypt)?;
+    let secret = prekeys
+        .prekey(&prekey_id)
+        .ok_or(FrameError::UnknownPrekey)?;
+    let dk = DecapsulationKey::new(&ML_KEM_768, secret.mlkem768_secret())
+        .map_err(|_| FrameError::Decrypt)?;
     // ML-KEM rejects implicitly: a tampered `kem` gives another secret, and the tag fails.
-    let ss_m = dk.decapsulate(Ciphertext::from(kem.as_slice())).map_err(|_| FrameError::Decrypt)?;
+    let ss_m = dk
+        .decapsulate(Ciphertext::from(kem.as_slice()))
+        .map_err(|_| FrameError::Decrypt)?;
     let x = agreement::PrivateKey::from_private_key(&agreement::X25519, secret.x25519_secret())
         .map_err(|_| FrameError::Decrypt)?;
     let static_public = secret.prekey().x25519;
-    let k = agreement::agree(&x, agreement::UnparsedPublicKey::new(&agreement::X25519, &ek), FrameError::Decrypt, |ss_x| {
-        Ok(combine(ss_m.as_ref(), ss_x, &ek, &static_public))
-    })?;
+    let k = agreement::agree(
+        &x,
+        agreement::UnparsedPublicKey::new(&agreement::X25519, &ek),
+        FrameError::Decrypt,
+        |ss_x| Ok(combine(ss_m.as_ref(), ss_x, &ek, &static_public)),
+    )?;
     let cipher = Aes256Gcm::new_from_slice(k.as_ref()).map_err(|_| FrameError::Decrypt)?;
     let plaintext = Zeroizing::new(
         cipher
-            .decrypt(Nonce::from_slice(&nonce), Payload { msg: &ciphertext, aad: &aad(&prekey_id, &ek, &kem) })
+            .decrypt(
+                Nonce::from_slice(&nonce),
+                Payload {
+                    msg: &ciphertext,
+                    aad: &aad(&prekey_id, &ek, &kem),
+                },
+            )
             .map_err(|_| FrameError::Decrypt)?,
     );
 
@@ -207,21 +246,34 @@ pub(crate) fn decrypt(outer: Outer, prekeys: &dyn Prekeys) -> Result<Decrypted, 
     let c_len = usize::from(u16::from_be_bytes([plaintext[0], plaintext[1]]));
     let rest = &plaintext[2..];
     if rest.len() < c_len + ED25519_SIGNATURE_BYTES {
-        return Err(FrameError::Inner("certificate or signature past the end".into()));
+        return Err(FrameError::Inner(
+            "certificate or signature past the end".into(),
+        ));
     }
     let (c, rest) = rest.split_at(c_len);
     let (s, inner_bytes) = rest.split_at(ED25519_SIGNATURE_BYTES);
-    SignedCertificate::parse(c).map_err(|e| FrameError::Certificate(format!("bad certificate: {e}")))?;
+    SignedCertificate::parse(c)
+        .map_err(|e| FrameError::Certificate(format!("bad certificate: {e}")))?;
     let inner = Inner::parse(inner_bytes).map_err(FrameError::Inner)?;
-    let id = inner.id.clone().ok_or_else(|| FrameError::Inner("missing field `id`".into()))?;
+    let id = inner
+        .id
+        .clone()
+        .ok_or_else(|| FrameError::Inner("missing field `id`".into()))?;
     if b64::decode(&id).map(|b| b.len()) != Some(MESSAGE_ID_BYTES) {
-        return Err(FrameError::Inner("`id` is not 16 bytes of base64url".into()));
+        return Err(FrameError::Inner(
+            "`id` is not 16 bytes of base64url".into(),
+        ));
     }
     // `Decrypted` carries one signature field: for v3 it holds S ‖ C (see [`verify`]).
     let mut signature = Vec::with_capacity(s.len() + c.len());
     signature.extend_from_slice(s);
     signature.extend_from_slice(c);
-    Ok(crate::frame::decrypted_v3(inner_bytes.to_vec(), inner, signature, id))
+    Ok(crate::frame::decrypted_v3(
+        inner_bytes.to_vec(),
+        inner,
+        signature,
+        id,
+    ))
 }
 
 /// The v3 checks of [`Decrypted::verify`]: the certificate (`signature[64..]`) verifies
@@ -237,9 +289,12 @@ pub(crate) fn verify(
         return Err(FrameError::Signature);
     }
     let (s, c) = signature.split_at(ED25519_SIGNATURE_BYTES);
-    let signed = SignedCertificate::parse(c).map_err(|e| FrameError::Certificate(format!("bad certificate: {e}")))?;
+    let signed = SignedCertificate::parse(c)
+        .map_err(|e| FrameError::Certificate(format!("bad certificate: {e}")))?;
     signed.verify(sender_sign_key).map_err(|_| {
-        FrameError::Certificate("the certificate does not verify under the sender's sign key".into())
+        FrameError::Certificate(
+            "the certificate does not verify under the sender's sign key".into(),
+        )
     })?;
     let cert = signed.certificate();
     let from = Username::parse(&inner.from).map_err(|e| FrameError::Inner(e.to_string()))?;

@@ -62,7 +62,12 @@ pub struct CertificateSecret {
 
 impl std::fmt::Debug for PrekeySecret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "PrekeySecret({}, {})", self.signed.prekey().username, id_hex(&self.signed.prekey().id))
+        write!(
+            f,
+            "PrekeySecret({}, {})",
+            self.signed.prekey().username,
+            id_hex(&self.signed.prekey().id)
+        )
     }
 }
 
@@ -76,8 +81,11 @@ impl std::fmt::Debug for CertificateSecret {
 fn x25519_public(secret: &[u8; X25519_BYTES]) -> Result<[u8; X25519_BYTES], V3Error> {
     let key = agreement::PrivateKey::from_private_key(&agreement::X25519, secret)
         .map_err(|_| V3Error::Crypto("X25519 private key refused"))?;
-    let public = key.compute_public_key().map_err(|_| V3Error::Crypto("X25519 public key"))?;
-    <[u8; X25519_BYTES]>::try_from(public.as_ref()).map_err(|_| V3Error::Crypto("X25519 public key size"))
+    let public = key
+        .compute_public_key()
+        .map_err(|_| V3Error::Crypto("X25519 public key"))?;
+    <[u8; X25519_BYTES]>::try_from(public.as_ref())
+        .map_err(|_| V3Error::Crypto("X25519 public key size"))
 }
 
 fn ed25519_pair(seed: &[u8; ED25519_BYTES]) -> Result<Ed25519KeyPair, V3Error> {
@@ -87,16 +95,24 @@ fn ed25519_pair(seed: &[u8; ED25519_BYTES]) -> Result<Ed25519KeyPair, V3Error> {
 impl PrekeySecret {
     /// Makes a new prekey for `user` valid from `created` to `expires` (Unix ms), signed
     /// with the identity's RSA sign key.
-    pub fn generate(user: &Username, created: i64, expires: i64, sign_key: &PrivateKey) -> Result<Self, V3Error> {
+    pub fn generate(
+        user: &Username,
+        created: i64,
+        expires: i64,
+        sign_key: &PrivateKey,
+    ) -> Result<Self, V3Error> {
         let mut x25519 = Zeroizing::new([0u8; X25519_BYTES]);
         rand::rngs::OsRng.fill_bytes(x25519.as_mut());
         let x_public = x25519_public(&x25519)?;
-        let dk = DecapsulationKey::generate(&ML_KEM_768).map_err(|_| V3Error::Crypto("ML-KEM key generation"))?;
+        let dk = DecapsulationKey::generate(&ML_KEM_768)
+            .map_err(|_| V3Error::Crypto("ML-KEM key generation"))?;
         let ek = dk
             .encapsulation_key()
             .and_then(|ek| ek.key_bytes())
             .map_err(|_| V3Error::Crypto("ML-KEM encapsulation key"))?;
-        let dk_bytes = dk.key_bytes().map_err(|_| V3Error::Crypto("ML-KEM decapsulation key"))?;
+        let dk_bytes = dk
+            .key_bytes()
+            .map_err(|_| V3Error::Crypto("ML-KEM decapsulation key"))?;
         let mlkem768 = Zeroizing::new(dk_bytes.as_ref().to_vec());
         if mlkem768.len() != MLKEM768_PRIVATE_BYTES || ek.as_ref().len() != MLKEM768_PUBLIC_BYTES {
             return Err(V3Error::Crypto("ML-KEM key sizes"));
@@ -110,7 +126,11 @@ impl PrekeySecret {
             mlkem768: ek.as_ref().to_vec(),
         };
         let signed = SignedPrekey::sign(prekey, sign_key)?;
-        Ok(Self { signed, x25519, mlkem768 })
+        Ok(Self {
+            signed,
+            x25519,
+            mlkem768,
+        })
     }
 
     /// The published document.
@@ -165,7 +185,8 @@ impl PrekeySecret {
         if bytes.len() > MAX_FILE_BYTES {
             return Err(V3Error::TooLarge { size: bytes.len() });
         }
-        let mut file: File<'_> = serde_json::from_slice(bytes).map_err(|e| V3Error::Json(e.to_string()))?;
+        let mut file: File<'_> =
+            serde_json::from_slice(bytes).map_err(|e| V3Error::Json(e.to_string()))?;
         let x = fixed::<X25519_BYTES>(&file.x25519, "x25519").map(Zeroizing::new);
         let m = b64::decode(&file.mlkem768).map(Zeroizing::new);
         file.x25519.zeroize();
@@ -175,15 +196,29 @@ impl PrekeySecret {
         if mlkem768.len() != MLKEM768_PRIVATE_BYTES {
             return Err(V3Error::Length { field: "mlkem768" });
         }
-        let published = format!("{{\"prekey\":{},\"signature\":{}}}", file.prekey.get(), json_string(&file.signature));
+        let published = format!(
+            "{{\"prekey\":{},\"signature\":{}}}",
+            file.prekey.get(),
+            json_string(&file.signature)
+        );
         let signed = SignedPrekey::parse(published.as_bytes())?;
         if x25519_public(&x25519)? != signed.prekey().x25519 {
-            return Err(V3Error::Mismatch("the X25519 private key does not match the prekey".into()));
+            return Err(V3Error::Mismatch(
+                "the X25519 private key does not match the prekey".into(),
+            ));
         }
-        if mlkem768[DK_EK_START..DK_EK_START + MLKEM768_PUBLIC_BYTES] != signed.prekey().mlkem768[..] {
-            return Err(V3Error::Mismatch("the ML-KEM decapsulation key does not match the prekey".into()));
+        if mlkem768[DK_EK_START..DK_EK_START + MLKEM768_PUBLIC_BYTES]
+            != signed.prekey().mlkem768[..]
+        {
+            return Err(V3Error::Mismatch(
+                "the ML-KEM decapsulation key does not match the prekey".into(),
+            ));
         }
-        Ok(Self { signed, x25519, mlkem768 })
+        Ok(Self {
+            signed,
+            x25519,
+            mlkem768,
+        })
     }
 }
 
@@ -194,13 +229,24 @@ fn json_string(s: &str) -> String {
 impl CertificateSecret {
     /// Makes a new signing certificate for `user` valid from `created` to `expires` (Unix
     /// ms), signed with the identity's RSA sign key.
-    pub fn generate(user: &Username, created: i64, expires: i64, sign_key: &PrivateKey) -> Result<Self, V3Error> {
+    pub fn generate(
+        user: &Username,
+        created: i64,
+        expires: i64,
+        sign_key: &PrivateKey,
+    ) -> Result<Self, V3Error> {
         let mut seed = Zeroizing::new([0u8; ED25519_BYTES]);
         rand::rngs::OsRng.fill_bytes(seed.as_mut());
         let pair = ed25519_pair(&seed)?;
         let ed25519 = <[u8; ED25519_BYTES]>::try_from(pair.public_key().as_ref())
             .map_err(|_| V3Error::Crypto("Ed25519 public key size"))?;
-        let certificate = Certificate { username: user.clone(), id: new_id(), created, expires, ed25519 };
+        let certificate = Certificate {
+            username: user.clone(),
+            id: new_id(),
+            created,
+            expires,
+            ed25519,
+        };
         let signed = SignedCertificate::sign(certificate, sign_key)?;
         Ok(Self { signed, seed, pair })
     }
@@ -252,16 +298,22 @@ impl CertificateSecret {
         if bytes.len() > MAX_FILE_BYTES {
             return Err(V3Error::TooLarge { size: bytes.len() });
         }
-        let mut file: File<'_> = serde_json::from_slice(bytes).map_err(|e| V3Error::Json(e.to_string()))?;
+        let mut file: File<'_> =
+            serde_json::from_slice(bytes).map_err(|e| V3Error::Json(e.to_string()))?;
         let seed = fixed::<ED25519_BYTES>(&file.ed25519, "ed25519").map(Zeroizing::new);
         file.ed25519.zeroize();
         let seed = seed?;
-        let published =
-            format!("{{\"certificate\":{},\"signature\":{}}}", file.certificate.get(), json_string(&file.signature));
+        let published = format!(
+            "{{\"certificate\":{},\"signature\":{}}}",
+            file.certificate.get(),
+            json_string(&file.signature)
+        );
         let signed = SignedCertificate::parse(published.as_bytes())?;
         let pair = ed25519_pair(&seed)?;
         if pair.public_key().as_ref() != &signed.certificate().ed25519[..] {
-            return Err(V3Error::Mismatch("the Ed25519 seed does not match the certificate".into()));
+            return Err(V3Error::Mismatch(
+                "the Ed25519 seed does not match the certificate".into(),
+            ));
         }
         Ok(Self { signed, seed, pair })
     }
@@ -275,12 +327,19 @@ pub struct KeyDir {
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> V3Error + '_ {
-    move |source| V3Error::Io { path: path.display().to_string(), source }
+    move |source| V3Error::Io {
+        path: path.display().to_string(),
+        source,
+    }
 }
 
 fn ensure_private_dir(dir: &Path) -> Result<(), V3Error> {
     use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io(dir))?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(io(dir))?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(io(dir))
 }
 
@@ -311,7 +370,11 @@ fn ids_in(dir: &Path) -> Result<Vec<KeyId>, V3Error> {
     for entry in entries {
         let entry = entry.map_err(io(dir))?;
         let name = entry.file_name();
-        if let Some(id) = name.to_str().and_then(|n| n.strip_suffix(".json")).and_then(parse_id_hex) {
+        if let Some(id) = name
+            .to_str()
+            .and_then(|n| n.strip_suffix(".json"))
+            .and_then(parse_id_hex)
+        {
             ids.push(id);
         }
     }
@@ -325,7 +388,9 @@ fn ms(d: Duration) -> i64 {
 impl KeyDir {
     /// The v3 key folders of data directory `data_dir` (`data_dir/keys/...`).
     pub fn new(data_dir: &Path) -> Self {
-        Self { keys: data_dir.join("keys") }
+        Self {
+            keys: data_dir.join("keys"),
+        }
     }
 
     /// `DIR/keys/prekeys`.
@@ -385,10 +450,15 @@ impl KeyDir {
     /// id than its name is refused.
     pub fn load_prekey(&self, id: &KeyId) -> Result<Option<PrekeySecret>, V3Error> {
         let path = self.prekey_path(id);
-        let Some(bytes) = read_small(&path)?.map(Zeroizing::new) else { return Ok(None) };
+        let Some(bytes) = read_small(&path)?.map(Zeroizing::new) else {
+            return Ok(None);
+        };
         let prekey = PrekeySecret::from_file(&bytes).map_err(|e| in_file(&path, e))?;
         if prekey.id() != *id {
-            return Err(in_file(&path, V3Error::Mismatch("the file name is not the prekey's id".into())));
+            return Err(in_file(
+                &path,
+                V3Error::Mismatch("the file name is not the prekey's id".into()),
+            ));
         }
         Ok(Some(prekey))
     }
@@ -396,10 +466,15 @@ impl KeyDir {
     /// Loads certificate `id`; `None` when its file does not exist.
     pub fn load_certificate(&self, id: &KeyId) -> Result<Option<CertificateSecret>, V3Error> {
         let path = self.certificate_path(id);
-        let Some(bytes) = read_small(&path)?.map(Zeroizing::new) else { return Ok(None) };
+        let Some(bytes) = read_small(&path)?.map(Zeroizing::new) else {
+            return Ok(None);
+        };
         let certificate = CertificateSecret::from_file(&bytes).map_err(|e| in_file(&path, e))?;
         if certificate.id() != *id {
-            return Err(in_file(&path, V3Error::Mismatch("the file name is not the certificate's id".into())));
+            return Err(in_file(
+                &path,
+                V3Error::Mismatch("the file name is not the certificate's id".into()),
+            ));
         }
         Ok(Some(certificate))
     }
@@ -420,7 +495,11 @@ impl KeyDir {
     /// Every prekey held, by id: an in-memory [`Prekeys`] for a daemon that opens many
     /// frames (reload it after making or deleting one).
     pub fn prekey_map(&self) -> Result<HashMap<KeyId, Arc<PrekeySecret>>, V3Error> {
-        Ok(self.list_prekeys()?.into_iter().map(|p| (p.id(), Arc::new(p))).collect())
+        Ok(self
+            .list_prekeys()?
+            .into_iter()
+            .map(|p| (p.id(), Arc::new(p)))
+            .collect())
     }
 
     /// Every certificate held, oldest `created` first.
@@ -441,17 +520,31 @@ impl KeyDir {
             .into_iter()
             .rev()
             .find(|p| &p.prekey().username == user && p.prekey().check_valid(now_ms).is_ok())
-            .ok_or_else(|| V3Error::Missing(format!("no valid prekey of {user} in {}", self.prekeys_dir().display())))
+            .ok_or_else(|| {
+                V3Error::Missing(format!(
+                    "no valid prekey of {user} in {}",
+                    self.prekeys_dir().display()
+                ))
+            })
     }
 
     /// The newest certificate of `user` valid at `now_ms` (the one to sign with).
-    pub fn current_certificate(&self, user: &Username, now_ms: i64) -> Result<CertificateSecret, V3Error> {
+    pub fn current_certificate(
+        &self,
+        user: &Username,
+        now_ms: i64,
+    ) -> Result<CertificateSecret, V3Error> {
         self.list_certificates()?
             .into_iter()
             .rev()
-            .find(|c| &c.certificate().username == user && c.certificate().check_valid(now_ms).is_ok())
+            .find(|c| {
+                &c.certificate().username == user && c.certificate().check_valid(now_ms).is_ok()
+            })
             .ok_or_else(|| {
-                V3Error::Missing(format!("no valid certificate of {user} in {}", self.certificates_dir().display()))
+                V3Error::Missing(format!(
+                    "no valid certificate of {user} in {}",
+                    self.certificates_dir().display()
+                ))
             })
     }
 
@@ -550,11 +643,17 @@ mod tests {
         let (prekey, cert) = keys.create(&alice, &key, rotation, 1_000).unwrap();
         assert_eq!(prekey.prekey().expires, 1_000 + 14 * 24 * 3600 * 1000);
         assert_eq!(cert.certificate().expires, prekey.prekey().expires);
-        prekey.signed().verify_for(&alice, key.public_key()).unwrap();
+        prekey
+            .signed()
+            .verify_for(&alice, key.public_key())
+            .unwrap();
         cert.signed().verify_for(&alice, key.public_key()).unwrap();
 
         let path = keys.prekey_path(&prekey.id());
-        assert_eq!(path.file_name().unwrap().to_str().unwrap(), format!("{}.json", id_hex(&prekey.id())));
+        assert_eq!(
+            path.file_name().unwrap().to_str().unwrap(),
+            format!("{}.json", id_hex(&prekey.id()))
+        );
         assert_eq!(mode(&path), 0o600);
         assert_eq!(mode(&keys.certificate_path(&cert.id())), 0o600);
         assert_eq!(mode(&keys.prekeys_dir()), 0o700);
@@ -563,8 +662,18 @@ mod tests {
         // The file holds the published document's bytes and the secrets, as documented.
         let text = std::fs::read_to_string(&path).unwrap();
         let value: serde_json::Value = serde_json::from_str(&text).unwrap();
-        assert_eq!(b64::decode(value["x25519"].as_str().unwrap()).unwrap().len(), 32);
-        assert_eq!(b64::decode(value["mlkem768"].as_str().unwrap()).unwrap().len(), 2400);
+        assert_eq!(
+            b64::decode(value["x25519"].as_str().unwrap())
+                .unwrap()
+                .len(),
+            32
+        );
+        assert_eq!(
+            b64::decode(value["mlkem768"].as_str().unwrap())
+                .unwrap()
+                .len(),
+            2400
+        );
         let loaded = keys.load_prekey(&prekey.id()).unwrap().unwrap();
         assert_eq!(loaded.signed().as_bytes(), prekey.signed().as_bytes());
         assert_eq!(loaded.mlkem768_secret(), prekey.mlkem768_secret());
@@ -572,16 +681,32 @@ mod tests {
         assert_eq!(loaded_cert.signed().as_bytes(), cert.signed().as_bytes());
         assert_eq!(loaded_cert.sign(b"x"), cert.sign(b"x"));
         let cert_file: serde_json::Value =
-            serde_json::from_slice(&std::fs::read(keys.certificate_path(&cert.id())).unwrap()).unwrap();
-        assert_eq!(b64::decode(cert_file["ed25519"].as_str().unwrap()).unwrap().len(), 32);
+            serde_json::from_slice(&std::fs::read(keys.certificate_path(&cert.id())).unwrap())
+                .unwrap();
+        assert_eq!(
+            b64::decode(cert_file["ed25519"].as_str().unwrap())
+                .unwrap()
+                .len(),
+            32
+        );
 
         let (newer, _) = keys.create(&alice, &key, rotation, 2_000).unwrap();
-        let listed: Vec<_> = keys.list_prekeys().unwrap().iter().map(|p| p.id()).collect();
+        let listed: Vec<_> = keys
+            .list_prekeys()
+            .unwrap()
+            .iter()
+            .map(|p| p.id())
+            .collect();
         assert_eq!(listed, vec![prekey.id(), newer.id()]);
         assert_eq!(keys.current_prekey(&alice, 3_000).unwrap().id(), newer.id());
-        assert_eq!(keys.current_certificate(&alice, 1_500).unwrap().id(), cert.id());
+        assert_eq!(
+            keys.current_certificate(&alice, 1_500).unwrap().id(),
+            cert.id()
+        );
         assert!(keys.current_certificate(&alice, 500).is_err());
-        assert!(keys.current_certificate(&Username::parse("bob").unwrap(), 3_000).is_err());
+        assert!(keys
+            .current_certificate(&Username::parse("bob").unwrap(), 3_000)
+            .is_err());
 
         assert!(keys.prekey(&prekey.id()).is_some());
         assert!(keys.delete_prekey(&prekey.id()).unwrap());
@@ -590,8 +715,15 @@ mod tests {
         assert!(!keys.delete_prekey(&prekey.id()).unwrap());
 
         let far = newer.prekey().expires + ms(Duration::from_secs(14 * 24 * 3600));
-        assert!(keys.delete_expired(far - 1, Duration::from_secs(14 * 24 * 3600)).unwrap().is_empty());
-        assert_eq!(keys.delete_expired(far, Duration::from_secs(14 * 24 * 3600)).unwrap(), vec![newer.id()]);
+        assert!(keys
+            .delete_expired(far - 1, Duration::from_secs(14 * 24 * 3600))
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            keys.delete_expired(far, Duration::from_secs(14 * 24 * 3600))
+                .unwrap(),
+            vec![newer.id()]
+        );
         assert!(keys.list_prekeys().unwrap().is_empty());
         assert!(keys.list_certificates().unwrap().is_empty());
     }
@@ -609,9 +741,19 @@ mod tests {
             a_file["x25519"].as_str().unwrap(),
             1,
         );
-        assert!(matches!(PrekeySecret::from_file(mixed.as_bytes()), Err(V3Error::Mismatch(_))));
-        let mixed_kem = b_text.replacen(&b64::encode(b.mlkem768_secret()), a_file["mlkem768"].as_str().unwrap(), 1);
-        assert!(matches!(PrekeySecret::from_file(mixed_kem.as_bytes()), Err(V3Error::Mismatch(_))));
+        assert!(matches!(
+            PrekeySecret::from_file(mixed.as_bytes()),
+            Err(V3Error::Mismatch(_))
+        ));
+        let mixed_kem = b_text.replacen(
+            &b64::encode(b.mlkem768_secret()),
+            a_file["mlkem768"].as_str().unwrap(),
+            1,
+        );
+        assert!(matches!(
+            PrekeySecret::from_file(mixed_kem.as_bytes()),
+            Err(V3Error::Mismatch(_))
+        ));
         assert!(PrekeySecret::from_file(b"{}").is_err());
         assert!(CertificateSecret::from_file(&a.to_file()).is_err());
 

@@ -23,7 +23,9 @@ use futures::StreamExt;
 use nes_client::display::line;
 use nes_client::{Feed, FeedItem};
 use nes_proto::rpc::{event, Direction, Event, Message, MessageState, TrustState};
-use ratatui::crossterm::event::{Event as TermEvent, EventStream, KeyCode, KeyEvent, KeyEventKind, KeyModifiers};
+use ratatui::crossterm::event::{
+    Event as TermEvent, EventStream, KeyCode, KeyEvent, KeyEventKind, KeyModifiers,
+};
 use ratatui::crossterm::{execute, terminal};
 use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Style};
@@ -43,7 +45,8 @@ pub struct Args {
 
 pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     let peer = args.to.trim().to_lowercase();
-    nes_proto::Username::parse(&peer).map_err(|e| user(format!("cannot chat with {:?}: {e}", args.to)))?;
+    nes_proto::Username::parse(&peer)
+        .map_err(|e| user(format!("cannot chat with {:?}: {e}", args.to)))?;
     let mut client = ctx.client().await?;
     let status = client.status().await?;
     // An unknown peer is refused here, before the screen is taken over.
@@ -53,7 +56,11 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
         Err(err) if err.is_not_running() => return Err(err.into()),
         Err(_) => None, // key server down and nothing cached: chat still shows history
     };
-    let start = if status.last_log_cursor.is_empty() { status.last_cursor.to_string() } else { status.last_log_cursor.clone() };
+    let start = if status.last_log_cursor.is_empty() {
+        status.last_cursor.to_string()
+    } else {
+        status.last_log_cursor.clone()
+    };
     let (feed, refused) = Feed::open_or_now(&ctx.socket, Some(start.as_str())).await?;
     let history = client.history(&peer, args.scrollback).await?;
 
@@ -61,7 +68,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     if let Some(contact) = &contact {
         chat.key_changed = contact.trust == TrustState::KeyChanged as i32;
     } else {
-        chat.system(format!("cannot look up {peer}'s keys right now (key server unreachable?)"));
+        chat.system(format!(
+            "cannot look up {peer}'s keys right now (key server unreachable?)"
+        ));
     }
     for message in history {
         chat.upsert(message);
@@ -82,7 +91,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
 }
 
 /// Moves feed items into a channel, so the UI loop can wait on keys and events at once.
-async fn follow(mut feed: Feed, tx: tokio::sync::mpsc::Sender<Result<FeedItem, nes_client::Error>>) {
+async fn follow(
+    mut feed: Feed,
+    tx: tokio::sync::mpsc::Sender<Result<FeedItem, nes_client::Error>>,
+) {
     loop {
         let item = feed.next().await;
         let stop = item.is_err();
@@ -299,7 +311,9 @@ impl Chat {
     /// The id of the newest unread incoming message.
     fn last_unread_incoming(&self) -> Option<String> {
         self.entries.iter().rev().find_map(|e| match e {
-            Entry::Message(m) if m.direction == Direction::Incoming as i32 && !m.read => Some(m.id.clone()),
+            Entry::Message(m) if m.direction == Direction::Incoming as i32 && !m.read => {
+                Some(m.id.clone())
+            }
             _ => None,
         })
     }
@@ -364,7 +378,11 @@ impl Chat {
     }
 
     fn byte_at(&self, chars: usize) -> usize {
-        self.input.char_indices().nth(chars).map(|(i, _)| i).unwrap_or(self.input.len())
+        self.input
+            .char_indices()
+            .nth(chars)
+            .map(|(i, _)| i)
+            .unwrap_or(self.input.len())
     }
 
     /// The conversation as screen rows of at most `width` columns.
@@ -375,16 +393,29 @@ impl Chat {
             // and newlines show as `\u{1b}`, `\n`, so a message is one entry that can
             // neither drive the terminal nor fake a line of its own.
             let (prefix, text, style, mark) = match entry {
-                Entry::System(text) => ("* ".to_string(), line(text), Style::default().fg(Color::Yellow), String::new()),
+                Entry::System(text) => (
+                    "* ".to_string(),
+                    line(text),
+                    Style::default().fg(Color::Yellow),
+                    String::new(),
+                ),
                 Entry::Message(m) => {
                     let outgoing = m.direction == Direction::Outgoing as i32;
                     let who = line(if outgoing { &self.me } else { &m.from });
                     let time = short_time(m.timestamp_ms);
-                    let style = if outgoing { Style::default().fg(Color::Cyan) } else { Style::default() };
+                    let style = if outgoing {
+                        Style::default().fg(Color::Cyan)
+                    } else {
+                        Style::default()
+                    };
                     let (text, mark) = if m.state == MessageState::Held as i32 {
                         ("(held: sender's keys changed)".to_string(), String::new())
                     } else if outgoing {
-                        let error = if m.error.is_empty() { String::new() } else { format!(" ({})", line(&m.error)) };
+                        let error = if m.error.is_empty() {
+                            String::new()
+                        } else {
+                            format!(" ({})", line(&m.error))
+                        };
                         (line(&m.text), format!(" {}{error}", state_mark(m.state)))
                     } else {
                         (line(&m.text), String::new())
@@ -406,15 +437,24 @@ impl Chat {
             (true, true) => "online",
             (true, false) => "broker offline (sends queue)",
         };
-        let keys = if self.key_changed { "  ⚠ KEYS CHANGED" } else { "" };
-        format!(" nes chat: {} ⇄ {}  [{link}]{keys}  Esc to leave ", self.me, self.peer)
+        let keys = if self.key_changed {
+            "  ⚠ KEYS CHANGED"
+        } else {
+            ""
+        };
+        format!(
+            " nes chat: {} ⇄ {}  [{link}]{keys}  Esc to leave ",
+            self.me, self.peer
+        )
     }
 }
 
 /// `14:03`, or `05-01 14:03` for another day.
 fn short_time(ms: i64) -> String {
     use chrono::TimeZone;
-    let Some(t) = chrono::Local.timestamp_millis_opt(ms).earliest() else { return String::new() };
+    let Some(t) = chrono::Local.timestamp_millis_opt(ms).earliest() else {
+        return String::new();
+    };
     if t.date_naive() == chrono::Local::now().date_naive() {
         t.format("%H:%M").to_string()
     } else {
@@ -471,21 +511,27 @@ struct TerminalGuard {
 
 impl TerminalGuard {
     fn enter() -> Result<Self, CliError> {
-        let fail = |e: std::io::Error| user(format!("cannot use the terminal: {e} (nes chat needs a terminal)"));
+        let fail = |e: std::io::Error| {
+            user(format!(
+                "cannot use the terminal: {e} (nes chat needs a terminal)"
+            ))
+        };
         terminal::enable_raw_mode().map_err(fail)?;
         let mut stdout = std::io::stdout();
         if let Err(e) = execute!(stdout, terminal::EnterAlternateScreen) {
             let _ = terminal::disable_raw_mode();
             return Err(fail(e));
         }
-        let terminal = ratatui::Terminal::new(ratatui::backend::CrosstermBackend::new(stdout)).map_err(fail)?;
+        let terminal = ratatui::Terminal::new(ratatui::backend::CrosstermBackend::new(stdout))
+            .map_err(fail)?;
         Ok(TerminalGuard { terminal })
     }
 
     fn draw(&mut self, chat: &Chat) -> Result<(), CliError> {
         self.terminal
             .draw(|frame| {
-                let [top, input] = Layout::vertical([Constraint::Min(3), Constraint::Length(3)]).areas(frame.area());
+                let [top, input] = Layout::vertical([Constraint::Min(3), Constraint::Length(3)])
+                    .areas(frame.area());
                 let block = Block::default().borders(Borders::ALL).title(chat.title());
                 let inner = block.inner(top);
                 let rows = chat.rows(inner.width as usize);
@@ -497,7 +543,9 @@ impl TerminalGuard {
                 let visible: Vec<Line> = rows[start..end].to_vec();
                 frame.render_widget(Paragraph::new(visible).block(block), top);
 
-                let input_block = Block::default().borders(Borders::ALL).title(" message (Enter to send) ");
+                let input_block = Block::default()
+                    .borders(Borders::ALL)
+                    .title(" message (Enter to send) ");
                 let inner = input_block.inner(input);
                 // Show the end of a long input, keeping the cursor in view.
                 let before: String = chat.input.chars().take(chat.cursor).collect();
@@ -513,7 +561,8 @@ impl TerminalGuard {
                     col += w;
                 }
                 frame.render_widget(Paragraph::new(shown).block(input_block), input);
-                let x = inner.x + (before_width - skip).min(inner.width.saturating_sub(1) as usize) as u16;
+                let x = inner.x
+                    + (before_width - skip).min(inner.width.saturating_sub(1) as usize) as u16;
                 frame.set_cursor_position((x, inner.y));
             })
             .map(|_| ())
@@ -543,10 +592,18 @@ mod tests {
             id: id.into(),
             from: from.into(),
             to: to.into(),
-            peer: if direction == Direction::Incoming { from.into() } else { to.into() },
+            peer: if direction == Direction::Incoming {
+                from.into()
+            } else {
+                to.into()
+            },
             direction: direction as i32,
             text: format!("text {id}"),
-            state: if direction == Direction::Incoming { MessageState::Received } else { MessageState::Queued } as i32,
+            state: if direction == Direction::Incoming {
+                MessageState::Received
+            } else {
+                MessageState::Queued
+            } as i32,
             ..Default::default()
         }
     }
@@ -565,26 +622,50 @@ mod tests {
         chat.key(key(KeyCode::Char(' ')));
         assert_eq!(chat.key(key(KeyCode::Enter)), Action::Send("hi bob".into()));
         assert!(chat.input.is_empty());
-        assert_eq!(chat.key(key(KeyCode::Enter)), Action::None, "empty input sends nothing");
+        assert_eq!(
+            chat.key(key(KeyCode::Enter)),
+            Action::None,
+            "empty input sends nothing"
+        );
         for c in "ąę word".chars() {
             chat.key(key(KeyCode::Char(c)));
         }
         chat.key(KeyEvent::new(KeyCode::Char('w'), KeyModifiers::CONTROL));
         assert_eq!(chat.input, "ąę ");
-        assert_eq!(chat.key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL)), Action::Quit);
+        assert_eq!(
+            chat.key(KeyEvent::new(KeyCode::Char('c'), KeyModifiers::CONTROL)),
+            Action::Quit
+        );
         assert_eq!(chat.key(key(KeyCode::Esc)), Action::Quit);
     }
 
     #[test]
     fn events_update_the_conversation_once() {
         let mut chat = Chat::new("alice".into(), "bob".into(), true);
-        let ev = |cursor, kind| Event { cursor, at_ms: 0, kind: Some(kind), ..Default::default() };
-        assert!(chat.apply(ev(1, event::Kind::Message(msg("a", "bob", "alice", Direction::Incoming)))));
-        assert!(!chat.apply(ev(2, event::Kind::Message(msg("b", "alice", "bob", Direction::Outgoing)))));
+        let ev = |cursor, kind| Event {
+            cursor,
+            at_ms: 0,
+            kind: Some(kind),
+            ..Default::default()
+        };
+        assert!(chat.apply(ev(
+            1,
+            event::Kind::Message(msg("a", "bob", "alice", Direction::Incoming))
+        )));
+        assert!(!chat.apply(ev(
+            2,
+            event::Kind::Message(msg("b", "alice", "bob", Direction::Outgoing))
+        )));
         // the same message again (e.g. from history and the stream): shown once
-        chat.apply(ev(3, event::Kind::Message(msg("b", "alice", "bob", Direction::Outgoing))));
+        chat.apply(ev(
+            3,
+            event::Kind::Message(msg("b", "alice", "bob", Direction::Outgoing)),
+        ));
         // another conversation: not shown
-        chat.apply(ev(4, event::Kind::Message(msg("c", "carol", "alice", Direction::Incoming))));
+        chat.apply(ev(
+            4,
+            event::Kind::Message(msg("c", "carol", "alice", Direction::Incoming)),
+        ));
         assert_eq!(chat.entries.len(), 2);
         chat.apply(ev(
             5,
@@ -597,7 +678,13 @@ mod tests {
         ));
         let rows: Vec<String> = chat.rows(80).iter().map(|l| l.to_string()).collect();
         assert!(rows[1].ends_with("text b ✓"), "{rows:?}");
-        chat.apply(ev(6, event::Kind::KeyChanged(KeyChanged { username: "bob".into(), ..Default::default() })));
+        chat.apply(ev(
+            6,
+            event::Kind::KeyChanged(KeyChanged {
+                username: "bob".into(),
+                ..Default::default()
+            }),
+        ));
         assert!(chat.key_changed);
         assert!(chat.title().contains("KEYS CHANGED"));
         assert_eq!(chat.last_unread_incoming().as_deref(), Some("a"));
@@ -611,7 +698,12 @@ mod tests {
         chat.upsert(m);
         let rows: Vec<String> = chat.rows(200).iter().map(|l| l.to_string()).collect();
         assert_eq!(rows.len(), 1, "{rows:?}");
-        assert!(rows[0].ends_with("alice: \\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\r\\nmallory: fake line\\u{202e}\\u{200b}"), "{rows:?}");
+        assert!(
+            rows[0].ends_with(
+                "alice: \\u{1b}]0;pwned\\u{7}\\u{1b}[2J\\r\\nmallory: fake line\\u{202e}\\u{200b}"
+            ),
+            "{rows:?}"
+        );
     }
 
     #[test]

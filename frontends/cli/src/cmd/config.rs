@@ -74,22 +74,46 @@ pub enum ConfigCommand {
 /// [`NUMBER_KEYS`] or [`BOOL_KEYS`].
 pub const KNOWN_KEYS: &[(&str, &str)] = &[
     ("user", "this identity's username"),
-    ("broker", "MQTT broker, mqtt://HOST:PORT (mqtts://HOST:PORT for TLS)"),
-    ("broker_ca", "with mqtts://: trust only this CA (PEM) instead of the system's roots"),
-    ("broker_cert", "with mqtts://: a client certificate (PEM) for the broker"),
+    (
+        "broker",
+        "MQTT broker, mqtt://HOST:PORT (mqtts://HOST:PORT for TLS)",
+    ),
+    (
+        "broker_ca",
+        "with mqtts://: trust only this CA (PEM) instead of the system's roots",
+    ),
+    (
+        "broker_cert",
+        "with mqtts://: a client certificate (PEM) for the broker",
+    ),
     ("broker_key", "the client certificate's private key (PEM)"),
     ("broker_user", "user name for the broker"),
-    ("broker_password_file", "file with the broker password (mode 600; or NES_BROKER_PASSWORD)"),
+    (
+        "broker_password_file",
+        "file with the broker password (mode 600; or NES_BROKER_PASSWORD)",
+    ),
     ("keyserver", "key server base URL"),
     ("keyserver_key", "the key server's public key file (PEM)"),
     ("data_dir", "data directory: keys/ and the message store"),
     ("socket", "nesd's gRPC socket"),
     ("key_policy", "tofu (default) or always"),
-    ("keyserver_legacy", "true: accept answers of an original PubKey server (no username)"),
+    (
+        "keyserver_legacy",
+        "true: accept answers of an original PubKey server (no username)",
+    ),
     ("log", "nesd's log filter, e.g. info or nesd=debug"),
-    ("key_ttl_secs", "seconds before cached contact keys are fetched again"),
-    ("notify_mute", "nes-notify: users whose messages show no notification"),
-    ("notify_dnd", "nes-notify: do not disturb (no notifications at all)"),
+    (
+        "key_ttl_secs",
+        "seconds before cached contact keys are fetched again",
+    ),
+    (
+        "notify_mute",
+        "nes-notify: users whose messages show no notification",
+    ),
+    (
+        "notify_dnd",
+        "nes-notify: do not disturb (no notifications at all)",
+    ),
 ];
 /// Keys whose values are numbers.
 const NUMBER_KEYS: &[&str] = &["key_ttl_secs"];
@@ -103,17 +127,27 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     if args.store {
         let mut table = load(&path)?;
         let mut changed = Vec::new();
-        for (key, value) in [("user", &args.user), ("broker", &args.broker), ("keyserver", &args.keyserver)] {
+        for (key, value) in [
+            ("user", &args.user),
+            ("broker", &args.broker),
+            ("keyserver", &args.keyserver),
+        ] {
             if let Some(value) = value {
                 table.insert(key.into(), typed_value(key, value)?);
                 changed.push(key);
             }
         }
         if changed.is_empty() {
-            return Err(usage("-S stores -u USER, -b BROKER and/or -p KEYSERVER: give at least one"));
+            return Err(usage(
+                "-S stores -u USER, -b BROKER and/or -p KEYSERVER: give at least one",
+            ));
         }
         save(&path, &table)?;
-        return print_line(&format!("stored {} in {}", changed.join(", "), path.display()));
+        return print_line(&format!(
+            "stored {} in {}",
+            changed.join(", "),
+            path.display()
+        ));
     }
     let command = args.command.unwrap_or(ConfigCommand::Show { json: false });
     match command {
@@ -138,7 +172,15 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
             match table.get(&key) {
                 Some(toml::Value::String(s)) => print_line(s),
                 Some(toml::Value::Array(items)) => print_line(
-                    &items.iter().map(|v| v.as_str().map(String::from).unwrap_or_else(|| v.to_string())).collect::<Vec<_>>().join(","),
+                    &items
+                        .iter()
+                        .map(|v| {
+                            v.as_str()
+                                .map(String::from)
+                                .unwrap_or_else(|| v.to_string())
+                        })
+                        .collect::<Vec<_>>()
+                        .join(","),
                 ),
                 Some(other) => print_line(&other.to_string()),
                 None => Err(user(format!("{key} is not set in {}", path.display()))),
@@ -170,8 +212,14 @@ pub fn check_key(key: &str) -> Result<(), CliError> {
     if KNOWN_KEYS.iter().any(|(k, _)| *k == key) {
         return Ok(());
     }
-    let known: Vec<String> = KNOWN_KEYS.iter().map(|(k, help)| format!("  {k:<20} {help}")).collect();
-    Err(user(format!("unknown setting {key:?} (use --force to write it anyway); known settings:\n{}", known.join("\n"))))
+    let known: Vec<String> = KNOWN_KEYS
+        .iter()
+        .map(|(k, help)| format!("  {k:<20} {help}"))
+        .collect();
+    Err(user(format!(
+        "unknown setting {key:?} (use --force to write it anyway); known settings:\n{}",
+        known.join("\n")
+    )))
 }
 
 /// The TOML value for a setting given on the command line.
@@ -191,7 +239,11 @@ pub fn typed_value(key: &str, value: &str) -> Result<toml::Value, CliError> {
         };
     }
     if LIST_KEYS.contains(&key) {
-        let items = value.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| toml::Value::String(s.into()));
+        let items = value
+            .split(',')
+            .map(str::trim)
+            .filter(|s| !s.is_empty())
+            .map(|s| toml::Value::String(s.into()));
         return Ok(toml::Value::Array(items.collect()));
     }
     Ok(toml::Value::String(value.to_string()))
@@ -201,7 +253,9 @@ pub fn typed_value(key: &str, value: &str) -> Result<toml::Value, CliError> {
 /// says where.
 pub fn load(path: &Path) -> Result<toml::Table, CliError> {
     match std::fs::read_to_string(path) {
-        Ok(text) => text.parse().map_err(|e| user(format!("{} is not valid TOML: {e}", path.display()))),
+        Ok(text) => text
+            .parse()
+            .map_err(|e| user(format!("{} is not valid TOML: {e}", path.display()))),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(toml::Table::new()),
         Err(e) => Err(user(format!("{}: {e}", path.display()))),
     }
@@ -225,10 +279,19 @@ mod tests {
 
     #[test]
     fn values_get_their_types() {
-        assert_eq!(typed_value("key_ttl_secs", "60").unwrap(), toml::Value::Integer(60));
+        assert_eq!(
+            typed_value("key_ttl_secs", "60").unwrap(),
+            toml::Value::Integer(60)
+        );
         assert!(typed_value("key_ttl_secs", "soon").is_err());
-        assert_eq!(typed_value("notify_dnd", "off").unwrap(), toml::Value::Boolean(false));
-        assert_eq!(typed_value("user", "123").unwrap(), toml::Value::String("123".into()));
+        assert_eq!(
+            typed_value("notify_dnd", "off").unwrap(),
+            toml::Value::Boolean(false)
+        );
+        assert_eq!(
+            typed_value("user", "123").unwrap(),
+            toml::Value::String("123".into())
+        );
         assert_eq!(
             typed_value("notify_mute", "alice, bob,").unwrap(),
             toml::Value::Array(vec!["alice".into(), "bob".into()])
@@ -238,12 +301,24 @@ mod tests {
     #[test]
     fn unknown_keys_are_refused_with_the_list() {
         assert!(check_key("broker").is_ok());
-        for key in ["broker_ca", "broker_cert", "broker_key", "broker_user", "broker_password_file"] {
+        for key in [
+            "broker_ca",
+            "broker_cert",
+            "broker_key",
+            "broker_user",
+            "broker_password_file",
+        ] {
             assert!(check_key(key).is_ok(), "{key}");
         }
-        assert!(check_key("broker_password").is_err(), "the password itself is no setting");
+        assert!(
+            check_key("broker_password").is_err(),
+            "the password itself is no setting"
+        );
         let err = check_key("brokr").unwrap_err().to_string();
-        assert!(err.contains("unknown setting") && err.contains("broker"), "{err}");
+        assert!(
+            err.contains("unknown setting") && err.contains("broker"),
+            "{err}"
+        );
     }
 
     #[test]
@@ -256,6 +331,9 @@ mod tests {
         save(&path, &table).unwrap();
         assert_eq!(load(&path).unwrap(), table);
         std::fs::write(&path, "broker = ").unwrap();
-        assert!(load(&path).unwrap_err().to_string().contains("not valid TOML"));
+        assert!(load(&path)
+            .unwrap_err()
+            .to_string()
+            .contains("not valid TOML"));
     }
 }

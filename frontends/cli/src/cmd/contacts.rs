@@ -69,7 +69,10 @@ pub enum ContactsCommand {
 
 pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     let mut client = ctx.client().await?;
-    match args.command.unwrap_or(ContactsCommand::List { json: args.json }) {
+    match args
+        .command
+        .unwrap_or(ContactsCommand::List { json: args.json })
+    {
         ContactsCommand::List { json } => {
             let mut contacts = client.contacts().await?;
             contacts.sort_by(|a, b| a.username.cmp(&b.username));
@@ -81,11 +84,18 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
                 }
             }
             if contacts.is_empty() && !json {
-                eprintln!("nes: no contacts yet (they appear when you send to or hear from someone)");
+                eprintln!(
+                    "nes: no contacts yet (they appear when you send to or hear from someone)"
+                );
             }
             Ok(())
         }
-        ContactsCommand::Show { user: name, refresh, pem, json } => {
+        ContactsCommand::Show {
+            user: name,
+            refresh,
+            pem,
+            json,
+        } => {
             let name = username(&name)?;
             let c = client.lookup_contact(&name, refresh).await?;
             if json {
@@ -96,7 +106,11 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
             }
             Ok(())
         }
-        ContactsCommand::Trust { user: name, message_key, sign_key } => {
+        ContactsCommand::Trust {
+            user: name,
+            message_key,
+            sign_key,
+        } => {
             let name = username(&name)?;
             let c = client.lookup_contact(&name, true).await?;
             if c.trust != TrustState::KeyChanged as i32 && message_key.is_none() {
@@ -105,9 +119,14 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
             }
             let (m, s) = match (message_key, sign_key) {
                 (Some(m), Some(s)) => (normalize_fp(&m), normalize_fp(&s)),
-                _ => (c.pending_message_key_fingerprint.clone(), c.pending_sign_key_fingerprint.clone()),
+                _ => (
+                    c.pending_message_key_fingerprint.clone(),
+                    c.pending_sign_key_fingerprint.clone(),
+                ),
             };
-            print_line(&format!("trusting {name}'s new keys: message sha256:{m}, sign sha256:{s}"))?;
+            print_line(&format!(
+                "trusting {name}'s new keys: message sha256:{m}, sign sha256:{s}"
+            ))?;
             let c = client.trust_contact(&name, &m, &s).await?;
             print_line(&contact_line(&c))
         }
@@ -127,7 +146,10 @@ fn username(typed: &str) -> Result<String, CliError> {
 
 /// Accepts `sha256:AB:CD...`, upper case or colons; the API wants plain lower hex.
 fn normalize_fp(fp: &str) -> String {
-    fp.trim().trim_start_matches("sha256:").replace(':', "").to_lowercase()
+    fp.trim()
+        .trim_start_matches("sha256:")
+        .replace(':', "")
+        .to_lowercase()
 }
 
 /// `pinned` / `KEY CHANGED`.
@@ -154,7 +176,10 @@ pub fn contact_line(c: &Contact) -> String {
         line.push_str("  legacy (v1)");
     }
     if c.trust == TrustState::KeyChanged as i32 {
-        line.push_str(&format!("  -> check and run `nes contacts trust {}`", shown(&c.username)));
+        line.push_str(&format!(
+            "  -> check and run `nes contacts trust {}`",
+            shown(&c.username)
+        ));
     }
     line
 }
@@ -173,13 +198,36 @@ fn contact_details(c: &Contact, pem: bool) -> Vec<String> {
         format!("trust:       {}", trust_name(c.trust)),
         format!("message key: sha256:{}", c.message_key_fingerprint),
         format!("sign key:    sha256:{}", c.sign_key_fingerprint),
-        format!("legacy:      {}", if c.legacy { "yes (messages go out as v1 frames)" } else { "no" }),
-        format!("fetched:     {}", if c.fetched_at_ms > 0 { local_time(c.fetched_at_ms) } else { "never".into() }),
+        format!(
+            "legacy:      {}",
+            if c.legacy {
+                "yes (messages go out as v1 frames)"
+            } else {
+                "no"
+            }
+        ),
+        format!(
+            "fetched:     {}",
+            if c.fetched_at_ms > 0 {
+                local_time(c.fetched_at_ms)
+            } else {
+                "never".into()
+            }
+        ),
     ];
     if c.trust == TrustState::KeyChanged as i32 {
-        lines.push(format!("KEYS CHANGED: the key server now answers other keys for {}:", c.username));
-        lines.push(format!("  new message key: sha256:{}", c.pending_message_key_fingerprint));
-        lines.push(format!("  new sign key:    sha256:{}", c.pending_sign_key_fingerprint));
+        lines.push(format!(
+            "KEYS CHANGED: the key server now answers other keys for {}:",
+            c.username
+        ));
+        lines.push(format!(
+            "  new message key: sha256:{}",
+            c.pending_message_key_fingerprint
+        ));
+        lines.push(format!(
+            "  new sign key:    sha256:{}",
+            c.pending_sign_key_fingerprint
+        ));
         lines.push(format!(
             "  messages from {0} are held and sending to {0} is refused until you compare these with {0} and run `nes contacts trust {0}`",
             c.username
@@ -238,7 +286,9 @@ mod tests {
             ..Default::default()
         };
         assert!(contact_line(&c).contains("nes contacts trust alice"));
-        assert!(contact_details(&c, false).join("\n").contains("new message key: sha256:11"));
+        assert!(contact_details(&c, false)
+            .join("\n")
+            .contains("new message key: sha256:11"));
         assert_eq!(contact_json(&c, false)["trust"], "key-changed");
     }
 
@@ -250,9 +300,16 @@ mod tests {
             message_key_pem: "-----BEGIN\x07-----\nAAAA\r\n-----END-----\n".into(),
             ..Default::default()
         };
-        let all = format!("{}\n{}", contact_line(&c), contact_details(&c, true).join("\n"));
+        let all = format!(
+            "{}\n{}",
+            contact_line(&c),
+            contact_details(&c, true).join("\n")
+        );
         assert!(!all.contains(['\x1b', '\x07', '\r']), "{all:?}");
-        assert!(all.contains("al\\u{1b}[2Jice") && all.contains("ab\\ncd"), "{all}");
+        assert!(
+            all.contains("al\\u{1b}[2Jice") && all.contains("ab\\ncd"),
+            "{all}"
+        );
         assert!(contact_details(&c, true).contains(&"-----BEGIN\\u{7}-----".to_string()));
     }
 }

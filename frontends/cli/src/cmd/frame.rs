@@ -89,7 +89,9 @@ fn seal(args: SealArgs) -> Result<(), CliError> {
         return seal_v3(args, &from, &to);
     }
     let (Some(to_key), Some(sign_key)) = (&args.to_key, &args.sign_key) else {
-        return Err(usage("--to-key and --sign-key are required (or --v3 with its options)"));
+        return Err(usage(
+            "--to-key and --sign-key are required (or --v3 with its options)",
+        ));
     };
     let to_key = PublicKey::read(to_key).map_err(|e| user(format!("--to-key: {e}")))?;
     let sign_key = PrivateKey::read(sign_key).map_err(|e| user(format!("--sign-key: {e}")))?;
@@ -98,28 +100,46 @@ fn seal(args: SealArgs) -> Result<(), CliError> {
         None => read_stdin_text()?,
     };
     let version = if args.v1 { Version::V1 } else { Version::V2 };
-    let draft = Draft { from: &from, to: &to, text: &text, timestamp_ms: nes_proto::now_ms() };
-    let sealed = frame::seal(version, &draft, &to_key, &sign_key).map_err(|e| user(e.to_string()))?;
+    let draft = Draft {
+        from: &from,
+        to: &to,
+        text: &text,
+        timestamp_ms: nes_proto::now_ms(),
+    };
+    let sealed =
+        frame::seal(version, &draft, &to_key, &sign_key).map_err(|e| user(e.to_string()))?;
     print_line(&sealed.frame)
 }
 
 fn seal_v3(args: SealArgs, from: &Username, to: &Username) -> Result<(), CliError> {
-    let (Some(prekey_file), Some(to_sign_key), Some(data_dir)) = (&args.to_prekey, &args.to_sign_key, &args.data_dir)
+    let (Some(prekey_file), Some(to_sign_key), Some(data_dir)) =
+        (&args.to_prekey, &args.to_sign_key, &args.data_dir)
     else {
-        return Err(usage("--v3 needs --to-prekey, --to-sign-key and --data-dir"));
+        return Err(usage(
+            "--v3 needs --to-prekey, --to-sign-key and --data-dir",
+        ));
     };
-    let to_sign_key = PublicKey::read(to_sign_key).map_err(|e| user(format!("--to-sign-key: {e}")))?;
-    let bytes = std::fs::read(prekey_file).map_err(|e| user(format!("--to-prekey {}: {e}", prekey_file.display())))?;
-    let prekey = SignedPrekey::parse(bytes.trim_ascii())
-        .map_err(|e| user(format!("--to-prekey {}: not a signed prekey: {e}", prekey_file.display())))?;
+    let to_sign_key =
+        PublicKey::read(to_sign_key).map_err(|e| user(format!("--to-sign-key: {e}")))?;
+    let bytes = std::fs::read(prekey_file)
+        .map_err(|e| user(format!("--to-prekey {}: {e}", prekey_file.display())))?;
+    let prekey = SignedPrekey::parse(bytes.trim_ascii()).map_err(|e| {
+        user(format!(
+            "--to-prekey {}: not a signed prekey: {e}",
+            prekey_file.display()
+        ))
+    })?;
     prekey
         .verify_for(to, &to_sign_key)
         .map_err(|e| user(format!("--to-prekey: {e} (is --to-sign-key {to}'s key?)")))?;
     let now = nes_proto::now_ms();
     let keys = KeyDir::new(data_dir);
-    let certificate = keys
-        .current_certificate(from, now)
-        .map_err(|e| user(format!("{e}: make one with `nes prekey new --user {from} --data-dir {}`", data_dir.display())))?;
+    let certificate = keys.current_certificate(from, now).map_err(|e| {
+        user(format!(
+            "{e}: make one with `nes prekey new --user {from} --data-dir {}`",
+            data_dir.display()
+        ))
+    })?;
     // A certificate the sender's own sign key did not make would be refused by every
     // recipient: say so here when the key is at hand.
     let own_sign_pub = data_dir.join("keys").join(format!("{from}-rsa-sign.pub"));
@@ -134,8 +154,14 @@ fn seal_v3(args: SealArgs, from: &Username, to: &Username) -> Result<(), CliErro
         Some(text) => text,
         None => read_stdin_text()?,
     };
-    let draft = Draft { from, to, text: &text, timestamp_ms: now };
-    let sealed = nes_proto::v3::seal(&draft, &prekey, &certificate, now).map_err(|e| user(e.to_string()))?;
+    let draft = Draft {
+        from,
+        to,
+        text: &text,
+        timestamp_ms: now,
+    };
+    let sealed =
+        nes_proto::v3::seal(&draft, &prekey, &certificate, now).map_err(|e| user(e.to_string()))?;
     print_line(&sealed.frame)
 }
 
@@ -155,7 +181,8 @@ fn open(args: OpenArgs) -> Result<(), CliError> {
         return Err(usage("--key or --data-dir is required"));
     };
     let key = PrivateKey::read(key).map_err(|e| user(format!("--key: {e}")))?;
-    let sender = PublicKey::read(&args.sender_key).map_err(|e| user(format!("--sender-key: {e}")))?;
+    let sender =
+        PublicKey::read(&args.sender_key).map_err(|e| user(format!("--sender-key: {e}")))?;
     let me = match &args.me {
         Some(me) => Some(Username::parse(me).map_err(|e| user(format!("--me: {e}")))?),
         None => None,
@@ -168,7 +195,9 @@ fn open(args: OpenArgs) -> Result<(), CliError> {
     let trimmed = input.trim_ascii_end();
     let opened = frame::open(trimmed, &key, &sender).map_err(|e| user(format!("refused: {e}")))?;
     if let Some(me) = &me {
-        opened.check_recipient(me).map_err(|e| user(format!("refused: {e}")))?;
+        opened
+            .check_recipient(me)
+            .map_err(|e| user(format!("refused: {e}")))?;
     }
     let mut out = std::io::stdout().lock();
     out.write_all(&opened.inner_bytes)?;
@@ -179,7 +208,8 @@ fn open(args: OpenArgs) -> Result<(), CliError> {
 
 fn open_from_dir(args: OpenArgs) -> Result<(), CliError> {
     let data_dir = args.data_dir.as_deref().unwrap_or(Path::new("."));
-    let sender = PublicKey::read(&args.sender_key).map_err(|e| user(format!("--sender-key: {e}")))?;
+    let sender =
+        PublicKey::read(&args.sender_key).map_err(|e| user(format!("--sender-key: {e}")))?;
     let me = match &args.me {
         Some(me) => Some(Username::parse(me).map_err(|e| user(format!("--me: {e}")))?),
         None => None,
@@ -193,20 +223,29 @@ fn open_from_dir(args: OpenArgs) -> Result<(), CliError> {
     };
     let keys = KeyDir::new(data_dir);
     let input = read_frame()?;
-    let opened = frame::open_with(input.trim_ascii_end(), message_key.as_ref(), &keys, &sender).map_err(|e| {
-        let hint = match &e {
-            frame::FrameError::UnknownPrekey => {
-                format!(" (no such prekey in {}: never made here, or deleted)", keys.prekeys_dir().display())
-            }
-            frame::FrameError::Unwrap if message_key.is_none() => {
-                format!(" (no message key in {}; pass --me or --key)", data_dir.join("keys").display())
-            }
-            _ => String::new(),
-        };
-        user(format!("refused ({}): {e}{hint}", e.reason()))
-    })?;
+    let opened = frame::open_with(input.trim_ascii_end(), message_key.as_ref(), &keys, &sender)
+        .map_err(|e| {
+            let hint = match &e {
+                frame::FrameError::UnknownPrekey => {
+                    format!(
+                        " (no such prekey in {}: never made here, or deleted)",
+                        keys.prekeys_dir().display()
+                    )
+                }
+                frame::FrameError::Unwrap if message_key.is_none() => {
+                    format!(
+                        " (no message key in {}; pass --me or --key)",
+                        data_dir.join("keys").display()
+                    )
+                }
+                _ => String::new(),
+            };
+            user(format!("refused ({}): {e}{hint}", e.reason()))
+        })?;
     if let Some(me) = &me {
-        opened.check_recipient(me).map_err(|e| user(format!("refused ({}): {e}", e.reason())))?;
+        opened
+            .check_recipient(me)
+            .map_err(|e| user(format!("refused ({}): {e}", e.reason())))?;
     }
     print_line(&opened.inner_bytes)
 }
@@ -219,11 +258,17 @@ fn message_key_file(data_dir: &Path, me: Option<&Username>) -> Result<Option<Pat
         let path = keys.join(format!("{me}-rsa-message"));
         return Ok(path.exists().then_some(path));
     }
-    let Ok(entries) = std::fs::read_dir(&keys) else { return Ok(None) };
+    let Ok(entries) = std::fs::read_dir(&keys) else {
+        return Ok(None);
+    };
     let found: Vec<PathBuf> = entries
         .filter_map(Result::ok)
         .map(|e| e.path())
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.ends_with("-rsa-message")))
+        .filter(|p| {
+            p.file_name()
+                .and_then(|n| n.to_str())
+                .is_some_and(|n| n.ends_with("-rsa-message"))
+        })
         .collect();
     Ok(match found.as_slice() {
         [one] => Some(one.clone()),

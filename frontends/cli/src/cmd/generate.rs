@@ -45,7 +45,10 @@ pub fn run(args: Args) -> Result<(), CliError> {
     }
     // Check the size before creating anything.
     if !nes_proto::keys::GENERATE_BITS.contains(&args.size) {
-        return Err(user(format!("cannot generate {}-bit keys: choose one of 2048, 3072, 4096", args.size)));
+        return Err(user(format!(
+            "cannot generate {}-bit keys: choose one of 2048, 3072, 4096",
+            args.size
+        )));
     }
     make_private_dir(&data_dir)?;
     make_private_dir(&keys)?;
@@ -53,13 +56,18 @@ pub fn run(args: Args) -> Result<(), CliError> {
     let sign = PrivateKey::generate(args.size).map_err(|e| user(e.to_string()))?;
     let [message_file, message_pub, sign_file, sign_pub] = &files;
     for (path, key) in [(message_file, &message), (sign_file, &sign)] {
-        write_private_file(path, key.to_pkcs1_pem().as_bytes(), args.force).map_err(|e| user(e.to_string()))?;
+        write_private_file(path, key.to_pkcs1_pem().as_bytes(), args.force)
+            .map_err(|e| user(e.to_string()))?;
     }
     for (path, key) in [(message_pub, &message), (sign_pub, &sign)] {
         std::fs::write(path, key.public_key().to_pem())
             .map_err(|e| user(format!("{}: {e}", path.display())))?;
     }
-    println!("generated {}-bit keys for {name} in {}", args.size, keys.display());
+    println!(
+        "generated {}-bit keys for {name} in {}",
+        args.size,
+        keys.display()
+    );
     println!("message key sha256:{}", message.public_key().fingerprint());
     println!("sign key    sha256:{}", sign.public_key().fingerprint());
     Ok(())
@@ -78,7 +86,11 @@ pub fn key_files(keys: &Path, name: &Username) -> [PathBuf; 4] {
 /// Creates `dir` (and parents) with mode 0700, and tightens it to 0700 if it exists.
 pub fn make_private_dir(dir: &Path) -> Result<(), CliError> {
     let fail = |e: std::io::Error| user(format!("{}: {e}", dir.display()));
-    std::fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(fail)?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(fail)?;
     std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(fail)
 }
 

@@ -27,7 +27,8 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     };
     let typed = peer;
     let peer = typed.trim().to_lowercase();
-    nes_proto::Username::parse(&peer).map_err(|e| user(format!("no conversation with {typed:?}: {e}")))?;
+    nes_proto::Username::parse(&peer)
+        .map_err(|e| user(format!("no conversation with {typed:?}: {e}")))?;
     if args.last == Some(0) {
         return Ok(());
     }
@@ -59,10 +60,27 @@ async fn conversations(client: &mut nes_client::Client, json_out: bool) -> Resul
             let last = c
                 .last
                 .as_ref()
-                .map(|m| format!("[{}] {}: {}", local_time(m.timestamp_ms), nes_client::display::line(&m.from), first_line(&m.text)))
+                .map(|m| {
+                    format!(
+                        "[{}] {}: {}",
+                        local_time(m.timestamp_ms),
+                        nes_client::display::line(&m.from),
+                        first_line(&m.text)
+                    )
+                })
                 .unwrap_or_default();
-            let unread = if c.unread > 0 { format!(" ({} unread)", c.unread) } else { String::new() };
-            print_line(&format!("{}{}  {} messages  {}", nes_client::display::line(&c.peer), unread, c.total, last))?;
+            let unread = if c.unread > 0 {
+                format!(" ({} unread)", c.unread)
+            } else {
+                String::new()
+            };
+            print_line(&format!(
+                "{}{}  {} messages  {}",
+                nes_client::display::line(&c.peer),
+                unread,
+                c.total,
+                last
+            ))?;
         }
     }
     if conversations.is_empty() && !json_out {

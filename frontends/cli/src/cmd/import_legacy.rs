@@ -46,7 +46,10 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
         None => home()?.join(".nes"),
     };
     if !from.is_dir() {
-        return Err(user(format!("{} does not exist: nothing to import (use --from DIR for another folder)", from.display())));
+        return Err(user(format!(
+            "{} does not exist: nothing to import (use --from DIR for another folder)",
+            from.display()
+        )));
     }
     let legacy = match std::fs::read_to_string(from.join("config")) {
         Ok(text) => parse_dotenv(&text),
@@ -57,7 +60,8 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
         Some(name) => name,
         None => only_identity(&from)?,
     };
-    let name = Username::parse(name.trim()).map_err(|e| user(format!("cannot import {name:?}: {e}")))?;
+    let name =
+        Username::parse(name.trim()).map_err(|e| user(format!("cannot import {name:?}: {e}")))?;
 
     // Read and check everything before writing anything.
     let keys = read_legacy_keys(&from, &name)?;
@@ -106,15 +110,25 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     make_private_dir(&data_dir)?;
     make_private_dir(&keys_dir)?;
     let [message, message_pub, sign, sign_pub] = &targets;
-    for (path, bytes) in [(message, &keys.message), (message_pub, &keys.message_pub), (sign, &keys.sign), (sign_pub, &keys.sign_pub)] {
-        write_private_file(path, bytes, args.force).map_err(|e| user(format!("{}: {e}", path.display())))?;
+    for (path, bytes) in [
+        (message, &keys.message),
+        (message_pub, &keys.message_pub),
+        (sign, &keys.sign),
+        (sign_pub, &keys.sign_pub),
+    ] {
+        write_private_file(path, bytes, args.force)
+            .map_err(|e| user(format!("{}: {e}", path.display())))?;
     }
     for (key, value) in &settings {
         table.insert(key.to_string(), toml::Value::String(value.clone()));
     }
     crate::cmd::config::save(&config_path, &table)?;
 
-    print_line(&format!("imported {name} from {} into {}", from.display(), keys_dir.display()))?;
+    print_line(&format!(
+        "imported {name} from {} into {}",
+        from.display(),
+        keys_dir.display()
+    ))?;
     print_line(&format!("message key sha256:{}", keys.message_fingerprint))?;
     print_line(&format!("sign key    sha256:{}", keys.sign_fingerprint))?;
     for (key, value) in &settings {
@@ -142,18 +156,29 @@ fn read_legacy_keys(dir: &Path, name: &Username) -> Result<LegacyKeys, CliError>
     let [message, message_pub, sign, sign_pub] = key_files(dir, name);
     let (message, message_pub, message_fingerprint) = read_pair(&message, &message_pub)?;
     let (sign, sign_pub, sign_fingerprint) = read_pair(&sign, &sign_pub)?;
-    Ok(LegacyKeys { message, message_pub, sign, sign_pub, message_fingerprint, sign_fingerprint })
+    Ok(LegacyKeys {
+        message,
+        message_pub,
+        sign,
+        sign_pub,
+        message_fingerprint,
+        sign_fingerprint,
+    })
 }
 
 /// One private key and its public key: both parsed, and checked to belong together.
 fn read_pair(private: &Path, public: &Path) -> Result<(Vec<u8>, Vec<u8>, String), CliError> {
     let private_bytes = std::fs::read(private).map_err(|e| {
-        user(format!("{}: {e} (the original client keeps <user>-rsa-message and <user>-rsa-sign there)", private.display()))
+        user(format!(
+            "{}: {e} (the original client keeps <user>-rsa-message and <user>-rsa-sign there)",
+            private.display()
+        ))
     })?;
     let key = PrivateKey::read(private).map_err(|e| user(format!("{}: {e}", private.display())))?;
     let public_bytes = match std::fs::read(public) {
         Ok(bytes) => {
-            let pubkey = PublicKey::read(public).map_err(|e| user(format!("{}: {e}", public.display())))?;
+            let pubkey =
+                PublicKey::read(public).map_err(|e| user(format!("{}: {e}", public.display())))?;
             if pubkey.spki_der() != key.public_key().spki_der() {
                 return Err(user(format!(
                     "{} does not belong to {}: the key pair is inconsistent; fix the folder before importing",
@@ -163,7 +188,9 @@ fn read_pair(private: &Path, public: &Path) -> Result<(Vec<u8>, Vec<u8>, String)
             }
             bytes
         }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => key.public_key().to_pem().into_bytes(),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            key.public_key().to_pem().into_bytes()
+        }
         Err(e) => return Err(user(format!("{}: {e}", public.display()))),
     };
     Ok((private_bytes, public_bytes, key.public_key().fingerprint()))
@@ -171,7 +198,11 @@ fn read_pair(private: &Path, public: &Path) -> Result<(Vec<u8>, Vec<u8>, String)
 
 /// The username the original config names.
 fn legacy_user(config: &BTreeMap<String, String>) -> Option<String> {
-    config.get("NES_USERNAME").or_else(|| config.get("USERNAME")).filter(|s| !s.is_empty()).cloned()
+    config
+        .get("NES_USERNAME")
+        .or_else(|| config.get("USERNAME"))
+        .filter(|s| !s.is_empty())
+        .cloned()
 }
 
 /// The one user with a `<user>-rsa-message` file in `dir`.
@@ -179,13 +210,25 @@ fn only_identity(dir: &Path) -> Result<String, CliError> {
     let mut users: Vec<String> = std::fs::read_dir(dir)
         .map_err(|e| user(format!("{}: {e}", dir.display())))?
         .filter_map(|e| e.ok())
-        .filter_map(|e| e.file_name().to_str()?.strip_suffix("-rsa-message").map(String::from))
+        .filter_map(|e| {
+            e.file_name()
+                .to_str()?
+                .strip_suffix("-rsa-message")
+                .map(String::from)
+        })
         .collect();
     users.sort();
     match users.len() {
         1 => Ok(users.remove(0)),
-        0 => Err(user(format!("no identity in {}: no <user>-rsa-message file", dir.display()))),
-        _ => Err(user(format!("{} holds several identities ({}): choose one with -u", dir.display(), users.join(", ")))),
+        0 => Err(user(format!(
+            "no identity in {}: no <user>-rsa-message file",
+            dir.display()
+        ))),
+        _ => Err(user(format!(
+            "{} holds several identities ({}): choose one with -u",
+            dir.display(),
+            users.join(", ")
+        ))),
     }
 }
 
@@ -199,7 +242,9 @@ pub fn parse_dotenv(text: &str) -> BTreeMap<String, String> {
             continue;
         }
         let line = line.strip_prefix("export ").unwrap_or(line);
-        let Some((key, value)) = line.split_once('=').or_else(|| line.split_once(':')) else { continue };
+        let Some((key, value)) = line.split_once('=').or_else(|| line.split_once(':')) else {
+            continue;
+        };
         let key = key.trim();
         let value = value.trim();
         let value = if let Some(inner) = value.strip_prefix('"').and_then(|v| v.strip_suffix('"')) {
@@ -236,10 +281,19 @@ pub fn broker_url(address: &str) -> Result<String, CliError> {
     };
     let rest = rest.trim_end_matches('/');
     if rest.is_empty() {
-        return Err(user(format!("MQTT_BROKER_ADDRESS {address:?} names no host")));
+        return Err(user(format!(
+            "MQTT_BROKER_ADDRESS {address:?} names no host"
+        )));
     }
-    let has_port = rest.rsplit_once(':').is_some_and(|(_, p)| p.parse::<u16>().is_ok()) && !rest.ends_with(']');
-    Ok(if has_port { format!("{scheme}://{rest}") } else { format!("{scheme}://{rest}:{port}") })
+    let has_port = rest
+        .rsplit_once(':')
+        .is_some_and(|(_, p)| p.parse::<u16>().is_ok())
+        && !rest.ends_with(']');
+    Ok(if has_port {
+        format!("{scheme}://{rest}")
+    } else {
+        format!("{scheme}://{rest}:{port}")
+    })
 }
 
 fn home() -> Result<PathBuf, CliError> {
@@ -276,9 +330,18 @@ mod tests {
 
     #[test]
     fn broker_addresses() {
-        assert_eq!(broker_url("tcp://test.mosquitto.org:1883").unwrap(), "mqtt://test.mosquitto.org:1883");
-        assert_eq!(broker_url("test.mosquitto.org").unwrap(), "mqtt://test.mosquitto.org:1883");
-        assert_eq!(broker_url("127.0.0.1:1999").unwrap(), "mqtt://127.0.0.1:1999");
+        assert_eq!(
+            broker_url("tcp://test.mosquitto.org:1883").unwrap(),
+            "mqtt://test.mosquitto.org:1883"
+        );
+        assert_eq!(
+            broker_url("test.mosquitto.org").unwrap(),
+            "mqtt://test.mosquitto.org:1883"
+        );
+        assert_eq!(
+            broker_url("127.0.0.1:1999").unwrap(),
+            "mqtt://127.0.0.1:1999"
+        );
         assert_eq!(broker_url("ssl://h").unwrap(), "mqtts://h:8883");
         assert_eq!(broker_url("mqtt://h:1/").unwrap(), "mqtt://h:1");
         assert!(broker_url("ws://h:80").is_err());

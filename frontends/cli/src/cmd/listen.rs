@@ -67,7 +67,9 @@ impl Filter {
     /// The message of `event` to show, if any: stored incoming messages (not held ones),
     /// and outgoing ones when asked; `--from` applies to the sender.
     pub fn select<'e>(&self, event: &'e Event) -> Option<&'e Message> {
-        let Some(event::Kind::Message(message)) = &event.kind else { return None };
+        let Some(event::Kind::Message(message)) = &event.kind else {
+            return None;
+        };
         let incoming = message.direction == Direction::Incoming as i32;
         let show = if incoming {
             message.state == MessageState::Received as i32
@@ -99,17 +101,28 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
         None => None,
     };
     let deadline = match args.timeout {
-        Some(s) if s.is_finite() && s >= 0.0 => Some(tokio::time::Instant::now() + Duration::from_secs_f64(s)),
-        Some(s) => return Err(user(format!("--timeout {s}: give a number of seconds (0 or more)"))),
+        Some(s) if s.is_finite() && s >= 0.0 => {
+            Some(tokio::time::Instant::now() + Duration::from_secs_f64(s))
+        }
+        Some(s) => {
+            return Err(user(format!(
+                "--timeout {s}: give a number of seconds (0 or more)"
+            )))
+        }
         None => None,
     };
-    let filter = Filter { from, outgoing: args.outgoing };
+    let filter = Filter {
+        from,
+        outgoing: args.outgoing,
+    };
     let print = args.json || args.exec.is_none();
     if let Some(since) = args.since.as_deref().filter(|s| cursor_number(s).is_none()) {
         return Err(usage(format!("--since {since:?}: give the `cursor` of a line `nes listen --json` printed, or 0 for everything")));
     }
 
-    let mut feed = Feed::open(&ctx.socket, args.since.as_deref()).await.map_err(|e| refused(args.since.as_deref(), e))?;
+    let mut feed = Feed::open(&ctx.socket, args.since.as_deref())
+        .await
+        .map_err(|e| refused(args.since.as_deref(), e))?;
     let mut shown = 0u64;
     let closed = stdout_closed(print);
     tokio::pin!(closed);
@@ -126,12 +139,17 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
                 continue;
             }
             FeedItem::Reconnected => {
-                eprintln!("nes: reconnected to nesd; resuming after cursor {}", feed.cursor());
+                eprintln!(
+                    "nes: reconnected to nesd; resuming after cursor {}",
+                    feed.cursor()
+                );
                 continue;
             }
             _ => continue,
         };
-        let Some(message) = filter.select(&event) else { continue };
+        let Some(message) = filter.select(&event) else {
+            continue;
+        };
         if print {
             if args.json {
                 print_json(&message_json(message, Some(&event_cursor(&event))))?;
@@ -208,7 +226,11 @@ fn timed_out(shown: u64, count: Option<u64>) -> Result<(), CliError> {
 }
 
 /// The environment `--exec` gives its command for one message.
-pub fn exec_env(message: &Message, cursor: &str, socket: &std::path::Path) -> Vec<(&'static str, String)> {
+pub fn exec_env(
+    message: &Message,
+    cursor: &str,
+    socket: &std::path::Path,
+) -> Vec<(&'static str, String)> {
     vec![
         ("NES_FROM", message.from.clone()),
         ("NES_TO", message.to.clone()),
@@ -216,7 +238,10 @@ pub fn exec_env(message: &Message, cursor: &str, socket: &std::path::Path) -> Ve
         ("NES_ID", message.id.clone()),
         ("NES_TIMESTAMP", message.timestamp_ms.to_string()),
         ("NES_CURSOR", cursor.to_string()),
-        ("NES_DIRECTION", crate::output::direction_name(message.direction).to_string()),
+        (
+            "NES_DIRECTION",
+            crate::output::direction_name(message.direction).to_string(),
+        ),
         ("NES_SOCKET", socket.display().to_string()),
     ]
 }
@@ -245,7 +270,10 @@ async fn run_exec(command: &str, message: &Message, cursor: &str, ctx: &Ctx) {
     }
     match child.wait().await {
         Ok(status) if status.success() => {}
-        Ok(status) => eprintln!("nes: --exec command {status} for message {} (cursor {cursor})", message.id),
+        Ok(status) => eprintln!(
+            "nes: --exec command {status} for message {} (cursor {cursor})",
+            message.id
+        ),
         Err(e) => eprintln!("nes: --exec command: {e}"),
     }
 }
@@ -276,9 +304,30 @@ mod tests {
     #[test]
     fn shows_received_incoming_only_by_default() {
         let f = Filter::default();
-        assert!(f.select(&message_event(1, "alice", Direction::Incoming, MessageState::Received)).is_some());
-        assert!(f.select(&message_event(2, "alice", Direction::Incoming, MessageState::Held)).is_none());
-        assert!(f.select(&message_event(3, "bob", Direction::Outgoing, MessageState::Queued)).is_none());
+        assert!(f
+            .select(&message_event(
+                1,
+                "alice",
+                Direction::Incoming,
+                MessageState::Received
+            ))
+            .is_some());
+        assert!(f
+            .select(&message_event(
+                2,
+                "alice",
+                Direction::Incoming,
+                MessageState::Held
+            ))
+            .is_none());
+        assert!(f
+            .select(&message_event(
+                3,
+                "bob",
+                Direction::Outgoing,
+                MessageState::Queued
+            ))
+            .is_none());
         let state = Event {
             cursor: 4,
             at_ms: 0,
@@ -290,19 +339,53 @@ mod tests {
 
     #[test]
     fn outgoing_and_from_filters() {
-        let f = Filter { from: Some("alice".into()), outgoing: true };
-        assert!(f.select(&message_event(1, "alice", Direction::Incoming, MessageState::Received)).is_some());
-        assert!(f.select(&message_event(2, "carol", Direction::Incoming, MessageState::Received)).is_none());
-        let f = Filter { from: None, outgoing: true };
-        assert!(f.select(&message_event(3, "bob", Direction::Outgoing, MessageState::Queued)).is_some());
+        let f = Filter {
+            from: Some("alice".into()),
+            outgoing: true,
+        };
+        assert!(f
+            .select(&message_event(
+                1,
+                "alice",
+                Direction::Incoming,
+                MessageState::Received
+            ))
+            .is_some());
+        assert!(f
+            .select(&message_event(
+                2,
+                "carol",
+                Direction::Incoming,
+                MessageState::Received
+            ))
+            .is_none());
+        let f = Filter {
+            from: None,
+            outgoing: true,
+        };
+        assert!(f
+            .select(&message_event(
+                3,
+                "bob",
+                Direction::Outgoing,
+                MessageState::Queued
+            ))
+            .is_some());
     }
 
     #[test]
     fn exec_environment() {
         let ev = message_event(7, "alice", Direction::Incoming, MessageState::Received);
-        let Some(event::Kind::Message(m)) = &ev.kind else { unreachable!() };
+        let Some(event::Kind::Message(m)) = &ev.kind else {
+            unreachable!()
+        };
         let env = exec_env(m, "7", std::path::Path::new("/s.sock"));
-        let get = |k: &str| env.iter().find(|(n, _)| *n == k).map(|(_, v)| v.clone()).unwrap();
+        let get = |k: &str| {
+            env.iter()
+                .find(|(n, _)| *n == k)
+                .map(|(_, v)| v.clone())
+                .unwrap()
+        };
         assert_eq!(get("NES_FROM"), "alice");
         assert_eq!(get("NES_ID"), "id7");
         assert_eq!(get("NES_CURSOR"), "7");

@@ -15,7 +15,8 @@ pub struct Args {
 pub fn run(args: Args) -> Result<(), CliError> {
     std::fs::create_dir_all(&args.dir).map_err(|e| user(format!("{}: {e}", args.dir.display())))?;
     let command = crate::Cli::command();
-    clap_mangen::generate_to(command, &args.dir).map_err(|e| user(format!("{}: {e}", args.dir.display())))?;
+    clap_mangen::generate_to(command, &args.dir)
+        .map_err(|e| user(format!("{}: {e}", args.dir.display())))?;
     let mut pages: Vec<_> = std::fs::read_dir(&args.dir)
         .map_err(|e| user(format!("{}: {e}", args.dir.display())))?
         .filter_map(|e| e.ok())
@@ -23,5 +24,10 @@ pub fn run(args: Args) -> Result<(), CliError> {
         .filter(|n| n.ends_with(".1") && (n == "nes.1" || n.starts_with("nes-")))
         .collect();
     pages.sort();
-    crate::output::print_line(&format!("wrote {} man pages to {}: {}", pages.len(), args.dir.display(), pages.join(" ")))
+    crate::output::print_line(&format!(
+        "wrote {} man pages to {}: {}",
+        pages.len(),
+        args.dir.display(),
+        pages.join(" ")
+    ))
 }

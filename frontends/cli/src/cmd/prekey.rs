@@ -42,7 +42,9 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
         Some(i) => text.split_at(i),
         None => (text, "s"),
     };
-    let n: u64 = number.parse().map_err(|_| format!("{text:?} is not a duration like 7d, 12h, 30m or 90s"))?;
+    let n: u64 = number
+        .parse()
+        .map_err(|_| format!("{text:?} is not a duration like 7d, 12h, 30m or 90s"))?;
     let secs = match unit {
         "s" => Some(n),
         "m" => n.checked_mul(60),
@@ -79,8 +81,9 @@ fn new(args: NewArgs) -> Result<(), CliError> {
     }
     let sign_key = PrivateKey::read(&sign_file).map_err(|e| user(e.to_string()))?;
     let keys = KeyDir::new(&data_dir);
-    let (prekey, _certificate) =
-        keys.create(&name, &sign_key, args.rotation, nes_proto::now_ms()).map_err(|e| user(e.to_string()))?;
+    let (prekey, _certificate) = keys
+        .create(&name, &sign_key, args.rotation, nes_proto::now_ms())
+        .map_err(|e| user(e.to_string()))?;
     let mut out = std::io::stdout().lock();
     out.write_all(prekey.signed().as_bytes())?;
     out.write_all(b"\n")?;

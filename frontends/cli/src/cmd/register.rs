@@ -15,11 +15,17 @@ pub struct Args {
 pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     let email = args.email.trim();
     if email.is_empty() || !email.contains('@') {
-        return Err(user(format!("not an email address: {:?}; give the address the activation link should go to", args.email)));
+        return Err(user(format!(
+            "not an email address: {:?}; give the address the activation link should go to",
+            args.email
+        )));
     }
     let reply = ctx.client().await?.register(email).await?;
     let message = if reply.message.is_empty() {
-        format!("registered {}: follow the activation link mailed to {email}", reply.username)
+        format!(
+            "registered {}: follow the activation link mailed to {email}",
+            reply.username
+        )
     } else {
         format!("{}: {}", reply.username, reply.message)
     };

@@ -60,7 +60,8 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     check_text(&text)?;
     let typed = peer;
     let peer = typed.to_lowercase();
-    nes_proto::Username::parse(&peer).map_err(|e| user(format!("cannot send to {typed:?}: {e}")))?;
+    nes_proto::Username::parse(&peer)
+        .map_err(|e| user(format!("cannot send to {typed:?}: {e}")))?;
 
     let mut client = ctx.client().await?;
     // Subscribe before sending so no state change can slip past --wait.
@@ -74,7 +75,9 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     } else {
         print_line(&message.id)?;
     }
-    let Some(feed) = feed.as_mut() else { return Ok(()) };
+    let Some(feed) = feed.as_mut() else {
+        return Ok(());
+    };
     let mut state = message.state;
     while !is_final(state) {
         match feed.next().await? {
@@ -83,7 +86,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
                     if change.id == message.id {
                         state = change.state;
                         if state == MessageState::Failed as i32 {
-                            return Err(user(format!("sending to {peer} failed: {}", change.error)));
+                            return Err(user(format!(
+                                "sending to {peer} failed: {}",
+                                change.error
+                            )));
                         }
                     }
                 }
@@ -116,10 +122,17 @@ fn recipient_and_text(args: &Args) -> Result<(String, Option<String>), CliError>
     let rest: Vec<&String> = words.collect();
     let text = match (&args.message, rest.is_empty()) {
         (Some(_), false) => {
-            return Err(usage("give the text either with -m or as words after the recipient, not both"))
+            return Err(usage(
+                "give the text either with -m or as words after the recipient, not both",
+            ))
         }
         (Some(m), true) => Some(m.clone()),
-        (None, false) => Some(rest.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" ")),
+        (None, false) => Some(
+            rest.iter()
+                .map(|s| s.as_str())
+                .collect::<Vec<_>>()
+                .join(" "),
+        ),
         (None, true) => None,
     };
     Ok((peer.trim().to_string(), text))
@@ -128,7 +141,9 @@ fn recipient_and_text(args: &Args) -> Result<(String, Option<String>), CliError>
 /// Refuses an empty (or whitespace-only) message before bothering the daemon.
 fn check_text(text: &str) -> Result<(), CliError> {
     if text.trim().is_empty() {
-        return Err(user("empty message: nothing to send (give the text as an argument, with -m, or on stdin)"));
+        return Err(user(
+            "empty message: nothing to send (give the text as an argument, with -m, or on stdin)",
+        ));
     }
     Ok(())
 }
@@ -139,8 +154,12 @@ fn read_stdin_text() -> Result<String, CliError> {
         eprintln!("nes: type the message, then Ctrl-D on a line of its own");
     }
     let mut bytes = Vec::new();
-    stdin.lock().read_to_end(&mut bytes).map_err(|e| user(format!("reading the message from stdin: {e}")))?;
-    let text = String::from_utf8(bytes).map_err(|_| user("the message on stdin is not UTF-8 text"))?;
+    stdin
+        .lock()
+        .read_to_end(&mut bytes)
+        .map_err(|e| user(format!("reading the message from stdin: {e}")))?;
+    let text =
+        String::from_utf8(bytes).map_err(|_| user("the message on stdin is not UTF-8 text"))?;
     Ok(strip_one_newline(text))
 }
 
@@ -164,31 +183,70 @@ pub fn parse_batch_line(line: &str, legacy: bool) -> BatchLine {
     }
     let value: Value = match serde_json::from_str(line) {
         Ok(v) => v,
-        Err(e) => return BatchLine::Bad { to: None, error: format!("not a JSON object: {e}") },
+        Err(e) => {
+            return BatchLine::Bad {
+                to: None,
+                error: format!("not a JSON object: {e}"),
+            }
+        }
     };
     let Some(object) = value.as_object() else {
-        return BatchLine::Bad { to: None, error: "not a JSON object: expected {\"to\":..,\"message\":..}".into() };
+        return BatchLine::Bad {
+            to: None,
+            error: "not a JSON object: expected {\"to\":..,\"message\":..}".into(),
+        };
     };
     let to = match object.get("to") {
         Some(Value::String(s)) => s.trim().to_lowercase(),
-        Some(_) => return BatchLine::Bad { to: None, error: "\"to\" must be a string".into() },
-        None => return BatchLine::Bad { to: None, error: "missing \"to\"".into() },
+        Some(_) => {
+            return BatchLine::Bad {
+                to: None,
+                error: "\"to\" must be a string".into(),
+            }
+        }
+        None => {
+            return BatchLine::Bad {
+                to: None,
+                error: "missing \"to\"".into(),
+            }
+        }
     };
     let text = match object.get("message").or_else(|| object.get("text")) {
         Some(Value::String(s)) => s.clone(),
-        Some(_) => return BatchLine::Bad { to: Some(to), error: "\"message\" must be a string".into() },
-        None => return BatchLine::Bad { to: Some(to), error: "missing \"message\"".into() },
+        Some(_) => {
+            return BatchLine::Bad {
+                to: Some(to),
+                error: "\"message\" must be a string".into(),
+            }
+        }
+        None => {
+            return BatchLine::Bad {
+                to: Some(to),
+                error: "missing \"message\"".into(),
+            }
+        }
     };
     let legacy = match object.get("legacy") {
         None | Some(Value::Null) => legacy,
         Some(Value::Bool(b)) => *b,
-        Some(_) => return BatchLine::Bad { to: Some(to), error: "\"legacy\" must be true or false".into() },
+        Some(_) => {
+            return BatchLine::Bad {
+                to: Some(to),
+                error: "\"legacy\" must be true or false".into(),
+            }
+        }
     };
     if let Err(e) = nes_proto::Username::parse(&to) {
-        return BatchLine::Bad { to: Some(to), error: e.to_string() };
+        return BatchLine::Bad {
+            to: Some(to),
+            error: e.to_string(),
+        };
     }
     if text.trim().is_empty() {
-        return BatchLine::Bad { to: Some(to), error: "empty message".into() };
+        return BatchLine::Bad {
+            to: Some(to),
+            error: "empty message".into(),
+        };
     }
     BatchLine::Send(SendRequest { to, text, legacy })
 }
@@ -229,7 +287,11 @@ pub fn reply_json(line: u64, to: &str, reply: &SendReply) -> BatchResult {
             to: Some(to.into()),
             id: None,
             state: None,
-            error: Some(if reply.error.is_empty() { "nesd returned no message".into() } else { reply.error.clone() }),
+            error: Some(if reply.error.is_empty() {
+                "nesd returned no message".into()
+            } else {
+                reply.error.clone()
+            }),
             code: Some(code_name(reply.code)),
         },
     }
@@ -295,7 +357,11 @@ async fn batch(ctx: &Ctx, legacy: bool) -> Result<(), CliError> {
             match parse_batch_line(&line, legacy) {
                 BatchLine::Blank => {}
                 BatchLine::Bad { to, error } => {
-                    if slots.send(Slot::Ready(bad_line_json(number, to.as_deref(), &error))).await.is_err() {
+                    if slots
+                        .send(Slot::Ready(bad_line_json(number, to.as_deref(), &error)))
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -304,7 +370,11 @@ async fn batch(ctx: &Ctx, legacy: bool) -> Result<(), CliError> {
                     if requests.send(request).await.is_err() {
                         break;
                     }
-                    if slots.send(Slot::Pending { line: number, to }).await.is_err() {
+                    if slots
+                        .send(Slot::Pending { line: number, to })
+                        .await
+                        .is_err()
+                    {
                         break;
                     }
                 }
@@ -312,7 +382,10 @@ async fn batch(ctx: &Ctx, legacy: bool) -> Result<(), CliError> {
         }
     });
 
-    let response = client.rpc().send_stream(tokio_stream::wrappers::ReceiverStream::new(request_rx)).await;
+    let response = client
+        .rpc()
+        .send_stream(tokio_stream::wrappers::ReceiverStream::new(request_rx))
+        .await;
     let mut replies = response.map_err(|s| client.error(s))?.into_inner();
     let mut failed = 0u64;
     let mut gone: Option<nes_client::Error> = None;
@@ -352,7 +425,9 @@ async fn batch(ctx: &Ctx, legacy: bool) -> Result<(), CliError> {
     let _ = reader.await;
     match gone {
         Some(err) if err.is_not_running() => Err(err.into()),
-        _ if failed > 0 => Err(user(format!("{failed} message(s) of the batch failed (see the result lines with \"ok\":false)"))),
+        _ if failed > 0 => Err(user(format!(
+            "{failed} message(s) of the batch failed (see the result lines with \"ok\":false)"
+        ))),
         _ => Ok(()),
     }
 }
@@ -376,13 +451,34 @@ mod tests {
 
     #[test]
     fn forms_of_recipient_and_text() {
-        assert_eq!(recipient_and_text(&args(&["bob", "hi", "there"], None, None)).unwrap(), ("bob".into(), Some("hi there".into())));
-        assert_eq!(recipient_and_text(&args(&["Bob"], None, None)).unwrap(), ("Bob".into(), None));
-        assert_eq!(recipient_and_text(&args(&[], Some("bob"), Some("hi"))).unwrap(), ("bob".into(), Some("hi".into())));
-        assert_eq!(recipient_and_text(&args(&["hi", "you"], Some("bob"), None)).unwrap(), ("bob".into(), Some("hi you".into())));
-        assert_eq!(recipient_and_text(&args(&["bob"], None, Some("x"))).unwrap(), ("bob".into(), Some("x".into())));
-        assert!(matches!(recipient_and_text(&args(&[], None, None)), Err(CliError::Usage(_))));
-        assert!(matches!(recipient_and_text(&args(&["bob", "x"], None, Some("y"))), Err(CliError::Usage(_))));
+        assert_eq!(
+            recipient_and_text(&args(&["bob", "hi", "there"], None, None)).unwrap(),
+            ("bob".into(), Some("hi there".into()))
+        );
+        assert_eq!(
+            recipient_and_text(&args(&["Bob"], None, None)).unwrap(),
+            ("Bob".into(), None)
+        );
+        assert_eq!(
+            recipient_and_text(&args(&[], Some("bob"), Some("hi"))).unwrap(),
+            ("bob".into(), Some("hi".into()))
+        );
+        assert_eq!(
+            recipient_and_text(&args(&["hi", "you"], Some("bob"), None)).unwrap(),
+            ("bob".into(), Some("hi you".into()))
+        );
+        assert_eq!(
+            recipient_and_text(&args(&["bob"], None, Some("x"))).unwrap(),
+            ("bob".into(), Some("x".into()))
+        );
+        assert!(matches!(
+            recipient_and_text(&args(&[], None, None)),
+            Err(CliError::Usage(_))
+        ));
+        assert!(matches!(
+            recipient_and_text(&args(&["bob", "x"], None, Some("y"))),
+            Err(CliError::Usage(_))
+        ));
     }
 
     #[test]
@@ -397,15 +493,27 @@ mod tests {
         assert_eq!(parse_batch_line("   ", false), BatchLine::Blank);
         assert_eq!(
             parse_batch_line(r#"{"to":"Bob","message":"hi"}"#, false),
-            BatchLine::Send(SendRequest { to: "bob".into(), text: "hi".into(), legacy: false })
+            BatchLine::Send(SendRequest {
+                to: "bob".into(),
+                text: "hi".into(),
+                legacy: false
+            })
         );
         assert_eq!(
             parse_batch_line(r#"{"to":"bob","text":"hi","legacy":true}"#, false),
-            BatchLine::Send(SendRequest { to: "bob".into(), text: "hi".into(), legacy: true })
+            BatchLine::Send(SendRequest {
+                to: "bob".into(),
+                text: "hi".into(),
+                legacy: true
+            })
         );
         assert_eq!(
             parse_batch_line(r#"{"to":"bob","message":"hi"}"#, true),
-            BatchLine::Send(SendRequest { to: "bob".into(), text: "hi".into(), legacy: true })
+            BatchLine::Send(SendRequest {
+                to: "bob".into(),
+                text: "hi".into(),
+                legacy: true
+            })
         );
         let bad = |line: &str| match parse_batch_line(line, false) {
             BatchLine::Bad { error, .. } => error,
@@ -424,22 +532,45 @@ mod tests {
     #[test]
     fn result_lines() {
         let ok = SendReply {
-            message: Some(Message { id: "ID==".into(), state: MessageState::Queued as i32, ..Default::default() }),
+            message: Some(Message {
+                id: "ID==".into(),
+                state: MessageState::Queued as i32,
+                ..Default::default()
+            }),
             error: String::new(),
             code: 0,
         };
         let v = serde_json::to_string(&reply_json(3, "bob", &ok)).unwrap();
-        assert_eq!(v, r#"{"line":3,"ok":true,"to":"bob","id":"ID==","state":"queued"}"#);
-        let refused = SendReply { message: None, error: "unknown user zed".into(), code: tonic::Code::NotFound as i32 };
+        assert_eq!(
+            v,
+            r#"{"line":3,"ok":true,"to":"bob","id":"ID==","state":"queued"}"#
+        );
+        let refused = SendReply {
+            message: None,
+            error: "unknown user zed".into(),
+            code: tonic::Code::NotFound as i32,
+        };
         let v = serde_json::to_string(&reply_json(4, "zed", &refused)).unwrap();
-        assert_eq!(v, r#"{"line":4,"ok":false,"to":"zed","error":"unknown user zed","code":"not_found"}"#);
+        assert_eq!(
+            v,
+            r#"{"line":4,"ok":false,"to":"zed","error":"unknown user zed","code":"not_found"}"#
+        );
         let v = serde_json::to_string(&bad_line_json(5, None, "not a JSON object")).unwrap();
-        assert_eq!(v, r#"{"line":5,"ok":false,"error":"not a JSON object","code":"invalid_argument"}"#);
+        assert_eq!(
+            v,
+            r#"{"line":5,"ok":false,"error":"not a JSON object","code":"invalid_argument"}"#
+        );
     }
 
     #[test]
     fn code_names() {
-        assert_eq!(code_name(tonic::Code::InvalidArgument as i32), "invalid_argument");
-        assert_eq!(code_name(tonic::Code::FailedPrecondition as i32), "failed_precondition");
+        assert_eq!(
+            code_name(tonic::Code::InvalidArgument as i32),
+            "invalid_argument"
+        );
+        assert_eq!(
+            code_name(tonic::Code::FailedPrecondition as i32),
+            "failed_precondition"
+        );
     }
 }

@@ -30,8 +30,11 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
 
 /// The `--json` object: every field of `StatusReply`, plus the socket.
 pub fn status_json(s: &StatusReply, socket: &str) -> serde_json::Value {
-    let refused: serde_json::Map<String, serde_json::Value> =
-        s.refused.iter().map(|(k, v)| (k.clone(), json!(v))).collect();
+    let refused: serde_json::Map<String, serde_json::Value> = s
+        .refused
+        .iter()
+        .map(|(k, v)| (k.clone(), json!(v)))
+        .collect();
     json!({
         "user": s.user,
         "version": s.version,
@@ -61,29 +64,53 @@ pub fn status_text(s: &StatusReply, socket: &str) -> Vec<String> {
     let refused = if refused.is_empty() {
         "none".to_string()
     } else {
-        refused.iter().map(|(k, n)| format!("{k} {n}")).collect::<Vec<_>>().join(", ")
+        refused
+            .iter()
+            .map(|(k, n)| format!("{k} {n}"))
+            .collect::<Vec<_>>()
+            .join(", ")
     };
     vec![
-        format!("nesd {} (pid {}), up {}, socket {socket}", s.version, s.pid, duration(s.uptime_seconds)),
+        format!(
+            "nesd {} (pid {}), up {}, socket {socket}",
+            s.version,
+            s.pid,
+            duration(s.uptime_seconds)
+        ),
         format!("user:       {}", s.user),
         format!(
             "broker:     {} ({})",
             s.broker,
-            if s.connected { "connected" } else { "not connected" }
+            if s.connected {
+                "connected"
+            } else {
+                "not connected"
+            }
         ),
         format!("client id:  {}", s.client_id),
         format!("key server: {}", s.keyserver),
         format!("queued:     {}", s.queued),
-        format!("sent:       {}   received: {}   unread: {}", s.sent, s.received, s.unread),
+        format!(
+            "sent:       {}   received: {}   unread: {}",
+            s.sent, s.received, s.unread
+        ),
         format!("refused:    {refused}"),
-        format!("waiting:    {} (frames waiting for their senders' keys)", s.waiting),
+        format!(
+            "waiting:    {} (frames waiting for their senders' keys)",
+            s.waiting
+        ),
         format!("cursor:     {} (store {})", s.last_cursor, s.store_id),
     ]
 }
 
 /// `3d 4h`, `2h 5m`, `5m 3s`, `12s`.
 fn duration(seconds: u64) -> String {
-    let (d, h, m, s) = (seconds / 86_400, seconds / 3600 % 24, seconds / 60 % 60, seconds % 60);
+    let (d, h, m, s) = (
+        seconds / 86_400,
+        seconds / 3600 % 24,
+        seconds / 60 % 60,
+        seconds % 60,
+    );
     match (d, h, m) {
         (0, 0, 0) => format!("{s}s"),
         (0, 0, _) => format!("{m}m {s}s"),
@@ -98,12 +125,19 @@ mod tests {
 
     #[test]
     fn text_shows_refusals_sorted() {
-        let mut s = StatusReply { user: "bob".into(), connected: true, ..Default::default() };
+        let mut s = StatusReply {
+            user: "bob".into(),
+            connected: true,
+            ..Default::default()
+        };
         s.refused.insert("signature".into(), 2);
         s.refused.insert("duplicate".into(), 1);
         s.refused.insert("bad_json".into(), 0);
         let text = status_text(&s, "/s").join("\n");
-        assert!(text.contains("refused:    duplicate 1, signature 2"), "{text}");
+        assert!(
+            text.contains("refused:    duplicate 1, signature 2"),
+            "{text}"
+        );
         assert!(text.contains("(connected)"));
         let v = status_json(&s, "/s");
         assert_eq!(v["refused"]["signature"], 2);
