@@ -2,16 +2,28 @@
 //! every rule of docs/PROTOCOL.md "Receiving rules".
 //!
 //! ```text
-//! publish ─▶ decrypt (blocking pool, a few at once) ─▶ in arrival order:
+//! publish ─▶ lane ─┬─ v1/v2 (RSA): decrypt ahead, a few chunks at once ──────────────┐
+//!                  │     └─ falling behind: spill to the inbox, flush, ack; read back ┤
+//!                  └─ v3 and frames refused unopened: decrypt ahead ──────────────────┤
+//!   one consumer, in each lane's order: ◀────────────────────────────────────────────┘
 //!   sender keys (key cache, from memory) ─▶ verify ─▶ `to` ─▶ timestamp ─▶ duplicate?
 //!   ─▶ store ─▶ (batch) flush ─▶ ack to the broker ─▶ events go live
 //!                 └─ not known yet ─▶ park ─▶ (flush, ack) ... lookup done ─▶ try again
 //! ```
 //!
-//! - Decryption is the expensive RSA private-key operation, so it runs on tokio's blocking
-//!   pool: frames that arrive together are decrypted together, [`DECRYPT_CHUNK`] per task,
-//!   with [`DECRYPT_AHEAD`] chunks in parallel; results are consumed strictly in arrival
-//!   order, so messages of one sender are stored in the order they came.
+//! - Decryption runs on tokio's blocking pool: frames that arrive together are decrypted
+//!   together, [`DECRYPT_CHUNK`] per task, with [`DECRYPT_AHEAD`] chunks in parallel per
+//!   lane; results are consumed strictly in arrival order within a lane, so messages of
+//!   one sender are stored in the order they came (a sender whose frames change version,
+//!   v2 to v3, may have the first v3 one overtake the last v2 ones).
+//! - Lanes: opening a v1 or v2 frame costs an RSA private operation (~0.8 ms here), a v3
+//!   frame does not ([`frame::needs_private_rsa`]). Anyone who knows this identity's
+//!   public key can seal v2 frames to it from made-up senders, and they cannot be told
+//!   apart before decryption; so RSA frames have their own lane, and when they arrive
+//!   faster than it decrypts, the surplus is *spilled* to the store's inbox (flushed, then
+//!   acknowledged) and read back in order. The broker's window of unacknowledged messages
+//!   therefore never fills with RSA work, and frames of the cheap lane (contacts on v3)
+//!   keep arriving and being stored however long the RSA backlog is.
 //! - A frame is acknowledged to the broker only after it is flushed to disk (or refused):
 //!   a crash in between makes the broker deliver it again and the duplicate check (same
 //!   `from` and `id`) drops the second copy. Frames that arrive together are flushed
@@ -46,7 +58,7 @@ use nes_proto::frame::{self, Decrypted, FrameError, Opened};
 use nes_proto::rpc::{self, Direction, MessageState};
 use nes_proto::{now_ms, Username};
 use rumqttc::{Publish, QoS};
-use std::collections::HashSet;
+use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::{mpsc, watch};
@@ -58,6 +70,9 @@ use tracing::{debug, error, info};
 pub const DECRYPT_CHUNK: usize = 8;
 /// Chunks decrypting ahead of the one being stored (they run in parallel).
 pub const DECRYPT_AHEAD: usize = 2;
+/// How long frames left in the inbox by the last run wait, at start, for the broker to
+/// send again the older frames that run had not acknowledged.
+const INBOX_HOLD_AT_START: Duration = Duration::from_secs(3);
 /// Most frames stored per flush.
 pub const MAX_BATCH: usize = 64;
 /// How often frames parked while the key server was down are tried again.
@@ -103,8 +118,31 @@ enum Outcome {
     Failed,
 }
 
-/// A chunk of publishes and the job decrypting them, one result per publish.
-type Pending = (Vec<Publish>, JoinHandle<Vec<Result<Decrypted, FrameError>>>);
+/// A frame on its way through the pipeline, and where it came from.
+struct Item {
+    publish: Publish,
+    /// `Some(seq)`: read back from the inbox (acknowledged to the broker already; removed
+    /// from the inbox once handled). `None`: straight from the broker (acknowledge it).
+    spilled: Option<u64>,
+}
+
+/// A chunk of frames and the job decrypting them, one result per frame.
+type Pending = (Vec<Item>, JoinHandle<Vec<Result<Decrypted, FrameError>>>);
+
+/// Decrypts a chunk of frames on the blocking pool.
+fn decrypt_chunk(
+    identity: &Arc<Identity>,
+    chunk: &[Item],
+) -> JoinHandle<Vec<Result<Decrypted, FrameError>>> {
+    let identity = identity.clone();
+    let payloads: Vec<_> = chunk.iter().map(|i| i.publish.payload.clone()).collect();
+    tokio::task::spawn_blocking(move || {
+        payloads
+            .iter()
+            .map(|payload| frame::decrypt(payload, &identity.message_key))
+            .collect()
+    })
+}
 
 impl Pipeline {
     /// Runs until the transport stops sending or `shutdown` turns true. `resolved` names
@@ -115,40 +153,45 @@ impl Pipeline {
         mut resolved: mpsc::UnboundedReceiver<Username>,
         mut shutdown: watch::Receiver<bool>,
     ) {
-        let (ordered_tx, mut ordered) = mpsc::channel::<Pending>(DECRYPT_AHEAD);
-        let identity = self.identity.clone();
+        // Two lanes, each decrypting ahead in parallel and strictly ordered within itself:
+        // frames that need an RSA private operation (v1, v2) and those that do not (v3, and
+        // frames refused before decryption). One consumer below stores both, so the
+        // duplicate check and the per-sender rules see one frame at a time.
+        let (cheap_in, cheap_rx) = mpsc::unbounded_channel::<Publish>();
+        let (rsa_in, rsa_rx) = mpsc::unbounded_channel::<Publish>();
+        let (cheap_tx, mut cheap) = mpsc::channel::<Pending>(DECRYPT_AHEAD);
+        let (rsa_tx, mut rsa) = mpsc::channel::<Pending>(DECRYPT_AHEAD);
         let mut stop = shutdown.clone();
-        let decrypting = tokio::spawn(async move {
+        let routing = tokio::spawn(async move {
             loop {
-                let first = tokio::select! {
+                let p = tokio::select! {
                     _ = crate::stopped(&mut stop) => break,
                     p = incoming.recv() => match p { Some(p) => p, None => break },
                 };
-                let mut chunk = vec![first];
-                while chunk.len() < DECRYPT_CHUNK {
-                    match incoming.try_recv() {
-                        Ok(p) => chunk.push(p),
-                        Err(_) => break,
-                    }
-                }
-                let identity = identity.clone();
-                let payloads: Vec<_> = chunk.iter().map(|p| p.payload.clone()).collect();
-                let job = tokio::task::spawn_blocking(move || {
-                    payloads
-                        .iter()
-                        .map(|payload| frame::decrypt(payload, &identity.message_key))
-                        .collect()
-                });
-                if ordered_tx.send((chunk, job)).await.is_err() {
+                let lane = if frame::needs_private_rsa(&p.payload) {
+                    &rsa_in
+                } else {
+                    &cheap_in
+                };
+                if lane.send(p).is_err() {
                     break;
                 }
             }
         });
+        let cheap_lane = tokio::spawn(cheap_lane(
+            self.identity.clone(),
+            cheap_rx,
+            cheap_tx,
+            shutdown.clone(),
+        ));
+        let rsa_lane = tokio::spawn(self.clone().rsa_lane(rsa_rx, rsa_tx, shutdown.clone()));
         let mut retry = tokio::time::interval(RETRY_WAITING);
         retry.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             let first = tokio::select! {
+                biased;
                 _ = crate::stopped(&mut shutdown) => break,
+                p = cheap.recv() => match p { Some(p) => p, None => break },
                 _ = retry.tick() => {
                     // Here, between batches, so that parked frames and new ones of the same
                     // sender are never stored out of order.
@@ -174,53 +217,248 @@ impl Pipeline {
                     }
                     continue;
                 }
-                p = ordered.recv() => match p { Some(p) => p, None => break },
+                p = rsa.recv() => match p { Some(p) => p, None => break },
             };
             let mut frames = first.0.len();
             let mut batch = vec![first];
-            while frames < MAX_BATCH {
-                match ordered.try_recv() {
-                    Ok(p) => {
-                        frames += p.0.len();
-                        batch.push(p);
+            // Cheap frames first: taking an RSA chunk waits for its decryption.
+            for lane in [&mut cheap, &mut rsa] {
+                while frames < MAX_BATCH {
+                    match lane.try_recv() {
+                        Ok(p) => {
+                            frames += p.0.len();
+                            batch.push(p);
+                        }
+                        Err(_) => break,
                     }
-                    Err(_) => break,
                 }
             }
-            self.handle(batch).await;
-            self.transport.done(frames);
+            let from_broker = self.handle(batch).await;
+            self.transport.done(from_broker);
         }
-        decrypting.abort();
+        routing.abort();
+        cheap_lane.abort();
+        rsa_lane.abort();
     }
 
-    async fn handle(&self, batch: Vec<Pending>) {
+    /// The lane of frames that need an RSA private operation. While it keeps up, frames go
+    /// straight to decryption, as the cheap lane's do. When they arrive faster than it
+    /// decrypts, the surplus is *spilled*: written to the store's inbox, flushed and
+    /// acknowledged, then read back in order as the lane catches up. Without that, a
+    /// backlog of expensive frames (a flood of frames sealed to this identity by anyone)
+    /// would fill the broker's window of unacknowledged messages and hold back everything
+    /// behind it, including cheap frames from contacts. Order within the lane is arrival
+    /// order: frames kept in memory arrived before any spilled ones (spilling starts only
+    /// when they are all in decryption) and are decrypted first; a frame that arrives
+    /// while spilled ones wait is spilled behind them; if the inbox is full, frames wait
+    /// in memory behind it, unacknowledged, and the broker keeps the rest. After a crash
+    /// or a reconnect the broker sends the frames that were in memory again, marked DUP:
+    /// they go ahead of the inbox, as they came before it.
+    async fn rsa_lane(
+        self,
+        mut input: mpsc::UnboundedReceiver<Publish>,
+        out: mpsc::Sender<Pending>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let topic = self.identity.user.topic();
+        // Straight from the broker, older than anything in the inbox.
+        let mut direct: VecDeque<Publish> = VecDeque::new();
+        // Arrived while the inbox was full: after everything in it.
+        let mut behind: VecDeque<Publish> = VecDeque::new();
+        // Inbox frames up to this sequence number are in decryption or done (a restart
+        // reads what the last run left there first).
+        let mut read_upto = 0u64;
+        let mut next: Option<Pending> = None;
+        // Frames left in the inbox by the last run came after those it had in memory, which
+        // the broker sends again first (DUP) once connected: hold the inbox back until a
+        // frame that is not sent again arrives, or for INBOX_HOLD_AT_START.
+        let mut hold_until =
+            (self.store.inbox_len() > 0).then(|| tokio::time::Instant::now() + INBOX_HOLD_AT_START);
+        loop {
+            if next.is_none() {
+                let held = hold_until.is_some_and(|t| tokio::time::Instant::now() < t);
+                if !held {
+                    hold_until = None;
+                }
+                next = self.next_rsa_chunk(&topic, &mut direct, &mut behind, &mut read_upto, held);
+            }
+            let hold_ends = hold_until.unwrap_or_else(tokio::time::Instant::now);
+            tokio::select! {
+                biased;
+                _ = crate::stopped(&mut stop) => break,
+                _ = tokio::time::sleep_until(hold_ends), if hold_until.is_some() && next.is_none() => {
+                    hold_until = None;
+                }
+                permit = out.reserve(), if next.is_some() => {
+                    let Ok(permit) = permit else { break };
+                    if let Some(p) = next.take() {
+                        permit.send(p);
+                    }
+                }
+                p = input.recv() => {
+                    let Some(p) = p else { break };
+                    let mut arrived = vec![p];
+                    while let Ok(p) = input.try_recv() {
+                        arrived.push(p);
+                    }
+                    // A frame the broker sends again (DUP: it was not acknowledged when
+                    // the connection or this process ended) came before everything spilled
+                    // since; its first copy, if it was spilled, is then a duplicate.
+                    let (again, arrived): (Vec<_>, Vec<_>) =
+                        arrived.into_iter().partition(|p| p.dup);
+                    if !arrived.is_empty() {
+                        hold_until = None;
+                    }
+                    let mut known = 0;
+                    for p in again {
+                        if self.store.inbox_holds(&p.payload) {
+                            // Spilled, and its acknowledgement lost: the inbox copy is
+                            // the one that keeps its place.
+                            self.transport.ack(&p);
+                            known += 1;
+                        } else {
+                            direct.push_back(p);
+                        }
+                    }
+                    self.transport.done(known);
+                    let inbox_unread = self.store.inbox_last_seq() > read_upto;
+                    let idle = next.is_none() && direct.is_empty() && behind.is_empty()
+                        && !inbox_unread && out.capacity() > 0;
+                    let mut arrived = VecDeque::from(arrived);
+                    if idle {
+                        // Keep what the free decryption slots take now; spill the rest.
+                        let take = (out.capacity() * DECRYPT_CHUNK).min(arrived.len());
+                        direct.extend(arrived.drain(..take));
+                    }
+                    if !arrived.is_empty() {
+                        if behind.is_empty() {
+                            self.spill(&mut arrived).await;
+                        }
+                        behind.extend(arrived);
+                    }
+                }
+            }
+        }
+    }
+
+    /// The lane's next chunk: straight frames first, then the inbox in order, then the
+    /// frames that waited behind a full inbox.
+    fn next_rsa_chunk(
+        &self,
+        topic: &str,
+        direct: &mut VecDeque<Publish>,
+        behind: &mut VecDeque<Publish>,
+        read_upto: &mut u64,
+        hold_inbox: bool,
+    ) -> Option<Pending> {
+        let mut chunk: Vec<Item> = Vec::new();
+        if hold_inbox && direct.is_empty() {
+            return None;
+        }
+        if direct.is_empty() && self.store.inbox_last_seq() > *read_upto {
+            match self.store.inbox_after(*read_upto, DECRYPT_CHUNK) {
+                Ok(spilled) => {
+                    for s in spilled {
+                        *read_upto = s.seq;
+                        chunk.push(Item {
+                            publish: Publish::new(topic, QoS::AtLeastOnce, s.frame),
+                            spilled: Some(s.seq),
+                        });
+                    }
+                    if chunk.is_empty() {
+                        // Nothing after `read_upto`: the inbox is read to its end.
+                        *read_upto = self.store.inbox_last_seq();
+                    }
+                }
+                Err(e) => error!(error = %e, "cannot read the inbox; trying again later"),
+            }
+        }
+        if chunk.is_empty() {
+            if direct.is_empty() && self.store.inbox_last_seq() <= *read_upto {
+                std::mem::swap(direct, behind);
+            }
+            while chunk.len() < DECRYPT_CHUNK {
+                let Some(publish) = direct.pop_front() else {
+                    break;
+                };
+                chunk.push(Item {
+                    publish,
+                    spilled: None,
+                });
+            }
+        }
+        if chunk.is_empty() {
+            return None;
+        }
+        let job = decrypt_chunk(&self.identity, &chunk);
+        Some((chunk, job))
+    }
+
+    /// Writes as many of `frames` as fit to the inbox, flushes, acknowledges them to the
+    /// broker, and leaves in `frames` those that did not fit (or all, if the store failed).
+    async fn spill(&self, frames: &mut VecDeque<Publish>) {
+        let payloads: Vec<&[u8]> = frames.iter().map(|p| p.payload.as_ref()).collect();
+        let fit = self.store.inbox_room(&payloads);
+        if fit == 0 {
+            return;
+        }
+        if let Err(e) = self.store.spill(&payloads[..fit]) {
+            error!(error = %e, "cannot spill frames to the inbox; they wait in memory");
+            return;
+        }
+        if let Err(e) = self.store.commit_all().await {
+            // Not durable: do not acknowledge; the broker will deliver them again, and the
+            // copies that made it to the inbox are dropped as duplicates.
+            error!(error = %e, "cannot flush the inbox; not acknowledging");
+            frames.drain(..fit);
+            return;
+        }
+        for publish in frames.drain(..fit) {
+            self.transport.ack(&publish);
+        }
+        self.transport.done(fit);
+        debug!(
+            spilled = fit,
+            inbox = self.store.inbox_len(),
+            "frames spilled to the inbox"
+        );
+    }
+
+    /// Handles a batch; answers how many of its frames came straight from the broker.
+    async fn handle(&self, batch: Vec<Pending>) -> usize {
         let mut to_ack = Vec::new();
+        let mut to_unspill = Vec::new();
+        let mut from_broker = 0;
         let mut stored = 0u64;
         let mut parked = 0u64;
-        for (publishes, job) in batch {
+        for (items, job) in batch {
+            from_broker += items.iter().filter(|i| i.spilled.is_none()).count();
             let results = match job.await {
                 Ok(r) => r,
                 Err(e) => {
                     // A panic in decryption: the frames would do the same again; drop them.
                     error!(error = %e, "decryption task failed");
-                    for publish in publishes {
+                    for item in items {
                         self.stats.refuse("internal", "decryption task failed");
-                        to_ack.push(publish);
+                        done_with(item, &mut to_ack, &mut to_unspill);
                     }
                     continue;
                 }
             };
-            for (publish, decrypted) in publishes.into_iter().zip(results) {
-                match self.process(&publish, decrypted, false).await {
+            for (item, decrypted) in items.into_iter().zip(results) {
+                match self.process(&item.publish, decrypted, false).await {
                     Outcome::Stored => {
                         stored += 1;
-                        to_ack.push(publish);
+                        done_with(item, &mut to_ack, &mut to_unspill);
                     }
                     Outcome::Parked => {
                         parked += 1;
-                        to_ack.push(publish);
+                        done_with(item, &mut to_ack, &mut to_unspill);
                     }
-                    Outcome::Refused | Outcome::Ignored => to_ack.push(publish),
+                    Outcome::Refused | Outcome::Ignored => {
+                        done_with(item, &mut to_ack, &mut to_unspill)
+                    }
+                    // A spilled frame stays in the inbox and is read again at the next start.
                     Outcome::Failed | Outcome::StillWaiting => {}
                 }
             }
@@ -229,12 +467,18 @@ impl Pipeline {
             // commit_all: parked frames log no event, and must be on disk before the ack.
             if let Err(e) = self.store.commit_all().await {
                 error!(error = %e, "cannot flush the store; not acknowledging the batch");
-                return;
+                return from_broker;
             }
         }
         for publish in &to_ack {
             self.transport.ack(publish);
         }
+        for seq in to_unspill {
+            if let Err(e) = self.store.inbox_remove(seq) {
+                error!(error = %e, "cannot forget an inbox frame");
+            }
+        }
+        from_broker
     }
 
     /// Parks a frame until its sender's keys are known (or refuses it when too many of
@@ -565,6 +809,47 @@ impl Pipeline {
         }
         let refreshed = self.keys.refresh_after_bad_signature(from).await?;
         verify_with(&refreshed, d)
+    }
+}
+
+/// The lane of frames that need no RSA private operation: decrypted in chunks, in
+/// parallel, as they come (they are cheap, so the broker's window never fills behind them).
+async fn cheap_lane(
+    identity: Arc<Identity>,
+    mut input: mpsc::UnboundedReceiver<Publish>,
+    out: mpsc::Sender<Pending>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let first = tokio::select! {
+            _ = crate::stopped(&mut stop) => break,
+            p = input.recv() => match p { Some(p) => p, None => break },
+        };
+        let mut chunk = vec![Item {
+            publish: first,
+            spilled: None,
+        }];
+        while chunk.len() < DECRYPT_CHUNK {
+            match input.try_recv() {
+                Ok(publish) => chunk.push(Item {
+                    publish,
+                    spilled: None,
+                }),
+                Err(_) => break,
+            }
+        }
+        let job = decrypt_chunk(&identity, &chunk);
+        if out.send((chunk, job)).await.is_err() {
+            break;
+        }
+    }
+}
+
+/// Where a handled frame's acknowledgement goes: to the broker, or out of the inbox.
+fn done_with(item: Item, to_ack: &mut Vec<Publish>, to_unspill: &mut Vec<u64>) {
+    match item.spilled {
+        Some(seq) => to_unspill.push(seq),
+        None => to_ack.push(item.publish),
     }
 }
 

@@ -187,6 +187,7 @@ impl Service {
             unread: p.store.unread_total()?,
             pid: std::process::id(),
             waiting: p.store.waiting_len(),
+            inbox: p.store.inbox_len(),
             store_id: p.store.store_id().to_owned(),
             last_log_cursor: p.store.last_log_cursor()?,
         })

@@ -15,6 +15,7 @@
 //! | `h` peer `\0` seq | the frame of a message held because the sender's keys changed |
 //! | `q` seq | [`OutboxRecord`]: sealed frames not yet acknowledged by the broker |
 //! | `w` sender `\0` seq | a frame waiting for its sender's keys (the key server was down) |
+//! | `x` seq | a frame received but not yet decrypted: the *inbox* (see [`Store::spill`]) |
 //! | `e` cursor | the [`rpc::Event`] (prost) — the event log |
 //! | `n/seq` | the next message sequence number |
 //! | `n/store` | the store id: 8 random bytes, made once (see "Cursors") |
@@ -64,6 +65,7 @@ const P_HELD: u8 = b'h';
 const P_OUTBOX: u8 = b'q';
 const P_EVENT: u8 = b'e';
 const P_WAITING: u8 = b'w';
+const P_INBOX: u8 = b'x';
 const K_NEXT_SEQ: &[u8] = b"n/seq";
 const K_STORE_ID: &[u8] = b"n/store";
 /// The tag of position 0 (no event there) in a log cursor.
@@ -250,6 +252,44 @@ struct Inner {
     outbox_len: AtomicU64,
     waiting_len: AtomicU64,
     parked: Mutex<ParkIndex>,
+    inbox: Mutex<InboxCount>,
+}
+
+/// How much the inbox holds (kept beside it so that a full inbox is known without a scan).
+#[derive(Debug, Default)]
+struct InboxCount {
+    frames: u64,
+    bytes: u64,
+    last_seq: u64,
+    /// Each held frame's [`frame_digest`], counted: whether a frame the broker sends again
+    /// is in the inbox already.
+    digests: std::collections::HashMap<[u8; 16], u32>,
+}
+
+impl InboxCount {
+    fn add(&mut self, frame: &[u8]) {
+        self.frames += 1;
+        self.bytes += frame.len() as u64;
+        *self.digests.entry(frame_digest(frame)).or_default() += 1;
+    }
+
+    fn remove(&mut self, frame: &[u8]) {
+        self.frames = self.frames.saturating_sub(1);
+        self.bytes = self.bytes.saturating_sub(frame.len() as u64);
+        let d = frame_digest(frame);
+        if let Some(n) = self.digests.get_mut(&d) {
+            *n -= 1;
+            if *n == 0 {
+                self.digests.remove(&d);
+            }
+        }
+    }
+}
+
+fn frame_digest(frame: &[u8]) -> [u8; 16] {
+    let mut d = [0u8; 16];
+    d.copy_from_slice(&Sha256::digest(frame)[..16]);
+    d
 }
 
 struct Writer {
@@ -328,6 +368,12 @@ impl Store {
             }
         }
         let waiting_len = parked.by_seq.len() as u64;
+        let mut inbox = InboxCount::default();
+        for kv in data.scan_prefix([P_INBOX]) {
+            let (k, v) = kv?;
+            inbox.add(&v);
+            inbox.last_seq = inbox.last_seq.max(be_u64(&k[1..]).unwrap_or(0));
+        }
         let store_id = store_id(&data)?;
         let (events, _) = broadcast::channel(EVENT_BROADCAST_CAPACITY);
         Ok(Store {
@@ -345,6 +391,7 @@ impl Store {
                 outbox_len: AtomicU64::new(outbox_len),
                 waiting_len: AtomicU64::new(waiting_len),
                 parked: Mutex::new(parked),
+                inbox: Mutex::new(inbox),
             }),
         })
     }
@@ -1021,6 +1068,130 @@ impl Store {
     }
 }
 
+/// Most frames the inbox holds; past this (or [`MAX_INBOX_BYTES`]) nothing more is
+/// spilled, frames stay unacknowledged in memory and the broker keeps the rest.
+pub const MAX_INBOX: u64 = 100_000;
+/// Most bytes of frames the inbox holds.
+pub const MAX_INBOX_BYTES: u64 = 256 * 1024 * 1024;
+
+/// A frame kept in the inbox, and its place there.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spilled {
+    /// Its sequence number (arrival order).
+    pub seq: u64,
+    /// The frame as received.
+    pub frame: Vec<u8>,
+}
+
+/// The inbox: frames received from the broker and acknowledged before they were decrypted,
+/// so that a backlog of frames that are expensive to open (RSA) does not hold up the
+/// broker's delivery of cheap ones (receive.rs, "lanes"). A frame is written here and
+/// flushed before its acknowledgement, and removed only after what it became (a stored
+/// message, or nothing) is flushed: a crash in between opens it again, and the duplicate
+/// check drops the second copy.
+impl Store {
+    fn inbox_count(&self) -> MutexGuard<'_, InboxCount> {
+        // Plain counters, updated after each write: a panic cannot leave them half changed.
+        self.inner.inbox.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// How many of `frames` (from the first) fit in the inbox now.
+    pub fn inbox_room(&self, frames: &[&[u8]]) -> usize {
+        let (mut n, mut bytes) = {
+            let count = self.inbox_count();
+            (count.frames, count.bytes)
+        };
+        frames
+            .iter()
+            .take_while(|f| {
+                n += 1;
+                bytes += f.len() as u64;
+                n <= MAX_INBOX && bytes <= MAX_INBOX_BYTES
+            })
+            .count()
+    }
+
+    /// Adds frames to the inbox in this order, in one atomic change; durable after the
+    /// next [`Store::commit_all`]. The caller checks [`Store::inbox_room`] first.
+    pub fn spill(&self, frames: &[&[u8]]) -> StoreResult<Vec<u64>> {
+        let mut count = self.inbox_count();
+        let mut c = self.change();
+        let mut seqs = Vec::with_capacity(frames.len());
+        for frame in frames {
+            let seq = c.seq();
+            c.batch.insert(inbox_key(seq).as_slice(), *frame);
+            seqs.push(seq);
+        }
+        c.apply(&self.inner.data)?;
+        for frame in frames {
+            count.add(frame);
+        }
+        if let Some(last) = seqs.last() {
+            count.last_seq = *last;
+        }
+        Ok(seqs)
+    }
+
+    /// Inbox frames after `after` in arrival order, at most `limit`.
+    pub fn inbox_after(&self, after: u64, limit: usize) -> StoreResult<Vec<Spilled>> {
+        let mut out = Vec::new();
+        let from = inbox_key(after.saturating_add(1));
+        for kv in self
+            .inner
+            .data
+            .range(from.as_slice()..)
+            .take_while(|kv| {
+                kv.as_ref()
+                    .map_or(true, |(k, _)| k.first() == Some(&P_INBOX))
+            })
+            .take(limit)
+        {
+            let (k, frame) = kv?;
+            if let Some(seq) = be_u64(&k[1..]) {
+                out.push(Spilled {
+                    seq,
+                    frame: frame.to_vec(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// The sequence number of the newest frame ever spilled into the inbox (0: none since
+    /// the store was opened with an empty inbox).
+    pub fn inbox_last_seq(&self) -> u64 {
+        self.inbox_count().last_seq
+    }
+
+    /// Forgets an inbox frame once it was handled and what it became is flushed.
+    pub fn inbox_remove(&self, seq: u64) -> StoreResult<()> {
+        let mut count = self.inbox_count();
+        if let Some(old) = self.inner.data.remove(inbox_key(seq).as_slice())? {
+            count.remove(&old);
+        }
+        Ok(())
+    }
+
+    /// Whether these very bytes wait in the inbox (a frame the broker sends again after
+    /// its acknowledgement was lost).
+    pub fn inbox_holds(&self, frame: &[u8]) -> bool {
+        self.inbox_count()
+            .digests
+            .contains_key(&frame_digest(frame))
+    }
+
+    /// How many frames wait in the inbox.
+    pub fn inbox_len(&self) -> u64 {
+        self.inbox_count().frames
+    }
+}
+
+fn inbox_key(seq: u64) -> [u8; 9] {
+    let mut k = [P_INBOX; 9];
+    k[1..].copy_from_slice(&seq.to_be_bytes());
+    k
+}
+
 /// Whether an outgoing message may move from `from` to `to`.
 fn advances(from: MessageState, to: MessageState) -> bool {
     use MessageState::*;
@@ -1164,6 +1335,61 @@ mod tests {
             frame: id.as_bytes().to_vec(),
         };
         (m, o)
+    }
+
+    #[tokio::test]
+    async fn inbox_frames_keep_arrival_order_survive_a_reopen_and_are_counted() {
+        let tmp = tempfile::tempdir().unwrap();
+        let seqs = {
+            let store = open_in_test(tmp.path());
+            assert_eq!(store.inbox_len(), 0);
+            assert_eq!(store.inbox_last_seq(), 0);
+            let frames: [&[u8]; 3] = [b"one", b"two", b"three"];
+            assert_eq!(store.inbox_room(&frames), 3);
+            let seqs = store.spill(&frames).unwrap();
+            assert!(seqs.windows(2).all(|w| w[0] < w[1]), "{seqs:?}");
+            assert_eq!(store.inbox_last_seq(), seqs[2]);
+            // A message stored meanwhile takes a sequence number of its own.
+            store
+                .insert_incoming(incoming("m1", "alice", "hi"), None)
+                .unwrap();
+            store.commit_all().await.unwrap();
+            seqs
+        };
+        let store = open_in_test(tmp.path());
+        assert_eq!(store.inbox_len(), 3, "counted again at open");
+        assert_eq!(store.inbox_last_seq(), seqs[2]);
+        let all = store.inbox_after(0, 10).unwrap();
+        let frames: Vec<&[u8]> = all.iter().map(|s| s.frame.as_slice()).collect();
+        assert_eq!(frames, [&b"one"[..], b"two", b"three"]);
+        let after_first = store.inbox_after(seqs[0], 1).unwrap();
+        assert_eq!(after_first.len(), 1, "the limit holds");
+        assert_eq!(after_first[0].frame, b"two");
+        assert!(store.inbox_after(seqs[2], 10).unwrap().is_empty());
+        assert!(store.inbox_holds(b"two") && !store.inbox_holds(b"four"));
+        store.inbox_remove(seqs[1]).unwrap();
+        store.inbox_remove(seqs[1]).unwrap();
+        assert!(!store.inbox_holds(b"two"), "forgotten with its frame");
+        assert!(store.inbox_holds(b"three"));
+        assert_eq!(store.inbox_len(), 2, "removing twice counts once");
+        let left: Vec<u64> = store
+            .inbox_after(0, 10)
+            .unwrap()
+            .iter()
+            .map(|s| s.seq)
+            .collect();
+        assert_eq!(left, [seqs[0], seqs[2]]);
+        // Other prefixes are not the inbox.
+        assert_eq!(store.history("alice", 10, None).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn the_inbox_room_stops_at_its_byte_limit() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_in_test(tmp.path());
+        let big = vec![0u8; (MAX_INBOX_BYTES / 2) as usize];
+        let frames: [&[u8]; 3] = [&big, &big, &big];
+        assert_eq!(store.inbox_room(&frames), 2);
     }
 
     #[tokio::test]

@@ -326,6 +326,25 @@ struct Outer {
     kem: Option<String>,
 }
 
+/// Whether opening `frame` costs an RSA private-key operation: v1 and v2 do; v3 does not,
+/// and neither does a frame refused before decryption (too large, not JSON, an unknown
+/// version). A receiver uses it to keep cheap frames from queueing behind a backlog of
+/// expensive ones. Reads only the outer `v`, without decoding any field.
+pub fn needs_private_rsa(frame: &[u8]) -> bool {
+    #[derive(Deserialize)]
+    struct Version {
+        #[serde(default)]
+        v: Option<u64>,
+    }
+    if frame.len() > MAX_FRAME_BYTES {
+        return false;
+    }
+    matches!(
+        serde_json::from_slice::<Version>(frame),
+        Ok(Version { v: None | Some(2) })
+    )
+}
+
 /// Decrypts `frame` with this identity's message key. The result must still be verified.
 /// (A v3 frame is refused as [`FrameError::UnknownPrekey`]: see [`decrypt_with`].)
 pub fn decrypt(frame: &[u8], message_key: &PrivateKey) -> Result<Decrypted, FrameError> {

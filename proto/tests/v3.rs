@@ -763,3 +763,36 @@ mod properties {
         }
     }
 }
+
+#[test]
+fn only_v1_and_v2_frames_need_a_private_rsa_operation() {
+    use nes_proto::frame::needs_private_rsa;
+    let w = world();
+    let (alice, bob) = (user("alice"), user("bob"));
+    let draft = Draft {
+        from: &alice,
+        to: &bob,
+        text: "lane",
+        timestamp_ms: NOW,
+    };
+    let bob_pub = PublicKey::from_pem(&key_text("bob-rsa-message.pub")).unwrap();
+    for version in [Version::V1, Version::V2] {
+        let frame = nes_proto::frame::seal(version, &draft, &bob_pub, &w.alice_sign)
+            .unwrap()
+            .frame;
+        assert!(needs_private_rsa(&frame), "{version:?}");
+    }
+    assert!(!needs_private_rsa(&sealed(w, "cheap", NOW)), "v3");
+    // Refused before any decryption: cheap too.
+    assert!(!needs_private_rsa(b"not json"));
+    assert!(!needs_private_rsa(br#"{"v":9,"ciphertext":"AA=="}"#));
+    assert!(!needs_private_rsa(br#"{"v":"2"}"#));
+    let mut huge = br#"{"v":2,"ciphertext":""#.to_vec();
+    huge.resize(nes_proto::frame::MAX_FRAME_BYTES + 1, b'A');
+    huge.extend_from_slice(br#""}"#);
+    assert!(!needs_private_rsa(&huge), "over the frame limit");
+    // Fields in another order, and unknown ones, do not change the answer.
+    assert!(needs_private_rsa(
+        br#"{"x":[1,2],"ciphertext":"AA==","v":2}"#
+    ));
+}

@@ -51,6 +51,7 @@ pub fn status_json(s: &StatusReply, socket: &str) -> serde_json::Value {
         "unread": s.unread,
         "pid": s.pid,
         "waiting": s.waiting,
+        "inbox": s.inbox,
         "store_id": s.store_id,
         "last_log_cursor": s.last_log_cursor,
         "socket": socket,
@@ -98,6 +99,10 @@ pub fn status_text(s: &StatusReply, socket: &str) -> Vec<String> {
         format!(
             "waiting:    {} (frames waiting for their senders' keys)",
             s.waiting
+        ),
+        format!(
+            "inbox:      {} (frames received, not yet decrypted)",
+            s.inbox
         ),
         format!("cursor:     {} (store {})", s.last_cursor, s.store_id),
     ]
