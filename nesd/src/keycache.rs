@@ -122,7 +122,7 @@ pub enum FrameKeys {
     Known(Arc<Contact>),
     /// The key server's keys for a sender not pinned yet: verify under them, then
     /// [`KeyCache::pin_verified`].
-    Candidate(KeySet),
+    Candidate(Box<KeySet>),
     /// The key server does not know the sender.
     NotFound,
     /// The key server's answer was refused.
@@ -623,7 +623,7 @@ impl KeyCache {
             return FrameKeys::NotFound;
         }
         if let Some(keys) = lock(&self.inner.candidates).get(user.as_str()) {
-            return FrameKeys::Candidate(keys);
+            return FrameKeys::Candidate(Box::new(keys));
         }
         match self.recent_failure(user) {
             Some(FetchError::NotFound(_)) => FrameKeys::NotFound,
@@ -1182,7 +1182,7 @@ mod tests {
             panic!("no candidate")
         };
         assert!(cache.list().is_empty(), "a lookup for a frame pins nothing");
-        cache.pin_verified(&carol, ks).await.unwrap();
+        cache.pin_verified(&carol, *ks).await.unwrap();
         assert_eq!(cache.cached(&carol).unwrap().pinned.sign, keys(0).1);
 
         // Unknown names: one lookup, then refused from memory.

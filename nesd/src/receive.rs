@@ -719,7 +719,7 @@ impl Pipeline {
                         &format!("claimed sender {from} (its keys are not pinned)"),
                     );
                 };
-                if let Err(e) = self.keys.pin_verified(&from, keys).await {
+                if let Err(e) = self.keys.pin_verified(&from, *keys).await {
                     error!(error = %e, "cannot pin keys");
                     return Outcome::Failed;
                 }

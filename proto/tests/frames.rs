@@ -104,7 +104,7 @@ fn raw_v1(padded_plaintext: &[u8], signature: &[u8]) -> Vec<u8> {
 fn pkcs7(data: &[u8]) -> Vec<u8> {
     let pad = 16 - data.len() % 16;
     let mut out = data.to_vec();
-    out.extend(std::iter::repeat(pad as u8).take(pad));
+    out.extend(std::iter::repeat_n(pad as u8, pad));
     out
 }
 

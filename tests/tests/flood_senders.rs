@@ -12,7 +12,9 @@
 //! its RSS before/peak/after.
 //!
 //! `NES_FLOOD_SENDERS` sets the flood's size (default 20,000); `NES_FLOOD_RATE` paces the
-//! publisher (frames per second; default: as fast as the broker takes them).
+//! publisher (frames per second; default: as fast as the broker takes them);
+//! `NES_FLOOD_VERSION=3` seals the flood as v3 frames to bob's published prekey (each
+//! made-up name with a certificate of its own) instead of v2 frames to his RSA key.
 
 use anyhow::{ensure, Context, Result};
 use nes_e2e::*;
@@ -53,6 +55,25 @@ fn seal(
     Ok(frame::seal(Version::V2, &draft, to.message.public_key(), signer)?.frame)
 }
 
+/// A v3 flood frame: sealed to bob's published prekey, with a certificate for `from`.
+fn seal_v3(
+    from: &str,
+    ts: i64,
+    prekey: &nes_proto::v3::SignedPrekey,
+    signer: &nes_proto::PrivateKey,
+) -> Result<Vec<u8>> {
+    let (from, bob) = (Username::parse(from)?, Username::parse("bob")?);
+    let certificate =
+        nes_proto::v3::CertificateSecret::generate(&from, ts - 60_000, ts + 3_600_000, signer)?;
+    let draft = Draft {
+        from: &from,
+        to: &bob,
+        text: "flood",
+        timestamp_ms: ts,
+    };
+    Ok(nes_proto::v3::seal(&draft, prekey, &certificate, ts)?.frame)
+}
+
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     if sorted.is_empty() {
         return Duration::ZERO;
@@ -73,6 +94,7 @@ async fn flood_refused(client: &Client) -> Result<u64> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_made_up_senders_costs_no_real_message() -> Result<()> {
     let n = env_usize("NES_FLOOD_SENDERS", 20_000);
+    let version = env_usize("NES_FLOOD_VERSION", 2);
     let rate = env_usize("NES_FLOOD_RATE", 0);
     let w = World::start().await?;
     let (_alice_id, alice) = w.user("alice").await?;
@@ -91,6 +113,26 @@ async fn a_flood_of_made_up_senders_costs_no_real_message() -> Result<()> {
     let hello = send(&mut a, "bob", "hello before the flood").await?;
     wait_history(&b, "alice", 1, |m| m.id == hello.id).await?;
 
+    let bob_prekey = if version == 3 {
+        let url = format!("{}/users/bob/prekey", w.keyserver.url());
+        let body = eventually(
+            "bob's prekey on the key server",
+            Duration::from_secs(60),
+            || {
+                let url = url.clone();
+                async move {
+                    let r = reqwest::get(&url).await?;
+                    ensure!(r.status().is_success(), "{}", r.status());
+                    Ok(Some(r.bytes().await?.to_vec()))
+                }
+            },
+        )
+        .await?;
+        Some(nes_proto::v3::SignedPrekey::parse(&body)?)
+    } else {
+        None
+    };
+
     // The flood, sealed before the clock starts (two signing keys; the names are what matter).
     let signers = [
         Identity::generate("mallory")?,
@@ -102,18 +144,16 @@ async fn a_flood_of_made_up_senders_costs_no_real_message() -> Result<()> {
     let flood: Vec<Vec<u8>> = std::thread::scope(|s| {
         let workers: Vec<_> = (0..2)
             .map(|t| {
-                let (bob_id, signers) = (&bob_id, &signers);
+                let (bob_id, signers, bob_prekey) = (&bob_id, &signers, &bob_prekey);
                 s.spawn(move || -> Result<Vec<Vec<u8>>> {
                     (0..n)
                         .filter(|i| i % 2 == t)
                         .map(|i| {
-                            seal(
-                                &format!("f{salt}x{i}"),
-                                "flood",
-                                now,
-                                bob_id,
-                                &signers[i % 2].sign,
-                            )
+                            let from = format!("f{salt}x{i}");
+                            match bob_prekey {
+                                Some(prekey) => seal_v3(&from, now, prekey, &signers[i % 2].sign),
+                                None => seal(&from, "flood", now, bob_id, &signers[i % 2].sign),
+                            }
                         })
                         .collect()
                 })
@@ -136,7 +176,7 @@ async fn a_flood_of_made_up_senders_costs_no_real_message() -> Result<()> {
         &carol_id.sign,
     )?;
     println!(
-        "flood: sealed {n} frames in {:.1} s",
+        "flood: sealed {n} v{version} frames in {:.1} s",
         started.elapsed().as_secs_f64()
     );
 

@@ -194,7 +194,7 @@ async fn malformed_and_out_of_time_prekeys_are_400(backend: Backend) {
         (b"not json".to_vec(), "invalid_prekey", "not JSON"),
         (b"[]".to_vec(), "invalid_prekey", "an array"),
         (
-            good[..good.len() - 1].as_bytes().to_vec(),
+            good.as_bytes()[..good.len() - 1].to_vec(),
             "invalid_prekey",
             "truncated",
         ),
