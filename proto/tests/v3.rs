@@ -796,3 +796,30 @@ fn only_v1_and_v2_frames_need_a_private_rsa_operation() {
         br#"{"x":[1,2],"ciphertext":"AA==","v":2}"#
     ));
 }
+
+#[test]
+fn the_fuzz_seeds_still_open_with_the_fuzz_prekey() {
+    // proto/fuzz/keys/README.md: seeds made with the offline CLI, so the fuzzer starts from
+    // frames that reach the deepest checks.
+    let fuzz = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("fuzz");
+    let prekey =
+        PrekeySecret::from_file(&std::fs::read(fuzz.join("keys/bob-prekey-secret.json")).unwrap())
+            .unwrap();
+    let prekeys = HashMap::from([(prekey.id(), Arc::new(prekey))]);
+    let bob_message = PrivateKey::from_pem(&key_text("bob-rsa-message")).unwrap();
+    let alice_sign = PublicKey::from_pem(&key_text("alice-rsa-sign.pub")).unwrap();
+    let mut seen = 0;
+    for entry in std::fs::read_dir(fuzz.join("seeds/frame_open")).unwrap() {
+        let frame = std::fs::read(entry.unwrap().path()).unwrap();
+        let opened = open_with(&frame, Some(&bob_message), &prekeys, &alice_sign).unwrap();
+        assert_eq!(opened.version, Version::V3);
+        assert_eq!(opened.inner.from, "alice");
+        // And nothing else opens them.
+        assert!(matches!(
+            open_with(&frame, Some(&bob_message), &NoPrekeys, &alice_sign),
+            Err(FrameError::UnknownPrekey)
+        ));
+        seen += 1;
+    }
+    assert!(seen >= 3, "{seen} seeds");
+}
