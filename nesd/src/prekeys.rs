@@ -152,8 +152,19 @@ impl OwnPrekeys {
         for id in &gone {
             info!(prekey = %nes_proto::v3::id_hex(id), "deleted an expired prekey's private parts");
         }
-        let current = self.dir.current_prekey(&self.user, now).ok();
-        let certificate = self.dir.current_certificate(&self.user, now).ok();
+        // Made under another sign key (the identity was rekeyed): not ours any more, and a
+        // certificate the old key signed would make receivers trust the old key.
+        let public = sign_key.public_key();
+        let current = self
+            .dir
+            .current_prekey(&self.user, now)
+            .ok()
+            .filter(|p| p.signed().verify(public).is_ok());
+        let certificate = self
+            .dir
+            .current_certificate(&self.user, now)
+            .ok()
+            .filter(|c| c.signed().verify(public).is_ok());
         let due = match (&current, &certificate) {
             (Some(p), Some(c)) => {
                 p.prekey().created.saturating_add(ms(self.rotation)) <= now

@@ -433,10 +433,11 @@ impl Service {
         let mut released = 0u64;
         for h in held {
             let identity = self.p().identity.clone();
+            let prekeys = self.p().own_prekeys.snapshot();
             let sign_key = sign_key.clone();
             let frame = h.frame;
             let opened = tokio::task::spawn_blocking(move || {
-                frame::decrypt(&frame, &identity.message_key).and_then(|d| d.verify(&sign_key))
+                frame::open_with(&frame, Some(&identity.message_key), &*prekeys, &sign_key)
             })
             .await
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
