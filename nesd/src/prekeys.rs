@@ -388,6 +388,9 @@ impl PeerPrekeys {
             }
             Err(e) => PeerPrekey::Failed(e.to_string()),
         };
+        if let PeerPrekey::Failed(why) = &value {
+            info!(%user, reason = %why, "no usable v3 prekey for the contact; sending v2");
+        }
         if let PeerPrekey::None { lost: true } = value {
             warn!(%user, "the contact had v3 prekeys and the key server has none now; sending v2");
         }
