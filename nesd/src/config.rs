@@ -18,6 +18,8 @@
 //! key_policy = "tofu"        # or "always": accept key changes automatically (bots)
 //! key_ttl_secs = 3600        # re-fetch contacts' keys after this long
 //! lookup_rate = 50           # key server lookups per second for senders not yet known
+//! prekey_rotation_secs = 604800   # v3: a new prekey and certificate this often (7 days)
+//! prekey_grace_secs = 1209600     # v3: keep a prekey's private parts this long after it expires (14 days)
 //! # A private broker over TLS with credentials (see docs/BROKER.md):
 //! # broker = "mqtts://mqtt.example.org:8883"
 //! # broker_ca = "~/.config/nes/broker-ca.pem"     # trust only this CA (default: system roots)
@@ -42,6 +44,10 @@ use std::time::Duration;
 pub const DEFAULT_BROKER: &str = "mqtt://localhost:1883";
 /// Default time after which a contact's keys are fetched again.
 pub const DEFAULT_KEY_TTL: Duration = Duration::from_secs(3600);
+/// Default `prekey_rotation`: 7 days (DESIGN.md "v3").
+pub const DEFAULT_PREKEY_ROTATION: Duration = Duration::from_secs(7 * 86_400);
+/// Default `prekey_grace`: 14 days.
+pub const DEFAULT_PREKEY_GRACE: Duration = Duration::from_secs(14 * 86_400);
 /// Default budget of background key server lookups per second (senders of received
 /// frames whose keys are not cached, and refreshes of expired contacts).
 pub const DEFAULT_LOOKUP_RATE: u32 = 50;
@@ -129,6 +135,22 @@ pub struct Cli {
         value_name = "PER_SECOND"
     )]
     pub lookup_rate: Option<u32>,
+    /// v3: seconds between new prekeys and certificates; each expires after twice this
+    /// [default: 604800, 7 days].
+    #[arg(
+        long = "prekey-rotation",
+        env = "NES_PREKEY_ROTATION",
+        value_name = "SECONDS"
+    )]
+    pub prekey_rotation_secs: Option<u64>,
+    /// v3: seconds a prekey's private parts are kept after it expires, for frames that
+    /// waited in the broker [default: 1209600, 14 days].
+    #[arg(
+        long = "prekey-grace",
+        env = "NES_PREKEY_GRACE",
+        value_name = "SECONDS"
+    )]
+    pub prekey_grace_secs: Option<u64>,
     /// Log filter (tracing EnvFilter syntax, e.g. "info" or "nesd=debug") [default: info].
     #[arg(long = "log", env = "NES_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -180,6 +202,10 @@ pub struct FileConfig {
     pub key_ttl_secs: Option<u64>,
     /// `lookup_rate`
     pub lookup_rate: Option<u32>,
+    /// `prekey_rotation_secs`
+    pub prekey_rotation_secs: Option<u64>,
+    /// `prekey_grace_secs`
+    pub prekey_grace_secs: Option<u64>,
     /// `log`
     pub log: Option<String>,
     /// Everything else (for the frontends).
@@ -345,6 +371,10 @@ pub struct Config {
     pub key_ttl: Duration,
     /// Background key server lookups per second at most.
     pub lookup_rate: u32,
+    /// v3: a new prekey and certificate this often (each expires after twice this).
+    pub prekey_rotation: Duration,
+    /// v3: private parts are kept this long after their `expires`.
+    pub prekey_grace: Duration,
     /// Log filter, when configured.
     pub log: Option<String>,
     /// The config file that was read, if any.
@@ -472,6 +502,20 @@ impl Config {
             None => DEFAULT_KEY_TTL,
         };
 
+        let prekey_rotation = match cli.prekey_rotation_secs.or(file.prekey_rotation_secs) {
+            Some(0) => {
+                return Err(ConfigError::Invalid(
+                    "prekey rotation must be at least 1 second".into(),
+                ))
+            }
+            Some(s) => Duration::from_secs(s),
+            None => DEFAULT_PREKEY_ROTATION,
+        };
+        let prekey_grace = cli
+            .prekey_grace_secs
+            .or(file.prekey_grace_secs)
+            .map_or(DEFAULT_PREKEY_GRACE, Duration::from_secs);
+
         Ok(Config {
             user,
             broker,
@@ -495,6 +539,8 @@ impl Config {
                 Some(n) => n,
                 None => DEFAULT_LOOKUP_RATE,
             },
+            prekey_rotation,
+            prekey_grace,
             log: cli.log.or(file.log),
             config_file,
         })

@@ -12,6 +12,7 @@ use crate::keycache::KeyCache;
 use crate::keyserver::KeyServer;
 use crate::mqtt::{MqttConfig, Transport};
 use crate::outbox::Outbox;
+use crate::prekeys::{OwnPrekeys, PeerPrekeys};
 use crate::receive::Pipeline;
 use crate::service::{Parts, Service, Stats};
 use crate::socket::{self, SocketError};
@@ -119,6 +120,20 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         reason: e.to_string(),
     })?;
 
+    // v3: the first prekey and certificate are made here when there is no current one;
+    // publication waits for the task below (the account may not be active yet).
+    let own_prekeys = Arc::new(
+        OwnPrekeys::open(
+            &config.data_dir,
+            &user,
+            &identity.sign_key,
+            config.prekey_rotation,
+            config.prekey_grace,
+        )
+        .map_err(|e| DaemonError::Startup(format!("v3 prekeys: {e}")))?,
+    );
+    let peer_prekeys = PeerPrekeys::new(keyserver.clone());
+
     let (shutdown_tx, shutdown) = watch::channel(false);
     let (incoming_tx, incoming_rx) = mpsc::unbounded_channel();
     let (delivery_tx, delivery_rx) = mpsc::unbounded_channel();
@@ -141,7 +156,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         identity: identity.clone(),
         store: store.clone(),
         keys: keys.clone(),
-        keyserver,
+        keyserver: keyserver.clone(),
+        own_prekeys: own_prekeys.clone(),
+        peer_prekeys,
         transport: transport.clone(),
         outbox_wake: outbox_wake.clone(),
         stats: stats.clone(),
@@ -158,7 +175,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         resolved_tx,
         shutdown.clone(),
     ));
+    let prekeys_task = tokio::spawn(own_prekeys.clone().run(
+        identity.clone(),
+        keyserver,
+        shutdown.clone(),
+    ));
     let pipeline = Pipeline {
+        prekeys: own_prekeys,
         identity,
         store: store.clone(),
         keys,
@@ -233,6 +256,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     for (name, task) in [
         ("receive", receive_task),
         ("lookups", lookups_task),
+        ("prekeys", prekeys_task),
         ("outbox", outbox_task),
         ("connection", connection_task),
         ("mqtt", mqtt_task),

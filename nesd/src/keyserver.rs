@@ -1,5 +1,7 @@
 //! The key server client: `GET /users/<name>` (signed answers, verified here with the
-//! configured server key) and `POST /users` (registration).
+//! configured server key), `POST /users` (registration), and v3's `PUT`/`GET
+//! /users/<name>/prekey` (signed by the user, not the server: verified by the caller
+//! with the pinned sign key).
 //!
 //! The server's public key comes from the configuration, never from the server. Answers
 //! are read with a size cap before they are parsed.
@@ -64,6 +66,28 @@ pub enum RegisterError {
     #[error("the key server is unavailable: {0}")]
     Unavailable(String),
 }
+
+/// Why publishing our signed prekey failed (the publisher retries with backoff).
+#[derive(Debug, Clone, thiserror::Error)]
+#[non_exhaustive]
+pub enum PublishError {
+    /// 404: the key server has no active user of that name (the activation link has not
+    /// been followed yet, or the account is not registered).
+    #[error("the key server has no active account {0} yet (follow the activation link sent by mail, or `nes register`)")]
+    NoUser(String),
+    /// 400/403/409 and other refusals, with the server's message.
+    #[error("the key server refused the prekey: {0}")]
+    Refused(String),
+    /// Unreachable or failing (also a 404/405 of a server without the endpoint).
+    #[error("the key server is unavailable: {0}")]
+    Unavailable(String),
+    /// 429, with `Retry-After` when given.
+    #[error("the key server is rate limiting")]
+    RateLimited(Option<Duration>),
+}
+
+/// Largest signed prekey document read back from `GET /users/<name>/prekey`.
+pub const MAX_PREKEY_BYTES: usize = nes_proto::v3::MAX_DOCUMENT_BYTES;
 
 /// The HTTP client of one key server.
 #[derive(Clone)]
@@ -181,6 +205,73 @@ impl KeyServer {
             _ => Err(RegisterError::Unavailable(server_message(&text, status))),
         }
     }
+}
+
+impl KeyServer {
+    /// `PUT /users/<user>/prekey` with our signed prekey document.
+    pub async fn put_prekey(&self, user: &Username, signed: &[u8]) -> Result<(), PublishError> {
+        let url = format!("{}/users/{}/prekey", self.base, user);
+        let response = self
+            .http
+            .put(&url)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(signed.to_vec())
+            .send()
+            .await
+            .map_err(|e| PublishError::Unavailable(short(&e)))?;
+        let status = response.status();
+        if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+            return Err(PublishError::RateLimited(retry_after(&response)));
+        }
+        let text = match read_capped(response, 16 * 1024).await {
+            Ok(b) => String::from_utf8_lossy(&b).into_owned(),
+            Err(_) => String::new(),
+        };
+        match status.as_u16() {
+            200..=299 => Ok(()),
+            404 if text.contains("user") || text.is_empty() => {
+                Err(PublishError::NoUser(user.to_string()))
+            }
+            404 | 405 => Err(PublishError::Unavailable(format!(
+                "{} (a key server without v3 prekeys?)",
+                server_message(&text, status)
+            ))),
+            400..=499 => Err(PublishError::Refused(server_message(&text, status))),
+            _ => Err(PublishError::Unavailable(server_message(&text, status))),
+        }
+    }
+
+    /// `GET /users/<user>/prekey`: the signed prekey document as stored, `None` when the
+    /// server has none (404; also 405, an original server without the endpoint). Not
+    /// verified here: the caller checks it with the contact's pinned sign key.
+    pub async fn fetch_prekey(&self, user: &Username) -> Result<Option<Vec<u8>>, FetchError> {
+        let url = format!("{}/users/{}/prekey", self.base, user);
+        let response = self
+            .http
+            .get(&url)
+            .send()
+            .await
+            .map_err(|e| FetchError::Unavailable(short(&e)))?;
+        let status = response.status();
+        match status.as_u16() {
+            404 | 405 => Ok(None),
+            429 => Err(FetchError::RateLimited(retry_after(&response))),
+            200 => Ok(Some(read_capped(response, MAX_PREKEY_BYTES).await?)),
+            _ => Err(FetchError::Unavailable(format!(
+                "GET /users/{user}/prekey answered {status}"
+            ))),
+        }
+    }
+}
+
+/// A 429's `Retry-After` in seconds, capped at [`MAX_RETRY_AFTER`].
+fn retry_after(response: &reqwest::Response) -> Option<Duration> {
+    response
+        .headers()
+        .get(reqwest::header::RETRY_AFTER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|s| Duration::from_secs(s).min(MAX_RETRY_AFTER))
 }
 
 impl KeySource for KeyServer {

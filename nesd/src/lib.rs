@@ -27,6 +27,7 @@
 //! | [`keycache`] | contacts' keys, TTL, TOFU pinning and key changes |
 //! | [`keyserver`] | HTTP client of the key server, signed answers verified |
 //! | [`receive`] | the receive pipeline: every receiving rule, then store, ack, event |
+//! | [`prekeys`] | v3: our prekeys (made, published, rotated, deleted) and contacts' (cached) |
 //! | [`outbox`] | publishes queued frames in order, tracks SENT/DELIVERED |
 //! | [`mqtt`] | the persistent MQTT session (rumqttc), manual acks, reconnects |
 //!
@@ -59,6 +60,7 @@ pub mod keycache;
 pub mod keyserver;
 pub mod mqtt;
 pub mod outbox;
+pub mod prekeys;
 pub mod receive;
 pub mod service;
 pub mod socket;

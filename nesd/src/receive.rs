@@ -52,6 +52,7 @@
 use crate::identity::Identity;
 use crate::keycache::{Contact, FrameKeys, KeyCache};
 use crate::mqtt::Transport;
+use crate::prekeys::OwnPrekeys;
 use crate::service::Stats;
 use crate::store::{Parked, Store, Waiting};
 use nes_proto::frame::{self, Decrypted, FrameError, Opened};
@@ -91,8 +92,10 @@ const RETRY_SENDERS: usize = 4096;
 /// What the pipeline works with.
 #[derive(Clone)]
 pub struct Pipeline {
-    /// This identity (its message key decrypts).
+    /// This identity (its message key decrypts v1 and v2).
     pub identity: Arc<Identity>,
+    /// Our v3 prekeys (they decrypt v3).
+    pub prekeys: Arc<OwnPrekeys>,
     /// Where messages go.
     pub store: Store,
     /// Senders' keys.
@@ -132,14 +135,17 @@ type Pending = (Vec<Item>, JoinHandle<Vec<Result<Decrypted, FrameError>>>);
 /// Decrypts a chunk of frames on the blocking pool.
 fn decrypt_chunk(
     identity: &Arc<Identity>,
+    prekeys: &OwnPrekeys,
     chunk: &[Item],
 ) -> JoinHandle<Vec<Result<Decrypted, FrameError>>> {
     let identity = identity.clone();
+    // One snapshot per chunk: a rotation meanwhile swaps the map, never changes it.
+    let prekeys = prekeys.snapshot();
     let payloads: Vec<_> = chunk.iter().map(|i| i.publish.payload.clone()).collect();
     tokio::task::spawn_blocking(move || {
         payloads
             .iter()
-            .map(|payload| frame::decrypt(payload, &identity.message_key))
+            .map(|payload| frame::decrypt_with(payload, Some(&identity.message_key), &*prekeys))
             .collect()
     })
 }
@@ -180,6 +186,7 @@ impl Pipeline {
         });
         let cheap_lane = tokio::spawn(cheap_lane(
             self.identity.clone(),
+            self.prekeys.clone(),
             cheap_rx,
             cheap_tx,
             shutdown.clone(),
@@ -390,7 +397,7 @@ impl Pipeline {
         if chunk.is_empty() {
             return None;
         }
-        let job = decrypt_chunk(&self.identity, &chunk);
+        let job = decrypt_chunk(&self.identity, &self.prekeys, &chunk);
         Some((chunk, job))
     }
 
@@ -573,11 +580,12 @@ impl Pipeline {
             }
         };
         let identity = self.identity.clone();
+        let prekeys = self.prekeys.snapshot();
         let decrypted = match tokio::task::spawn_blocking(move || {
             waiting
                 .into_iter()
                 .map(|w| {
-                    let d = frame::decrypt(&w.frame, &identity.message_key);
+                    let d = frame::decrypt_with(&w.frame, Some(&identity.message_key), &*prekeys);
                     (w, d)
                 })
                 .collect::<Vec<_>>()
@@ -816,6 +824,7 @@ impl Pipeline {
 /// parallel, as they come (they are cheap, so the broker's window never fills behind them).
 async fn cheap_lane(
     identity: Arc<Identity>,
+    prekeys: Arc<OwnPrekeys>,
     mut input: mpsc::UnboundedReceiver<Publish>,
     out: mpsc::Sender<Pending>,
     mut stop: watch::Receiver<bool>,
@@ -838,7 +847,7 @@ async fn cheap_lane(
                 Err(_) => break,
             }
         }
-        let job = decrypt_chunk(&identity, &chunk);
+        let job = decrypt_chunk(&identity, &prekeys, &chunk);
         if out.send((chunk, job)).await.is_err() {
             break;
         }

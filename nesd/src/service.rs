@@ -14,6 +14,7 @@ use crate::identity::Identity;
 use crate::keycache::{KeyCache, LookupError, TrustError};
 use crate::keyserver::{KeyServer, RegisterError};
 use crate::mqtt::{Connection, Transport};
+use crate::prekeys::{OwnPrekeys, PeerPrekey, PeerPrekeys};
 use crate::store::{CursorError, OutboxRecord, Store};
 use nes_proto::frame::{self, Draft, FrameError, Version};
 use nes_proto::rpc::{self, event::Kind, Direction, MessageState};
@@ -36,6 +37,8 @@ pub struct Stats {
     refused: Mutex<BTreeMap<String, u64>>,
     received: AtomicU64,
     sent: AtomicU64,
+    /// Frames sealed and queued, by version (index = version - 1).
+    sealed: [AtomicU64; 3],
     log_window: Mutex<HashMap<String, (Instant, u32)>>,
 }
 
@@ -85,6 +88,21 @@ impl Stats {
         self.sent.fetch_add(n, Ordering::Relaxed);
     }
 
+    /// One more frame of `version` (1, 2 or 3) sealed and queued for sending.
+    pub fn add_sealed(&self, version: u32) {
+        if let Some(c) = version
+            .checked_sub(1)
+            .and_then(|i| self.sealed.get(i as usize))
+        {
+            c.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Frames sealed and queued since the start, for v1, v2 and v3.
+    pub fn sealed(&self) -> [u64; 3] {
+        [0, 1, 2].map(|i| self.sealed[i].load(Ordering::Relaxed))
+    }
+
     /// Messages stored as received since the start.
     pub fn received(&self) -> u64 {
         self.received.load(Ordering::Relaxed)
@@ -111,6 +129,10 @@ pub struct Parts {
     pub keys: KeyCache,
     /// The key server (for Register).
     pub keyserver: KeyServer,
+    /// v3: our prekeys and certificate.
+    pub own_prekeys: Arc<OwnPrekeys>,
+    /// v3: contacts' prekeys.
+    pub peer_prekeys: PeerPrekeys,
     /// The MQTT session.
     pub transport: Transport,
     /// Wakes the outbox when something was queued.
@@ -171,6 +193,8 @@ impl Service {
     /// Status: identity, connection, queue, counters.
     pub async fn status(&self) -> Result<rpc::StatusReply, ServiceError> {
         let p = self.p();
+        let prekey = p.own_prekeys.state();
+        let sealed = p.stats.sealed();
         Ok(rpc::StatusReply {
             user: p.identity.user.to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -190,6 +214,14 @@ impl Service {
             inbox: p.store.inbox_len(),
             store_id: p.store.store_id().to_owned(),
             last_log_cursor: p.store.last_log_cursor()?,
+            prekey_id: prekey.prekey_id,
+            prekey_expires_ms: prekey.expires_ms,
+            prekey_published: prekey.published,
+            prekey_waiting: prekey.waiting_reason,
+            prekey_next_try_ms: prekey.next_try_ms,
+            sent_v1: sealed[0],
+            sent_v2: sealed[1],
+            sent_v3: sealed[2],
         })
     }
 
@@ -255,12 +287,22 @@ impl Service {
                 "the keys of {to} changed; compare the new fingerprints with {to} and trust them (`nes trust {to}`) before sending"
             )));
         }
+        let legacy = request.legacy || contact.legacy;
+        let (prekey, certificate) = if legacy {
+            (None, None)
+        } else {
+            match self.p().own_prekeys.certificate() {
+                Some(cert) => match self.p().peer_prekeys.get(&to, &contact.pinned.sign).await {
+                    PeerPrekey::Valid(p) => (Some(p), Some(cert)),
+                    _ => (None, None),
+                },
+                None => (None, None),
+            }
+        };
         Ok(ReadyToSeal {
-            version: if request.legacy || contact.legacy {
-                Version::V1
-            } else {
-                Version::V2
-            },
+            version: choose_version(legacy, prekey.is_some()),
+            prekey,
+            certificate,
             to_key: contact.pinned.message.clone(),
             to,
             text: request.text,
@@ -279,9 +321,14 @@ impl Service {
             .into_iter()
             .map(|item| {
                 item.and_then(|p| {
-                    store
+                    let version = p.message.wire_version;
+                    let stored = store
                         .insert_outgoing(p.message, p.outbox)
-                        .map_err(ServiceError::from)
+                        .map_err(ServiceError::from);
+                    if stored.is_ok() {
+                        self.p().stats.add_sealed(version);
+                    }
+                    stored
                 })
             })
             .collect();
@@ -386,10 +433,11 @@ impl Service {
         let mut released = 0u64;
         for h in held {
             let identity = self.p().identity.clone();
+            let prekeys = self.p().own_prekeys.snapshot();
             let sign_key = sign_key.clone();
             let frame = h.frame;
             let opened = tokio::task::spawn_blocking(move || {
-                frame::decrypt(&frame, &identity.message_key).and_then(|d| d.verify(&sign_key))
+                frame::open_with(&frame, Some(&identity.message_key), &*prekeys, &sign_key)
             })
             .await
             .map_err(|e| ServiceError::Internal(e.to_string()))?;
@@ -465,6 +513,8 @@ impl Service {
                 RegisterError::Refused(_) => ServiceError::InvalidArgument(e.to_string()),
                 _ => ServiceError::Unavailable(e.to_string()),
             })?;
+        // The account becomes active once its mail link is followed: retry from now.
+        self.p().own_prekeys.publish_soon();
         Ok(rpc::RegisterReply {
             username: identity.user.to_string(),
             message,
@@ -600,6 +650,9 @@ struct ReadyToSeal {
     to: Username,
     text: String,
     version: Version,
+    /// v3: the contact's verified prekey and our certificate.
+    prekey: Option<Arc<nes_proto::v3::SignedPrekey>>,
+    certificate: Option<Arc<nes_proto::v3::CertificateSecret>>,
     timestamp_ms: i64,
     to_key: nes_proto::PublicKey,
 }
@@ -611,6 +664,8 @@ fn seal_one(identity: &Identity, ready: ReadyToSeal) -> Result<Prepared, Service
         to,
         text,
         version,
+        prekey,
+        certificate,
         timestamp_ms,
         to_key,
     } = ready;
@@ -620,14 +675,32 @@ fn seal_one(identity: &Identity, ready: ReadyToSeal) -> Result<Prepared, Service
         text: &text,
         timestamp_ms,
     };
-    let sealed =
-        frame::seal(version, &draft, &to_key, &identity.sign_key).map_err(|e| match e {
-            FrameError::TooLarge { size } => ServiceError::InvalidArgument(format!(
-                "the message is too long: its frame would be {size} bytes, the limit is {}",
-                frame::MAX_FRAME_BYTES
-            )),
-            other => ServiceError::Internal(format!("sealing failed: {other}")),
-        })?;
+    let too_large = |size: usize| {
+        ServiceError::InvalidArgument(format!(
+            "the message is too long: its frame would be {size} bytes, the limit is {}",
+            frame::MAX_FRAME_BYTES
+        ))
+    };
+    let sealed = match (version, prekey, certificate) {
+        // No RSA private operation: the certificate was signed once per rotation.
+        (Version::V3, Some(prekey), Some(certificate)) => {
+            nes_proto::v3::seal(&draft, &prekey, &certificate, now_ms()).map_err(|e| match e {
+                nes_proto::v3::V3Error::Frame(FrameError::TooLarge { size }) => too_large(size),
+                other => ServiceError::Internal(format!("sealing failed: {other}")),
+            })?
+        }
+        (version, _, _) => {
+            let version = if version == Version::V3 {
+                Version::V2
+            } else {
+                version
+            };
+            frame::seal(version, &draft, &to_key, &identity.sign_key).map_err(|e| match e {
+                FrameError::TooLarge { size } => too_large(size),
+                other => ServiceError::Internal(format!("sealing failed: {other}")),
+            })?
+        }
+    };
     let message = rpc::Message {
         id: sealed.id.clone(),
         from: identity.user.to_string(),
@@ -651,6 +724,16 @@ fn seal_one(identity: &Identity, ready: ReadyToSeal) -> Result<Prepared, Service
     Ok(Prepared { message, outbox })
 }
 
+/// The frame version a contact gets: v1 to legacy contacts, v3 to one with a valid
+/// (verified) prekey while we hold a valid certificate, else v2.
+fn choose_version(legacy: bool, has_prekey: bool) -> Version {
+    match (legacy, has_prekey) {
+        (true, _) => Version::V1,
+        (false, true) => Version::V3,
+        (false, false) => Version::V2,
+    }
+}
+
 /// Parses a username from a request.
 fn parse_user(name: &str, what: &str) -> Result<Username, ServiceError> {
     Username::parse(name.trim())
@@ -664,5 +747,18 @@ fn lookup_error(e: LookupError) -> ServiceError {
             ServiceError::Unavailable(e.to_string())
         }
         LookupError::Store(m) => ServiceError::Internal(m),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn legacy_gets_v1_a_valid_prekey_v3_else_v2() {
+        assert_eq!(choose_version(true, true), Version::V1);
+        assert_eq!(choose_version(true, false), Version::V1);
+        assert_eq!(choose_version(false, true), Version::V3);
+        assert_eq!(choose_version(false, false), Version::V2);
     }
 }

@@ -965,6 +965,43 @@ pub async fn status(client: &mut Client) -> Result<rpc::StatusReply> {
     Ok(client.status(StatusRequest {}).await?.into_inner())
 }
 
+/// Waits until nesd says the key server holds its newest v3 prekey (after `expect_not`
+/// when given: a rotated one); returns that status.
+pub async fn wait_prekey_published(
+    client: &Client,
+    expect_not: Option<&str>,
+) -> Result<rpc::StatusReply> {
+    eventually("the v3 prekey published", TIMEOUT, || {
+        let mut c = client.clone();
+        async move {
+            let s = status(&mut c).await?;
+            let new = expect_not.is_none_or(|old| s.prekey_id != old);
+            Ok((s.prekey_published && !s.prekey_id.is_empty() && new).then_some(s))
+        }
+    })
+    .await
+}
+
+/// Runs the offline `nes` with `args` and `stdin`; the exit code, stdout and stderr.
+pub fn nes_offline(args: &[&str], stdin: &[u8]) -> Result<(i32, String, String)> {
+    use std::io::Write as _;
+    let mut child = Command::new(bin("nes")?)
+        .args(args)
+        .env_remove("NES_CONFIG")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .context("cannot start nes")?;
+    child.stdin.take().context("nes stdin")?.write_all(stdin)?;
+    let out = child.wait_with_output()?;
+    Ok((
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
+}
+
 /// Waits until the conversation with `peer` has at least `n` messages matching `keep`.
 pub async fn wait_history(
     client: &Client,

@@ -87,6 +87,8 @@ async fn alice_to_bob_through_the_broker_shows_only_ciphertext_on_the_wire() -> 
     );
 
     wait_connected(&b).await?;
+    // v3 is the default once the recipient's prekey is on the key server.
+    wait_prekey_published(&b, None).await?;
     let mut wire = RawMqtt::connect(&w.broker).await?;
     wire.subscribe("nes/bob/message").await?;
     let mut events = EventStream::open(&b, None).await?;
@@ -101,7 +103,7 @@ async fn alice_to_bob_through_the_broker_shows_only_ciphertext_on_the_wire() -> 
         sent.state
     );
     ensure!(
-        sent.wire_version == 2
+        sent.wire_version == 3
             && sent.direction == Direction::Outgoing as i32
             && sent.peer == "bob"
     );
@@ -131,7 +133,7 @@ async fn alice_to_bob_through_the_broker_shows_only_ciphertext_on_the_wire() -> 
         "{h:?}"
     );
 
-    // The wire: a v2 frame, no plaintext, not even who sent it.
+    // The wire: a v3 frame, no plaintext, not even who sent it.
     let frame = wire.next_publish().await?;
     ensure!(
         !contains_bytes(&frame.payload, text.as_bytes()),
@@ -154,7 +156,7 @@ async fn alice_to_bob_through_the_broker_shows_only_ciphertext_on_the_wire() -> 
         .collect();
     keys.sort();
     ensure!(
-        keys == ["cipherkey", "ciphertext", "nonce", "v"],
+        keys == ["ciphertext", "ek", "kem", "nonce", "prekey", "v"],
         "frame fields {keys:?}"
     );
 

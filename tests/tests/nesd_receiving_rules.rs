@@ -326,8 +326,10 @@ async fn legacy_contacts_get_v1_frames_on_qos_2() -> Result<()> {
         .message
         .context("no message")?;
     ensure!(m2.wire_version == 1);
-    let m3 = send(&mut a, "bob", "back to v2").await?;
-    ensure!(m3.wire_version == 2);
+    // Not legacy any more: the default, v3 once bob's prekey is on the key server.
+    wait_prekey_published(&b, None).await?;
+    let m3 = send(&mut a, "bob", "back to the default").await?;
+    ensure!(m3.wire_version == 3, "v{}", m3.wire_version);
 
     for want_v1 in [true, true, false] {
         let p = wire.next_publish().await?;
@@ -346,7 +348,7 @@ async fn legacy_contacts_get_v1_frames_on_qos_2() -> Result<()> {
     })
     .await?;
     let versions: Vec<u32> = h.iter().map(|m| m.wire_version).collect();
-    ensure!(versions == [1, 1, 2], "{versions:?}");
+    ensure!(versions == [1, 1, 3], "{versions:?}");
     let ids: Vec<&str> = h.iter().map(|m| m.id.as_str()).collect();
     ensure!(
         ids == [m1.id.as_str(), m2.id.as_str(), m3.id.as_str()],

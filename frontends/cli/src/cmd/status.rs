@@ -54,6 +54,14 @@ pub fn status_json(s: &StatusReply, socket: &str) -> serde_json::Value {
         "inbox": s.inbox,
         "store_id": s.store_id,
         "last_log_cursor": s.last_log_cursor,
+        "prekey": {
+            "id": s.prekey_id,
+            "expires_ms": s.prekey_expires_ms,
+            "published": s.prekey_published,
+            "waiting": s.prekey_waiting,
+            "next_try_ms": s.prekey_next_try_ms,
+        },
+        "sent_by_version": {"v1": s.sent_v1, "v2": s.sent_v2, "v3": s.sent_v3},
         "socket": socket,
     })
 }
@@ -104,8 +112,31 @@ pub fn status_text(s: &StatusReply, socket: &str) -> Vec<String> {
             "inbox:      {} (frames received, not yet decrypted)",
             s.inbox
         ),
+        format!(
+            "frames:     v1 {}   v2 {}   v3 {} (sealed and queued since the start)",
+            s.sent_v1, s.sent_v2, s.sent_v3
+        ),
+        format!("prekey:     {}", prekey_text(s)),
         format!("cursor:     {} (store {})", s.last_cursor, s.store_id),
     ]
+}
+
+/// Where our v3 prekey stands with the key server.
+fn prekey_text(s: &StatusReply) -> String {
+    if s.prekey_id.is_empty() {
+        return "none (contacts get v2 from us)".into();
+    }
+    if s.prekey_published {
+        return format!(
+            "{} published, expires {} (Unix ms)",
+            s.prekey_id, s.prekey_expires_ms
+        );
+    }
+    let in_secs = (s.prekey_next_try_ms - nes_proto::now_ms()).max(0) / 1000;
+    format!(
+        "{} waiting for the key server: {}; next try in {in_secs}s",
+        s.prekey_id, s.prekey_waiting
+    )
 }
 
 /// `3d 4h`, `2h 5m`, `5m 3s`, `12s`.
