@@ -726,6 +726,17 @@ impl Nesd {
         ks: &KeyServer,
         extra: &[&str],
     ) -> Result<Nesd> {
+        Self::start_at(id, &broker.url(), ks, extra).await
+    }
+
+    /// Like [`Nesd::start_with`], against a broker URL of the test's choosing (a proxy in
+    /// front of a [`Mosquitto`]; clap refuses a second `--broker` among `extra`).
+    pub async fn start_at(
+        id: &Identity,
+        broker_url: &str,
+        ks: &KeyServer,
+        extra: &[&str],
+    ) -> Result<Nesd> {
         let run_dir = tempfile::Builder::new().prefix("nesd-run-").tempdir()?;
         let config = run_dir.path().join("config.toml");
         std::fs::write(&config, "")?;
@@ -733,7 +744,7 @@ impl Nesd {
             "--user".into(),
             id.user.clone(),
             "--broker".into(),
-            broker.url(),
+            broker_url.to_string(),
             "--keyserver".into(),
             ks.url(),
             "--keyserver-key".into(),
