@@ -61,9 +61,6 @@ pub enum DbusError {
 #[zbus(prefix = "org.nes.Messenger1.Error")]
 #[non_exhaustive]
 pub enum MessengerError {
-    /// A failure of zbus itself (it keeps its own D-Bus error name).
-    #[zbus(error)]
-    ZBus(zbus::Error),
     /// Bad input: a bad username, an empty text, ...
     InvalidArgument(String),
     /// An unknown peer or message id.
@@ -166,8 +163,11 @@ pub async fn serve(service: Service, mut shutdown: watch::Receiver<bool>) -> Res
 /// Gives the name back (when owned), removes the object and closes the connection.
 async fn close(conn: Connection, owned: bool) {
     if owned {
-        if let Err(e) = conn.release_name(NAME).await {
-            debug!(error = %e, "cannot release the D-Bus name");
+        // Explicitly, before closing: watchers see the name go while nesd still finishes
+        // its shutdown, and the log says so (the tests look for this line).
+        match conn.release_name(NAME).await {
+            Ok(_) => info!(name = NAME, "released the D-Bus name"),
+            Err(e) => debug!(error = %e, "cannot release the D-Bus name"),
         }
     }
     if let Err(e) = conn.object_server().remove::<Messenger, _>(PATH).await {
