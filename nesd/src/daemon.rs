@@ -210,8 +210,9 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     }));
     // The D-Bus adapter: runs beside gRPC over the same service; its failure is not fatal.
     let dbus_service = service.clone();
-    tokio::spawn(async move {
-        if let Err(e) = dbus::serve(dbus_service).await {
+    let dbus_shutdown = shutdown.clone();
+    let dbus_task = tokio::spawn(async move {
+        if let Err(e) = dbus::serve(dbus_service, dbus_shutdown).await {
             warn!(error = %e, "D-Bus adapter stopped; gRPC keeps serving");
         }
     });
@@ -260,6 +261,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ("outbox", outbox_task),
         ("connection", connection_task),
         ("mqtt", mqtt_task),
+        // Last: releases the bus name and closes the connection.
+        ("dbus", dbus_task),
     ] {
         if tokio::time::timeout(Duration::from_secs(5), task)
             .await

@@ -9,33 +9,35 @@
 //! | `ListConversations() -> a(sttxs)` (peer, unread, total, last timestamp, last text) | [`Service::conversations`] |
 //! | `History(s peer, u limit) -> a(sssxsss)` (id, from, to, timestamp, text, direction, state), oldest first; limit 0: all | [`Service::history`] |
 //! | `MarkRead(s peer) -> t marked` | [`Service::mark_read`] |
-//! | property `User` (s), `Connected` (b), `Unread` (t), with `PropertiesChanged` | [`Service::status`] + events |
+//! | property `User` (s, constant), `Connected` (b), `Unread` (t), with `PropertiesChanged` | [`Service::status`] + events |
 //! | signal `MessageReceived(s id, s from, x timestamp, s text)` | an incoming message event |
 //!
 //! Errors are D-Bus errors named `org.nes.Messenger1.Error.<Class>` (`InvalidArgument`,
-//! `NotFound`, `FailedPrecondition`, `Unavailable`, `AlreadyExists`, `Internal`) with
-//! the service's one-line message, the same classes as the gRPC statuses.
+//! `NotFound`, `FailedPrecondition`, `Unavailable`, `AlreadyExists`, `ResourceExhausted`,
+//! `Internal`) with the service's one-line message: the same classes as the gRPC
+//! statuses ([`MessengerError`]).
 //!
-//! The workspace builds zbus without its object-server macros (only the `tokio`
-//! connection layer), so this adapter dispatches method calls itself from the
-//! connection's message stream and answers `Introspect`, `Properties` and `Peer` by hand.
-//! That keeps the whole surface in this one file, including the introspection XML that
-//! `busctl introspect` and `gdbus` read.
+//! zbus's object server does the D-Bus side: [`Messenger`] is an `#[interface]`, so zbus
+//! dispatches the calls, checks the argument types, answers `Properties`, `Peer` and
+//! `Introspectable` (the introspection XML is generated from the impl, intermediate nodes
+//! included, so `busctl tree` finds the object) and builds `PropertiesChanged` through
+//! the generated `*_changed` emitters. What stays here is the mapping to the service and
+//! the one task that turns service events into signals.
 //!
 //! Without a session bus (a server, a systemd system service) nesd logs that once and
-//! serves gRPC as usual; the same when another process already owns the name.
+//! serves gRPC as usual; the same when another process already owns the name. On
+//! shutdown the adapter releases the name and closes its connection, and the daemon
+//! joins it like its other tasks.
 
 use crate::error::ServiceError;
 use crate::service::Service;
-use futures::StreamExt;
 use nes_proto::rpc::{self, event::Kind, Direction, MessageState};
-use std::collections::HashMap;
 use std::sync::Arc;
-use tokio::sync::Mutex;
+use tokio::sync::{watch, Mutex};
 use tracing::{debug, info, warn};
 use zbus::fdo::{RequestNameFlags, RequestNameReply};
-use zbus::message::{Flags, Header, Type as MessageType};
-use zbus::{Connection, Message, Variant};
+use zbus::object_server::{InterfaceRef, SignalEmitter};
+use zbus::{interface, Connection};
 
 /// The well-known bus name.
 pub const NAME: &str = "org.nes.Messenger1";
@@ -43,10 +45,6 @@ pub const NAME: &str = "org.nes.Messenger1";
 pub const PATH: &str = "/org/nes/Messenger1";
 /// The interface.
 pub const INTERFACE: &str = "org.nes.Messenger1";
-
-const PROPERTIES: &str = "org.freedesktop.DBus.Properties";
-const INTROSPECTABLE: &str = "org.freedesktop.DBus.Introspectable";
-const PEER: &str = "org.freedesktop.DBus.Peer";
 
 /// Why the D-Bus adapter stopped.
 #[derive(Debug, thiserror::Error)]
@@ -57,8 +55,47 @@ pub enum DbusError {
     Bus(String),
 }
 
-/// Serves the service on the session bus until the daemon stops (its event stream ends).
-pub async fn serve(service: Service) -> Result<(), DbusError> {
+/// The D-Bus errors of `org.nes.Messenger1`: one per class of [`ServiceError`], named
+/// `org.nes.Messenger1.Error.<Variant>`, with the service's message as the description.
+#[derive(Debug, zbus::DBusError)]
+#[zbus(prefix = "org.nes.Messenger1.Error")]
+#[non_exhaustive]
+pub enum MessengerError {
+    /// Bad input: a bad username, an empty text, ...
+    InvalidArgument(String),
+    /// An unknown peer or message id.
+    NotFound(String),
+    /// Keys not trusted yet, or a request that does not fit the current state.
+    FailedPrecondition(String),
+    /// The key server cannot be reached and nothing is cached, or nesd is stopping.
+    Unavailable(String),
+    /// The name is already taken at the key server.
+    AlreadyExists(String),
+    /// A client fell too far behind.
+    ResourceExhausted(String),
+    /// Something broke inside the daemon.
+    Internal(String),
+}
+
+impl From<ServiceError> for MessengerError {
+    fn from(e: ServiceError) -> Self {
+        // Every class by name: a new ServiceError variant must choose its D-Bus error here.
+        match e {
+            ServiceError::InvalidArgument(m) => MessengerError::InvalidArgument(m),
+            ServiceError::NotFound(m) => MessengerError::NotFound(m),
+            ServiceError::FailedPrecondition(m) => MessengerError::FailedPrecondition(m),
+            ServiceError::Unavailable(m) => MessengerError::Unavailable(m),
+            ServiceError::AlreadyExists(m) => MessengerError::AlreadyExists(m),
+            ServiceError::ResourceExhausted(m) => MessengerError::ResourceExhausted(m),
+            ServiceError::Internal(m) => MessengerError::Internal(m),
+        }
+    }
+}
+
+/// Serves the service on the session bus until `shutdown` turns true (or the service's
+/// event stream ends, or the bus goes away). Then releases the name and closes the
+/// connection, so a clean stop leaves nothing on the bus.
+pub async fn serve(service: Service, mut shutdown: watch::Receiver<bool>) -> Result<(), DbusError> {
     let conn = match Connection::session().await {
         Ok(conn) => conn,
         Err(e) => {
@@ -66,8 +103,23 @@ pub async fn serve(service: Service) -> Result<(), DbusError> {
             return Ok(());
         }
     };
-    // The stream exists before the name does, so no call to the name can be missed.
-    let mut calls = zbus::MessageStream::from(&conn);
+    let status = service
+        .status()
+        .await
+        .map_err(|e| DbusError::Bus(e.to_string()))?;
+    let messenger = Messenger {
+        service: service.clone(),
+        user: status.user,
+        last: Arc::new(Mutex::new(Props {
+            connected: status.connected,
+            unread: status.unread,
+        })),
+    };
+    // The object exists before the name does, so no call to the name finds nothing.
+    conn.object_server()
+        .at(PATH, messenger)
+        .await
+        .map_err(|e| DbusError::Bus(e.to_string()))?;
     match conn
         .request_name_with_flags(NAME, RequestNameFlags::DO_NOT_QUEUE)
         .await
@@ -75,378 +127,241 @@ pub async fn serve(service: Service) -> Result<(), DbusError> {
         Ok(RequestNameReply::PrimaryOwner) | Ok(RequestNameReply::AlreadyOwner) => {}
         Ok(other) => {
             warn!(name = NAME, reply = ?other, "another process owns the D-Bus name (another nesd on this session bus?): the D-Bus API is off");
+            close(conn, false).await;
             return Ok(());
         }
         Err(e) => {
             warn!(name = NAME, error = %e, "cannot own the D-Bus name (another nesd on this session bus?): the D-Bus API is off");
+            close(conn, false).await;
             return Ok(());
         }
     }
-    let status = service
-        .status()
+    let iface = conn
+        .object_server()
+        .interface::<_, Messenger>(PATH)
         .await
         .map_err(|e| DbusError::Bus(e.to_string()))?;
-    let adapter = Adapter {
-        conn: conn.clone(),
-        service,
-        props: Arc::new(Mutex::new(Props {
-            connected: status.connected,
-            unread: status.unread,
-        })),
-        user: status.user,
-    };
     info!(
         name = NAME,
         path = PATH,
         "serving the D-Bus API on the session bus"
     );
 
-    let mut signals = tokio::spawn(adapter.clone().signals());
-    loop {
-        tokio::select! {
-            // The event stream ends when the daemon stops: so does the adapter.
-            _ = &mut signals => break,
-            call = calls.next() => match call {
-                Some(Ok(msg)) if msg.message_type() == MessageType::MethodCall => {
-                    // One task per call: a slow Send (key lookup, sealing) blocks no one.
-                    let adapter = adapter.clone();
-                    tokio::spawn(async move { adapter.dispatch(msg).await });
-                }
-                Some(_) => {}
-                None => {
-                    warn!("the D-Bus session bus connection closed: the D-Bus API is off");
-                    signals.abort();
-                    break;
-                }
-            },
+    tokio::select! {
+        // The event stream ends when the daemon stops.
+        _ = signals(service, iface) => {}
+        _ = crate::stopped(&mut shutdown) => {}
+        _ = conn.closed() => {
+            warn!("the D-Bus session bus connection closed: the D-Bus API is off");
+            return Ok(());
         }
     }
-    let _ = conn.release_name(NAME).await;
+    close(conn, true).await;
     Ok(())
 }
 
-/// Property values last announced, to signal only real changes.
+/// Gives the name back (when owned), removes the object and closes the connection.
+async fn close(conn: Connection, owned: bool) {
+    if owned {
+        // Explicitly, before closing: watchers see the name go while nesd still finishes
+        // its shutdown, and the log says so (the tests look for this line).
+        match conn.release_name(NAME).await {
+            Ok(_) => info!(name = NAME, "released the D-Bus name"),
+            Err(e) => debug!(error = %e, "cannot release the D-Bus name"),
+        }
+    }
+    if let Err(e) = conn.object_server().remove::<Messenger, _>(PATH).await {
+        debug!(error = %e, "cannot remove the D-Bus object");
+    }
+    if let Err(e) = conn.close().await {
+        debug!(error = %e, "cannot close the D-Bus connection");
+    }
+    debug!("the D-Bus adapter stopped");
+}
+
+/// Property values last announced, to signal only real changes (and to answer when
+/// the service cannot).
 #[derive(Debug)]
 struct Props {
     connected: bool,
     unread: u64,
 }
 
-#[derive(Clone)]
-struct Adapter {
-    conn: Connection,
+/// The object at [`PATH`]: the `org.nes.Messenger1` interface over the service.
+pub struct Messenger {
     service: Service,
-    props: Arc<Mutex<Props>>,
     user: String,
+    last: Arc<Mutex<Props>>,
 }
 
-/// What a method call answers: a body, or a D-Bus error (name, message).
-type Answer = Result<Reply, (String, String)>;
+/// One `ListConversations` row: (peer, unread, total, last timestamp, last text).
+type ConversationRow = (String, u64, u64, i64, String);
+/// One `History` row: (id, from, to, timestamp, text, direction, state).
+type HistoryRow = (String, String, String, i64, String, String, String);
 
-/// The reply bodies of the methods.
-enum Reply {
-    Empty,
-    Str(String),
-    U64(u64),
-    Variant(Variant<'static>),
-    Props(HashMap<String, Variant<'static>>),
-    Conversations(Vec<(String, u64, u64, i64, String)>),
-    History(Vec<(String, String, String, i64, String, String, String)>),
-}
-
-impl Adapter {
-    async fn dispatch(&self, msg: Message) {
-        let header = msg.header();
-        let path = header
-            .path()
-            .map(|p| p.as_str().to_owned())
-            .unwrap_or_default();
-        let interface = header.interface().map(|i| i.as_str().to_owned());
-        let member = header
-            .member()
-            .map(|m| m.as_str().to_owned())
-            .unwrap_or_default();
-        debug!(%path, ?interface, %member, "D-Bus call");
-        let answer = self
-            .answer(&msg, &path, interface.as_deref(), &member)
-            .await;
-        if msg
-            .primary_header()
-            .flags()
-            .contains(Flags::NO_REPLY_EXPECTED)
-        {
-            return;
-        }
-        if let Err(e) = self.reply(&header, answer).await {
-            debug!(error = %e, "cannot reply to a D-Bus call");
-        }
+#[interface(name = "org.nes.Messenger1")]
+impl Messenger {
+    /// Sends `text` to `recipient`; answers the new message's id.
+    #[zbus(out_args("id"))]
+    async fn send(&self, recipient: String, text: String) -> Result<String, MessengerError> {
+        let request = rpc::SendRequest {
+            to: recipient,
+            text,
+            legacy: false,
+        };
+        Ok(self.service.send(request).await?.id)
     }
 
-    async fn answer(
-        &self,
-        msg: &Message,
-        path: &str,
-        interface: Option<&str>,
-        member: &str,
-    ) -> Answer {
-        match (interface, member) {
-            (Some(INTROSPECTABLE) | None, "Introspect") => {
-                return introspect(path)
-                    .map(Reply::Str)
-                    .ok_or_else(|| unknown_object(path))
-            }
-            (Some(PEER) | None, "Ping") => return Ok(Reply::Empty),
-            (Some(PEER) | None, "GetMachineId") => {
-                let id = std::fs::read_to_string("/etc/machine-id").unwrap_or_default();
-                return Ok(Reply::Str(id.trim().to_owned()));
-            }
-            _ => {}
-        }
-        if path != PATH {
-            return Err(unknown_object(path));
-        }
-        match (interface, member) {
-            (Some(INTERFACE) | None, "Send") => {
-                let (to, text): (String, String) = args(msg)?;
-                let request = rpc::SendRequest {
-                    to,
-                    text,
-                    legacy: false,
-                };
-                let message = self.service.send(request).await.map_err(service_error)?;
-                Ok(Reply::Str(message.id))
-            }
-            (Some(INTERFACE) | None, "ListConversations") => {
-                let conversations = self.service.conversations().await.map_err(service_error)?;
-                Ok(Reply::Conversations(
-                    conversations
-                        .into_iter()
-                        .map(|c| {
-                            let (at, text) =
-                                c.last.map(|m| (m.timestamp_ms, m.text)).unwrap_or_default();
-                            (c.peer, c.unread, c.total, at, text)
-                        })
-                        .collect(),
-                ))
-            }
-            (Some(INTERFACE) | None, "History") => {
-                let (peer, limit): (String, u32) = args(msg)?;
-                let messages = self
-                    .service
-                    .history(&peer, limit, "")
-                    .await
-                    .map_err(service_error)?;
-                Ok(Reply::History(
-                    messages.into_iter().map(history_row).collect(),
-                ))
-            }
-            (Some(INTERFACE) | None, "MarkRead") => {
-                let (peer,): (String,) = args(msg)?;
-                let marked = self
-                    .service
-                    .mark_read(&peer, "")
-                    .await
-                    .map_err(service_error)?;
-                Ok(Reply::U64(marked))
-            }
-            (Some(PROPERTIES), "Get") => {
-                let (iface, name): (String, String) = args(msg)?;
-                if iface != INTERFACE {
-                    return Err(unknown_interface(&iface));
-                }
-                let mut all = self.properties().await;
-                all.remove(&name).map(Reply::Variant).ok_or_else(|| {
-                    (
-                        "org.freedesktop.DBus.Error.UnknownProperty".into(),
-                        format!("no property {name}"),
-                    )
-                })
-            }
-            (Some(PROPERTIES), "GetAll") => {
-                let (iface,): (String,) = args(msg)?;
-                if iface == INTERFACE {
-                    Ok(Reply::Props(self.properties().await))
-                } else {
-                    // The standard interfaces have no properties.
-                    Ok(Reply::Props(HashMap::new()))
-                }
-            }
-            (Some(PROPERTIES), "Set") => Err((
-                "org.freedesktop.DBus.Error.PropertyReadOnly".into(),
-                "the properties of org.nes.Messenger1 are read-only".into(),
-            )),
-            (Some(i), _) if ![INTERFACE, PROPERTIES, INTROSPECTABLE, PEER].contains(&i) => {
-                Err(unknown_interface(i))
-            }
-            _ => Err((
-                "org.freedesktop.DBus.Error.UnknownMethod".into(),
-                format!("no method {member} on {}", interface.unwrap_or(INTERFACE)),
-            )),
-        }
+    /// Every conversation: (peer, unread, total, last timestamp, last text).
+    #[zbus(out_args("conversations"))]
+    async fn list_conversations(&self) -> Result<Vec<ConversationRow>, MessengerError> {
+        let conversations = self.service.conversations().await?;
+        Ok(conversations
+            .into_iter()
+            .map(|c| {
+                let (at, text) = c.last.map(|m| (m.timestamp_ms, m.text)).unwrap_or_default();
+                (c.peer, c.unread, c.total, at, text)
+            })
+            .collect())
     }
 
-    async fn reply(&self, header: &Header<'_>, answer: Answer) -> zbus::Result<()> {
-        match answer {
-            Ok(Reply::Empty) => self.conn.reply(header, &()).await,
-            Ok(Reply::Str(s)) => self.conn.reply(header, &s).await,
-            Ok(Reply::U64(n)) => self.conn.reply(header, &n).await,
-            Ok(Reply::Variant(v)) => self.conn.reply(header, &v).await,
-            Ok(Reply::Props(p)) => self.conn.reply(header, &p).await,
-            Ok(Reply::Conversations(c)) => self.conn.reply(header, &c).await,
-            Ok(Reply::History(h)) => self.conn.reply(header, &h).await,
-            Err((name, message)) => self.conn.reply_error(header, name.as_str(), &message).await,
-        }
+    /// The last `limit` messages with `peer` (0: all), oldest first.
+    #[zbus(out_args("messages"))]
+    async fn history(&self, peer: String, limit: u32) -> Result<Vec<HistoryRow>, MessengerError> {
+        let messages = self.service.history(&peer, limit, "").await?;
+        Ok(messages.into_iter().map(history_row).collect())
     }
 
-    /// The current properties, read from the service.
-    async fn properties(&self) -> HashMap<String, Variant<'static>> {
-        let mut props = HashMap::new();
-        props.insert("User".to_owned(), Variant::from(self.user.clone()));
+    /// Marks the conversation with `peer` read; answers how many messages were unread.
+    #[zbus(out_args("marked"))]
+    async fn mark_read(&self, peer: String) -> Result<u64, MessengerError> {
+        Ok(self.service.mark_read(&peer, "").await?)
+    }
+
+    /// The user this nesd runs for.
+    #[zbus(property(emits_changed_signal = "const"))]
+    async fn user(&self) -> String {
+        self.user.clone()
+    }
+
+    /// Whether nesd is connected to the broker.
+    #[zbus(property)]
+    async fn connected(&self) -> bool {
         match self.service.status().await {
-            Ok(s) => {
-                props.insert("Connected".to_owned(), Variant::from(s.connected));
-                props.insert("Unread".to_owned(), Variant::from(s.unread));
-            }
-            Err(_) => {
-                let last = self.props.lock().await;
-                props.insert("Connected".to_owned(), Variant::from(last.connected));
-                props.insert("Unread".to_owned(), Variant::from(last.unread));
-            }
+            Ok(s) => s.connected,
+            Err(_) => self.last.lock().await.connected,
         }
-        props
     }
 
-    /// Turns the service's events into signals until the daemon stops. A stream that
-    /// ends with an error (this adapter fell behind) is resumed after its last cursor.
-    async fn signals(self) {
-        let mut since = None;
-        loop {
-            let mut events = self.service.events(since);
-            let mut failed = false;
-            while let Some(event) = events.recv().await {
-                match event {
-                    Ok(event) => {
-                        since = Some(event.cursor);
-                        self.signal(&event).await;
-                    }
-                    Err(e) => {
-                        warn!(error = %e, "D-Bus signals: the event stream broke; resuming");
-                        failed = true;
-                        break;
-                    }
+    /// Unread messages in all conversations.
+    #[zbus(property)]
+    async fn unread(&self) -> u64 {
+        match self.service.status().await {
+            Ok(s) => s.unread,
+            Err(_) => self.last.lock().await.unread,
+        }
+    }
+
+    /// A verified incoming message.
+    #[zbus(signal)]
+    async fn message_received(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        from: &str,
+        timestamp: i64,
+        text: &str,
+    ) -> zbus::Result<()>;
+}
+
+/// Turns the service's events into signals until the daemon stops. A stream that ends
+/// with an error (this adapter fell behind) is resumed after its last cursor.
+async fn signals(service: Service, iface: InterfaceRef<Messenger>) {
+    let mut since = None;
+    loop {
+        let mut events = service.events(since);
+        let mut failed = false;
+        while let Some(event) = events.recv().await {
+            match event {
+                Ok(event) => {
+                    since = Some(event.cursor);
+                    signal(&iface, &event).await;
+                }
+                Err(e) => {
+                    warn!(error = %e, "D-Bus signals: the event stream broke; resuming");
+                    failed = true;
+                    break;
                 }
             }
-            if !failed {
-                return; // the daemon is stopping
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
         }
+        if !failed {
+            return; // the daemon is stopping
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
+}
 
-    async fn signal(&self, event: &rpc::Event) {
-        let result = match &event.kind {
-            Some(Kind::Message(m))
-                if m.direction == Direction::Incoming as i32
-                    && m.state == MessageState::Received as i32 =>
-            {
-                let sent = self
-                    .conn
-                    .emit_signal(
-                        None::<&str>,
-                        PATH,
-                        INTERFACE,
-                        "MessageReceived",
-                        &(
-                            m.id.as_str(),
-                            m.from.as_str(),
-                            m.timestamp_ms,
-                            m.text.as_str(),
-                        ),
-                    )
-                    .await;
-                self.unread_changed().await;
-                sent
-            }
-            Some(Kind::MarkedRead(_)) => {
-                self.unread_changed().await;
+/// The signals of one service event, if any.
+async fn signal(iface: &InterfaceRef<Messenger>, event: &rpc::Event) {
+    let emitter = iface.signal_emitter();
+    let messenger = iface.get().await;
+    let result = match &event.kind {
+        Some(Kind::Message(m))
+            if m.direction == Direction::Incoming as i32
+                && m.state == MessageState::Received as i32 =>
+        {
+            let sent =
+                Messenger::message_received(emitter, &m.id, &m.from, m.timestamp_ms, &m.text).await;
+            unread_changed(&messenger, emitter).await;
+            sent
+        }
+        Some(Kind::MarkedRead(_)) => {
+            unread_changed(&messenger, emitter).await;
+            Ok(())
+        }
+        Some(Kind::Connection(c)) => {
+            let changed = {
+                let mut last = messenger.last.lock().await;
+                let changed = last.connected != c.connected;
+                last.connected = c.connected;
+                changed
+            };
+            if changed {
+                messenger.connected_changed(emitter).await
+            } else {
                 Ok(())
             }
-            Some(Kind::Connection(c)) => {
-                let changed = {
-                    let mut props = self.props.lock().await;
-                    let changed = props.connected != c.connected;
-                    props.connected = c.connected;
-                    changed
-                };
-                if changed {
-                    self.properties_changed("Connected", Variant::from(c.connected))
-                        .await
-                } else {
-                    Ok(())
-                }
-            }
-            _ => Ok(()),
-        };
-        if let Err(e) = result {
-            debug!(error = %e, "cannot emit a D-Bus signal");
         }
-    }
-
-    async fn unread_changed(&self) {
-        let Ok(status) = self.service.status().await else {
-            return;
-        };
-        let changed = {
-            let mut props = self.props.lock().await;
-            let changed = props.unread != status.unread;
-            props.unread = status.unread;
-            changed
-        };
-        if changed {
-            if let Err(e) = self
-                .properties_changed("Unread", Variant::from(status.unread))
-                .await
-            {
-                debug!(error = %e, "cannot emit PropertiesChanged");
-            }
-        }
-    }
-
-    async fn properties_changed(&self, name: &str, value: Variant<'static>) -> zbus::Result<()> {
-        let mut changed: HashMap<&str, Variant<'static>> = HashMap::new();
-        changed.insert(name, value);
-        let invalidated: Vec<&str> = Vec::new();
-        self.conn
-            .emit_signal(
-                None::<&str>,
-                PATH,
-                PROPERTIES,
-                "PropertiesChanged",
-                &(INTERFACE, changed, invalidated),
-            )
-            .await
+        _ => Ok(()),
+    };
+    if let Err(e) = result {
+        debug!(error = %e, "cannot emit a D-Bus signal");
     }
 }
 
-/// The arguments of a call, or an InvalidArgs error naming the expected signature.
-fn args<B>(msg: &Message) -> Result<B, (String, String)>
-where
-    B: for<'d> serde::Deserialize<'d> + zbus::Type,
-{
-    msg.body().deserialize::<B>().map_err(|e| {
-        (
-            "org.freedesktop.DBus.Error.InvalidArgs".into(),
-            format!("expected arguments ({}): {e}", B::SIGNATURE),
-        )
-    })
+/// `PropertiesChanged` for `Unread`, when it really changed.
+async fn unread_changed(messenger: &Messenger, emitter: &SignalEmitter<'_>) {
+    let Ok(status) = messenger.service.status().await else {
+        return;
+    };
+    let changed = {
+        let mut last = messenger.last.lock().await;
+        let changed = last.unread != status.unread;
+        last.unread = status.unread;
+        changed
+    };
+    if changed {
+        if let Err(e) = messenger.unread_changed(emitter).await {
+            debug!(error = %e, "cannot emit PropertiesChanged");
+        }
+    }
 }
 
 /// One History row: (id, from, to, timestamp, text, direction, state).
-fn history_row(m: rpc::Message) -> (String, String, String, i64, String, String, String) {
+fn history_row(m: rpc::Message) -> HistoryRow {
     let direction = match Direction::try_from(m.direction) {
         Ok(Direction::Incoming) => "incoming",
         Ok(Direction::Outgoing) => "outgoing",
-        _ => "unknown",
+        Ok(Direction::Unspecified) | Err(_) => "unknown",
     };
     let state = match MessageState::try_from(m.state) {
         Ok(MessageState::Queued) => "queued",
@@ -455,7 +370,7 @@ fn history_row(m: rpc::Message) -> (String, String, String, i64, String, String,
         Ok(MessageState::Failed) => "failed",
         Ok(MessageState::Received) => "received",
         Ok(MessageState::Held) => "held",
-        _ => "unknown",
+        Ok(MessageState::Unspecified) | Err(_) => "unknown",
     };
     // Held messages are not verified yet: their text is not shown.
     let text = if m.state == MessageState::Held as i32 {
@@ -474,147 +389,23 @@ fn history_row(m: rpc::Message) -> (String, String, String, i64, String, String,
     )
 }
 
-/// The D-Bus error for a service error: same classes as the gRPC statuses.
-fn service_error(e: ServiceError) -> (String, String) {
-    let class = match &e {
-        ServiceError::InvalidArgument(_) => "InvalidArgument",
-        ServiceError::NotFound(_) => "NotFound",
-        ServiceError::FailedPrecondition(_) => "FailedPrecondition",
-        ServiceError::Unavailable(_) => "Unavailable",
-        ServiceError::AlreadyExists(_) => "AlreadyExists",
-        ServiceError::ResourceExhausted(_) => "ResourceExhausted",
-        _ => "Internal",
-    };
-    (format!("{INTERFACE}.Error.{class}"), e.to_string())
-}
-
-fn unknown_object(path: &str) -> (String, String) {
-    (
-        "org.freedesktop.DBus.Error.UnknownObject".into(),
-        format!("no object at {path}"),
-    )
-}
-
-fn unknown_interface(interface: &str) -> (String, String) {
-    (
-        "org.freedesktop.DBus.Error.UnknownInterface".into(),
-        format!("no interface {interface}"),
-    )
-}
-
-/// The introspection XML of `path`: the object itself, or the nodes leading to it (so
-/// `busctl tree` finds it).
-fn introspect(path: &str) -> Option<String> {
-    const DOCTYPE: &str = "<!DOCTYPE node PUBLIC \"-//freedesktop//DTD D-BUS Object Introspection 1.0//EN\"\n \"http://www.freedesktop.org/standards/dbus/1.0/introspect.dtd\">\n";
-    let child = match path {
-        "/" => Some("org"),
-        "/org" => Some("nes"),
-        "/org/nes" => Some("Messenger1"),
-        PATH => None,
-        _ => return None,
-    };
-    Some(match child {
-        Some(child) => format!("{DOCTYPE}<node>\n  <node name=\"{child}\"/>\n</node>\n"),
-        None => format!("{DOCTYPE}{OBJECT_XML}"),
-    })
-}
-
-/// The object's interfaces, as `Introspect` reports them.
-const OBJECT_XML: &str = r#"<node>
-  <interface name="org.nes.Messenger1">
-    <method name="Send">
-      <arg name="recipient" type="s" direction="in"/>
-      <arg name="text" type="s" direction="in"/>
-      <arg name="id" type="s" direction="out"/>
-    </method>
-    <method name="ListConversations">
-      <arg name="conversations" type="a(sttxs)" direction="out"/>
-    </method>
-    <method name="History">
-      <arg name="peer" type="s" direction="in"/>
-      <arg name="limit" type="u" direction="in"/>
-      <arg name="messages" type="a(sssxsss)" direction="out"/>
-    </method>
-    <method name="MarkRead">
-      <arg name="peer" type="s" direction="in"/>
-      <arg name="marked" type="t" direction="out"/>
-    </method>
-    <signal name="MessageReceived">
-      <arg name="id" type="s"/>
-      <arg name="from" type="s"/>
-      <arg name="timestamp" type="x"/>
-      <arg name="text" type="s"/>
-    </signal>
-    <property name="User" type="s" access="read">
-      <annotation name="org.freedesktop.DBus.Property.EmitsChangedSignal" value="const"/>
-    </property>
-    <property name="Connected" type="b" access="read"/>
-    <property name="Unread" type="t" access="read"/>
-  </interface>
-  <interface name="org.freedesktop.DBus.Properties">
-    <method name="Get">
-      <arg name="interface_name" type="s" direction="in"/>
-      <arg name="property_name" type="s" direction="in"/>
-      <arg name="value" type="v" direction="out"/>
-    </method>
-    <method name="GetAll">
-      <arg name="interface_name" type="s" direction="in"/>
-      <arg name="props" type="a{sv}" direction="out"/>
-    </method>
-    <method name="Set">
-      <arg name="interface_name" type="s" direction="in"/>
-      <arg name="property_name" type="s" direction="in"/>
-      <arg name="value" type="v" direction="in"/>
-    </method>
-    <signal name="PropertiesChanged">
-      <arg name="interface_name" type="s"/>
-      <arg name="changed_properties" type="a{sv}"/>
-      <arg name="invalidated_properties" type="as"/>
-    </signal>
-  </interface>
-  <interface name="org.freedesktop.DBus.Introspectable">
-    <method name="Introspect">
-      <arg name="xml_data" type="s" direction="out"/>
-    </method>
-  </interface>
-  <interface name="org.freedesktop.DBus.Peer">
-    <method name="Ping"/>
-    <method name="GetMachineId">
-      <arg name="machine_uuid" type="s" direction="out"/>
-    </method>
-  </interface>
-</node>
-"#;
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn introspection_covers_the_tree() {
-        assert!(introspect("/").unwrap().contains("<node name=\"org\"/>"));
-        assert!(introspect("/org/nes")
-            .unwrap()
-            .contains("<node name=\"Messenger1\"/>"));
-        let xml = introspect(PATH).unwrap();
-        for needle in [
-            "name=\"Send\"",
-            "name=\"ListConversations\"",
-            "name=\"History\"",
-            "name=\"MarkRead\"",
-            "name=\"MessageReceived\"",
-            "name=\"Unread\"",
-        ] {
-            assert!(xml.contains(needle), "{needle}");
-        }
-        assert!(introspect("/elsewhere").is_none());
-    }
+    use zbus::DBusError as _;
 
     #[test]
     fn errors_keep_the_class_and_message() {
-        let (name, message) = service_error(ServiceError::NotFound("unknown user zed".into()));
-        assert_eq!(name, "org.nes.Messenger1.Error.NotFound");
-        assert_eq!(message, "unknown user zed");
+        let e = MessengerError::from(ServiceError::NotFound("unknown user zed".into()));
+        assert_eq!(e.name().as_str(), "org.nes.Messenger1.Error.NotFound");
+        assert_eq!(e.description(), Some("unknown user zed"));
+        let e = MessengerError::from(ServiceError::ResourceExhausted("behind".into()));
+        assert_eq!(
+            e.name().as_str(),
+            "org.nes.Messenger1.Error.ResourceExhausted"
+        );
+        let e = MessengerError::from(ServiceError::Internal("store".into()));
+        assert_eq!(e.name().as_str(), "org.nes.Messenger1.Error.Internal");
     }
 
     #[test]

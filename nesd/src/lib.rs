@@ -21,7 +21,7 @@
 //! | [`socket`] | the API socket: live/stale detection, modes, systemd activation |
 //! | [`identity`] | this identity's private keys and the stable device id |
 //! | [`grpc`] | the `nes.v1.Messenger` adapter (tonic) |
-//! | [`dbus`] | the D-Bus adapter (to come) |
+//! | [`dbus`] | the D-Bus adapter: `org.nes.Messenger1` on zbus's object server |
 //! | [`service`] | what the daemon can do: one cloneable handle, async methods |
 //! | [`store`] | messages, conversations, outbox, held messages, the event log |
 //! | [`keycache`] | contacts' keys, TTL, TOFU pinning and key changes |

@@ -301,6 +301,30 @@ impl SessionBus {
         })
         .await
     }
+
+    /// Whether `name` has an owner on the bus right now.
+    pub async fn has_owner(&self, name: &str) -> Result<bool> {
+        let out = self
+            .command("dbus-send")
+            .args([
+                "--session",
+                "--dest=org.freedesktop.DBus",
+                "--print-reply",
+                "/org/freedesktop/DBus",
+                "org.freedesktop.DBus.NameHasOwner",
+            ])
+            .arg(format!("string:{name}"))
+            .output()
+            .await?;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        if !out.status.success() {
+            bail!(
+                "NameHasOwner {name}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        Ok(stdout.contains("boolean true"))
+    }
 }
 
 impl Drop for SessionBus {
@@ -399,6 +423,18 @@ impl BusNesd {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+    }
+
+    /// Stops it with SIGTERM and checks that it exits with 0 (a clean stop).
+    pub async fn stop(&mut self) -> Result<()> {
+        if let Some(mut child) = self.child.take() {
+            crate::sigterm(&child);
+            let status = crate::wait_exit(&mut child, Duration::from_secs(60)).await?;
+            if !status.success() {
+                bail!("nesd exited with {status} on SIGTERM:\n{}", self.log());
+            }
+        }
+        Ok(())
     }
 
     /// The API socket.

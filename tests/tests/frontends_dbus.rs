@@ -389,3 +389,459 @@ async fn nesd_serves_without_a_session_bus_and_says_so_once() -> Result<()> {
     );
     Ok(())
 }
+
+/// Every member the hand-written introspection XML declared before nesd used zbus's
+/// object server (copied from it), as `busctl introspect` shows them: (interface, member,
+/// kind, signature, result for a method, flags).
+const DECLARED: &[(&str, &str, &str, &str, &str, &str)] = &[
+    (DEST, ".Send", "method", "ss", "s", "-"),
+    (DEST, ".ListConversations", "method", "-", "a(sttxs)", "-"),
+    (DEST, ".History", "method", "su", "a(sssxsss)", "-"),
+    (DEST, ".MarkRead", "method", "s", "t", "-"),
+    (DEST, ".MessageReceived", "signal", "ssxs", "-", "-"),
+    (DEST, ".User", "property", "s", "", "const"),
+    (DEST, ".Connected", "property", "b", "", "emits-change"),
+    (DEST, ".Unread", "property", "t", "", "emits-change"),
+    (
+        "org.freedesktop.DBus.Properties",
+        ".Get",
+        "method",
+        "ss",
+        "v",
+        "-",
+    ),
+    (
+        "org.freedesktop.DBus.Properties",
+        ".GetAll",
+        "method",
+        "s",
+        "a{sv}",
+        "-",
+    ),
+    (
+        "org.freedesktop.DBus.Properties",
+        ".Set",
+        "method",
+        "ssv",
+        "-",
+        "-",
+    ),
+    (
+        "org.freedesktop.DBus.Properties",
+        ".PropertiesChanged",
+        "signal",
+        "sa{sv}as",
+        "-",
+        "-",
+    ),
+    (
+        "org.freedesktop.DBus.Introspectable",
+        ".Introspect",
+        "method",
+        "-",
+        "s",
+        "-",
+    ),
+    (
+        "org.freedesktop.DBus.Peer",
+        ".Ping",
+        "method",
+        "-",
+        "-",
+        "-",
+    ),
+    (
+        "org.freedesktop.DBus.Peer",
+        ".GetMachineId",
+        "method",
+        "-",
+        "s",
+        "-",
+    ),
+];
+
+/// The same XML's argument names and directions, as `gdbus introspect` prints them
+/// (whitespace collapsed).
+const DECLARED_ARGS: &[&str] = &[
+    "Send(in s recipient, in s text, out s id);",
+    "ListConversations(out a(sttxs) conversations);",
+    "History(in s peer, in u limit, out a(sssxsss) messages);",
+    "MarkRead(in s peer, out t marked);",
+    "MessageReceived(s id, s from, x timestamp, s text);",
+    "@org.freedesktop.DBus.Property.EmitsChangedSignal(\"const\") readonly s User = 'bob';",
+    "readonly b Connected = true;",
+    "readonly t Unread = 0;",
+];
+
+/// A world with bob's nesd on a private session bus.
+async fn bob_on_a_bus() -> Result<(World, SessionBus, BusNesd)> {
+    let world = World::start().await?;
+    let bob = Identity::generate("bob")?;
+    bob.register(&world.keyserver).await?;
+    let bus = SessionBus::start().await?;
+    let bob_d = BusNesd::start(
+        &bob,
+        &world.broker,
+        &world.keyserver,
+        &[("DBUS_SESSION_BUS_ADDRESS", bus.address())],
+    )
+    .await?;
+    bus.wait_for_name(DEST).await?;
+    Ok((world, bus, bob_d))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn introspection_names_every_member_the_hand_written_xml_declared() -> Result<()> {
+    let (_world, bus, _bob_d) = bob_on_a_bus().await?;
+
+    // busctl: every row, by interface, with its signature, result and flags.
+    let table = busctl(&bus, &["introspect", DEST, PATH]).await?;
+    let mut rows = Vec::new();
+    let mut interface = String::new();
+    for line in table.lines().skip(1) {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        if fields.len() < 5 {
+            continue;
+        }
+        if fields[1] == "interface" {
+            interface = fields[0].to_string();
+            continue;
+        }
+        let result = if fields[1] == "property" {
+            String::new() // the current value, checked through gdbus below
+        } else {
+            fields[3..fields.len() - 1].join(" ")
+        };
+        rows.push((
+            interface.clone(),
+            fields[0].to_string(),
+            fields[1].to_string(),
+            fields[2].to_string(),
+            result,
+            fields[fields.len() - 1].to_string(),
+        ));
+    }
+    for &(iface, member, kind, signature, result, flags) in DECLARED {
+        let want = (
+            iface.to_string(),
+            member.to_string(),
+            kind.to_string(),
+            signature.to_string(),
+            result.to_string(),
+            flags.to_string(),
+        );
+        assert!(rows.contains(&want), "{want:?} in:\n{table}");
+    }
+    // Nothing more on our interface than the XML declared.
+    let ours: Vec<_> = rows.iter().filter(|r| r.0 == DEST).collect();
+    assert_eq!(
+        ours.len(),
+        DECLARED.iter().filter(|d| d.0 == DEST).count(),
+        "{table}"
+    );
+
+    // gdbus: argument names and directions, the property annotation.
+    let (code, out, err) = gdbus(
+        &bus,
+        &[
+            "introspect",
+            "--session",
+            "--dest",
+            DEST,
+            "--object-path",
+            PATH,
+        ],
+    )
+    .await?;
+    assert_eq!(code, 0, "{err}");
+    let flat = out.split_whitespace().collect::<Vec<_>>().join(" ");
+    for needle in DECLARED_ARGS {
+        assert!(flat.contains(needle), "{needle} in:\n{out}");
+    }
+
+    // The nodes leading to the object, so `busctl tree` finds it.
+    let (code, out, err) = gdbus(
+        &bus,
+        &[
+            "introspect",
+            "--session",
+            "--dest",
+            DEST,
+            "--object-path",
+            "/org/nes",
+        ],
+    )
+    .await?;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("node Messenger1"), "{out}");
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn failed_calls_answer_named_errors() -> Result<()> {
+    let (_world, bus, _bob_d) = bob_on_a_bus().await?;
+
+    // busctl prints the message (it shows no error names) and fails.
+    let mut cmd = bus.command("busctl");
+    cmd.args([
+        "--user",
+        "call",
+        DEST,
+        PATH,
+        DEST,
+        "Send",
+        "ss",
+        "zed-nobody",
+        "x",
+    ]);
+    let out = run(cmd, b"").await?;
+    assert_ne!(out.code, 0);
+    assert!(out.stderr.contains("zed-nobody"), "{}", out.stderr);
+
+    // dbus-send names the error.
+    let dbus_send = |args: &[&str]| {
+        let mut cmd = bus.command("dbus-send");
+        cmd.args([
+            "--session",
+            "--print-reply",
+            &format!("--dest={DEST}"),
+            PATH,
+        ])
+        .args(args);
+        cmd
+    };
+    for (args, name) in [
+        (
+            &["org.nes.Messenger1.Send", "string:zed-nobody", "string:x"][..],
+            "org.nes.Messenger1.Error.NotFound",
+        ),
+        (
+            &["org.nes.Messenger1.Send", "string:Not A Name!", "string:x"][..],
+            "org.nes.Messenger1.Error.InvalidArgument",
+        ),
+        (
+            &[
+                "org.nes.Messenger1.History",
+                "string:zed-nobody",
+                "uint32:1",
+            ][..],
+            "",
+        ),
+        (
+            &["org.nes.Messenger1.Send", "string:only-one-argument"][..],
+            "org.freedesktop.DBus.Error.InvalidArgs",
+        ),
+        (
+            &["org.nes.Messenger1.Nope"][..],
+            "org.freedesktop.DBus.Error.UnknownMethod",
+        ),
+        (
+            &[
+                "org.freedesktop.DBus.Properties.Set",
+                "string:org.nes.Messenger1",
+                "string:Unread",
+                "variant:uint64:5",
+            ][..],
+            // zbus's object server answers a Set of a property without a setter with
+            // UnknownProperty (0.1.0's hand-written code said PropertyReadOnly); the
+            // property stays `access="read"` in the introspection either way.
+            "org.freedesktop.DBus.Error.UnknownProperty",
+        ),
+    ] {
+        let out = run(dbus_send(args), b"").await?;
+        if name.is_empty() {
+            // History of an unknown peer is an empty list, not an error.
+            assert_eq!(out.code, 0, "{args:?}: {}", out.stderr);
+            continue;
+        }
+        assert_ne!(out.code, 0, "{args:?}: {}", out.stdout);
+        assert!(
+            out.stderr.contains(&format!("Error {name}")),
+            "{args:?}: {name} in {}",
+            out.stderr
+        );
+    }
+    Ok(())
+}
+
+/// The `busctl`, `gdbus` and `dbus-monitor` lines of a README's sh blocks, continuation
+/// lines joined, in order.
+fn readme_lines(path: &str) -> Result<Vec<String>> {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("..")
+            .join(path),
+    )?;
+    let mut lines = Vec::new();
+    let mut in_sh = false;
+    let mut pending = String::new();
+    for line in text.lines() {
+        if line.starts_with("```") {
+            in_sh = line == "```sh";
+            continue;
+        }
+        if !in_sh {
+            continue;
+        }
+        if let Some(head) = line.strip_suffix('\\') {
+            pending.push_str(head);
+            continue;
+        }
+        pending.push_str(line);
+        let full = std::mem::take(&mut pending);
+        if ["busctl ", "gdbus ", "dbus-monitor "]
+            .iter()
+            .any(|p| full.starts_with(p))
+            && full.contains(DEST)
+        {
+            lines.push(full);
+        }
+    }
+    Ok(lines)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readme_lines_work_word_for_word_and_a_clean_stop_releases_the_name() -> Result<()> {
+    // The README lines talk to bob: alice's nesd serves the bus, bob is a peer over gRPC.
+    let world = World::start().await?;
+    let (_bob, bob_d) = world.user("bob").await?;
+    let alice = Identity::generate("alice")?;
+    alice.register(&world.keyserver).await?;
+    let bus = SessionBus::start().await?;
+    let mut alice_d = BusNesd::start(
+        &alice,
+        &world.broker,
+        &world.keyserver,
+        &[("DBUS_SESSION_BUS_ADDRESS", bus.address())],
+    )
+    .await?;
+    bus.wait_for_name(DEST).await?;
+
+    let mut lines = readme_lines("README.md")?;
+    for line in readme_lines("frontends/README.md")? {
+        if !lines.contains(&line) {
+            lines.push(line);
+        }
+    }
+    // README.md's four lines and frontends/README.md's ten (four of them the same).
+    assert_eq!(lines.len(), 10, "the README lines: {lines:#?}");
+    let sh = |line: &str| {
+        let mut cmd = bus.command("sh");
+        cmd.arg("-c").arg(format!("exec {line}"));
+        cmd
+    };
+
+    // The monitors first (they run until stopped).
+    let mut monitors = Vec::new();
+    for line in lines
+        .iter()
+        .filter(|l| l.contains(" monitor") || l.starts_with("dbus-monitor"))
+    {
+        let mut monitor = Lines::spawn(sh(line))?;
+        let ready = if line.starts_with("gdbus") {
+            "Monitoring signals"
+        } else {
+            "NameAcquired"
+        };
+        wait_line(&mut monitor, line, |l| l.contains(ready)).await?;
+        monitors.push((line.clone(), monitor));
+    }
+    assert_eq!(monitors.len(), 2, "{lines:#?}");
+
+    // bob writes: every monitor sees MessageReceived; the gdbus one PropertiesChanged too.
+    let mut bob_c = bob_d.client().await?;
+    send(&mut bob_c, "alice", "hello alice").await?;
+    for (line, monitor) in &mut monitors {
+        let got = wait_line(monitor, line, |l| l.contains("MessageReceived")).await?;
+        if line.starts_with("gdbus") {
+            assert!(
+                got.contains("'bob'") && got.contains("'hello alice'"),
+                "{got}"
+            );
+            let got = wait_line(monitor, line, |l| l.contains("PropertiesChanged")).await?;
+            assert!(
+                got.contains("('org.nes.Messenger1', {'Unread': <uint64 1>}, @as [])"),
+                "{got}"
+            );
+        }
+    }
+
+    // Every other line, in the READMEs' order, exits 0 with the expected answer.
+    for line in lines
+        .iter()
+        .filter(|l| !monitors.iter().any(|(m, _)| m == *l))
+    {
+        let out = run(sh(line), b"").await?;
+        assert_eq!(out.code, 0, "{line}: {}", out.stderr);
+        let stdout = out.stdout.trim();
+        let ok = if line.contains(" Send ") {
+            stdout.starts_with("s \"") && stdout.ends_with("==\"")
+        } else if line.contains(".Send ") {
+            stdout.starts_with("('") && stdout.ends_with("==',)")
+        } else if line.contains(" ListConversations") {
+            stdout.starts_with("a(sttxs) 1 \"bob\"")
+        } else if line.contains(" History su bob 20") {
+            stdout.starts_with("a(sssxsss) ") && stdout.contains("\"hello alice\"")
+        } else if line.contains(".History bob 20") {
+            stdout.contains("'hello alice'")
+        } else if line.contains(" MarkRead s bob") {
+            stdout == "t 1" || stdout == "t 0"
+        } else if line.contains(" get-property ") {
+            stdout.starts_with("s \"alice\"\nb true\nt ")
+        } else if line.contains(" introspect ") {
+            stdout.contains(".MessageReceived")
+        } else {
+            false
+        };
+        assert!(ok, "{line}:\n{stdout}");
+    }
+    // MarkRead's Unread change reached the gdbus monitor.
+    let (_, gdbus_monitor) = monitors
+        .iter_mut()
+        .find(|(l, _)| l.starts_with("gdbus"))
+        .ok_or_else(|| anyhow::anyhow!("no gdbus monitor line"))?;
+    let got = wait_line(gdbus_monitor, "Unread back to 0", |l| {
+        l.contains("PropertiesChanged") && l.contains("Unread")
+    })
+    .await?;
+    assert!(got.contains("<uint64 0>"), "{got}");
+    // bob got what the lines sent.
+    eventually("bob received the README sends", TIMEOUT, || {
+        let mut c = bob_c.clone();
+        async move {
+            let texts: Vec<String> = history(&mut c, "alice")
+                .await?
+                .into_iter()
+                .map(|m| m.text)
+                .collect();
+            Ok((texts.contains(&"hello from D-Bus".to_string())
+                && texts.contains(&"hello from gdbus".to_string()))
+            .then_some(()))
+        }
+    })
+    .await?;
+
+    // A clean stop: exit 0, nesd itself gave the name back, and it is gone from the bus.
+    alice_d.stop().await?;
+    assert!(
+        alice_d.log().contains("released the D-Bus name"),
+        "{}",
+        alice_d.log()
+    );
+    assert!(!bus.has_owner(DEST).await?, "the name is still owned");
+    // So the next nesd gets it at once.
+    let alice_again = BusNesd::start(
+        &alice,
+        &world.broker,
+        &world.keyserver,
+        &[("DBUS_SESSION_BUS_ADDRESS", bus.address())],
+    )
+    .await?;
+    bus.wait_for_name(DEST).await?;
+    assert_eq!(
+        busctl(&bus, &["get-property", DEST, PATH, DEST, "User"]).await?,
+        "s \"alice\""
+    );
+    drop(alice_again);
+    Ok(())
+}
