@@ -18,8 +18,8 @@
 //! key_policy = "tofu"        # or "always": accept key changes automatically (bots)
 //! key_ttl_secs = 3600        # re-fetch contacts' keys after this long
 //! lookup_rate = 50           # key server lookups per second for senders not yet known
-//! prekey_rotation_secs = 604800   # v3: a new prekey and certificate this often (7 days)
-//! prekey_grace_secs = 1209600     # v3: keep a prekey's private parts this long after it expires (14 days)
+//! prekey_rotation = "7d"         # v3: a new prekey and certificate this often (or seconds)
+//! prekey_grace = "14d"           # v3: keep a prekey's private parts this long after it expires
 //! # A private broker over TLS with credentials (see docs/BROKER.md):
 //! # broker = "mqtts://mqtt.example.org:8883"
 //! # broker_ca = "~/.config/nes/broker-ca.pem"     # trust only this CA (default: system roots)
@@ -135,22 +135,24 @@ pub struct Cli {
         value_name = "PER_SECOND"
     )]
     pub lookup_rate: Option<u32>,
-    /// v3: seconds between new prekeys and certificates; each expires after twice this
-    /// [default: 604800, 7 days].
+    /// v3: how often a new prekey and certificate are made (90s, 30m, 12h, 7d; a bare
+    /// number is seconds); each expires after twice this [default: 7d].
     #[arg(
         long = "prekey-rotation",
         env = "NES_PREKEY_ROTATION",
-        value_name = "SECONDS"
+        value_name = "DURATION",
+        value_parser = nes_proto::v3::parse_duration
     )]
-    pub prekey_rotation_secs: Option<u64>,
-    /// v3: seconds a prekey's private parts are kept after it expires, for frames that
-    /// waited in the broker [default: 1209600, 14 days].
+    pub prekey_rotation: Option<Duration>,
+    /// v3: how long a prekey's private parts are kept after it expires, for frames that
+    /// waited in the broker (as --prekey-rotation) [default: 14d].
     #[arg(
         long = "prekey-grace",
         env = "NES_PREKEY_GRACE",
-        value_name = "SECONDS"
+        value_name = "DURATION",
+        value_parser = nes_proto::v3::parse_duration
     )]
-    pub prekey_grace_secs: Option<u64>,
+    pub prekey_grace: Option<Duration>,
     /// Log filter (tracing EnvFilter syntax, e.g. "info" or "nesd=debug") [default: info].
     #[arg(long = "log", env = "NES_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -166,6 +168,29 @@ pub enum KeyPolicy {
     Tofu,
     /// Accept whatever the key server answers (for bots that cannot ask a human).
     Always,
+}
+
+/// A duration in the config file: `"7d"`, `"12h"`, `"30m"`, `"90s"`, or a number of seconds.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum DurationSetting {
+    /// A number of seconds.
+    Seconds(u64),
+    /// A number with a unit.
+    Text(String),
+}
+
+impl DurationSetting {
+    fn read(value: Option<&Self>, key: &str) -> Result<Option<Duration>, ConfigError> {
+        let text = match value {
+            None => return Ok(None),
+            Some(DurationSetting::Seconds(n)) => n.to_string(),
+            Some(DurationSetting::Text(t)) => t.clone(),
+        };
+        nes_proto::v3::parse_duration(&text)
+            .map(Some)
+            .map_err(|e| ConfigError::Invalid(format!("{key}: {e}")))
+    }
 }
 
 /// The fields of the config file that nesd reads. Others are ignored (the frontends share
@@ -202,10 +227,10 @@ pub struct FileConfig {
     pub key_ttl_secs: Option<u64>,
     /// `lookup_rate`
     pub lookup_rate: Option<u32>,
-    /// `prekey_rotation_secs`
-    pub prekey_rotation_secs: Option<u64>,
-    /// `prekey_grace_secs`
-    pub prekey_grace_secs: Option<u64>,
+    /// `prekey_rotation`: `"7d"` and the like, or a number of seconds
+    pub prekey_rotation: Option<DurationSetting>,
+    /// `prekey_grace`: as `prekey_rotation`
+    pub prekey_grace: Option<DurationSetting>,
     /// `log`
     pub log: Option<String>,
     /// Everything else (for the frontends).
@@ -502,19 +527,16 @@ impl Config {
             None => DEFAULT_KEY_TTL,
         };
 
-        let prekey_rotation = match cli.prekey_rotation_secs.or(file.prekey_rotation_secs) {
-            Some(0) => {
-                return Err(ConfigError::Invalid(
-                    "prekey rotation must be at least 1 second".into(),
-                ))
-            }
-            Some(s) => Duration::from_secs(s),
-            None => DEFAULT_PREKEY_ROTATION,
+        let prekey_rotation = match cli.prekey_rotation {
+            Some(d) => d,
+            None => DurationSetting::read(file.prekey_rotation.as_ref(), "prekey_rotation")?
+                .unwrap_or(DEFAULT_PREKEY_ROTATION),
         };
-        let prekey_grace = cli
-            .prekey_grace_secs
-            .or(file.prekey_grace_secs)
-            .map_or(DEFAULT_PREKEY_GRACE, Duration::from_secs);
+        let prekey_grace = match cli.prekey_grace {
+            Some(d) => d,
+            None => DurationSetting::read(file.prekey_grace.as_ref(), "prekey_grace")?
+                .unwrap_or(DEFAULT_PREKEY_GRACE),
+        };
 
         Ok(Config {
             user,
@@ -775,6 +797,29 @@ mod tests {
         assert_eq!(c.key_ttl, DEFAULT_KEY_TTL);
         assert!(!c.keyserver_legacy);
         assert_eq!(c.config_file, None);
+    }
+
+    #[test]
+    fn prekey_periods_take_units_or_seconds_in_the_file_and_on_the_command_line() {
+        let tmp = tempfile::tempdir().unwrap();
+        write_config(
+            tmp.path(),
+            "user = \"bob\"\nkeyserver = \"https://ks\"\nprekey_rotation = \"12h\"\nprekey_grace = 90\n",
+        );
+        let d = dirs(tmp.path());
+        let c = Config::resolve(cli(&[]), &d).unwrap();
+        assert_eq!(c.prekey_rotation, Duration::from_secs(12 * 3600));
+        assert_eq!(c.prekey_grace, Duration::from_secs(90));
+        let c =
+            Config::resolve(cli(&["--prekey-rotation", "4", "--prekey-grace", "2d"]), &d).unwrap();
+        assert_eq!(c.prekey_rotation, Duration::from_secs(4));
+        assert_eq!(c.prekey_grace, Duration::from_secs(2 * 86_400));
+        write_config(
+            tmp.path(),
+            "user = \"bob\"\nkeyserver = \"https://ks\"\nprekey_rotation = \"a week\"\n",
+        );
+        let err = Config::resolve(cli(&[]), &d).unwrap_err().to_string();
+        assert!(err.contains("prekey_rotation"), "{err}");
     }
 
     #[test]

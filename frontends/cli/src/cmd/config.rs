@@ -107,12 +107,12 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
         "seconds before cached contact keys are fetched again",
     ),
     (
-        "prekey_rotation_secs",
-        "v3: seconds between new prekeys (default 604800, 7 days)",
+        "prekey_rotation",
+        "v3: how often a new prekey is made: 7d (default), 12h, 90s ...",
     ),
     (
-        "prekey_grace_secs",
-        "v3: seconds an expired prekey is kept for frames still queued (default 1209600)",
+        "prekey_grace",
+        "v3: how long an expired prekey is kept for frames still queued: 14d (default)",
     ),
     (
         "notify_mute",
@@ -124,7 +124,7 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
     ),
 ];
 /// Keys whose values are numbers.
-const NUMBER_KEYS: &[&str] = &["key_ttl_secs", "prekey_rotation_secs", "prekey_grace_secs"];
+const NUMBER_KEYS: &[&str] = &["key_ttl_secs"];
 /// Keys whose values are true/false.
 const BOOL_KEYS: &[&str] = &["keyserver_legacy", "notify_dnd"];
 /// Keys whose values are lists of strings (comma-separated on the command line).
@@ -292,8 +292,6 @@ mod tests {
             toml::Value::Integer(60)
         );
         assert!(typed_value("key_ttl_secs", "soon").is_err());
-        assert!(typed_value("prekey_rotation_secs", "3600").is_ok());
-        assert!(typed_value("prekey_grace_secs", "two weeks").is_err());
         assert_eq!(
             typed_value("notify_dnd", "off").unwrap(),
             toml::Value::Boolean(false)

@@ -31,32 +31,8 @@ pub struct NewArgs {
     pub data_dir: Option<PathBuf>,
     /// How often nesd makes a new one; both expire after twice this. A number with a
     /// unit s, m, h or d.
-    #[arg(long, default_value = "7d", value_parser = parse_duration, env = "NES_PREKEY_ROTATION")]
+    #[arg(long, default_value = "7d", value_parser = nes_proto::v3::parse_duration, env = "NES_PREKEY_ROTATION")]
     pub rotation: Duration,
-}
-
-/// Parses `90s`, `30m`, `12h`, `7d` (a bare number is seconds).
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
-    let text = text.trim();
-    let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
-        Some(i) => text.split_at(i),
-        None => (text, "s"),
-    };
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 7d, 12h, 30m or 90s"))?;
-    let secs = match unit {
-        "s" => Some(n),
-        "m" => n.checked_mul(60),
-        "h" => n.checked_mul(3600),
-        "d" => n.checked_mul(86_400),
-        _ => None,
-    }
-    .ok_or_else(|| format!("{text:?} is not a duration like 7d, 12h, 30m or 90s"))?;
-    if secs == 0 {
-        return Err("the rotation must be longer than zero".into());
-    }
-    Ok(Duration::from_secs(secs))
 }
 
 pub fn run(command: PrekeyCommand) -> Result<(), CliError> {
@@ -89,19 +65,4 @@ fn new(args: NewArgs) -> Result<(), CliError> {
     out.write_all(b"\n")?;
     out.flush()?;
     Ok(())
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("7d"), Ok(Duration::from_secs(7 * 86_400)));
-        assert_eq!(parse_duration("12h"), Ok(Duration::from_secs(12 * 3600)));
-        assert_eq!(parse_duration("90"), Ok(Duration::from_secs(90)));
-        for bad in ["", "0", "7w", "d", "-1d", "1.5h"] {
-            assert!(parse_duration(bad).is_err(), "{bad:?}");
-        }
-    }
 }
