@@ -20,6 +20,7 @@
 //! lookup_rate = 50           # key server lookups per second for senders not yet known
 //! prekey_rotation = "7d"         # v3: a new prekey and certificate this often (or seconds)
 //! prekey_grace = "14d"           # v3: keep a prekey's private parts this long after it expires
+//! send_v3 = true                 # false: v2 at most (v3 frames are still received)
 //! # A private broker over TLS with credentials (see docs/BROKER.md):
 //! # broker = "mqtts://mqtt.example.org:8883"
 //! # broker_ca = "~/.config/nes/broker-ca.pem"     # trust only this CA (default: system roots)
@@ -153,6 +154,11 @@ pub struct Cli {
         value_parser = nes_proto::v3::parse_duration
     )]
     pub prekey_grace: Option<Duration>,
+    /// Send v3 to contacts with a valid prekey; false: v2 at most (to compare, or to stay
+    /// on RSA while a problem with v3 is looked into). v3 frames are received either way
+    /// [default: true].
+    #[arg(long = "send-v3", env = "NES_SEND_V3", value_name = "BOOL")]
+    pub send_v3: Option<bool>,
     /// Log filter (tracing EnvFilter syntax, e.g. "info" or "nesd=debug") [default: info].
     #[arg(long = "log", env = "NES_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -231,6 +237,8 @@ pub struct FileConfig {
     pub prekey_rotation: Option<DurationSetting>,
     /// `prekey_grace`: as `prekey_rotation`
     pub prekey_grace: Option<DurationSetting>,
+    /// `send_v3`
+    pub send_v3: Option<bool>,
     /// `log`
     pub log: Option<String>,
     /// Everything else (for the frontends).
@@ -400,6 +408,8 @@ pub struct Config {
     pub prekey_rotation: Duration,
     /// v3: private parts are kept this long after their `expires`.
     pub prekey_grace: Duration,
+    /// v3 to contacts with a valid prekey (else v2 at most).
+    pub send_v3: bool,
     /// Log filter, when configured.
     pub log: Option<String>,
     /// The config file that was read, if any.
@@ -563,6 +573,7 @@ impl Config {
             },
             prekey_rotation,
             prekey_grace,
+            send_v3: cli.send_v3.or(file.send_v3).unwrap_or(true),
             log: cli.log.or(file.log),
             config_file,
         })

@@ -159,6 +159,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         keyserver: keyserver.clone(),
         own_prekeys: own_prekeys.clone(),
         peer_prekeys,
+        send_v3: config.send_v3,
         transport: transport.clone(),
         outbox_wake: outbox_wake.clone(),
         stats: stats.clone(),

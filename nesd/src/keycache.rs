@@ -266,6 +266,11 @@ impl Contact {
             fetched_at_ms: self.fetched_at_ms,
             message_key_pem: self.pinned.message.to_pem(),
             sign_key_pem: self.pinned.sign.to_pem(),
+            // The version a contact gets depends on its prekey, which the service knows
+            // (crate::prekeys); it fills these in.
+            frame_version: 0,
+            frame_version_reason: String::new(),
+            prekey_lost: false,
         }
     }
 

@@ -364,14 +364,37 @@ impl PeerPrekeys {
         lock(&self.cache).get(user).map(|e| e.value.clone())
     }
 
+    /// Contacts that had a valid prekey and whose key server has none now, by name.
+    pub fn lost(&self) -> Vec<String> {
+        let mut lost: Vec<String> = lock(&self.cache)
+            .iter()
+            .filter(|(_, e)| matches!(e.value, PeerPrekey::None { lost: true }))
+            .map(|(user, _)| user.to_string())
+            .collect();
+        lost.sort();
+        lost
+    }
+
     /// The valid prekey to seal to for `user` (pinned sign key `sign_key`), fetching when
     /// the cache has nothing fresh; the reason when v2 it is.
     pub async fn get(&self, user: &Username, sign_key: &PublicKey) -> PeerPrekey {
+        self.get_or_fetch(user, sign_key, false).await
+    }
+
+    /// As `get`, but asks the key server even when the cache is fresh (`nes contacts show
+    /// --refresh`): how a user learns at once that a contact's prekey is gone.
+    pub async fn refresh(&self, user: &Username, sign_key: &PublicKey) -> PeerPrekey {
+        self.get_or_fetch(user, sign_key, true).await
+    }
+
+    async fn get_or_fetch(&self, user: &Username, sign_key: &PublicKey, force: bool) -> PeerPrekey {
         let now = now_ms();
         let had = {
             let cache = lock(&self.cache);
             match cache.get(user) {
-                Some(e) if &e.sign_key == sign_key && fresh(e, now) => return e.value.clone(),
+                Some(e) if !force && &e.sign_key == sign_key && fresh(e, now) => {
+                    return e.value.clone()
+                }
                 Some(e) => e.had,
                 None => false,
             }

@@ -788,11 +788,12 @@ impl Pipeline {
                 String::new()
             },
         };
+        let version = opened.version.number();
         let held_frame = held.then(|| publish.payload.to_vec());
         match self.store.insert_incoming(message, held_frame) {
             Ok(Some(_)) => {
                 if !held {
-                    self.stats.add_received(1);
+                    self.stats.add_received(version, 1);
                 }
                 Outcome::Stored
             }

@@ -11,7 +11,7 @@
 
 use crate::error::ServiceError;
 use crate::identity::Identity;
-use crate::keycache::{KeyCache, LookupError, TrustError};
+use crate::keycache::{Contact, KeyCache, LookupError, TrustError};
 use crate::keyserver::{KeyServer, RegisterError};
 use crate::mqtt::{Connection, Transport};
 use crate::prekeys::{OwnPrekeys, PeerPrekey, PeerPrekeys};
@@ -35,7 +35,8 @@ pub const MAX_TEXT_BYTES: usize = 128 * 1024;
 #[derive(Debug, Default)]
 pub struct Stats {
     refused: Mutex<BTreeMap<String, u64>>,
-    received: AtomicU64,
+    /// Messages stored as received, by frame version (index = version - 1).
+    received: [AtomicU64; 3],
     sent: AtomicU64,
     /// Frames sealed and queued, by version (index = version - 1).
     sealed: [AtomicU64; 3],
@@ -78,9 +79,11 @@ impl Stats {
             .collect()
     }
 
-    /// One more message stored as received.
-    pub fn add_received(&self, n: u64) {
-        self.received.fetch_add(n, Ordering::Relaxed);
+    /// `n` more messages of frame `version` (1, 2 or 3) stored as received.
+    pub fn add_received(&self, version: u32, n: u64) {
+        if let Some(c) = by_version(&self.received, version) {
+            c.fetch_add(n, Ordering::Relaxed);
+        }
     }
 
     /// One more message acknowledged by the broker.
@@ -90,10 +93,7 @@ impl Stats {
 
     /// One more frame of `version` (1, 2 or 3) sealed and queued for sending.
     pub fn add_sealed(&self, version: u32) {
-        if let Some(c) = version
-            .checked_sub(1)
-            .and_then(|i| self.sealed.get(i as usize))
-        {
+        if let Some(c) = by_version(&self.sealed, version) {
             c.fetch_add(1, Ordering::Relaxed);
         }
     }
@@ -103,15 +103,27 @@ impl Stats {
         [0, 1, 2].map(|i| self.sealed[i].load(Ordering::Relaxed))
     }
 
+    /// Messages stored as received since the start, for v1, v2 and v3.
+    pub fn received_by_version(&self) -> [u64; 3] {
+        [0, 1, 2].map(|i| self.received[i].load(Ordering::Relaxed))
+    }
+
     /// Messages stored as received since the start.
     pub fn received(&self) -> u64 {
-        self.received.load(Ordering::Relaxed)
+        self.received_by_version().iter().sum()
     }
 
     /// Messages acknowledged by the broker since the start.
     pub fn sent(&self) -> u64 {
         self.sent.load(Ordering::Relaxed)
     }
+}
+
+/// The counter of frame `version` (1, 2 or 3); none for another number.
+fn by_version(counters: &[AtomicU64; 3], version: u32) -> Option<&AtomicU64> {
+    version
+        .checked_sub(1)
+        .and_then(|i| counters.get(i as usize))
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -133,6 +145,8 @@ pub struct Parts {
     pub own_prekeys: Arc<OwnPrekeys>,
     /// v3: contacts' prekeys.
     pub peer_prekeys: PeerPrekeys,
+    /// v3 to contacts with a valid prekey (`send_v3`); false: v2 at most.
+    pub send_v3: bool,
     /// The MQTT session.
     pub transport: Transport,
     /// Wakes the outbox when something was queued.
@@ -195,6 +209,7 @@ impl Service {
         let p = self.p();
         let prekey = p.own_prekeys.state();
         let sealed = p.stats.sealed();
+        let received = p.stats.received_by_version();
         Ok(rpc::StatusReply {
             user: p.identity.user.to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
@@ -222,6 +237,10 @@ impl Service {
             sent_v1: sealed[0],
             sent_v2: sealed[1],
             sent_v3: sealed[2],
+            received_v1: received[0],
+            received_v2: received[1],
+            received_v3: received[2],
+            prekeys_lost: p.peer_prekeys.lost(),
         })
     }
 
@@ -288,7 +307,7 @@ impl Service {
             )));
         }
         let legacy = request.legacy || contact.legacy;
-        let (prekey, certificate) = if legacy {
+        let (prekey, certificate) = if legacy || !self.p().send_v3 {
             (None, None)
         } else {
             match self.p().own_prekeys.certificate() {
@@ -376,25 +395,68 @@ impl Service {
         Ok(marked)
     }
 
-    /// Every cached contact.
+    /// Every cached contact, with the version it gets as far as known without asking the
+    /// key server.
     pub async fn contacts(&self) -> Result<Vec<rpc::Contact>, ServiceError> {
-        Ok(self.p().keys.list().iter().map(|c| c.to_rpc()).collect())
+        Ok(self
+            .p()
+            .keys
+            .list()
+            .iter()
+            .map(|c| self.shown_contact(c))
+            .collect())
     }
 
-    /// One contact, fetched when unknown (or when `refresh`).
+    /// One contact, fetched when unknown (or when `refresh`), with the version the next
+    /// message to it gets and why; its prekey is asked for when not cached (or `refresh`).
     pub async fn lookup_contact(
         &self,
         username: &str,
         refresh: bool,
     ) -> Result<rpc::Contact, ServiceError> {
         let user = parse_user(username, "username")?;
-        Ok(self
+        let contact = self
             .p()
             .keys
             .get(&user, refresh)
             .await
-            .map_err(lookup_error)?
-            .to_rpc())
+            .map_err(lookup_error)?;
+        let p = self.p();
+        let prekey = if contact.legacy || self.v3_off().is_some() {
+            None
+        } else if refresh {
+            Some(p.peer_prekeys.refresh(&user, &contact.pinned.sign).await)
+        } else {
+            Some(p.peer_prekeys.get(&user, &contact.pinned.sign).await)
+        };
+        Ok(self.contact_with_version(&contact, prekey.as_ref()))
+    }
+
+    /// `contact` for the API, with what is cached about its prekey.
+    fn shown_contact(&self, contact: &Contact) -> rpc::Contact {
+        let prekey = self.p().peer_prekeys.cached(&contact.username);
+        self.contact_with_version(contact, prekey.as_ref())
+    }
+
+    /// Why this daemon sends no v3 to anyone right now, when it does not.
+    fn v3_off(&self) -> Option<&'static str> {
+        if !self.p().send_v3 {
+            Some("v2: v3 is turned off here (send_v3 = false)")
+        } else if self.p().own_prekeys.certificate().is_none() {
+            Some("v2: this daemon has no v3 signing certificate (see its log)")
+        } else {
+            None
+        }
+    }
+
+    fn contact_with_version(&self, contact: &Contact, prekey: Option<&PeerPrekey>) -> rpc::Contact {
+        let (version, reason) = version_and_reason(contact.legacy, self.v3_off(), prekey);
+        rpc::Contact {
+            frame_version: version,
+            frame_version_reason: reason,
+            prekey_lost: !contact.legacy && matches!(prekey, Some(PeerPrekey::None { lost: true })),
+            ..contact.to_rpc()
+        }
     }
 
     /// Accepts a contact's new keys and releases the messages held because of the change.
@@ -416,7 +478,7 @@ impl Service {
                 TrustError::Store(m) => ServiceError::Internal(m),
             })?;
         self.release_held(&user, &contact.pinned.sign).await?;
-        Ok(contact.to_rpc())
+        Ok(self.shown_contact(&contact))
     }
 
     /// Opens the held messages of `user` again with its now trusted signing key.
@@ -431,6 +493,7 @@ impl Service {
             return Ok(());
         }
         let mut released = 0u64;
+        let mut by_version = [0u64; 3];
         for h in held {
             let identity = self.p().identity.clone();
             let prekeys = self.p().own_prekeys.snapshot();
@@ -446,11 +509,18 @@ impl Service {
                     if o.inner.from.eq_ignore_ascii_case(user.as_str())
                         && o.check_recipient(self.user()).is_ok() =>
                 {
+                    let version = o.version.number();
                     if store
                         .release_held(user.as_str(), h.seq, o.inner.message)?
                         .is_some()
                     {
                         released += 1;
+                        if let Some(n) = version
+                            .checked_sub(1)
+                            .and_then(|i| by_version.get_mut(i as usize))
+                        {
+                            *n += 1;
+                        }
                     }
                 }
                 _ => {
@@ -463,7 +533,9 @@ impl Service {
             }
         }
         store.commit().await?;
-        self.p().stats.add_received(released);
+        for (i, n) in (1u32..).zip(by_version) {
+            self.p().stats.add_received(i, n);
+        }
         info!(%user, released, "released held messages");
         Ok(())
     }
@@ -475,13 +547,13 @@ impl Service {
         legacy: bool,
     ) -> Result<rpc::Contact, ServiceError> {
         let user = parse_user(username, "username")?;
-        Ok(self
+        let contact = self
             .p()
             .keys
             .set_legacy(&user, legacy)
             .await
-            .map_err(lookup_error)?
-            .to_rpc())
+            .map_err(lookup_error)?;
+        Ok(self.shown_contact(&contact))
     }
 
     /// Registers this identity's public keys with the key server.
@@ -735,6 +807,36 @@ fn choose_version(legacy: bool, has_prekey: bool) -> Version {
 }
 
 /// Parses a username from a request.
+/// The version (0 when not known yet) the next message to a contact gets, and why: what
+/// `nes contacts show` says. The number agrees with `choose_version`.
+fn version_and_reason(
+    legacy: bool,
+    v3_off: Option<&str>,
+    prekey: Option<&PeerPrekey>,
+) -> (u32, String) {
+    if legacy {
+        let v = choose_version(true, false);
+        return (
+            v.number(),
+            "v1: marked legacy (the original client); `nes contacts legacy USER off` for v2/v3"
+                .into(),
+        );
+    }
+    if let Some(why) = v3_off {
+        return (choose_version(false, false).number(), why.into());
+    }
+    match prekey {
+        None => (
+            0,
+            "not known yet: the contact's prekey is asked for on the next message (or `nes contacts show`)".into(),
+        ),
+        Some(p) => (
+            choose_version(false, matches!(p, PeerPrekey::Valid(_))).number(),
+            p.describe(),
+        ),
+    }
+}
+
 fn parse_user(name: &str, what: &str) -> Result<Username, ServiceError> {
     Username::parse(name.trim())
         .map_err(|e| ServiceError::InvalidArgument(format!("bad {what}: {e}")))
@@ -753,6 +855,23 @@ fn lookup_error(e: LookupError) -> ServiceError {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn contacts_show_the_version_they_get_and_why() {
+        let (v, why) = version_and_reason(true, None, None);
+        assert_eq!((v, why.starts_with("v1: marked legacy")), (1, true));
+        let (v, why) = version_and_reason(false, Some("v2: off"), None);
+        assert_eq!((v, why.as_str()), (2, "v2: off"));
+        assert_eq!(version_and_reason(false, None, None).0, 0);
+        let lost = PeerPrekey::None { lost: true };
+        let (v, why) = version_and_reason(false, None, Some(&lost));
+        assert_eq!((v, why.contains("HAD v3 prekeys")), (2, true));
+        let never = PeerPrekey::None { lost: false };
+        let (v, why) = version_and_reason(false, None, Some(&never));
+        assert_eq!((v, why.contains("older NES")), (2, true));
+        let failed = PeerPrekey::Failed("boom".into());
+        assert_eq!(version_and_reason(false, None, Some(&failed)).0, 2);
+    }
 
     #[test]
     fn legacy_gets_v1_a_valid_prekey_v3_else_v2() {

@@ -8,10 +8,17 @@
 //! the proxy behaves) opens with bob's current private key: nothing was ever sealed to
 //! a wrong key.
 //!
+//! Issue 15: the same proxy stands in for an original key server, which has no prekey
+//! endpoint (`Mode::NoPrekeys`), to show which frame version alice's daemon picks for bob
+//! and why: v2 while the key server has no prekey for him, v3 once it has, v2 and "lost"
+//! (reported, not silent) when it has none again, v1 once bob is marked legacy; bob's
+//! daemon receives all of them, and both daemons count them by version.
+//!
 //! The proxy is plain HTTP/1.1 on a tokio listener (one request per connection) that
 //! forwards to the real key server with reqwest and rewrites the answers.
 
 use anyhow::{bail, ensure, Context, Result};
+use nes_e2e::frontends::run_nes;
 use nes_e2e::*;
 use nes_proto::rpc::{self, event::Kind, TrustState};
 use std::collections::HashMap;
@@ -36,6 +43,10 @@ enum Mode {
     FlipByte { victim: String },
     /// Answers with these bytes (a recorded answer).
     Replay { victim: String, body: Vec<u8> },
+    /// An original PubKey Service: `/users/<name>/prekey` is no route of its own (the
+    /// original reads `prekey` as an unknown token: 404 to GET, and it takes no PUT: 405);
+    /// everything else is forwarded.
+    NoPrekeys,
 }
 
 struct ProxyState {
@@ -171,6 +182,10 @@ async fn serve(
             victim,
             body: recorded,
         } if method == "GET" && path == target(victim) => (200, recorded.clone(), true),
+        Mode::NoPrekeys if path.starts_with("/users/") && path.ends_with("/prekey") => {
+            let status = if method == "GET" { 404 } else { 405 };
+            (status, b"{\"error\":\"not found\"}".to_vec(), true)
+        }
         _ => {
             let (s, b) = forward(
                 http,
@@ -224,6 +239,7 @@ fn reason(status: u16) -> &'static str {
         200 => "OK",
         201 => "Created",
         404 => "Not Found",
+        405 => "Method Not Allowed",
         _ => "Whatever",
     }
 }
@@ -641,5 +657,153 @@ async fn an_old_answer_replayed_after_a_key_change_is_a_key_change() -> Result<(
         .into_inner();
     ensure!(contact.trust == TrustState::Pinned as i32, "{contact:?}");
     s.control_message_opens_with_bobs_key().await?;
+    Ok(())
+}
+
+/// What alice's daemon says about bob: (frame version, reason, prekey lost).
+async fn version_for_bob(a: &mut Client, refresh: bool) -> Result<(u32, String, bool)> {
+    let c = a
+        .lookup_contact(rpc::LookupContactRequest {
+            username: "bob".into(),
+            refresh,
+        })
+        .await?
+        .into_inner();
+    Ok((c.frame_version, c.frame_version_reason, c.prekey_lost))
+}
+
+/// Sends `text` to bob, checks the version it went out as and that bob's daemon stored it
+/// from a frame of that version.
+async fn send_as(a: &mut Client, b: &Client, text: &str, version: u32) -> Result<()> {
+    let sent = send(a, "bob", text).await?;
+    ensure!(
+        sent.wire_version == version,
+        "{text:?} went out as v{}, not v{version}",
+        sent.wire_version
+    );
+    wait_history(b, "alice", 1, |m| {
+        m.id == sent.id && m.text == text && m.wire_version == version
+    })
+    .await
+    .with_context(|| format!("bob never received {text:?} as v{version}"))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn v2_without_a_prekey_endpoint_v3_with_one_lost_is_reported_v1_to_legacy() -> Result<()> {
+    let w = World::start().await?;
+    let proxy = Proxy::start(w.keyserver.url()).await?;
+    proxy.set(Mode::NoPrekeys);
+    let (_bob_id, bob) = w.user("bob").await?;
+    let b = bob.client().await?;
+    wait_prekey_published(&b, None).await?;
+    let alice_id = Identity::generate("alice")?;
+    alice_id.register(&w.keyserver).await?;
+    let alice = ProxiedNesd::start(
+        &alice_id,
+        &w.broker,
+        &proxy.url,
+        &w.keyserver.public_key_path(),
+    )
+    .await?;
+    let mut a = connect(&alice.socket()).await?;
+
+    // An original key server: no prekey for bob, so v2, and nothing was ever lost.
+    let (v, why, lost) = version_for_bob(&mut a, false).await?;
+    ensure!(v == 2 && !lost, "v{v} lost={lost}: {why}");
+    ensure!(why.contains("no prekey"), "reason: {why}");
+    send_as(&mut a, &b, "v2: the key server has no prekey endpoint", 2).await?;
+
+    // The key server answers bob's prekey: v3.
+    proxy.set(Mode::Pass);
+    let (v, why, lost) = version_for_bob(&mut a, true).await?;
+    ensure!(v == 3 && !lost, "v{v} lost={lost}: {why}");
+    ensure!(why.starts_with("v3: prekey "), "reason: {why}");
+    send_as(&mut a, &b, "v3: forward secrecy", 3).await?;
+
+    // The prekey disappears: v2, reported in the contact and in status, not silent.
+    proxy.set(Mode::NoPrekeys);
+    let (v, why, lost) = version_for_bob(&mut a, true).await?;
+    ensure!(v == 2 && lost, "v{v} lost={lost}: {why}");
+    ensure!(why.contains("HAD v3 prekeys"), "reason: {why}");
+    let s = status(&mut a).await?;
+    ensure!(s.prekeys_lost == ["bob"], "status: {:?}", s.prekeys_lost);
+    let home = tempfile::tempdir()?;
+    let shown = run_nes(
+        &alice.socket(),
+        home.path(),
+        &["contacts", "show", "bob"],
+        b"",
+    )
+    .await?
+    .expect_code(0)?;
+    ensure!(
+        shown
+            .stdout
+            .contains("sends as:    v2: the contact HAD v3 prekeys")
+            && shown.stdout.contains("[PREKEY LOST]"),
+        "nes contacts show bob:\n{}",
+        shown.stdout
+    );
+    let listed = run_nes(&alice.socket(), home.path(), &["contacts"], b"")
+        .await?
+        .expect_code(0)?;
+    ensure!(
+        listed.stdout.contains("PREKEY LOST (gets v2)"),
+        "nes contacts:\n{}",
+        listed.stdout
+    );
+    let text = run_nes(&alice.socket(), home.path(), &["status"], b"")
+        .await?
+        .expect_code(0)?;
+    ensure!(
+        text.stdout.contains("LOST PREKEYS: bob had v3 prekeys"),
+        "nes status:\n{}",
+        text.stdout
+    );
+    send_as(&mut a, &b, "v2 again: bob's prekey is gone", 2).await?;
+
+    // A legacy contact: v1.
+    let c = a
+        .set_contact_legacy(rpc::SetContactLegacyRequest {
+            username: "bob".into(),
+            legacy: true,
+        })
+        .await?
+        .into_inner();
+    ensure!(
+        c.frame_version == 1,
+        "legacy contact gets v{}",
+        c.frame_version
+    );
+    send_as(&mut a, &b, "v1 to a legacy contact", 1).await?;
+
+    // Each counted by version on both sides.
+    let sa = status(&mut a).await?;
+    ensure!(
+        (sa.sent_v1, sa.sent_v2, sa.sent_v3) == (1, 2, 1),
+        "alice sent v1 {} v2 {} v3 {}",
+        sa.sent_v1,
+        sa.sent_v2,
+        sa.sent_v3
+    );
+    let mut b = b;
+    let sb = status(&mut b).await?;
+    ensure!(
+        (sb.received_v1, sb.received_v2, sb.received_v3, sb.received) == (1, 2, 1, 4),
+        "bob received v1 {} v2 {} v3 {} (all {})",
+        sb.received_v1,
+        sb.received_v2,
+        sb.received_v3,
+        sb.received
+    );
+    let json = run_nes(&bob.socket(), home.path(), &["status", "--json"], b"")
+        .await?
+        .expect_code(0)?;
+    let v: serde_json::Value = serde_json::from_str(&json.stdout)?;
+    ensure!(
+        v["received_by_version"] == serde_json::json!({"v1": 1, "v2": 2, "v3": 1}),
+        "bob's status --json: {v}"
+    );
     Ok(())
 }

@@ -115,6 +115,10 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
         "v3: how long an expired prekey is kept for frames still queued: 14d (default)",
     ),
     (
+        "send_v3",
+        "v3 to contacts with a prekey: true (default); false: v2 at most",
+    ),
+    (
         "notify_mute",
         "nes-notify: users whose messages show no notification",
     ),
@@ -126,7 +130,7 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
 /// Keys whose values are numbers.
 const NUMBER_KEYS: &[&str] = &["key_ttl_secs"];
 /// Keys whose values are true/false.
-const BOOL_KEYS: &[&str] = &["keyserver_legacy", "notify_dnd"];
+const BOOL_KEYS: &[&str] = &["keyserver_legacy", "notify_dnd", "send_v3"];
 /// Keys whose values are lists of strings (comma-separated on the command line).
 const LIST_KEYS: &[&str] = &["notify_mute"];
 

@@ -174,6 +174,11 @@ pub fn contact_line(c: &Contact) -> String {
     );
     if c.legacy {
         line.push_str("  legacy (v1)");
+    } else if c.frame_version > 0 {
+        line.push_str(&format!("  v{}", c.frame_version));
+    }
+    if c.prekey_lost {
+        line.push_str("  PREKEY LOST (gets v2)");
     }
     if c.trust == TrustState::KeyChanged as i32 {
         line.push_str(&format!(
@@ -206,6 +211,7 @@ fn contact_details(c: &Contact, pem: bool) -> Vec<String> {
                 "no"
             }
         ),
+        format!("sends as:    {}", version_text(c)),
         format!(
             "fetched:     {}",
             if c.fetched_at_ms > 0 {
@@ -242,6 +248,16 @@ fn contact_details(c: &Contact, pem: bool) -> Vec<String> {
     lines
 }
 
+/// The version the next message gets and why (the reason holds no network text but a
+/// prekey id and numbers; it is shown escaped all the same).
+fn version_text(c: &Contact) -> String {
+    let mut text = shown(&c.frame_version_reason);
+    if c.prekey_lost {
+        text.push_str(" [PREKEY LOST]");
+    }
+    text
+}
+
 /// Text from the network as one safe line (`nes_client::display::line`).
 fn shown(text: &str) -> String {
     nes_client::display::line(text)
@@ -255,6 +271,9 @@ fn contact_json(c: &Contact, pem: bool) -> serde_json::Value {
         "sign_key_fingerprint": c.sign_key_fingerprint,
         "legacy": c.legacy,
         "fetched_at": c.fetched_at_ms,
+        "frame_version": c.frame_version,
+        "frame_version_reason": c.frame_version_reason,
+        "prekey_lost": c.prekey_lost,
     });
     if c.trust == TrustState::KeyChanged as i32 {
         v["pending_message_key_fingerprint"] = json!(c.pending_message_key_fingerprint);

@@ -62,6 +62,8 @@ pub fn status_json(s: &StatusReply, socket: &str) -> serde_json::Value {
             "next_try_ms": s.prekey_next_try_ms,
         },
         "sent_by_version": {"v1": s.sent_v1, "v2": s.sent_v2, "v3": s.sent_v3},
+        "received_by_version": {"v1": s.received_v1, "v2": s.received_v2, "v3": s.received_v3},
+        "prekeys_lost": s.prekeys_lost,
         "socket": socket,
     })
 }
@@ -79,7 +81,7 @@ pub fn status_text(s: &StatusReply, socket: &str) -> Vec<String> {
             .collect::<Vec<_>>()
             .join(", ")
     };
-    vec![
+    let mut lines = vec![
         format!(
             "nesd {} (pid {}), up {}, socket {socket}",
             s.version,
@@ -116,9 +118,28 @@ pub fn status_text(s: &StatusReply, socket: &str) -> Vec<String> {
             "frames:     v1 {}   v2 {}   v3 {} (sealed and queued since the start)",
             s.sent_v1, s.sent_v2, s.sent_v3
         ),
+        format!(
+            "received:   v1 {}   v2 {}   v3 {} (messages stored since the start)",
+            s.received_v1, s.received_v2, s.received_v3
+        ),
         format!("prekey:     {}", prekey_text(s)),
-        format!("cursor:     {} (store {})", s.last_cursor, s.store_id),
-    ]
+    ];
+    if !s.prekeys_lost.is_empty() {
+        let names: Vec<String> = s
+            .prekeys_lost
+            .iter()
+            .map(|n| nes_client::display::line(n))
+            .collect();
+        lines.push(format!(
+            "LOST PREKEYS: {} had v3 prekeys and the key server has none now; they get v2 (`nes contacts show USER`)",
+            names.join(", ")
+        ));
+    }
+    lines.push(format!(
+        "cursor:     {} (store {})",
+        s.last_cursor, s.store_id
+    ));
+    lines
 }
 
 /// Where our v3 prekey stands with the key server.
@@ -180,6 +201,26 @@ mod tests {
         assert_eq!(v["user"], "bob");
         s.store_id = "0123456789abcdef".into();
         assert_eq!(status_json(&s, "/s")["store_id"], "0123456789abcdef");
+    }
+
+    #[test]
+    fn lost_prekeys_and_received_versions_are_shown() {
+        let s = StatusReply {
+            received_v1: 1,
+            received_v2: 2,
+            received_v3: 3,
+            prekeys_lost: vec!["carol".into(), "bob\u{1b}[2J".into()],
+            ..Default::default()
+        };
+        let text = status_text(&s, "/s").join("\n");
+        assert!(text.contains("received:   v1 1   v2 2   v3 3"), "{text}");
+        assert!(text.contains("LOST PREKEYS: carol, bob"), "{text}");
+        assert!(!text.contains('\u{1b}'), "escaped: {text}");
+        let v = status_json(&s, "/s");
+        assert_eq!(v["received_by_version"]["v3"], 3);
+        assert_eq!(v["prekeys_lost"][0], "carol");
+        let quiet = status_text(&StatusReply::default(), "/s").join("\n");
+        assert!(!quiet.contains("LOST"), "{quiet}");
     }
 
     #[test]
