@@ -8,6 +8,7 @@
 //! anything left in his data directory.
 
 use anyhow::{ensure, Context, Result};
+use nes_e2e::frontends::run_nes;
 use nes_e2e::*;
 use nes_proto::rpc::{Direction, MessageState};
 use std::collections::HashSet;
@@ -196,5 +197,51 @@ async fn after_rotation_and_grace_the_prekey_file_is_gone_and_the_frame_stays_sh
         &frame,
     )?;
     ensure!(code != 0 && !out.contains(text), "exit {code}: {out}");
+    Ok(())
+}
+
+/// nesd makes its prekey at start and keeps trying to publish it while the account does
+/// not exist or is not active yet (the key server answers 404), says so in status, and
+/// publishes it by itself once the mail link is followed: no restart, no `register` call
+/// to nudge it (the registration here goes to the key server directly).
+#[tokio::test]
+async fn the_prekey_is_published_by_retrying_once_the_account_is_active() -> Result<()> {
+    let w = World::start().await?;
+    let id = Identity::generate("dora")?;
+    let dora = Nesd::start(&id, &w.broker, &w.keyserver).await?;
+    let d = dora.client().await?;
+    let waiting = eventually("a failed first publication", TIMEOUT, || {
+        let mut c = d.clone();
+        async move {
+            let s = status(&mut c).await?;
+            Ok((!s.prekey_waiting.is_empty()).then_some(s))
+        }
+    })
+    .await?;
+    ensure!(
+        !waiting.prekey_published && !waiting.prekey_id.is_empty(),
+        "{waiting:?}"
+    );
+    ensure!(
+        waiting.prekey_next_try_ms > nes_proto::now_ms() - 1_000,
+        "no next try: {waiting:?}"
+    );
+    let text = run_nes(&dora.socket(), tempfile::tempdir()?.path(), &["status"], b"")
+        .await?
+        .expect_code(0)?
+        .stdout;
+    ensure!(
+        text.contains("waiting for the key server") && text.contains("next try in"),
+        "nes status:\n{text}"
+    );
+
+    id.register(&w.keyserver).await?;
+    let published = wait_prekey_published(&d, None).await?;
+    ensure!(
+        published.prekey_id == waiting.prekey_id && published.prekey_waiting.is_empty(),
+        "{published:?}"
+    );
+    let served = reqwest::get(format!("{}/users/dora/prekey", w.keyserver.url())).await?;
+    ensure!(served.status() == 200, "GET prekey: {}", served.status());
     Ok(())
 }
