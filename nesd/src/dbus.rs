@@ -358,20 +358,8 @@ async fn unread_changed(messenger: &Messenger, emitter: &SignalEmitter<'_>) {
 
 /// One History row: (id, from, to, timestamp, text, direction, state).
 fn history_row(m: rpc::Message) -> HistoryRow {
-    let direction = match Direction::try_from(m.direction) {
-        Ok(Direction::Incoming) => "incoming",
-        Ok(Direction::Outgoing) => "outgoing",
-        Ok(Direction::Unspecified) | Err(_) => "unknown",
-    };
-    let state = match MessageState::try_from(m.state) {
-        Ok(MessageState::Queued) => "queued",
-        Ok(MessageState::Sent) => "sent",
-        Ok(MessageState::Delivered) => "delivered",
-        Ok(MessageState::Failed) => "failed",
-        Ok(MessageState::Received) => "received",
-        Ok(MessageState::Held) => "held",
-        Ok(MessageState::Unspecified) | Err(_) => "unknown",
-    };
+    let direction = nes_proto::names::direction_name(m.direction);
+    let state = nes_proto::names::state_name(m.state);
     // Held messages are not verified yet: their text is not shown.
     let text = if m.state == MessageState::Held as i32 {
         String::new()

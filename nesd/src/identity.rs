@@ -4,6 +4,7 @@
 //! Private keys never leave this module's [`Identity`] except to sign and unwrap; nothing
 //! in the API ever returns them.
 
+use nes_proto::keys::{key_files, KEYS_DIR};
 use nes_proto::{PrivateKey, PublicKey, Username};
 use rand::RngCore;
 use std::path::{Path, PathBuf};
@@ -53,14 +54,16 @@ pub enum IdentityError {
     },
 }
 
-/// `DATA_DIR/keys/<user>-rsa-message`.
+/// `DATA_DIR/keys/<user>-rsa-message` (names from `nes_proto::keys::key_files`).
 pub fn message_key_path(data_dir: &Path, user: &Username) -> PathBuf {
-    data_dir.join("keys").join(format!("{user}-rsa-message"))
+    let [message, ..] = key_files(&data_dir.join(KEYS_DIR), user);
+    message
 }
 
 /// `DATA_DIR/keys/<user>-rsa-sign`.
 pub fn sign_key_path(data_dir: &Path, user: &Username) -> PathBuf {
-    data_dir.join("keys").join(format!("{user}-rsa-sign"))
+    let [_, _, sign, _] = key_files(&data_dir.join(KEYS_DIR), user);
+    sign
 }
 
 impl Identity {

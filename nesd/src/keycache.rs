@@ -27,6 +27,7 @@
 use crate::config::KeyPolicy;
 use crate::keyserver::{FetchError, Fetched, KeySource};
 use crate::store::{Store, StoreError};
+use crate::sync::lock;
 use nes_proto::rpc::{self, event::Kind, TrustState};
 use nes_proto::{now_ms, PublicKey, Username};
 use prost::Message as _;
@@ -442,11 +443,6 @@ struct Inner {
     wake: Notify,
     /// No background lookup before this (a 429's `Retry-After`).
     paused_until: Mutex<Option<Instant>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The maps hold plain values; a panic elsewhere cannot leave them inconsistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 impl KeyCache {

@@ -8,6 +8,7 @@
 
 use futures::future::BoxFuture;
 use nes_proto::answer::MAX_ANSWER_BYTES;
+use nes_proto::registration::Registration;
 use nes_proto::{verify_answer, KeyAnswer, PublicKey, Username, UsernameRule};
 use std::time::Duration;
 
@@ -178,16 +179,21 @@ impl KeyServer {
         public_key_sign: &str,
     ) -> Result<String, RegisterError> {
         let url = format!("{}/users", self.base);
-        let body = serde_json::json!({
-            "username": user.as_str(),
-            "email": email,
-            "public_key_message": public_key_message,
-            "public_key_sign": public_key_sign,
-        });
+        // The one definition of the body (nes_proto::registration), checked here by the
+        // same rules the key server applies, so a bad address is refused before any request.
+        let body = Registration {
+            username: user.clone(),
+            email: email.to_owned(),
+            public_key_message: public_key_message.to_owned(),
+            public_key_sign: public_key_sign.to_owned(),
+        }
+        .to_json();
+        Registration::parse(&body).map_err(|e| RegisterError::Refused(e.to_string()))?;
         let response = self
             .http
             .post(&url)
-            .json(&body)
+            .header(reqwest::header::CONTENT_TYPE, "application/json")
+            .body(body)
             .send()
             .await
             .map_err(|e| RegisterError::Unavailable(short(&e)))?;

@@ -30,6 +30,7 @@
 //! | [`prekeys`] | v3: our prekeys (made, published, rotated, deleted) and contacts' (cached) |
 //! | [`outbox`] | publishes queued frames in order, tracks SENT/DELIVERED |
 //! | [`mqtt`] | the persistent MQTT session (rumqttc), manual acks, reconnects |
+//! | [`sync`] | the one lock helper for in-memory maps |
 //!
 //! A send: the adapter calls [`service::Service::send`], which finds the recipient's keys
 //! (key cache, else key server), seals the frame on the blocking pool, stores the message
@@ -65,6 +66,7 @@ pub mod receive;
 pub mod service;
 pub mod socket;
 pub mod store;
+pub mod sync;
 
 pub use config::Config;
 

@@ -33,6 +33,7 @@
 //!
 //! This module knows nothing of frames or the API: it moves bytes and reports.
 
+use crate::sync::lock;
 use rand::Rng;
 use rumqttc::tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
 use rumqttc::{
@@ -512,11 +513,6 @@ struct Links {
     state: watch::Sender<Connection>,
     incoming: mpsc::UnboundedSender<Publish>,
     deliveries: mpsc::UnboundedSender<Delivery>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // The tracker holds plain maps; a panic elsewhere cannot break them.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 async fn run(

@@ -100,7 +100,7 @@ impl Outbox {
                     peer: record.peer.clone(),
                     id: record.id.clone(),
                 };
-                let topic = format!("nes/{}/message", record.peer);
+                let topic = nes_proto::username::topic_of(&record.peer);
                 if let Err(e) = self
                     .transport
                     .publish(token, topic, record.exactly_once, record.frame)

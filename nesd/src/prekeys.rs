@@ -21,6 +21,7 @@
 //! logged as a warning and told in `nes contacts show`.
 
 use crate::keyserver::{FetchError, KeyServer, PublishError};
+use crate::sync::lock;
 use nes_proto::v3::{CertificateSecret, KeyDir, KeyId, PrekeySecret, Prekeys, SignedPrekey};
 use nes_proto::{now_ms, PrivateKey, PublicKey, Username};
 use std::collections::HashMap;
@@ -42,10 +43,6 @@ pub const PEER_NEAR_EXPIRY: Duration = Duration::from_secs(3600);
 pub const PEER_NONE_TTL: Duration = Duration::from_secs(600);
 /// A failed fetch is not tried again for this long (v2 meanwhile).
 pub const PEER_FAILURE_TTL: Duration = Duration::from_secs(60);
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
 
 fn ms(d: Duration) -> i64 {
     i64::try_from(d.as_millis()).unwrap_or(i64::MAX)

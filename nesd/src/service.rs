@@ -16,6 +16,7 @@ use crate::keyserver::{KeyServer, RegisterError};
 use crate::mqtt::{Connection, Transport};
 use crate::prekeys::{OwnPrekeys, PeerPrekey, PeerPrekeys};
 use crate::store::{CursorError, OutboxRecord, Store};
+use crate::sync::lock;
 use nes_proto::frame::{self, Draft, FrameError, Version};
 use nes_proto::rpc::{self, event::Kind, Direction, MessageState};
 use nes_proto::{now_ms, Username};
@@ -124,11 +125,6 @@ fn by_version(counters: &[AtomicU64; 3], version: u32) -> Option<&AtomicU64> {
     version
         .checked_sub(1)
         .and_then(|i| counters.get(i as usize))
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // Counters only; a panic elsewhere cannot leave them inconsistent.
-    m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
 /// What the service is built from.

@@ -567,6 +567,25 @@ pub(crate) fn hex_lower(bytes: &[u8]) -> String {
         })
 }
 
+/// The folder of a data directory that holds the key files (`DATA_DIR/keys`).
+pub const KEYS_DIR: &str = "keys";
+/// `<user>-rsa-message`: the private message key file, as the original client names it.
+pub const MESSAGE_KEY_SUFFIX: &str = "-rsa-message";
+/// `<user>-rsa-sign`: the private signing key file.
+pub const SIGN_KEY_SUFFIX: &str = "-rsa-sign";
+
+/// The four key files of `user` in `keys_dir`, in the order message, message.pub, sign,
+/// sign.pub: the one definition of their names, for nesd, `nes generate` and the
+/// offline tools.
+pub fn key_files(keys_dir: &std::path::Path, user: &crate::Username) -> [std::path::PathBuf; 4] {
+    [
+        keys_dir.join(format!("{user}{MESSAGE_KEY_SUFFIX}")),
+        keys_dir.join(format!("{user}{MESSAGE_KEY_SUFFIX}.pub")),
+        keys_dir.join(format!("{user}{SIGN_KEY_SUFFIX}")),
+        keys_dir.join(format!("{user}{SIGN_KEY_SUFFIX}.pub")),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@
 //! | [`username`] | valid usernames and their topics | everywhere |
 //! | [`b64`] | Go's `base64.URLEncoding` | every binary field |
 //! | [`rpc`] | the gRPC API (`proto/nes/v1/messenger.proto`) | the daemon's Unix socket |
+//! | [`names`] | API enum values as text (`queued`, `incoming`, ...) | `--json`, D-Bus |
 //!
 //! A frame flows: sender `frame::seal` → broker → recipient `frame::decrypt` (its own
 //! message key) → look up the inner `from` at the key server, `answer::verify_answer` →
@@ -45,6 +46,47 @@ pub use username::{Username, UsernameError};
 #[allow(missing_docs, clippy::all)]
 pub mod rpc {
     tonic::include_proto!("nes.v1");
+}
+
+/// The names of API enum values as people and scripts see them (`--json`, D-Bus, text):
+/// one definition for the CLI, nes-notify and nesd's D-Bus adapter.
+pub mod names {
+    use crate::rpc::{Direction, MessageState};
+
+    /// `incoming` / `outgoing` (`unknown` for a value this build does not know).
+    pub fn direction_name(direction: i32) -> &'static str {
+        match Direction::try_from(direction) {
+            Ok(Direction::Incoming) => "incoming",
+            Ok(Direction::Outgoing) => "outgoing",
+            Ok(Direction::Unspecified) | Err(_) => "unknown",
+        }
+    }
+
+    /// `queued`, `sent`, `delivered`, `failed`, `received`, `held` (`unknown` otherwise).
+    pub fn state_name(state: i32) -> &'static str {
+        match MessageState::try_from(state) {
+            Ok(MessageState::Queued) => "queued",
+            Ok(MessageState::Sent) => "sent",
+            Ok(MessageState::Delivered) => "delivered",
+            Ok(MessageState::Failed) => "failed",
+            Ok(MessageState::Received) => "received",
+            Ok(MessageState::Held) => "held",
+            Ok(MessageState::Unspecified) | Err(_) => "unknown",
+        }
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn every_value_has_its_name() {
+            assert_eq!(state_name(MessageState::Held as i32), "held");
+            assert_eq!(state_name(99), "unknown");
+            assert_eq!(direction_name(Direction::Outgoing as i32), "outgoing");
+            assert_eq!(direction_name(-1), "unknown");
+        }
+    }
 }
 
 /// Current time in Unix milliseconds.

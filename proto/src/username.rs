@@ -43,8 +43,14 @@ impl Username {
 
     /// The MQTT topic this user receives on: `nes/<user>/message`.
     pub fn topic(&self) -> String {
-        format!("nes/{}/message", self.0)
+        topic_of(&self.0)
     }
+}
+
+/// The MQTT topic of a name that was a valid [`Username`] when it was stored (an outbox
+/// record keeps the name as text): the one definition of the topic's form.
+pub fn topic_of(name: &str) -> String {
+    format!("nes/{name}/message")
 }
 
 impl FromStr for Username {

@@ -226,10 +226,15 @@ async fn the_prekey_is_published_by_retrying_once_the_account_is_active() -> Res
         waiting.prekey_next_try_ms > nes_proto::now_ms() - 1_000,
         "no next try: {waiting:?}"
     );
-    let text = run_nes(&dora.socket(), tempfile::tempdir()?.path(), &["status"], b"")
-        .await?
-        .expect_code(0)?
-        .stdout;
+    let text = run_nes(
+        &dora.socket(),
+        tempfile::tempdir()?.path(),
+        &["status"],
+        b"",
+    )
+    .await?
+    .expect_code(0)?
+    .stdout;
     ensure!(
         text.contains("waiting for the key server") && text.contains("next try in"),
         "nes status:\n{text}"

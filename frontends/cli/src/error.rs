@@ -1,5 +1,6 @@
 //! The one error type of the `nes` commands and its mapping to exit codes.
 
+use nes_client::error::exit;
 use std::process::ExitCode;
 
 /// Why a command failed, and so which exit code it ends with.
@@ -23,10 +24,10 @@ impl CliError {
     /// The exit code of frontends/README.md "Exit codes".
     pub fn code(&self) -> u8 {
         match self {
-            CliError::BrokenPipe => 0,
-            CliError::User(_) => 1,
-            CliError::Usage(_) => 2,
-            CliError::NoDaemon(_) => 3,
+            CliError::BrokenPipe => exit::OK,
+            CliError::User(_) => exit::USER,
+            CliError::Usage(_) => exit::USAGE,
+            CliError::NoDaemon(_) => exit::NO_DAEMON,
         }
     }
 
@@ -51,7 +52,8 @@ impl From<std::io::Error> for CliError {
 
 impl From<nes_client::Error> for CliError {
     fn from(err: nes_client::Error) -> Self {
-        if err.is_not_running() {
+        // nes_client decides which exit code a failed call means.
+        if err.exit_code() == exit::NO_DAEMON {
             CliError::NoDaemon(err.to_string())
         } else {
             CliError::User(err.to_string())

@@ -58,27 +58,8 @@ pub fn message_json<'a>(message: &'a Message, cursor: Option<&'a str>) -> Messag
     }
 }
 
-/// `incoming` / `outgoing` (`unknown` for a value this build does not know).
-pub fn direction_name(direction: i32) -> &'static str {
-    match Direction::try_from(direction) {
-        Ok(Direction::Incoming) => "incoming",
-        Ok(Direction::Outgoing) => "outgoing",
-        _ => "unknown",
-    }
-}
-
-/// `queued`, `sent`, `delivered`, `failed`, `received`, `held` (`unknown` otherwise).
-pub fn state_name(state: i32) -> &'static str {
-    match MessageState::try_from(state) {
-        Ok(MessageState::Queued) => "queued",
-        Ok(MessageState::Sent) => "sent",
-        Ok(MessageState::Delivered) => "delivered",
-        Ok(MessageState::Failed) => "failed",
-        Ok(MessageState::Received) => "received",
-        Ok(MessageState::Held) => "held",
-        _ => "unknown",
-    }
-}
+// The names every frontend and the D-Bus API show: one definition, in nes-proto.
+pub use nes_proto::names::{direction_name, state_name};
 
 /// A short mark of an outgoing message's delivery state, as chat and history show it:
 /// `…` queued, `→` handed to MQTT, `✓` acknowledged by the broker, `✗` failed.

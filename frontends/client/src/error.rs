@@ -2,6 +2,18 @@
 
 use std::path::{Path, PathBuf};
 
+/// The exit codes of every frontend (DESIGN.md "Exit codes"), defined once.
+pub mod exit {
+    /// Success.
+    pub const OK: u8 = 0;
+    /// An error the user can fix; the message on stderr says what and how.
+    pub const USER: u8 = 1;
+    /// Bad usage (clap's own exit code for it, too).
+    pub const USAGE: u8 = 2;
+    /// The daemon is not running; the message says how to start it.
+    pub const NO_DAEMON: u8 = 3;
+}
+
 /// Why a call to nesd failed.
 #[derive(Debug, thiserror::Error)]
 #[non_exhaustive]
@@ -87,12 +99,13 @@ impl Error {
         }
     }
 
-    /// The exit code of frontends/README.md: 3 for "not running", 1 otherwise.
+    /// The exit code of frontends/README.md: 3 for "not running", 1 otherwise. Every
+    /// frontend maps a failed call through this.
     pub fn exit_code(&self) -> u8 {
         if self.is_not_running() {
-            3
+            exit::NO_DAEMON
         } else {
-            1
+            exit::USER
         }
     }
 }

@@ -25,6 +25,7 @@ mod policy;
 mod state;
 
 use clap::Parser;
+use nes_client::error::exit;
 use nes_client::{Client, Feed, FeedItem};
 use nes_proto::rpc::{event, Direction, Message, MessageState};
 use policy::{FileSettings, Policy};
@@ -80,7 +81,8 @@ enum Failure {
 
 impl From<nes_client::Error> for Failure {
     fn from(e: nes_client::Error) -> Self {
-        if e.is_not_running() {
+        // nes_client decides which exit code a failed call means.
+        if e.exit_code() == exit::NO_DAEMON {
             Failure::NoDaemon(e.to_string())
         } else {
             Failure::User(e.to_string())
@@ -106,18 +108,18 @@ fn main() -> ExitCode {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("nes-notify: cannot start the async runtime: {e}");
-            return ExitCode::from(1);
+            return ExitCode::from(exit::USER);
         }
     };
     match runtime.block_on(run(args)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(Failure::User(m)) => {
             eprintln!("nes-notify: {m}");
-            ExitCode::from(1)
+            ExitCode::from(exit::USER)
         }
         Err(Failure::NoDaemon(m)) => {
             eprintln!("nes-notify: {m}");
-            ExitCode::from(3)
+            ExitCode::from(exit::NO_DAEMON)
         }
     }
 }

@@ -11,6 +11,7 @@
 
 use crate::error::{usage, user, CliError};
 use nes_proto::frame::{self, Draft, Version};
+use nes_proto::keys::{key_files, KEYS_DIR, MESSAGE_KEY_SUFFIX};
 use nes_proto::v3::{KeyDir, SignedPrekey};
 use nes_proto::{PrivateKey, PublicKey, Username};
 use std::io::{Read, Write};
@@ -142,7 +143,7 @@ fn seal_v3(args: SealArgs, from: &Username, to: &Username) -> Result<(), CliErro
     })?;
     // A certificate the sender's own sign key did not make would be refused by every
     // recipient: say so here when the key is at hand.
-    let own_sign_pub = data_dir.join("keys").join(format!("{from}-rsa-sign.pub"));
+    let [_, _, _, own_sign_pub] = key_files(&data_dir.join(KEYS_DIR), &from);
     if own_sign_pub.exists() {
         let own = PublicKey::read(&own_sign_pub).map_err(|e| user(e.to_string()))?;
         certificate
@@ -253,9 +254,9 @@ fn open_from_dir(args: OpenArgs) -> Result<(), CliError> {
 /// `DIR/keys/<me>-rsa-message` when `me` is given (and exists); without `me`, the only
 /// `*-rsa-message` file there, if there is exactly one.
 fn message_key_file(data_dir: &Path, me: Option<&Username>) -> Result<Option<PathBuf>, CliError> {
-    let keys = data_dir.join("keys");
+    let keys = data_dir.join(KEYS_DIR);
     if let Some(me) = me {
-        let path = keys.join(format!("{me}-rsa-message"));
+        let [path, ..] = key_files(&keys, me);
         return Ok(path.exists().then_some(path));
     }
     let Ok(entries) = std::fs::read_dir(&keys) else {
@@ -267,7 +268,7 @@ fn message_key_file(data_dir: &Path, me: Option<&Username>) -> Result<Option<Pat
         .filter(|p| {
             p.file_name()
                 .and_then(|n| n.to_str())
-                .is_some_and(|n| n.ends_with("-rsa-message"))
+                .is_some_and(|n| n.ends_with(MESSAGE_KEY_SUFFIX))
         })
         .collect();
     Ok(match found.as_slice() {

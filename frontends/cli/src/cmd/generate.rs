@@ -73,15 +73,8 @@ pub fn run(args: Args) -> Result<(), CliError> {
     Ok(())
 }
 
-/// The four key files of `name`, in the order message, message.pub, sign, sign.pub.
-pub fn key_files(keys: &Path, name: &Username) -> [PathBuf; 4] {
-    [
-        keys.join(format!("{name}-rsa-message")),
-        keys.join(format!("{name}-rsa-message.pub")),
-        keys.join(format!("{name}-rsa-sign")),
-        keys.join(format!("{name}-rsa-sign.pub")),
-    ]
-}
+// The four key files of a user: one definition, shared with nesd.
+pub use nes_proto::keys::key_files;
 
 /// Creates `dir` (and parents) with mode 0700, and tightens it to 0700 if it exists.
 pub fn make_private_dir(dir: &Path) -> Result<(), CliError> {

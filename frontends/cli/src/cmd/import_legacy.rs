@@ -213,7 +213,7 @@ fn only_identity(dir: &Path) -> Result<String, CliError> {
         .filter_map(|e| {
             e.file_name()
                 .to_str()?
-                .strip_suffix("-rsa-message")
+                .strip_suffix(nes_proto::keys::MESSAGE_KEY_SUFFIX)
                 .map(String::from)
         })
         .collect();
