@@ -35,9 +35,13 @@ pub enum ServiceError {
 
 impl From<crate::store::StoreError> for ServiceError {
     fn from(e: crate::store::StoreError) -> Self {
+        use crate::store::StoreError;
         match e {
-            crate::store::StoreError::UnknownId { .. } => ServiceError::NotFound(e.to_string()),
-            other => ServiceError::Internal(other.to_string()),
+            StoreError::UnknownId { .. } => ServiceError::NotFound(e.to_string()),
+            // Ids are random: a taken one is a fault inside the daemon, not the caller's.
+            StoreError::IdTaken(_) | StoreError::Sled(_) | StoreError::Decode(_) => {
+                ServiceError::Internal(e.to_string())
+            }
         }
     }
 }

@@ -61,7 +61,8 @@ fn code_of(e: &ServiceError) -> tonic::Code {
         ServiceError::Unavailable(_) => Code::Unavailable,
         ServiceError::AlreadyExists(_) => Code::AlreadyExists,
         ServiceError::ResourceExhausted(_) => Code::ResourceExhausted,
-        _ => Code::Internal,
+        // Every class by name: a new ServiceError variant must choose its code here.
+        ServiceError::Internal(_) => Code::Internal,
     }
 }
 

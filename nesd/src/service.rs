@@ -579,7 +579,7 @@ impl Service {
             .map_err(|e| match e {
                 RegisterError::Taken(_) => ServiceError::AlreadyExists(e.to_string()),
                 RegisterError::Refused(_) => ServiceError::InvalidArgument(e.to_string()),
-                _ => ServiceError::Unavailable(e.to_string()),
+                RegisterError::Unavailable(_) => ServiceError::Unavailable(e.to_string()),
             })?;
         // The account becomes active once its mail link is followed: retry from now.
         self.p().own_prekeys.publish_soon();
