@@ -255,36 +255,33 @@ pub struct Dirs {
     pub config: Option<PathBuf>,
     /// `$XDG_DATA_HOME` or `~/.local/share`.
     pub data: Option<PathBuf>,
-    /// `$XDG_RUNTIME_DIR` (or `/run/user/<uid>`).
-    pub runtime: Option<PathBuf>,
-    /// Without a runtime directory, put the socket in `$TMPDIR/nes-<uid>/`.
-    pub tmp_fallback: bool,
+    /// The default API socket: `nes_client::paths::default_socket`, the frontends' rule.
+    pub socket: Option<PathBuf>,
 }
 
 impl Dirs {
-    /// The directories of the current user, from the environment. Without
-    /// `XDG_RUNTIME_DIR` the runtime directory is `/run/user/<uid>` when it exists; else
-    /// the socket goes to `$TMPDIR/nes-<uid>/nesd.sock`. That is the frontends' rule too
-    /// (nes-client), so both sides find the same socket.
+    /// The directories of the current user, from the environment. The socket is
+    /// `$XDG_RUNTIME_DIR/nes/nesd.sock`; without `XDG_RUNTIME_DIR`,
+    /// `/run/user/<uid>/nes/nesd.sock` when that directory exists, else
+    /// `$TMPDIR/nes-<uid>/nesd.sock`: the rule of `nes_client::paths`, so that both sides
+    /// find the same socket.
     pub fn from_env() -> Self {
-        let runtime = std::env::var_os("XDG_RUNTIME_DIR")
-            .filter(|v| !v.is_empty())
-            .map(PathBuf::from)
-            .or_else(fallback_runtime_dir);
+        let socket = Some(nes_client::paths::default_socket(
+            |name| std::env::var_os(name),
+            current_uid(),
+        ));
         match directories::BaseDirs::new() {
             Some(b) => Dirs {
                 home: Some(b.home_dir().to_owned()),
                 config: Some(b.config_dir().to_owned()),
                 data: Some(b.data_dir().to_owned()),
-                runtime,
-                tmp_fallback: true,
+                socket,
             },
             None => Dirs {
                 home: None,
                 config: None,
                 data: None,
-                runtime,
-                tmp_fallback: true,
+                socket,
             },
         }
     }
@@ -511,13 +508,8 @@ impl Config {
 
         let socket = match cli.socket.or(file.socket) {
             Some(p) => expand(&p, home),
-            None => match dirs
-                .runtime
-                .as_ref()
-                .map(|r| r.join("nes").join("nesd.sock"))
-                .or_else(|| dirs.tmp_fallback.then(temp_socket).flatten())
-            {
-                Some(p) => p,
+            None => match &dirs.socket {
+                Some(p) => p.clone(),
                 None => {
                     return Err(ConfigError::Missing(
                         "no socket path: XDG_RUNTIME_DIR is not set; pass --socket PATH".into(),
@@ -711,30 +703,8 @@ fn check_keyserver_url(url: &str) -> Result<String, ConfigError> {
     Ok(trimmed.to_owned())
 }
 
-/// The runtime directory when `XDG_RUNTIME_DIR` is not set: `/run/user/<uid>` if
-/// systemd-logind made it. Otherwise `None`, and the socket default becomes
-/// `$TMPDIR/nes-<uid>/nesd.sock` (see [`Config::resolve`]).
-fn fallback_runtime_dir() -> Option<PathBuf> {
-    let uid = current_uid()?;
-    let run = PathBuf::from(format!("/run/user/{uid}"));
-    run.is_dir().then_some(run)
-}
-
-/// This process's user id: the owner of `/proc/self` (no libc call needed).
-pub fn current_uid() -> Option<u32> {
-    use std::os::unix::fs::MetadataExt;
-    std::fs::metadata("/proc/self").ok().map(|m| m.uid())
-}
-
-/// `$TMPDIR/nes-<uid>/nesd.sock`: the socket when there is no runtime directory.
-fn temp_socket() -> Option<PathBuf> {
-    let uid = current_uid()?;
-    let tmp = std::env::var_os("TMPDIR")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| "/tmp".into());
-    Some(tmp.join(format!("nes-{uid}")).join("nesd.sock"))
-}
+// The one definition of the current user's id, shared with the frontends.
+pub use nes_client::paths::current_uid;
 
 /// Expands a leading `~/`.
 fn expand(path: &Path, home: Option<&Path>) -> PathBuf {
@@ -763,8 +733,7 @@ mod tests {
             home: Some(root.to_owned()),
             config: Some(root.join(".config")),
             data: Some(root.join(".local/share")),
-            runtime: Some(root.join("run")),
-            tmp_fallback: false,
+            socket: Some(root.join("run/nes/nesd.sock")),
         }
     }
 
@@ -950,7 +919,7 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(err, ConfigError::Invalid(_)), "{err}");
-        let no_runtime = Dirs { runtime: None, ..d };
+        let no_runtime = Dirs { socket: None, ..d };
         let err = Config::resolve(
             cli(&["--user", "alice", "--keyserver", "http://k"]),
             &no_runtime,

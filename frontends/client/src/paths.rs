@@ -56,6 +56,12 @@ pub fn resolve_socket(
     if let Some(path) = config_socket {
         return path;
     }
+    default_socket(env, uid)
+}
+
+/// Steps 4 and 5 of the module docs: the socket when nothing names one. nesd serves on
+/// this path by default and the frontends look for it there: one rule for both sides.
+pub fn default_socket(env: impl Fn(&str) -> Option<OsString>, uid: Option<u32>) -> PathBuf {
     if let Some(dir) = env("XDG_RUNTIME_DIR").filter(|v| !v.is_empty()) {
         return PathBuf::from(dir).join("nes").join(SOCKET_NAME);
     }
