@@ -6,10 +6,13 @@
 //! | [`nes`] / [`run_nes`] | the `nes` binary aimed at one daemon, isolated from the user's config |
 //! | [`nes_notify`] | the `nes-notify` binary aimed at one daemon and one session bus |
 //! | [`Lines`] | a long-running frontend (`nes listen`, `nes-notify`) whose stdout is read line by line |
-//! | [`SessionBus`] | a private `dbus-daemon --session` on a socket in a temp dir |
-//! | [`BusNesd`] | a nesd started with extra environment (a session bus address) |
+//! | [`SessionBus`] | a private `dbus-daemon --session` on a socket in a temp dir (a nesd joins it with [`crate::NesdBuilder::session_bus`]) |
 //! | [`Xvfb`] / [`Dunst`] | a virtual X display and the dunst notification server on it |
 //! | [`Tmux`] | a private tmux server with one session of a given size, for `nes chat` |
+//!
+//! The frontends start [`isolate`]d: HOME and the XDG directories in a temp dir, and none
+//! of the test process's `NES_*` settings, session bus or systemd sockets (the same
+//! [`crate::clear_env`] as nesd's and the key server's).
 //!
 //! Every process is killed on drop and every directory is a fresh temp dir, so tests run
 //! in parallel and leave nothing behind. Waiting is always "until it holds" (see
@@ -18,11 +21,10 @@
 //! The binaries come from `target/<profile>/` like nesd's: `cargo build -p nes-cli
 //! -p nes-notify -p nesd -p nes-keyserver` first (`scripts/test` builds every binary).
 
-use crate::{bin, eventually, Identity, KeyServer, Mosquitto, TIMEOUT};
+use crate::{bin, eventually, TIMEOUT};
 use anyhow::{anyhow, bail, Context, Result};
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::time::{Duration, Instant};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
 use tokio::process::{Child, Command};
 use tokio::sync::mpsc;
@@ -53,20 +55,16 @@ pub fn nes_notify(socket: &Path, home: &Path, bus: &SessionBus) -> Result<Comman
     Ok(cmd)
 }
 
-/// Points HOME and every XDG directory into `home`, and drops `NES_*` settings the test
-/// process may have inherited, so frontends see only what the test gives them.
+/// Points HOME and every XDG directory into `home`, and drops what [`crate::clear_env`]
+/// drops (`NES_*` settings, the session bus, systemd's sockets) that the test process
+/// may have inherited, so frontends see only what the test gives them.
 pub fn isolate(cmd: &mut Command, home: &Path) {
-    for (key, _) in std::env::vars() {
-        if key.starts_with("NES_") {
-            cmd.env_remove(key);
-        }
-    }
+    crate::clear_env(cmd.as_std_mut());
     cmd.env("HOME", home)
         .env("XDG_CONFIG_HOME", home.join(".config"))
         .env("XDG_DATA_HOME", home.join(".local/share"))
         .env("XDG_STATE_HOME", home.join(".local/state"))
-        .env("XDG_RUNTIME_DIR", home.join("run"))
-        .env_remove("DBUS_SESSION_BUS_ADDRESS");
+        .env("XDG_RUNTIME_DIR", home.join("run"));
 }
 
 /// What a finished command did.
@@ -283,21 +281,7 @@ impl SessionBus {
     pub async fn wait_for_name(&self, name: &str) -> Result<()> {
         let what = format!("{name} on the session bus");
         eventually(&what, TIMEOUT, || async {
-            let out = self
-                .command("dbus-send")
-                .args([
-                    "--session",
-                    "--dest=org.freedesktop.DBus",
-                    "--print-reply",
-                    "/org/freedesktop/DBus",
-                    "org.freedesktop.DBus.NameHasOwner",
-                ])
-                .arg(format!("string:{name}"))
-                .output()
-                .await?;
-            Ok(String::from_utf8_lossy(&out.stdout)
-                .contains("boolean true")
-                .then_some(()))
+            Ok(self.has_owner(name).await?.then_some(()))
         })
         .await
     }
@@ -331,132 +315,6 @@ impl Drop for SessionBus {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-/// A nesd started with extra environment variables (e.g. a session bus address) or its
-/// own arguments, for the D-Bus and import tests; otherwise started like [`crate::Nesd`].
-pub struct BusNesd {
-    child: Option<std::process::Child>,
-    run_dir: tempfile::TempDir,
-}
-
-impl BusNesd {
-    /// Starts nesd for `id` with `env` added, and waits until Status answers.
-    pub async fn start(
-        id: &Identity,
-        broker: &Mosquitto,
-        ks: &KeyServer,
-        env: &[(&str, &str)],
-    ) -> Result<BusNesd> {
-        let args: Vec<std::ffi::OsString> = vec![
-            "--user".into(),
-            id.user.clone().into(),
-            "--broker".into(),
-            broker.url().into(),
-            "--keyserver".into(),
-            ks.url().into(),
-            "--keyserver-key".into(),
-            ks.public_key_path().into(),
-            "--data-dir".into(),
-            id.data_dir().into(),
-        ];
-        Self::start_with_args(&args, env, true).await
-    }
-
-    /// Starts nesd with exactly `args` (plus `--socket` in its own run dir, and an empty
-    /// `--config` unless `own_config` is false) and `env`, and waits until Status answers.
-    pub async fn start_with_args(
-        args: &[std::ffi::OsString],
-        env: &[(&str, &str)],
-        own_config: bool,
-    ) -> Result<BusNesd> {
-        let run_dir = tempfile::Builder::new().prefix("nesd-bus-run-").tempdir()?;
-        let log = std::fs::File::create(run_dir.path().join("nesd.log"))?;
-        let mut cmd = std::process::Command::new(bin("nesd")?);
-        cmd.args(args)
-            .arg("--socket")
-            .arg(run_dir.path().join("nesd.sock"));
-        if own_config {
-            let config = run_dir.path().join("config.toml");
-            std::fs::write(&config, "")?;
-            cmd.arg("--config").arg(&config);
-        }
-        for (key, _) in std::env::vars() {
-            if key.starts_with("NES_") {
-                cmd.env_remove(key);
-            }
-        }
-        cmd.env("NES_LOG", "info,nesd=debug")
-            .env_remove("DBUS_SESSION_BUS_ADDRESS")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDS")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log);
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn().context("cannot start nesd")?;
-        let mut nesd = BusNesd {
-            child: Some(child),
-            run_dir,
-        };
-        let socket = nesd.socket();
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(status) = nesd
-                .child
-                .as_mut()
-                .and_then(|c| c.try_wait().ok().flatten())
-            {
-                bail!("nesd exited at start ({status}):\n{}", nesd.log());
-            }
-            if let Ok(mut c) = crate::connect(&socket).await {
-                if crate::status(&mut c).await.is_ok() {
-                    return Ok(nesd);
-                }
-            }
-            if Instant::now() >= deadline {
-                bail!("nesd did not answer:\n{}", nesd.log());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    /// Stops it with SIGTERM and checks that it exits with 0 (a clean stop).
-    pub async fn stop(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            crate::sigterm(&child);
-            let status = crate::wait_exit(&mut child, Duration::from_secs(60)).await?;
-            if !status.success() {
-                bail!("nesd exited with {status} on SIGTERM:\n{}", self.log());
-            }
-        }
-        Ok(())
-    }
-
-    /// The API socket.
-    pub fn socket(&self) -> PathBuf {
-        self.run_dir.path().join("nesd.sock")
-    }
-
-    /// Its whole log.
-    pub fn log(&self) -> String {
-        std::fs::read_to_string(self.run_dir.path().join("nesd.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for BusNesd {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("---- nesd (bus) log ----\n{}", self.log());
-        }
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
     }
 }
 

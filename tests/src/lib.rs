@@ -8,10 +8,19 @@
 //! | [`Mosquitto`] | a mosquitto on a free port with its own persistence dir; stop/start on the same port; optionally with a test's own listener/auth lines (TLS, password file, ACL) |
 //! | [`KeyServer`] | `nes-keyserver` (keygen + serve, SQLite, mail into a dir, no rate limits) |
 //! | [`Identity`] | a username with fresh (or given) RSA keys in a data dir, as `nes generate` writes them |
-//! | [`Nesd`] | a daemon for one identity: own data dir and socket; stop, kill -9, restart |
+//! | [`Nesd`] / [`NesdBuilder`] | a daemon for one identity: own data dir and socket; extra flags and environment; stop, kill -9, restart |
+//! | [`World`] | one test's broker and key server, and registered users with a running nesd |
 //! | [`connect`] | a gRPC client over the daemon's Unix socket |
 //! | [`RawMqtt`] | a plain MQTT client, to publish raw frames and watch the wire |
 //! | [`eventually`] | polls a condition until it holds (generous timeout, never a timing assertion) |
+//! | [`wait_connected`] / [`wait_status`] | waits until a daemon's Status says it is connected, or whatever a test asks |
+//!
+//! There is one launcher per program: [`Nesd::builder`] for every nesd a test runs
+//! (`Nesd::start` is its shorthand), [`KeyServer::start`] for the key server. Both start
+//! the program from [`isolated`], so a `NES_*` variable, a session bus or a systemd
+//! socket of the shell running the tests never reaches it; a test adds what it wants
+//! with [`NesdBuilder::env`]. The frontends' commands (`nes`, `nes-notify`) are in
+//! [`frontends`].
 //!
 //! Binaries are found next to the test executable (`target/debug/` for `cargo test`,
 //! `target/release/` for `cargo bench`): build them first with
@@ -32,6 +41,7 @@ use nes_proto::rpc::{self, Event, EventsRequest, StatusRequest};
 use nes_proto::{PrivateKey, Username};
 pub use rumqttc::QoS;
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet};
+use std::ffi::{OsStr, OsString};
 use std::future::Future;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -108,6 +118,78 @@ where
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+/// A command for a program under test, with nothing of the environment the test process
+/// may have inherited that would change how it runs: no `NES_*` variable (settings such
+/// as `NES_USER`, `NES_KEYSERVER_DATABASE`, `NES_LOG`), no `DBUS_SESSION_BUS_ADDRESS` (the
+/// desktop's session bus), no `LISTEN_*` or `NOTIFY_SOCKET` (systemd's socket activation
+/// and readiness). The test sets what it means to give.
+pub fn isolated(program: impl AsRef<OsStr>) -> Command {
+    let mut cmd = Command::new(program);
+    clear_env(&mut cmd);
+    cmd
+}
+
+/// Removes from `cmd` what [`isolated`] leaves out; for commands made elsewhere (a
+/// `tokio::process::Command` through `as_std_mut`).
+pub fn clear_env(cmd: &mut Command) {
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(|k| k.starts_with("NES_")) {
+            cmd.env_remove(key);
+        }
+    }
+    for key in [
+        "DBUS_SESSION_BUS_ADDRESS",
+        "LISTEN_PID",
+        "LISTEN_FDS",
+        "LISTEN_FDNAMES",
+        "NOTIFY_SOCKET",
+    ] {
+        cmd.env_remove(key);
+    }
+}
+
+/// Waits until `ready` says a child just spawned is up, asking every `every` for at most
+/// `timeout`. Fails with the tail of its `log` when it exits first, and kills it when
+/// the time is up. `what` names it in the errors ("nesd for alice").
+async fn wait_up<F, Fut>(
+    child: &mut Child,
+    what: &str,
+    log: &Path,
+    timeout: Duration,
+    every: Duration,
+    mut ready: F,
+) -> Result<()>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait()? {
+            bail!("{what} exited at start ({status}):\n{}", tail(log, 20));
+        }
+        if ready().await {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            bail!("{what} was not up after {timeout:?}:\n{}", tail(log, 20));
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// Kills a child with SIGKILL and reaps it; nothing when there is none.
+fn kill(child: Option<Child>) -> Result<()> {
+    if let Some(mut child) = child {
+        let killed = child.kill();
+        child.wait()?;
+        killed?;
+    }
+    Ok(())
 }
 
 fn sigterm(child: &Child) {
@@ -234,26 +316,19 @@ impl Mosquitto {
             .spawn()
             .context("cannot start mosquitto")?;
         let port = self.port;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "mosquitto exited at start ({status}): {}",
-                    tail(&self.dir.path().join("mosquitto.log"), 5)
-                );
-            }
-            if tokio::net::TcpStream::connect(("127.0.0.1", port))
-                .await
-                .is_ok()
-            {
-                break;
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                bail!("mosquitto did not listen on {port}");
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        wait_up(
+            &mut child,
+            &format!("mosquitto on port {port}"),
+            &self.dir.path().join("mosquitto.log"),
+            Duration::from_secs(30),
+            Duration::from_millis(50),
+            || async {
+                tokio::net::TcpStream::connect(("127.0.0.1", port))
+                    .await
+                    .is_ok()
+            },
+        )
+        .await?;
         self.child = Some(child);
         Ok(())
     }
@@ -306,17 +381,15 @@ impl Mosquitto {
 
 impl Drop for Mosquitto {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let _ = kill(self.child.take());
     }
 }
 
 // ---------------------------------------------------------------------------------------
 // key server
 
-/// A private `nes-keyserver`.
+/// A private `nes-keyserver`: its own key, SQLite database and mail dir, on a free port.
+/// The one key server launcher of the end-to-end tests.
 pub struct KeyServer {
     port: u16,
     dir: tempfile::TempDir,
@@ -331,8 +404,7 @@ impl KeyServer {
     pub async fn start() -> Result<KeyServer> {
         let dir = tempfile::Builder::new().prefix("nes-ks-").tempdir()?;
         let key = dir.path().join("server-key");
-        let out = Command::new(bin("nes-keyserver")?)
-            .arg("keygen")
+        let out = keyserver_command("keygen")?
             .arg("--out")
             .arg(&key)
             .stdin(Stdio::null())
@@ -368,9 +440,9 @@ impl KeyServer {
 
     async fn spawn(&mut self) -> Result<()> {
         let url = self.url();
-        let log = std::fs::File::create(self.dir.path().join("keyserver.log"))?;
-        let mut child = Command::new(bin("nes-keyserver")?)
-            .arg("serve")
+        let log_path = self.dir.path().join("keyserver.log");
+        let log = std::fs::File::create(&log_path)?;
+        let mut child = keyserver_command("serve")?
             .args(["--listen", &format!("127.0.0.1:{}", self.port)])
             .arg("--database")
             .arg(format!(
@@ -393,25 +465,22 @@ impl KeyServer {
             .stderr(log)
             .spawn()
             .context("cannot start nes-keyserver")?;
-        let deadline = Instant::now() + Duration::from_secs(60);
-        loop {
-            if let Some(status) = child.try_wait()? {
-                bail!(
-                    "nes-keyserver exited at start ({status}): {}",
-                    tail(&self.dir.path().join("keyserver.log"), 5)
-                );
-            }
-            if let Ok(r) = self.http.get(format!("{url}/healthz")).send().await {
-                if r.status().is_success() {
-                    break;
-                }
-            }
-            if Instant::now() >= deadline {
-                let _ = child.kill();
-                bail!("nes-keyserver did not become healthy");
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+        let health = format!("{url}/healthz");
+        wait_up(
+            &mut child,
+            &format!("nes-keyserver on {url}"),
+            &log_path,
+            Duration::from_secs(60),
+            Duration::from_millis(100),
+            || async {
+                self.http
+                    .get(&health)
+                    .send()
+                    .await
+                    .is_ok_and(|r| r.status().is_success())
+            },
+        )
+        .await?;
         self.child = Some(child);
         Ok(())
     }
@@ -423,11 +492,7 @@ impl KeyServer {
 
     /// Stops the key server (SIGKILL: it is "down").
     pub fn stop(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        Ok(())
+        kill(self.child.take())
     }
 
     /// Starts it again after [`KeyServer::stop`]: same port, database and key.
@@ -576,12 +641,16 @@ impl KeyServer {
     }
 }
 
+/// `nes-keyserver SUBCOMMAND`, [`isolated`].
+fn keyserver_command(subcommand: &str) -> Result<Command> {
+    let mut cmd = isolated(bin("nes-keyserver")?);
+    cmd.arg(subcommand);
+    Ok(cmd)
+}
+
 impl Drop for KeyServer {
     fn drop(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let _ = kill(self.child.take());
     }
 }
 
@@ -703,126 +772,101 @@ impl Identity {
 // ---------------------------------------------------------------------------------------
 // nesd
 
-/// A running (or stopped) nesd for one identity.
+/// A running (or stopped) nesd for one identity, with a run dir of its own for its API
+/// socket, its empty config file and its log. The one nesd launcher of the end-to-end
+/// tests: start it with [`Nesd::start`] or, for anything else, [`Nesd::builder`].
 pub struct Nesd {
-    user: String,
-    args: Vec<String>,
+    /// Who it is, for messages: "alice".
+    name: String,
+    args: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
     run_dir: tempfile::TempDir,
     child: Option<Child>,
-    starts: u32,
+}
+
+/// How to start a [`Nesd`]: its flags and environment. Made by [`Nesd::builder`] or
+/// [`Nesd::with_config`]; [`NesdBuilder::start`] starts the daemon.
+#[must_use = "a builder does nothing until start"]
+pub struct NesdBuilder {
+    name: String,
+    /// `--user`, `--broker`, ... in this order; a flag appears once (clap refuses twice).
+    flags: Vec<(&'static str, OsString)>,
+    /// `--config`; `None` is an empty file in the run dir.
+    config: Option<PathBuf>,
+    extra: Vec<OsString>,
+    env: Vec<(OsString, OsString)>,
 }
 
 impl Nesd {
     /// Starts nesd for `id` against this broker and key server, and waits until Status
-    /// answers.
+    /// answers: `Nesd::builder(id, broker, ks).start()`.
     pub async fn start(id: &Identity, broker: &Mosquitto, ks: &KeyServer) -> Result<Nesd> {
-        Self::start_with(id, broker, ks, &[]).await
+        Self::builder(id, broker, ks).start().await
     }
 
-    /// Like [`Nesd::start`], with extra flags.
-    pub async fn start_with(
-        id: &Identity,
-        broker: &Mosquitto,
-        ks: &KeyServer,
-        extra: &[&str],
-    ) -> Result<Nesd> {
-        Self::start_at(id, &broker.url(), ks, extra).await
+    /// A nesd for `id` against this broker and key server (`--user`, `--broker`,
+    /// `--keyserver`, `--keyserver-key`, `--data-dir`), with a socket and an empty config
+    /// file of its own; add flags and environment before [`NesdBuilder::start`].
+    pub fn builder(id: &Identity, broker: &Mosquitto, ks: &KeyServer) -> NesdBuilder {
+        NesdBuilder {
+            name: id.user.clone(),
+            flags: vec![
+                ("--user", id.user.clone().into()),
+                ("--broker", broker.url().into()),
+                ("--keyserver", ks.url().into()),
+                ("--keyserver-key", ks.public_key_path().into()),
+                ("--data-dir", id.data_dir().into()),
+            ],
+            config: None,
+            extra: Vec::new(),
+            env: Vec::new(),
+        }
     }
 
-    /// Like [`Nesd::start_with`], against a broker URL of the test's choosing (a proxy in
-    /// front of a [`Mosquitto`]; clap refuses a second `--broker` among `extra`).
-    pub async fn start_at(
-        id: &Identity,
-        broker_url: &str,
-        ks: &KeyServer,
-        extra: &[&str],
-    ) -> Result<Nesd> {
-        let run_dir = tempfile::Builder::new().prefix("nesd-run-").tempdir()?;
-        let config = run_dir.path().join("config.toml");
-        std::fs::write(&config, "")?;
-        let mut args: Vec<String> = vec![
-            "--user".into(),
-            id.user.clone(),
-            "--broker".into(),
-            broker_url.to_string(),
-            "--keyserver".into(),
-            ks.url(),
-            "--keyserver-key".into(),
-            ks.public_key_path().display().to_string(),
-            "--data-dir".into(),
-            id.data_dir().display().to_string(),
-            "--socket".into(),
-            run_dir
-                .path()
-                .join("nes")
-                .join("nesd.sock")
-                .display()
-                .to_string(),
-            "--config".into(),
-            config.display().to_string(),
-        ];
-        args.extend(extra.iter().map(|s| s.to_string()));
-        let mut nesd = Nesd {
-            user: id.user.clone(),
-            args,
-            run_dir,
-            child: None,
-            starts: 0,
-        };
-        nesd.spawn().await?;
-        Ok(nesd)
+    /// A nesd that takes everything from the config file `config` (and what the test
+    /// adds), with only the socket given: for a config another program wrote.
+    pub fn with_config(config: &Path) -> NesdBuilder {
+        NesdBuilder {
+            name: format!("{} alone", config.display()),
+            flags: Vec::new(),
+            config: Some(config.to_path_buf()),
+            extra: Vec::new(),
+            env: Vec::new(),
+        }
     }
 
     async fn spawn(&mut self) -> Result<()> {
-        self.starts += 1;
+        let log_path = self.log_path();
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.log_path())?;
-        let child = Command::new(bin("nesd")?)
+            .open(&log_path)?;
+        let mut child = isolated(bin("nesd")?)
             .args(&self.args)
             .env("NES_LOG", "info,nesd=debug")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDS")
-            .env_remove("NOTIFY_SOCKET")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
             .context("cannot start nesd")?;
-        self.child = Some(child);
-        self.wait_ready().await
-    }
-
-    /// Waits until the daemon answers Status.
-    pub async fn wait_ready(&mut self) -> Result<()> {
         let socket = self.socket();
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(child) = self.child.as_mut() {
-                if let Some(status) = child.try_wait()? {
-                    self.child = None;
-                    bail!(
-                        "nesd for {} exited at start ({status}):\n{}",
-                        self.user,
-                        self.log_tail(20)
-                    );
+        wait_up(
+            &mut child,
+            &format!("nesd for {}", self.name),
+            &log_path,
+            TIMEOUT,
+            Duration::from_millis(100),
+            || async {
+                match connect(&socket).await {
+                    Ok(mut c) => c.status(StatusRequest {}).await.is_ok(),
+                    Err(_) => false,
                 }
-            }
-            if let Ok(mut c) = connect(&socket).await {
-                if c.status(StatusRequest {}).await.is_ok() {
-                    return Ok(());
-                }
-            }
-            if Instant::now() >= deadline {
-                bail!(
-                    "nesd for {} did not answer:\n{}",
-                    self.user,
-                    self.log_tail(20)
-                );
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
+            },
+        )
+        .await?;
+        self.child = Some(child);
+        Ok(())
     }
 
     /// The API socket (in a directory nesd creates).
@@ -830,9 +874,14 @@ impl Nesd {
         self.run_dir.path().join("nes").join("nesd.sock")
     }
 
-    /// The daemon's stderr log file.
+    /// The daemon's stderr log file (all its starts, one after the other).
     pub fn log_path(&self) -> PathBuf {
         self.run_dir.path().join("nesd.log")
+    }
+
+    /// Its whole log.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.log_path()).unwrap_or_default()
     }
 
     /// The last lines of its log.
@@ -865,7 +914,7 @@ impl Nesd {
             if !status.success() {
                 bail!(
                     "nesd for {} exited with {status} on SIGTERM:\n{}",
-                    self.user,
+                    self.name,
                     self.log_tail(20)
                 );
             }
@@ -875,38 +924,120 @@ impl Nesd {
 
     /// Kills it with SIGKILL (no chance to flush or clean up).
     pub fn kill9(&mut self) -> Result<()> {
-        if let Some(mut child) = self.child.take() {
-            child.kill()?;
-            child.wait()?;
-        }
-        Ok(())
+        kill(self.child.take())
     }
 
-    /// Starts it again with the same data dir, socket and flags.
+    /// Starts it again with the same data dir, socket, flags and environment.
     pub async fn start_again(&mut self) -> Result<()> {
         if self.child.is_some() {
-            bail!("nesd for {} is still running", self.user);
+            bail!("nesd for {} is still running", self.name);
         }
         self.spawn().await
     }
 
-    /// Runs the nesd binary with these arguments (not as a daemon) and returns its exit
-    /// code and stderr: for startup error checks.
+    /// Runs the nesd binary with these arguments and environment (not as a daemon,
+    /// [`isolated`] like every nesd here) and returns its exit code and stderr: for
+    /// startup error checks.
     pub fn run_once(args: &[&str], env: &[(&str, &str)]) -> Result<(i32, String)> {
-        let mut cmd = Command::new(bin("nesd")?);
-        cmd.args(args)
+        let out = isolated(bin("nesd")?)
+            .args(args)
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped());
-        for (k, v) in env {
-            cmd.env(k, v);
-        }
-        let child = cmd.spawn()?;
-        let out = child.wait_with_output()?;
+            .stderr(Stdio::piped())
+            .output()?;
         Ok((
             out.status.code().unwrap_or(-1),
             String::from_utf8_lossy(&out.stderr).into_owned(),
         ))
+    }
+}
+
+impl NesdBuilder {
+    /// Points `--broker` at this URL instead (a proxy in front of a [`Mosquitto`]).
+    pub fn broker_url(self, url: &str) -> Self {
+        self.flag("--broker", url)
+    }
+
+    /// Points `--keyserver` at this URL instead (a proxy in front of the [`KeyServer`];
+    /// `--keyserver-key` stays the real server's key).
+    pub fn keyserver_url(self, url: &str) -> Self {
+        self.flag("--keyserver", url)
+    }
+
+    fn flag(mut self, flag: &'static str, value: &str) -> Self {
+        match self.flags.iter_mut().find(|(f, _)| *f == flag) {
+            Some((_, v)) => *v = value.into(),
+            None => self.flags.push((flag, value.into())),
+        }
+        self
+    }
+
+    /// Adds one argument after the others.
+    pub fn arg(mut self, arg: impl AsRef<OsStr>) -> Self {
+        self.extra.push(arg.as_ref().to_owned());
+        self
+    }
+
+    /// Adds arguments after the others (flags nesd has no default for: the builder
+    /// already gives `--broker`, `--keyserver` and the others; see
+    /// [`NesdBuilder::broker_url`]).
+    pub fn args<I, S>(mut self, args: I) -> Self
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        self.extra
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self
+    }
+
+    /// Sets an environment variable for the daemon (over the `NES_LOG` it gets by
+    /// default; everything else it would inherit is cleared, see [`isolated`]).
+    pub fn env(mut self, key: impl AsRef<OsStr>, value: impl AsRef<OsStr>) -> Self {
+        self.env
+            .push((key.as_ref().to_owned(), value.as_ref().to_owned()));
+        self
+    }
+
+    /// Puts the daemon on this session bus (`DBUS_SESSION_BUS_ADDRESS`), where it offers
+    /// its D-Bus API.
+    pub fn session_bus(self, bus: &frontends::SessionBus) -> Self {
+        self.env("DBUS_SESSION_BUS_ADDRESS", bus.address())
+    }
+
+    /// Starts the daemon and waits until Status answers (not until it is connected to
+    /// the broker: see [`wait_connected`]).
+    pub async fn start(self) -> Result<Nesd> {
+        let run_dir = tempfile::Builder::new().prefix("nesd-run-").tempdir()?;
+        let config = match self.config {
+            Some(config) => config,
+            None => {
+                let empty = run_dir.path().join("config.toml");
+                std::fs::write(&empty, "")?;
+                empty
+            }
+        };
+        let mut args = Vec::new();
+        for (flag, value) in self.flags {
+            args.extend([flag.into(), value]);
+        }
+        args.extend([
+            "--socket".into(),
+            run_dir.path().join("nes").join("nesd.sock").into(),
+            "--config".into(),
+            config.into(),
+        ]);
+        args.extend(self.extra);
+        let mut nesd = Nesd {
+            name: self.name,
+            args,
+            env: self.env,
+            run_dir,
+            child: None,
+        };
+        nesd.spawn().await?;
+        Ok(nesd)
     }
 }
 
@@ -915,14 +1046,11 @@ impl Drop for Nesd {
         if std::thread::panicking() {
             eprintln!(
                 "---- nesd {} log (last 40 lines) ----\n{}",
-                self.user,
+                self.name,
                 self.log_tail(40)
             );
         }
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
+        let _ = kill(self.child.take());
     }
 }
 
@@ -958,6 +1086,19 @@ pub async fn send(client: &mut Client, to: &str, text: &str) -> Result<rpc::Mess
         .ok_or_else(|| anyhow!("Send answered no message"))
 }
 
+/// Sends one message that the daemon must refuse, and returns the refusal.
+pub async fn send_refused(client: &mut Client, to: &str, text: &str) -> Result<tonic::Status> {
+    let request = rpc::SendRequest {
+        to: to.into(),
+        text: text.into(),
+        legacy: false,
+    };
+    match client.send(request).await {
+        Ok(reply) => bail!("Send to {to} was accepted: {:?}", reply.into_inner()),
+        Err(status) => Ok(status),
+    }
+}
+
 /// The conversation with `peer`.
 pub async fn history(client: &mut Client, peer: &str) -> Result<Vec<rpc::Message>> {
     Ok(client
@@ -974,6 +1115,40 @@ pub async fn history(client: &mut Client, peer: &str) -> Result<Vec<rpc::Message
 /// Status.
 pub async fn status(client: &mut Client) -> Result<rpc::StatusReply> {
     Ok(client.status(StatusRequest {}).await?.into_inner())
+}
+
+/// Whether a message is one received from `from` (incoming and in state RECEIVED): for
+/// [`wait_history`].
+pub fn incoming_from(from: &str) -> impl Fn(&rpc::Message) -> bool + '_ {
+    move |m| {
+        m.direction == rpc::Direction::Incoming as i32
+            && m.from == from
+            && m.state == rpc::MessageState::Received as i32
+    }
+}
+
+/// Waits until Status satisfies `ok` and returns that status; `what` names the wait in
+/// the timeout's error.
+pub async fn wait_status(
+    client: &Client,
+    what: &str,
+    ok: impl Fn(&rpc::StatusReply) -> bool,
+) -> Result<rpc::StatusReply> {
+    eventually(what, TIMEOUT, || {
+        let mut c = client.clone();
+        let ok = &ok;
+        async move {
+            let s = status(&mut c).await?;
+            Ok(ok(&s).then_some(s))
+        }
+    })
+    .await
+}
+
+/// Waits until the daemon says it is connected to the broker (its MQTT session is up).
+pub async fn wait_connected(client: &Client) -> Result<()> {
+    wait_status(client, "the MQTT session", |s| s.connected).await?;
+    Ok(())
 }
 
 /// Waits until nesd says the key server holds its newest v3 prekey (after `expect_not`
@@ -996,9 +1171,8 @@ pub async fn wait_prekey_published(
 /// Runs the offline `nes` with `args` and `stdin`; the exit code, stdout and stderr.
 pub fn nes_offline(args: &[&str], stdin: &[u8]) -> Result<(i32, String, String)> {
     use std::io::Write as _;
-    let mut child = Command::new(bin("nes")?)
+    let mut child = isolated(bin("nes")?)
         .args(args)
-        .env_remove("NES_CONFIG")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -1218,6 +1392,16 @@ impl Drop for RawMqtt {
     }
 }
 
+/// The original client's vectors (keys made by its Go code, frames it published):
+/// `$NES_VECTORS`, else `proto/tests/vectors/legacy-v1` in the workspace.
+pub fn vectors() -> PathBuf {
+    std::env::var_os("NES_VECTORS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| {
+            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto/tests/vectors/legacy-v1")
+        })
+}
+
 /// Whether `needle` occurs in `haystack`.
 pub fn contains_bytes(haystack: &[u8], needle: &[u8]) -> bool {
     !needle.is_empty() && haystack.windows(needle.len()).any(|w| w == needle)
@@ -1252,15 +1436,51 @@ pub struct World {
 impl World {
     /// Starts both.
     pub async fn start() -> Result<World> {
-        let (broker, keyserver) = tokio::try_join!(Mosquitto::start(), KeyServer::start())?;
+        Self::start_with_broker("", false).await
+    }
+
+    /// Starts both, the broker with config lines of the test's own (TLS, passwords, an
+    /// ACL), as [`Mosquitto::start_with`] takes them.
+    pub async fn start_with_broker(extra: &str, tls: bool) -> Result<World> {
+        let (broker, keyserver) =
+            tokio::try_join!(Mosquitto::start_with(extra, tls), KeyServer::start())?;
         Ok(World { broker, keyserver })
     }
 
     /// A registered, activated identity with a running nesd.
     pub async fn user(&self, name: &str) -> Result<(Identity, Nesd)> {
+        self.user_with(name, std::iter::empty::<&str>()).await
+    }
+
+    /// The original client's identity `name` (its keys among the [`vectors`]),
+    /// registered and activated; no nesd.
+    pub async fn vector_identity(&self, name: &str) -> Result<Identity> {
+        let id = Identity::from_key_dir(name, &vectors().join("keys"))?;
+        id.register(&self.keyserver).await?;
+        Ok(id)
+    }
+
+    /// Like [`World::user`], once the nesd is connected to the broker; with a client of
+    /// it.
+    pub async fn connected_user(&self, name: &str) -> Result<(Identity, Nesd, Client)> {
+        let (id, nesd) = self.user(name).await?;
+        let client = nesd.client().await?;
+        wait_connected(&client).await?;
+        Ok((id, nesd, client))
+    }
+
+    /// Like [`World::user`], with these flags added to nesd's.
+    pub async fn user_with<I, S>(&self, name: &str, args: I) -> Result<(Identity, Nesd)>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
         let id = Identity::generate(name)?;
         id.register(&self.keyserver).await?;
-        let nesd = Nesd::start(&id, &self.broker, &self.keyserver).await?;
+        let nesd = Nesd::builder(&id, &self.broker, &self.keyserver)
+            .args(args)
+            .start()
+            .await?;
         Ok((id, nesd))
     }
 }

@@ -109,8 +109,14 @@ async fn messages_flow_through_a_broker_that_speaks_only_3_1_1() -> Result<()> {
     let bob_id = Identity::generate("bob")?;
     alice_id.register(&w.keyserver).await?;
     bob_id.register(&w.keyserver).await?;
-    let alice = Nesd::start_at(&alice_id, &url, &w.keyserver, &[]).await?;
-    let bob = Nesd::start_at(&bob_id, &url, &w.keyserver, &[]).await?;
+    let alice = Nesd::builder(&alice_id, &w.broker, &w.keyserver)
+        .broker_url(&url)
+        .start()
+        .await?;
+    let bob = Nesd::builder(&bob_id, &w.broker, &w.keyserver)
+        .broker_url(&url)
+        .start()
+        .await?;
     let mut a = alice.client().await?;
     let mut b = bob.client().await?;
     for (c, who, d) in [(&a, "alice", &alice), (&b, "bob", &bob)] {

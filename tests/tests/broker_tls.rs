@@ -11,7 +11,7 @@
 
 use anyhow::{anyhow, ensure, Context, Result};
 use nes_e2e::*;
-use nes_proto::rpc::{self, Direction, MessageState};
+use nes_proto::rpc;
 use rumqttc::{AsyncClient, Event as MqttEvent, MqttOptions, Packet, TlsConfiguration, Transport};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
@@ -151,24 +151,30 @@ impl Pki {
     }
 }
 
+/// A [`World`] whose broker is the private one (its `broker` and `keyserver` are this
+/// world's), and the files it was made with.
 struct SecureWorld {
     pki: Pki,
-    broker: Mosquitto,
-    keyserver: KeyServer,
+    world: World,
+}
+
+impl std::ops::Deref for SecureWorld {
+    type Target = World;
+    fn deref(&self) -> &World {
+        &self.world
+    }
 }
 
 impl SecureWorld {
     async fn start() -> Result<SecureWorld> {
         let pki = Pki::make()?;
-        let config = pki.broker_config();
-        let (broker, keyserver) =
-            tokio::try_join!(Mosquitto::start_with(&config, true), KeyServer::start())?;
-        ensure!(broker.url().starts_with("mqtts://"), "{}", broker.url());
-        Ok(SecureWorld {
-            pki,
-            broker,
-            keyserver,
-        })
+        let world = World::start_with_broker(&pki.broker_config(), true).await?;
+        ensure!(
+            world.broker.url().starts_with("mqtts://"),
+            "{}",
+            world.broker.url()
+        );
+        Ok(SecureWorld { pki, world })
     }
 
     /// The flags that log `user` in over TLS, trusting `ca` and reading `password_file`.
@@ -185,12 +191,8 @@ impl SecureWorld {
 
     /// A registered identity with a nesd logged in as itself.
     async fn user(&self, name: &str) -> Result<(Identity, Nesd)> {
-        let id = Identity::generate(name)?;
-        id.register(&self.keyserver).await?;
         let flags = self.flags(name, "ca.pem", &format!("{name}.password"));
-        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let nesd = Nesd::start_with(&id, &self.broker, &self.keyserver, &flags).await?;
-        Ok((id, nesd))
+        self.world.user_with(name, flags).await
     }
 
     /// A plain MQTT client over TLS, logged in as `user`; its publishes and SUBACKs are
@@ -275,26 +277,10 @@ impl Drop for RawTls {
     }
 }
 
-fn incoming_from<'a>(from: &'a str) -> impl Fn(&rpc::Message) -> bool + 'a {
-    move |m| {
-        m.direction == Direction::Incoming as i32
-            && m.from == from
-            && m.state == MessageState::Received as i32
-    }
-}
-
 /// Waits for `n` messages from `from` and returns them, oldest first.
 async fn received(client: &Client, from: &str, n: usize) -> Result<Vec<rpc::Message>> {
     let all = wait_history(client, from, n, incoming_from(from)).await?;
     Ok(all.into_iter().filter(incoming_from(from)).collect())
-}
-
-async fn wait_connected(client: &Client) -> Result<()> {
-    eventually("the MQTT session", TIMEOUT, || {
-        let mut c = client.clone();
-        async move { Ok(status(&mut c).await?.connected.then_some(())) }
-    })
-    .await
 }
 
 async fn wait_log(nesd: &Nesd, what: &str, ok: impl Fn(&str) -> bool) -> Result<String> {
@@ -386,7 +372,10 @@ async fn a_wrong_password_fails_clearly() -> Result<()> {
     id.register(&w.keyserver).await?;
     let flags = w.flags("carol", "ca.pem", "wrong.password");
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-    let carol = Nesd::start_with(&id, &w.broker, &w.keyserver, &flags).await?;
+    let carol = Nesd::builder(&id, &w.broker, &w.keyserver)
+        .args(flags)
+        .start()
+        .await?;
     let log = wait_log(&carol, "the refusal in carol's log", |t| {
         t.contains("cannot connect to the broker")
     })
@@ -445,7 +434,10 @@ async fn a_server_certificate_from_an_unknown_ca_is_refused() -> Result<()> {
     let system: Vec<String> = other[2..].to_vec();
     for flags in [other, system] {
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
-        let nesd = Nesd::start_with(&id, &w.broker, &w.keyserver, &flags).await?;
+        let nesd = Nesd::builder(&id, &w.broker, &w.keyserver)
+            .args(&flags)
+            .start()
+            .await?;
         let log = wait_log(&nesd, "the TLS refusal in the log", |t| {
             t.contains("cannot connect to the broker")
         })

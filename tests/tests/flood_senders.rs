@@ -104,8 +104,10 @@ async fn a_flood_of_made_up_senders_costs_no_real_message() -> Result<()> {
     bob_id.register(&w.keyserver).await?;
     // A lookup budget that lets the whole flood be looked up within the test (the default,
     // 50 a second, would take minutes; what happens then is the same, only slower).
-    let bob =
-        Nesd::start_with(&bob_id, &w.broker, &w.keyserver, &["--lookup-rate", "2000"]).await?;
+    let bob = Nesd::builder(&bob_id, &w.broker, &w.keyserver)
+        .args(["--lookup-rate", "2000"])
+        .start()
+        .await?;
     let mut a = alice.client().await?;
     let b = bob.client().await?;
 

@@ -4,8 +4,8 @@
 //! one-liner; and nesd without any session bus.
 
 use anyhow::{bail, Result};
-use nes_e2e::frontends::{examples_dir, run, BusNesd, Lines, SessionBus};
-use nes_e2e::{eventually, history, send, Identity, World, TIMEOUT};
+use nes_e2e::frontends::{examples_dir, run, Lines, SessionBus};
+use nes_e2e::{eventually, history, send, Identity, Nesd, World, TIMEOUT};
 
 const DEST: &str = "org.nes.Messenger1";
 const PATH: &str = "/org/nes/Messenger1";
@@ -29,6 +29,52 @@ async fn gdbus(bus: &SessionBus, args: &[&str]) -> Result<(i32, String, String)>
     Ok((out.code, out.stdout.trim().to_string(), out.stderr))
 }
 
+/// nesd for `id` on `bus`, once it owns [`DEST`] there.
+async fn nesd_on(bus: &SessionBus, world: &World, id: &Identity) -> Result<Nesd> {
+    let nesd = Nesd::builder(id, &world.broker, &world.keyserver)
+        .session_bus(bus)
+        .start()
+        .await?;
+    bus.wait_for_name(DEST).await?;
+    Ok(nesd)
+}
+
+/// `gdbus call` of nesd's `method` with `args`: (exit code, stdout, stderr).
+async fn gdbus_call(
+    bus: &SessionBus,
+    method: &str,
+    args: &[&str],
+) -> Result<(i32, String, String)> {
+    let mut all = vec![
+        "call",
+        "--session",
+        "--dest",
+        DEST,
+        "--object-path",
+        PATH,
+        "--method",
+        method,
+    ];
+    all.extend(args);
+    gdbus(bus, &all).await
+}
+
+/// `gdbus introspect` of `object` on nesd's name: (exit code, stdout, stderr).
+async fn gdbus_introspect(bus: &SessionBus, object: &str) -> Result<(i32, String, String)> {
+    gdbus(
+        bus,
+        &[
+            "introspect",
+            "--session",
+            "--dest",
+            DEST,
+            "--object-path",
+            object,
+        ],
+    )
+    .await
+}
+
 async fn wait_line(lines: &mut Lines, what: &str, pred: impl Fn(&str) -> bool) -> Result<String> {
     loop {
         let line = lines
@@ -48,14 +94,7 @@ async fn every_method_property_and_signal_on_a_real_session_bus() -> Result<()> 
     let bob = Identity::generate("bob")?;
     bob.register(&world.keyserver).await?;
     let bus = SessionBus::start().await?;
-    let bob_d = BusNesd::start(
-        &bob,
-        &world.broker,
-        &world.keyserver,
-        &[("DBUS_SESSION_BUS_ADDRESS", bus.address())],
-    )
-    .await?;
-    bus.wait_for_name(DEST).await?;
+    let bob_d = nesd_on(&bus, &world, &bob).await?;
 
     // Watchers first: gdbus monitor (all signals of the object) and the example one-liner.
     let mut monitor = {
@@ -194,77 +233,24 @@ async fn every_method_property_and_signal_on_a_real_session_bus() -> Result<()> 
     );
 
     // The same through gdbus, which reads the introspection to type the arguments.
-    let (code, out, err) = gdbus(
-        &bus,
-        &[
-            "call",
-            "--session",
-            "--dest",
-            DEST,
-            "--object-path",
-            PATH,
-            "--method",
-            "org.nes.Messenger1.Send",
-            "alice",
-            "hi from gdbus",
-        ],
-    )
-    .await?;
+    let (code, out, err) =
+        gdbus_call(&bus, "org.nes.Messenger1.Send", &["alice", "hi from gdbus"]).await?;
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("('") && out.ends_with("==',)"), "{out}");
-    let (code, out, err) = gdbus(
-        &bus,
-        &[
-            "call",
-            "--session",
-            "--dest",
-            DEST,
-            "--object-path",
-            PATH,
-            "--method",
-            "org.nes.Messenger1.History",
-            "alice",
-            "0",
-        ],
-    )
-    .await?;
+    let (code, out, err) = gdbus_call(&bus, "org.nes.Messenger1.History", &["alice", "0"]).await?;
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("'hi from busctl', 'outgoing'") && out.contains("'hi from gdbus', 'outgoing'"),
         "{out}"
     );
-    let (code, out, err) = gdbus(
-        &bus,
-        &[
-            "call",
-            "--session",
-            "--dest",
-            DEST,
-            "--object-path",
-            PATH,
-            "--method",
-            "org.freedesktop.DBus.Properties.GetAll",
-            DEST,
-        ],
-    )
-    .await?;
+    let (code, out, err) =
+        gdbus_call(&bus, "org.freedesktop.DBus.Properties.GetAll", &[DEST]).await?;
     assert_eq!(code, 0, "{err}");
     assert!(
         out.contains("'User': <'bob'>") && out.contains("'Connected': <true>"),
         "{out}"
     );
-    let (code, out, _) = gdbus(
-        &bus,
-        &[
-            "introspect",
-            "--session",
-            "--dest",
-            DEST,
-            "--object-path",
-            PATH,
-        ],
-    )
-    .await?;
+    let (code, out, _) = gdbus_introspect(&bus, PATH).await?;
     assert_eq!(code, 0);
     assert!(
         out.contains("MessageReceived(s id,") || out.contains("MessageReceived("),
@@ -272,43 +258,13 @@ async fn every_method_property_and_signal_on_a_real_session_bus() -> Result<()> 
     );
 
     // Errors carry the service's class and message.
-    let (code, _, err) = gdbus(
-        &bus,
-        &[
-            "call",
-            "--session",
-            "--dest",
-            DEST,
-            "--object-path",
-            PATH,
-            "--method",
-            "org.nes.Messenger1.Send",
-            "zed-nobody",
-            "x",
-        ],
-    )
-    .await?;
+    let (code, _, err) = gdbus_call(&bus, "org.nes.Messenger1.Send", &["zed-nobody", "x"]).await?;
     assert_ne!(code, 0);
     assert!(
         err.contains("org.nes.Messenger1.Error.NotFound") && err.contains("zed-nobody"),
         "{err}"
     );
-    let (code, _, err) = gdbus(
-        &bus,
-        &[
-            "call",
-            "--session",
-            "--dest",
-            DEST,
-            "--object-path",
-            PATH,
-            "--method",
-            "org.nes.Messenger1.Send",
-            "alice",
-            "",
-        ],
-    )
-    .await?;
+    let (code, _, err) = gdbus_call(&bus, "org.nes.Messenger1.Send", &["alice", ""]).await?;
     assert_ne!(code, 0);
     assert!(
         err.contains("org.nes.Messenger1.Error.InvalidArgument"),
@@ -369,13 +325,10 @@ async fn nesd_serves_without_a_session_bus_and_says_so_once() -> Result<()> {
     bob.register(&world.keyserver).await?;
     let missing = tempfile::tempdir()?;
     let address = format!("unix:path={}", missing.path().join("no-bus").display());
-    let bob_d = BusNesd::start(
-        &bob,
-        &world.broker,
-        &world.keyserver,
-        &[("DBUS_SESSION_BUS_ADDRESS", &address)],
-    )
-    .await?;
+    let bob_d = Nesd::builder(&bob, &world.broker, &world.keyserver)
+        .env("DBUS_SESSION_BUS_ADDRESS", &address)
+        .start()
+        .await?;
     let home = tempfile::tempdir()?;
     let out = nes_e2e::frontends::run_nes(&bob_d.socket(), home.path(), &["status"], b"")
         .await?
@@ -474,19 +427,12 @@ const DECLARED_ARGS: &[&str] = &[
 ];
 
 /// A world with bob's nesd on a private session bus.
-async fn bob_on_a_bus() -> Result<(World, SessionBus, BusNesd)> {
+async fn bob_on_a_bus() -> Result<(World, SessionBus, Nesd)> {
     let world = World::start().await?;
     let bob = Identity::generate("bob")?;
     bob.register(&world.keyserver).await?;
     let bus = SessionBus::start().await?;
-    let bob_d = BusNesd::start(
-        &bob,
-        &world.broker,
-        &world.keyserver,
-        &[("DBUS_SESSION_BUS_ADDRESS", bus.address())],
-    )
-    .await?;
-    bus.wait_for_name(DEST).await?;
+    let bob_d = nesd_on(&bus, &world, &bob).await?;
     Ok((world, bus, bob_d))
 }
 
@@ -541,18 +487,7 @@ async fn introspection_names_every_member_the_hand_written_xml_declared() -> Res
     );
 
     // gdbus: argument names and directions, the property annotation.
-    let (code, out, err) = gdbus(
-        &bus,
-        &[
-            "introspect",
-            "--session",
-            "--dest",
-            DEST,
-            "--object-path",
-            PATH,
-        ],
-    )
-    .await?;
+    let (code, out, err) = gdbus_introspect(&bus, PATH).await?;
     assert_eq!(code, 0, "{err}");
     let flat = out.split_whitespace().collect::<Vec<_>>().join(" ");
     for needle in DECLARED_ARGS {
@@ -560,18 +495,7 @@ async fn introspection_names_every_member_the_hand_written_xml_declared() -> Res
     }
 
     // The nodes leading to the object, so `busctl tree` finds it.
-    let (code, out, err) = gdbus(
-        &bus,
-        &[
-            "introspect",
-            "--session",
-            "--dest",
-            DEST,
-            "--object-path",
-            "/org/nes",
-        ],
-    )
-    .await?;
+    let (code, out, err) = gdbus_introspect(&bus, "/org/nes").await?;
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("node Messenger1"), "{out}");
     Ok(())
@@ -708,14 +632,7 @@ async fn the_readme_lines_work_word_for_word_and_a_clean_stop_releases_the_name(
     let alice = Identity::generate("alice")?;
     alice.register(&world.keyserver).await?;
     let bus = SessionBus::start().await?;
-    let mut alice_d = BusNesd::start(
-        &alice,
-        &world.broker,
-        &world.keyserver,
-        &[("DBUS_SESSION_BUS_ADDRESS", bus.address())],
-    )
-    .await?;
-    bus.wait_for_name(DEST).await?;
+    let mut alice_d = nesd_on(&bus, &world, &alice).await?;
 
     let mut lines = readme_lines("README.md")?;
     for line in readme_lines("frontends/README.md")? {
@@ -830,14 +747,7 @@ async fn the_readme_lines_work_word_for_word_and_a_clean_stop_releases_the_name(
     );
     assert!(!bus.has_owner(DEST).await?, "the name is still owned");
     // So the next nesd gets it at once.
-    let alice_again = BusNesd::start(
-        &alice,
-        &world.broker,
-        &world.keyserver,
-        &[("DBUS_SESSION_BUS_ADDRESS", bus.address())],
-    )
-    .await?;
-    bus.wait_for_name(DEST).await?;
+    let alice_again = nesd_on(&bus, &world, &alice).await?;
     assert_eq!(
         busctl(&bus, &["get-property", DEST, PATH, DEST, "User"]).await?,
         "s \"alice\""

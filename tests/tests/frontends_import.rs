@@ -3,20 +3,10 @@
 //! HOME, and then a nesd started from nothing but the imported config works with it.
 
 use anyhow::Result;
-use nes_e2e::frontends::{json_lines, run_nes, BusNesd};
-use nes_e2e::{eventually, history, send, Identity, Nesd, World, TIMEOUT};
+use nes_e2e::frontends::{json_lines, run_nes};
+use nes_e2e::{eventually, history, send, vectors, Nesd, World, TIMEOUT};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
-
-/// The original client's vectors: `$NES_VECTORS`, else `proto/tests/vectors/legacy-v1` in
-/// the repository.
-fn vectors() -> PathBuf {
-    std::env::var_os("NES_VECTORS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto/tests/vectors/legacy-v1")
-        })
-}
 
 fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
@@ -103,25 +93,16 @@ async fn an_original_identity_is_imported_and_then_used_by_nesd() -> Result<()> 
             &std::fs::read_to_string(legacy.join("alice-rsa-sign.pub"))?,
         )
         .await?;
-    let bob = Identity::from_key_dir("bob", &vectors().join("keys"))?;
-    bob.register(&world.keyserver).await?;
+    let bob = world.vector_identity("bob").await?;
     let bob_d = Nesd::start(&bob, &world.broker, &world.keyserver).await?;
-    let args: Vec<std::ffi::OsString> = vec![
-        "--config".into(),
-        h.join(".config/nes/config.toml").into(),
-        "--keyserver-key".into(),
-        world.keyserver.public_key_path().into(),
-    ];
-    let env = [
-        ("HOME", h.to_str().unwrap()),
-        (
-            "XDG_DATA_HOME",
-            &*h.join(".local/share").display().to_string(),
-        ),
-        ("XDG_CONFIG_HOME", &*h.join(".config").display().to_string()),
-    ];
-    let env: Vec<(&str, &str)> = env.iter().map(|(k, v)| (*k, *v)).collect();
-    let alice_d = BusNesd::start_with_args(&args, &env, false).await?;
+    let alice_d = Nesd::with_config(&h.join(".config/nes/config.toml"))
+        .arg("--keyserver-key")
+        .arg(world.keyserver.public_key_path())
+        .env("HOME", h)
+        .env("XDG_DATA_HOME", h.join(".local/share"))
+        .env("XDG_CONFIG_HOME", h.join(".config"))
+        .start()
+        .await?;
     let a = alice_d.socket();
     let out = run_nes(&a, h, &["status", "--json"], b"")
         .await?

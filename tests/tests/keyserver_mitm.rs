@@ -22,10 +22,8 @@ use nes_e2e::frontends::run_nes;
 use nes_e2e::*;
 use nes_proto::rpc::{self, event::Kind, TrustState};
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -263,90 +261,6 @@ fn flip_key_byte(body: &[u8]) -> Result<Vec<u8>> {
 }
 
 // ---------------------------------------------------------------------------------------
-// a nesd whose --keyserver is the proxy
-
-/// nesd for one identity, with the key server URL given (the harness's `Nesd` always
-/// points at the real key server).
-struct ProxiedNesd {
-    dir: tempfile::TempDir,
-    child: Child,
-}
-
-impl ProxiedNesd {
-    async fn start(
-        id: &Identity,
-        broker: &Mosquitto,
-        keyserver_url: &str,
-        server_key: &Path,
-    ) -> Result<ProxiedNesd> {
-        let dir = tempfile::Builder::new().prefix("nesd-mitm-").tempdir()?;
-        let config = dir.path().join("config.toml");
-        std::fs::write(&config, "")?;
-        let log = std::fs::File::create(dir.path().join("nesd.log"))?;
-        let child = Command::new(bin("nesd")?)
-            .args([
-                "--user",
-                &id.user,
-                "--broker",
-                &broker.url(),
-                "--keyserver",
-                keyserver_url,
-            ])
-            .arg("--keyserver-key")
-            .arg(server_key)
-            .arg("--data-dir")
-            .arg(id.data_dir())
-            .arg("--socket")
-            .arg(dir.path().join("nes").join("nesd.sock"))
-            .arg("--config")
-            .arg(&config)
-            .env("NES_LOG", "info,nesd=debug")
-            .env_remove("LISTEN_PID")
-            .env_remove("LISTEN_FDS")
-            .env_remove("NOTIFY_SOCKET")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .context("cannot start nesd")?;
-        let mut nesd = ProxiedNesd { dir, child };
-        let deadline = Instant::now() + TIMEOUT;
-        loop {
-            if let Some(status) = nesd.child.try_wait()? {
-                bail!("nesd exited at start ({status}):\n{}", nesd.log());
-            }
-            if let Ok(mut c) = connect(&nesd.socket()).await {
-                if status(&mut c).await.is_ok_and(|s| s.connected) {
-                    return Ok(nesd);
-                }
-            }
-            if Instant::now() >= deadline {
-                bail!("nesd did not come up:\n{}", nesd.log());
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-
-    fn socket(&self) -> PathBuf {
-        self.dir.path().join("nes").join("nesd.sock")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("nesd.log")).unwrap_or_default()
-    }
-}
-
-impl Drop for ProxiedNesd {
-    fn drop(&mut self) {
-        if std::thread::panicking() {
-            eprintln!("---- nesd log ----\n{}", self.log());
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-// ---------------------------------------------------------------------------------------
 // the scene
 
 /// A broker, the real key server, the proxy, bob and carol registered, and alice's nesd
@@ -357,7 +271,7 @@ struct Scene {
     bob: Identity,
     bob_delete: String,
     carol: Identity,
-    _alice: ProxiedNesd,
+    _alice: Nesd,
     /// Declared after `_alice`: the daemon stops before its data dir goes.
     _alice_id: Identity,
     a: Client,
@@ -378,14 +292,13 @@ impl Scene {
         carol.register(&w.keyserver).await?;
         let mut wire = RawMqtt::connect(&w.broker).await?;
         wire.subscribe("nes/bob/message").await?;
-        let alice = ProxiedNesd::start(
-            &alice_id,
-            &w.broker,
-            &proxy.url,
-            &w.keyserver.public_key_path(),
-        )
-        .await?;
-        let a = connect(&alice.socket()).await?;
+        // alice's nesd asks the proxy for keys, and checks them with the real server's key.
+        let alice = Nesd::builder(&alice_id, &w.broker, &w.keyserver)
+            .keyserver_url(&proxy.url)
+            .start()
+            .await?;
+        let a = alice.client().await?;
+        wait_connected(&a).await?;
         Ok(Scene {
             w,
             proxy,
@@ -397,6 +310,35 @@ impl Scene {
             a,
             wire,
         })
+    }
+
+    /// What alice's nesd knows of bob (asking the key server, through the proxy, when
+    /// `refresh`).
+    async fn lookup_bob(&mut self, refresh: bool) -> Result<rpc::Contact, tonic::Status> {
+        let request = rpc::LookupContactRequest {
+            username: "bob".into(),
+            refresh,
+        };
+        Ok(self.a.lookup_contact(request).await?.into_inner())
+    }
+
+    /// alice's Send to bob fails with `code` and a message saying `why`.
+    async fn send_refused(&mut self, code: tonic::Code, why: &str) -> Result<()> {
+        let e = send(&mut self.a, "bob", "for bob only")
+            .await
+            .err()
+            .context("a send to bob was accepted")?;
+        let status = e
+            .chain()
+            .find_map(|c| c.downcast_ref::<tonic::Status>())
+            .context("no gRPC status")?;
+        ensure!(status.code() == code, "{status:?}");
+        ensure!(
+            status.message().contains(why),
+            "unclear error: {:?}",
+            status.message()
+        );
+        Ok(())
     }
 
     /// Nothing is queued or stored for bob, and alice holds no keys for him.
@@ -428,12 +370,7 @@ impl Scene {
         self.proxy.set(Mode::Pass);
         // nesd repeats a failed lookup for a few seconds without asking again (a flood of
         // frames from made-up names must not become a flood of lookups); ask explicitly.
-        self.a
-            .lookup_contact(rpc::LookupContactRequest {
-                username: "bob".into(),
-                refresh: true,
-            })
-            .await?;
+        self.lookup_bob(true).await?;
         let text = "the control message, sent once the key server's answers are honest";
         let sent = send(&mut self.a, "bob", text).await?;
         let frame = self.wire.next_publish().await?;
@@ -449,10 +386,6 @@ impl Scene {
     }
 }
 
-fn rpc_error(e: &anyhow::Error) -> Option<&tonic::Status> {
-    e.chain().find_map(|c| c.downcast_ref::<tonic::Status>())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn carols_signed_answer_for_bob_is_refused() -> Result<()> {
     let mut s = Scene::start().await?;
@@ -461,21 +394,10 @@ async fn carols_signed_answer_for_bob_is_refused() -> Result<()> {
         with: "carol".into(),
     });
 
-    let e = send(&mut s.a, "bob", "for bob only")
-        .await
-        .expect_err("a send sealed with carol's answer");
-    let status = rpc_error(&e).context("no gRPC status")?;
-    ensure!(status.code() == tonic::Code::Unavailable, "{status:?}");
-    ensure!(
-        status.message().contains("about \"carol\", not \"bob\""),
-        "unclear error: {:?}",
-        status.message()
-    );
-    let e =
-        s.a.lookup_contact(rpc::LookupContactRequest {
-            username: "bob".into(),
-            refresh: true,
-        })
+    s.send_refused(tonic::Code::Unavailable, "about \"carol\", not \"bob\"")
+        .await?;
+    let e = s
+        .lookup_bob(true)
         .await
         .expect_err("LookupContact accepted carol's answer for bob");
     ensure!(
@@ -500,13 +422,7 @@ async fn carols_signed_answer_for_bob_is_refused() -> Result<()> {
     );
 
     s.control_message_opens_with_bobs_key().await?;
-    let contact =
-        s.a.lookup_contact(rpc::LookupContactRequest {
-            username: "bob".into(),
-            refresh: false,
-        })
-        .await?
-        .into_inner();
+    let contact = s.lookup_bob(false).await?;
     ensure!(
         contact.message_key_fingerprint == s.bob.message.public_key().fingerprint(),
         "bob pinned with the wrong key"
@@ -522,27 +438,13 @@ async fn an_answer_with_one_byte_of_a_key_changed_is_refused() -> Result<()> {
         victim: "bob".into(),
     });
 
-    let e = send(&mut s.a, "bob", "for bob only")
-        .await
-        .expect_err("a send sealed with an altered key");
-    let status = rpc_error(&e).context("no gRPC status")?;
-    ensure!(status.code() == tonic::Code::Unavailable, "{status:?}");
-    ensure!(
-        status.message().contains("signature does not verify"),
-        "unclear error: {:?}",
-        status.message()
-    );
+    s.send_refused(tonic::Code::Unavailable, "signature does not verify")
+        .await?;
     ensure!(s.proxy.tampered() >= 1, "the proxy was not asked");
     s.nothing_for_bob().await?;
 
     s.control_message_opens_with_bobs_key().await?;
-    let contact =
-        s.a.lookup_contact(rpc::LookupContactRequest {
-            username: "bob".into(),
-            refresh: false,
-        })
-        .await?
-        .into_inner();
+    let contact = s.lookup_bob(false).await?;
     ensure!(
         contact.message_key_fingerprint == s.bob.message.public_key().fingerprint(),
         "bob pinned with the wrong key"
@@ -576,13 +478,7 @@ async fn an_old_answer_replayed_after_a_key_change_is_a_key_change() -> Result<(
     );
 
     // ... alice learns the new keys ...
-    let contact =
-        s.a.lookup_contact(rpc::LookupContactRequest {
-            username: "bob".into(),
-            refresh: false,
-        })
-        .await?
-        .into_inner();
+    let contact = s.lookup_bob(false).await?;
     ensure!(
         contact.message_key_fingerprint == new_message_fp
             && contact.sign_key_fingerprint == new_sign_fp
@@ -595,13 +491,7 @@ async fn an_old_answer_replayed_after_a_key_change_is_a_key_change() -> Result<(
         victim: "bob".into(),
         body: old_answer,
     });
-    let contact =
-        s.a.lookup_contact(rpc::LookupContactRequest {
-            username: "bob".into(),
-            refresh: true,
-        })
-        .await?
-        .into_inner();
+    let contact = s.lookup_bob(true).await?;
     ensure!(s.proxy.tampered() >= 1, "the proxy was not asked");
     ensure!(
         contact.trust == TrustState::KeyChanged as i32,
@@ -627,19 +517,8 @@ async fn an_old_answer_replayed_after_a_key_change_is_a_key_change() -> Result<(
     );
 
     // Sending is refused until the user decides.
-    let e = send(&mut s.a, "bob", "for bob only")
-        .await
-        .expect_err("a send while bob's keys are in doubt");
-    let status = rpc_error(&e).context("no gRPC status")?;
-    ensure!(
-        status.code() == tonic::Code::FailedPrecondition,
-        "{status:?}"
-    );
-    ensure!(
-        status.message().contains("changed"),
-        "unclear error: {:?}",
-        status.message()
-    );
+    s.send_refused(tonic::Code::FailedPrecondition, "changed")
+        .await?;
     ensure!(
         history(&mut s.a, "bob").await?.is_empty(),
         "a message to bob was stored"
@@ -648,13 +527,7 @@ async fn an_old_answer_replayed_after_a_key_change_is_a_key_change() -> Result<(
     // The key server is honest again: the doubt goes away and the control message is
     // sealed to bob's current key, the first frame on his topic.
     s.proxy.set(Mode::Pass);
-    let contact =
-        s.a.lookup_contact(rpc::LookupContactRequest {
-            username: "bob".into(),
-            refresh: true,
-        })
-        .await?
-        .into_inner();
+    let contact = s.lookup_bob(true).await?;
     ensure!(contact.trust == TrustState::Pinned as i32, "{contact:?}");
     s.control_message_opens_with_bobs_key().await?;
     Ok(())

@@ -6,7 +6,7 @@
 //! Commands run as that user through `std::os::unix::process::CommandExt::uid/gid`.
 
 use anyhow::{bail, ensure, Context, Result};
-use nes_e2e::frontends::{BusNesd, SessionBus};
+use nes_e2e::frontends::SessionBus;
 use nes_e2e::*;
 use nes_proto::rpc;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
@@ -252,16 +252,11 @@ async fn private_keys_never_appear_in_the_log_the_grpc_api_or_d_bus() -> Result<
     alice_id.register(&w.keyserver).await?;
     let (bob_id, bob) = w.user("bob").await?;
     // The most talkative log there is.
-    let alice = BusNesd::start(
-        &alice_id,
-        &w.broker,
-        &w.keyserver,
-        &[
-            ("DBUS_SESSION_BUS_ADDRESS", bus.address()),
-            ("NES_LOG", "trace"),
-        ],
-    )
-    .await?;
+    let alice = Nesd::builder(&alice_id, &w.broker, &w.keyserver)
+        .session_bus(&bus)
+        .env("NES_LOG", "trace")
+        .start()
+        .await?;
     bus.wait_for_name("org.nes.Messenger1").await?;
     let mut a = connect(&alice.socket()).await?;
     let mut b = bob.client().await?;

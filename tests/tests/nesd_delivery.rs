@@ -11,37 +11,6 @@ use nes_e2e::*;
 use nes_proto::rpc::{self, event::Kind, Direction, MessageState};
 use std::collections::HashSet;
 
-fn incoming_from<'a>(from: &'a str) -> impl Fn(&rpc::Message) -> bool + 'a {
-    move |m| {
-        m.direction == Direction::Incoming as i32
-            && m.from == from
-            && m.state == MessageState::Received as i32
-    }
-}
-
-async fn wait_connected(client: &Client) -> Result<()> {
-    eventually("the MQTT session", TIMEOUT, || {
-        let mut c = client.clone();
-        async move { Ok(status(&mut c).await?.connected.then_some(())) }
-    })
-    .await
-}
-
-async fn wait_status(
-    client: &Client,
-    ok: impl Fn(&rpc::StatusReply) -> bool,
-) -> Result<rpc::StatusReply> {
-    eventually("the status counters", TIMEOUT, || {
-        let mut c = client.clone();
-        let ok = &ok;
-        async move {
-            let s = status(&mut c).await?;
-            Ok(ok(&s).then_some(s))
-        }
-    })
-    .await
-}
-
 async fn wait_all_delivered(client: &Client, peer: &str, n: usize) -> Result<Vec<rpc::Message>> {
     wait_history(client, peer, n, |m| {
         m.direction == Direction::Outgoing as i32 && m.state == MessageState::Delivered as i32
@@ -163,9 +132,9 @@ async fn alice_to_bob_through_the_broker_shows_only_ciphertext_on_the_wire() -> 
     // Alice sees it acknowledged by the broker.
     wait_all_delivered(&a, "bob", 1).await?;
     // Status counters follow the store a moment later.
-    let sa = wait_status(&a, |s| s.queued == 0 && s.sent >= 1).await?;
+    let sa = wait_status(&a, "the status counters", |s| s.queued == 0 && s.sent >= 1).await?;
     ensure!(sa.connected && sa.user == "alice", "{sa:?}");
-    let sb = wait_status(&b, |s| s.received == 1).await?;
+    let sb = wait_status(&b, "the status counters", |s| s.received == 1).await?;
     ensure!(sb.unread == 1 && sb.refused.is_empty(), "{sb:?}");
 
     // Conversations and read marks.
@@ -204,32 +173,11 @@ async fn alice_to_bob_through_the_broker_shows_only_ciphertext_on_the_wire() -> 
     );
 
     // Bad input gets the documented codes.
-    let e = a
-        .send(rpc::SendRequest {
-            to: "no such user!".into(),
-            text: "x".into(),
-            legacy: false,
-        })
-        .await
-        .unwrap_err();
+    let e = send_refused(&mut a, "no such user!", "x").await?;
     ensure!(e.code() == tonic::Code::InvalidArgument, "{e:?}");
-    let e = a
-        .send(rpc::SendRequest {
-            to: "bob".into(),
-            text: String::new(),
-            legacy: false,
-        })
-        .await
-        .unwrap_err();
+    let e = send_refused(&mut a, "bob", "").await?;
     ensure!(e.code() == tonic::Code::InvalidArgument, "{e:?}");
-    let e = a
-        .send(rpc::SendRequest {
-            to: "nobody".into(),
-            text: "hi".into(),
-            legacy: false,
-        })
-        .await
-        .unwrap_err();
+    let e = send_refused(&mut a, "nobody", "hi").await?;
     ensure!(e.code() == tonic::Code::NotFound, "{e:?}");
     Ok(())
 }
@@ -267,12 +215,8 @@ async fn a_stopped_recipient_gets_all_20_once_and_in_order() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_broker_outage_queues_then_delivers_everything() -> Result<()> {
     let mut w = World::start().await?;
-    let (_alice_id, alice) = w.user("alice").await?;
-    let (_bob_id, bob) = w.user("bob").await?;
-    let mut a = alice.client().await?;
-    let b = bob.client().await?;
-    wait_connected(&a).await?;
-    wait_connected(&b).await?;
+    let (_alice_id, _alice, mut a) = w.connected_user("alice").await?;
+    let (_bob_id, _bob, b) = w.connected_user("bob").await?;
     // alice knows bob's keys before the outage (the key server stays up anyway).
     a.lookup_contact(rpc::LookupContactRequest {
         username: "bob".into(),
@@ -306,7 +250,7 @@ async fn a_broker_outage_queues_then_delivers_everything() -> Result<()> {
 
     w.broker.restart().await?;
     wait_all_delivered(&a, "bob", 20).await?;
-    wait_status(&a, |s| s.queued == 0).await?;
+    wait_status(&a, "the status counters", |s| s.queued == 0).await?;
     let got = wait_history(&b, "alice", 20, incoming_from("alice")).await?;
     let got_ids: Vec<&str> = got.iter().map(|m| m.id.as_str()).collect();
     let sent_ids: Vec<&str> = sent.iter().map(|m| m.id.as_str()).collect();
@@ -410,8 +354,14 @@ async fn cached_keys_keep_working_past_their_ttl_while_the_key_server_is_down() 
     alice_id.register(&w.keyserver).await?;
     bob_id.register(&w.keyserver).await?;
     let ttl = ["--key-ttl", "1"];
-    let alice = Nesd::start_with(&alice_id, &w.broker, &w.keyserver, &ttl).await?;
-    let bob = Nesd::start_with(&bob_id, &w.broker, &w.keyserver, &ttl).await?;
+    let alice = Nesd::builder(&alice_id, &w.broker, &w.keyserver)
+        .args(ttl)
+        .start()
+        .await?;
+    let bob = Nesd::builder(&bob_id, &w.broker, &w.keyserver)
+        .args(ttl)
+        .start()
+        .await?;
     let mut a = alice.client().await?;
     let mut b = bob.client().await?;
     wait_connected(&a).await?;
@@ -436,14 +386,7 @@ async fn cached_keys_keep_working_past_their_ttl_while_the_key_server_is_down() 
     })
     .await?;
     // Someone never seen: nothing cached, nobody to ask.
-    let e = a
-        .send(rpc::SendRequest {
-            to: "carol".into(),
-            text: "hi".into(),
-            legacy: false,
-        })
-        .await
-        .unwrap_err();
+    let e = send_refused(&mut a, "carol", "hi").await?;
     ensure!(e.code() == tonic::Code::Unavailable, "{e:?}");
     Ok(())
 }

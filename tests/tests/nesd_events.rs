@@ -7,33 +7,16 @@ use futures::StreamExt;
 use nes_e2e::*;
 use nes_proto::rpc::{self, event::Kind, Direction, MessageState};
 
-async fn wait_connected(client: &Client) -> Result<()> {
-    eventually("the MQTT session", TIMEOUT, || {
-        let mut c = client.clone();
-        async move { Ok(status(&mut c).await?.connected.then_some(())) }
-    })
-    .await
-}
-
 async fn wait_queue_empty(client: &Client) -> Result<()> {
-    eventually("the outbox to empty", TIMEOUT, || {
-        let mut c = client.clone();
-        async move { Ok((status(&mut c).await?.queued == 0).then_some(())) }
-    })
-    .await
+    wait_status(client, "the outbox to empty", |s| s.queued == 0).await?;
+    Ok(())
 }
 
 /// Waits until the event log has at least `n` events (events become visible once
 /// flushed, a moment after the store changed) and returns the last cursor.
 async fn wait_cursor(client: &Client, n: u64) -> Result<u64> {
-    eventually(&format!("{n} events"), TIMEOUT, || {
-        let mut c = client.clone();
-        async move {
-            let last = status(&mut c).await?.last_cursor;
-            Ok((last >= n).then_some(last))
-        }
-    })
-    .await
+    let s = wait_status(client, &format!("{n} events"), |s| s.last_cursor >= n).await?;
+    Ok(s.last_cursor)
 }
 
 /// Reads `stream` until the event with cursor `last`, checking the cursors run
@@ -53,11 +36,8 @@ async fn read_through(stream: &mut EventStream, first: u64, last: u64) -> Result
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_client_gets_every_event_and_resumes_without_gap() -> Result<()> {
     let w = World::start().await?;
-    let (_alice_id, alice) = w.user("alice").await?;
-    let (_bob_id, bob) = w.user("bob").await?;
-    let mut a = alice.client().await?;
-    wait_connected(&a).await?;
-    wait_connected(&bob.client().await?).await?;
+    let (_alice_id, _alice, mut a) = w.connected_user("alice").await?;
+    let (_bob_id, _bob, _) = w.connected_user("bob").await?;
 
     let mut one = EventStream::open(&a, Some(0)).await?;
     let mut two = EventStream::open(&a, Some(0)).await?;
@@ -115,11 +95,8 @@ async fn every_client_gets_every_event_and_resumes_without_gap() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_that_stops_reading_is_dropped_and_resumes_by_cursor() -> Result<()> {
     let w = World::start().await?;
-    let (_alice_id, alice) = w.user("alice").await?;
-    let (_bob_id, bob) = w.user("bob").await?;
-    let mut a = alice.client().await?;
-    wait_connected(&a).await?;
-    wait_connected(&bob.client().await?).await?;
+    let (_alice_id, _alice, mut a) = w.connected_user("alice").await?;
+    let (_bob_id, bob, _) = w.connected_user("bob").await?;
 
     // A client that subscribes and then does not read.
     let mut slow = a

@@ -56,14 +56,6 @@ async fn wait_refused(client: &Client, want: &[(&str, u64)]) -> Result<HashMap<S
     .await
 }
 
-async fn wait_connected(client: &Client) -> Result<()> {
-    eventually("the MQTT session", TIMEOUT, || {
-        let mut c = client.clone();
-        async move { Ok(status(&mut c).await?.connected.then_some(())) }
-    })
-    .await
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_are_refused_counted_and_the_daemon_keeps_serving() -> Result<()> {
     let w = World::start().await?;

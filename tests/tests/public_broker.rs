@@ -9,17 +9,6 @@ use nes_e2e::*;
 use nes_proto::frame;
 use nes_proto::rpc::Direction;
 use std::collections::HashMap;
-use std::path::PathBuf;
-
-/// The original client's frames: `$NES_VECTORS`, else `proto/tests/vectors/legacy-v1` in
-/// the workspace.
-fn vectors() -> PathBuf {
-    std::env::var_os("NES_VECTORS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| {
-            PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto/tests/vectors/legacy-v1")
-        })
-}
 
 async fn refused(client: &Client) -> Result<HashMap<String, u64>> {
     let mut c = client.clone();
@@ -41,18 +30,11 @@ async fn wait_refused(client: &Client, reason: &str, n: u64) -> Result<HashMap<S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn re_encoded_v1_replays_are_duplicates() -> Result<()> {
     let w = World::start().await?;
-    let keys = vectors().join("keys");
-    let alice_id = Identity::from_key_dir("alice", &keys)?;
-    let bob_id = Identity::from_key_dir("bob", &keys)?;
-    alice_id.register(&w.keyserver).await?;
-    bob_id.register(&w.keyserver).await?;
+    let _alice_id = w.vector_identity("alice").await?;
+    let bob_id = w.vector_identity("bob").await?;
     let bob = Nesd::start(&bob_id, &w.broker, &w.keyserver).await?;
     let mut b = bob.client().await?;
-    eventually("bob's MQTT session", TIMEOUT, || {
-        let mut b = b.clone();
-        async move { Ok(status(&mut b).await?.connected.then_some(())) }
-    })
-    .await?;
+    wait_connected(&b).await?;
 
     // The original client's frame, byte for byte as it published it.
     let base = vectors().join("frames/frame-01");

@@ -268,12 +268,8 @@ async fn messages_survive_broker_restarts_and_kill_9_exactly_once_in_order() -> 
     let (a_sock, b_sock) = (alice.socket(), bob.socket());
     {
         let (mut a, mut b) = (client_at(&a_sock).await?, client_at(&b_sock).await?);
-        for (c, who) in [(&mut a, "alice"), (&mut b, "bob")] {
-            eventually(&format!("{who}'s MQTT session"), TIMEOUT, || {
-                let mut c = c.clone();
-                async move { Ok(status(&mut c).await?.connected.then_some(())) }
-            })
-            .await?;
+        for c in [&a, &b] {
+            wait_connected(c).await?;
         }
         // Both have published their v3 prekeys, so every message of the run is v3: a
         // sender whose messages move from v2 to v3 mid-stream may see the first v3 ones

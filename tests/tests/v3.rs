@@ -46,6 +46,23 @@ fn open_with_dir(bob: &Identity, alice: &Identity, frame: &[u8]) -> Result<(i32,
     )
 }
 
+/// `nes frame open --key` with bob's RSA message key alone (the v1/v2 way).
+fn open_with_key(bob: &Identity, alice: &Identity, frame: &[u8]) -> Result<(i32, String, String)> {
+    let key = bob.data_dir().join("keys").join("bob-rsa-message");
+    let sender = alice.data_dir().join("keys").join("alice-rsa-sign.pub");
+    nes_offline(
+        &[
+            "frame",
+            "open",
+            "--key",
+            &key.display().to_string(),
+            "--sender-key",
+            &sender.display().to_string(),
+        ],
+        frame,
+    )
+}
+
 /// Sends one message alice→bob and returns the frame seen on bob's topic.
 async fn send_captured(
     w: &World,
@@ -104,21 +121,10 @@ async fn v3_by_default_and_the_frame_opens_only_with_the_recipients_files() -> R
     let (code, out, err) = open_with_dir(&bob_id, &alice_id, &frame)?;
     ensure!(code == 0 && out.contains(text), "exit {code}: {out} {err}");
     // ... his RSA message key alone (v1/v2) does not.
-    let key = bob_id.data_dir().join("keys").join("bob-rsa-message");
-    let sender = alice_id.data_dir().join("keys").join("alice-rsa-sign.pub");
-    let (code, out, err) = nes_offline(
-        &[
-            "frame",
-            "open",
-            "--key",
-            &key.display().to_string(),
-            "--sender-key",
-            &sender.display().to_string(),
-        ],
-        &frame,
-    )?;
+    let (code, out, err) = open_with_key(&bob_id, &alice_id, &frame)?;
     ensure!(code != 0 && !out.contains(text), "exit {code}: {out} {err}");
     // ... nor does another user's directory, with the right sender key.
+    let sender = alice_id.data_dir().join("keys").join("alice-rsa-sign.pub");
     let (carol_id, _carol) = w.user("carol").await?;
     let (code, out, err) = nes_offline(
         &[
@@ -146,13 +152,10 @@ async fn after_rotation_and_grace_the_prekey_file_is_gone_and_the_frame_stays_sh
     let bob_id = Identity::generate("bob")?;
     bob_id.register(&w.keyserver).await?;
     // Rotation 4 s (each prekey expires after 8 s), grace 2 s.
-    let bob = Nesd::start_with(
-        &bob_id,
-        &w.broker,
-        &w.keyserver,
-        &["--prekey-rotation", "4", "--prekey-grace", "2"],
-    )
-    .await?;
+    let bob = Nesd::builder(&bob_id, &w.broker, &w.keyserver)
+        .args(["--prekey-rotation", "4", "--prekey-grace", "2"])
+        .start()
+        .await?;
     let (alice_id, alice) = w.user("alice").await?;
     let b = bob.client().await?;
     let mut a = alice.client().await?;
@@ -183,19 +186,7 @@ async fn after_rotation_and_grace_the_prekey_file_is_gone_and_the_frame_stays_sh
         "exit {code}: {out} {err}"
     );
     // Nothing else in the data directory opens it either (his RSA key included).
-    let key = bob_id.data_dir().join("keys").join("bob-rsa-message");
-    let sender = alice_id.data_dir().join("keys").join("alice-rsa-sign.pub");
-    let (code, out, _) = nes_offline(
-        &[
-            "frame",
-            "open",
-            "--key",
-            &key.display().to_string(),
-            "--sender-key",
-            &sender.display().to_string(),
-        ],
-        &frame,
-    )?;
+    let (code, out, _) = open_with_key(&bob_id, &alice_id, &frame)?;
     ensure!(code != 0 && !out.contains(text), "exit {code}: {out}");
     Ok(())
 }

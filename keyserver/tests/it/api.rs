@@ -294,8 +294,8 @@ async fn cleanup_task_removes_expired_registrations(backend: Backend) {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // 410 while the row is there, 404 once the cleanup task removed it.
     eventually(
-        Duration::from_secs(60),
         "the cleanup task removes ivan",
+        Duration::from_secs(60),
         || async { server.follow(&links.activate).await.status() == 404 },
     )
     .await;

@@ -34,7 +34,7 @@ async fn two_servers_on_one_database_agree() {
     // Deleted through A: A at once, B once its cached copy expires.
     assert_eq!(a.confirm_delete(&links.delete).await.status(), 200);
     assert_error(a.get("/users/carl").await, 404, "not_found").await;
-    eventually(Duration::from_secs(30), "B forgets carl", || async {
+    eventually("B forgets carl", Duration::from_secs(30), || async {
         b.get("/users/carl").await.status() == 404
     })
     .await;

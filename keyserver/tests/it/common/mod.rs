@@ -550,8 +550,9 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Polls `check` every 100 ms until it returns true, panicking after `timeout`.
-pub async fn eventually<F, Fut>(timeout: Duration, what: &str, mut check: F)
+/// Polls `check` every 100 ms until it returns true, panicking after `timeout`. The
+/// arguments come in the order of the end-to-end tests' `nes_e2e::eventually`.
+pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
