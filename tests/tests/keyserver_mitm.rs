@@ -572,14 +572,12 @@ async fn v2_without_a_prekey_endpoint_v3_with_one_lost_is_reported_v1_to_legacy(
     wait_prekey_published(&b, None).await?;
     let alice_id = Identity::generate("alice")?;
     alice_id.register(&w.keyserver).await?;
-    let alice = ProxiedNesd::start(
-        &alice_id,
-        &w.broker,
-        &proxy.url,
-        &w.keyserver.public_key_path(),
-    )
-    .await?;
-    let mut a = connect(&alice.socket()).await?;
+    let alice = Nesd::builder(&alice_id, &w.broker, &w.keyserver)
+        .keyserver_url(&proxy.url)
+        .start()
+        .await?;
+    let mut a = alice.client().await?;
+    wait_connected(&a).await?;
 
     // An original key server: no prekey for bob, so v2, and nothing was ever lost.
     let (v, why, lost) = version_for_bob(&mut a, false).await?;
