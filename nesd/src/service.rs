@@ -222,6 +222,15 @@ impl Service {
             sent_v1: sealed[0],
             sent_v2: sealed[1],
             sent_v3: sealed[2],
+            broker_protocol: p
+                .transport
+                .protocol()
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default(),
+            broker_error: match &*p.transport.connection().borrow() {
+                Connection::Up => String::new(),
+                Connection::Down(reason) => reason.clone(),
+            },
         })
     }
 
