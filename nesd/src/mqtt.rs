@@ -90,6 +90,9 @@ pub const MAX_OUTGOING_PACKET: usize = nes_proto::frame::MAX_FRAME_BYTES + 1024;
 pub const MAX_BACKLOG: usize = 256;
 /// Capacity of rumqttc's request channel (publishes and acknowledgements).
 const REQUEST_CHANNEL: usize = 256;
+/// Our publishes in flight at most (MQTT 5; rumqttc's default for 3.1.1). The broker's
+/// Receive Maximum lowers it further.
+const OUTGOING_INFLIGHT: u16 = 100;
 
 /// Where and who to connect as.
 #[derive(Debug, Clone)]
@@ -1070,7 +1073,10 @@ fn session_v5(config: &MqttConfig, security: &Security) -> (Client, Loop) {
         .set_clean_start(false)
         .set_manual_acks(true)
         .set_keep_alive(config.keep_alive)
-        .set_connect_properties(properties);
+        .set_connect_properties(properties)
+        // rumqttc's v4 default: without an upper limit the v5 state keeps 65,536 slots
+        // per queue (megabytes), and the outbox never has more than 64 frames in flight.
+        .set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT);
     if let Some(tls) = &security.tls {
         options.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(tls.clone()),
