@@ -28,6 +28,8 @@
 //! # broker_key = "~/.config/nes/client.key"       # ... and its key
 //! # broker_user = "alice"
 //! # broker_password_file = "~/.config/nes/broker-password"   # mode 600; or NES_BROKER_PASSWORD
+//! # broker_protocol = "auto"          # "5", "3.1.1", or auto: MQTT 5 where the broker speaks it
+//! # broker_session_expiry_secs = 2592000   # MQTT 5: the broker keeps the session 30 days
 //! ```
 //!
 //! The broker password never comes from a flag (flags are visible in `ps`): it is read from
@@ -49,6 +51,9 @@ pub const DEFAULT_KEY_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_PREKEY_ROTATION: Duration = Duration::from_secs(7 * 86_400);
 /// Default `prekey_grace`: 14 days.
 pub const DEFAULT_PREKEY_GRACE: Duration = Duration::from_secs(14 * 86_400);
+/// Default `broker_session_expiry_secs`: 30 days, as `persistent_client_expiration` in
+/// docs/BROKER.md. MQTT 5 ends a session at disconnect unless told otherwise.
+pub const DEFAULT_SESSION_EXPIRY_SECS: u32 = 30 * 86_400;
 /// Default budget of background key server lookups per second (senders of received
 /// frames whose keys are not cached, and refreshes of expired contacts).
 pub const DEFAULT_LOOKUP_RATE: u32 = 50;
@@ -95,6 +100,22 @@ pub struct Cli {
     /// The broker password from `NES_BROKER_PASSWORD` (never a flag: flags show in `ps`).
     #[arg(skip = std::env::var("NES_BROKER_PASSWORD").ok().filter(|p| !p.is_empty()).map(Secret))]
     pub broker_password: Option<Secret>,
+    /// The MQTT version to speak: 5, 3.1.1, or auto (MQTT 5, falling back to 3.1.1 when
+    /// the broker does not answer an MQTT 5 CONNECT) [default: auto].
+    #[arg(
+        long = "broker-protocol",
+        env = "NES_BROKER_PROTOCOL",
+        value_name = "VERSION"
+    )]
+    pub broker_protocol: Option<BrokerProtocol>,
+    /// MQTT 5: seconds the broker keeps the session (and what arrives for it) after nesd
+    /// disconnects; 4294967295 is never [default: 2592000, 30 days].
+    #[arg(
+        long = "broker-session-expiry",
+        env = "NES_BROKER_SESSION_EXPIRY",
+        value_name = "SECONDS"
+    )]
+    pub broker_session_expiry_secs: Option<u32>,
     /// Key server base URL, e.g. https://keys.example.org.
     #[arg(long, env = "NES_KEYSERVER", value_name = "URL")]
     pub keyserver: Option<String>,
@@ -176,6 +197,67 @@ pub enum KeyPolicy {
     Always,
 }
 
+/// Which MQTT version nesd speaks with the broker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum BrokerProtocol {
+    /// MQTT 5 where the broker speaks it, else 3.1.1 (decided at the first connection that
+    /// gets an answer, then kept for the run).
+    #[default]
+    Auto,
+    /// MQTT 5 only.
+    #[value(name = "5")]
+    V5,
+    /// MQTT 3.1.1 only.
+    #[value(name = "3.1.1")]
+    V311,
+}
+
+impl BrokerProtocol {
+    /// The setting as written: `auto`, `5`, `3.1.1`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            BrokerProtocol::Auto => "auto",
+            BrokerProtocol::V5 => "5",
+            BrokerProtocol::V311 => "3.1.1",
+        }
+    }
+}
+
+impl std::str::FromStr for BrokerProtocol {
+    type Err = ConfigError;
+
+    fn from_str(s: &str) -> Result<Self, ConfigError> {
+        match s.trim() {
+            "auto" => Ok(BrokerProtocol::Auto),
+            "5" | "5.0" => Ok(BrokerProtocol::V5),
+            "3.1.1" => Ok(BrokerProtocol::V311),
+            other => Err(ConfigError::Invalid(format!(
+                "broker_protocol {other:?}: use \"auto\", \"5\" or \"3.1.1\""
+            ))),
+        }
+    }
+}
+
+/// `broker_protocol` in the config file: a string, or the number 5 (an easy slip for "5").
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum ProtocolSetting {
+    /// `broker_protocol = 5`
+    Number(i64),
+    /// `broker_protocol = "3.1.1"` and the like.
+    Text(String),
+}
+
+impl ProtocolSetting {
+    fn read(value: Option<&Self>) -> Result<Option<BrokerProtocol>, ConfigError> {
+        match value {
+            None => Ok(None),
+            Some(ProtocolSetting::Number(n)) => n.to_string().parse().map(Some),
+            Some(ProtocolSetting::Text(t)) => t.parse().map(Some),
+        }
+    }
+}
+
 /// A duration in the config file: `"7d"`, `"12h"`, `"30m"`, `"90s"`, or a number of seconds.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(untagged)]
@@ -217,6 +299,10 @@ pub struct FileConfig {
     pub broker_user: Option<String>,
     /// `broker_password_file`
     pub broker_password_file: Option<PathBuf>,
+    /// `broker_protocol`: `"auto"`, `"5"` or `"3.1.1"`
+    pub broker_protocol: Option<ProtocolSetting>,
+    /// `broker_session_expiry_secs`
+    pub broker_session_expiry_secs: Option<u32>,
     /// `keyserver`
     pub keyserver: Option<String>,
     /// `keyserver_key`
@@ -385,6 +471,10 @@ pub struct Config {
     pub broker: Broker,
     /// TLS files and login for the broker.
     pub broker_auth: BrokerAuth,
+    /// The MQTT version to speak.
+    pub broker_protocol: BrokerProtocol,
+    /// MQTT 5: how long the broker keeps the session after a disconnect, in seconds.
+    pub broker_session_expiry_secs: u32,
     /// Key server base URL, without a trailing slash.
     pub keyserver: String,
     /// The key server's public key file.
@@ -477,6 +567,26 @@ impl Config {
             home,
         )?;
 
+        let broker_protocol = match cli.broker_protocol {
+            Some(p) => p,
+            None => ProtocolSetting::read(file.broker_protocol.as_ref())?.unwrap_or_default(),
+        };
+        let broker_session_expiry_secs = match cli
+            .broker_session_expiry_secs
+            .or(file.broker_session_expiry_secs)
+        {
+            // Zero ends the session at every disconnect: what arrives while nesd is down,
+            // and what it received but had not stored yet, would be lost.
+            Some(0) => {
+                return Err(ConfigError::Invalid(
+                    "broker_session_expiry_secs must be at least 1 (0 would lose what arrives while nesd is down)"
+                        .into(),
+                ))
+            }
+            Some(s) => s,
+            None => DEFAULT_SESSION_EXPIRY_SECS,
+        };
+
         let keyserver = cli.keyserver.or(file.keyserver).ok_or_else(|| {
             ConfigError::Missing(format!(
                 "no key server: pass --keyserver URL, set NES_KEYSERVER, or set `keyserver` in {shown}"
@@ -544,6 +654,8 @@ impl Config {
             user,
             broker,
             broker_auth,
+            broker_protocol,
+            broker_session_expiry_secs,
             keyserver,
             keyserver_key,
             data_dir,
@@ -1068,6 +1180,55 @@ mod tests {
         std::fs::write(tmp.path().join("none.toml"), "").unwrap();
         let err = Config::resolve(plain, &d).unwrap_err().to_string();
         assert!(err.contains("broker_user"), "{err}");
+    }
+
+    #[test]
+    fn broker_protocol_and_session_expiry() {
+        let tmp = tempfile::tempdir().unwrap();
+        let d = dirs(tmp.path());
+        let base = "user = \"bob\"\nkeyserver = \"https://ks\"\n";
+        write_config(tmp.path(), base);
+        let c = Config::resolve(cli(&[]), &d).unwrap();
+        assert_eq!(c.broker_protocol, BrokerProtocol::Auto);
+        assert_eq!(c.broker_session_expiry_secs, DEFAULT_SESSION_EXPIRY_SECS);
+        for (text, want) in [
+            ("\"3.1.1\"", BrokerProtocol::V311),
+            ("\"5\"", BrokerProtocol::V5),
+            ("5", BrokerProtocol::V5),
+            ("\"auto\"", BrokerProtocol::Auto),
+        ] {
+            write_config(
+                tmp.path(),
+                &format!("{base}broker_protocol = {text}\nbroker_session_expiry_secs = 60\n"),
+            );
+            let c = Config::resolve(cli(&[]), &d).unwrap();
+            assert_eq!(c.broker_protocol, want, "{text}");
+            assert_eq!(c.broker_session_expiry_secs, 60);
+        }
+        for bad in ["\"4\"", "3", "\"mqtt5\""] {
+            write_config(tmp.path(), &format!("{base}broker_protocol = {bad}\n"));
+            let err = Config::resolve(cli(&[]), &d).unwrap_err().to_string();
+            assert!(err.contains("broker_protocol"), "{bad}: {err}");
+        }
+        // The flag wins over the file.
+        let c = Config::resolve(
+            cli(&[
+                "--broker-protocol",
+                "3.1.1",
+                "--broker-session-expiry",
+                "4294967295",
+            ]),
+            &d,
+        )
+        .unwrap();
+        assert_eq!(c.broker_protocol, BrokerProtocol::V311);
+        assert_eq!(c.broker_session_expiry_secs, u32::MAX);
+        assert!(Cli::try_parse_from(["nesd", "--broker-protocol", "4"]).is_err());
+        write_config(tmp.path(), base);
+        let err = Config::resolve(cli(&["--broker-session-expiry", "0"]), &d)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("broker_session_expiry_secs"), "{err}");
     }
 
     #[test]

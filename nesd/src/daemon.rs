@@ -144,6 +144,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             client_id: client_id.clone(),
             topic: user.topic(),
             keep_alive: KEEP_ALIVE,
+            protocol: config.broker_protocol,
+            session_expiry_secs: config.broker_session_expiry_secs,
         },
         security,
         incoming_tx,

@@ -29,7 +29,7 @@
 //! | [`receive`] | the receive pipeline: every receiving rule, then store, ack, event |
 //! | [`prekeys`] | v3: our prekeys (made, published, rotated, deleted) and contacts' (cached) |
 //! | [`outbox`] | publishes queued frames in order, tracks SENT/DELIVERED |
-//! | [`mqtt`] | the persistent MQTT session (rumqttc), manual acks, reconnects |
+//! | [`mqtt`] | the persistent MQTT session (rumqttc; MQTT 5, or 3.1.1 where the broker speaks only that), manual acks, reconnects |
 //! | [`sync`] | the one lock helper for in-memory maps |
 //!
 //! A send: the adapter calls [`service::Service::send`], which finds the recipient's keys

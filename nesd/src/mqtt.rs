@@ -1,10 +1,14 @@
-//! The MQTT transport: one persistent session with the broker (rumqttc).
+//! The MQTT transport: one persistent session with the broker (rumqttc), over MQTT 5 where
+//! the broker speaks it and MQTT 3.1.1 otherwise.
 //!
 //! - The client id is stable per identity and device and the session is not clean, so the
-//!   broker keeps what arrives for `nes/<user>/message` while nesd is down.
-//! - Incoming publishes are acknowledged by hand ([`Transport::ack`]), and the receive
-//!   pipeline does so only after the message is stored and flushed: a crash in between
-//!   makes the broker deliver it again, and the store's duplicate check drops the copy.
+//!   broker keeps what arrives for `nes/<user>/message` while nesd is down (MQTT 5: the
+//!   CONNECT asks for a session expiry, [`MqttConfig::session_expiry_secs`], since a v5
+//!   session otherwise ends at disconnect).
+//! - Incoming publishes reach the pipeline as [`Incoming`] (rumqttc's v4 and v5 publishes
+//!   are different types) and are acknowledged by hand ([`Transport::ack`]), which the
+//!   pipeline does only after the message is stored and flushed: a crash in between makes
+//!   the broker deliver it again, and the store's duplicate check drops the copy.
 //! - The event loop never waits for the pipeline, and the pipeline never waits for the
 //!   event loop: rumqttc writes our acknowledgements only while its loop is polled, and
 //!   a broker may send any number of unacknowledged messages (mosquitto does not always
@@ -16,30 +20,47 @@
 //!   the pipeline, and resumes as the pipeline reports progress ([`Transport::done`]).
 //! - Outgoing frames are handed over by the outbox with a [`Token`]; the [`Tracker`]
 //!   follows rumqttc's packet ids to tell the outbox when each frame was written to the
-//!   broker (SENT) and acknowledged (DELIVERED: PUBACK, or PUBCOMP for QoS 2).
+//!   broker (SENT), acknowledged (DELIVERED: PUBACK, or PUBCOMP for QoS 2), or refused
+//!   (MQTT 5: a PUBACK or PUBREC with a failure code, such as an ACL that denies the write).
 //! - On any connection error the loop waits (exponential backoff with jitter, at most
 //!   [`MAX_BACKOFF`]) and reconnects; rumqttc re-sends what was not acknowledged.
 //! - The broker connection may be TLS (rustls, the system's roots or one private CA, an
 //!   optional client certificate) with a user name and password ([`Security`]).
-//! - Packets from the broker are capped just above the frame limit
-//!   ([`MAX_INCOMING_PACKET`]), so a huge one is refused from its fixed header instead of
-//!   being read whole. In MQTT 3.1.1 the broker cannot be told the cap: rumqttc drops the
-//!   connection on such a packet, and a persistent session would get the same packet again
-//!   on every reconnect (a poison loop). So after that error the next connection reads up
-//!   to MQTT's maximum ([`DRAIN_INCOMING_PACKET`]), the pipeline refuses the oversized
-//!   frame and acknowledges it as usual, and once that acknowledgement is written the loop
-//!   reconnects with the small cap again. A broker that caps message sizes itself
-//!   (`message_size_limit`, docs/BROKER.md) never sends such a packet.
+//!
+//! **Which version** ([`BrokerProtocol`]): `5` and `3.1.1` are used as set. `auto` (the
+//! default) decides at the first connection that gets an answer and keeps the decision for
+//! the run. Any MQTT 5 CONNACK (a refused login too) decides 5. rumqttc's v5 decoder cannot
+//! read a 3.1.1 broker's answer (`20 02 00 01`: the missing property length reads as "need
+//! more bytes"), so a 3.1.1 broker looks like a connection that ends, or times out, before
+//! any CONNACK; only then is one 3.1.1 attempt made at once, and only a 3.1.1 CONNACK (any
+//! code but "unacceptable protocol version") decides 3.1.1. A broker that is down (the TCP
+//! or TLS connection fails) gets no 3.1.1 attempt, and a 3.1.1 attempt that gets no CONNACK
+//! decides nothing: the next attempt tries 5 again. So a broker that is down is never taken
+//! for an old one.
+//!
+//! **Oversized packets.** Packets from the broker are capped just above the frame limit
+//! ([`MAX_INCOMING_PACKET`]), so a huge one is refused from its fixed header instead of
+//! being read whole. MQTT 5 tells the broker that cap (Maximum Packet Size in CONNECT) and
+//! a broker that honours it (mosquitto does) drops such a message for this client: it never
+//! reaches nesd. In MQTT 3.1.1 the broker cannot be told: rumqttc drops the connection on
+//! such a packet, and a persistent session would get the same packet again on every
+//! reconnect (a poison loop). So after that error (either version: a v5 broker may ignore
+//! the property) the next connection reads up to MQTT's maximum ([`DRAIN_INCOMING_PACKET`]),
+//! the pipeline refuses the oversized frame and acknowledges it as usual, and once that
+//! acknowledgement is written the loop reconnects with the small cap again. A broker that
+//! caps message sizes itself (`message_size_limit`, docs/BROKER.md) never sends such a
+//! packet.
 //!
 //! This module knows nothing of frames or the API: it moves bytes and reports.
 
+pub use crate::config::BrokerProtocol;
 use crate::sync::lock;
+use prost::bytes::Bytes;
 use rand::Rng;
 use rumqttc::tokio_rustls::rustls::{self, ClientConfig, RootCertStore};
-use rumqttc::{
-    AsyncClient, ConnectionError, Event, EventLoop, MqttOptions, Outgoing, Packet, Publish, QoS,
-    StateError,
-};
+use rumqttc::v5;
+use rumqttc::v5::mqttbytes::v5 as packet5;
+use rumqttc::Outgoing;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -55,6 +76,11 @@ pub const MIN_BACKOFF: Duration = Duration::from_millis(250);
 /// topic and header. A bigger one is refused from its fixed header, before it is read; see
 /// the module docs for how the session gets past it.
 pub const MAX_INCOMING_PACKET: usize = nes_proto::frame::MAX_FRAME_BYTES + 1024;
+/// The Maximum Packet Size nesd sends in an MQTT 5 CONNECT. MQTT 5 counts the whole packet
+/// (fixed header included: at most 5 bytes), while rumqttc compares this same number with
+/// the remaining length; so a broker that honours it never sends a packet rumqttc would
+/// refuse, and everything within [`MAX_INCOMING_PACKET`] still gets through.
+pub const MAX_PACKET_SIZE_V5: u32 = (MAX_INCOMING_PACKET + 5) as u32;
 /// The cap for one connection after a packet over [`MAX_INCOMING_PACKET`] broke the
 /// previous one: MQTT's own maximum, to read that packet once and acknowledge it away.
 pub const DRAIN_INCOMING_PACKET: usize = 268_435_455 + 5;
@@ -65,6 +91,9 @@ pub const MAX_OUTGOING_PACKET: usize = nes_proto::frame::MAX_FRAME_BYTES + 1024;
 pub const MAX_BACKLOG: usize = 256;
 /// Capacity of rumqttc's request channel (publishes and acknowledgements).
 const REQUEST_CHANNEL: usize = 256;
+/// Our publishes in flight at most (MQTT 5; rumqttc's default for 3.1.1). The broker's
+/// Receive Maximum lowers it further.
+const OUTGOING_INFLIGHT: u16 = 100;
 
 /// Where and who to connect as.
 #[derive(Debug, Clone)]
@@ -79,6 +108,26 @@ pub struct MqttConfig {
     pub topic: String,
     /// Keep-alive interval.
     pub keep_alive: Duration,
+    /// Which MQTT version to speak (`auto`: 5 where the broker speaks it).
+    pub protocol: BrokerProtocol,
+    /// MQTT 5: how long the broker keeps the session after a disconnect (seconds;
+    /// `u32::MAX` is never, as 3.1.1's `clean_session = false`).
+    pub session_expiry_secs: u32,
+}
+
+impl MqttConfig {
+    /// A config with the defaults for the protocol (`auto`) and the session expiry.
+    pub fn new(host: &str, port: u16, client_id: &str, topic: &str, keep_alive: Duration) -> Self {
+        MqttConfig {
+            host: host.to_owned(),
+            port,
+            client_id: client_id.to_owned(),
+            topic: topic.to_owned(),
+            keep_alive,
+            protocol: BrokerProtocol::Auto,
+            session_expiry_secs: crate::config::DEFAULT_SESSION_EXPIRY_SECS,
+        }
+    }
 }
 
 /// How the session is secured: TLS and a login. The default is plain TCP, anonymous.
@@ -236,6 +285,97 @@ pub enum Connection {
     Down(String),
 }
 
+/// The MQTT version a session speaks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// MQTT 3.1.1 (protocol level 4; rumqttc's v4 client).
+    V311,
+    /// MQTT 5.
+    V5,
+}
+
+impl Version {
+    /// `"3.1.1"` or `"5"`, as Status shows it and `broker_protocol` takes it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Version::V311 => "3.1.1",
+            Version::V5 => "5",
+        }
+    }
+}
+
+/// How an incoming publish is acknowledged: its packet id and QoS.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ack {
+    pkid: u16,
+    /// QoS 2 (PUBREC) rather than QoS 1 (PUBACK).
+    exactly_once: bool,
+}
+
+/// A publish from the broker as the pipeline sees it, whatever the MQTT version.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Incoming {
+    /// The topic it came on.
+    pub topic: String,
+    /// The frame.
+    pub payload: Bytes,
+    /// The broker sends it again (it was not acknowledged on an earlier connection).
+    pub dup: bool,
+    /// What acknowledging it means; `None` for QoS 0 and for frames that did not come from
+    /// the broker just now.
+    ack: Option<Ack>,
+}
+
+impl Incoming {
+    /// A frame that is not from the broker now (parked or spilled earlier, read back from
+    /// the store): [`Transport::ack`] does nothing with it.
+    pub fn local(topic: impl Into<String>, payload: impl Into<Bytes>) -> Incoming {
+        Incoming {
+            topic: topic.into(),
+            payload: payload.into(),
+            dup: false,
+            ack: None,
+        }
+    }
+
+    fn from_v4(p: rumqttc::Publish) -> Incoming {
+        let ack = (p.qos != rumqttc::QoS::AtMostOnce).then_some(Ack {
+            pkid: p.pkid,
+            exactly_once: p.qos == rumqttc::QoS::ExactlyOnce,
+        });
+        Incoming {
+            topic: p.topic,
+            payload: p.payload,
+            dup: p.dup,
+            ack,
+        }
+    }
+
+    fn from_v5(p: packet5::Publish) -> Incoming {
+        use v5::mqttbytes::QoS;
+        let ack = (p.qos != QoS::AtMostOnce).then_some(Ack {
+            pkid: p.pkid,
+            exactly_once: p.qos == QoS::ExactlyOnce,
+        });
+        Incoming {
+            // A topic that is not UTF-8 cannot be ours: the pipeline refuses it as
+            // `wrong_topic`, which the lossy text still shows.
+            topic: String::from_utf8_lossy(&p.topic).into_owned(),
+            payload: p.payload,
+            dup: p.dup,
+            ack,
+        }
+    }
+
+    /// Its remaining length as rumqttc compares it with the cap: topic (with its length),
+    /// packet id (QoS 1 and 2), MQTT 5's property length (at least one byte), payload.
+    fn remaining_length(&self, version: Version) -> usize {
+        let pkid = if self.ack.is_some() { 2 } else { 0 };
+        let properties = usize::from(version == Version::V5);
+        2 + self.topic.len() + pkid + properties + self.payload.len()
+    }
+}
+
 /// Identifies an outgoing frame to the outbox.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Token {
@@ -254,6 +394,9 @@ pub enum Delivery {
     Sent(Token),
     /// Acknowledged by the broker.
     Delivered(Token),
+    /// Refused by the broker (MQTT 5: a PUBACK or PUBREC with a failure code), with why.
+    /// It will not be sent again.
+    Refused(Token, String),
 }
 
 /// Follows rumqttc's packet ids back to our tokens.
@@ -265,7 +408,9 @@ pub enum Delivery {
 /// their pkid for a new publish before PUBCOMP. When rumqttc finds a pkid still in use
 /// ("collision", only with brokers that acknowledge out of order) it reports
 /// `AwaitAck(pkid)`, and writes the packet when the old one is acknowledged, reporting the
-/// write *before* the acknowledgement.
+/// write *before* the acknowledgement. A refusal (MQTT 5) is reported by no event at all:
+/// rumqttc frees the pkid and drops the connection, so [`Tracker::refused`] learns it from
+/// the pkids rumqttc still holds.
 #[derive(Debug, Default)]
 pub struct Tracker {
     queued: VecDeque<Token>,
@@ -338,6 +483,36 @@ impl Tracker {
         self.releasing.remove(&pkid).map(Delivery::Delivered)
     }
 
+    /// The broker refused publishes (MQTT 5 PUBACK or PUBREC failure code) and rumqttc
+    /// dropped the connection. `held` are the pkids rumqttc still holds (to send again, or
+    /// with an acknowledgement it has yet to report): every pkid in flight that is not
+    /// among them was refused. Without this the tracker would take the next frame written
+    /// under that pkid for a re-send of the refused one.
+    pub fn refused(&mut self, held: &HashSet<u16>, reason: &str) -> Vec<Delivery> {
+        let mut gone: Vec<u16> = self
+            .inflight
+            .keys()
+            .filter(|pkid| !held.contains(pkid))
+            .copied()
+            .collect();
+        gone.sort_unstable();
+        gone.into_iter()
+            .filter_map(|pkid| {
+                self.skip_ack.remove(&pkid);
+                self.inflight.remove(&pkid)
+            })
+            .map(|token| Delivery::Refused(token, reason.to_owned()))
+            .collect()
+    }
+
+    /// rumqttc dropped the next publish request unsent (MQTT 5: over the broker's Maximum
+    /// Packet Size): it will not be written, so the next write is the one after it.
+    pub fn refuse_next(&mut self, reason: &str) -> Option<Delivery> {
+        self.queued
+            .pop_front()
+            .map(|token| Delivery::Refused(token, reason.to_owned()))
+    }
+
     /// Frames handed over and not yet acknowledged.
     pub fn outstanding(&self) -> usize {
         self.queued.len()
@@ -347,10 +522,109 @@ impl Tracker {
     }
 }
 
+/// rumqttc's client of the version in use: where publishes, acknowledgements and the
+/// subscription go.
+#[derive(Clone)]
+pub enum Client {
+    /// MQTT 3.1.1.
+    V311(rumqttc::AsyncClient),
+    /// MQTT 5.
+    V5(v5::AsyncClient),
+}
+
+impl Client {
+    /// The MQTT version it speaks.
+    pub fn version(&self) -> Version {
+        match self {
+            Client::V311(_) => Version::V311,
+            Client::V5(_) => Version::V5,
+        }
+    }
+
+    async fn publish(
+        &self,
+        topic: String,
+        exactly_once: bool,
+        frame: Vec<u8>,
+    ) -> Result<(), String> {
+        match self {
+            Client::V311(c) => {
+                let qos = if exactly_once {
+                    rumqttc::QoS::ExactlyOnce
+                } else {
+                    rumqttc::QoS::AtLeastOnce
+                };
+                c.publish(topic, qos, false, frame)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+            Client::V5(c) => {
+                let qos = if exactly_once {
+                    v5::mqttbytes::QoS::ExactlyOnce
+                } else {
+                    v5::mqttbytes::QoS::AtLeastOnce
+                };
+                c.publish(topic, qos, false, frame)
+                    .await
+                    .map_err(|e| e.to_string())
+            }
+        }
+    }
+
+    /// Queues an acknowledgement without waiting; false when rumqttc's channel is full.
+    /// rumqttc builds it from a publish, of which it reads only the pkid and QoS: a
+    /// skeleton without topic or payload is enough.
+    fn try_ack(&self, ack: Ack) -> bool {
+        match self {
+            Client::V311(c) => {
+                let qos = if ack.exactly_once {
+                    rumqttc::QoS::ExactlyOnce
+                } else {
+                    rumqttc::QoS::AtLeastOnce
+                };
+                let mut p = rumqttc::Publish::new("", qos, Vec::new());
+                p.pkid = ack.pkid;
+                c.try_ack(&p).is_ok()
+            }
+            Client::V5(c) => {
+                let qos = if ack.exactly_once {
+                    v5::mqttbytes::QoS::ExactlyOnce
+                } else {
+                    v5::mqttbytes::QoS::AtLeastOnce
+                };
+                let mut p = packet5::Publish::new("", qos, Vec::new(), None);
+                p.pkid = ack.pkid;
+                c.try_ack(&p).is_ok()
+            }
+        }
+    }
+
+    async fn subscribe(&self, topic: String) -> Result<(), String> {
+        match self {
+            Client::V311(c) => c
+                .subscribe(topic, rumqttc::QoS::AtLeastOnce)
+                .await
+                .map_err(|e| e.to_string()),
+            Client::V5(c) => c
+                .subscribe(topic, v5::mqttbytes::QoS::AtLeastOnce)
+                .await
+                .map_err(|e| e.to_string()),
+        }
+    }
+
+    fn try_disconnect(&self) -> Result<(), String> {
+        match self {
+            Client::V311(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+        }
+    }
+}
+
 /// A handle on the MQTT session; clones share it.
 #[derive(Clone)]
 pub struct Transport {
-    client: AsyncClient,
+    /// The client of the version in use; `None` until `auto` has decided.
+    client: watch::Receiver<Option<Client>>,
     tracker: Arc<Mutex<Tracker>>,
     connection: watch::Receiver<Connection>,
     flow: Arc<Flow>,
@@ -360,7 +634,7 @@ pub struct Transport {
 #[derive(Debug, Default)]
 struct Flow {
     /// Acknowledgements that did not fit in rumqttc's request channel, in order.
-    overflow: Mutex<VecDeque<Publish>>,
+    overflow: Mutex<VecDeque<Ack>>,
     /// Frames handed to the pipeline and not yet handled.
     backlog: std::sync::atomic::AtomicUsize,
     /// The pipeline handled some frames.
@@ -369,10 +643,10 @@ struct Flow {
 
 impl Flow {
     /// Moves queued acknowledgements into rumqttc's channel while there is room.
-    fn drain(&self, client: &AsyncClient) {
+    fn drain(&self, client: &Client) {
         let mut overflow = lock(&self.overflow);
-        while let Some(publish) = overflow.front() {
-            if client.try_ack(publish).is_err() {
+        while let Some(ack) = overflow.front() {
+            if !client.try_ack(*ack) {
                 break;
             }
             overflow.pop_front();
@@ -390,7 +664,7 @@ impl Transport {
     /// loop runs until `shutdown` turns true, then disconnects.
     pub fn start(
         config: MqttConfig,
-        incoming: mpsc::UnboundedSender<Publish>,
+        incoming: mpsc::UnboundedSender<Incoming>,
         deliveries: mpsc::UnboundedSender<Delivery>,
         shutdown: watch::Receiver<bool>,
     ) -> (Transport, tokio::task::JoinHandle<()>) {
@@ -401,37 +675,22 @@ impl Transport {
     pub fn start_with(
         config: MqttConfig,
         security: Security,
-        incoming: mpsc::UnboundedSender<Publish>,
+        incoming: mpsc::UnboundedSender<Incoming>,
         deliveries: mpsc::UnboundedSender<Delivery>,
         shutdown: watch::Receiver<bool>,
     ) -> (Transport, tokio::task::JoinHandle<()>) {
-        let mut options =
-            MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
-        options
-            .set_clean_session(false)
-            .set_manual_acks(true)
-            .set_keep_alive(config.keep_alive)
-            .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
-        if let Some(tls) = security.tls {
-            options.set_transport(rumqttc::Transport::tls_with_config(
-                rumqttc::TlsConfiguration::Rustls(tls),
-            ));
-        }
-        if let Some((user, password)) = security.login {
-            options.set_credentials(user, password);
-        }
-        let (client, eventloop) = AsyncClient::new(options, REQUEST_CHANNEL);
         let tracker = Arc::new(Mutex::new(Tracker::default()));
         let flow = Arc::new(Flow::default());
         let (state_tx, state_rx) = watch::channel(Connection::Down("connecting".into()));
+        let (client_tx, client_rx) = watch::channel(None);
         let task = tokio::spawn(run(
             config,
-            client.clone(),
-            eventloop,
+            security,
             Links {
                 tracker: tracker.clone(),
                 flow: flow.clone(),
                 state: state_tx,
+                client: client_tx,
                 incoming,
                 deliveries,
             },
@@ -439,7 +698,7 @@ impl Transport {
         ));
         (
             Transport {
-                client,
+                client: client_rx,
                 tracker,
                 connection: state_rx,
                 flow,
@@ -458,6 +717,12 @@ impl Transport {
         *self.connection.borrow() == Connection::Up
     }
 
+    /// The MQTT version in use: the one set, or the one `auto` decided; `None` while
+    /// `auto` has not decided yet (no broker answered).
+    pub fn protocol(&self) -> Option<Version> {
+        self.client.borrow().as_ref().map(Client::version)
+    }
+
     /// Hands a frame to the session. QoS 2 (`exactly_once`) is for v1 frames, as the
     /// original sends them; v2 goes with QoS 1 (the receiver drops duplicates by id).
     pub async fn publish(
@@ -467,17 +732,14 @@ impl Transport {
         exactly_once: bool,
         frame: Vec<u8>,
     ) -> Result<(), String> {
-        let qos = if exactly_once {
-            QoS::ExactlyOnce
-        } else {
-            QoS::AtLeastOnce
+        // Cloned out: the watch's lock must not be held across the await below.
+        let client = self.client.borrow().clone();
+        let Some(client) = client else {
+            return Err("no MQTT version decided yet (never connected)".into());
         };
         // Register before handing over: the event loop may write it at once.
         lock(&self.tracker).enqueue(token);
-        self.client
-            .publish(topic, qos, false, frame)
-            .await
-            .map_err(|e| e.to_string())
+        client.publish(topic, exactly_once, frame).await
     }
 
     /// Frames handed over and not yet acknowledged.
@@ -486,13 +748,20 @@ impl Transport {
     }
 
     /// Acknowledges an incoming publish (after it is stored). Never waits: what does
-    /// not fit in rumqttc's channel now is queued, in order, for the event loop.
-    pub fn ack(&self, publish: &Publish) {
+    /// not fit in rumqttc's channel now is queued, in order, for the event loop. Does
+    /// nothing for a frame that needs no acknowledgement ([`Incoming::local`], QoS 0).
+    pub fn ack(&self, incoming: &Incoming) {
+        let Some(ack) = incoming.ack else { return };
         let mut overflow = lock(&self.flow.overflow);
-        if overflow.is_empty() && self.client.try_ack(publish).is_ok() {
-            return;
+        if overflow.is_empty() {
+            // A publish came in, so a version was decided and this is its client.
+            if let Some(client) = self.client.borrow().as_ref() {
+                if client.try_ack(ack) {
+                    return;
+                }
+            }
         }
-        overflow.push_back(publish.clone());
+        overflow.push_back(ack);
     }
 
     /// The pipeline has handled `n` frames (stored or refused): the loop may read more.
@@ -511,14 +780,322 @@ struct Links {
     tracker: Arc<Mutex<Tracker>>,
     flow: Arc<Flow>,
     state: watch::Sender<Connection>,
-    incoming: mpsc::UnboundedSender<Publish>,
+    client: watch::Sender<Option<Client>>,
+    incoming: mpsc::UnboundedSender<Incoming>,
     deliveries: mpsc::UnboundedSender<Delivery>,
+}
+
+/// What the event loop reports, whatever the version.
+#[derive(Debug)]
+enum Ev {
+    /// The broker accepted the CONNECT.
+    ConnAck { session_present: bool },
+    /// The subscription was answered (3.1.1: `ok` false when refused; MQTT 5 reports a
+    /// refusal as an error).
+    SubAck { ok: bool },
+    /// A publish from the broker.
+    Publish(Incoming),
+    /// PUBACK of our publish.
+    PubAck(u16),
+    /// PUBREC of our QoS 2 publish.
+    PubRec(u16),
+    /// PUBCOMP of our QoS 2 publish.
+    PubComp(u16),
+    /// rumqttc wrote our publish with this pkid.
+    Written(u16),
+    /// rumqttc parked a publish: this pkid is still in use.
+    Collision(u16),
+    /// rumqttc wrote our acknowledgement of this pkid.
+    AckWritten(u16),
+    /// rumqttc wrote a DISCONNECT.
+    Disconnected,
+    /// Nothing the loop acts on (pings and the like).
+    Other,
+}
+
+/// A connection error, with what the loop needs to know about it.
+#[derive(Debug)]
+struct Failure {
+    /// rumqttc's error, for the log and Status.
+    reason: String,
+    kind: FailureKind,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum FailureKind {
+    /// The TCP or TLS connection failed (the broker is down, the name unknown, its
+    /// certificate untrusted): nothing was said about MQTT versions.
+    Unreached,
+    /// The connection was made but ended, or timed out, before a CONNACK could be read
+    /// (how a 3.1.1 broker's answer to an MQTT 5 CONNECT looks to rumqttc). A timeout is
+    /// counted here although it may have been the TCP connect: the worst that does is one
+    /// 3.1.1 attempt too many, which decides nothing unless the broker answers it.
+    NoConnAck,
+    /// The broker answered the CONNECT and refused it. `bad_version`: 3.1.1's
+    /// "unacceptable protocol version", which decides nothing.
+    Refused { bad_version: bool },
+    /// A packet over the cap, of this size.
+    Oversized(usize),
+    /// MQTT 5: the broker refused one of our publishes (why).
+    PublishRefused(String),
+    /// MQTT 5: one of our publishes is over the broker's Maximum Packet Size (why);
+    /// rumqttc dropped it, unsent, with the connection.
+    TooLargeForBroker(String),
+    /// Anything else.
+    Other,
+}
+
+impl Failure {
+    fn v4(e: rumqttc::ConnectionError) -> Failure {
+        use rumqttc::ConnectionError as E;
+        let kind = match &e {
+            E::ConnectionRefused(code) => FailureKind::Refused {
+                bad_version: *code == rumqttc::ConnectReturnCode::RefusedProtocolVersion,
+            },
+            E::MqttState(rumqttc::StateError::Deserialization(
+                rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
+            )) => FailureKind::Oversized(*n),
+            E::NetworkTimeout | E::NotConnAck(_) => FailureKind::NoConnAck,
+            E::Io(io) => io_kind(io),
+            _ => FailureKind::Other,
+        };
+        Failure {
+            reason: e.to_string(),
+            kind,
+        }
+    }
+
+    fn v5(e: v5::ConnectionError) -> Failure {
+        use v5::{ConnectionError as E, StateError as S};
+        let kind = match &e {
+            // Any MQTT 5 CONNACK, a refusal too, shows the broker speaks 5.
+            E::ConnectionRefused(_) => FailureKind::Refused { bad_version: false },
+            E::MqttState(S::IncomingPacketTooLarge { pkt_size, .. }) => {
+                FailureKind::Oversized(*pkt_size)
+            }
+            E::MqttState(S::Deserialization(v5::mqttbytes::Error::PayloadSizeLimitExceeded {
+                pkt_size,
+                ..
+            })) => FailureKind::Oversized(*pkt_size),
+            E::MqttState(S::PubAckFail { reason }) => {
+                FailureKind::PublishRefused(format!("{reason:?}"))
+            }
+            E::MqttState(S::PubRecFail { reason }) => {
+                FailureKind::PublishRefused(format!("{reason:?}"))
+            }
+            E::MqttState(S::OutgoingPacketTooLarge { pkt_size, max }) => {
+                FailureKind::TooLargeForBroker(format!(
+                    "{pkt_size} bytes, over the broker's maximum packet size of {max}"
+                ))
+            }
+            E::Timeout(_) | E::NotConnAck(_) => FailureKind::NoConnAck,
+            E::Io(io) => io_kind(io),
+            _ => FailureKind::Other,
+        };
+        Failure {
+            reason: e.to_string(),
+            kind,
+        }
+    }
+}
+
+/// An I/O error in the connect phase: after the connection was made (the peer closed it,
+/// or sent what does not decode), or before.
+fn io_kind(e: &std::io::Error) -> FailureKind {
+    use std::io::ErrorKind as K;
+    match e.kind() {
+        K::ConnectionReset
+        | K::ConnectionAborted
+        | K::UnexpectedEof
+        | K::BrokenPipe
+        | K::InvalidData => FailureKind::NoConnAck,
+        _ => FailureKind::Unreached,
+    }
+}
+
+/// rumqttc's event loop of the version in use.
+// One of each lives for the run at most, so the size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Loop {
+    V311(rumqttc::EventLoop),
+    V5(v5::EventLoop),
+}
+
+impl Loop {
+    async fn poll(&mut self) -> Result<Ev, Failure> {
+        match self {
+            Loop::V311(l) => l.poll().await.map(ev_v4).map_err(Failure::v4),
+            Loop::V5(l) => l.poll().await.map(ev_v5).map_err(Failure::v5),
+        }
+    }
+
+    /// The cap on incoming packets for the next connection: the small one, or
+    /// [`DRAIN_INCOMING_PACKET`]. MQTT 5 sends it to the broker too.
+    fn set_incoming_cap(&mut self, drain: bool) {
+        match self {
+            Loop::V311(l) => {
+                let cap = if drain {
+                    DRAIN_INCOMING_PACKET
+                } else {
+                    MAX_INCOMING_PACKET
+                };
+                l.mqtt_options.set_max_packet_size(cap, MAX_OUTGOING_PACKET);
+            }
+            Loop::V5(l) => {
+                let cap = if drain {
+                    DRAIN_INCOMING_PACKET as u32
+                } else {
+                    MAX_PACKET_SIZE_V5
+                };
+                l.options.set_max_packet_size(Some(cap));
+            }
+        }
+    }
+
+    /// The cap rumqttc applies to an incoming packet's remaining length now.
+    fn small_cap(&self) -> usize {
+        match self {
+            Loop::V311(_) => MAX_INCOMING_PACKET,
+            Loop::V5(_) => MAX_PACKET_SIZE_V5 as usize,
+        }
+    }
+
+    /// After a connection error: the pkids of our publishes rumqttc still holds, to send
+    /// again (moved to `pending`) or with an acknowledgement read before the error and not
+    /// reported yet (buffered events). Only MQTT 5 refuses publishes.
+    fn held_pkids(&self) -> HashSet<u16> {
+        let mut held = HashSet::new();
+        if let Loop::V5(l) = self {
+            for request in &l.pending {
+                if let v5::Request::Publish(p) = request {
+                    held.insert(p.pkid);
+                }
+            }
+            for event in &l.state.events {
+                match event {
+                    v5::Event::Incoming(packet5::Packet::PubAck(a)) => {
+                        held.insert(a.pkid);
+                    }
+                    v5::Event::Incoming(packet5::Packet::PubRec(r)) => {
+                        held.insert(r.pkid);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        held
+    }
+}
+
+fn ev_outgoing(o: Outgoing) -> Ev {
+    match o {
+        Outgoing::Publish(pkid) => Ev::Written(pkid),
+        Outgoing::AwaitAck(pkid) => Ev::Collision(pkid),
+        Outgoing::PubAck(pkid) | Outgoing::PubRec(pkid) => Ev::AckWritten(pkid),
+        Outgoing::Disconnect => Ev::Disconnected,
+        _ => Ev::Other,
+    }
+}
+
+fn ev_v4(e: rumqttc::Event) -> Ev {
+    use rumqttc::{Event, Packet};
+    match e {
+        Event::Incoming(Packet::ConnAck(a)) => Ev::ConnAck {
+            session_present: a.session_present,
+        },
+        Event::Incoming(Packet::SubAck(a)) => Ev::SubAck {
+            ok: a
+                .return_codes
+                .iter()
+                .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_))),
+        },
+        Event::Incoming(Packet::Publish(p)) => Ev::Publish(Incoming::from_v4(p)),
+        Event::Incoming(Packet::PubAck(a)) => Ev::PubAck(a.pkid),
+        Event::Incoming(Packet::PubRec(r)) => Ev::PubRec(r.pkid),
+        Event::Incoming(Packet::PubComp(c)) => Ev::PubComp(c.pkid),
+        Event::Incoming(_) => Ev::Other,
+        Event::Outgoing(o) => ev_outgoing(o),
+    }
+}
+
+fn ev_v5(e: v5::Event) -> Ev {
+    use packet5::Packet;
+    match e {
+        v5::Event::Incoming(Packet::ConnAck(a)) => Ev::ConnAck {
+            session_present: a.session_present,
+        },
+        // rumqttc reports a refused subscription as an error, so a SUBACK here is success.
+        v5::Event::Incoming(Packet::SubAck(_)) => Ev::SubAck { ok: true },
+        v5::Event::Incoming(Packet::Publish(p)) => Ev::Publish(Incoming::from_v5(p)),
+        v5::Event::Incoming(Packet::PubAck(a)) => Ev::PubAck(a.pkid),
+        v5::Event::Incoming(Packet::PubRec(r)) => Ev::PubRec(r.pkid),
+        v5::Event::Incoming(Packet::PubComp(c)) => Ev::PubComp(c.pkid),
+        v5::Event::Incoming(_) => Ev::Other,
+        v5::Event::Outgoing(o) => ev_outgoing(o),
+    }
+}
+
+/// A 3.1.1 client and its loop.
+fn session_v4(config: &MqttConfig, security: &Security) -> (Client, Loop) {
+    let mut options =
+        rumqttc::MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
+    options
+        .set_clean_session(false)
+        .set_manual_acks(true)
+        .set_keep_alive(config.keep_alive)
+        .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
+    if let Some(tls) = &security.tls {
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
+    if let Some((user, password)) = &security.login {
+        options.set_credentials(user.clone(), password.clone());
+    }
+    let (client, eventloop) = rumqttc::AsyncClient::new(options, REQUEST_CHANNEL);
+    (Client::V311(client), Loop::V311(eventloop))
+}
+
+/// An MQTT 5 client and its loop: the session kept `session_expiry_secs` after a
+/// disconnect, the Maximum Packet Size told to the broker, no Receive Maximum (mosquitto
+/// then keeps to its `max_inflight_messages`, as for 3.1.1).
+fn session_v5(config: &MqttConfig, security: &Security) -> (Client, Loop) {
+    let mut options =
+        v5::MqttOptions::new(config.client_id.clone(), config.host.clone(), config.port);
+    let mut properties = packet5::ConnectProperties::new();
+    properties.max_packet_size = Some(MAX_PACKET_SIZE_V5);
+    properties.session_expiry_interval = Some(config.session_expiry_secs);
+    options
+        .set_clean_start(false)
+        .set_manual_acks(true)
+        .set_keep_alive(config.keep_alive)
+        .set_connect_properties(properties)
+        // rumqttc's v4 default: without an upper limit the v5 state keeps 65,536 slots
+        // per queue (megabytes), and the outbox never has more than 64 frames in flight.
+        .set_outgoing_inflight_upper_limit(OUTGOING_INFLIGHT);
+    if let Some(tls) = &security.tls {
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(tls.clone()),
+        ));
+    }
+    if let Some((user, password)) = &security.login {
+        options.set_credentials(user.clone(), password.clone());
+    }
+    let (client, eventloop) = v5::AsyncClient::new(options, REQUEST_CHANNEL);
+    (Client::V5(client), Loop::V5(eventloop))
+}
+
+/// The reason Status and the log give when a forced MQTT 5 gets no CONNACK.
+fn no_v5_answer(reason: &str) -> String {
+    format!(
+        "the broker did not answer the MQTT 5 CONNECT; it may speak only 3.1.1 \
+         (broker_protocol = \"3.1.1\" or \"auto\"): {reason}"
+    )
 }
 
 async fn run(
     config: MqttConfig,
-    client: AsyncClient,
-    mut eventloop: EventLoop,
+    security: Security,
     links: Links,
     mut shutdown: watch::Receiver<bool>,
 ) {
@@ -526,15 +1103,35 @@ async fn run(
         tracker,
         flow,
         state,
+        client: decided_client,
         incoming,
         deliveries,
     } = links;
+    let broker = format!("{}:{}", config.host, config.port);
+    // `active` is the loop polled; with `auto`, a 3.1.1 one waits in `fallback` until
+    // the decision.
+    let ((mut client, mut active), mut fallback) = match config.protocol {
+        BrokerProtocol::V311 => (session_v4(&config, &security), None),
+        BrokerProtocol::V5 => (session_v5(&config, &security), None),
+        BrokerProtocol::Auto => (
+            session_v5(&config, &security),
+            Some(session_v4(&config, &security)),
+        ),
+    };
+    let mut decided = config.protocol != BrokerProtocol::Auto;
+    if decided {
+        decided_client.send_replace(Some(client.clone()));
+    }
     let mut backoff = MIN_BACKOFF;
     let mut subscribed = false;
+    // A CONNACK was read on this connection.
+    let mut connected = false;
     // This connection reads up to MQTT's maximum to get past one oversized packet.
     let mut draining = false;
     // The oversized publish read while draining, until its acknowledgement is written.
     let mut poison: Option<u16> = None;
+    // The first event of the 3.1.1 loop after `auto` switched to it.
+    let mut injected: Option<Result<Ev, Failure>> = None;
     loop {
         flow.drain(&client);
         if flow.backlog() >= MAX_BACKLOG {
@@ -545,13 +1142,23 @@ async fn run(
                 _ = flow.progress.notified() => continue,
             }
         }
-        let event = tokio::select! {
-            _ = crate::stopped(&mut shutdown) => break,
-            event = eventloop.poll() => event,
+        let event = match injected.take() {
+            Some(event) => event,
+            None => tokio::select! {
+                _ = crate::stopped(&mut shutdown) => break,
+                event = active.poll() => event,
+            },
         };
         match event {
-            Ok(Event::Incoming(Packet::ConnAck(ack))) => {
-                info!(broker = %format!("{}:{}", config.host, config.port), session_present = ack.session_present, "connected to the broker");
+            Ok(Ev::ConnAck { session_present }) => {
+                connected = true;
+                if !decided {
+                    decided = true;
+                    fallback = None;
+                    decided_client.send_replace(Some(client.clone()));
+                    info!(broker = %broker, "the broker speaks MQTT 5");
+                }
+                info!(broker = %broker, protocol = client.version().as_str(), session_present, "connected to the broker");
                 backoff = MIN_BACKOFF;
                 subscribed = false;
                 // Subscribing every time is harmless and covers a broker that lost the
@@ -559,16 +1166,12 @@ async fn run(
                 let client = client.clone();
                 let topic = config.topic.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = client.subscribe(topic, QoS::AtLeastOnce).await {
+                    if let Err(e) = client.subscribe(topic).await {
                         debug!(error = %e, "subscribe not sent");
                     }
                 });
             }
-            Ok(Event::Incoming(Packet::SubAck(ack))) => {
-                let ok = ack
-                    .return_codes
-                    .iter()
-                    .all(|c| matches!(c, rumqttc::SubscribeReasonCode::Success(_)));
+            Ok(Ev::SubAck { ok }) => {
                 if ok {
                     if !subscribed {
                         subscribed = true;
@@ -582,20 +1185,21 @@ async fn run(
                     ));
                 }
             }
-            Ok(Event::Incoming(Packet::Publish(publish))) => {
+            Ok(Ev::Publish(publish)) => {
                 trace!(
-                    pkid = publish.pkid,
+                    pkid = publish.ack.map(|a| a.pkid),
                     bytes = publish.payload.len(),
                     dup = publish.dup,
                     "publish in"
                 );
-                if draining && remaining_length(&publish) > MAX_INCOMING_PACKET {
-                    if publish.qos == QoS::AtMostOnce {
-                        // Nothing to acknowledge: the broker will not send it again.
-                        reconnect_capped(&client, &mut eventloop);
-                        draining = false;
-                    } else {
-                        poison = Some(publish.pkid);
+                if draining && publish.remaining_length(client.version()) > active.small_cap() {
+                    match publish.ack {
+                        Some(ack) => poison = Some(ack.pkid),
+                        None => {
+                            // Nothing to acknowledge: the broker will not send it again.
+                            reconnect_capped(&client, &mut active);
+                            draining = false;
+                        }
                     }
                 }
                 flow.backlog
@@ -604,58 +1208,127 @@ async fn run(
                     break; // the pipeline is gone: stopping
                 }
             }
-            Ok(Event::Incoming(Packet::PubAck(ack))) => {
-                let d = lock(&tracker).puback(ack.pkid);
+            Ok(Ev::PubAck(pkid)) => {
+                let d = lock(&tracker).puback(pkid);
                 if let Some(d) = d {
                     let _ = deliveries.send(d);
                 }
             }
-            Ok(Event::Incoming(Packet::PubRec(rec))) => lock(&tracker).pubrec(rec.pkid),
-            Ok(Event::Incoming(Packet::PubComp(comp))) => {
-                let d = lock(&tracker).pubcomp(comp.pkid);
+            Ok(Ev::PubRec(pkid)) => lock(&tracker).pubrec(pkid),
+            Ok(Ev::PubComp(pkid)) => {
+                let d = lock(&tracker).pubcomp(pkid);
                 if let Some(d) = d {
                     let _ = deliveries.send(d);
                 }
             }
-            Ok(Event::Outgoing(Outgoing::Publish(pkid))) => {
+            Ok(Ev::Written(pkid)) => {
                 let ds = lock(&tracker).written(pkid);
                 for d in ds {
                     let _ = deliveries.send(d);
                 }
             }
-            Ok(Event::Outgoing(Outgoing::AwaitAck(pkid))) => lock(&tracker).collision(pkid),
-            Ok(Event::Outgoing(Outgoing::PubAck(pkid))) => {
-                trace!(pkid, "puback out");
+            Ok(Ev::Collision(pkid)) => lock(&tracker).collision(pkid),
+            Ok(Ev::AckWritten(pkid)) => {
+                trace!(pkid, "ack out");
                 if poison == Some(pkid) {
                     // The oversized packet is acknowledged away: back to the small cap.
                     poison = None;
                     draining = false;
                     info!("the oversized packet is acknowledged; reconnecting with the frame-size cap");
-                    reconnect_capped(&client, &mut eventloop);
+                    reconnect_capped(&client, &mut active);
                 }
             }
-            Ok(_) => {}
-            Err(e) => {
-                let reason = e.to_string();
+            Ok(Ev::Disconnected | Ev::Other) => {}
+            Err(mut failure) => {
+                let in_connect = !std::mem::replace(&mut connected, false);
+                if in_connect && failure.kind == FailureKind::NoConnAck {
+                    match (decided, fallback.take()) {
+                        (false, Some((v4_client, mut v4_loop))) => {
+                            // Perhaps a 3.1.1 broker: ask it in 3.1.1 at once.
+                            debug!(error = %failure.reason, "no answer to the MQTT 5 CONNECT; trying 3.1.1");
+                            let attempt = tokio::select! {
+                                _ = crate::stopped(&mut shutdown) => break,
+                                attempt = v4_loop.poll() => attempt,
+                            };
+                            let speaks_v311 = match &attempt {
+                                Ok(_) => true,
+                                Err(f) => f.kind == FailureKind::Refused { bad_version: false },
+                            };
+                            if speaks_v311 {
+                                info!(broker = %broker, "the broker did not answer MQTT 5 but answers 3.1.1: speaking 3.1.1 with it until nesd restarts");
+                                decided = true;
+                                client = v4_client;
+                                active = v4_loop;
+                                decided_client.send_replace(Some(client.clone()));
+                                match attempt {
+                                    Ok(event) => {
+                                        injected = Some(Ok(event));
+                                        continue;
+                                    }
+                                    Err(f) => failure = f,
+                                }
+                            } else {
+                                fallback = Some((v4_client, v4_loop));
+                                if let Err(f) = attempt {
+                                    failure.reason = format!(
+                                        "no answer to MQTT 5 ({}) nor to 3.1.1 ({})",
+                                        failure.reason, f.reason
+                                    );
+                                }
+                            }
+                        }
+                        (_, rest) => {
+                            fallback = rest;
+                            if config.protocol == BrokerProtocol::V5 {
+                                failure.reason = no_v5_answer(&failure.reason);
+                            }
+                        }
+                    }
+                }
+                let refusal = match &failure.kind {
+                    FailureKind::PublishRefused(why) => {
+                        Some(format!("the broker refused it ({why})"))
+                    }
+                    FailureKind::TooLargeForBroker(why) => {
+                        Some(format!("too large for the broker ({why})"))
+                    }
+                    _ => None,
+                };
+                if let Some(why) = refusal {
+                    let held = active.held_pkids();
+                    let mut tracker = lock(&tracker);
+                    let mut refused = tracker.refused(&held, &why);
+                    if refused.is_empty()
+                        && matches!(failure.kind, FailureKind::TooLargeForBroker(_))
+                    {
+                        // Not a re-send: the request rumqttc took from its channel, which
+                        // is the oldest one the tracker has not seen written.
+                        refused.extend(tracker.refuse_next(&why));
+                    }
+                    drop(tracker);
+                    for d in refused {
+                        if let Delivery::Refused(token, why) = &d {
+                            warn!(to = %token.peer, id = %token.id, reason = %why, "a message cannot go through this broker; it is FAILED");
+                        }
+                        let _ = deliveries.send(d);
+                    }
+                }
+                let reason = failure.reason;
                 if draining {
                     // One connection at most reads without the cap.
                     draining = false;
                     poison = None;
-                    eventloop
-                        .mqtt_options
-                        .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
+                    active.set_incoming_cap(false);
                 }
-                if let Some(size) = oversized(&e) {
+                if let FailureKind::Oversized(size) = failure.kind {
                     warn!(
                         bytes = size,
-                        limit = MAX_INCOMING_PACKET,
+                        limit = active.small_cap(),
                         "the broker sent a packet over the frame-size limit; reading it once to acknowledge it away \
                          (cap message sizes at the broker: docs/BROKER.md)"
                     );
                     draining = true;
-                    eventloop
-                        .mqtt_options
-                        .set_max_packet_size(DRAIN_INCOMING_PACKET, MAX_OUTGOING_PACKET);
+                    active.set_incoming_cap(true);
                 }
                 let was = state.borrow().clone();
                 if was == Connection::Up {
@@ -663,7 +1336,7 @@ async fn run(
                 } else if was != Connection::Down(reason.clone()) {
                     // A new reason (a refused login, an untrusted certificate) is worth a
                     // line; the same one again at every retry is not.
-                    warn!(broker = %format!("{}:{}", config.host, config.port), error = %reason, "cannot connect to the broker");
+                    warn!(broker = %broker, error = %reason, "cannot connect to the broker");
                 } else {
                     debug!(error = %reason, "cannot reach the broker");
                 }
@@ -683,8 +1356,8 @@ async fn run(
         let _ = client.try_disconnect();
         let _ = tokio::time::timeout(Duration::from_secs(2), async {
             loop {
-                match eventloop.poll().await {
-                    Ok(Event::Outgoing(Outgoing::Disconnect)) | Err(_) => break,
+                match active.poll().await {
+                    Ok(Ev::Disconnected) | Err(_) => break,
                     Ok(_) => {}
                 }
             }
@@ -694,29 +1367,10 @@ async fn run(
     state.send_replace(Connection::Down("stopped".into()));
 }
 
-/// A publish's remaining length, as rumqttc compares it with the cap: topic (with its
-/// length), packet id (QoS 1 and 2), payload.
-fn remaining_length(p: &Publish) -> usize {
-    let pkid = if p.qos == QoS::AtMostOnce { 0 } else { 2 };
-    2 + p.topic.len() + pkid + p.payload.len()
-}
-
-/// The size of the packet, when `e` is rumqttc refusing one over the cap.
-fn oversized(e: &ConnectionError) -> Option<usize> {
-    match e {
-        ConnectionError::MqttState(StateError::Deserialization(
-            rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
-        )) => Some(*n),
-        _ => None,
-    }
-}
-
 /// Restores the small cap for the next connection and ends this one (the broker keeps
 /// the session; the loop reconnects at once).
-fn reconnect_capped(client: &AsyncClient, eventloop: &mut EventLoop) {
-    eventloop
-        .mqtt_options
-        .set_max_packet_size(MAX_INCOMING_PACKET, MAX_OUTGOING_PACKET);
+fn reconnect_capped(client: &Client, active: &mut Loop) {
+    active.set_incoming_cap(false);
     if let Err(e) = client.try_disconnect() {
         debug!(error = %e, "disconnect not queued");
     }
@@ -812,11 +1466,15 @@ mod tests {
         let (incoming_tx, mut incoming) = mpsc::unbounded_channel();
         let (deliveries_tx, _deliveries) = mpsc::unbounded_channel();
         let config = MqttConfig {
-            host: "127.0.0.1".into(),
-            port,
-            client_id: "flood-test".into(),
-            topic: "nes/me_/message".into(),
-            keep_alive: Duration::from_secs(30),
+            // The fake broker speaks 3.1.1 only.
+            protocol: BrokerProtocol::V311,
+            ..MqttConfig::new(
+                "127.0.0.1",
+                port,
+                "flood-test",
+                "nes/me_/message",
+                Duration::from_secs(30),
+            )
         };
         let (transport, task) = Transport::start(config, incoming_tx, deliveries_tx, shutdown);
         let pipeline = transport.clone();
@@ -913,5 +1571,213 @@ mod tests {
         assert_eq!(tr.puback(1), None);
         assert_eq!(tr.puback(1), Some(Delivery::Delivered(t(2))));
         assert_eq!(tr.outstanding(), 0);
+    }
+
+    #[test]
+    fn a_refused_publish_is_the_one_rumqttc_no_longer_holds() {
+        let mut tr = Tracker::default();
+        for n in 1..=4 {
+            tr.enqueue(t(n));
+        }
+        for pkid in 1..=3 {
+            tr.written(pkid);
+        }
+        // pkid 2 was refused; 1 waits to be sent again, 3's PUBACK was read before the
+        // failing one and is still to be reported.
+        let held: HashSet<u16> = [1, 3].into();
+        assert_eq!(
+            tr.refused(&held, "the broker refused it (NotAuthorized)"),
+            vec![Delivery::Refused(
+                t(2),
+                "the broker refused it (NotAuthorized)".into()
+            )]
+        );
+        assert_eq!(tr.puback(3), Some(Delivery::Delivered(t(3))));
+        // pkid 2 is free: the next frame written under it is new, not a re-send.
+        assert_eq!(tr.written(2), vec![Delivery::Sent(t(4))]);
+        assert!(tr.written(1).is_empty(), "a re-send");
+        assert_eq!(tr.outstanding(), 2);
+    }
+
+    #[test]
+    fn the_v5_packet_cap_covers_the_v311_one() {
+        // The broker counts the whole packet (at most 5 bytes of fixed header more than
+        // the remaining length), rumqttc the remaining length.
+        assert_eq!(MAX_PACKET_SIZE_V5 as usize, MAX_INCOMING_PACKET + 5);
+        let frame = Incoming {
+            topic: "nes/bob/message".into(),
+            payload: vec![b'x'; nes_proto::frame::MAX_FRAME_BYTES].into(),
+            dup: false,
+            ack: Some(Ack {
+                pkid: 1,
+                exactly_once: false,
+            }),
+        };
+        assert!(frame.remaining_length(Version::V5) + 5 <= MAX_PACKET_SIZE_V5 as usize);
+        assert!(frame.remaining_length(Version::V311) <= MAX_INCOMING_PACKET);
+    }
+
+    /// A broker that answers CONNECT by its protocol level: 5 as a 3.1.1 broker does
+    /// (`20 02 00 01`, then close) unless `speaks_v5`, 4 with a session. Reports each level
+    /// it saw.
+    async fn versioned_broker(
+        listener: TcpListener,
+        speaks_v5: bool,
+        levels: mpsc::UnboundedSender<u8>,
+    ) {
+        while let Ok((stream, _)) = listener.accept().await {
+            let levels = levels.clone();
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = tokio::io::split(stream);
+                let Ok((header, body)) = read_packet(&mut rd).await else {
+                    return;
+                };
+                if header >> 4 != 1 || body.len() < 7 {
+                    return;
+                }
+                let level = body[6];
+                let _ = levels.send(level);
+                if level == 5 && !speaks_v5 {
+                    let _ = wr.write_all(&[0x20, 2, 0, 1]).await;
+                    let _ = wr.shutdown().await;
+                    return;
+                }
+                let v5 = level == 5;
+                let connack: &[u8] = if v5 {
+                    &[0x20, 3, 0, 0, 0]
+                } else {
+                    &[0x20, 2, 0, 0]
+                };
+                if wr.write_all(connack).await.is_err() {
+                    return;
+                }
+                while let Ok((header, body)) = read_packet(&mut rd).await {
+                    let answer: Vec<u8> = match header >> 4 {
+                        8 if v5 => vec![0x90, 4, body[0], body[1], 0, 1],
+                        8 => vec![0x90, 3, body[0], body[1], 1],
+                        12 => vec![0xd0, 0],
+                        14 => return,
+                        _ => continue,
+                    };
+                    if wr.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    }
+
+    fn auto_config(port: u16) -> MqttConfig {
+        MqttConfig::new(
+            "127.0.0.1",
+            port,
+            "auto-test",
+            "nes/me_/message",
+            Duration::from_secs(30),
+        )
+    }
+
+    async fn wait_up(transport: &Transport) {
+        let mut c = transport.connection();
+        tokio::time::timeout(
+            Duration::from_secs(30),
+            c.wait_for(|c| *c == Connection::Up),
+        )
+        .await
+        .expect("the session did not come up")
+        .unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn auto_falls_back_to_3_1_1_when_the_broker_does_not_answer_5() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (levels_tx, mut levels) = mpsc::unbounded_channel();
+        tokio::spawn(versioned_broker(listener, false, levels_tx));
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let (incoming_tx, _incoming) = mpsc::unbounded_channel();
+        let (deliveries_tx, _deliveries) = mpsc::unbounded_channel();
+        let (transport, task) =
+            Transport::start(auto_config(port), incoming_tx, deliveries_tx, shutdown);
+        wait_up(&transport).await;
+        assert_eq!(transport.protocol(), Some(Version::V311));
+        assert_eq!(levels.recv().await, Some(5), "MQTT 5 is tried first");
+        assert_eq!(levels.recv().await, Some(4));
+        shutdown_tx.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_broker_that_is_down_is_not_taken_for_an_old_one() {
+        // A port nobody listens on yet.
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let (incoming_tx, _incoming) = mpsc::unbounded_channel();
+        let (deliveries_tx, _deliveries) = mpsc::unbounded_channel();
+        let (transport, task) =
+            Transport::start(auto_config(port), incoming_tx, deliveries_tx, shutdown);
+        let mut c = transport.connection();
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            c.wait_for(|c| matches!(c, Connection::Down(r) if r != "connecting")),
+        )
+        .await
+        .expect("no connection error")
+        .unwrap();
+        tokio::time::sleep(Duration::from_millis(600)).await;
+        assert_eq!(
+            transport.protocol(),
+            None,
+            "decided while the broker was down"
+        );
+
+        let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
+        let (levels_tx, mut levels) = mpsc::unbounded_channel();
+        tokio::spawn(versioned_broker(listener, true, levels_tx));
+        wait_up(&transport).await;
+        assert_eq!(transport.protocol(), Some(Version::V5));
+        assert_eq!(levels.recv().await, Some(5));
+        while let Ok(level) = levels.try_recv() {
+            assert_eq!(level, 5, "a 3.1.1 attempt against an MQTT 5 broker");
+        }
+        shutdown_tx.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_forced_5_says_why_a_3_1_1_broker_does_not_answer() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (levels_tx, mut levels) = mpsc::unbounded_channel();
+        tokio::spawn(versioned_broker(listener, false, levels_tx));
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let (incoming_tx, _incoming) = mpsc::unbounded_channel();
+        let (deliveries_tx, _deliveries) = mpsc::unbounded_channel();
+        let config = MqttConfig {
+            protocol: BrokerProtocol::V5,
+            ..auto_config(port)
+        };
+        let (transport, task) = Transport::start(config, incoming_tx, deliveries_tx, shutdown);
+        let mut c = transport.connection();
+        let down = tokio::time::timeout(
+            Duration::from_secs(10),
+            c.wait_for(|c| matches!(c, Connection::Down(r) if r.contains("may speak only 3.1.1"))),
+        )
+        .await
+        .expect("no clear error")
+        .unwrap()
+        .clone();
+        assert!(matches!(down, Connection::Down(_)));
+        assert_eq!(transport.protocol(), Some(Version::V5));
+        assert_eq!(levels.recv().await, Some(5));
+        while let Ok(level) = levels.try_recv() {
+            assert_eq!(level, 5, "3.1.1 tried although 5 was set");
+        }
+        shutdown_tx.send(true).unwrap();
+        task.await.unwrap();
     }
 }

@@ -10,6 +10,9 @@
 //!   by rumqttc first, so the order holds.
 //! - Daemon restart: everything still QUEUED or SENT is handed over again, with the same
 //!   frame bytes; the receiver drops the copies it already has (same `from` and `id`).
+//! - A frame the broker refuses (MQTT 5: a PUBACK or PUBREC with a failure code, e.g. an
+//!   ACL that denies writing to that topic) becomes FAILED with the broker's reason, and
+//!   leaves the outbox; the frames after it go on.
 //! - A frame whose QoS differs from the one before it (v1 frames go with QoS 2) waits
 //!   until the ones before it are acknowledged: brokers keep order only within a QoS.
 
@@ -114,17 +117,19 @@ impl Outbox {
         }
     }
 
-    /// Records SENT / DELIVERED and makes the changes durable and visible.
+    /// Records SENT / DELIVERED / FAILED and makes the changes durable and visible.
     async fn record(&self, batch: Vec<Delivery>) {
         let mut delivered = 0u64;
         for d in batch {
-            let (token, state) = match d {
-                Delivery::Sent(t) => (t, MessageState::Sent),
-                Delivery::Delivered(t) => (t, MessageState::Delivered),
+            let (token, state, error) = match d {
+                Delivery::Sent(t) => (t, MessageState::Sent, String::new()),
+                Delivery::Delivered(t) => (t, MessageState::Delivered, String::new()),
+                // Sending it again would be refused again: FAILED, with the broker's reason.
+                Delivery::Refused(t, why) => (t, MessageState::Failed, why),
             };
             match self
                 .store
-                .set_outgoing_state(&token.peer, &token.id, state, "")
+                .set_outgoing_state(&token.peer, &token.id, state, &error)
             {
                 Ok(Some(_)) if state == MessageState::Delivered => delivered += 1,
                 Ok(_) => {}
@@ -242,11 +247,15 @@ mod tests {
         let (incoming_tx, _incoming_rx) = mpsc::unbounded_channel();
         let (delivery_tx, deliveries) = mpsc::unbounded_channel();
         let config = MqttConfig {
-            host: "127.0.0.1".into(),
-            port,
-            client_id: "outbox-test".into(),
-            topic: "nes/me_/message".into(),
-            keep_alive: Duration::from_secs(30),
+            // The fake broker speaks 3.1.1 only.
+            protocol: crate::mqtt::BrokerProtocol::V311,
+            ..MqttConfig::new(
+                "127.0.0.1",
+                port,
+                "outbox-test",
+                "nes/me_/message",
+                Duration::from_secs(30),
+            )
         };
         let (transport, mqtt_task) =
             Transport::start(config, incoming_tx, delivery_tx, shutdown.clone());

@@ -51,14 +51,13 @@
 
 use crate::identity::Identity;
 use crate::keycache::{Contact, FrameKeys, KeyCache};
-use crate::mqtt::Transport;
+use crate::mqtt::{Incoming, Transport};
 use crate::prekeys::OwnPrekeys;
 use crate::service::Stats;
 use crate::store::{Parked, Store, Waiting};
 use nes_proto::frame::{self, Decrypted, FrameError, Opened};
 use nes_proto::rpc::{self, Direction, MessageState};
 use nes_proto::{now_ms, Username};
-use rumqttc::{Publish, QoS};
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -123,7 +122,7 @@ enum Outcome {
 
 /// A frame on its way through the pipeline, and where it came from.
 struct Item {
-    publish: Publish,
+    publish: Incoming,
     /// `Some(seq)`: read back from the inbox (acknowledged to the broker already; removed
     /// from the inbox once handled). `None`: straight from the broker (acknowledge it).
     spilled: Option<u64>,
@@ -155,7 +154,7 @@ impl Pipeline {
     /// senders whose background lookup finished ([`KeyCache::run_lookups`]).
     pub async fn run(
         self,
-        mut incoming: mpsc::UnboundedReceiver<Publish>,
+        mut incoming: mpsc::UnboundedReceiver<Incoming>,
         mut resolved: mpsc::UnboundedReceiver<Username>,
         mut shutdown: watch::Receiver<bool>,
     ) {
@@ -163,8 +162,8 @@ impl Pipeline {
         // frames that need an RSA private operation (v1, v2) and those that do not (v3, and
         // frames refused before decryption). One consumer below stores both, so the
         // duplicate check and the per-sender rules see one frame at a time.
-        let (cheap_in, cheap_rx) = mpsc::unbounded_channel::<Publish>();
-        let (rsa_in, rsa_rx) = mpsc::unbounded_channel::<Publish>();
+        let (cheap_in, cheap_rx) = mpsc::unbounded_channel::<Incoming>();
+        let (rsa_in, rsa_rx) = mpsc::unbounded_channel::<Incoming>();
         let (cheap_tx, mut cheap) = mpsc::channel::<Pending>(DECRYPT_AHEAD);
         let (rsa_tx, mut rsa) = mpsc::channel::<Pending>(DECRYPT_AHEAD);
         let mut stop = shutdown.clone();
@@ -263,15 +262,15 @@ impl Pipeline {
     /// they go ahead of the inbox, as they came before it.
     async fn rsa_lane(
         self,
-        mut input: mpsc::UnboundedReceiver<Publish>,
+        mut input: mpsc::UnboundedReceiver<Incoming>,
         out: mpsc::Sender<Pending>,
         mut stop: watch::Receiver<bool>,
     ) {
         let topic = self.identity.user.topic();
         // Straight from the broker, older than anything in the inbox.
-        let mut direct: VecDeque<Publish> = VecDeque::new();
+        let mut direct: VecDeque<Incoming> = VecDeque::new();
         // Arrived while the inbox was full: after everything in it.
-        let mut behind: VecDeque<Publish> = VecDeque::new();
+        let mut behind: VecDeque<Incoming> = VecDeque::new();
         // Inbox frames up to this sequence number are in decryption or done (a restart
         // reads what the last run left there first).
         let mut read_upto = 0u64;
@@ -353,8 +352,8 @@ impl Pipeline {
     fn next_rsa_chunk(
         &self,
         topic: &str,
-        direct: &mut VecDeque<Publish>,
-        behind: &mut VecDeque<Publish>,
+        direct: &mut VecDeque<Incoming>,
+        behind: &mut VecDeque<Incoming>,
         read_upto: &mut u64,
         hold_inbox: bool,
     ) -> Option<Pending> {
@@ -368,7 +367,7 @@ impl Pipeline {
                     for s in spilled {
                         *read_upto = s.seq;
                         chunk.push(Item {
-                            publish: Publish::new(topic, QoS::AtLeastOnce, s.frame),
+                            publish: Incoming::local(topic, s.frame),
                             spilled: Some(s.seq),
                         });
                     }
@@ -403,7 +402,7 @@ impl Pipeline {
 
     /// Writes as many of `frames` as fit to the inbox, flushes, acknowledges them to the
     /// broker, and leaves in `frames` those that did not fit (or all, if the store failed).
-    async fn spill(&self, frames: &mut VecDeque<Publish>) {
+    async fn spill(&self, frames: &mut VecDeque<Incoming>) {
         let payloads: Vec<&[u8]> = frames.iter().map(|p| p.payload.as_ref()).collect();
         let fit = self.store.inbox_room(&payloads);
         if fit == 0 {
@@ -490,7 +489,7 @@ impl Pipeline {
 
     /// Parks a frame until its sender's keys are known (or refuses it when too many of
     /// that sender are parked already).
-    fn park(&self, from: &Username, publish: &Publish, why: &str) -> Outcome {
+    fn park(&self, from: &Username, publish: &Incoming, why: &str) -> Outcome {
         match self.store.park(from.as_str(), &publish.payload) {
             Ok(Parked::Kept { evicted }) => {
                 debug!(from = %from, "parking a frame: {why}");
@@ -606,11 +605,7 @@ impl Pipeline {
             if blocked.contains(&w.from) {
                 continue;
             }
-            let publish = Publish::new(
-                topic.clone(),
-                QoS::AtLeastOnce,
-                std::mem::take(&mut w.frame),
-            );
+            let publish = Incoming::local(topic.clone(), std::mem::take(&mut w.frame));
             match self.process(&publish, decrypted, true).await {
                 Outcome::Stored => {
                     stored += 1;
@@ -666,7 +661,7 @@ impl Pipeline {
 
     async fn process(
         &self,
-        publish: &Publish,
+        publish: &Incoming,
         decrypted: Result<Decrypted, FrameError>,
         retry: bool,
     ) -> Outcome {
@@ -826,7 +821,7 @@ impl Pipeline {
 async fn cheap_lane(
     identity: Arc<Identity>,
     prekeys: Arc<OwnPrekeys>,
-    mut input: mpsc::UnboundedReceiver<Publish>,
+    mut input: mpsc::UnboundedReceiver<Incoming>,
     out: mpsc::Sender<Pending>,
     mut stop: watch::Receiver<bool>,
 ) {
@@ -856,7 +851,7 @@ async fn cheap_lane(
 }
 
 /// Where a handled frame's acknowledgement goes: to the broker, or out of the inbox.
-fn done_with(item: Item, to_ack: &mut Vec<Publish>, to_unspill: &mut Vec<u64>) {
+fn done_with(item: Item, to_ack: &mut Vec<Incoming>, to_unspill: &mut Vec<u64>) {
     match item.spilled {
         Some(seq) => to_unspill.push(seq),
         None => to_ack.push(item.publish),

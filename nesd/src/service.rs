@@ -237,6 +237,15 @@ impl Service {
             received_v2: received[1],
             received_v3: received[2],
             prekeys_lost: p.peer_prekeys.lost(),
+            broker_protocol: p
+                .transport
+                .protocol()
+                .map(|v| v.as_str().to_owned())
+                .unwrap_or_default(),
+            broker_error: match &*p.transport.connection().borrow() {
+                Connection::Up => String::new(),
+                Connection::Down(reason) => reason.clone(),
+            },
         })
     }
 

@@ -1,10 +1,14 @@
-//! nesd against a broker that speaks only MQTT 3.1.1 (issue 14 item 5).
+//! Which MQTT version nesd speaks (issue 14 item 5): MQTT 5 where the broker speaks it,
+//! else 3.1.1.
 //!
-//! The private mosquitto speaks 5, so the test puts a small TCP proxy in front of it that
-//! answers an MQTT 5 CONNECT as a 3.1.1 broker does (CONNACK `20 02 00 01`, unacceptable
-//! protocol version, then close) and passes 3.1.1 connections through. nesd must get its
-//! session through that proxy and messages must flow both ways: today nesd speaks 3.1.1
-//! only, and once it tries MQTT 5 first this is the fallback test.
+//! - Against mosquitto 2 (which speaks 5) nesd uses MQTT 5, and says so in Status.
+//! - A broker that speaks only 3.1.1: the private mosquitto speaks 5, so the test puts a
+//!   small TCP proxy in front of it that answers an MQTT 5 CONNECT as a 3.1.1 broker does
+//!   (CONNACK `20 02 00 01`, unacceptable protocol version, then close) and passes 3.1.1
+//!   connections through. With `auto` nesd tries 5, falls back to 3.1.1, and messages
+//!   flow both ways; with `5` forced it reports why it cannot connect.
+//! - MQTT 5 brokers refuse publishes they do not allow (an ACL): that message becomes
+//!   FAILED with the broker's reason, and the next ones still go.
 
 use anyhow::{Context, Result};
 use nes_e2e::*;
@@ -151,6 +155,169 @@ async fn messages_flow_through_a_broker_that_speaks_only_3_1_1() -> Result<()> {
         "the proxy passed {} 3.1.1 connections",
         seen.passed.load(Ordering::SeqCst)
     );
+    // Both tried MQTT 5 first, and fell back.
+    anyhow::ensure!(
+        seen.refused_v5.load(Ordering::SeqCst) >= 2,
+        "the proxy saw {} MQTT 5 CONNECTs",
+        seen.refused_v5.load(Ordering::SeqCst)
+    );
+    for (c, who) in [(&mut a, "alice"), (&mut b, "bob")] {
+        let s = status(c).await?;
+        anyhow::ensure!(
+            s.broker_protocol == "3.1.1",
+            "{who} speaks {:?}",
+            s.broker_protocol
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mosquitto_gets_mqtt_5() -> Result<()> {
+    let w = World::start().await?;
+    let (_alice_id, alice) = w.user("alice").await?;
+    let (_bob_id, bob) = w.user("bob").await?;
+    let mut a = alice.client().await?;
+    let mut b = bob.client().await?;
+    for (c, who) in [(&a, "alice"), (&b, "bob")] {
+        eventually(&format!("{who}'s MQTT session"), TIMEOUT, || {
+            let mut c = c.clone();
+            async move { Ok(status(&mut c).await?.connected.then_some(())) }
+        })
+        .await?;
+    }
+    let s = status(&mut b).await?;
+    anyhow::ensure!(
+        s.broker_protocol == "5",
+        "bob speaks {:?}",
+        s.broker_protocol
+    );
+    anyhow::ensure!(s.broker_error.is_empty(), "error {:?}", s.broker_error);
+    // mosquitto logs each client's protocol (p5) and clean-start flag (c0: the session
+    // is kept).
+    let log = w.broker.log_tail(200);
+    anyhow::ensure!(
+        log.lines()
+            .any(|l| l.contains("as nes-bob-") && l.contains("(p5, c0")),
+        "mosquitto did not see an MQTT 5 session for bob:\n{log}"
+    );
+    send(&mut a, "bob", "over MQTT 5").await?;
+    wait_history(&b, "alice", 1, |m: &rpc::Message| {
+        m.direction == Direction::Incoming as i32 && m.text == "over MQTT 5"
+    })
+    .await
+    .with_context(|| bob.log_tail(30))?;
+    wait_history(&a, "bob", 1, |m: &rpc::Message| {
+        m.direction == Direction::Outgoing as i32 && m.state == MessageState::Delivered as i32
+    })
+    .await
+    .with_context(|| alice.log_tail(30))?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forced_mqtt_5_says_why_a_3_1_1_broker_does_not_answer() -> Result<()> {
+    let w = World::start().await?;
+    let seen = Arc::new(Seen::default());
+    let url = v311_only_proxy(&w.broker, seen.clone()).await?;
+    let alice_id = Identity::generate("alice")?;
+    alice_id.register(&w.keyserver).await?;
+    let alice = Nesd::builder(&alice_id, &w.broker, &w.keyserver)
+        .broker_url(&url)
+        .args(["--broker-protocol", "5"])
+        .start()
+        .await?;
+    let mut a = alice.client().await?;
+    let s = eventually("the error in Status", TIMEOUT, || {
+        let mut a = a.clone();
+        async move {
+            let s = status(&mut a).await?;
+            Ok(s.broker_error.contains("may speak only 3.1.1").then_some(s))
+        }
+    })
+    .await
+    .with_context(|| alice.log_tail(30))?;
+    anyhow::ensure!(!s.connected, "connected");
+    anyhow::ensure!(s.broker_protocol == "5", "speaks {:?}", s.broker_protocol);
+    let log = std::fs::read_to_string(alice.log_path())?;
+    anyhow::ensure!(
+        log.contains("did not answer the MQTT 5 CONNECT"),
+        "the log does not say why:\n{log}"
+    );
+    // Never 3.1.1, since 5 was asked for.
+    anyhow::ensure!(
+        seen.passed.load(Ordering::SeqCst) == 0,
+        "fell back to 3.1.1"
+    );
+    anyhow::ensure!(seen.refused_v5.load(Ordering::SeqCst) >= 1);
     let _ = status(&mut a).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_publish_the_broker_refuses_is_failed_and_later_sends_go() -> Result<()> {
+    // Anonymous clients may use alice's and bob's topics, and only read carol's.
+    let dir = tempfile::Builder::new().prefix("nes-acl-").tempdir()?;
+    let acl = dir.path().join("acl");
+    std::fs::write(
+        &acl,
+        "topic readwrite nes/alice/message\ntopic readwrite nes/bob/message\n\
+         topic read nes/carol/message\n",
+    )?;
+    let acl_line = format!("acl_file {}\n", acl.display());
+    let (broker, keyserver) =
+        tokio::try_join!(Mosquitto::start_with(&acl_line, false), KeyServer::start())?;
+    let w = World { broker, keyserver };
+    let (_alice_id, alice) = w.user("alice").await?;
+    let (_bob_id, bob) = w.user("bob").await?;
+    let carol = Identity::generate("carol")?;
+    carol.register(&w.keyserver).await?;
+    let mut a = alice.client().await?;
+    let b = bob.client().await?;
+    for (c, who) in [(&a, "alice"), (&b, "bob")] {
+        eventually(&format!("{who}'s MQTT session"), TIMEOUT, || {
+            let mut c = c.clone();
+            async move { Ok(status(&mut c).await?.connected.then_some(())) }
+        })
+        .await?;
+    }
+    anyhow::ensure!(status(&mut a).await?.broker_protocol == "5");
+
+    let denied = send(&mut a, "carol", "the ACL says no").await?;
+    let failed = wait_history(&a, "carol", 1, |m: &rpc::Message| {
+        m.id == denied.id && m.state == MessageState::Failed as i32
+    })
+    .await
+    .with_context(|| alice.log_tail(30))?;
+    let failed = failed
+        .iter()
+        .find(|m| m.id == denied.id)
+        .context("the FAILED message")?;
+    anyhow::ensure!(
+        failed.error.contains("NotAuthorized"),
+        "FAILED without the broker's reason: {:?}",
+        failed.error
+    );
+
+    // The session is back, and the tracker still knows which frame is which: the next
+    // messages are sent, delivered and received.
+    for text in ["after the refusal", "and another"] {
+        let sent = send(&mut a, "bob", text).await?;
+        wait_history(&b, "alice", 1, |m: &rpc::Message| m.text == text)
+            .await
+            .with_context(|| bob.log_tail(30))?;
+        wait_history(&a, "bob", 1, |m: &rpc::Message| {
+            m.id == sent.id && m.state == MessageState::Delivered as i32
+        })
+        .await
+        .with_context(|| alice.log_tail(30))?;
+    }
+    let s = status(&mut a).await?;
+    anyhow::ensure!(s.queued == 0, "still queued: {}", s.queued);
+    let h = history(&mut a, "carol").await?;
+    anyhow::ensure!(
+        h.len() == 1 && h[0].state == MessageState::Failed as i32,
+        "carol's conversation: {h:?}"
+    );
     Ok(())
 }

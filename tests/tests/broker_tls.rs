@@ -7,7 +7,8 @@
 //! Issue 14, item 5: two daemons exchange messages over mqtts with user and password; a
 //! wrong password and a server certificate from an unknown CA fail clearly (status says
 //! not connected, the log says why, nothing crashes); an oversized publish does not break
-//! the session; the client id shown by Status is not the full id.
+//! a 3.1.1 session (nesd reads it once and acknowledges it away) and never reaches an MQTT 5
+//! one (the broker drops it); the client id shown by Status is not the full id.
 
 use anyhow::{anyhow, ensure, Context, Result};
 use nes_e2e::*;
@@ -191,7 +192,13 @@ impl SecureWorld {
 
     /// A registered identity with a nesd logged in as itself.
     async fn user(&self, name: &str) -> Result<(Identity, Nesd)> {
-        let flags = self.flags(name, "ca.pem", &format!("{name}.password"));
+        self.user_with(name, &[]).await
+    }
+
+    /// Like [`SecureWorld::user`], with more flags for nesd.
+    async fn user_with(&self, name: &str, extra: &[&str]) -> Result<(Identity, Nesd)> {
+        let mut flags = self.flags(name, "ca.pem", &format!("{name}.password"));
+        flags.extend(extra.iter().map(|f| f.to_string()));
         self.world.user_with(name, flags).await
     }
 
@@ -456,17 +463,31 @@ async fn a_server_certificate_from_an_unknown_ca_is_refused() -> Result<()> {
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_oversized_publish_does_not_break_the_session() -> Result<()> {
-    let w = SecureWorld::start().await?;
-    let (_alice_id, alice) = w.user("alice").await?;
-    let (_bob_id, bob) = w.user("bob").await?;
+/// How often bob's nesd logged a new broker connection.
+fn connections(nesd: &Nesd) -> Result<usize> {
+    Ok(std::fs::read_to_string(nesd.log_path())?
+        .matches("connected to the broker")
+        .count())
+}
+
+/// carol (who may write to bob's topic) publishes 300 KiB, over the 256 KiB frame limit,
+/// to bob, who speaks `protocol`; answers bob's nesd and client once the next normal
+/// message from alice has arrived.
+async fn oversized_to_bob(w: &SecureWorld, protocol: &str) -> Result<(Nesd, Nesd, Client)> {
+    let flags = ["--broker-protocol", protocol];
+    let (_alice_id, alice) = w.user_with("alice", &flags).await?;
+    let (_bob_id, bob) = w.user_with("bob", &flags).await?;
     let mut a = alice.client().await?;
     let b = bob.client().await?;
     wait_connected(&a).await?;
     wait_connected(&b).await?;
+    let s = status(&mut b.clone()).await?;
+    ensure!(
+        s.broker_protocol == protocol,
+        "bob speaks {:?}",
+        s.broker_protocol
+    );
 
-    // carol may write to bob's topic: 300 KiB, over the 256 KiB frame limit.
     let mut carol = w.raw("carol").await?;
     carol
         .client
@@ -489,6 +510,14 @@ async fn an_oversized_publish_does_not_break_the_session() -> Result<()> {
         history(&mut b.clone(), "carol").await?.is_empty(),
         "carol's packet was stored"
     );
+    Ok((alice, bob, a))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_publish_does_not_break_a_3_1_1_session() -> Result<()> {
+    let w = SecureWorld::start().await?;
+    let (_alice, bob, mut a) = oversized_to_bob(&w, "3.1.1").await?;
+    let b = bob.client().await?;
     // MQTT 3.1.1: the cap refused the packet from its header, then one capless
     // connection read it once and acknowledged it away as too large (docs/BROKER.md).
     let log = std::fs::read_to_string(bob.log_path())?;
@@ -507,5 +536,31 @@ async fn an_oversized_publish_does_not_break_the_session() -> Result<()> {
     send(&mut a, "bob", "and one more").await?;
     let got = received(&b, "alice", 2).await?;
     ensure!(got[1].text == "and one more", "bob got {:?}", got[1]);
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_oversized_publish_never_reaches_a_v5_session() -> Result<()> {
+    let w = SecureWorld::start().await?;
+    let (_alice, bob, mut a) = oversized_to_bob(&w, "5").await?;
+    let b = bob.client().await?;
+    // MQTT 5: bob's CONNECT told the broker the packet cap, so mosquitto dropped the
+    // packet for him; nesd never saw it: no refusal, no reconnect.
+    let s = status(&mut b.clone()).await?;
+    ensure!(
+        s.refused.get("too_large").copied().unwrap_or(0) == 0,
+        "refused: {:?}",
+        s.refused
+    );
+    let log = std::fs::read_to_string(bob.log_path())?;
+    ensure!(
+        !log.contains("over the frame-size limit") && !log.contains("lost the broker connection"),
+        "the packet reached nesd:\n{log}"
+    );
+    ensure!(connections(&bob)? == 1, "bob reconnected:\n{log}");
+    send(&mut a, "bob", "and one more").await?;
+    let got = received(&b, "alice", 2).await?;
+    ensure!(got[1].text == "and one more", "bob got {:?}", got[1]);
+    ensure!(connections(&bob)? == 1, "bob reconnected");
     Ok(())
 }

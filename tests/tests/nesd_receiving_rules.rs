@@ -143,6 +143,15 @@ async fn bad_frames_are_refused_counted_and_the_daemon_keeps_serving() -> Result
     let mut oversized = b"{\"v\":2,\"cipherkey\":\"".to_vec();
     oversized.extend(std::iter::repeat_n(b'A', 300 * 1024));
     oversized.extend_from_slice(b"\"}");
+    // One byte over the frame limit: well within the packet cap (frame plus 1 KiB), so the
+    // broker delivers it on MQTT 5 too and the frame check refuses it.
+    let mut just_over = b"{\"v\":2,\"cipherkey\":\"".to_vec();
+    just_over.extend(std::iter::repeat_n(
+        b'A',
+        frame::MAX_FRAME_BYTES + 1 - just_over.len() - 2,
+    ));
+    just_over.extend_from_slice(b"\"}");
+    ensure!(just_over.len() == frame::MAX_FRAME_BYTES + 1);
 
     let frames: Vec<(&str, Vec<u8>)> = vec![
         ("forged", forged),
@@ -193,12 +202,20 @@ async fn bad_frames_are_refused_counted_and_the_daemon_keeps_serving() -> Result
     let h = wait_history(&b, "alice", 1, |m| m.id == after.id).await?;
 
     // The oversized packet on its own, once everything before it is stored and
-    // acknowledged: nesd refuses it from its header, which on MQTT 3.1.1 costs a reconnect
-    // (docs/BROKER.md), and the broker then delivers again whatever was not acknowledged
-    // yet; that would count earlier refusals twice, not what this test is about.
+    // acknowledged. bob speaks MQTT 5 with mosquitto, so his CONNECT told the broker the
+    // packet cap and the broker drops the 300 KiB packet for him: it never reaches nesd
+    // (on MQTT 3.1.1 nesd would refuse it from its header, at the cost of a reconnect,
+    // docs/BROKER.md). The frame one byte over the limit does reach him, and is refused.
+    ensure!(
+        status(&mut b).await?.broker_protocol == "5",
+        "bob does not speak MQTT 5"
+    );
     wire.publish(topic, oversized)
         .await
         .context("publishing oversized")?;
+    wire.publish(topic, just_over)
+        .await
+        .context("publishing one byte over")?;
     let refused = wait_refused(&b, &[("too_large", 1)]).await?;
     let total: u64 = refused.values().sum();
     ensure!(total == 13, "refusals {refused:?}");

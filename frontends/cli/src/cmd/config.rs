@@ -92,6 +92,14 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
         "broker_password_file",
         "file with the broker password (mode 600; or NES_BROKER_PASSWORD)",
     ),
+    (
+        "broker_protocol",
+        "MQTT version: auto (default: 5 where the broker speaks it), 5 or 3.1.1",
+    ),
+    (
+        "broker_session_expiry_secs",
+        "MQTT 5: seconds the broker keeps the session after nesd disconnects (default 30 days)",
+    ),
     ("keyserver", "key server base URL"),
     ("keyserver_key", "the key server's public key file (PEM)"),
     ("data_dir", "data directory: keys/ and the message store"),
@@ -128,7 +136,7 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
     ),
 ];
 /// Keys whose values are numbers.
-const NUMBER_KEYS: &[&str] = &["key_ttl_secs"];
+const NUMBER_KEYS: &[&str] = &["key_ttl_secs", "broker_session_expiry_secs"];
 /// Keys whose values are true/false.
 const BOOL_KEYS: &[&str] = &["keyserver_legacy", "notify_dnd", "send_v3"];
 /// Keys whose values are lists of strings (comma-separated on the command line).
@@ -297,6 +305,15 @@ mod tests {
         );
         assert!(typed_value("key_ttl_secs", "soon").is_err());
         assert_eq!(
+            typed_value("broker_session_expiry_secs", "86400").unwrap(),
+            toml::Value::Integer(86400)
+        );
+        // "3.1.1" is no number; nesd reads "5" as text too.
+        assert_eq!(
+            typed_value("broker_protocol", "3.1.1").unwrap(),
+            toml::Value::String("3.1.1".into())
+        );
+        assert_eq!(
             typed_value("notify_dnd", "off").unwrap(),
             toml::Value::Boolean(false)
         );
@@ -319,6 +336,8 @@ mod tests {
             "broker_key",
             "broker_user",
             "broker_password_file",
+            "broker_protocol",
+            "broker_session_expiry_secs",
         ] {
             assert!(check_key(key).is_ok(), "{key}");
         }

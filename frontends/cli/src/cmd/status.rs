@@ -40,6 +40,8 @@ pub fn status_json(s: &StatusReply, socket: &str) -> serde_json::Value {
         "version": s.version,
         "connected": s.connected,
         "broker": s.broker,
+        "broker_protocol": s.broker_protocol,
+        "broker_error": s.broker_error,
         "keyserver": s.keyserver,
         "queued": s.queued,
         "refused": refused,
@@ -90,13 +92,10 @@ pub fn status_text(s: &StatusReply, socket: &str) -> Vec<String> {
         ),
         format!("user:       {}", s.user),
         format!(
-            "broker:     {} ({})",
+            "broker:     {} ({}){}",
             s.broker,
-            if s.connected {
-                "connected"
-            } else {
-                "not connected"
-            }
+            connection_text(s),
+            protocol_text(s)
         ),
         format!("client id:  {}", s.client_id),
         format!("key server: {}", s.keyserver),
@@ -140,6 +139,27 @@ pub fn status_text(s: &StatusReply, socket: &str) -> Vec<String> {
         s.last_cursor, s.store_id
     ));
     lines
+}
+
+/// `connected`, `not connected`, or `not connected: <the last error>`.
+fn connection_text(s: &StatusReply) -> String {
+    if s.connected {
+        "connected".into()
+    } else if s.broker_error.is_empty() {
+        "not connected".into()
+    } else {
+        format!("not connected: {}", s.broker_error)
+    }
+}
+
+/// `, MQTT 5` or `, MQTT 3.1.1`; nothing while nesd has not decided (`broker_protocol =
+/// "auto"` before any broker answered).
+fn protocol_text(s: &StatusReply) -> String {
+    if s.broker_protocol.is_empty() {
+        String::new()
+    } else {
+        format!(", MQTT {}", s.broker_protocol)
+    }
 }
 
 /// Where our v3 prekey stands with the key server.
@@ -199,6 +219,17 @@ mod tests {
         let v = status_json(&s, "/s");
         assert_eq!(v["refused"]["signature"], 2);
         assert_eq!(v["user"], "bob");
+        s.broker_protocol = "5".into();
+        let text = status_text(&s, "/s").join("\n");
+        assert!(text.contains("(connected), MQTT 5"), "{text}");
+        assert_eq!(status_json(&s, "/s")["broker_protocol"], "5");
+        s.connected = false;
+        s.broker_error = "I/O: connection refused".into();
+        let text = status_text(&s, "/s").join("\n");
+        assert!(
+            text.contains("(not connected: I/O: connection refused), MQTT 5"),
+            "{text}"
+        );
         s.store_id = "0123456789abcdef".into();
         assert_eq!(status_json(&s, "/s")["store_id"], "0123456789abcdef");
     }
