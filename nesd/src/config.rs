@@ -202,12 +202,15 @@ pub enum KeyPolicy {
 pub enum BrokerProtocol {
     /// MQTT 5 where the broker speaks it, else 3.1.1 (decided at the first connection that
     /// gets an answer, then kept for the run).
-    #[default]
     Auto,
     /// MQTT 5 only.
     #[value(name = "5")]
     V5,
-    /// MQTT 3.1.1 only.
+    /// MQTT 3.1.1 only: the default for now. Over MQTT 5, rumqttc 0.24 re-sends what was
+    /// in flight at a broker restart such that about one run in five of the soak test
+    /// (tests/tests/soak.rs) sees one message arrive after the next one; until that is
+    /// found, MQTT 5 is opt-in (nesd/README.md "MQTT 5").
+    #[default]
     #[value(name = "3.1.1")]
     V311,
 }
@@ -1189,7 +1192,7 @@ mod tests {
         let base = "user = \"bob\"\nkeyserver = \"https://ks\"\n";
         write_config(tmp.path(), base);
         let c = Config::resolve(cli(&[]), &d).unwrap();
-        assert_eq!(c.broker_protocol, BrokerProtocol::Auto);
+        assert_eq!(c.broker_protocol, BrokerProtocol::V311);
         assert_eq!(c.broker_session_expiry_secs, DEFAULT_SESSION_EXPIRY_SECS);
         for (text, want) in [
             ("\"3.1.1\"", BrokerProtocol::V311),

@@ -421,6 +421,14 @@ pub struct Tracker {
 }
 
 impl Tracker {
+    /// The outbox sequence number of the frame in flight under `pkid`, if any.
+    pub fn seq_of(&self, pkid: u16) -> Option<u64> {
+        self.inflight
+            .get(&pkid)
+            .or_else(|| self.releasing.get(&pkid))
+            .map(|t| t.seq)
+    }
+
     /// A publish request is about to be handed to rumqttc.
     pub fn enqueue(&mut self, token: Token) {
         self.queued.push_back(token);
@@ -960,6 +968,42 @@ impl Loop {
         }
     }
 
+    /// After a connection error (MQTT 5): sorts the publishes rumqttc will send again by
+    /// `seq` (the outbox's order), keeping the other
+    /// requests (PUBREL) after them as rumqttc queued them. The v4 state already keeps
+    /// that order.
+    fn order_pending(&mut self, seq: impl Fn(u16) -> Option<u64>) {
+        if let Loop::V5(l) = self {
+            let (mut publishes, others): (Vec<v5::Request>, Vec<v5::Request>) = l
+                .pending
+                .drain(..)
+                .partition(|r| matches!(r, v5::Request::Publish(_)));
+            // Known to the tracker: by seq. Written but not reported yet (their event
+            // still buffered): after those, in pkid order counted on from the newest
+            // known one (pkids go round). Not written yet (pkid 0, from the channel): last,
+            // as queued. The sort is stable.
+            let newest = publishes
+                .iter()
+                .filter_map(|r| match r {
+                    v5::Request::Publish(p) => seq(p.pkid).map(|s| (s, p.pkid)),
+                    _ => None,
+                })
+                .max()
+                .map(|(_, pkid)| pkid)
+                .unwrap_or(0);
+            publishes.sort_by_key(|r| match r {
+                v5::Request::Publish(p) => match (seq(p.pkid), p.pkid) {
+                    (Some(s), _) => (0, s),
+                    (None, 0) => (2, 0),
+                    (None, pkid) => (1, u64::from(pkid.wrapping_sub(newest))),
+                },
+                _ => (2, 0),
+            });
+            l.pending.extend(publishes);
+            l.pending.extend(others);
+        }
+    }
+
     /// After a connection error: the pkids of our publishes rumqttc still holds, to send
     /// again (moved to `pending`) or with an acknowledgement read before the error and not
     /// reported yet (buffered events). Only MQTT 5 refuses publishes.
@@ -1284,6 +1328,14 @@ async fn run(
                             }
                         }
                     }
+                }
+                // rumqttc's v5 state collects what it re-sends by pkid slot from 0, not
+                // from the oldest unacknowledged one as its v4 state does, so publishes in
+                // flight across a pkid wrap-around would go out again out of order (and
+                // reach the recipient so). Put them back in the order they were sent.
+                {
+                    let tracker = lock(&tracker);
+                    active.order_pending(|pkid| tracker.seq_of(pkid));
                 }
                 let refusal = match &failure.kind {
                     FailureKind::PublishRefused(why) => {

@@ -60,7 +60,7 @@ async fn wait_refused(client: &Client, want: &[(&str, u64)]) -> Result<HashMap<S
 async fn bad_frames_are_refused_counted_and_the_daemon_keeps_serving() -> Result<()> {
     let w = World::start().await?;
     let (alice_id, alice) = w.user("alice").await?;
-    let (bob_id, bob) = w.user("bob").await?;
+    let (bob_id, bob) = w.user_with("bob", ["--broker-protocol", "auto"]).await?;
     let mallory = Identity::generate("mallory")?; // not registered
     let mut a = alice.client().await?;
     let mut b = bob.client().await?;
