@@ -41,6 +41,15 @@
 //! restored older copy that has logged other events since). The tag is computed from the
 //! stored bytes rather than stored, so events logged before log cursors existed have one
 //! too. A bare number (the cursors of before) is checked against the last event only.
+//!
+//! # Old stores
+//! A store written by an earlier release opens in a later one. The test
+//! `tests/store_fixture.rs` proves it for every release that has a fixture: it copies
+//! `tests/fixtures/store-<release>/store/` (a sled directory written by that release's code,
+//! made once by `examples/make_store_fixture.rs`; see the README beside it) to a temporary
+//! directory, opens it, and checks every record against what the generator wrote. A
+//! fixture is never made again with newer code; a release that changes a record adds a
+//! fixture of its own beside the old ones.
 
 use nes_proto::now_ms;
 use nes_proto::rpc::{self, event::Kind, Direction, Event, MessageState};
