@@ -132,6 +132,8 @@ async fn a_store_written_by_release_0_1_0_opens_with_everything_in_it() {
     copy_dir(&fixture().join("store"), &dir);
     let store = Store::open(&dir).expect("the 0.1.0 store opens");
     assert_eq!(store.store_id(), STORE_ID);
+    // 0.1.0 wrote no format version: its format is format 1.
+    assert_eq!(store.format_version(), 1);
 
     // Messages, by conversation, in order, every field.
     for peer in ["alice", "carol", "bob"] {
