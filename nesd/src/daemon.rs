@@ -16,7 +16,7 @@ use crate::prekeys::{OwnPrekeys, PeerPrekeys};
 use crate::receive::Pipeline;
 use crate::service::{Parts, Service, Stats};
 use crate::socket::{self, SocketError};
-use crate::store::Store;
+use crate::store::{Store, StoreError};
 use crate::{dbus, grpc};
 use nes_proto::PublicKey;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -93,7 +93,13 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let store_path = config.data_dir.join(format!("store-{user}"));
     let store = Store::open(&store_path).map_err(|e| DaemonError::Store {
         path: store_path.display().to_string(),
-        reason: format!("{e} (is another nesd running with this data directory?)"),
+        reason: match e {
+            // Mostly sled's lock: another daemon has the store.
+            StoreError::Sled(_) => {
+                format!("{e} (is another nesd running with this data directory?)")
+            }
+            e => e.to_string(),
+        },
     })?;
     let device = identity::device_id(&config.data_dir).map_err(|e| DaemonError::DataDir {
         path: config.data_dir.display().to_string(),

@@ -39,9 +39,11 @@ impl From<crate::store::StoreError> for ServiceError {
         match e {
             StoreError::UnknownId { .. } => ServiceError::NotFound(e.to_string()),
             // Ids are random: a taken one is a fault inside the daemon, not the caller's.
-            StoreError::IdTaken(_) | StoreError::Sled(_) | StoreError::Decode(_) => {
-                ServiceError::Internal(e.to_string())
-            }
+            StoreError::IdTaken(_)
+            | StoreError::Sled(_)
+            | StoreError::Decode(_)
+            | StoreError::TooNew { .. }
+            | StoreError::DamagedFormat(_) => ServiceError::Internal(e.to_string()),
         }
     }
 }

@@ -19,6 +19,7 @@
 //! | `e` cursor | the [`rpc::Event`] (prost) — the event log |
 //! | `n/seq` | the next message sequence number |
 //! | `n/store` | the store id: 8 random bytes, made once (see "Cursors") |
+//! | `n/format` | the format version, big-endian u64 (see "Format version") |
 //!
 //! `seq` and `cursor` are big-endian u64, so key order is number order: the last N of a
 //! conversation is one short reverse range scan however many messages are stored.
@@ -41,6 +42,26 @@
 //! restored older copy that has logged other events since). The tag is computed from the
 //! stored bytes rather than stored, so events logged before log cursors existed have one
 //! too. A bare number (the cursors of before) is checked against the last event only.
+//!
+//! # Format version
+//! The records' format (this module's keys and values, and the key cache's `contacts`
+//! tree in the same database) has a version, [`FORMAT_VERSION`], kept under `n/format`.
+//! A new store gets it when created. Release 0.1.0 wrote none: a store without one is
+//! format 1 (0.1.0's format is format 1) and gets the record at its first open.
+//! [`Store::open`] reads it before anything else and refuses a store of a newer format
+//! ([`StoreError::TooNew`]: written by a later release, which may have changed records
+//! this code would misread or overwrite), writing nothing to it. A change of a record's
+//! meaning or layout raises [`FORMAT_VERSION`], and `open` converts older formats (or
+//! reads both). sled's own file format is sled's: its `conf` names its version.
+//!
+//! # Old stores
+//! A store written by an earlier release opens in a later one. The test
+//! `tests/store_fixture.rs` proves it for every release that has a fixture: it copies
+//! `tests/fixtures/store-<release>/store/` (a sled directory written by that release's code,
+//! made once by `examples/make_store_fixture.rs`; see the README beside it) to a temporary
+//! directory, opens it, and checks every record against what the generator wrote. A
+//! fixture is never made again with newer code; a release that changes a record adds a
+//! fixture of its own beside the old ones.
 
 use nes_proto::now_ms;
 use nes_proto::rpc::{self, event::Kind, Direction, Event, MessageState};
@@ -68,6 +89,11 @@ const P_WAITING: u8 = b'w';
 const P_INBOX: u8 = b'x';
 const K_NEXT_SEQ: &[u8] = b"n/seq";
 const K_STORE_ID: &[u8] = b"n/store";
+const K_FORMAT: &[u8] = b"n/format";
+
+/// The store format this code reads and writes (see "Format version" in the module docs).
+/// 1: release 0.1.0's format, the first.
+pub const FORMAT_VERSION: u64 = 1;
 /// The tag of position 0 (no event there) in a log cursor.
 const START_TAG: &str = "00000000";
 
@@ -190,6 +216,18 @@ pub enum StoreError {
     /// A message id already used in that conversation.
     #[error("message id {0} is already used")]
     IdTaken(String),
+    /// The store has a format newer than this code knows: a later release wrote it. It is
+    /// left as it is.
+    #[error("the message store has format {found}, newer than this nesd knows (format {supported}): a later release of nesd wrote it; run that release or a newer one (the store was left unchanged)")]
+    TooNew {
+        /// The store's format version.
+        found: u64,
+        /// [`FORMAT_VERSION`].
+        supported: u64,
+    },
+    /// The format version record is not a version (8 bytes, at least 1).
+    #[error("message store: damaged format version record ({0:02x?})")]
+    DamagedFormat(Vec<u8>),
 }
 
 /// Result of the store.
@@ -245,6 +283,7 @@ struct Inner {
     db: sled::Db,
     data: sled::Tree,
     store_id: String,
+    format: u64,
     writer: Mutex<Writer>,
     events: broadcast::Sender<Arc<Event>>,
     /// The highest cursor known durable and handed to the broadcast.
@@ -343,7 +382,9 @@ impl Change<'_> {
 }
 
 impl Store {
-    /// Opens (or creates) the store in the directory `path`.
+    /// Opens (or creates) the store in the directory `path`. A store of a newer format
+    /// than [`FORMAT_VERSION`] is refused ([`StoreError::TooNew`]) before anything is
+    /// written to it.
     pub fn open(path: &Path) -> StoreResult<Store> {
         let db = sled::Config::new()
             .path(path)
@@ -351,6 +392,8 @@ impl Store {
             .flush_every_ms(Some(500))
             .open()?;
         let data = db.open_tree("data")?;
+        // First, before anything is written.
+        let format = format_version(&data)?;
         let next_seq = match data.get(K_NEXT_SEQ)? {
             Some(v) => be_u64(&v).unwrap_or(1),
             None => 1,
@@ -381,6 +424,7 @@ impl Store {
                 db,
                 data,
                 store_id,
+                format,
                 writer: Mutex::new(Writer {
                     next_seq: next_seq.max(1),
                     next_cursor: last_cursor + 1,
@@ -423,6 +467,11 @@ impl Store {
     /// The cursor of the newest durable event (0 when none).
     pub fn last_cursor(&self) -> u64 {
         self.inner.released.load(Ordering::Acquire)
+    }
+
+    /// The store's format version (see "Format version" in the module docs).
+    pub fn format_version(&self) -> u64 {
+        self.inner.format
     }
 
     /// This store's id (16 hex digits), kept for the life of the store.
@@ -1260,6 +1309,30 @@ fn store_id(data: &sled::Tree) -> StoreResult<String> {
     Ok(hex::encode(id))
 }
 
+/// The store's format version, read and checked before anything is written; a store
+/// without one gets it (see "Format version").
+fn format_version(data: &sled::Tree) -> StoreResult<u64> {
+    if let Some(v) = data.get(K_FORMAT)? {
+        let found = match be_u64(&v) {
+            Some(n) if n >= 1 => n,
+            _ => return Err(StoreError::DamagedFormat(v.to_vec())),
+        };
+        if found > FORMAT_VERSION {
+            return Err(StoreError::TooNew {
+                found,
+                supported: FORMAT_VERSION,
+            });
+        }
+        return Ok(found);
+    }
+    // None: a new store, made now in this format, or one of release 0.1.0, which wrote
+    // no version and is format 1. (Durable with the next flush; until then the next open
+    // decides the same way.)
+    let format = if data.is_empty() { FORMAT_VERSION } else { 1 };
+    data.insert(K_FORMAT, &format.to_be_bytes())?;
+    Ok(format)
+}
+
 /// The tag of a stored event record (see "Cursors").
 fn event_tag(record: &[u8]) -> String {
     hex::encode(&Sha256::digest(record)[..4])
@@ -1279,17 +1352,24 @@ fn be_u64(bytes: &[u8]) -> Option<u64> {
 /// that tests that reopen a store do not depend on that moment.
 #[cfg(test)]
 pub(crate) fn open_in_test(path: &Path) -> Store {
+    retry_locked(|| Store::open(path))
+        .unwrap_or_else(|e| panic!("cannot open the store at {}: {e}", path.display()))
+}
+
+/// Runs `open` again while it fails because sled's lock of a store just dropped in this
+/// process is still held (see [`open_in_test`]).
+#[cfg(test)]
+fn retry_locked<T>(open: impl Fn() -> StoreResult<T>) -> StoreResult<T> {
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     loop {
-        match Store::open(path) {
-            Ok(store) => return store,
+        match open() {
             Err(e)
                 if e.to_string().contains("could not acquire lock")
                     && std::time::Instant::now() < deadline =>
             {
                 std::thread::sleep(std::time::Duration::from_millis(20));
             }
-            Err(e) => panic!("cannot open the store at {}: {e}", path.display()),
+            result => return result,
         }
     }
 }
@@ -1852,6 +1932,87 @@ mod tests {
         assert_eq!(store.resolve_since(&old[0].log_cursor).unwrap(), 1);
         drop(store);
         assert_eq!(open_in_test(tmp.path()).store_id(), id, "made once");
+    }
+
+    /// Every record of every tree, as sled holds it.
+    fn records(path: &Path) -> Vec<(Vec<u8>, Vec<u8>, Vec<u8>)> {
+        let db = retry_locked(|| Ok(sled::open(path)?)).unwrap();
+        let mut out = Vec::new();
+        for name in db.tree_names() {
+            for kv in db.open_tree(&name).unwrap().iter() {
+                let (k, v) = kv.unwrap();
+                out.push((name.to_vec(), k.to_vec(), v.to_vec()));
+            }
+        }
+        out
+    }
+
+    #[tokio::test]
+    async fn a_store_of_a_newer_format_is_refused_and_left_as_it_is() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = open_in_test(tmp.path());
+            assert_eq!(store.format_version(), FORMAT_VERSION);
+            store
+                .insert_incoming(incoming("a", "bob", "1"), None)
+                .unwrap();
+            store.commit().await.unwrap();
+            // As a later release would have written it.
+            store
+                .inner
+                .data
+                .insert(K_FORMAT, &(FORMAT_VERSION + 1).to_be_bytes())
+                .unwrap();
+            store.flush().unwrap();
+        }
+        let before = records(tmp.path());
+        assert!(before.iter().any(|(_, k, _)| k == K_STORE_ID));
+        for _ in 0..2 {
+            let e = match retry_locked(|| Store::open(tmp.path())) {
+                Ok(_) => panic!("a store of a newer format was opened"),
+                Err(e) => e,
+            };
+            assert!(
+                matches!(e, StoreError::TooNew { found, supported: FORMAT_VERSION } if found == FORMAT_VERSION + 1),
+                "{e}"
+            );
+            let text = e.to_string();
+            assert!(
+                text.contains("format 2") && text.contains("later release"),
+                "{text}"
+            );
+            assert_eq!(records(tmp.path()), before, "nothing was written");
+        }
+    }
+
+    #[tokio::test]
+    async fn a_store_without_a_format_version_is_format_1_and_gets_one() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = open_in_test(tmp.path());
+            store
+                .insert_incoming(incoming("a", "bob", "1"), None)
+                .unwrap();
+            store.commit().await.unwrap();
+            // As release 0.1.0 wrote it.
+            store.inner.data.remove(K_FORMAT).unwrap();
+            store.flush().unwrap();
+        }
+        let store = open_in_test(tmp.path());
+        assert_eq!(store.format_version(), 1);
+        assert_eq!(
+            store.inner.data.get(K_FORMAT).unwrap().as_deref(),
+            Some(&1u64.to_be_bytes()[..])
+        );
+        assert_eq!(store.history("bob", 0, None).unwrap()[0].text, "1");
+        // A damaged record is refused, not taken for a version.
+        store.inner.data.insert(K_FORMAT, &[1u8][..]).unwrap();
+        store.flush().unwrap();
+        drop(store);
+        assert!(matches!(
+            retry_locked(|| Store::open(tmp.path())),
+            Err(StoreError::DamagedFormat(_))
+        ));
     }
 
     #[tokio::test]
