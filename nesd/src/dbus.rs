@@ -33,7 +33,7 @@ use crate::error::ServiceError;
 use crate::service::Service;
 use nes_proto::rpc::{self, event::Kind, Direction, MessageState};
 use std::sync::Arc;
-use tokio::sync::{watch, Mutex};
+use tokio::sync::{mpsc, watch, Mutex};
 use tracing::{debug, info, warn};
 use zbus::fdo::{RequestNameFlags, RequestNameReply};
 use zbus::object_server::{InterfaceRef, SignalEmitter};
@@ -103,6 +103,10 @@ pub async fn serve(service: Service, mut shutdown: watch::Receiver<bool>) -> Res
             return Ok(());
         }
     };
+    // Subscribe to the events before reading the values the signals compare against: a
+    // change (the broker connection coming up) between the two is then certain to reach
+    // `signal`, instead of being missed and making the next change look like none.
+    let events = service.events(None);
     let status = service
         .status()
         .await
@@ -149,7 +153,7 @@ pub async fn serve(service: Service, mut shutdown: watch::Receiver<bool>) -> Res
 
     tokio::select! {
         // The event stream ends when the daemon stops.
-        _ = signals(service, iface) => {}
+        _ = signals(service, iface, events) => {}
         _ = crate::stopped(&mut shutdown) => {}
         _ = conn.closed() => {
             warn!("the D-Bus session bus connection closed: the D-Bus API is off");
@@ -275,10 +279,18 @@ impl Messenger {
 
 /// Turns the service's events into signals until the daemon stops. A stream that ends
 /// with an error (this adapter fell behind) is resumed after its last cursor.
-async fn signals(service: Service, iface: InterfaceRef<Messenger>) {
+async fn signals(
+    service: Service,
+    iface: InterfaceRef<Messenger>,
+    first: mpsc::Receiver<Result<Arc<rpc::Event>, ServiceError>>,
+) {
     let mut since = None;
+    let mut first = Some(first);
     loop {
-        let mut events = service.events(since);
+        let mut events = match first.take() {
+            Some(events) => events,
+            None => service.events(since),
+        };
         let mut failed = false;
         while let Some(event) = events.recv().await {
             match event {
