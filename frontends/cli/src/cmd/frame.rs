@@ -143,7 +143,7 @@ fn seal_v3(args: SealArgs, from: &Username, to: &Username) -> Result<(), CliErro
     })?;
     // A certificate the sender's own sign key did not make would be refused by every
     // recipient: say so here when the key is at hand.
-    let [_, _, _, own_sign_pub] = key_files(&data_dir.join(KEYS_DIR), &from);
+    let [_, _, _, own_sign_pub] = key_files(&data_dir.join(KEYS_DIR), from);
     if own_sign_pub.exists() {
         let own = PublicKey::read(&own_sign_pub).map_err(|e| user(e.to_string()))?;
         certificate
