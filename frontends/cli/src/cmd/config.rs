@@ -134,9 +134,17 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
         "notify_dnd",
         "nes-notify: do not disturb (no notifications at all)",
     ),
+    (
+        "notify_body_max",
+        "nes-notify: longest body shown, in characters (default 200)",
+    ),
 ];
 /// Keys whose values are numbers.
-const NUMBER_KEYS: &[&str] = &["key_ttl_secs", "broker_session_expiry_secs"];
+const NUMBER_KEYS: &[&str] = &[
+    "notify_body_max",
+    "key_ttl_secs",
+    "broker_session_expiry_secs",
+];
 /// Keys whose values are true/false.
 const BOOL_KEYS: &[&str] = &["keyserver_legacy", "notify_dnd", "send_v3"];
 /// Keys whose values are lists of strings (comma-separated on the command line).
@@ -304,6 +312,16 @@ mod tests {
             toml::Value::Integer(60)
         );
         assert!(typed_value("key_ttl_secs", "soon").is_err());
+        // nes-notify reads it as a number; `nes config set` knows it.
+        check_key("notify_body_max").unwrap();
+        assert_eq!(
+            typed_value("notify_body_max", "80").unwrap(),
+            toml::Value::Integer(80)
+        );
+        assert_eq!(
+            typed_value("send_v3", "false").unwrap(),
+            toml::Value::Boolean(false)
+        );
         assert_eq!(
             typed_value("broker_session_expiry_secs", "86400").unwrap(),
             toml::Value::Integer(86400)
