@@ -94,7 +94,7 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
     ),
     (
         "broker_protocol",
-        "MQTT version: auto (default: 5 where the broker speaks it), 5 or 3.1.1",
+        "MQTT version: 3.1.1 (the default for now), auto (5 where the broker speaks it) or 5",
     ),
     (
         "broker_session_expiry_secs",
