@@ -497,8 +497,8 @@ impl Service {
         if held.is_empty() {
             return Ok(());
         }
-        let mut released = 0u64;
-        let mut by_version = [0u64; 3];
+        // The frame version of each message released, counted once the flush is done.
+        let mut released: Vec<u32> = Vec::new();
         for h in held {
             let identity = self.p().identity.clone();
             let prekeys = self.p().own_prekeys.snapshot();
@@ -519,13 +519,7 @@ impl Service {
                         .release_held(user.as_str(), h.seq, o.inner.message)?
                         .is_some()
                     {
-                        released += 1;
-                        if let Some(n) = version
-                            .checked_sub(1)
-                            .and_then(|i| by_version.get_mut(i as usize))
-                        {
-                            *n += 1;
-                        }
+                        released.push(version);
                     }
                 }
                 _ => {
@@ -538,9 +532,10 @@ impl Service {
             }
         }
         store.commit().await?;
-        for (i, n) in (1u32..).zip(by_version) {
-            self.p().stats.add_received(i, n);
+        for &version in &released {
+            self.p().stats.add_received(version, 1);
         }
+        let released = released.len();
         info!(%user, released, "released held messages");
         Ok(())
     }
