@@ -161,6 +161,8 @@ fn record(m: &Msg) -> rpc::Message {
         } else {
             String::new()
         },
+        // Release 0.1.0 had no receipts (the field reads as false from its records).
+        wants_receipts: false,
     }
 }
 
@@ -226,7 +228,7 @@ async fn write(dir: &Path, keys: &Keys) -> anyhow::Result<()> {
     send(&store, "o-1")?;
     advance(&store, "o-1", MessageState::Sent)?;
     advance(&store, "o-1", MessageState::Delivered)?;
-    store.mark_read("alice", Some("a-1"))?;
+    store.mark_read("alice", Some("a-1"), false)?;
     send(&store, "o-2")?;
 
     receive(&store, "c-1")?;
@@ -236,7 +238,7 @@ async fn write(dir: &Path, keys: &Keys) -> anyhow::Result<()> {
     advance(&store, "o-4", MessageState::Failed)?;
 
     receive(&store, "b-1")?;
-    store.mark_read("bob", None)?;
+    store.mark_read("bob", None, false)?;
     // bob's keys change at the key server: KEY_CHANGED with the new keys pending, and his
     // next message held with its frame.
     for (user, _, pending, _) in content::CONTACTS {

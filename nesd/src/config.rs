@@ -21,6 +21,7 @@
 //! prekey_rotation = "7d"         # v3: a new prekey and certificate this often (or seconds)
 //! prekey_grace = "14d"           # v3: keep a prekey's private parts this long after it expires
 //! send_v3 = true                 # false: v2 at most (v3 frames are still received)
+//! read_receipts = true           # false: contacts are not told when you read (delivery receipts still go)
 //! # A private broker over TLS with credentials (see docs/BROKER.md):
 //! # broker = "mqtts://mqtt.example.org:8883"
 //! # broker_ca = "~/.config/nes/broker-ca.pem"     # trust only this CA (default: system roots)
@@ -181,6 +182,10 @@ pub struct Cli {
     /// [default: true].
     #[arg(long = "send-v3", env = "NES_SEND_V3", value_name = "BOOL")]
     pub send_v3: Option<bool>,
+    /// Tell contacts when their messages are read (read receipts); false: only that they
+    /// were delivered (delivery receipts always go) [default: true].
+    #[arg(long = "read-receipts", env = "NES_READ_RECEIPTS", value_name = "BOOL")]
+    pub read_receipts: Option<bool>,
     /// Log filter (tracing EnvFilter syntax, e.g. "info" or "nesd=debug") [default: info].
     #[arg(long = "log", env = "NES_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -329,6 +334,8 @@ pub struct FileConfig {
     pub prekey_grace: Option<DurationSetting>,
     /// `send_v3`
     pub send_v3: Option<bool>,
+    /// `read_receipts`
+    pub read_receipts: Option<bool>,
     /// `log`
     pub log: Option<String>,
     /// Everything else (for the frontends).
@@ -501,6 +508,8 @@ pub struct Config {
     pub prekey_grace: Duration,
     /// v3 to contacts with a valid prekey (else v2 at most).
     pub send_v3: bool,
+    /// Send read receipts.
+    pub read_receipts: bool,
     /// Log filter, when configured.
     pub log: Option<String>,
     /// The config file that was read, if any.
@@ -682,6 +691,7 @@ impl Config {
             prekey_rotation,
             prekey_grace,
             send_v3: cli.send_v3.or(file.send_v3).unwrap_or(true),
+            read_receipts: cli.read_receipts.or(file.read_receipts).unwrap_or(true),
             log: cli.log.or(file.log),
             config_file,
         })

@@ -160,6 +160,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     );
     let stats = Arc::new(Stats::default());
     let outbox_wake = Arc::new(Notify::new());
+    let receipts_wake = Arc::new(Notify::new());
     let service = Service::new(Parts {
         identity: identity.clone(),
         store: store.clone(),
@@ -168,6 +169,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         own_prekeys: own_prekeys.clone(),
         peer_prekeys,
         send_v3: config.send_v3,
+        read_receipts: config.read_receipts,
+        receipts_wake: receipts_wake.clone(),
         transport: transport.clone(),
         outbox_wake: outbox_wake.clone(),
         stats: stats.clone(),
@@ -196,6 +199,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         keys,
         stats: stats.clone(),
         transport: transport.clone(),
+        receipts_wake: receipts_wake.clone(),
     };
     let receive_task = tokio::spawn(pipeline.run(incoming_rx, resolved_rx, shutdown.clone()));
     let outbox = Outbox {
@@ -207,6 +211,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     let outbox_task = tokio::spawn(outbox.run(shutdown.clone()));
     let connection_task = tokio::spawn(service.clone().watch_connection());
+    let receipts_task = tokio::spawn(crate::receipts::run(
+        service.clone(),
+        receipts_wake,
+        shutdown.clone(),
+    ));
 
     let std_listener = socket
         .take_listener()
@@ -268,6 +277,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ("lookups", lookups_task),
         ("prekeys", prekeys_task),
         ("outbox", outbox_task),
+        ("receipts", receipts_task),
         ("connection", connection_task),
         ("mqtt", mqtt_task),
         // Last: releases the bus name and closes the connection.

@@ -11,6 +11,7 @@
 //! | `MarkRead(s peer) -> t marked` | [`Service::mark_read`] |
 //! | property `User` (s, constant), `Connected` (b), `Unread` (t), with `PropertiesChanged` | [`Service::status`] + events |
 //! | signal `MessageReceived(s id, s from, x timestamp, s text)` | an incoming message event |
+//! | signal `MessageStateChanged(s id, s peer, s state)` | an outgoing message's state event (`sent`, `delivered`, `read`, `failed`) |
 //!
 //! Errors are D-Bus errors named `org.nes.Messenger1.Error.<Class>` (`InvalidArgument`,
 //! `NotFound`, `FailedPrecondition`, `Unavailable`, `AlreadyExists`, `ResourceExhausted`,
@@ -275,6 +276,16 @@ impl Messenger {
         timestamp: i64,
         text: &str,
     ) -> zbus::Result<()>;
+
+    /// An outgoing message moved on: `sent` (the broker has it), `delivered` and `read`
+    /// (the recipient's receipts), `failed`.
+    #[zbus(signal)]
+    async fn message_state_changed(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        peer: &str,
+        state: &str,
+    ) -> zbus::Result<()>;
 }
 
 /// Turns the service's events into signals until the daemon stops. A stream that ends
@@ -330,6 +341,15 @@ async fn signal(iface: &InterfaceRef<Messenger>, event: &rpc::Event) {
             unread_changed(&messenger, emitter).await;
             Ok(())
         }
+        Some(Kind::StateChanged(c)) => {
+            Messenger::message_state_changed(
+                emitter,
+                &c.id,
+                &c.peer,
+                nes_proto::names::state_name(c.state),
+            )
+            .await
+        }
         Some(Kind::Connection(c)) => {
             let changed = {
                 let mut last = messenger.last.lock().await;
@@ -345,11 +365,9 @@ async fn signal(iface: &InterfaceRef<Messenger>, event: &rpc::Event) {
         }
         // No D-Bus signal for these (the D-Bus API is the small one; gRPC's Events has
         // them all). Named, so that a new kind of event has to decide here.
-        Some(Kind::Message(_))
-        | Some(Kind::StateChanged(_))
-        | Some(Kind::KeyChanged(_))
-        | Some(Kind::Contact(_))
-        | None => Ok(()),
+        Some(Kind::Message(_)) | Some(Kind::KeyChanged(_)) | Some(Kind::Contact(_)) | None => {
+            Ok(())
+        }
     };
     if let Err(e) = result {
         debug!(error = %e, "cannot emit a D-Bus signal");

@@ -2,13 +2,15 @@
 //!
 //! Send stores a message QUEUED with its sealed frame (see [`crate::service`]); this task
 //! hands queued frames to the MQTT session in sequence order while the session is up,
-//! at most [`WINDOW`] unacknowledged at a time, and moves each message to SENT when it is
-//! written and DELIVERED when the broker acknowledges it.
+//! at most [`WINDOW`] unacknowledged at a time, and moves each message to SENT when the
+//! broker acknowledges it (DELIVERED and READ come later, with the recipient's receipts:
+//! [`crate::receipts`]). Receipts this daemon owes travel through the outbox too, as
+//! entries without a message.
 //!
 //! - Broker down: nothing is handed over; messages stay QUEUED and go out in order once
 //!   the session is back. Frames handed over before the connection broke are re-sent
 //!   by rumqttc first, so the order holds.
-//! - Daemon restart: everything still QUEUED or SENT is handed over again, with the same
+//! - Daemon restart: everything still QUEUED is handed over again, with the same
 //!   frame bytes; the receiver drops the copies it already has (same `from` and `id`).
 //! - A frame the broker refuses (MQTT 5: a PUBACK or PUBREC with a failure code, e.g. an
 //!   ACL that denies writing to that topic) becomes FAILED with the broker's reason, and
@@ -117,13 +119,15 @@ impl Outbox {
         }
     }
 
-    /// Records SENT / DELIVERED / FAILED and makes the changes durable and visible.
+    /// Records SENT (the broker's acknowledgement) / FAILED, takes the entries out of the
+    /// outbox, and makes the changes durable and visible.
     async fn record(&self, batch: Vec<Delivery>) {
         let mut delivered = 0u64;
         for d in batch {
             let (token, state, error) = match d {
-                Delivery::Sent(t) => (t, MessageState::Sent, String::new()),
-                Delivery::Delivered(t) => (t, MessageState::Delivered, String::new()),
+                // Written to the connection: it stays QUEUED until the broker answers.
+                Delivery::Sent(_) => continue,
+                Delivery::Delivered(t) => (t, MessageState::Sent, String::new()),
                 // Sending it again would be refused again: FAILED, with the broker's reason.
                 Delivery::Refused(t, why) => (t, MessageState::Failed, why),
             };
@@ -131,8 +135,14 @@ impl Outbox {
                 .store
                 .set_outgoing_state(&token.peer, &token.id, state, &error)
             {
-                Ok(Some(_)) if state == MessageState::Delivered => delivered += 1,
-                Ok(_) => {}
+                Ok(Some(_)) if state == MessageState::Sent => delivered += 1,
+                Ok(Some(_)) => {}
+                // A receipt (no message), or a message a receipt moved on first.
+                Ok(None) => {
+                    if let Err(e) = self.store.outbox_forget(token.seq) {
+                        error!(error = %e, id = %token.id, "cannot record a delivery");
+                    }
+                }
                 Err(e) => error!(error = %e, id = %token.id, "cannot record a delivery"),
             }
         }
@@ -305,7 +315,7 @@ mod tests {
         for peer in ["bob", "carol"] {
             let h = store.history(peer, 0, None).unwrap();
             assert!(
-                h.iter().all(|m| m.state == MessageState::Delivered as i32),
+                h.iter().all(|m| m.state == MessageState::Sent as i32),
                 "{peer}: {h:?}"
             );
         }

@@ -56,6 +56,7 @@ use crate::prekeys::OwnPrekeys;
 use crate::service::Stats;
 use crate::store::{Parked, Store, Waiting};
 use nes_proto::frame::{self, Decrypted, FrameError, Opened};
+use nes_proto::inner::{Kind, Receipt};
 use nes_proto::rpc::{self, Direction, MessageState};
 use nes_proto::{now_ms, Username};
 use std::collections::{HashSet, VecDeque};
@@ -103,6 +104,8 @@ pub struct Pipeline {
     pub stats: Arc<Stats>,
     /// For acknowledgements.
     pub transport: Transport,
+    /// Woken after a flush stored messages (they may owe receipts).
+    pub receipts_wake: Arc<tokio::sync::Notify>,
 }
 
 enum Outcome {
@@ -479,6 +482,9 @@ impl Pipeline {
         for publish in &to_ack {
             self.transport.ack(publish);
         }
+        if stored > 0 {
+            self.receipts_wake.notify_one();
+        }
         for seq in to_unspill {
             if let Err(e) = self.store.inbox_remove(seq) {
                 error!(error = %e, "cannot forget an inbox frame");
@@ -622,6 +628,7 @@ impl Pipeline {
                 error!(error = %e, "cannot flush the store; parked frames stay parked");
                 return;
             }
+            self.receipts_wake.notify_one();
         }
         // Stored first, forgotten after: a crash in between retries a frame whose copy is
         // already stored, and the duplicate check drops it.
@@ -743,6 +750,18 @@ impl Pipeline {
                 }
             }
         }
+        match opened.inner.kind() {
+            Kind::Text => {}
+            Kind::Receipt(receipt) => return self.receipt(&from, held, receipt),
+            Kind::Unknown(kind) => {
+                return self.refuse(
+                    "unknown_kind",
+                    &format!(
+                        "from {from}: a message of kind {kind:?}, which this release does not know"
+                    ),
+                )
+            }
+        }
         if opened.version == frame::Version::V1 {
             // Stored before the v1 id came from the signature, a v1 message is keyed by the
             // hash of its frame bytes: an exact replay of such a frame is a duplicate too.
@@ -777,6 +796,8 @@ impl Pipeline {
             } as i32,
             read: false,
             wire_version: opened.version.number(),
+            // v1 ids are derived, not the sender's: a receipt could not name them.
+            wants_receipts: opened.inner.receipts && opened.version != frame::Version::V1,
             error: if held {
                 format!("held: the keys of {from} changed; compare fingerprints and trust them to read it")
             } else {
@@ -795,6 +816,35 @@ impl Pipeline {
             Ok(None) => self.refuse("duplicate", &format!("from {from}, id already stored")),
             Err(e) => {
                 error!(error = %e, "cannot store a message; the broker will deliver it again");
+                Outcome::Failed
+            }
+        }
+    }
+
+    /// A verified receipt from `from`: moves the messages it names forward. One that only
+    /// verifies under keys not trusted yet is refused (a receipt is not worth holding).
+    fn receipt(&self, from: &Username, held: bool, receipt: &Receipt) -> Outcome {
+        if held {
+            return self.refuse(
+                "receipt_untrusted",
+                &format!("a receipt from {from} under keys not trusted yet"),
+            );
+        }
+        if from == &self.identity.user {
+            return Outcome::Ignored;
+        }
+        match self
+            .store
+            .apply_receipt(from.as_str(), receipt.state, &receipt.ids)
+        {
+            Ok(moved) => {
+                self.stats.add_receipt(moved);
+                debug!(from = %from, state = receipt.state.as_str(), ids = receipt.ids.len(), moved, "receipt");
+                // Flushed before the acknowledgement like a stored message.
+                Outcome::Stored
+            }
+            Err(e) => {
+                error!(error = %e, "cannot apply a receipt; the broker will deliver it again");
                 Outcome::Failed
             }
         }

@@ -41,6 +41,9 @@ pub struct Stats {
     sent: AtomicU64,
     /// Frames sealed and queued, by version (index = version - 1).
     sealed: [AtomicU64; 3],
+    /// Receipt frames received and applied; receipt frames queued.
+    receipts_received: AtomicU64,
+    receipts_sent: AtomicU64,
     log_window: Mutex<HashMap<String, (Instant, u32)>>,
 }
 
@@ -78,6 +81,19 @@ impl Stats {
             .iter()
             .map(|(k, v)| (k.clone(), *v))
             .collect()
+    }
+
+    /// One more receipt received (it moved `_moved` messages on).
+    pub fn add_receipt(&self, _moved: u64) {
+        self.receipts_received.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Receipts received and sent (queued).
+    pub fn receipts(&self) -> (u64, u64) {
+        (
+            self.receipts_received.load(Ordering::Relaxed),
+            self.receipts_sent.load(Ordering::Relaxed),
+        )
     }
 
     /// `n` more messages of frame `version` (1, 2 or 3) stored as received.
@@ -143,6 +159,10 @@ pub struct Parts {
     pub peer_prekeys: PeerPrekeys,
     /// v3 to contacts with a valid prekey (`send_v3`); false: v2 at most.
     pub send_v3: bool,
+    /// Send read receipts (`read_receipts`); delivery receipts are always sent.
+    pub read_receipts: bool,
+    /// Wakes the receipts task when receipts are owed ([`crate::receipts`]).
+    pub receipts_wake: Arc<Notify>,
     /// The MQTT session.
     pub transport: Transport,
     /// Wakes the outbox when something was queued.
@@ -237,6 +257,8 @@ impl Service {
             received_v2: received[1],
             received_v3: received[2],
             prekeys_lost: p.peer_prekeys.lost(),
+            receipts_received: p.stats.receipts().0,
+            receipts_sent: p.stats.receipts().1,
             broker_protocol: p
                 .transport
                 .protocol()
@@ -305,13 +327,25 @@ impl Service {
                 request.text.len()
             )));
         }
+        Ok(ReadyToSeal {
+            recipient: self.recipient(to, request.legacy).await?,
+            text: request.text,
+            receipt: None,
+            timestamp_ms: now_ms(),
+        })
+    }
+
+    /// The recipient's keys and the frame version it gets (v1 when `legacy` is asked for
+    /// or the contact is marked legacy). Refused while its keys changed and are not
+    /// trusted.
+    async fn recipient(&self, to: Username, legacy: bool) -> Result<Recipient, ServiceError> {
         let contact = self.p().keys.get(&to, false).await.map_err(lookup_error)?;
         if contact.key_changed() {
             return Err(ServiceError::FailedPrecondition(format!(
                 "the keys of {to} changed; compare the new fingerprints with {to} and trust them (`nes trust {to}`) before sending"
             )));
         }
-        let legacy = request.legacy || contact.legacy;
+        let legacy = legacy || contact.legacy;
         let (prekey, certificate) = if legacy || !self.p().send_v3 {
             (None, None)
         } else {
@@ -323,15 +357,104 @@ impl Service {
                 None => (None, None),
             }
         };
-        Ok(ReadyToSeal {
+        Ok(Recipient {
             version: choose_version(legacy, prekey.is_some()),
             prekey,
             certificate,
             to_key: contact.pinned.message.clone(),
             to,
-            text: request.text,
-            timestamp_ms: now_ms(),
         })
+    }
+
+    /// Seals the receipts this daemon owes and queues them in the outbox (one frame per
+    /// peer and state, up to [`nes_proto::inner::MAX_RECEIPT_IDS`] ids), until none is
+    /// owed or the rest has to wait (the key server cannot be reached). Receipts to a
+    /// contact that is legacy now, unknown, or whose keys changed are dropped. Returns how
+    /// many receipt frames it queued.
+    pub async fn send_receipts_due(&self) -> Result<u64, ServiceError> {
+        let store = &self.p().store;
+        let mut queued = 0u64;
+        loop {
+            let due = store.receipts_due(64)?;
+            if due.is_empty() {
+                return Ok(queued);
+            }
+            let mut ready = Vec::with_capacity(due.len());
+            let mut waiting = false;
+            for group in due {
+                let Ok(peer) = Username::parse(&group.peer) else {
+                    store.drop_receipts(&group)?;
+                    continue;
+                };
+                match self.recipient(peer, false).await {
+                    Ok(r) if r.version == Version::V1 => {
+                        info!(peer = %group.peer, "receipts dropped: a legacy contact now");
+                        store.drop_receipts(&group)?;
+                    }
+                    Ok(recipient) => {
+                        let receipt = nes_proto::inner::Receipt {
+                            state: group.state,
+                            ids: group.ids.clone(),
+                        };
+                        ready.push((
+                            group,
+                            ReadyToSeal {
+                                recipient,
+                                text: String::new(),
+                                receipt: Some(receipt),
+                                timestamp_ms: now_ms(),
+                            },
+                        ));
+                    }
+                    Err(ServiceError::Unavailable(why)) => {
+                        warn!(peer = %group.peer, %why, "receipts wait: no keys for now");
+                        waiting = true;
+                    }
+                    Err(e) => {
+                        info!(peer = %group.peer, error = %e, "receipts dropped");
+                        store.drop_receipts(&group)?;
+                    }
+                }
+            }
+            let identity = self.p().identity.clone();
+            let sealed = tokio::task::spawn_blocking(move || {
+                ready
+                    .into_iter()
+                    .map(|(group, r)| {
+                        let sealed = seal_frame(&identity, &r);
+                        (group, sealed)
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await
+            .map_err(|e| ServiceError::Internal(format!("sealing failed: {e}")))?;
+            for (group, sealed) in sealed {
+                match sealed {
+                    Ok(sealed) => {
+                        self.p().stats.receipts_sent.fetch_add(1, Ordering::Relaxed);
+                        store.queue_receipt(
+                            &group,
+                            OutboxRecord {
+                                peer: group.peer.clone(),
+                                id: sealed.id,
+                                exactly_once: false,
+                                frame: sealed.frame,
+                            },
+                        )?;
+                        queued += 1;
+                    }
+                    Err(e) => {
+                        warn!(peer = %group.peer, error = %e, "receipts dropped: cannot seal");
+                        store.drop_receipts(&group)?;
+                    }
+                }
+            }
+            store.commit().await?;
+            self.p().outbox_wake.notify_one();
+            if waiting {
+                return Ok(queued);
+            }
+        }
     }
 
     /// Step two: stores prepared messages in order, flushes, wakes the outbox. One result
@@ -393,9 +516,10 @@ impl Service {
         let peer = parse_user(peer, "peer")?;
         let up_to = (!up_to_id.is_empty()).then_some(up_to_id);
         let store = &self.p().store;
-        let marked = store.mark_read(peer.as_str(), up_to)?;
+        let marked = store.mark_read(peer.as_str(), up_to, self.p().read_receipts)?;
         if marked > 0 {
             store.commit().await?;
+            self.p().receipts_wake.notify_one();
         }
         Ok(marked)
     }
@@ -532,6 +656,7 @@ impl Service {
             }
         }
         store.commit().await?;
+        self.p().receipts_wake.notify_one();
         for &version in &released {
             self.p().stats.add_received(version, 1);
         }
@@ -717,35 +842,71 @@ impl Service {
     }
 }
 
-/// A checked send, waiting to be sealed.
-struct ReadyToSeal {
+/// Where a frame to a contact goes, and how it is sealed.
+struct Recipient {
     to: Username,
-    text: String,
     version: Version,
     /// v3: the contact's verified prekey and our certificate.
     prekey: Option<Arc<nes_proto::v3::SignedPrekey>>,
     certificate: Option<Arc<nes_proto::v3::CertificateSecret>>,
-    timestamp_ms: i64,
     to_key: nes_proto::PublicKey,
 }
 
-/// Seals one message (CPU: one RSA signature and one RSA encryption): call it on the
+/// A checked send (a text, or a receipt), waiting to be sealed.
+struct ReadyToSeal {
+    recipient: Recipient,
+    text: String,
+    receipt: Option<nes_proto::inner::Receipt>,
+    timestamp_ms: i64,
+}
+
+/// Seals one text and makes its records (CPU: see [`seal_frame`]): call it on the
 /// blocking pool.
 fn seal_one(identity: &Identity, ready: ReadyToSeal) -> Result<Prepared, ServiceError> {
-    let ReadyToSeal {
+    let sealed = seal_frame(identity, &ready)?;
+    let to = ready.recipient.to;
+    let message = rpc::Message {
+        id: sealed.id.clone(),
+        from: identity.user.to_string(),
+        to: to.to_string(),
+        peer: to.to_string(),
+        direction: Direction::Outgoing as i32,
+        text: ready.text,
+        timestamp_ms: ready.timestamp_ms,
+        stored_at_ms: 0,
+        state: MessageState::Queued as i32,
+        read: true,
+        wire_version: sealed.version.number(),
+        error: String::new(),
+        wants_receipts: sealed.version != Version::V1,
+    };
+    let outbox = OutboxRecord {
+        peer: to.to_string(),
+        id: sealed.id,
+        exactly_once: sealed.version == Version::V1,
+        frame: sealed.frame,
+    };
+    Ok(Prepared { message, outbox })
+}
+
+/// Seals one frame: v3 needs no RSA private operation (the certificate was signed once
+/// per rotation), v1 and v2 one RSA signature and one RSA encryption. Texts in v2 and v3
+/// ask for receipts; receipts ask for nothing.
+fn seal_frame(identity: &Identity, ready: &ReadyToSeal) -> Result<frame::Sealed, ServiceError> {
+    let Recipient {
         to,
-        text,
         version,
         prekey,
         certificate,
-        timestamp_ms,
         to_key,
-    } = ready;
+    } = &ready.recipient;
     let draft = Draft {
+        receipt: ready.receipt.as_ref(),
+        wants_receipts: ready.receipt.is_none(),
         from: &identity.user,
-        to: &to,
-        text: &text,
-        timestamp_ms,
+        to,
+        text: &ready.text,
+        timestamp_ms: ready.timestamp_ms,
     };
     let too_large = |size: usize| {
         ServiceError::InvalidArgument(format!(
@@ -753,10 +914,9 @@ fn seal_one(identity: &Identity, ready: ReadyToSeal) -> Result<Prepared, Service
             frame::MAX_FRAME_BYTES
         ))
     };
-    let sealed = match (version, prekey, certificate) {
-        // No RSA private operation: the certificate was signed once per rotation.
+    let sealed = match (*version, prekey, certificate) {
         (Version::V3, Some(prekey), Some(certificate)) => {
-            nes_proto::v3::seal(&draft, &prekey, &certificate, now_ms()).map_err(|e| match e {
+            nes_proto::v3::seal(&draft, prekey, certificate, now_ms()).map_err(|e| match e {
                 nes_proto::v3::V3Error::Frame(FrameError::TooLarge { size }) => too_large(size),
                 other => ServiceError::Internal(format!("sealing failed: {other}")),
             })?
@@ -767,33 +927,13 @@ fn seal_one(identity: &Identity, ready: ReadyToSeal) -> Result<Prepared, Service
             } else {
                 version
             };
-            frame::seal(version, &draft, &to_key, &identity.sign_key).map_err(|e| match e {
+            frame::seal(version, &draft, to_key, &identity.sign_key).map_err(|e| match e {
                 FrameError::TooLarge { size } => too_large(size),
                 other => ServiceError::Internal(format!("sealing failed: {other}")),
             })?
         }
     };
-    let message = rpc::Message {
-        id: sealed.id.clone(),
-        from: identity.user.to_string(),
-        to: to.to_string(),
-        peer: to.to_string(),
-        direction: Direction::Outgoing as i32,
-        text,
-        timestamp_ms,
-        stored_at_ms: 0,
-        state: MessageState::Queued as i32,
-        read: true,
-        wire_version: sealed.version.number(),
-        error: String::new(),
-    };
-    let outbox = OutboxRecord {
-        peer: to.to_string(),
-        id: sealed.id,
-        exactly_once: sealed.version == Version::V1,
-        frame: sealed.frame,
-    };
-    Ok(Prepared { message, outbox })
+    Ok(sealed)
 }
 
 /// The frame version a contact gets: v1 to legacy contacts, v3 to one with a valid

@@ -16,6 +16,7 @@
 //! | `q` seq | [`OutboxRecord`]: sealed frames not yet acknowledged by the broker |
 //! | `w` sender `\0` seq | a frame waiting for its sender's keys (the key server was down) |
 //! | `x` seq | a frame received but not yet decrypted: the *inbox* (see [`Store::spill`]) |
+//! | `r` peer `\0` state seq | a message id: a receipt owed to `peer` (see "Receipts") |
 //! | `e` cursor | the [`rpc::Event`] (prost) — the event log |
 //! | `n/seq` | the next message sequence number |
 //! | `n/store` | the store id: 8 random bytes, made once (see "Cursors") |
@@ -24,6 +25,17 @@
 //! `seq` and `cursor` are big-endian u64, so key order is number order: the last N of a
 //! conversation is one short reverse range scan however many messages are stored.
 //! Usernames cannot contain `\0`, so `peer \0` never prefixes another peer's keys.
+//!
+//! # Receipts
+//! A message stored RECEIVED whose sender asked for receipts (`wants_receipts`) owes its
+//! sender a delivery receipt, and, when marked read with read receipts on, a read
+//! receipt: an `r` record written in the same batch as the message (or the read mark),
+//! so a crash cannot lose one. [`crate::receipts`] seals the owed ids of a peer into one
+//! receipt frame and queues it in the outbox in one batch that also removes the records
+//! ([`Store::queue_receipt`]); such an outbox entry has no message (its acknowledgement
+//! only takes it out, [`Store::outbox_forget`]). Receipts that come back move outgoing
+//! messages forward ([`Store::apply_receipt`]): queued, sent (the broker acknowledged
+//! it), delivered, read; never back.
 //!
 //! # Durability and events
 //! Writers are serialised by one mutex (they are short: a few reads and one batch).
@@ -52,7 +64,11 @@
 //! ([`StoreError::TooNew`]: written by a later release, which may have changed records
 //! this code would misread or overwrite), writing nothing to it. A change of a record's
 //! meaning or layout raises [`FORMAT_VERSION`], and `open` converts older formats (or
-//! reads both). sled's own file format is sled's: its `conf` names its version.
+//! reads both). Format 2 gave the outgoing states their receipt-era meanings: format 1's
+//! SENT ("handed to the MQTT client") is QUEUED now, and its DELIVERED ("acknowledged by
+//! the broker") is SENT, since DELIVERED now means the recipient stored it; `open`
+//! rewrites the outgoing messages of a format 1 store in one batch (the event log keeps
+//! the state changes it logged then, under their old names). sled's own file format is sled's: its `conf` names its version.
 //!
 //! # Old stores
 //! A store written by an earlier release opens in a later one. The test
@@ -63,6 +79,7 @@
 //! fixture is never made again with newer code; a release that changes a record adds a
 //! fixture of its own beside the old ones.
 
+use nes_proto::inner::{ReceiptState, MAX_RECEIPT_IDS};
 use nes_proto::now_ms;
 use nes_proto::rpc::{self, event::Kind, Direction, Event, MessageState};
 use prost::Message as _;
@@ -87,13 +104,14 @@ const P_OUTBOX: u8 = b'q';
 const P_EVENT: u8 = b'e';
 const P_WAITING: u8 = b'w';
 const P_INBOX: u8 = b'x';
+const P_RECEIPT: u8 = b'r';
 const K_NEXT_SEQ: &[u8] = b"n/seq";
 const K_STORE_ID: &[u8] = b"n/store";
 const K_FORMAT: &[u8] = b"n/format";
 
 /// The store format this code reads and writes (see "Format version" in the module docs).
 /// 1: release 0.1.0's format, the first.
-pub const FORMAT_VERSION: u64 = 1;
+pub const FORMAT_VERSION: u64 = 2;
 /// The tag of position 0 (no event there) in a log cursor.
 const START_TAG: &str = "00000000";
 
@@ -113,6 +131,19 @@ pub struct OutboxRecord {
     /// receiver's duplicate check works for v1 too).
     #[prost(bytes = "vec", tag = "4")]
     pub frame: Vec<u8>,
+}
+
+/// Receipts owed to one peer, of one state ([`Store::receipts_due`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ReceiptsDue {
+    /// Who gets the receipt.
+    pub peer: String,
+    /// What it says.
+    pub state: ReceiptState,
+    /// The ids it acknowledges.
+    pub ids: Vec<String>,
+    /// The owed records, removed once the receipt is queued.
+    keys: Vec<Vec<u8>>,
 }
 
 /// Counters of one conversation.
@@ -393,7 +424,10 @@ impl Store {
             .open()?;
         let data = db.open_tree("data")?;
         // First, before anything is written.
-        let format = format_version(&data)?;
+        let mut format = format_version(&data)?;
+        if format == 1 {
+            format = convert_format_1(&data)?;
+        }
         let next_seq = match data.get(K_NEXT_SEQ)? {
             Some(v) => be_u64(&v).unwrap_or(1),
             None => 1,
@@ -656,6 +690,12 @@ impl Store {
         );
         c.batch.insert(idk, &seq.to_be_bytes());
         c.batch.insert(summary_key(&peer), summary.encode_to_vec());
+        if message.wants_receipts && message.state == MessageState::Received as i32 {
+            c.batch.insert(
+                receipt_key(&peer, ReceiptState::Delivered, seq),
+                message.id.as_bytes(),
+            );
+        }
         c.event(Kind::Message(message.clone()));
         c.apply(data)?;
         Ok(Some(message))
@@ -691,9 +731,9 @@ impl Store {
         Ok(message)
     }
 
-    /// Moves an outgoing message on (SENT, DELIVERED, FAILED). States only move forward;
-    /// DELIVERED and FAILED take it out of the outbox. Returns the updated message, or
-    /// `None` when nothing changed.
+    /// Moves an outgoing message on (SENT, DELIVERED, READ, FAILED). States only move
+    /// forward; every one of them takes it out of the outbox. Returns the updated message,
+    /// or `None` when nothing changed.
     pub fn set_outgoing_state(
         &self,
         peer: &str,
@@ -701,8 +741,26 @@ impl Store {
         state: MessageState,
         error: &str,
     ) -> StoreResult<Option<rpc::Message>> {
-        let data = &self.inner.data;
         let mut c = self.change();
+        let Some((message, leaves_outbox)) = self.advance(&mut c, peer, id, state, error)? else {
+            return Ok(None);
+        };
+        self.apply_with_outbox(c, leaves_outbox, 0)?;
+        Ok(Some(message))
+    }
+
+    /// Adds moving one outgoing message to `state` to the change `c`: the record, the
+    /// outbox entry leaving, the event. `None` when it does not move; else the message and
+    /// how many outbox entries leave (0 or 1).
+    fn advance(
+        &self,
+        c: &mut Change<'_>,
+        peer: &str,
+        id: &str,
+        state: MessageState,
+        error: &str,
+    ) -> StoreResult<Option<(rpc::Message, u64)>> {
+        let data = &self.inner.data;
         let Some(seq) = self.seq_of(peer, id)? else {
             return Ok(None);
         };
@@ -717,8 +775,7 @@ impl Store {
         message.state = state as i32;
         message.error = error.to_owned();
         c.batch.insert(key, message.encode_to_vec());
-        let leaves_outbox = matches!(state, MessageState::Delivered | MessageState::Failed)
-            && data.contains_key(outbox_key(seq))?;
+        let leaves_outbox = data.contains_key(outbox_key(seq))?;
         if leaves_outbox {
             c.batch.remove(&outbox_key(seq));
         }
@@ -728,18 +785,130 @@ impl Store {
             state: state as i32,
             error: error.to_owned(),
         }));
-        // Count it out before the change is visible, so a reader who sees the new state
-        // never sees the old count.
-        if leaves_outbox {
-            self.inner.outbox_len.fetch_sub(1, Ordering::AcqRel);
-        }
-        if let Err(e) = c.apply(data) {
-            if leaves_outbox {
-                self.inner.outbox_len.fetch_add(1, Ordering::AcqRel);
-            }
+        Ok(Some((message, u64::from(leaves_outbox))))
+    }
+
+    /// Applies `c`, in which `leaving` outbox entries were removed and `adding` added. The
+    /// count changes before the change is visible, so a reader who sees the new state
+    /// never sees the old count.
+    fn apply_with_outbox(&self, c: Change<'_>, leaving: u64, adding: u64) -> StoreResult<()> {
+        let len = &self.inner.outbox_len;
+        len.fetch_sub(leaving, Ordering::AcqRel);
+        len.fetch_add(adding, Ordering::AcqRel);
+        if let Err(e) = c.apply(&self.inner.data) {
+            len.fetch_add(leaving, Ordering::AcqRel);
+            len.fetch_sub(adding, Ordering::AcqRel);
             return Err(e);
         }
-        Ok(Some(message))
+        Ok(())
+    }
+
+    /// The broker acknowledged (or refused) outbox entry `seq` and no message moved on
+    /// with it (a receipt, or a message a receipt moved on first): it leaves the outbox.
+    pub fn outbox_forget(&self, seq: u64) -> StoreResult<()> {
+        let mut c = self.change();
+        if !self.inner.data.contains_key(outbox_key(seq))? {
+            return Ok(());
+        }
+        c.batch.remove(&outbox_key(seq));
+        self.apply_with_outbox(c, 1, 0)
+    }
+
+    /// A receipt from `peer`: moves the outgoing messages to `peer` that it names to
+    /// DELIVERED or READ (only forward; ids that are not such messages are ignored).
+    /// Returns how many moved.
+    pub fn apply_receipt(
+        &self,
+        peer: &str,
+        state: ReceiptState,
+        ids: &[String],
+    ) -> StoreResult<u64> {
+        let to = match state {
+            ReceiptState::Delivered => MessageState::Delivered,
+            ReceiptState::Read => MessageState::Read,
+        };
+        let mut c = self.change();
+        let (mut moved, mut leaving) = (0u64, 0u64);
+        for id in ids {
+            if let Some((_, left)) = self.advance(&mut c, peer, id, to, "")? {
+                moved += 1;
+                leaving += left;
+            }
+        }
+        if moved > 0 {
+            self.apply_with_outbox(c, leaving, 0)?;
+        }
+        Ok(moved)
+    }
+
+    /// Receipts owed, grouped by peer and state, each group at most [`MAX_RECEIPT_IDS`]
+    /// ids, at most `limit` groups.
+    pub fn receipts_due(&self, limit: usize) -> StoreResult<Vec<ReceiptsDue>> {
+        let mut out: Vec<ReceiptsDue> = Vec::new();
+        for kv in self.inner.data.scan_prefix([P_RECEIPT]) {
+            let (k, id) = kv?;
+            let Some(zero) = k.iter().position(|&b| b == 0) else {
+                continue;
+            };
+            let (Some(peer), Some(&state)) = (k.get(1..zero), k.get(zero + 1)) else {
+                continue;
+            };
+            let state = match state {
+                b'd' => ReceiptState::Delivered,
+                b'r' => ReceiptState::Read,
+                _ => continue,
+            };
+            let peer = String::from_utf8_lossy(peer);
+            let id = String::from_utf8_lossy(&id).into_owned();
+            match out.last_mut() {
+                Some(g) if g.peer == peer && g.state == state => {
+                    // A full group leaves the rest of its ids to the next round.
+                    if g.ids.len() < MAX_RECEIPT_IDS {
+                        g.ids.push(id);
+                        g.keys.push(k.to_vec());
+                    }
+                }
+                _ => {
+                    if out.len() == limit {
+                        break;
+                    }
+                    out.push(ReceiptsDue {
+                        peer: peer.into_owned(),
+                        state,
+                        ids: vec![id],
+                        keys: vec![k.to_vec()],
+                    });
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// Queues a sealed receipt in the outbox and forgets the owed records it carries, in
+    /// one batch.
+    pub fn queue_receipt(&self, due: &ReceiptsDue, record: OutboxRecord) -> StoreResult<()> {
+        let mut c = self.change();
+        let seq = c.seq();
+        c.batch.insert(&outbox_key(seq)[..], record.encode_to_vec());
+        for k in &due.keys {
+            c.batch.remove(&k[..]);
+        }
+        self.apply_with_outbox(c, 0, 1)
+    }
+
+    /// Forgets owed receipts that cannot be sent (the peer is a legacy contact now, or its
+    /// keys changed and are not trusted).
+    pub fn drop_receipts(&self, due: &ReceiptsDue) -> StoreResult<()> {
+        let mut c = self.change();
+        for k in &due.keys {
+            c.batch.remove(&k[..]);
+        }
+        c.apply(&self.inner.data)
+    }
+
+    /// Whether any receipt is owed.
+    pub fn receipts_owed(&self) -> bool {
+        self.inner.data.scan_prefix([P_RECEIPT]).next().is_some()
     }
 
     /// Outbox entries with a sequence number greater than `after`, in order, at most `limit`.
@@ -851,9 +1020,15 @@ impl Store {
         Ok(total)
     }
 
-    /// Marks incoming messages of `peer` read: all, or up to and including `up_to_id`.
+    /// Marks incoming messages of `peer` read: all, or up to and including `up_to_id`;
+    /// with `read_receipts`, those whose sender asked for receipts owe a read receipt.
     /// Returns how many changed.
-    pub fn mark_read(&self, peer: &str, up_to_id: Option<&str>) -> StoreResult<u64> {
+    pub fn mark_read(
+        &self,
+        peer: &str,
+        up_to_id: Option<&str>,
+        read_receipts: bool,
+    ) -> StoreResult<u64> {
         let data = &self.inner.data;
         let mut c = self.change();
         let last = match up_to_id {
@@ -878,6 +1053,13 @@ impl Store {
             if let Some(bytes) = data.get(&mkey)? {
                 let mut message = rpc::Message::decode(&bytes[..])?;
                 message.read = true;
+                if read_receipts && message.wants_receipts {
+                    let seq = be_u64(seq_bytes).unwrap_or(0);
+                    c.batch.insert(
+                        receipt_key(peer, ReceiptState::Read, seq),
+                        message.id.as_bytes(),
+                    );
+                }
                 c.batch.insert(mkey, message.encode_to_vec());
             }
             c.batch.remove(k);
@@ -916,7 +1098,7 @@ impl Store {
     }
 
     /// Releases a held message after its sender's new keys were trusted and it verified:
-    /// it becomes RECEIVED with its text.
+    /// it becomes RECEIVED with its text (and owes its delivery receipt now, if asked).
     pub fn release_held(
         &self,
         peer: &str,
@@ -944,6 +1126,12 @@ impl Store {
         c.batch
             .insert(peer_key(P_UNREAD, peer, &seq.to_be_bytes()), &[]);
         c.batch.insert(summary_key(peer), summary.encode_to_vec());
+        if message.wants_receipts {
+            c.batch.insert(
+                receipt_key(peer, ReceiptState::Delivered, seq),
+                message.id.as_bytes(),
+            );
+        }
         c.event(Kind::Message(message.clone()));
         c.apply(data)?;
         Ok(Some(message))
@@ -1241,17 +1429,52 @@ fn inbox_key(seq: u64) -> [u8; 9] {
     k
 }
 
-/// Whether an outgoing message may move from `from` to `to`.
+/// Whether an outgoing message may move from `from` to `to`: forward along queued, sent,
+/// delivered, read (a receipt may overtake the broker's acknowledgement), or from queued
+/// to failed.
 fn advances(from: MessageState, to: MessageState) -> bool {
-    use MessageState::*;
-    matches!(
-        (from, to),
-        (Queued, Sent)
-            | (Queued, Delivered)
-            | (Sent, Delivered)
-            | (Queued, Failed)
-            | (Sent, Failed)
-    )
+    use nes_proto::states::progress;
+    match to {
+        MessageState::Failed => from == MessageState::Queued,
+        _ => progress(from as i32) > 0 && progress(to as i32) > progress(from as i32),
+    }
+}
+
+/// Converts a format 1 store to format 2 (see "Format version"): the outgoing states.
+fn convert_format_1(data: &sled::Tree) -> StoreResult<u64> {
+    let mut batch = sled::Batch::default();
+    for kv in data.scan_prefix([P_MSG]) {
+        let (k, v) = kv?;
+        let mut m = rpc::Message::decode(&v[..])?;
+        if m.direction != Direction::Outgoing as i32 {
+            continue;
+        }
+        let state = match MessageState::try_from(m.state) {
+            Ok(MessageState::Sent) => MessageState::Queued,
+            Ok(MessageState::Delivered) => MessageState::Sent,
+            _ => continue,
+        };
+        m.state = state as i32;
+        batch.insert(k, m.encode_to_vec());
+    }
+    batch.insert(K_FORMAT, &2u64.to_be_bytes());
+    data.apply_batch(batch)?;
+    Ok(2)
+}
+
+/// `r` peer `\0` state seq.
+fn receipt_key(peer: &str, state: ReceiptState, seq: u64) -> Vec<u8> {
+    let mut tail = [0u8; 9];
+    tail[0] = receipt_state_byte(state);
+    tail[1..].copy_from_slice(&seq.to_be_bytes());
+    peer_key(P_RECEIPT, peer, &tail)
+}
+
+fn receipt_state_byte(state: ReceiptState) -> u8 {
+    match state {
+        ReceiptState::Delivered => b'd',
+        ReceiptState::Read => b'r',
+    }
 }
 
 /// `w` sender `\0` seq, split.
@@ -1392,6 +1615,7 @@ mod tests {
             read: false,
             wire_version: 2,
             error: String::new(),
+            wants_receipts: false,
         }
     }
 
@@ -1581,8 +1805,8 @@ mod tests {
         assert_eq!(h.len(), 1);
         assert_eq!(h[0].text, "1");
         assert_eq!(store.unread_total().unwrap(), 2);
-        assert_eq!(store.mark_read("bob", None).unwrap(), 1);
-        assert_eq!(store.mark_read("bob", None).unwrap(), 0);
+        assert_eq!(store.mark_read("bob", None, false).unwrap(), 1);
+        assert_eq!(store.mark_read("bob", None, false).unwrap(), 0);
         assert_eq!(store.unread_total().unwrap(), 1);
         assert!(store.history("bob", 0, None).unwrap()[0].read);
     }
@@ -1625,7 +1849,7 @@ mod tests {
         assert_eq!(convs[0].unread, 2000);
         assert_eq!(convs[0].last.as_ref().unwrap().text, "1999");
         assert_eq!(convs[1].total, 4);
-        assert_eq!(store.mark_read("bob", Some("id9")).unwrap(), 10);
+        assert_eq!(store.mark_read("bob", Some("id9"), false).unwrap(), 10);
         assert_eq!(store.conversations().unwrap()[0].unread, 1990);
     }
 
@@ -1996,15 +2220,46 @@ mod tests {
             store.commit().await.unwrap();
             // As release 0.1.0 wrote it.
             store.inner.data.remove(K_FORMAT).unwrap();
+            // Format 1's outgoing states: 2 "handed to MQTT", 3 "acknowledged by the broker".
+            for (id, old) in [
+                ("o-handed", 2),
+                ("o-acked", 3),
+                ("o-failed", 4),
+                ("o-queued", 1),
+            ] {
+                let (mut m, o) = outgoing(id, "bob");
+                store.insert_outgoing(m.clone(), o).unwrap();
+                let seq = store.seq_of("bob", id).unwrap().unwrap();
+                m.state = old;
+                store
+                    .inner
+                    .data
+                    .insert(
+                        peer_key(P_MSG, "bob", &seq.to_be_bytes()),
+                        m.encode_to_vec(),
+                    )
+                    .unwrap();
+            }
             store.flush().unwrap();
         }
         let store = open_in_test(tmp.path());
-        assert_eq!(store.format_version(), 1);
+        // Format 1, converted to format 2 at once.
+        assert_eq!(store.format_version(), 2);
         assert_eq!(
             store.inner.data.get(K_FORMAT).unwrap().as_deref(),
-            Some(&1u64.to_be_bytes()[..])
+            Some(&2u64.to_be_bytes()[..])
         );
         assert_eq!(store.history("bob", 0, None).unwrap()[0].text, "1");
+        let state = |id: &str| store.message("bob", id).unwrap().unwrap().state;
+        assert_eq!(state("o-handed"), MessageState::Queued as i32);
+        assert_eq!(state("o-acked"), MessageState::Sent as i32);
+        assert_eq!(state("o-failed"), MessageState::Failed as i32);
+        assert_eq!(state("o-queued"), MessageState::Queued as i32);
+        assert_eq!(
+            store.message("bob", "a").unwrap().unwrap().state,
+            MessageState::Received as i32,
+            "incoming messages keep their state"
+        );
         // A damaged record is refused, not taken for a version.
         store.inner.data.insert(K_FORMAT, &[1u8][..]).unwrap();
         store.flush().unwrap();
@@ -2013,6 +2268,177 @@ mod tests {
             retry_locked(|| Store::open(tmp.path())),
             Err(StoreError::DamagedFormat(_))
         ));
+    }
+
+    #[tokio::test]
+    async fn receipts_are_owed_with_the_message_and_the_read_mark_and_queued_once() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_in_test(tmp.path());
+        let asks = |id: &str| rpc::Message {
+            wants_receipts: true,
+            ..incoming(id, "bob", "hi")
+        };
+        store.insert_incoming(asks("b1"), None).unwrap();
+        store.insert_incoming(asks("b2"), None).unwrap();
+        store
+            .insert_incoming(incoming("b3", "bob", "no receipts asked"), None)
+            .unwrap();
+        store.insert_incoming(asks("c1"), None).unwrap().unwrap();
+        let held = rpc::Message {
+            state: MessageState::Held as i32,
+            ..asks("h1")
+        };
+        store
+            .insert_incoming(held, Some(b"frame".to_vec()))
+            .unwrap();
+        // A duplicate owes nothing more.
+        assert!(store.insert_incoming(asks("b1"), None).unwrap().is_none());
+        let due = store.receipts_due(10).unwrap();
+        assert_eq!(due.len(), 1, "{due:?}");
+        assert_eq!(
+            (due[0].peer.as_str(), due[0].state, due[0].ids.clone()),
+            (
+                "bob",
+                ReceiptState::Delivered,
+                vec!["b1".to_string(), "b2".into(), "c1".into()]
+            )
+        );
+        store
+            .queue_receipt(
+                &due[0],
+                OutboxRecord {
+                    peer: "bob".into(),
+                    id: "r1".into(),
+                    exactly_once: false,
+                    frame: b"receipt".to_vec(),
+                },
+            )
+            .unwrap();
+        assert!(!store.receipts_owed());
+        assert_eq!(store.outbox_len(), 1);
+        let (seq, record) = store.outbox_after(0, 10).unwrap().remove(0);
+        assert_eq!(record.id, "r1");
+        // Its acknowledgement moves no message and takes it out.
+        assert!(store
+            .set_outgoing_state("bob", "r1", MessageState::Sent, "")
+            .unwrap()
+            .is_none());
+        store.outbox_forget(seq).unwrap();
+        assert_eq!(store.outbox_len(), 0);
+        assert!(store.outbox_after(0, 10).unwrap().is_empty());
+
+        // Read with read receipts off: nothing owed; on: the ones that asked.
+        assert_eq!(store.mark_read("bob", Some("b1"), false).unwrap(), 1);
+        assert!(!store.receipts_owed());
+        assert_eq!(store.mark_read("bob", None, true).unwrap(), 3);
+        let due = store.receipts_due(10).unwrap();
+        assert_eq!(due.len(), 1);
+        assert_eq!(due[0].state, ReceiptState::Read);
+        assert_eq!(due[0].ids, ["b2", "c1"]);
+        store.drop_receipts(&due[0]).unwrap();
+        assert!(!store.receipts_owed());
+    }
+
+    #[tokio::test]
+    async fn many_owed_receipts_go_in_groups_of_at_most_max_receipt_ids() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_in_test(tmp.path());
+        for i in 0..MAX_RECEIPT_IDS + 10 {
+            let m = rpc::Message {
+                wants_receipts: true,
+                ..incoming(&format!("m{i:04}"), "bob", "hi")
+            };
+            store.insert_incoming(m, None).unwrap();
+        }
+        let m = rpc::Message {
+            wants_receipts: true,
+            ..incoming("x", "carol", "hi")
+        };
+        store.insert_incoming(m, None).unwrap();
+        let due = store.receipts_due(10).unwrap();
+        assert_eq!(due.len(), 2, "bob's first group, then carol's");
+        assert_eq!(due[0].ids.len(), MAX_RECEIPT_IDS);
+        assert_eq!((due[1].peer.as_str(), due[1].ids.len()), ("carol", 1));
+        assert_eq!(store.receipts_due(1).unwrap().len(), 1);
+        store.drop_receipts(&due[0]).unwrap();
+        let rest = store.receipts_due(10).unwrap();
+        assert_eq!(rest[0].ids.len(), 10);
+        assert_eq!(rest[0].ids[0], format!("m{MAX_RECEIPT_IDS:04}"));
+    }
+
+    #[tokio::test]
+    async fn receipts_move_only_the_peers_messages_and_only_forward() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_in_test(tmp.path());
+        let (m, o) = outgoing("o1", "bob");
+        store.insert_outgoing(m, o).unwrap();
+        store
+            .insert_incoming(incoming("i1", "bob", "in"), None)
+            .unwrap();
+        let ids = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        // carol cannot acknowledge alice's message to bob; an incoming one cannot move.
+        assert_eq!(
+            store
+                .apply_receipt("carol", ReceiptState::Read, &ids(&["o1"]))
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            store
+                .apply_receipt("bob", ReceiptState::Read, &ids(&["i1", "nope"]))
+                .unwrap(),
+            0
+        );
+        // A receipt may overtake the broker's acknowledgement: out of the outbox.
+        assert_eq!(
+            store
+                .apply_receipt("bob", ReceiptState::Delivered, &ids(&["o1"]))
+                .unwrap(),
+            1
+        );
+        assert_eq!(store.outbox_len(), 0);
+        assert!(store
+            .set_outgoing_state("bob", "o1", MessageState::Sent, "")
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            store
+                .apply_receipt("bob", ReceiptState::Read, &ids(&["o1"]))
+                .unwrap(),
+            1
+        );
+        // Replays: nothing moves back.
+        assert_eq!(
+            store
+                .apply_receipt("bob", ReceiptState::Delivered, &ids(&["o1"]))
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            store
+                .apply_receipt("bob", ReceiptState::Read, &ids(&["o1"]))
+                .unwrap(),
+            0
+        );
+        assert!(store
+            .set_outgoing_state("bob", "o1", MessageState::Failed, "late")
+            .unwrap()
+            .is_none());
+        let m = store.message("bob", "o1").unwrap().unwrap();
+        assert_eq!(m.state, MessageState::Read as i32);
+        store.commit().await.unwrap();
+        let events = store.events_after(0, 100).unwrap();
+        let states: Vec<i32> = events
+            .iter()
+            .filter_map(|e| match &e.kind {
+                Some(Kind::StateChanged(c)) => Some(c.state),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            states,
+            [MessageState::Delivered as i32, MessageState::Read as i32]
+        );
     }
 
     #[tokio::test]

@@ -21,7 +21,7 @@
 //! Every refusal is a [`FrameError`]; bytes from the network never cause a panic.
 
 use crate::b64;
-use crate::inner::{Inner, ID_BYTES};
+use crate::inner::{Inner, Receipt, ID_BYTES};
 use crate::keys::{KeyError, PrivateKey, PublicKey};
 use crate::username::Username;
 use aes::cipher::{block_padding::Pkcs7, BlockDecryptMut, BlockEncryptMut, KeyIvInit};
@@ -159,6 +159,24 @@ pub struct Draft<'a> {
     pub text: &'a str,
     /// Inner `timestamp`, Unix ms.
     pub timestamp_ms: i64,
+    /// Makes it a receipt (`"kind":"receipt"`; `text` should be empty): v2 and v3 only.
+    pub receipt: Option<&'a Receipt>,
+    /// Asks the recipient for receipts (`"receipts":true`): v2 and v3 only, never on v1.
+    pub wants_receipts: bool,
+}
+
+impl<'a> Draft<'a> {
+    /// A text from `from` to `to`, asking for nothing.
+    pub fn text(from: &'a Username, to: &'a Username, text: &'a str, timestamp_ms: i64) -> Self {
+        Draft {
+            from,
+            to,
+            text,
+            timestamp_ms,
+            receipt: None,
+            wants_receipts: false,
+        }
+    }
 }
 
 impl Draft<'_> {
@@ -170,6 +188,13 @@ impl Draft<'_> {
             to: self.to.to_string(),
             timestamp: self.timestamp_ms,
             message: self.text.to_owned(),
+            // The original (v1) knows no kinds: nothing of them goes into a v1 frame.
+            kind: self
+                .receipt
+                .filter(|_| id.is_some())
+                .map(|_| crate::inner::KIND_RECEIPT.to_owned()),
+            receipt: self.receipt.filter(|_| id.is_some()).cloned(),
+            receipts: self.wants_receipts && id.is_some(),
             id,
         }
         .to_go_json()
@@ -480,7 +505,7 @@ fn decrypt_v2(outer: Outer, key: &PrivateKey) -> Result<Decrypted, FrameError> {
         .id
         .clone()
         .ok_or_else(|| FrameError::Inner("missing field `id`".into()))?;
-    if b64::decode(&id).map(|b| b.len()) != Some(ID_BYTES) {
+    if !crate::inner::is_message_id(&id) {
         return Err(FrameError::Inner(
             "`id` is not 16 bytes of base64url".into(),
         ));

@@ -4,7 +4,21 @@
 //! We write it as Go's `json.Marshal` does (field order, HTML-safe escaping), so a v1
 //! frame we seal is byte-for-byte what the original would have sealed for the same
 //! fields; we read any valid JSON object with those fields and ignore unknown ones, so
-//! later kinds of message (files, receipts) can add fields.
+//! later kinds of message can add fields.
+//!
+//! # Kinds
+//! An inner message without `"kind"` (every original frame) or with `"kind":"text"` is a
+//! text. Other kinds (docs/PROTOCOL.md "Kinds") add their own fields after `id`:
+//!
+//! - `"kind":"receipt"`, `"receipt":{"state":"delivered"|"read","ids":[<id>, ...]}` (1 to
+//!   [`MAX_RECEIPT_IDS`] v2 ids, `"message":""`): the sender stored (or its user read)
+//!   the messages with those ids that the recipient sent it.
+//! - `"receipts":true` on a text: its sender understands receipts and asks for them
+//!   (releases before receipts ignore the field; they are never sent receipts).
+//!
+//! A kind this code does not know parses ([`Kind::Unknown`]) so that the receiver can
+//! refuse it by name instead of showing it as an empty text; a known kind whose fields
+//! are malformed does not parse.
 
 use serde::Deserialize;
 
@@ -25,12 +39,94 @@ pub struct Inner {
     /// Inner `id` (v2 only): 16 random bytes, base64url with padding.
     #[serde(default)]
     pub id: Option<String>,
+    /// Inner `kind`: absent for a text (see "Kinds").
+    #[serde(default)]
+    pub kind: Option<String>,
+    /// Inner `receipt`, with `"kind":"receipt"`.
+    #[serde(default)]
+    pub receipt: Option<Receipt>,
+    /// Inner `receipts`: the sender asks for receipts (see "Kinds").
+    #[serde(default)]
+    pub receipts: bool,
 }
 
+/// Most ids one receipt acknowledges.
+pub const MAX_RECEIPT_IDS: usize = 256;
+
+/// What a receipt says about the messages it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ReceiptState {
+    /// Stored by the recipient's daemon.
+    Delivered,
+    /// Read by the recipient.
+    Read,
+}
+
+impl ReceiptState {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReceiptState::Delivered => "delivered",
+            ReceiptState::Read => "read",
+        }
+    }
+}
+
+/// A receipt's body: `{"state": .., "ids": [..]}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct Receipt {
+    /// Delivered or read.
+    pub state: ReceiptState,
+    /// The acknowledged message ids (v2 ids of messages the receipt's recipient sent).
+    pub ids: Vec<String>,
+}
+
+/// The kind of an inner message (see "Kinds").
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind<'a> {
+    /// A text: `message`.
+    Text,
+    /// A receipt for messages the recipient sent.
+    Receipt(&'a Receipt),
+    /// A kind this code does not know (a later release's): refused by name.
+    Unknown(&'a str),
+}
+
+/// The wire name of the receipt kind.
+pub const KIND_RECEIPT: &str = "receipt";
+/// The wire name of the text kind (also what no `kind` means).
+pub const KIND_TEXT: &str = "text";
+
 impl Inner {
-    /// Parses inner JSON bytes.
+    /// Parses inner JSON bytes, and checks the fields of its kind.
     pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        serde_json::from_slice(bytes).map_err(|e| e.to_string())
+        let inner: Inner = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+        if inner.kind.as_deref() == Some(KIND_RECEIPT) {
+            let receipt = inner
+                .receipt
+                .as_ref()
+                .ok_or("a receipt without its `receipt` field")?;
+            if receipt.ids.is_empty() || receipt.ids.len() > MAX_RECEIPT_IDS {
+                return Err(format!(
+                    "a receipt names {} ids; 1 to {MAX_RECEIPT_IDS} are allowed",
+                    receipt.ids.len()
+                ));
+            }
+            if !receipt.ids.iter().all(|id| is_message_id(id)) {
+                return Err("a receipt id is not 16 bytes of base64url".into());
+            }
+        }
+        Ok(inner)
+    }
+
+    /// The message's kind.
+    pub fn kind(&self) -> Kind<'_> {
+        match (self.kind.as_deref(), &self.receipt) {
+            (None | Some(KIND_TEXT), _) => Kind::Text,
+            (Some(KIND_RECEIPT), Some(receipt)) => Kind::Receipt(receipt),
+            (Some(other), _) => Kind::Unknown(other),
+        }
     }
 
     /// Serialises as Go's `json.Marshal` of the original struct: keys in the order
@@ -49,9 +145,33 @@ impl Inner {
             out.push_str(",\"id\":");
             push_go_string(&mut out, id);
         }
+        if let Some(kind) = &self.kind {
+            out.push_str(",\"kind\":");
+            push_go_string(&mut out, kind);
+        }
+        if let Some(r) = &self.receipt {
+            out.push_str(",\"receipt\":{\"state\":");
+            push_go_string(&mut out, r.state.as_str());
+            out.push_str(",\"ids\":[");
+            for (i, id) in r.ids.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                push_go_string(&mut out, id);
+            }
+            out.push_str("]}");
+        }
+        if self.receipts {
+            out.push_str(",\"receipts\":true");
+        }
         out.push('}');
         out.into_bytes()
     }
+}
+
+/// Whether `id` is a v2 message id: 16 bytes, base64url with padding.
+pub fn is_message_id(id: &str) -> bool {
+    crate::b64::decode(id).map(|b| b.len()) == Some(ID_BYTES)
 }
 
 /// Appends `s` as a JSON string the way Go's encoder does with HTML escaping on.
@@ -88,6 +208,9 @@ mod tests {
             timestamp: 1735689601000,
             message: "a\"b\\c\nd\te<f>&\u{1}\u{8}\u{c}\u{2028}ą🙂\u{7f}".into(),
             id: None,
+            kind: None,
+            receipt: None,
+            receipts: false,
         };
         assert_eq!(
             String::from_utf8(inner.to_go_json()).unwrap(),
@@ -109,5 +232,91 @@ mod tests {
             Inner::parse(br#"{"from":"a","from":"b","to":"b","timestamp":1,"message":"m"}"#)
                 .is_err()
         );
+    }
+
+    const ID: &str = "AAAAAAAAAAAAAAAAAAAAAA==";
+
+    #[test]
+    fn a_receipt_round_trips_and_is_checked() {
+        let inner = Inner {
+            from: "bob".into(),
+            to: "alice".into(),
+            timestamp: 7,
+            message: String::new(),
+            id: Some(ID.into()),
+            kind: Some(KIND_RECEIPT.into()),
+            receipt: Some(Receipt {
+                state: ReceiptState::Read,
+                ids: vec![ID.into(), "AQEBAQEBAQEBAQEBAQEBAQ==".into()],
+            }),
+            receipts: false,
+        };
+        let json = String::from_utf8(inner.to_go_json()).unwrap();
+        assert_eq!(
+            json,
+            format!(
+                "{{\"from\":\"bob\",\"to\":\"alice\",\"timestamp\":7,\"message\":\"\",\"id\":\"{ID}\",\
+                 \"kind\":\"receipt\",\"receipt\":{{\"state\":\"read\",\"ids\":[\"{ID}\",\"AQEBAQEBAQEBAQEBAQEBAQ==\"]}}}}"
+            )
+        );
+        let back = Inner::parse(json.as_bytes()).unwrap();
+        assert_eq!(back, inner);
+        assert!(
+            matches!(back.kind(), Kind::Receipt(r) if r.state == ReceiptState::Read && r.ids.len() == 2)
+        );
+
+        let head = r#""from":"b","to":"a","timestamp":1,"message":"","id":"AAAAAAAAAAAAAAAAAAAAAA==","kind":"receipt""#;
+        for (body, why) in [
+            (String::new(), "no receipt field"),
+            (
+                r#","receipt":{"state":"read","ids":[]}"#.to_owned(),
+                "no ids",
+            ),
+            (
+                r#","receipt":{"state":"seen","ids":["AAAAAAAAAAAAAAAAAAAAAA=="]}"#.to_owned(),
+                "unknown state",
+            ),
+            (
+                r#","receipt":{"state":"read","ids":["short"]}"#.to_owned(),
+                "bad id",
+            ),
+            (
+                format!(
+                    r#","receipt":{{"state":"read","ids":[{}]}}"#,
+                    vec![format!("\"{ID}\""); MAX_RECEIPT_IDS + 1].join(",")
+                ),
+                "too many ids",
+            ),
+        ] {
+            let json = format!("{{{head}{body}}}");
+            assert!(Inner::parse(json.as_bytes()).is_err(), "{why}: {json}");
+        }
+    }
+
+    #[test]
+    fn texts_and_unknown_kinds() {
+        let plain = Inner::parse(br#"{"from":"a","to":"b","timestamp":1,"message":"m"}"#).unwrap();
+        assert_eq!(plain.kind(), Kind::Text);
+        assert!(!plain.receipts);
+        let asks = Inner::parse(
+            br#"{"from":"a","to":"b","timestamp":1,"message":"m","kind":"text","receipts":true}"#,
+        )
+        .unwrap();
+        assert_eq!(asks.kind(), Kind::Text);
+        assert!(asks.receipts);
+        assert!(String::from_utf8(asks.to_go_json())
+            .unwrap()
+            .ends_with(r#""kind":"text","receipts":true}"#));
+        let later = Inner::parse(
+            br#"{"from":"a","to":"b","timestamp":1,"message":"","kind":"hologram","hologram":{}}"#,
+        )
+        .unwrap();
+        assert_eq!(later.kind(), Kind::Unknown("hologram"));
+        // A receipt's fields on a text change nothing: the kind decides.
+        let stray = Inner::parse(
+            br#"{"from":"a","to":"b","timestamp":1,"message":"m","receipt":{"state":"read","ids":[]}}"#,
+        )
+        .unwrap();
+        assert_eq!(stray.kind(), Kind::Text);
     }
 }

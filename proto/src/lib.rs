@@ -48,6 +48,28 @@ pub mod rpc {
     tonic::include_proto!("nes.v1");
 }
 
+/// The order of an outgoing message's states.
+pub mod states {
+    use crate::rpc::MessageState;
+
+    /// How far an outgoing message got: queued 1, sent to the broker 2, delivered 3,
+    /// read 4; 0 for every other state (failed, incoming ones).
+    pub fn progress(state: i32) -> u8 {
+        match MessageState::try_from(state) {
+            Ok(MessageState::Queued) => 1,
+            Ok(MessageState::Sent) => 2,
+            Ok(MessageState::Delivered) => 3,
+            Ok(MessageState::Read) => 4,
+            _ => 0,
+        }
+    }
+
+    /// Whether the broker has acknowledged an outgoing message (sent, delivered or read).
+    pub fn reached_broker(state: i32) -> bool {
+        progress(state) >= 2
+    }
+}
+
 /// The names of API enum values as people and scripts see them (`--json`, D-Bus, text):
 /// one definition for the CLI, nes-notify and nesd's D-Bus adapter.
 pub mod names {
@@ -62,12 +84,14 @@ pub mod names {
         }
     }
 
-    /// `queued`, `sent`, `delivered`, `failed`, `received`, `held` (`unknown` otherwise).
+    /// `queued`, `sent`, `delivered`, `read`, `failed`, `received`, `held` (`unknown`
+    /// otherwise).
     pub fn state_name(state: i32) -> &'static str {
         match MessageState::try_from(state) {
             Ok(MessageState::Queued) => "queued",
             Ok(MessageState::Sent) => "sent",
             Ok(MessageState::Delivered) => "delivered",
+            Ok(MessageState::Read) => "read",
             Ok(MessageState::Failed) => "failed",
             Ok(MessageState::Received) => "received",
             Ok(MessageState::Held) => "held",

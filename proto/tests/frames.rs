@@ -43,6 +43,8 @@ fn user(name: &str) -> Username {
 fn sealed(k: &Keys, version: Version, to: &str, text: &str, ts: i64) -> Vec<u8> {
     let (alice, to) = (user("alice"), user(to));
     let draft = Draft {
+        receipt: None,
+        wants_receipts: false,
         from: &alice,
         to: &to,
         text,
@@ -170,6 +172,8 @@ fn refuses_too_large() {
     let (a, b) = (user("alice"), user("bob"));
     let text = "x".repeat(MAX_FRAME_BYTES);
     let draft = Draft {
+        receipt: None,
+        wants_receipts: false,
         from: &a,
         to: &b,
         text: &text,
@@ -434,6 +438,8 @@ fn v1_ids_survive_re_encoding_of_the_outer_json() {
     let s = seal(
         Version::V1,
         &Draft {
+            receipt: None,
+            wants_receipts: false,
             from: &a,
             to: &b,
             text: "x",
@@ -525,6 +531,8 @@ fn refuses_signatures_that_do_not_verify() {
     let bob_user = user("bob");
     let carol = user("alice");
     let draft = Draft {
+        receipt: None,
+        wants_receipts: false,
         from: &carol,
         to: &bob_user,
         text: "I am alice",

@@ -75,6 +75,8 @@ fn world() -> &'static World {
 fn sealed(w: &World, text: &str, ts: i64) -> Vec<u8> {
     let (alice, bob) = (user("alice"), user("bob"));
     let draft = Draft {
+        receipt: None,
+        wants_receipts: false,
         from: &alice,
         to: &bob,
         text,
@@ -166,6 +168,9 @@ fn raw_v3(
 
 fn inner(from: &str, to: &str, ts: i64, text: &str) -> Vec<u8> {
     Inner {
+        kind: None,
+        receipt: None,
+        receipts: false,
         from: from.into(),
         to: to.into(),
         timestamp: ts,
@@ -233,6 +238,8 @@ fn v1_and_v2_still_open_through_the_same_entry() {
     let w = world();
     let (alice, bob) = (user("alice"), user("bob"));
     let draft = Draft {
+        receipt: None,
+        wants_receipts: false,
         from: &alice,
         to: &bob,
         text: "old",
@@ -296,6 +303,8 @@ fn after_the_prekey_file_is_deleted_the_frame_no_longer_opens_from_the_directory
         .unwrap();
     let (alice, bob) = (user("alice"), user("bob"));
     let draft = Draft {
+        receipt: None,
+        wants_receipts: false,
         from: &alice,
         to: &bob,
         text: "captured",
@@ -400,6 +409,8 @@ fn certificate_and_signature_refusals() {
         CertificateSecret::generate(&user("alice"), NOW - DAY, NOW + DAY, &w.bob_sign).unwrap();
     let (alice, bob) = (user("alice"), user("bob"));
     let draft = Draft {
+        receipt: None,
+        wants_receipts: false,
         from: &alice,
         to: &bob,
         text: "forged",
@@ -469,6 +480,9 @@ fn certificate_and_signature_refusals() {
     assert_eq!(open_bob(w, &frame).unwrap_err().reason(), "signature");
     // An inner message without id.
     let no_id = Inner {
+        kind: None,
+        receipt: None,
+        receipts: false,
         from: "alice".into(),
         to: "bob".into(),
         timestamp: NOW,
@@ -514,6 +528,8 @@ fn the_existing_receiving_rules_apply_to_v3() {
     let text = "x".repeat(MAX_FRAME_BYTES);
     let bob = user("bob");
     let draft = Draft {
+        receipt: None,
+        wants_receipts: false,
         from: &alice,
         to: &bob,
         text: &text,
@@ -530,6 +546,8 @@ fn sealing_checks_the_prekey_and_the_certificate() {
     let w = world();
     let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
     let draft = Draft {
+        receipt: None,
+        wants_receipts: false,
         from: &alice,
         to: &bob,
         text: "x",
@@ -546,6 +564,8 @@ fn sealing_checks_the_prekey_and_the_certificate() {
     v3::seal(&draft, w.bob_prekey.signed(), &w.alice_cert, prekey.created).unwrap();
     // Bob's prekey is not carol's.
     let to_carol = Draft {
+        receipt: None,
+        wants_receipts: false,
         to: &carol,
         ..draft
     };
@@ -555,6 +575,8 @@ fn sealing_checks_the_prekey_and_the_certificate() {
     ));
     // Our certificate must be ours, valid now and cover the timestamp.
     let from_carol = Draft {
+        receipt: None,
+        wants_receipts: false,
         from: &carol,
         ..draft
     };
@@ -574,6 +596,8 @@ fn sealing_checks_the_prekey_and_the_certificate() {
         })
     ));
     let backdated = Draft {
+        receipt: None,
+        wants_receipts: false,
         timestamp_ms: NOW - 2 * DAY,
         ..draft
     };
@@ -770,6 +794,8 @@ fn only_v1_and_v2_frames_need_a_private_rsa_operation() {
     let w = world();
     let (alice, bob) = (user("alice"), user("bob"));
     let draft = Draft {
+        receipt: None,
+        wants_receipts: false,
         from: &alice,
         to: &bob,
         text: "lane",

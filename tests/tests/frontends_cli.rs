@@ -165,7 +165,7 @@ async fn status_send_history_batch_contacts_register_through_the_cli() -> Result
         async move { Ok((history(&mut c, "alice").await?.len() >= 4).then_some(())) }
     })
     .await?;
-    let out = nes(&b, h, &["history", "alice", "--json"])
+    let out = nes(&b, h, &["history", "alice", "--json", "--keep-unread"])
         .await?
         .expect_code(0)?;
     let lines: Vec<String> = out.stdout.lines().map(String::from).collect();
@@ -196,7 +196,7 @@ async fn status_send_history_batch_contacts_register_through_the_cli() -> Result
         assert!(m["timestamp"].as_i64().unwrap() > 1_600_000_000_000);
     }
     assert_eq!(messages[2]["id"], id.as_str());
-    let out = nes(&b, h, &["history", "alice", "--last", "2", "--json"])
+    let out = nes(&b, h, &["history", "alice", "--last", "2", "--json", "--keep-unread"])
         .await?
         .expect_code(0)?;
     let last: Vec<_> = json_lines(&out.stdout.lines().map(String::from).collect::<Vec<_>>())?;
@@ -206,6 +206,9 @@ async fn status_send_history_batch_contacts_register_through_the_cli() -> Result
             .collect::<Vec<_>>(),
         &texts[2..]
     );
+    let out = nes(&b, h, &["history"]).await?.expect_code(0)?;
+    assert!(out.stdout.contains("alice (4 unread)"), "{}", out.stdout);
+    // Showing the conversation (without --keep-unread) marks it read.
     let out = nes(&b, h, &["history", "alice"]).await?.expect_code(0)?;
     assert!(
         out.stdout.contains("alice → bob: one two"),
@@ -213,7 +216,7 @@ async fn status_send_history_batch_contacts_register_through_the_cli() -> Result
         out.stdout
     );
     let out = nes(&b, h, &["history"]).await?.expect_code(0)?;
-    assert!(out.stdout.contains("alice (4 unread)"), "{}", out.stdout);
+    assert!(!out.stdout.contains("unread"), "{}", out.stdout);
     let out = nes(&b, h, &["history", "not valid!"])
         .await?
         .expect_code(1)?;

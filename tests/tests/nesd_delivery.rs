@@ -11,9 +11,20 @@ use nes_e2e::*;
 use nes_proto::rpc::{self, event::Kind, Direction, MessageState};
 use std::collections::HashSet;
 
+/// Waits until `n` outgoing messages to `peer` reached the broker (sent, or further on
+/// with the recipient's receipts).
+async fn wait_all_sent(client: &Client, peer: &str, n: usize) -> Result<Vec<rpc::Message>> {
+    wait_history(client, peer, n, |m| {
+        m.direction == Direction::Outgoing as i32 && nes_proto::states::reached_broker(m.state)
+    })
+    .await
+}
+
+/// Waits until `n` outgoing messages to `peer` are delivered (the recipient's receipts
+/// came back) or read.
 async fn wait_all_delivered(client: &Client, peer: &str, n: usize) -> Result<Vec<rpc::Message>> {
     wait_history(client, peer, n, |m| {
-        m.direction == Direction::Outgoing as i32 && m.state == MessageState::Delivered as i32
+        m.direction == Direction::Outgoing as i32 && nes_proto::states::progress(m.state) >= 3
     })
     .await
 }
@@ -130,7 +141,7 @@ async fn alice_to_bob_through_the_broker_shows_only_ciphertext_on_the_wire() -> 
     );
 
     // Alice sees it acknowledged by the broker.
-    wait_all_delivered(&a, "bob", 1).await?;
+    wait_all_sent(&a, "bob", 1).await?;
     // Status counters follow the store a moment later.
     let sa = wait_status(&a, "the status counters", |s| s.queued == 0 && s.sent >= 1).await?;
     ensure!(sa.connected && sa.user == "alice", "{sa:?}");
@@ -196,7 +207,15 @@ async fn a_stopped_recipient_gets_all_20_once_and_in_order() -> Result<()> {
     for i in 0..20 {
         sent.push(send(&mut a, "bob", &format!("while you were away #{i:02}")).await?);
     }
-    wait_all_delivered(&a, "bob", 20).await?;
+    wait_all_sent(&a, "bob", 20).await?;
+    // The broker has them; bob's nesd does not: they stay "sent", none "delivered".
+    tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+    let h = history(&mut a, "bob").await?;
+    ensure!(
+        h.len() == 20 && h.iter().all(|m| m.state == MessageState::Sent as i32),
+        "while bob is down: {:?}",
+        h.iter().map(|m| m.state).collect::<Vec<_>>()
+    );
 
     bob.start_again().await?;
     let b = bob.client().await?;
@@ -209,6 +228,18 @@ async fn a_stopped_recipient_gets_all_20_once_and_in_order() -> Result<()> {
     let ids: Vec<&str> = h.iter().map(|m| m.id.as_str()).collect();
     let sent_ids: Vec<&str> = sent.iter().map(|m| m.id.as_str()).collect();
     ensure!(ids == sent_ids, "ids differ");
+    // bob's delivery receipts move all 20 on, in few receipt frames (they are batched).
+    wait_all_delivered(&a, "bob", 20).await?;
+    let bob_status = status(&mut b.clone()).await?;
+    ensure!(
+        (1..=20).contains(&bob_status.receipts_sent),
+        "bob sent {} receipts for 20 messages",
+        bob_status.receipts_sent
+    );
+    ensure!(
+        status(&mut a).await?.receipts_sent == 0,
+        "receipts are never receipted"
+    );
     Ok(())
 }
 
@@ -249,7 +280,7 @@ async fn a_broker_outage_queues_then_delivers_everything() -> Result<()> {
     ensure!(status(&mut a).await?.queued == 20);
 
     w.broker.restart().await?;
-    wait_all_delivered(&a, "bob", 20).await?;
+    wait_all_sent(&a, "bob", 20).await?;
     wait_status(&a, "the status counters", |s| s.queued == 0).await?;
     let got = wait_history(&b, "alice", 20, incoming_from("alice")).await?;
     let got_ids: Vec<&str> = got.iter().map(|m| m.id.as_str()).collect();
@@ -319,7 +350,7 @@ async fn kill_9_during_a_stream_of_200_loses_and_duplicates_nothing() -> Result<
     let sent_ids = sending.await??;
     ensure!(sent_ids.len() == 200);
 
-    wait_all_delivered(&a, "bob", 200).await?;
+    wait_all_sent(&a, "bob", 200).await?;
     bob.start_again().await?;
     let b = bob.client().await?;
     let h = wait_history(&b, "alice", 200, incoming_from("alice")).await?;

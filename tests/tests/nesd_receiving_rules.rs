@@ -34,6 +34,8 @@ fn seal(
 ) -> Result<Vec<u8>> {
     let (from, to) = (Username::parse(from)?, Username::parse(to)?);
     let draft = Draft {
+        receipt: None,
+        wants_receipts: false,
         from: &from,
         to: &to,
         text,

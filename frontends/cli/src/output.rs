@@ -62,12 +62,14 @@ pub fn message_json<'a>(message: &'a Message, cursor: Option<&'a str>) -> Messag
 pub use nes_proto::names::{direction_name, state_name};
 
 /// A short mark of an outgoing message's delivery state, as chat and history show it:
-/// `…` queued, `→` handed to MQTT, `✓` acknowledged by the broker, `✗` failed.
+/// `…` queued, `✓` sent (the broker has it), `✓✓` delivered (the recipient's nesd stored
+/// it), `✓✓ read` (its user read it), `✗` failed.
 pub fn state_mark(state: i32) -> &'static str {
     match MessageState::try_from(state) {
         Ok(MessageState::Queued) => "…",
-        Ok(MessageState::Sent) => "→",
-        Ok(MessageState::Delivered) => "✓",
+        Ok(MessageState::Sent) => "✓",
+        Ok(MessageState::Delivered) => "✓✓",
+        Ok(MessageState::Read) => "✓✓ read",
         Ok(MessageState::Failed) => "✗",
         Ok(MessageState::Held) => "!",
         _ => "",
@@ -157,6 +159,7 @@ mod tests {
             read: false,
             wire_version: 2,
             error: String::new(),
+            wants_receipts: true,
         }
     }
 
@@ -206,8 +209,20 @@ mod tests {
     fn human_line_marks_outgoing_state() {
         let mut m = sample();
         m.direction = Direction::Outgoing as i32;
+        m.state = MessageState::Sent as i32;
+        assert!(
+            message_line(&m).ends_with("line 2 ✓"),
+            "{}",
+            message_line(&m)
+        );
         m.state = MessageState::Delivered as i32;
-        assert!(message_line(&m).ends_with('✓'), "{}", message_line(&m));
+        assert!(message_line(&m).ends_with(" ✓✓"), "{}", message_line(&m));
+        m.state = MessageState::Read as i32;
+        assert!(
+            message_line(&m).ends_with(" ✓✓ read"),
+            "{}",
+            message_line(&m)
+        );
         m.state = MessageState::Failed as i32;
         m.error = "no keys".into();
         assert!(message_line(&m).contains("✗ (no keys)"));

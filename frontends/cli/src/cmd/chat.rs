@@ -677,7 +677,18 @@ mod tests {
             }),
         ));
         let rows: Vec<String> = chat.rows(80).iter().map(|l| l.to_string()).collect();
-        assert!(rows[1].ends_with("text b ✓"), "{rows:?}");
+        assert!(rows[1].ends_with("text b ✓✓"), "{rows:?}");
+        chat.apply(ev(
+            5,
+            event::Kind::StateChanged(MessageStateChanged {
+                id: "b".into(),
+                peer: "bob".into(),
+                state: MessageState::Read as i32,
+                error: String::new(),
+            }),
+        ));
+        let rows: Vec<String> = chat.rows(80).iter().map(|l| l.to_string()).collect();
+        assert!(rows[1].ends_with("text b ✓✓ read"), "{rows:?}");
         chat.apply(ev(
             6,
             event::Kind::KeyChanged(KeyChanged {

@@ -127,6 +127,10 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
         "v3 to contacts with a prekey: true (default); false: v2 at most",
     ),
     (
+        "read_receipts",
+        "tell contacts when you read their messages: true (default); false: only delivery",
+    ),
+    (
         "notify_mute",
         "nes-notify: users whose messages show no notification",
     ),
@@ -146,7 +150,7 @@ const NUMBER_KEYS: &[&str] = &[
     "broker_session_expiry_secs",
 ];
 /// Keys whose values are true/false.
-const BOOL_KEYS: &[&str] = &["keyserver_legacy", "notify_dnd", "send_v3"];
+const BOOL_KEYS: &[&str] = &["keyserver_legacy", "notify_dnd", "send_v3", "read_receipts"];
 /// Keys whose values are lists of strings (comma-separated on the command line).
 const LIST_KEYS: &[&str] = &["notify_mute"];
 

@@ -102,6 +102,8 @@ fn seal(args: SealArgs) -> Result<(), CliError> {
     };
     let version = if args.v1 { Version::V1 } else { Version::V2 };
     let draft = Draft {
+        receipt: None,
+        wants_receipts: false,
         from: &from,
         to: &to,
         text: &text,
@@ -156,6 +158,8 @@ fn seal_v3(args: SealArgs, from: &Username, to: &Username) -> Result<(), CliErro
         None => read_stdin_text()?,
     };
     let draft = Draft {
+        receipt: None,
+        wants_receipts: false,
         from,
         to,
         text: &text,

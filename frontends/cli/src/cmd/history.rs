@@ -1,11 +1,14 @@
 //! `nes history PEER [--last N] [--json]`: a stored conversation, oldest first.
 //! Without PEER: the list of conversations, most recent first, with unread counts.
 //!
-//! Reading history does not mark messages read (`nes chat` does, as a person reads).
+//! Showing a conversation marks the messages it showed read (up to the newest one shown,
+//! as `nes chat` does when opened), which sends read receipts to senders that asked for
+//! them unless `read_receipts = false`; `--keep-unread` leaves them unread.
 
 use crate::error::{user, CliError};
 use crate::output::{local_time, message_json, message_line, print_json, print_line};
 use crate::Ctx;
+use nes_proto::rpc::{Direction, MessageState};
 use serde_json::json;
 
 #[derive(clap::Args, Debug)]
@@ -18,6 +21,9 @@ pub struct Args {
     /// JSON lines, one object per message (or conversation).
     #[arg(long)]
     pub json: bool,
+    /// Leave the shown messages unread (no read receipts).
+    #[arg(long)]
+    pub keep_unread: bool,
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
@@ -42,6 +48,14 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     }
     if messages.is_empty() && !args.json {
         eprintln!("nes: no messages with {peer} yet");
+    }
+    let newest_unread = messages.iter().rev().find(|m| {
+        m.direction == Direction::Incoming as i32
+            && m.state == MessageState::Received as i32
+            && !m.read
+    });
+    if let (Some(m), false) = (newest_unread, args.keep_unread) {
+        client.mark_read(&peer, &m.id).await?;
     }
     Ok(())
 }

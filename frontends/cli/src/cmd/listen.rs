@@ -14,18 +14,22 @@
 //!   and `NES_FROM`, `NES_TO`, `NES_ID`, `NES_TIMESTAMP`, `NES_CURSOR` in the environment
 //!   (and `NES_SOCKET`, so a `nes send` inside talks to the same daemon). With `--exec`,
 //!   messages are printed only if `--json` is also given.
-//! - `--outgoing`: also messages this identity sent (from any frontend).
+//! - `--outgoing`: also messages this identity sent (from any frontend), and each change
+//!   of their state as a line of its own: sent (the broker has it), delivered and read
+//!   (the recipient's receipts), failed. With `--json`:
+//!   `{"event":"state","id":..,"peer":..,"state":"delivered","cursor":..}` (plus `error`
+//!   when it failed). State lines do not count towards `--count` and run no `--exec`.
 //!
 //! Messages held because the sender's keys changed are not shown until trusted. A
 //! restarted daemon is waited for and the stream resumes by cursor. A closed stdout
 //! (`nes listen | head -1`) ends the command with exit 0.
 
 use crate::error::{usage, user, CliError};
-use crate::output::{message_json, message_line, print_json, print_line};
+use crate::output::{message_json, message_line, print_json, print_line, state_mark, state_name};
 use crate::Ctx;
 use nes_client::feed::{cursor_number, is_refused_cursor};
 use nes_client::{Feed, FeedItem};
-use nes_proto::rpc::{event, Direction, Event, Message, MessageState};
+use nes_proto::rpc::{event, Direction, Event, Message, MessageState, MessageStateChanged};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
@@ -64,6 +68,15 @@ pub struct Filter {
 }
 
 impl Filter {
+    /// The state change of an outgoing message in `event`, when outgoing messages are
+    /// asked for.
+    pub fn state_change<'e>(&self, event: &'e Event) -> Option<&'e MessageStateChanged> {
+        match &event.kind {
+            Some(event::Kind::StateChanged(change)) if self.outgoing => Some(change),
+            _ => None,
+        }
+    }
+
     /// The message of `event` to show, if any: stored incoming messages (not held ones),
     /// and outgoing ones when asked; `--from` applies to the sender.
     pub fn select<'e>(&self, event: &'e Event) -> Option<&'e Message> {
@@ -147,6 +160,17 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
             }
             _ => continue,
         };
+        if let Some(change) = filter.state_change(&event) {
+            if print {
+                let cursor = event_cursor(&event);
+                if args.json {
+                    print_json(&state_json(change, &cursor))?;
+                } else {
+                    print_line(&state_line(change))?;
+                }
+            }
+            continue;
+        }
         let Some(message) = filter.select(&event) else {
             continue;
         };
@@ -165,6 +189,36 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
             return Ok(());
         }
     }
+}
+
+/// A state change as a JSON line.
+fn state_json(change: &MessageStateChanged, cursor: &str) -> serde_json::Value {
+    let mut v = serde_json::json!({
+        "event": "state",
+        "id": change.id,
+        "peer": change.peer,
+        "state": state_name(change.state),
+        "cursor": cursor,
+    });
+    if !change.error.is_empty() {
+        v["error"] = change.error.clone().into();
+    }
+    v
+}
+
+/// A state change for people: `to bob: <id> delivered`.
+fn state_line(change: &MessageStateChanged) -> String {
+    let mut line = format!(
+        "to {}: {} {} {}",
+        nes_client::display::line(&change.peer),
+        change.id,
+        state_mark(change.state),
+        state_name(change.state)
+    );
+    if !change.error.is_empty() {
+        line.push_str(&format!(" ({})", nes_client::display::line(&change.error)));
+    }
+    line
 }
 
 /// The cursor shown for an event: its log cursor (the number from a daemon without).
@@ -335,6 +389,27 @@ mod tests {
             ..Default::default()
         };
         assert!(f.select(&state).is_none());
+        assert!(
+            f.state_change(&state).is_none(),
+            "state lines only with --outgoing"
+        );
+        let outgoing = Filter {
+            outgoing: true,
+            ..Filter::default()
+        };
+        let change = outgoing.state_change(&state).expect("a state line");
+        let delivered = MessageStateChanged {
+            id: "m1".into(),
+            peer: "bob".into(),
+            state: MessageState::Delivered as i32,
+            error: String::new(),
+        };
+        assert_eq!(change, &MessageStateChanged::default());
+        assert_eq!(
+            state_json(&delivered, "c-7"),
+            serde_json::json!({"event":"state","id":"m1","peer":"bob","state":"delivered","cursor":"c-7"})
+        );
+        assert_eq!(state_line(&delivered), "to bob: m1 ✓✓ delivered");
     }
 
     #[test]

@@ -105,9 +105,10 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     Ok(())
 }
 
-/// Whether an outgoing state is one `--wait` stops at.
+/// Whether an outgoing state is one `--wait` stops at: the broker has it (sent, or
+/// already delivered or read), or it failed.
 fn is_final(state: i32) -> bool {
-    state == MessageState::Delivered as i32 || state == MessageState::Failed as i32
+    nes_proto::states::reached_broker(state) || state == MessageState::Failed as i32
 }
 
 /// Sorts the positional words and `-t`/`-m` into recipient and (maybe) text.

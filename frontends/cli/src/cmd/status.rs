@@ -66,6 +66,7 @@ pub fn status_json(s: &StatusReply, socket: &str) -> serde_json::Value {
         "sent_by_version": {"v1": s.sent_v1, "v2": s.sent_v2, "v3": s.sent_v3},
         "received_by_version": {"v1": s.received_v1, "v2": s.received_v2, "v3": s.received_v3},
         "prekeys_lost": s.prekeys_lost,
+        "receipts": {"received": s.receipts_received, "sent": s.receipts_sent},
         "socket": socket,
     })
 }
@@ -120,6 +121,10 @@ pub fn status_text(s: &StatusReply, socket: &str) -> Vec<String> {
         format!(
             "received:   v1 {}   v2 {}   v3 {} (messages stored since the start)",
             s.received_v1, s.received_v2, s.received_v3
+        ),
+        format!(
+            "receipts:   received {}   sent {} (delivery and read receipts since the start)",
+            s.receipts_received, s.receipts_sent
         ),
         format!("prekey:     {}", prekey_text(s)),
     ];
@@ -241,6 +246,8 @@ mod tests {
             received_v2: 2,
             received_v3: 3,
             prekeys_lost: vec!["carol".into(), "bob\u{1b}[2J".into()],
+            receipts_received: 4,
+            receipts_sent: 5,
             ..Default::default()
         };
         let text = status_text(&s, "/s").join("\n");
@@ -250,6 +257,8 @@ mod tests {
         let v = status_json(&s, "/s");
         assert_eq!(v["received_by_version"]["v3"], 3);
         assert_eq!(v["prekeys_lost"][0], "carol");
+        assert!(text.contains("receipts:   received 4   sent 5"), "{text}");
+        assert_eq!(v["receipts"]["sent"], 5);
         let quiet = status_text(&StatusReply::default(), "/s").join("\n");
         assert!(!quiet.contains("LOST"), "{quiet}");
     }
