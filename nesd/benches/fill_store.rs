@@ -46,6 +46,7 @@ fn main() -> anyhow::Result<()> {
             read: true,
             wire_version: 2,
             error: String::new(),
+            wants_receipts: false,
         };
         store.insert_incoming(message, None)?;
         if i > 0 && i % 200_000 == 0 {

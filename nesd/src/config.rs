@@ -21,6 +21,7 @@
 //! prekey_rotation = "7d"         # v3: a new prekey and certificate this often (or seconds)
 //! prekey_grace = "14d"           # v3: keep a prekey's private parts this long after it expires
 //! send_v3 = true                 # false: v2 at most (v3 frames are still received)
+//! presence_interval = "30m"     # presence is told again this often; lasts 1.5x this
 //! read_receipts = true           # false: contacts are not told when you read (delivery receipts still go)
 //! # A private broker over TLS with credentials (see docs/BROKER.md):
 //! # broker = "mqtts://mqtt.example.org:8883"
@@ -186,6 +187,16 @@ pub struct Cli {
     /// were delivered (delivery receipts always go) [default: true].
     #[arg(long = "read-receipts", env = "NES_READ_RECEIPTS", value_name = "BOOL")]
     pub read_receipts: Option<bool>,
+    /// How often contacts are told this identity's presence again (90s, 30m, 2h; a bare
+    /// number is seconds); each presence lasts 1.5 times this, so an unclean exit shows
+    /// as offline after that [default: 30m].
+    #[arg(
+        long = "presence-interval",
+        env = "NES_PRESENCE_INTERVAL",
+        value_name = "DURATION",
+        value_parser = nes_proto::v3::parse_duration
+    )]
+    pub presence_interval: Option<Duration>,
     /// Log filter (tracing EnvFilter syntax, e.g. "info" or "nesd=debug") [default: info].
     #[arg(long = "log", env = "NES_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -336,6 +347,8 @@ pub struct FileConfig {
     pub send_v3: Option<bool>,
     /// `read_receipts`
     pub read_receipts: Option<bool>,
+    /// `presence_interval`: as `prekey_rotation`
+    pub presence_interval: Option<DurationSetting>,
     /// `log`
     pub log: Option<String>,
     /// Everything else (for the frontends).
@@ -510,6 +523,8 @@ pub struct Config {
     pub send_v3: bool,
     /// Send read receipts.
     pub read_receipts: bool,
+    /// Presence is told again this often.
+    pub presence_interval: Duration,
     /// Log filter, when configured.
     pub log: Option<String>,
     /// The config file that was read, if any.
@@ -657,6 +672,16 @@ impl Config {
             None => DurationSetting::read(file.prekey_rotation.as_ref(), "prekey_rotation")?
                 .unwrap_or(DEFAULT_PREKEY_ROTATION),
         };
+        let presence_interval = match cli.presence_interval {
+            Some(d) => d,
+            None => DurationSetting::read(file.presence_interval.as_ref(), "presence_interval")?
+                .unwrap_or(crate::presence::DEFAULT_INTERVAL),
+        };
+        if presence_interval < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid(
+                "presence_interval: at least 1s".into(),
+            ));
+        }
         let prekey_grace = match cli.prekey_grace {
             Some(d) => d,
             None => DurationSetting::read(file.prekey_grace.as_ref(), "prekey_grace")?
@@ -692,6 +717,7 @@ impl Config {
             prekey_grace,
             send_v3: cli.send_v3.or(file.send_v3).unwrap_or(true),
             read_receipts: cli.read_receipts.or(file.read_receipts).unwrap_or(true),
+            presence_interval,
             log: cli.log.or(file.log),
             config_file,
         })

@@ -171,6 +171,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         send_v3: config.send_v3,
         read_receipts: config.read_receipts,
         receipts_wake: receipts_wake.clone(),
+        presence_interval: config.presence_interval,
         transport: transport.clone(),
         outbox_wake: outbox_wake.clone(),
         stats: stats.clone(),
@@ -211,6 +212,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
     let outbox_task = tokio::spawn(outbox.run(shutdown.clone()));
     let connection_task = tokio::spawn(service.clone().watch_connection());
+    let presence_task = tokio::spawn(crate::presence::run(service.clone(), shutdown.clone()));
     let receipts_task = tokio::spawn(crate::receipts::run(
         service.clone(),
         receipts_wake,
@@ -263,6 +265,8 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
 
     let _ = sd_notify::notify(false, &[sd_notify::NotifyState::Stopping]);
+    // Contacts hear "offline" now rather than when this presence runs out.
+    service.say_offline().await;
     let _ = shutdown_tx.send(true);
     if !grpc_done
         && tokio::time::timeout(Duration::from_secs(5), &mut grpc_task)
@@ -278,6 +282,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ("prekeys", prekeys_task),
         ("outbox", outbox_task),
         ("receipts", receipts_task),
+        ("presence", presence_task),
         ("connection", connection_task),
         ("mqtt", mqtt_task),
         // Last: releases the bus name and closes the connection.

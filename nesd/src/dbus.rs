@@ -11,6 +11,9 @@
 //! | `MarkRead(s peer) -> t marked` | [`Service::mark_read`] |
 //! | property `User` (s, constant), `Connected` (b), `Unread` (t), with `PropertiesChanged` | [`Service::status`] + events |
 //! | signal `MessageReceived(s id, s from, x timestamp, s text)` | an incoming message event |
+//! | `SetPresence(s status, s note) -> s status` | [`Service::set_presence`] |
+//! | `GetPresence(s user) -> (s status, s note, x last_seen)` | [`Service::get_presence`] |
+//! | signal `PresenceChanged(s user, s status, s note)` | a presence event |
 //! | signal `MessageStateChanged(s id, s peer, s state)` | an outgoing message's state event (`sent`, `delivered`, `read`, `failed`) |
 //!
 //! Errors are D-Bus errors named `org.nes.Messenger1.Error.<Class>` (`InvalidArgument`,
@@ -243,6 +246,32 @@ impl Messenger {
         Ok(self.service.mark_read(&peer, "").await?)
     }
 
+    /// Sets this identity's presence (`online`, `away`, `busy`, `invisible`) and note;
+    /// answers the status set.
+    #[zbus(out_args("status"))]
+    async fn set_presence(&self, status: String, note: String) -> Result<String, MessengerError> {
+        let Some(s) = nes_proto::names::presence_of_name(status.trim()) else {
+            return Err(MessengerError::from(ServiceError::InvalidArgument(
+                format!("presence {status:?}: online, away, busy or invisible"),
+            )));
+        };
+        let p = self.service.set_presence(s, &note).await?;
+        Ok(nes_proto::names::presence_name(p.status).to_owned())
+    }
+
+    /// A contact's presence as last heard (`unknown` when it never told one; `offline`
+    /// once it ran out), its note and when it was last heard (Unix ms); an empty `user`:
+    /// this identity's own.
+    #[zbus(out_args("status", "note", "last_seen"))]
+    async fn get_presence(&self, user: String) -> Result<(String, String, i64), MessengerError> {
+        let p = self.service.get_presence(&user).await?;
+        Ok((
+            nes_proto::names::presence_name(p.status).to_owned(),
+            p.note,
+            p.last_seen_ms,
+        ))
+    }
+
     /// The user this nesd runs for.
     #[zbus(property(emits_changed_signal = "const"))]
     async fn user(&self) -> String {
@@ -275,6 +304,16 @@ impl Messenger {
         from: &str,
         timestamp: i64,
         text: &str,
+    ) -> zbus::Result<()>;
+
+    /// A contact's presence changed or ran out (`offline`), or (empty `user`) this
+    /// identity's own was set.
+    #[zbus(signal)]
+    async fn presence_changed(
+        emitter: &SignalEmitter<'_>,
+        user: &str,
+        status: &str,
+        note: &str,
     ) -> zbus::Result<()>;
 
     /// An outgoing message moved on: `sent` (the broker has it), `delivered` and `read`
@@ -340,6 +379,15 @@ async fn signal(iface: &InterfaceRef<Messenger>, event: &rpc::Event) {
         Some(Kind::MarkedRead(_)) => {
             unread_changed(&messenger, emitter).await;
             Ok(())
+        }
+        Some(Kind::Presence(p)) => {
+            Messenger::presence_changed(
+                emitter,
+                &p.username,
+                nes_proto::names::presence_name(p.status),
+                &p.note,
+            )
+            .await
         }
         Some(Kind::StateChanged(c)) => {
             Messenger::message_state_changed(

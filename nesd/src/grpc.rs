@@ -261,4 +261,32 @@ impl Messenger for GrpcApi {
             self.service.register(&r.email).await.map_err(to_status)?,
         ))
     }
+
+    async fn set_presence(
+        &self,
+        request: Request<rpc::SetPresenceRequest>,
+    ) -> Result<Response<rpc::Presence>, Status> {
+        let r = request.into_inner();
+        let status = rpc::PresenceStatus::try_from(r.status)
+            .map_err(|_| Status::invalid_argument("unknown presence status"))?;
+        Ok(Response::new(
+            self.service
+                .set_presence(status, &r.note)
+                .await
+                .map_err(to_status)?,
+        ))
+    }
+
+    async fn get_presence(
+        &self,
+        request: Request<rpc::GetPresenceRequest>,
+    ) -> Result<Response<rpc::Presence>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(
+            self.service
+                .get_presence(&r.username)
+                .await
+                .map_err(to_status)?,
+        ))
+    }
 }

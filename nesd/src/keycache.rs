@@ -272,6 +272,8 @@ impl Contact {
             frame_version: 0,
             frame_version_reason: String::new(),
             prekey_lost: false,
+            // The store keeps presence; the service fills it in.
+            presence: None,
         }
     }
 

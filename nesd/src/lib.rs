@@ -62,6 +62,7 @@ pub mod keyserver;
 pub mod mqtt;
 pub mod outbox;
 pub mod prekeys;
+pub mod presence;
 pub mod receipts;
 pub mod receive;
 pub mod service;

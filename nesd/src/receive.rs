@@ -56,7 +56,7 @@ use crate::prekeys::OwnPrekeys;
 use crate::service::Stats;
 use crate::store::{Parked, Store, Waiting};
 use nes_proto::frame::{self, Decrypted, FrameError, Opened};
-use nes_proto::inner::{Kind, Receipt};
+use nes_proto::inner::{Kind, PresenceBody, PresenceStatus, Receipt};
 use nes_proto::rpc::{self, Direction, MessageState};
 use nes_proto::{now_ms, Username};
 use std::collections::{HashSet, VecDeque};
@@ -753,6 +753,9 @@ impl Pipeline {
         match opened.inner.kind() {
             Kind::Text => {}
             Kind::Receipt(receipt) => return self.receipt(&from, held, receipt),
+            Kind::Presence(presence) => {
+                return self.presence(&from, held, presence, opened.inner.timestamp)
+            }
             Kind::Unknown(kind) => {
                 return self.refuse(
                     "unknown_kind",
@@ -845,6 +848,45 @@ impl Pipeline {
             }
             Err(e) => {
                 error!(error = %e, "cannot apply a receipt; the broker will deliver it again");
+                Outcome::Failed
+            }
+        }
+    }
+
+    /// A verified presence from `from`: kept when newer than the last one heard.
+    fn presence(&self, from: &Username, held: bool, p: &PresenceBody, at_ms: i64) -> Outcome {
+        if held {
+            return self.refuse(
+                "presence_untrusted",
+                &format!("a presence from {from} under keys not trusted yet"),
+            );
+        }
+        if from == &self.identity.user {
+            return Outcome::Ignored;
+        }
+        let status = match p.status {
+            PresenceStatus::Online => rpc::PresenceStatus::Online,
+            PresenceStatus::Away => rpc::PresenceStatus::Away,
+            PresenceStatus::Busy => rpc::PresenceStatus::Busy,
+            PresenceStatus::Offline => rpc::PresenceStatus::Offline,
+        };
+        let expires = if p.status == PresenceStatus::Offline {
+            0
+        } else {
+            p.expires
+        };
+        match self
+            .store
+            .set_peer_presence(from.as_str(), status, &p.note, at_ms, expires)
+        {
+            Ok(_) => {
+                self.stats
+                    .presence_received
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                Outcome::Stored
+            }
+            Err(e) => {
+                error!(error = %e, "cannot keep a presence; the broker will deliver it again");
                 Outcome::Failed
             }
         }

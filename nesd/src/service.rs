@@ -44,6 +44,9 @@ pub struct Stats {
     /// Receipt frames received and applied; receipt frames queued.
     receipts_received: AtomicU64,
     receipts_sent: AtomicU64,
+    /// Presence frames received and applied; presence frames queued.
+    pub(crate) presence_received: AtomicU64,
+    pub(crate) presence_sent: AtomicU64,
     log_window: Mutex<HashMap<String, (Instant, u32)>>,
 }
 
@@ -163,6 +166,9 @@ pub struct Parts {
     pub read_receipts: bool,
     /// Wakes the receipts task when receipts are owed ([`crate::receipts`]).
     pub receipts_wake: Arc<Notify>,
+    /// Presence is told again this often; each lasts half as long again
+    /// ([`crate::presence`]).
+    pub presence_interval: Duration,
     /// The MQTT session.
     pub transport: Transport,
     /// Wakes the outbox when something was queued.
@@ -259,6 +265,8 @@ impl Service {
             prekeys_lost: p.peer_prekeys.lost(),
             receipts_received: p.stats.receipts().0,
             receipts_sent: p.stats.receipts().1,
+            presence_received: p.stats.presence_received.load(Ordering::Relaxed),
+            presence_sent: p.stats.presence_sent.load(Ordering::Relaxed),
             broker_protocol: p
                 .transport
                 .protocol()
@@ -330,7 +338,7 @@ impl Service {
         Ok(ReadyToSeal {
             recipient: self.recipient(to, request.legacy).await?,
             text: request.text,
-            receipt: None,
+            body: None,
             timestamp_ms: now_ms(),
         })
     }
@@ -364,6 +372,185 @@ impl Service {
             to_key: contact.pinned.message.clone(),
             to,
         })
+    }
+
+    /// Sets this identity's presence (not offline: `invisible` is how to look offline)
+    /// and tells the contacts at once.
+    pub async fn set_presence(
+        &self,
+        status: rpc::PresenceStatus,
+        note: &str,
+    ) -> Result<rpc::Presence, ServiceError> {
+        use rpc::PresenceStatus as S;
+        if !matches!(status, S::Online | S::Away | S::Busy | S::Invisible) {
+            return Err(ServiceError::InvalidArgument(
+                "a presence is online, away, busy or invisible".into(),
+            ));
+        }
+        let note = note.trim();
+        if note.len() > nes_proto::inner::MAX_PRESENCE_NOTE {
+            return Err(ServiceError::InvalidArgument(format!(
+                "the note is {} bytes long; the limit is {}",
+                note.len(),
+                nes_proto::inner::MAX_PRESENCE_NOTE
+            )));
+        }
+        let store = &self.p().store;
+        let before = store.own_presence()?;
+        let own = crate::store::OwnPresence {
+            status: status as i32,
+            note: note.to_owned(),
+        };
+        store.set_own_presence(&own)?;
+        store.commit().await?;
+        // Going invisible is told once, as offline; while invisible nothing is sent.
+        let went_invisible = status == S::Invisible && before.status != S::Invisible as i32;
+        if status != S::Invisible || went_invisible {
+            self.announce_presence(went_invisible).await?;
+        }
+        self.get_presence("").await
+    }
+
+    /// A contact's presence as last heard, or (empty `username`) this identity's own.
+    pub async fn get_presence(&self, username: &str) -> Result<rpc::Presence, ServiceError> {
+        let store = &self.p().store;
+        if username.trim().is_empty() {
+            let own = store.own_presence()?;
+            return Ok(rpc::Presence {
+                username: self.user().to_string(),
+                status: own.status,
+                note: own.note,
+                ..Default::default()
+            });
+        }
+        let user = parse_user(username, "username")?;
+        Ok(store
+            .peer_presence(user.as_str())?
+            .unwrap_or_else(|| rpc::Presence {
+                username: user.to_string(),
+                ..Default::default()
+            }))
+    }
+
+    /// Tells every contact that speaks kinds this identity's presence: as set (lasting
+    /// [`Parts::presence_interval`] and half again), or offline when `offline` (a clean
+    /// shutdown, going invisible). Invisible, and not `offline`: sends nothing. Contacts
+    /// that are legacy, unknown or whose keys changed are skipped. Returns how many
+    /// frames it queued.
+    pub async fn announce_presence(&self, offline: bool) -> Result<u64, ServiceError> {
+        use nes_proto::inner::{PresenceBody, PresenceStatus as W};
+        let store = &self.p().store;
+        let own = store.own_presence()?;
+        let now = now_ms();
+        let body = match rpc::PresenceStatus::try_from(own.status) {
+            _ if offline => PresenceBody {
+                status: W::Offline,
+                note: String::new(),
+                expires: 0,
+            },
+            Ok(rpc::PresenceStatus::Invisible) | Err(_) => return Ok(0),
+            Ok(s) => {
+                let lasts = self.p().presence_interval * 3 / 2;
+                let lasts = i64::try_from(lasts.as_millis())
+                    .unwrap_or(i64::MAX)
+                    .clamp(1, nes_proto::inner::MAX_PRESENCE_TTL_MS);
+                PresenceBody {
+                    status: match s {
+                        rpc::PresenceStatus::Away => W::Away,
+                        rpc::PresenceStatus::Busy => W::Busy,
+                        _ => W::Online,
+                    },
+                    note: own.note,
+                    expires: now + lasts,
+                }
+            }
+        };
+        let mut ready = Vec::new();
+        for peer in store.capable_peers()? {
+            let Ok(user) = Username::parse(&peer) else {
+                continue;
+            };
+            if &user == self.user() {
+                continue;
+            }
+            match self.recipient(user, false).await {
+                Ok(r) if r.version != Version::V1 => ready.push(ReadyToSeal {
+                    recipient: r,
+                    text: String::new(),
+                    body: Some(Body::Presence(body.clone())),
+                    timestamp_ms: now,
+                }),
+                Ok(_) => {}
+                Err(e) => info!(%peer, error = %e, "presence not told"),
+            }
+        }
+        if ready.is_empty() {
+            return Ok(0);
+        }
+        let identity = self.p().identity.clone();
+        let sealed = tokio::task::spawn_blocking(move || {
+            ready
+                .iter()
+                .map(|r| (r.recipient.to.to_string(), seal_frame(&identity, r)))
+                .collect::<Vec<_>>()
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("sealing failed: {e}")))?;
+        let mut records = Vec::new();
+        for (peer, sealed) in sealed {
+            match sealed {
+                Ok(sealed) => records.push(OutboxRecord {
+                    peer,
+                    id: sealed.id,
+                    exactly_once: false,
+                    frame: sealed.frame,
+                }),
+                Err(e) => warn!(%peer, error = %e, "presence not told: cannot seal"),
+            }
+        }
+        let n = records.len() as u64;
+        store.queue_frames(records)?;
+        store.commit().await?;
+        self.p().outbox_wake.notify_one();
+        self.p().stats.presence_sent.fetch_add(n, Ordering::Relaxed);
+        Ok(n)
+    }
+
+    /// Logs the presences that ran out (see [`Store::expire_presences`]).
+    pub async fn expire_presences(&self) -> Result<(), ServiceError> {
+        let store = &self.p().store;
+        if !store.expire_presences(now_ms())?.is_empty() {
+            store.commit().await?;
+        }
+        Ok(())
+    }
+
+    /// Before a clean shutdown: tells the contacts "offline" and waits (a little) until the
+    /// broker has those frames.
+    pub async fn say_offline(&self) {
+        if !self.p().transport.is_connected() {
+            return;
+        }
+        match self.announce_presence(true).await {
+            Ok(0) => {}
+            Ok(_) => {
+                let deadline = Instant::now() + Duration::from_secs(2);
+                while self.p().store.outbox_len() > 0 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+            }
+            Err(e) => warn!(error = %e, "cannot tell the contacts this daemon stops"),
+        }
+    }
+
+    /// The MQTT session's state, to follow.
+    pub fn connection(&self) -> watch::Receiver<Connection> {
+        self.p().transport.connection()
+    }
+
+    /// How often presence is told again.
+    pub fn presence_interval(&self) -> Duration {
+        self.p().presence_interval
     }
 
     /// Seals the receipts this daemon owes and queues them in the outbox (one frame per
@@ -401,7 +588,7 @@ impl Service {
                             ReadyToSeal {
                                 recipient,
                                 text: String::new(),
-                                receipt: Some(receipt),
+                                body: Some(Body::Receipt(receipt)),
                                 timestamp_ms: now_ms(),
                             },
                         ));
@@ -584,6 +771,11 @@ impl Service {
             frame_version: version,
             frame_version_reason: reason,
             prekey_lost: !contact.legacy && matches!(prekey, Some(PeerPrekey::None { lost: true })),
+            presence: self
+                .p()
+                .store
+                .peer_presence(contact.username.as_str())
+                .unwrap_or_default(),
             ..contact.to_rpc()
         }
     }
@@ -852,12 +1044,29 @@ struct Recipient {
     to_key: nes_proto::PublicKey,
 }
 
-/// A checked send (a text, or a receipt), waiting to be sealed.
+/// A checked send (a text, a receipt, a presence), waiting to be sealed.
 struct ReadyToSeal {
     recipient: Recipient,
     text: String,
-    receipt: Option<nes_proto::inner::Receipt>,
+    /// `None`: a text.
+    body: Option<Body>,
     timestamp_ms: i64,
+}
+
+/// What a frame that is not a text carries.
+enum Body {
+    Receipt(nes_proto::inner::Receipt),
+    Presence(nes_proto::inner::PresenceBody),
+}
+
+impl ReadyToSeal {
+    fn control(&self) -> Option<nes_proto::inner::Control<'_>> {
+        use nes_proto::inner::Control;
+        self.body.as_ref().map(|b| match b {
+            Body::Receipt(r) => Control::Receipt(r),
+            Body::Presence(p) => Control::Presence(p),
+        })
+    }
 }
 
 /// Seals one text and makes its records (CPU: see [`seal_frame`]): call it on the
@@ -901,8 +1110,8 @@ fn seal_frame(identity: &Identity, ready: &ReadyToSeal) -> Result<frame::Sealed,
         to_key,
     } = &ready.recipient;
     let draft = Draft {
-        receipt: ready.receipt.as_ref(),
-        wants_receipts: ready.receipt.is_none(),
+        control: ready.control(),
+        wants_receipts: ready.body.is_none(),
         from: &identity.user,
         to,
         text: &ready.text,

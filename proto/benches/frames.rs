@@ -34,7 +34,7 @@ fn frames(c: &mut Criterion) {
     );
     let text = "Hello Bob! A message of a typical length, about one line of chat.";
     let draft = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from: &alice,
         to: &bob,
@@ -67,7 +67,7 @@ fn frames(c: &mut Criterion) {
         .expect("certificate");
     let prekeys = HashMap::from([(prekey.id(), prekey.clone())]);
     let draft_v3 = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         timestamp_ms: now,
         ..draft

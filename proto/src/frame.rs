@@ -21,7 +21,7 @@
 //! Every refusal is a [`FrameError`]; bytes from the network never cause a panic.
 
 use crate::b64;
-use crate::inner::{Inner, Receipt, ID_BYTES};
+use crate::inner::{Control, Inner, ID_BYTES};
 use crate::keys::{KeyError, PrivateKey, PublicKey};
 use crate::username::Username;
 use aes::cipher::{block_padding::Pkcs7, BlockDecryptMut, BlockEncryptMut, KeyIvInit};
@@ -159,8 +159,9 @@ pub struct Draft<'a> {
     pub text: &'a str,
     /// Inner `timestamp`, Unix ms.
     pub timestamp_ms: i64,
-    /// Makes it a receipt (`"kind":"receipt"`; `text` should be empty): v2 and v3 only.
-    pub receipt: Option<&'a Receipt>,
+    /// Makes it a receipt or a presence (`"kind"`; `text` should be empty): v2 and v3
+    /// only.
+    pub control: Option<Control<'a>>,
     /// Asks the recipient for receipts (`"receipts":true`): v2 and v3 only, never on v1.
     pub wants_receipts: bool,
 }
@@ -173,7 +174,7 @@ impl<'a> Draft<'a> {
             to,
             text,
             timestamp_ms,
-            receipt: None,
+            control: None,
             wants_receipts: false,
         }
     }
@@ -183,17 +184,28 @@ impl Draft<'_> {
     /// The inner JSON bytes that are signed and encrypted: `id` is `None` for v1 (the
     /// original has none), a fresh message id for v2 and v3.
     pub(crate) fn inner_json(&self, id: Option<String>) -> Vec<u8> {
+        let control = self.control.filter(|_| id.is_some());
         Inner {
             from: self.from.to_string(),
             to: self.to.to_string(),
             timestamp: self.timestamp_ms,
             message: self.text.to_owned(),
             // The original (v1) knows no kinds: nothing of them goes into a v1 frame.
-            kind: self
-                .receipt
-                .filter(|_| id.is_some())
-                .map(|_| crate::inner::KIND_RECEIPT.to_owned()),
-            receipt: self.receipt.filter(|_| id.is_some()).cloned(),
+            kind: control.map(|c| {
+                match c {
+                    Control::Receipt(_) => crate::inner::KIND_RECEIPT,
+                    Control::Presence(_) => crate::inner::KIND_PRESENCE,
+                }
+                .to_owned()
+            }),
+            receipt: match control {
+                Some(Control::Receipt(r)) => Some(r.clone()),
+                _ => None,
+            },
+            presence: match control {
+                Some(Control::Presence(p)) => Some(p.clone()),
+                _ => None,
+            },
             receipts: self.wants_receipts && id.is_some(),
             id,
         }

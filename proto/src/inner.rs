@@ -13,6 +13,10 @@
 //! - `"kind":"receipt"`, `"receipt":{"state":"delivered"|"read","ids":[<id>, ...]}` (1 to
 //!   [`MAX_RECEIPT_IDS`] v2 ids, `"message":""`): the sender stored (or its user read)
 //!   the messages with those ids that the recipient sent it.
+//! - `"kind":"presence"`, `"presence":{"status":"online"|"away"|"busy"|"offline",
+//!   "note":TEXT,"expires":<unix ms>}` (`"message":""`): the sender's presence, until
+//!   `expires` (later than `timestamp`, at most [`MAX_PRESENCE_TTL_MS`] after it; 0 with
+//!   offline); the note at most [`MAX_PRESENCE_NOTE`] bytes.
 //! - `"receipts":true` on a text: its sender understands receipts and asks for them
 //!   (releases before receipts ignore the field; they are never sent receipts).
 //!
@@ -45,6 +49,9 @@ pub struct Inner {
     /// Inner `receipt`, with `"kind":"receipt"`.
     #[serde(default)]
     pub receipt: Option<Receipt>,
+    /// Inner `presence`, with `"kind":"presence"`.
+    #[serde(default)]
+    pub presence: Option<PresenceBody>,
     /// Inner `receipts`: the sender asks for receipts (see "Kinds").
     #[serde(default)]
     pub receipts: bool,
@@ -82,6 +89,59 @@ pub struct Receipt {
     pub ids: Vec<String>,
 }
 
+/// Longest presence note, in bytes.
+pub const MAX_PRESENCE_NOTE: usize = 256;
+/// Longest a presence may claim to last past its timestamp: a day.
+pub const MAX_PRESENCE_TTL_MS: i64 = 24 * 3600 * 1000;
+
+/// A presence status as the wire names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PresenceStatus {
+    /// Available.
+    Online,
+    /// Away from the keyboard.
+    Away,
+    /// Do not disturb.
+    Busy,
+    /// Gone (a clean shutdown, or invisible).
+    Offline,
+}
+
+impl PresenceStatus {
+    /// The name on the wire.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PresenceStatus::Online => "online",
+            PresenceStatus::Away => "away",
+            PresenceStatus::Busy => "busy",
+            PresenceStatus::Offline => "offline",
+        }
+    }
+}
+
+/// A presence's body: `{"status": .., "note": .., "expires": ..}`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+pub struct PresenceBody {
+    /// The status.
+    pub status: PresenceStatus,
+    /// A short text ("at lunch").
+    #[serde(default)]
+    pub note: String,
+    /// Unix ms after which it no longer holds unless refreshed (0 with offline).
+    #[serde(default)]
+    pub expires: i64,
+}
+
+/// What a non-text inner message carries, for sealing ([`crate::frame::Draft`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Control<'a> {
+    /// A receipt.
+    Receipt(&'a Receipt),
+    /// A presence.
+    Presence(&'a PresenceBody),
+}
+
 /// The kind of an inner message (see "Kinds").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Kind<'a> {
@@ -89,12 +149,16 @@ pub enum Kind<'a> {
     Text,
     /// A receipt for messages the recipient sent.
     Receipt(&'a Receipt),
+    /// The sender's presence.
+    Presence(&'a PresenceBody),
     /// A kind this code does not know (a later release's): refused by name.
     Unknown(&'a str),
 }
 
 /// The wire name of the receipt kind.
 pub const KIND_RECEIPT: &str = "receipt";
+/// The wire name of the presence kind.
+pub const KIND_PRESENCE: &str = "presence";
 /// The wire name of the text kind (also what no `kind` means).
 pub const KIND_TEXT: &str = "text";
 
@@ -117,6 +181,24 @@ impl Inner {
                 return Err("a receipt id is not 16 bytes of base64url".into());
             }
         }
+        if inner.kind.as_deref() == Some(KIND_PRESENCE) {
+            let p = inner
+                .presence
+                .as_ref()
+                .ok_or("a presence without its `presence` field")?;
+            if p.note.len() > MAX_PRESENCE_NOTE {
+                return Err(format!(
+                    "a presence note of {} bytes; at most {MAX_PRESENCE_NOTE}",
+                    p.note.len()
+                ));
+            }
+            let lasts = p.expires.saturating_sub(inner.timestamp);
+            if p.status != PresenceStatus::Offline && !(1..=MAX_PRESENCE_TTL_MS).contains(&lasts) {
+                return Err(format!(
+                    "a presence that expires {lasts} ms after its timestamp; 1 ms to a day"
+                ));
+            }
+        }
         Ok(inner)
     }
 
@@ -125,6 +207,10 @@ impl Inner {
         match (self.kind.as_deref(), &self.receipt) {
             (None | Some(KIND_TEXT), _) => Kind::Text,
             (Some(KIND_RECEIPT), Some(receipt)) => Kind::Receipt(receipt),
+            (Some(KIND_PRESENCE), _) if self.presence.is_some() => self
+                .presence
+                .as_ref()
+                .map_or(Kind::Unknown(KIND_PRESENCE), Kind::Presence),
             (Some(other), _) => Kind::Unknown(other),
         }
     }
@@ -160,6 +246,15 @@ impl Inner {
                 push_go_string(&mut out, id);
             }
             out.push_str("]}");
+        }
+        if let Some(p) = &self.presence {
+            out.push_str(",\"presence\":{\"status\":");
+            push_go_string(&mut out, p.status.as_str());
+            out.push_str(",\"note\":");
+            push_go_string(&mut out, &p.note);
+            out.push_str(",\"expires\":");
+            out.push_str(&p.expires.to_string());
+            out.push('}');
         }
         if self.receipts {
             out.push_str(",\"receipts\":true");
@@ -210,6 +305,7 @@ mod tests {
             id: None,
             kind: None,
             receipt: None,
+            presence: None,
             receipts: false,
         };
         assert_eq!(
@@ -249,6 +345,7 @@ mod tests {
                 state: ReceiptState::Read,
                 ids: vec![ID.into(), "AQEBAQEBAQEBAQEBAQEBAQ==".into()],
             }),
+            presence: None,
             receipts: false,
         };
         let json = String::from_utf8(inner.to_go_json()).unwrap();
@@ -291,6 +388,66 @@ mod tests {
             let json = format!("{{{head}{body}}}");
             assert!(Inner::parse(json.as_bytes()).is_err(), "{why}: {json}");
         }
+    }
+
+    #[test]
+    fn a_presence_round_trips_and_is_checked() {
+        let inner = Inner {
+            from: "bob".into(),
+            to: "alice".into(),
+            timestamp: 1_000,
+            message: String::new(),
+            id: Some(ID.into()),
+            kind: Some(KIND_PRESENCE.into()),
+            receipt: None,
+            presence: Some(PresenceBody {
+                status: PresenceStatus::Away,
+                note: "at <lunch>".into(),
+                expires: 61_000,
+            }),
+            receipts: false,
+        };
+        let json = String::from_utf8(inner.to_go_json()).unwrap();
+        assert!(
+            json.ends_with(r#""kind":"presence","presence":{"status":"away","note":"at \u003clunch\u003e","expires":61000}}"#),
+            "{json}"
+        );
+        let back = Inner::parse(json.as_bytes()).unwrap();
+        assert_eq!(back, inner);
+        assert!(matches!(back.kind(), Kind::Presence(p) if p.status == PresenceStatus::Away));
+        let head = r#""from":"b","to":"a","timestamp":1000,"message":"","id":"AAAAAAAAAAAAAAAAAAAAAA==","kind":"presence""#;
+        let long = "x".repeat(MAX_PRESENCE_NOTE + 1);
+        for (body, why) in [
+            (String::new(), "no presence field"),
+            (
+                r#","presence":{"status":"online","expires":1000}"#.to_owned(),
+                "expires at its timestamp",
+            ),
+            (r#","presence":{"status":"online"}"#.to_owned(), "no expiry"),
+            (
+                format!(
+                    r#","presence":{{"status":"busy","expires":{}}}"#,
+                    1000 + MAX_PRESENCE_TTL_MS + 1
+                ),
+                "over a day",
+            ),
+            (
+                r#","presence":{"status":"asleep","expires":2000}"#.to_owned(),
+                "unknown status",
+            ),
+            (
+                format!(r#","presence":{{"status":"online","note":"{long}","expires":2000}}"#),
+                "long note",
+            ),
+        ] {
+            let json = format!("{{{head}{body}}}");
+            assert!(Inner::parse(json.as_bytes()).is_err(), "{why}: {json}");
+        }
+        let offline = format!(r#"{{{head},"presence":{{"status":"offline"}}}}"#);
+        assert!(matches!(
+            Inner::parse(offline.as_bytes()).unwrap().kind(),
+            Kind::Presence(p) if p.status == PresenceStatus::Offline && p.expires == 0
+        ));
     }
 
     #[test]

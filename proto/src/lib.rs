@@ -99,6 +99,31 @@ pub mod names {
         }
     }
 
+    /// `online`, `away`, `busy`, `invisible`, `offline` (`unknown` when never heard of).
+    pub fn presence_name(status: i32) -> &'static str {
+        use crate::rpc::PresenceStatus as P;
+        match P::try_from(status) {
+            Ok(P::Online) => "online",
+            Ok(P::Away) => "away",
+            Ok(P::Busy) => "busy",
+            Ok(P::Invisible) => "invisible",
+            Ok(P::Offline) => "offline",
+            Ok(P::Unspecified) | Err(_) => "unknown",
+        }
+    }
+
+    /// The status a user can set by name: online, away, busy, invisible.
+    pub fn presence_of_name(name: &str) -> Option<crate::rpc::PresenceStatus> {
+        use crate::rpc::PresenceStatus as P;
+        Some(match name {
+            "online" => P::Online,
+            "away" => P::Away,
+            "busy" => P::Busy,
+            "invisible" => P::Invisible,
+            _ => return None,
+        })
+    }
+
     #[cfg(test)]
     mod tests {
         use super::*;

@@ -43,7 +43,7 @@ fn user(name: &str) -> Username {
 fn sealed(k: &Keys, version: Version, to: &str, text: &str, ts: i64) -> Vec<u8> {
     let (alice, to) = (user("alice"), user(to));
     let draft = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from: &alice,
         to: &to,
@@ -172,7 +172,7 @@ fn refuses_too_large() {
     let (a, b) = (user("alice"), user("bob"));
     let text = "x".repeat(MAX_FRAME_BYTES);
     let draft = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from: &a,
         to: &b,
@@ -438,7 +438,7 @@ fn v1_ids_survive_re_encoding_of_the_outer_json() {
     let s = seal(
         Version::V1,
         &Draft {
-            receipt: None,
+            control: None,
             wants_receipts: false,
             from: &a,
             to: &b,
@@ -531,7 +531,7 @@ fn refuses_signatures_that_do_not_verify() {
     let bob_user = user("bob");
     let carol = user("alice");
     let draft = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from: &carol,
         to: &bob_user,

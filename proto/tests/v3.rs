@@ -75,7 +75,7 @@ fn world() -> &'static World {
 fn sealed(w: &World, text: &str, ts: i64) -> Vec<u8> {
     let (alice, bob) = (user("alice"), user("bob"));
     let draft = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from: &alice,
         to: &bob,
@@ -170,6 +170,7 @@ fn inner(from: &str, to: &str, ts: i64, text: &str) -> Vec<u8> {
     Inner {
         kind: None,
         receipt: None,
+        presence: None,
         receipts: false,
         from: from.into(),
         to: to.into(),
@@ -238,7 +239,7 @@ fn v1_and_v2_still_open_through_the_same_entry() {
     let w = world();
     let (alice, bob) = (user("alice"), user("bob"));
     let draft = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from: &alice,
         to: &bob,
@@ -303,7 +304,7 @@ fn after_the_prekey_file_is_deleted_the_frame_no_longer_opens_from_the_directory
         .unwrap();
     let (alice, bob) = (user("alice"), user("bob"));
     let draft = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from: &alice,
         to: &bob,
@@ -409,7 +410,7 @@ fn certificate_and_signature_refusals() {
         CertificateSecret::generate(&user("alice"), NOW - DAY, NOW + DAY, &w.bob_sign).unwrap();
     let (alice, bob) = (user("alice"), user("bob"));
     let draft = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from: &alice,
         to: &bob,
@@ -482,6 +483,7 @@ fn certificate_and_signature_refusals() {
     let no_id = Inner {
         kind: None,
         receipt: None,
+        presence: None,
         receipts: false,
         from: "alice".into(),
         to: "bob".into(),
@@ -528,7 +530,7 @@ fn the_existing_receiving_rules_apply_to_v3() {
     let text = "x".repeat(MAX_FRAME_BYTES);
     let bob = user("bob");
     let draft = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from: &alice,
         to: &bob,
@@ -546,7 +548,7 @@ fn sealing_checks_the_prekey_and_the_certificate() {
     let w = world();
     let (alice, bob, carol) = (user("alice"), user("bob"), user("carol"));
     let draft = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from: &alice,
         to: &bob,
@@ -564,7 +566,7 @@ fn sealing_checks_the_prekey_and_the_certificate() {
     v3::seal(&draft, w.bob_prekey.signed(), &w.alice_cert, prekey.created).unwrap();
     // Bob's prekey is not carol's.
     let to_carol = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         to: &carol,
         ..draft
@@ -575,7 +577,7 @@ fn sealing_checks_the_prekey_and_the_certificate() {
     ));
     // Our certificate must be ours, valid now and cover the timestamp.
     let from_carol = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from: &carol,
         ..draft
@@ -596,7 +598,7 @@ fn sealing_checks_the_prekey_and_the_certificate() {
         })
     ));
     let backdated = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         timestamp_ms: NOW - 2 * DAY,
         ..draft
@@ -794,7 +796,7 @@ fn only_v1_and_v2_frames_need_a_private_rsa_operation() {
     let w = world();
     let (alice, bob) = (user("alice"), user("bob"));
     let draft = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from: &alice,
         to: &bob,

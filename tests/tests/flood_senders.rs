@@ -47,7 +47,7 @@ fn seal(
 ) -> Result<Vec<u8>> {
     let (from, bob) = (Username::parse(from)?, Username::parse("bob")?);
     let draft = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from: &from,
         to: &bob,
@@ -68,7 +68,7 @@ fn seal_v3(
     let certificate =
         nes_proto::v3::CertificateSecret::generate(&from, ts - 60_000, ts + 3_600_000, signer)?;
     let draft = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from: &from,
         to: &bob,

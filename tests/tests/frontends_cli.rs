@@ -196,9 +196,13 @@ async fn status_send_history_batch_contacts_register_through_the_cli() -> Result
         assert!(m["timestamp"].as_i64().unwrap() > 1_600_000_000_000);
     }
     assert_eq!(messages[2]["id"], id.as_str());
-    let out = nes(&b, h, &["history", "alice", "--last", "2", "--json", "--keep-unread"])
-        .await?
-        .expect_code(0)?;
+    let out = nes(
+        &b,
+        h,
+        &["history", "alice", "--last", "2", "--json", "--keep-unread"],
+    )
+    .await?
+    .expect_code(0)?;
     let last: Vec<_> = json_lines(&out.stdout.lines().map(String::from).collect::<Vec<_>>())?;
     assert_eq!(
         last.iter()

@@ -344,8 +344,9 @@ async fn nesd_serves_without_a_session_bus_and_says_so_once() -> Result<()> {
 }
 
 /// Every member the hand-written introspection XML declared before nesd used zbus's
-/// object server (copied from it), as `busctl introspect` shows them: (interface, member,
-/// kind, signature, result for a method, flags).
+/// object server (copied from it), and those added since (receipts and presence), as
+/// `busctl introspect` shows them: (interface, member, kind, signature, result for a
+/// method, flags).
 const DECLARED: &[(&str, &str, &str, &str, &str, &str)] = &[
     (DEST, ".Send", "method", "ss", "s", "-"),
     (DEST, ".ListConversations", "method", "-", "a(sttxs)", "-"),
@@ -353,6 +354,9 @@ const DECLARED: &[(&str, &str, &str, &str, &str, &str)] = &[
     (DEST, ".MarkRead", "method", "s", "t", "-"),
     (DEST, ".MessageReceived", "signal", "ssxs", "-", "-"),
     (DEST, ".MessageStateChanged", "signal", "sss", "-", "-"),
+    (DEST, ".SetPresence", "method", "ss", "s", "-"),
+    (DEST, ".GetPresence", "method", "s", "ssx", "-"),
+    (DEST, ".PresenceChanged", "signal", "sss", "-", "-"),
     (DEST, ".User", "property", "s", "", "const"),
     (DEST, ".Connected", "property", "b", "", "emits-change"),
     (DEST, ".Unread", "property", "t", "", "emits-change"),
@@ -423,6 +427,9 @@ const DECLARED_ARGS: &[&str] = &[
     "MarkRead(in s peer, out t marked);",
     "MessageReceived(s id, s from, x timestamp, s text);",
     "MessageStateChanged(s id, s peer, s state);",
+    "SetPresence(in s status, in s note, out s status);",
+    "GetPresence(in s user, out s status, out s note, out x last_seen);",
+    "PresenceChanged(s user, s status, s note);",
     "@org.freedesktop.DBus.Property.EmitsChangedSignal(\"const\") readonly s User = 'bob';",
     "readonly b Connected = true;",
     "readonly t Unread = 0;",

@@ -34,7 +34,7 @@ fn seal(
 ) -> Result<Vec<u8>> {
     let (from, to) = (Username::parse(from)?, Username::parse(to)?);
     let draft = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from: &from,
         to: &to,

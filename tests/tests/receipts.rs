@@ -11,7 +11,7 @@ use anyhow::{ensure, Context, Result};
 use nes_e2e::frontends::{json_lines, nes, run_nes, Lines, SessionBus, Tmux};
 use nes_e2e::*;
 use nes_proto::frame::{self, Draft, Version};
-use nes_proto::inner::{Receipt, ReceiptState};
+use nes_proto::inner::{Control, Receipt, ReceiptState};
 use nes_proto::rpc::{self, Direction, MessageState};
 use nes_proto::Username;
 use std::time::Duration;
@@ -62,7 +62,7 @@ fn receipt_frame(
         ids: ids.to_vec(),
     };
     let draft = Draft {
-        receipt: Some(&receipt),
+        control: Some(Control::Receipt(&receipt)),
         wants_receipts: false,
         from: &from,
         to: &to_name,

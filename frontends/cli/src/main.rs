@@ -60,6 +60,8 @@ pub enum Command {
     Status(cmd::status::Args),
     /// Register this identity's public keys with the key server.
     Register(cmd::register::Args),
+    /// Show or set this identity's presence (online, away, busy, invisible).
+    Presence(cmd::presence::Args),
     /// Send a message: `nes send PEER TEXT`, `... | nes send PEER`, or `--batch`.
     Send(cmd::send::Args),
     /// Show a conversation (or, without PEER, the list of conversations).
@@ -121,6 +123,7 @@ fn main() -> ExitCode {
         Command::Man(args) => cmd::man::run(args),
         Command::Status(args) => block_on(cmd::status::run(&ctx, args)),
         Command::Register(args) => block_on(cmd::register::run(&ctx, args)),
+        Command::Presence(args) => block_on(cmd::presence::run(&ctx, args)),
         Command::Send(args) => block_on(cmd::send::run(&ctx, args)),
         Command::History(args) => block_on(cmd::history::run(&ctx, args)),
         Command::Listen(args) => block_on(cmd::listen::run(&ctx, args)),

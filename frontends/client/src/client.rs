@@ -215,6 +215,33 @@ impl Client {
         self.unpack(reply)
     }
 
+    /// `SetPresence`: sets this identity's presence and note.
+    pub async fn set_presence(
+        &mut self,
+        status: nes_proto::rpc::PresenceStatus,
+        note: &str,
+    ) -> Result<nes_proto::rpc::Presence, Error> {
+        let reply = self
+            .rpc
+            .set_presence(nes_proto::rpc::SetPresenceRequest {
+                status: status as i32,
+                note: note.into(),
+            })
+            .await;
+        self.unpack(reply)
+    }
+
+    /// `GetPresence`: a contact's presence as last heard ("" for this identity's own).
+    pub async fn presence(&mut self, username: &str) -> Result<nes_proto::rpc::Presence, Error> {
+        let reply = self
+            .rpc
+            .get_presence(nes_proto::rpc::GetPresenceRequest {
+                username: username.into(),
+            })
+            .await;
+        self.unpack(reply)
+    }
+
     /// `Events`: the raw event stream after `since` (live only when `None`). Most
     /// frontends want a [`crate::Feed`], which reconnects.
     pub async fn events(&mut self, since: Option<u64>) -> Result<tonic::Streaming<Event>, Error> {

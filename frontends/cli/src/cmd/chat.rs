@@ -67,6 +67,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     let mut chat = Chat::new(status.user.clone(), peer.clone(), status.connected);
     if let Some(contact) = &contact {
         chat.key_changed = contact.trust == TrustState::KeyChanged as i32;
+        chat.presence = contact.presence.clone();
     } else {
         chat.system(format!(
             "cannot look up {peer}'s keys right now (key server unreachable?)"
@@ -229,6 +230,8 @@ pub struct Chat {
     broker_up: bool,
     daemon_up: bool,
     key_changed: bool,
+    /// The peer's presence, as the title shows it.
+    presence: Option<nes_proto::rpc::Presence>,
 }
 
 impl Chat {
@@ -244,6 +247,7 @@ impl Chat {
             broker_up,
             daemon_up: true,
             key_changed: false,
+            presence: None,
         }
     }
 
@@ -302,6 +306,10 @@ impl Chat {
             }
             Some(event::Kind::Connection(c)) => {
                 self.broker_up = c.connected;
+                false
+            }
+            Some(event::Kind::Presence(p)) if p.username == self.peer => {
+                self.presence = Some(p);
                 false
             }
             _ => false,
@@ -442,8 +450,12 @@ impl Chat {
         } else {
             ""
         };
+        let presence = match &self.presence {
+            Some(p) => format!(" ({})", super::presence::presence_text(p)),
+            None => String::new(),
+        };
         format!(
-            " nes chat: {} ⇄ {}  [{link}]{keys}  Esc to leave ",
+            " nes chat: {} ⇄ {}{presence}  [{link}]{keys}  Esc to leave ",
             self.me, self.peer
         )
     }
@@ -698,6 +710,20 @@ mod tests {
         ));
         assert!(chat.key_changed);
         assert!(chat.title().contains("KEYS CHANGED"));
+        chat.apply(ev(
+            7,
+            event::Kind::Presence(nes_proto::rpc::Presence {
+                username: "bob".into(),
+                status: nes_proto::rpc::PresenceStatus::Away as i32,
+                note: "at lunch".into(),
+                ..Default::default()
+            }),
+        ));
+        assert!(
+            chat.title().contains("bob (away (at lunch))"),
+            "{}",
+            chat.title()
+        );
         assert_eq!(chat.last_unread_incoming().as_deref(), Some("a"));
     }
 

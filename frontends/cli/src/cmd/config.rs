@@ -127,6 +127,10 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
         "v3 to contacts with a prekey: true (default); false: v2 at most",
     ),
     (
+        "presence_interval",
+        "how often contacts are told your presence: 30m (default), 90s, 2h ...",
+    ),
+    (
         "read_receipts",
         "tell contacts when you read their messages: true (default); false: only delivery",
     ),

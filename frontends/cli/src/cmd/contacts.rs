@@ -180,6 +180,9 @@ pub fn contact_line(c: &Contact) -> String {
     if c.prekey_lost {
         line.push_str("  PREKEY LOST (gets v2)");
     }
+    if let Some(p) = &c.presence {
+        line.push_str(&format!("  {}", crate::cmd::presence::presence_text(p)));
+    }
     if c.trust == TrustState::KeyChanged as i32 {
         line.push_str(&format!(
             "  -> check and run `nes contacts trust {}`",
@@ -212,6 +215,13 @@ fn contact_details(c: &Contact, pem: bool) -> Vec<String> {
             }
         ),
         format!("sends as:    {}", version_text(c)),
+        format!(
+            "presence:    {}",
+            c.presence
+                .as_ref()
+                .map(crate::cmd::presence::presence_text)
+                .unwrap_or_else(|| "not told (it tells contacts it has talked with)".into())
+        ),
         format!(
             "fetched:     {}",
             if c.fetched_at_ms > 0 {
@@ -275,6 +285,9 @@ fn contact_json(c: &Contact, pem: bool) -> serde_json::Value {
         "frame_version_reason": c.frame_version_reason,
         "prekey_lost": c.prekey_lost,
     });
+    if let Some(p) = &c.presence {
+        v["presence"] = crate::cmd::presence::presence_json(p);
+    }
     if c.trust == TrustState::KeyChanged as i32 {
         v["pending_message_key_fingerprint"] = json!(c.pending_message_key_fingerprint);
         v["pending_sign_key_fingerprint"] = json!(c.pending_sign_key_fingerprint);

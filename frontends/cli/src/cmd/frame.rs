@@ -102,7 +102,7 @@ fn seal(args: SealArgs) -> Result<(), CliError> {
     };
     let version = if args.v1 { Version::V1 } else { Version::V2 };
     let draft = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from: &from,
         to: &to,
@@ -158,7 +158,7 @@ fn seal_v3(args: SealArgs, from: &Username, to: &Username) -> Result<(), CliErro
         None => read_stdin_text()?,
     };
     let draft = Draft {
-        receipt: None,
+        control: None,
         wants_receipts: false,
         from,
         to,

@@ -11,6 +11,7 @@ pub mod import_legacy;
 pub mod listen;
 pub mod man;
 pub mod prekey;
+pub mod presence;
 pub mod register;
 pub mod send;
 pub mod status;

@@ -67,6 +67,7 @@ pub fn status_json(s: &StatusReply, socket: &str) -> serde_json::Value {
         "received_by_version": {"v1": s.received_v1, "v2": s.received_v2, "v3": s.received_v3},
         "prekeys_lost": s.prekeys_lost,
         "receipts": {"received": s.receipts_received, "sent": s.receipts_sent},
+        "presence": {"received": s.presence_received, "sent": s.presence_sent},
         "socket": socket,
     })
 }
@@ -125,6 +126,10 @@ pub fn status_text(s: &StatusReply, socket: &str) -> Vec<String> {
         format!(
             "receipts:   received {}   sent {} (delivery and read receipts since the start)",
             s.receipts_received, s.receipts_sent
+        ),
+        format!(
+            "presence:   received {}   sent {} (contacts' presence frames, and ours to them)",
+            s.presence_received, s.presence_sent
         ),
         format!("prekey:     {}", prekey_text(s)),
     ];
