@@ -28,21 +28,27 @@
 //! | [`keyserver`] | HTTP client of the key server, signed answers verified |
 //! | [`receive`] | the receive pipeline: every receiving rule, then store, ack, event |
 //! | [`prekeys`] | v3: our prekeys (made, published, rotated, deleted) and contacts' (cached) |
-//! | [`outbox`] | publishes queued frames in order, tracks SENT/DELIVERED |
+//! | [`outbox`] | publishes queued frames in order (texts, receipts, presence), records SENT |
+//! | [`receipts`] | seals and queues the delivery and read receipts this daemon owes |
+//! | [`presence`] | tells contacts this identity's presence; notices theirs running out |
 //! | [`mqtt`] | the persistent MQTT session (rumqttc; MQTT 5, or 3.1.1 where the broker speaks only that), manual acks, reconnects |
 //! | [`sync`] | the one lock helper for in-memory maps |
 //!
 //! A send: the adapter calls [`service::Service::send`], which finds the recipient's keys
 //! (key cache, else key server), seals the frame on the blocking pool, stores the message
 //! QUEUED with its frame, flushes, and returns; the outbox publishes it when the broker is
-//! reachable (SENT), and the broker's acknowledgement makes it DELIVERED. Each step is an
-//! event in the store's log, which every connected client receives, and which a client
-//! can replay from a cursor after reconnecting.
+//! reachable, the broker's acknowledgement makes it SENT, and the recipient's receipts
+//! make it DELIVERED and READ. Each step is an event in the store's log, which every
+//! connected client receives, and which a client can replay from a cursor after
+//! reconnecting.
 //!
-//! A receipt: the MQTT session hands the publish to the pipeline, which decrypts it,
+//! Arrival: the MQTT session hands the publish to the pipeline, which decrypts it,
 //! verifies it under the sender's keys, applies the receiving rules, stores it, flushes,
 //! and only then acknowledges it to the broker. A crash at any point loses nothing: the
-//! broker delivers unacknowledged messages again and the store drops duplicates.
+//! broker delivers unacknowledged messages again and the store drops duplicates. What
+//! arrived is dispatched on its kind ([`nes_proto::inner::Kind`]): a text is stored, a
+//! receipt moves outgoing messages on, a presence is kept per contact, an unknown kind is
+//! refused (`unknown_kind`). docs/ARCHITECTURE.md lists what a new kind touches.
 //!
 //! Errors of this library are `thiserror` enums; the binary (`main.rs`) turns them into
 //! one-line messages and exit codes.

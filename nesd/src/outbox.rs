@@ -123,6 +123,7 @@ impl Outbox {
     /// outbox, and makes the changes durable and visible.
     async fn record(&self, batch: Vec<Delivery>) {
         let mut delivered = 0u64;
+        let mut changed = false;
         for d in batch {
             let (token, state, error) = match d {
                 // Written to the connection: it stays QUEUED until the broker answers.
@@ -135,8 +136,11 @@ impl Outbox {
                 .store
                 .set_outgoing_state(&token.peer, &token.id, state, &error)
             {
-                Ok(Some(_)) if state == MessageState::Sent => delivered += 1,
-                Ok(Some(_)) => {}
+                Ok(Some(_)) if state == MessageState::Sent => {
+                    changed = true;
+                    delivered += 1
+                }
+                Ok(Some(_)) => changed = true,
                 // A receipt (no message), or a message a receipt moved on first.
                 Ok(None) => {
                     if let Err(e) = self.store.outbox_forget(token.seq) {
@@ -146,8 +150,14 @@ impl Outbox {
                 Err(e) => error!(error = %e, id = %token.id, "cannot record a delivery"),
             }
         }
-        if let Err(e) = self.store.commit().await {
-            error!(error = %e, "cannot flush the store");
+        // Only a message's new state needs to be durable now (and its event published,
+        // which waits for the flush). A batch of "written" reports changes nothing, and
+        // an acknowledged receipt or presence leaving the outbox may come back after a
+        // crash: sent twice, it changes nothing at the other end.
+        if changed {
+            if let Err(e) = self.store.commit().await {
+                error!(error = %e, "cannot flush the store");
+            }
         }
         self.stats.add_sent(delivered);
     }

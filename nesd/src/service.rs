@@ -531,8 +531,12 @@ impl Service {
         if !self.p().transport.is_connected() {
             return;
         }
+        // Behind other queued frames it could not go out in time anyway: it stays queued
+        // (the next start tells a newer presence after it, and the newer one wins).
+        let others_queued = self.p().store.outbox_len() > 0;
         match self.announce_presence(true).await {
             Ok(0) => {}
+            Ok(_) if others_queued => {}
             Ok(_) => {
                 let deadline = Instant::now() + Duration::from_secs(2);
                 while self.p().store.outbox_len() > 0 && Instant::now() < deadline {
@@ -636,7 +640,7 @@ impl Service {
                     }
                 }
             }
-            store.commit().await?;
+            // Not flushed here: see crate::receipts (a lost queueing is sent again).
             self.p().outbox_wake.notify_one();
             if waiting {
                 return Ok(queued);

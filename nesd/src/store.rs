@@ -2643,6 +2643,78 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn presence_keeps_the_newest_expires_once_and_marks_capable_peers() {
+        use rpc::PresenceStatus as P;
+        let tmp = tempfile::tempdir().unwrap();
+        let store = open_in_test(tmp.path());
+        assert!(store.capable_peers().unwrap().is_empty());
+        let asks = rpc::Message {
+            wants_receipts: true,
+            ..incoming("m1", "carol", "hi")
+        };
+        store.insert_incoming(asks, None).unwrap();
+        store
+            .insert_incoming(incoming("m2", "dave", "hi"), None)
+            .unwrap();
+        assert_eq!(store.capable_peers().unwrap(), ["carol"]);
+
+        let now = now_ms();
+        let p = store
+            .set_peer_presence("bob", P::Away, "lunch", now - 10, now + 60_000)
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            (p.status, p.note.as_str(), p.expired),
+            (P::Away as i32, "lunch", false)
+        );
+        assert_eq!(store.capable_peers().unwrap(), ["bob", "carol"]);
+        // An older one (a replay) changes nothing; a newer one does.
+        assert!(store
+            .set_peer_presence("bob", P::Online, "", now - 20, now + 60_000)
+            .unwrap()
+            .is_none());
+        assert_eq!(
+            store.peer_presence("bob").unwrap().unwrap().status,
+            P::Away as i32
+        );
+        // A refresh with the same status logs no event.
+        store.commit().await.unwrap();
+        let before = store.last_cursor();
+        store
+            .set_peer_presence("bob", P::Away, "lunch", now - 5, now + 60_000)
+            .unwrap()
+            .unwrap();
+        store.commit().await.unwrap();
+        assert_eq!(store.last_cursor(), before);
+        // Running out: offline, expired, one event, once.
+        store
+            .set_peer_presence("bob", P::Busy, "", now - 1, now + 1)
+            .unwrap()
+            .unwrap();
+        let later = now + 5;
+        let gone = store.expire_presences(later).unwrap();
+        assert_eq!(gone.len(), 1);
+        assert_eq!((gone[0].status, gone[0].expired), (P::Offline as i32, true));
+        assert!(store.expire_presences(later + 1).unwrap().is_empty());
+        let shown = store.peer_presence("bob").unwrap().unwrap();
+        assert_eq!(shown.last_seen_ms, now - 1);
+        assert!(store.peer_presence("zed").unwrap().is_none());
+
+        // Own presence: online until set, kept across a reopen.
+        assert_eq!(store.own_presence().unwrap().status, P::Online as i32);
+        store
+            .set_own_presence(&OwnPresence {
+                status: P::Invisible as i32,
+                note: "x".into(),
+            })
+            .unwrap();
+        store.commit().await.unwrap();
+        drop(store);
+        let store = open_in_test(tmp.path());
+        assert_eq!(store.own_presence().unwrap().status, P::Invisible as i32);
+    }
+
+    #[tokio::test]
     async fn held_messages_are_released_or_dropped() {
         let tmp = tempfile::tempdir().unwrap();
         let store = open_in_test(tmp.path());
