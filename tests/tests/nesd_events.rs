@@ -47,7 +47,9 @@ async fn every_client_gets_every_event_and_resumes_without_gap() -> Result<()> {
         sent.push(send(&mut a, "bob", &format!("event test {i}")).await?.id);
     }
     wait_queue_empty(&a).await?;
-    // 10 sends make 30 events (queued, sent, delivered), after the connection event.
+    // 10 sends make 30 events (queued, sent by the broker's acknowledgement, delivered by
+    // bob's receipt, which comes after it: bob gets the frame only once the broker has it),
+    // after the connection event.
     let last = wait_cursor(&a, 31).await?;
     read_through(&mut one, 1, last).await?;
     read_through(&mut two, 1, last).await?;

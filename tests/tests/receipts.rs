@@ -209,8 +209,15 @@ async fn a_message_moves_to_delivered_then_read_in_json_dbus_and_chat() -> Resul
             }
         }
     }
+    // "sent" (the broker's acknowledgement) is normally there; a receipt may overtake it.
+    let without_sent: Vec<&String> = states.iter().filter(|s| *s != "sent").collect();
     ensure!(
-        states == ["message queued", "sent", "delivered", "read"],
+        without_sent == ["message queued", "delivered", "read"]
+            && states.iter().filter(|s| *s == "sent").count() <= 1
+            && states
+                .iter()
+                .position(|s| s == "sent")
+                .is_none_or(|i| i == 1),
         "listen --outgoing: {states:?}"
     );
 
