@@ -841,7 +841,7 @@ impl Pipeline {
             .apply_receipt(from.as_str(), receipt.state, &receipt.ids)
         {
             Ok(moved) => {
-                self.stats.add_receipt(moved);
+                self.stats.add_receipt_received();
                 debug!(from = %from, state = receipt.state.as_str(), ids = receipt.ids.len(), moved, "receipt");
                 // Flushed before the acknowledgement like a stored message.
                 Outcome::Stored
@@ -864,12 +864,7 @@ impl Pipeline {
         if from == &self.identity.user {
             return Outcome::Ignored;
         }
-        let status = match p.status {
-            PresenceStatus::Online => rpc::PresenceStatus::Online,
-            PresenceStatus::Away => rpc::PresenceStatus::Away,
-            PresenceStatus::Busy => rpc::PresenceStatus::Busy,
-            PresenceStatus::Offline => rpc::PresenceStatus::Offline,
-        };
+        let status = rpc::PresenceStatus::from(p.status);
         let expires = if p.status == PresenceStatus::Offline {
             0
         } else {
@@ -880,9 +875,7 @@ impl Pipeline {
             .set_peer_presence(from.as_str(), status, &p.note, at_ms, expires)
         {
             Ok(_) => {
-                self.stats
-                    .presence_received
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                self.stats.add_presence_received();
                 Outcome::Stored
             }
             Err(e) => {

@@ -45,8 +45,8 @@ pub struct Stats {
     receipts_received: AtomicU64,
     receipts_sent: AtomicU64,
     /// Presence frames received and applied; presence frames queued.
-    pub(crate) presence_received: AtomicU64,
-    pub(crate) presence_sent: AtomicU64,
+    presence_received: AtomicU64,
+    presence_sent: AtomicU64,
     log_window: Mutex<HashMap<String, (Instant, u32)>>,
 }
 
@@ -86,17 +86,14 @@ impl Stats {
             .collect()
     }
 
-    /// One more receipt received (it moved `_moved` messages on).
-    pub fn add_receipt(&self, _moved: u64) {
+    /// One more receipt received and applied.
+    pub fn add_receipt_received(&self) {
         self.receipts_received.fetch_add(1, Ordering::Relaxed);
     }
 
-    /// Receipts received and sent (queued).
-    pub fn receipts(&self) -> (u64, u64) {
-        (
-            self.receipts_received.load(Ordering::Relaxed),
-            self.receipts_sent.load(Ordering::Relaxed),
-        )
+    /// One more presence received and kept.
+    pub fn add_presence_received(&self) {
+        self.presence_received.fetch_add(1, Ordering::Relaxed);
     }
 
     /// `n` more messages of frame `version` (1, 2 or 3) stored as received.
@@ -263,8 +260,8 @@ impl Service {
             received_v2: received[1],
             received_v3: received[2],
             prekeys_lost: p.peer_prekeys.lost(),
-            receipts_received: p.stats.receipts().0,
-            receipts_sent: p.stats.receipts().1,
+            receipts_received: p.stats.receipts_received.load(Ordering::Relaxed),
+            receipts_sent: p.stats.receipts_sent.load(Ordering::Relaxed),
             presence_received: p.stats.presence_received.load(Ordering::Relaxed),
             presence_sent: p.stats.presence_sent.load(Ordering::Relaxed),
             broker_protocol: p
@@ -442,24 +439,23 @@ impl Service {
         let store = &self.p().store;
         let own = store.own_presence()?;
         let now = now_ms();
-        let body = match rpc::PresenceStatus::try_from(own.status) {
+        let told = rpc::PresenceStatus::try_from(own.status)
+            .ok()
+            .and_then(rpc::PresenceStatus::on_the_wire);
+        let body = match told {
             _ if offline => PresenceBody {
                 status: W::Offline,
                 note: String::new(),
                 expires: 0,
             },
-            Ok(rpc::PresenceStatus::Invisible) | Err(_) => return Ok(0),
-            Ok(s) => {
+            None => return Ok(0),
+            Some(status) => {
                 let lasts = self.p().presence_interval * 3 / 2;
                 let lasts = i64::try_from(lasts.as_millis())
                     .unwrap_or(i64::MAX)
                     .clamp(1, nes_proto::inner::MAX_PRESENCE_TTL_MS);
                 PresenceBody {
-                    status: match s {
-                        rpc::PresenceStatus::Away => W::Away,
-                        rpc::PresenceStatus::Busy => W::Busy,
-                        _ => W::Online,
-                    },
+                    status,
                     note: own.note,
                     expires: now + lasts,
                 }
@@ -474,12 +470,15 @@ impl Service {
                 continue;
             }
             match self.recipient(user, false).await {
-                Ok(r) if r.version != Version::V1 => ready.push(ReadyToSeal {
-                    recipient: r,
-                    text: String::new(),
-                    body: Some(Body::Presence(body.clone())),
-                    timestamp_ms: now,
-                }),
+                Ok(r) if r.version != Version::V1 => ready.push((
+                    peer,
+                    ReadyToSeal {
+                        recipient: r,
+                        text: String::new(),
+                        body: Some(Body::Presence(body.clone())),
+                        timestamp_ms: now,
+                    },
+                )),
                 Ok(_) => {}
                 Err(e) => info!(%peer, error = %e, "presence not told"),
             }
@@ -487,24 +486,10 @@ impl Service {
         if ready.is_empty() {
             return Ok(0);
         }
-        let identity = self.p().identity.clone();
-        let sealed = tokio::task::spawn_blocking(move || {
-            ready
-                .iter()
-                .map(|r| (r.recipient.to.to_string(), seal_frame(&identity, r)))
-                .collect::<Vec<_>>()
-        })
-        .await
-        .map_err(|e| ServiceError::Internal(format!("sealing failed: {e}")))?;
         let mut records = Vec::new();
-        for (peer, sealed) in sealed {
-            match sealed {
-                Ok(sealed) => records.push(OutboxRecord {
-                    peer,
-                    id: sealed.id,
-                    exactly_once: false,
-                    frame: sealed.frame,
-                }),
+        for (peer, record) in self.seal_controls(ready).await? {
+            match record {
+                Ok(record) => records.push(record),
                 Err(e) => warn!(%peer, error = %e, "presence not told: cannot seal"),
             }
         }
@@ -514,6 +499,32 @@ impl Service {
         self.p().outbox_wake.notify_one();
         self.p().stats.presence_sent.fetch_add(n, Ordering::Relaxed);
         Ok(n)
+    }
+
+    /// Seals frames that are not messages (receipts, presence) on the blocking pool, one
+    /// task for them all, as outbox entries (QoS 1: they are v2 or v3), each beside the tag
+    /// it came with.
+    async fn seal_controls<T: Send + 'static>(
+        &self,
+        items: Vec<(T, ReadyToSeal)>,
+    ) -> Result<Vec<(T, Result<OutboxRecord, ServiceError>)>, ServiceError> {
+        let identity = self.p().identity.clone();
+        tokio::task::spawn_blocking(move || {
+            items
+                .into_iter()
+                .map(|(tag, ready)| {
+                    let record = seal_frame(&identity, &ready).map(|sealed| OutboxRecord {
+                        peer: ready.recipient.to.to_string(),
+                        id: sealed.id,
+                        exactly_once: false,
+                        frame: sealed.frame,
+                    });
+                    (tag, record)
+                })
+                .collect()
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("sealing failed: {e}")))
     }
 
     /// Logs the presences that ran out (see [`Store::expire_presences`]).
@@ -607,31 +618,11 @@ impl Service {
                     }
                 }
             }
-            let identity = self.p().identity.clone();
-            let sealed = tokio::task::spawn_blocking(move || {
-                ready
-                    .into_iter()
-                    .map(|(group, r)| {
-                        let sealed = seal_frame(&identity, &r);
-                        (group, sealed)
-                    })
-                    .collect::<Vec<_>>()
-            })
-            .await
-            .map_err(|e| ServiceError::Internal(format!("sealing failed: {e}")))?;
-            for (group, sealed) in sealed {
-                match sealed {
-                    Ok(sealed) => {
+            for (group, record) in self.seal_controls(ready).await? {
+                match record {
+                    Ok(record) => {
                         self.p().stats.receipts_sent.fetch_add(1, Ordering::Relaxed);
-                        store.queue_receipt(
-                            &group,
-                            OutboxRecord {
-                                peer: group.peer.clone(),
-                                id: sealed.id,
-                                exactly_once: false,
-                                frame: sealed.frame,
-                            },
-                        )?;
+                        store.queue_receipt(&group, record)?;
                         queued += 1;
                     }
                     Err(e) => {

@@ -756,8 +756,10 @@ impl Store {
         );
         c.batch.insert(idk, &seq.to_be_bytes());
         c.batch.insert(summary_key(&peer), summary.encode_to_vec());
-        if message.wants_receipts {
-            c.batch.insert(peer_key(P_CAPABLE, &peer, &[]), &[]);
+        // Read before written: every message of a contact asks, the mark is written once.
+        let capable = peer_key(P_CAPABLE, &peer, &[]);
+        if message.wants_receipts && !data.contains_key(&capable)? {
+            c.batch.insert(capable, &[]);
         }
         if message.wants_receipts && message.state == MessageState::Received as i32 {
             c.batch.insert(
@@ -897,7 +899,11 @@ impl Store {
             ReceiptState::Read => MessageState::Read,
         };
         let mut c = self.change();
-        c.batch.insert(peer_key(P_CAPABLE, peer, &[]), &[]);
+        let capable = peer_key(P_CAPABLE, peer, &[]);
+        let known = self.inner.data.contains_key(&capable)?;
+        if !known {
+            c.batch.insert(capable, &[]);
+        }
         let (mut moved, mut leaving) = (0u64, 0u64);
         for id in ids {
             if let Some((_, left)) = self.advance(&mut c, peer, id, to, "")? {
@@ -905,7 +911,9 @@ impl Store {
                 leaving += left;
             }
         }
-        self.apply_with_outbox(c, leaving, 0)?;
+        if moved > 0 || !known {
+            self.apply_with_outbox(c, leaving, 0)?;
+        }
         Ok(moved)
     }
 
@@ -1054,10 +1062,8 @@ impl Store {
             let (Some(peer), Some(&state)) = (k.get(1..zero), k.get(zero + 1)) else {
                 continue;
             };
-            let state = match state {
-                b'd' => ReceiptState::Delivered,
-                b'r' => ReceiptState::Read,
-                _ => continue,
+            let Some(state) = receipt_state_of_byte(state) else {
+                continue;
             };
             let peer = String::from_utf8_lossy(peer);
             let id = String::from_utf8_lossy(&id).into_owned();
@@ -1676,6 +1682,12 @@ fn receipt_state_byte(state: ReceiptState) -> u8 {
         ReceiptState::Delivered => b'd',
         ReceiptState::Read => b'r',
     }
+}
+
+fn receipt_state_of_byte(b: u8) -> Option<ReceiptState> {
+    [ReceiptState::Delivered, ReceiptState::Read]
+        .into_iter()
+        .find(|&s| receipt_state_byte(s) == b)
 }
 
 /// `w` sender `\0` seq, split.

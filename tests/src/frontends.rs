@@ -176,6 +176,24 @@ impl Lines {
         }
     }
 
+    /// Waits for the next line that satisfies `pred` (skipping the others), each within
+    /// [`TIMEOUT`]; `what` names it in the error.
+    pub async fn next_matching(
+        &mut self,
+        what: &str,
+        pred: impl Fn(&str) -> bool,
+    ) -> Result<String> {
+        loop {
+            let line = self
+                .next()
+                .await
+                .map_err(|e| anyhow!("waiting for {what}: {e}"))?;
+            if pred(&line) {
+                return Ok(line);
+            }
+        }
+    }
+
     /// Waits until `n` lines have been seen in total.
     pub async fn until(&mut self, n: usize) -> Result<&[String]> {
         while self.seen.len() < n {
@@ -275,6 +293,26 @@ impl SessionBus {
         cmd.env("DBUS_SESSION_BUS_ADDRESS", &self.address)
             .kill_on_drop(true);
         cmd
+    }
+
+    /// `gdbus monitor` of the signals of `object` at `dest`, once it listens.
+    pub async fn monitor(&self, dest: &str, object: &str) -> Result<Lines> {
+        let mut cmd = self.command("gdbus");
+        cmd.args([
+            "monitor",
+            "--session",
+            "--dest",
+            dest,
+            "--object-path",
+            object,
+        ]);
+        let mut monitor = Lines::spawn(cmd)?;
+        monitor
+            .next_matching("gdbus monitor to start", |l| {
+                l.contains("Monitoring signals")
+            })
+            .await?;
+        Ok(monitor)
     }
 
     /// Waits until `name` has an owner on the bus.
@@ -627,4 +665,29 @@ pub fn json_lines(lines: &[String]) -> Result<Vec<serde_json::Value>> {
         .iter()
         .map(|l| serde_json::from_str(l).with_context(|| format!("not a JSON line: {l}")))
         .collect()
+}
+
+/// `nes chat -t PEER` in a 100×30 tmux terminal, for the nesd at `socket`, with `home`
+/// as its home (config and state under it) and a UTF-8 locale.
+pub async fn nes_chat(socket: &Path, home: &Path, peer: &str) -> Result<Tmux> {
+    let env = vec![
+        ("NES_SOCKET", socket.display().to_string()),
+        ("HOME", home.display().to_string()),
+        (
+            "XDG_CONFIG_HOME",
+            home.join(".config").display().to_string(),
+        ),
+        (
+            "XDG_STATE_HOME",
+            home.join(".local/state").display().to_string(),
+        ),
+        ("LANG", "C.UTF-8".to_string()),
+    ];
+    Tmux::start(
+        &format!("'{}' chat -t {peer}", bin("nes")?.display()),
+        &env,
+        100,
+        30,
+    )
+    .await
 }

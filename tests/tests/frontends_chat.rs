@@ -3,32 +3,8 @@
 //! read, and leaving with Esc.
 
 use anyhow::Result;
-use nes_e2e::frontends::{run_nes, Tmux};
-use nes_e2e::{bin, eventually, history, send, status, World, TIMEOUT};
-use std::path::Path;
-
-async fn chat(socket: &Path, home: &Path, peer: &str) -> Result<Tmux> {
-    let env = vec![
-        ("NES_SOCKET", socket.display().to_string()),
-        ("HOME", home.display().to_string()),
-        (
-            "XDG_CONFIG_HOME",
-            home.join(".config").display().to_string(),
-        ),
-        (
-            "XDG_STATE_HOME",
-            home.join(".local/state").display().to_string(),
-        ),
-        ("LANG", "C.UTF-8".to_string()),
-    ];
-    Tmux::start(
-        &format!("'{}' chat -t {peer}", bin("nes")?.display()),
-        &env,
-        100,
-        30,
-    )
-    .await
-}
+use nes_e2e::frontends::{nes_chat, run_nes};
+use nes_e2e::{eventually, history, send, status, World, TIMEOUT};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn typed_lines_reach_the_peer_and_incoming_lines_appear_in_every_window() -> Result<()> {
@@ -45,7 +21,7 @@ async fn typed_lines_reach_the_peer_and_incoming_lines_appear_in_every_window() 
     })
     .await?;
 
-    let one = chat(&bob_d.socket(), home.path(), "alice").await?;
+    let one = nes_chat(&bob_d.socket(), home.path(), "alice").await?;
     let screen = one.wait_for("alice: before the chat opened").await?;
     assert!(
         screen.contains("bob ⇄ alice"),
@@ -57,7 +33,7 @@ async fn typed_lines_reach_the_peer_and_incoming_lines_appear_in_every_window() 
         async move { Ok((status(&mut c).await?.unread == 0).then_some(())) }
     })
     .await?;
-    let two = chat(&bob_d.socket(), home.path(), "alice").await?;
+    let two = nes_chat(&bob_d.socket(), home.path(), "alice").await?;
     two.wait_for("alice: before the chat opened").await?;
 
     // Incoming, live, in both windows.

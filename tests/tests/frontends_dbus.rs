@@ -75,18 +75,6 @@ async fn gdbus_introspect(bus: &SessionBus, object: &str) -> Result<(i32, String
     .await
 }
 
-async fn wait_line(lines: &mut Lines, what: &str, pred: impl Fn(&str) -> bool) -> Result<String> {
-    loop {
-        let line = lines
-            .next()
-            .await
-            .map_err(|e| anyhow::anyhow!("waiting for {what}: {e}"))?;
-        if pred(&line) {
-            return Ok(line);
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_method_property_and_signal_on_a_real_session_bus() -> Result<()> {
     let world = World::start().await?;
@@ -97,29 +85,15 @@ async fn every_method_property_and_signal_on_a_real_session_bus() -> Result<()> 
     let bob_d = nesd_on(&bus, &world, &bob).await?;
 
     // Watchers first: gdbus monitor (all signals of the object) and the example one-liner.
-    let mut monitor = {
-        let mut cmd = bus.command("gdbus");
-        cmd.args([
-            "monitor",
-            "--session",
-            "--dest",
-            DEST,
-            "--object-path",
-            PATH,
-        ]);
-        Lines::spawn(cmd)?
-    };
-    wait_line(&mut monitor, "gdbus monitor to start", |l| {
-        l.contains("Monitoring signals")
-    })
-    .await?;
+    let mut monitor = bus.monitor(DEST, PATH).await?;
     let mut example =
         Lines::spawn(bus.command(&examples_dir().join("dbus-monitor.sh").display().to_string()))?;
     // dbus-monitor shows its own NameAcquired first: then it is listening.
-    wait_line(&mut example, "dbus-monitor to start", |l| {
-        l.contains("NameAcquired") || l.contains("member=MessageReceived")
-    })
-    .await?;
+    example
+        .next_matching("dbus-monitor to start", |l| {
+            l.contains("NameAcquired") || l.contains("member=MessageReceived")
+        })
+        .await?;
 
     // Properties before any message.
     assert_eq!(
@@ -154,10 +128,9 @@ async fn every_method_property_and_signal_on_a_real_session_bus() -> Result<()> 
     // An incoming message: MessageReceived(id, from, timestamp, text), Unread changes.
     let mut alice = alice_d.client().await?;
     let sent = send(&mut alice, "bob", "hello over dbus").await?;
-    let line = wait_line(&mut monitor, "MessageReceived", |l| {
-        l.contains("MessageReceived")
-    })
-    .await?;
+    let line = monitor
+        .next_matching("MessageReceived", |l| l.contains("MessageReceived"))
+        .await?;
     assert!(
         line.contains(&format!("'{}'", sent.id))
             && line.contains("'alice'")
@@ -168,15 +141,17 @@ async fn every_method_property_and_signal_on_a_real_session_bus() -> Result<()> 
         line.contains(&format!("int64 {}", sent.timestamp_ms)),
         "{line}"
     );
-    let line = wait_line(&mut monitor, "Unread changed", |l| {
-        l.contains("PropertiesChanged") && l.contains("Unread")
-    })
-    .await?;
+    let line = monitor
+        .next_matching("Unread changed", |l| {
+            l.contains("PropertiesChanged") && l.contains("Unread")
+        })
+        .await?;
     assert!(line.contains("<uint64 1>"), "{line}");
-    wait_line(&mut example, "the example to print the text", |l| {
-        l.contains("\"hello over dbus\"")
-    })
-    .await?;
+    example
+        .next_matching("the example to print the text", |l| {
+            l.contains("\"hello over dbus\"")
+        })
+        .await?;
     assert_eq!(
         busctl(&bus, &["get-property", DEST, PATH, DEST, "Unread"]).await?,
         "t 1"
@@ -222,10 +197,11 @@ async fn every_method_property_and_signal_on_a_real_session_bus() -> Result<()> 
     );
     let marked = busctl(&bus, &["call", DEST, PATH, DEST, "MarkRead", "s", "alice"]).await?;
     assert_eq!(marked, "t 1");
-    let line = wait_line(&mut monitor, "Unread back to 0", |l| {
-        l.contains("PropertiesChanged") && l.contains("Unread")
-    })
-    .await?;
+    let line = monitor
+        .next_matching("Unread back to 0", |l| {
+            l.contains("PropertiesChanged") && l.contains("Unread")
+        })
+        .await?;
     assert!(line.contains("<uint64 0>"), "{line}");
     assert_eq!(
         busctl(&bus, &["get-property", DEST, PATH, DEST, "Unread"]).await?,
@@ -303,16 +279,18 @@ async fn every_method_property_and_signal_on_a_real_session_bus() -> Result<()> 
     // Connected follows the broker, with PropertiesChanged.
     let mut world = world;
     world.broker.stop().await?;
-    let line = wait_line(&mut monitor, "Connected false", |l| {
-        l.contains("PropertiesChanged") && l.contains("Connected")
-    })
-    .await?;
+    let line = monitor
+        .next_matching("Connected false", |l| {
+            l.contains("PropertiesChanged") && l.contains("Connected")
+        })
+        .await?;
     assert!(line.contains("<false>"), "{line}");
     world.broker.restart().await?;
-    let line = wait_line(&mut monitor, "Connected true", |l| {
-        l.contains("PropertiesChanged") && l.contains("Connected")
-    })
-    .await?;
+    let line = monitor
+        .next_matching("Connected true", |l| {
+            l.contains("PropertiesChanged") && l.contains("Connected")
+        })
+        .await?;
     assert!(line.contains("<true>"), "{line}");
     drop(bob_d);
     Ok(())
@@ -669,7 +647,7 @@ async fn the_readme_lines_work_word_for_word_and_a_clean_stop_releases_the_name(
         } else {
             "NameAcquired"
         };
-        wait_line(&mut monitor, line, |l| l.contains(ready)).await?;
+        monitor.next_matching(line, |l| l.contains(ready)).await?;
         monitors.push((line.clone(), monitor));
     }
     assert_eq!(monitors.len(), 2, "{lines:#?}");
@@ -678,13 +656,17 @@ async fn the_readme_lines_work_word_for_word_and_a_clean_stop_releases_the_name(
     let mut bob_c = bob_d.client().await?;
     send(&mut bob_c, "alice", "hello alice").await?;
     for (line, monitor) in &mut monitors {
-        let got = wait_line(monitor, line, |l| l.contains("MessageReceived")).await?;
+        let got = monitor
+            .next_matching(line, |l| l.contains("MessageReceived"))
+            .await?;
         if line.starts_with("gdbus") {
             assert!(
                 got.contains("'bob'") && got.contains("'hello alice'"),
                 "{got}"
             );
-            let got = wait_line(monitor, line, |l| l.contains("PropertiesChanged")).await?;
+            let got = monitor
+                .next_matching(line, |l| l.contains("PropertiesChanged"))
+                .await?;
             assert!(
                 got.contains("('org.nes.Messenger1', {'Unread': <uint64 1>}, @as [])"),
                 "{got}"
@@ -726,10 +708,11 @@ async fn the_readme_lines_work_word_for_word_and_a_clean_stop_releases_the_name(
         .iter_mut()
         .find(|(l, _)| l.starts_with("gdbus"))
         .ok_or_else(|| anyhow::anyhow!("no gdbus monitor line"))?;
-    let got = wait_line(gdbus_monitor, "Unread back to 0", |l| {
-        l.contains("PropertiesChanged") && l.contains("Unread")
-    })
-    .await?;
+    let got = gdbus_monitor
+        .next_matching("Unread back to 0", |l| {
+            l.contains("PropertiesChanged") && l.contains("Unread")
+        })
+        .await?;
     assert!(got.contains("<uint64 0>"), "{got}");
     // bob got what the lines sent.
     eventually("bob received the README sends", TIMEOUT, || {

@@ -4,25 +4,13 @@
 //! offline at once after a clean stop. The broker sees only frames it cannot read.
 
 use anyhow::{ensure, Context, Result};
-use nes_e2e::frontends::{run_nes, Lines, SessionBus, Tmux};
+use nes_e2e::frontends::{nes_chat, run_nes, SessionBus};
 use nes_e2e::*;
 use nes_proto::rpc::{self, PresenceStatus};
 use std::time::Duration;
 
 const DEST: &str = "org.nes.Messenger1";
 const PATH: &str = "/org/nes/Messenger1";
-
-async fn wait_line(lines: &mut Lines, what: &str, pred: impl Fn(&str) -> bool) -> Result<String> {
-    loop {
-        let line = lines
-            .next()
-            .await
-            .map_err(|e| anyhow::anyhow!("waiting for {what}: {e}"))?;
-        if pred(&line) {
-            return Ok(line);
-        }
-    }
-}
 
 /// Waits until `client` sees `user`'s presence as `status` (and `expired`).
 async fn wait_presence(
@@ -76,48 +64,23 @@ async fn presence_is_seen_changed_hidden_and_expires_after_a_kill() -> Result<()
     wait_connected(&b).await?;
     let mut wire = RawMqtt::connect(&w.broker).await?;
     wire.subscribe("nes/bob/message").await?;
-    let mut monitor = {
-        let mut cmd = bus.command("gdbus");
-        cmd.args([
-            "monitor",
-            "--session",
-            "--dest",
-            DEST,
-            "--object-path",
-            PATH,
-        ]);
-        Lines::spawn(cmd)?
-    };
-    wait_line(&mut monitor, "gdbus monitor to start", |l| {
-        l.contains("Monitoring signals")
-    })
-    .await?;
+    let mut monitor = bus.monitor(DEST, PATH).await?;
     introduce(&mut a, &mut b).await?;
 
     // Seen: online, within a refresh.
     wait_presence(&b, "alice", PresenceStatus::Online, false)
         .await
         .with_context(|| alice.log_tail(30))?;
-    let line = wait_line(&mut monitor, "PresenceChanged online", |l| {
-        l.contains("PresenceChanged") && l.contains("'alice'") && l.contains("'online'")
-    })
-    .await?;
+    let line = monitor
+        .next_matching("PresenceChanged online", |l| {
+            l.contains("PresenceChanged") && l.contains("'alice'") && l.contains("'online'")
+        })
+        .await?;
     ensure!(line.contains("'alice', 'online'"), "{line}");
 
     // bob's chat with alice shows it in its title.
     let home = tempfile::tempdir()?;
-    let env = vec![
-        ("NES_SOCKET", bob.socket().display().to_string()),
-        ("HOME", home.path().display().to_string()),
-        ("LANG", "C.UTF-8".to_string()),
-    ];
-    let chat = Tmux::start(
-        &format!("'{}' chat -t alice", bin("nes")?.display()),
-        &env,
-        110,
-        30,
-    )
-    .await?;
+    let chat = nes_chat(&bob.socket(), home.path(), "alice").await?;
     chat.wait_for("alice (online)").await?;
 
     // Changed, through the CLI: everywhere on bob's side.
@@ -137,10 +100,11 @@ async fn presence_is_seen_changed_hidden_and_expires_after_a_kill() -> Result<()
     );
     let p = wait_presence(&b, "alice", PresenceStatus::Away, false).await?;
     ensure!(p.note == "at lunch", "{p:?}");
-    wait_line(&mut monitor, "PresenceChanged away", |l| {
-        l.contains("PresenceChanged") && l.contains("'away'") && l.contains("'at lunch'")
-    })
-    .await?;
+    monitor
+        .next_matching("PresenceChanged away", |l| {
+            l.contains("PresenceChanged") && l.contains("'away'") && l.contains("'at lunch'")
+        })
+        .await?;
     chat.wait_for("alice (away (at lunch))").await?;
     let out = run_nes(&bob.socket(), home.path(), &["contacts", "--json"], b"")
         .await?
@@ -219,10 +183,11 @@ async fn presence_is_seen_changed_hidden_and_expires_after_a_kill() -> Result<()
     alice.kill9()?;
     let p = wait_presence(&b, "alice", PresenceStatus::Offline, true).await?;
     ensure!(p.last_seen_ms > 0, "{p:?}");
-    wait_line(&mut monitor, "PresenceChanged offline", |l| {
-        l.contains("PresenceChanged") && l.contains("'alice'") && l.contains("'offline'")
-    })
-    .await?;
+    monitor
+        .next_matching("PresenceChanged offline", |l| {
+            l.contains("PresenceChanged") && l.contains("'alice'") && l.contains("'offline'")
+        })
+        .await?;
     chat.wait_for("alice (offline, last seen").await?;
     Ok(())
 }

@@ -8,7 +8,7 @@
 //!   forged in another's name, moves nothing.
 
 use anyhow::{ensure, Context, Result};
-use nes_e2e::frontends::{json_lines, nes, run_nes, Lines, SessionBus, Tmux};
+use nes_e2e::frontends::{json_lines, nes, nes_chat, run_nes, Lines, SessionBus};
 use nes_e2e::*;
 use nes_proto::frame::{self, Draft, Version};
 use nes_proto::inner::{Control, Receipt, ReceiptState};
@@ -34,18 +34,6 @@ async fn wait_state(client: &Client, peer: &str, id: &str, want: MessageState) -
         async move { Ok((state_of(&c, &peer, &id).await? == want as i32).then_some(())) }
     })
     .await
-}
-
-async fn wait_line(lines: &mut Lines, what: &str, pred: impl Fn(&str) -> bool) -> Result<String> {
-    loop {
-        let line = lines
-            .next()
-            .await
-            .map_err(|e| anyhow::anyhow!("waiting for {what}: {e}"))?;
-        if pred(&line) {
-            return Ok(line);
-        }
-    }
 }
 
 /// A receipt frame sealed by `signer` claiming to come from `from`.
@@ -89,22 +77,7 @@ async fn a_message_moves_to_delivered_then_read_in_json_dbus_and_chat() -> Resul
     let home = tempfile::tempdir()?;
 
     // Watchers: D-Bus signals, and `nes listen --json --outgoing` from alice's last event.
-    let mut monitor = {
-        let mut cmd = bus.command("gdbus");
-        cmd.args([
-            "monitor",
-            "--session",
-            "--dest",
-            DEST,
-            "--object-path",
-            PATH,
-        ]);
-        Lines::spawn(cmd)?
-    };
-    wait_line(&mut monitor, "gdbus monitor to start", |l| {
-        l.contains("Monitoring signals")
-    })
-    .await?;
+    let mut monitor = bus.monitor(DEST, PATH).await?;
     let since = status(&mut a.clone()).await?.last_log_cursor;
     let mut listen = {
         let mut cmd = nes(&alice.socket(), home.path())?;
@@ -113,26 +86,7 @@ async fn a_message_moves_to_delivered_then_read_in_json_dbus_and_chat() -> Resul
     };
 
     // alice types a line in `nes chat bob`.
-    let env = vec![
-        ("NES_SOCKET", alice.socket().display().to_string()),
-        ("HOME", home.path().display().to_string()),
-        (
-            "XDG_CONFIG_HOME",
-            home.path().join(".config").display().to_string(),
-        ),
-        (
-            "XDG_STATE_HOME",
-            home.path().join(".local/state").display().to_string(),
-        ),
-        ("LANG", "C.UTF-8".to_string()),
-    ];
-    let chat = Tmux::start(
-        &format!("'{}' chat -t bob", bin("nes")?.display()),
-        &env,
-        100,
-        30,
-    )
-    .await?;
+    let chat = nes_chat(&alice.socket(), home.path(), "bob").await?;
     chat.wait_for("bob").await?;
     chat.type_text("did you get this?").await?;
     chat.keys(&["Enter"]).await?;
@@ -150,10 +104,11 @@ async fn a_message_moves_to_delivered_then_read_in_json_dbus_and_chat() -> Resul
         .with_context(|| alice.log_tail(30))?;
     let screen = chat.wait_for("did you get this? ✓✓").await?;
     ensure!(!screen.contains("✓✓ read"), "not read yet: {screen}");
-    let line = wait_line(&mut monitor, "MessageStateChanged delivered", |l| {
-        l.contains("MessageStateChanged") && l.contains("'delivered'")
-    })
-    .await?;
+    let line = monitor
+        .next_matching("MessageStateChanged delivered", |l| {
+            l.contains("MessageStateChanged") && l.contains("'delivered'")
+        })
+        .await?;
     ensure!(
         line.contains(&format!("'{id}'")) && line.contains("'bob'"),
         "{line}"
@@ -169,10 +124,11 @@ async fn a_message_moves_to_delivered_then_read_in_json_dbus_and_chat() -> Resul
         .await
         .with_context(|| alice.log_tail(30))?;
     chat.wait_for("did you get this? ✓✓ read").await?;
-    let line = wait_line(&mut monitor, "MessageStateChanged read", |l| {
-        l.contains("MessageStateChanged") && l.contains("'read'")
-    })
-    .await?;
+    let line = monitor
+        .next_matching("MessageStateChanged read", |l| {
+            l.contains("MessageStateChanged") && l.contains("'read'")
+        })
+        .await?;
     ensure!(line.contains(&format!("'{id}'")), "{line}");
     let out = run_nes(
         &alice.socket(),
