@@ -47,6 +47,7 @@ fn main() -> anyhow::Result<()> {
             wire_version: 2,
             error: String::new(),
             wants_receipts: false,
+            file: None,
         };
         store.insert_incoming(message, None)?;
         if i > 0 && i % 200_000 == 0 {

@@ -163,6 +163,7 @@ fn record(m: &Msg) -> rpc::Message {
         },
         // Release 0.1.0 had no receipts (the field reads as false from its records).
         wants_receipts: false,
+        file: None,
     }
 }
 

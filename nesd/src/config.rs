@@ -23,6 +23,7 @@
 //! send_v3 = true                 # false: v2 at most (v3 frames are still received)
 //! presence_interval = "30m"     # presence is told again this often; lasts 1.5x this
 //! read_receipts = true           # false: contacts are not told when you read (delivery receipts still go)
+//! max_file_size = "100MiB"       # larger files are refused, sent or received (or a number of bytes)
 //! # A private broker over TLS with credentials (see docs/BROKER.md):
 //! # broker = "mqtts://mqtt.example.org:8883"
 //! # broker_ca = "~/.config/nes/broker-ca.pem"     # trust only this CA (default: system roots)
@@ -197,6 +198,15 @@ pub struct Cli {
         value_parser = nes_proto::v3::parse_duration
     )]
     pub presence_interval: Option<Duration>,
+    /// Largest file sent or received (100MiB, 512K, or bytes); a larger offer is refused
+    /// and nothing of it kept [default: 100MiB].
+    #[arg(
+        long = "max-file-size",
+        env = "NES_MAX_FILE_SIZE",
+        value_name = "SIZE",
+        value_parser = nes_proto::files::parse_size
+    )]
+    pub max_file_size: Option<u64>,
     /// Log filter (tracing EnvFilter syntax, e.g. "info" or "nesd=debug") [default: info].
     #[arg(long = "log", env = "NES_LOG", value_name = "FILTER")]
     pub log: Option<String>,
@@ -301,6 +311,16 @@ impl DurationSetting {
     }
 }
 
+/// A size in the config file: a number of bytes, or text with a unit (`"100MiB"`).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+pub enum SizeSetting {
+    /// A number of bytes.
+    Bytes(u64),
+    /// A number with a unit.
+    Text(String),
+}
+
 /// The fields of the config file that nesd reads. Others are ignored (the frontends share
 /// the file).
 #[derive(Debug, Default, Deserialize)]
@@ -349,6 +369,8 @@ pub struct FileConfig {
     pub read_receipts: Option<bool>,
     /// `presence_interval`: as `prekey_rotation`
     pub presence_interval: Option<DurationSetting>,
+    /// `max_file_size`: `"100MiB"` and the like, or a number of bytes
+    pub max_file_size: Option<SizeSetting>,
     /// `log`
     pub log: Option<String>,
     /// Everything else (for the frontends).
@@ -525,6 +547,8 @@ pub struct Config {
     pub read_receipts: bool,
     /// Presence is told again this often.
     pub presence_interval: Duration,
+    /// Largest file sent or received, in bytes.
+    pub max_file_size: u64,
     /// Log filter, when configured.
     pub log: Option<String>,
     /// The config file that was read, if any.
@@ -718,6 +742,15 @@ impl Config {
             send_v3: cli.send_v3.or(file.send_v3).unwrap_or(true),
             read_receipts: cli.read_receipts.or(file.read_receipts).unwrap_or(true),
             presence_interval,
+            max_file_size: match cli.max_file_size {
+                Some(n) => n,
+                None => match &file.max_file_size {
+                    None => nes_proto::files::DEFAULT_MAX_FILE_SIZE,
+                    Some(SizeSetting::Bytes(n)) => *n,
+                    Some(SizeSetting::Text(t)) => nes_proto::files::parse_size(t)
+                        .map_err(|e| ConfigError::Invalid(format!("max_file_size: {e}")))?,
+                },
+            },
             log: cli.log.or(file.log),
             config_file,
         })

@@ -158,6 +158,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         delivery_tx,
         shutdown.clone(),
     );
+    let files = crate::files::Files::open(&config.data_dir, store.clone(), config.max_file_size)
+        .map_err(|e| DaemonError::DataDir {
+            path: config.data_dir.display().to_string(),
+            reason: format!("files: {e}"),
+        })?;
     let stats = Arc::new(Stats::default());
     let outbox_wake = Arc::new(Notify::new());
     let receipts_wake = Arc::new(Notify::new());
@@ -178,6 +183,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         broker_url: config.broker.url(),
         client_id: shown_client_id.clone(),
         shutdown: shutdown.clone(),
+        files: files.clone(),
     });
 
     // Key server lookups for senders of received frames run beside the pipeline, never on
@@ -201,6 +207,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         stats: stats.clone(),
         transport: transport.clone(),
         receipts_wake: receipts_wake.clone(),
+        files: files.clone(),
     };
     let receive_task = tokio::spawn(pipeline.run(incoming_rx, resolved_rx, shutdown.clone()));
     let outbox = Outbox {
@@ -213,6 +220,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let outbox_task = tokio::spawn(outbox.run(shutdown.clone()));
     let connection_task = tokio::spawn(service.clone().watch_connection());
     let presence_task = tokio::spawn(crate::presence::run(service.clone(), shutdown.clone()));
+    let files_task = tokio::spawn(crate::files::run(files, service.clone(), shutdown.clone()));
     let receipts_task = tokio::spawn(crate::receipts::run(
         service.clone(),
         receipts_wake,
@@ -282,6 +290,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ("prekeys", prekeys_task),
         ("outbox", outbox_task),
         ("receipts", receipts_task),
+        ("files", files_task),
         ("presence", presence_task),
         ("connection", connection_task),
         ("mqtt", mqtt_task),

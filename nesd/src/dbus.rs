@@ -15,6 +15,8 @@
 //! | `GetPresence(s user) -> (s status, s note, x last_seen)` | [`Service::get_presence`] |
 //! | signal `PresenceChanged(s user, s status, s note)` | a presence event |
 //! | signal `MessageStateChanged(s id, s peer, s state)` | an outgoing message's state event (`sent`, `delivered`, `read`, `failed`) |
+//! | `SendFile(s recipient, s path) -> s id` | [`Service::begin_file`] + [`Service::finish_file`] (nesd reads the file at `path`) |
+//! | signal `FileReceived(s id, s from, s name, t size, s path)` | an incoming file, complete and checked |
 //!
 //! Errors are D-Bus errors named `org.nes.Messenger1.Error.<Class>` (`InvalidArgument`,
 //! `NotFound`, `FailedPrecondition`, `Unavailable`, `AlreadyExists`, `ResourceExhausted`,
@@ -220,6 +222,36 @@ impl Messenger {
         Ok(self.service.send(request).await?.id)
     }
 
+    /// Sends the file at `path` (read by nesd, as this user) to `recipient`; answers the
+    /// file message's id.
+    #[zbus(out_args("id"))]
+    async fn send_file(&self, recipient: String, path: String) -> Result<String, MessengerError> {
+        let name = std::path::Path::new(&path)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let mut file = self.service.begin_file(&recipient, &name, "").await?;
+        // Read in pieces on the blocking pool: never the whole file in memory.
+        let file = tokio::task::spawn_blocking(move || {
+            use std::io::Read;
+            let mut f = std::fs::File::open(&path)
+                .map_err(|e| ServiceError::InvalidArgument(format!("cannot read {path}: {e}")))?;
+            let mut buf = vec![0u8; 64 * 1024];
+            loop {
+                let n = f.read(&mut buf).map_err(|e| {
+                    ServiceError::InvalidArgument(format!("cannot read {path}: {e}"))
+                })?;
+                if n == 0 {
+                    return Ok::<_, ServiceError>(file);
+                }
+                file.upload.write(&buf[..n])?;
+            }
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("reading the file: {e}")))??;
+        Ok(self.service.finish_file(file).await?.id)
+    }
+
     /// Every conversation: (peer, unread, total, last timestamp, last text).
     #[zbus(out_args("conversations"))]
     async fn list_conversations(&self) -> Result<Vec<ConversationRow>, MessengerError> {
@@ -316,6 +348,18 @@ impl Messenger {
         note: &str,
     ) -> zbus::Result<()>;
 
+    /// An incoming file is complete and matches the hash its sender signed; `path` is
+    /// where nesd keeps it.
+    #[zbus(signal)]
+    async fn file_received(
+        emitter: &SignalEmitter<'_>,
+        id: &str,
+        from: &str,
+        name: &str,
+        size: u64,
+        path: &str,
+    ) -> zbus::Result<()>;
+
     /// An outgoing message moved on: `sent` (the broker has it), `delivered` and `read`
     /// (the recipient's receipts), `failed`.
     #[zbus(signal)]
@@ -367,9 +411,11 @@ async fn signal(iface: &InterfaceRef<Messenger>, event: &rpc::Event) {
     let emitter = iface.signal_emitter();
     let messenger = iface.get().await;
     let result = match &event.kind {
+        // A file is announced once complete (FileReceived), not when its offer arrives.
         Some(Kind::Message(m))
             if m.direction == Direction::Incoming as i32
-                && m.state == MessageState::Received as i32 =>
+                && m.state == MessageState::Received as i32
+                && m.file.is_none() =>
         {
             let sent =
                 Messenger::message_received(emitter, &m.id, &m.from, m.timestamp_ms, &m.text).await;
@@ -380,6 +426,16 @@ async fn signal(iface: &InterfaceRef<Messenger>, event: &rpc::Event) {
             unread_changed(&messenger, emitter).await;
             Ok(())
         }
+        Some(Kind::File(m)) if m.direction == Direction::Incoming as i32 => match &m.file {
+            Some(f) if f.state == rpc::FileState::Complete as i32 => {
+                let sent =
+                    Messenger::file_received(emitter, &m.id, &m.from, &f.name, f.size, &f.path)
+                        .await;
+                unread_changed(&messenger, emitter).await;
+                sent
+            }
+            _ => Ok(()),
+        },
         Some(Kind::Presence(p)) => {
             Messenger::presence_changed(
                 emitter,
@@ -413,9 +469,11 @@ async fn signal(iface: &InterfaceRef<Messenger>, event: &rpc::Event) {
         }
         // No D-Bus signal for these (the D-Bus API is the small one; gRPC's Events has
         // them all). Named, so that a new kind of event has to decide here.
-        Some(Kind::Message(_)) | Some(Kind::KeyChanged(_)) | Some(Kind::Contact(_)) | None => {
-            Ok(())
-        }
+        Some(Kind::Message(_))
+        | Some(Kind::File(_))
+        | Some(Kind::KeyChanged(_))
+        | Some(Kind::Contact(_))
+        | None => Ok(()),
     };
     if let Err(e) = result {
         debug!(error = %e, "cannot emit a D-Bus signal");

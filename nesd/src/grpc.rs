@@ -18,6 +18,8 @@ use tonic::{Request, Response, Status, Streaming};
 pub const SEND_CHUNK: usize = 16;
 /// Chunks of a SendStream sealed in parallel (the replies stay in order).
 pub const SEND_AHEAD: usize = 2;
+/// Bytes per ReadFile reply.
+pub const FILE_PIECE: usize = 64 * 1024;
 /// Most sends stored per flush in a SendStream.
 pub const SEND_BATCH: usize = 64;
 
@@ -287,6 +289,114 @@ impl Messenger for GrpcApi {
                 .get_presence(&r.username)
                 .await
                 .map_err(to_status)?,
+        ))
+    }
+
+    async fn send_file(
+        &self,
+        request: Request<Streaming<rpc::SendFileRequest>>,
+    ) -> Result<Response<SendReply>, Status> {
+        use rpc::send_file_request::Part;
+        let mut parts = request.into_inner();
+        let header = match parts.message().await? {
+            Some(rpc::SendFileRequest {
+                part: Some(Part::Header(h)),
+            }) => h,
+            _ => {
+                return Err(Status::invalid_argument(
+                    "SendFile: the first request must be the header",
+                ))
+            }
+        };
+        let mut file = self
+            .service
+            .begin_file(&header.to, &header.name, &header.media_type)
+            .await
+            .map_err(to_status)?;
+        // Written as it comes: the file is never whole in memory. Dropping `file` on an
+        // error deletes what was written.
+        while let Some(part) = parts.message().await? {
+            match part.part {
+                Some(Part::Data(data)) => file.upload.write(&data).map_err(to_status)?,
+                _ => {
+                    return Err(Status::invalid_argument(
+                        "SendFile: only data may follow the header",
+                    ))
+                }
+            }
+        }
+        let message = self.service.finish_file(file).await.map_err(to_status)?;
+        Ok(Response::new(SendReply {
+            message: Some(message),
+            error: String::new(),
+            code: 0,
+        }))
+    }
+
+    async fn files(
+        &self,
+        request: Request<rpc::FilesRequest>,
+    ) -> Result<Response<rpc::FilesReply>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(rpc::FilesReply {
+            messages: self.service.files(&r.peer).await.map_err(to_status)?,
+        }))
+    }
+
+    async fn get_file(
+        &self,
+        request: Request<rpc::GetFileRequest>,
+    ) -> Result<Response<rpc::Message>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(
+            self.service.get_file(&r.id).await.map_err(to_status)?,
+        ))
+    }
+
+    type ReadFileStream = BoxStream<rpc::FileData>;
+
+    async fn read_file(
+        &self,
+        request: Request<rpc::GetFileRequest>,
+    ) -> Result<Response<Self::ReadFileStream>, Status> {
+        use tokio::io::AsyncReadExt;
+        let r = request.into_inner();
+        let path = self.service.file_path(&r.id).await.map_err(to_status)?;
+        let mut f = tokio::fs::File::open(&path)
+            .await
+            .map_err(|e| Status::internal(format!("cannot open the file: {e}")))?;
+        // A small channel: the file is read only as fast as the client takes it.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tokio::spawn(async move {
+            loop {
+                let mut buf = vec![0u8; FILE_PIECE];
+                match f.read(&mut buf).await {
+                    Ok(0) => return,
+                    Ok(n) => {
+                        buf.truncate(n);
+                        if tx.send(Ok(rpc::FileData { data: buf })).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(Status::internal(format!("cannot read the file: {e}"))))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn cancel_file(
+        &self,
+        request: Request<rpc::GetFileRequest>,
+    ) -> Result<Response<rpc::Message>, Status> {
+        let r = request.into_inner();
+        Ok(Response::new(
+            self.service.cancel_file(&r.id).await.map_err(to_status)?,
         ))
     }
 }

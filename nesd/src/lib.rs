@@ -30,6 +30,7 @@
 //! | [`prekeys`] | v3: our prekeys (made, published, rotated, deleted) and contacts' (cached) |
 //! | [`outbox`] | publishes queued frames in order (texts, receipts, presence), records SENT |
 //! | [`receipts`] | seals and queues the delivery and read receipts this daemon owes |
+//! | [`files`] | files in chunks: uploads, the sender's pump, the receiver's partial files |
 //! | [`presence`] | tells contacts this identity's presence; notices theirs running out |
 //! | [`mqtt`] | the persistent MQTT session (rumqttc; MQTT 5, or 3.1.1 where the broker speaks only that), manual acks, reconnects |
 //! | [`sync`] | the one lock helper for in-memory maps |
@@ -61,6 +62,7 @@ pub mod config;
 pub mod daemon;
 pub mod dbus;
 pub mod error;
+pub mod files;
 pub mod grpc;
 pub mod identity;
 pub mod keycache;

@@ -28,6 +28,9 @@ use tracing::{debug, error};
 
 /// Frames handed to the MQTT session and not yet acknowledged, at most.
 pub const WINDOW: usize = 64;
+/// The sequence number of frames handed to the session outside the outbox (file chunks,
+/// [`crate::files`]): their acknowledgement finds no entry and changes nothing.
+pub const NO_SEQ: u64 = u64::MAX;
 
 /// The outbox task.
 pub struct Outbox {

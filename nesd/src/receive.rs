@@ -106,6 +106,8 @@ pub struct Pipeline {
     pub transport: Transport,
     /// Woken after a flush stored messages (they may owe receipts).
     pub receipts_wake: Arc<tokio::sync::Notify>,
+    /// File transfers (offers, chunks, reports, cancellations).
+    pub files: crate::files::Files,
 }
 
 enum Outcome {
@@ -473,6 +475,9 @@ impl Pipeline {
             }
         }
         if stored + parked > 0 {
+            // Chunks written in this batch reach the disk before the flush that lets
+            // their frames be acknowledged.
+            self.files.sync_dirty();
             // commit_all: parked frames log no event, and must be on disk before the ack.
             if let Err(e) = self.store.commit_all().await {
                 error!(error = %e, "cannot flush the store; not acknowledging the batch");
@@ -756,6 +761,9 @@ impl Pipeline {
             Kind::Presence(presence) => {
                 return self.presence(&from, held, presence, opened.inner.timestamp)
             }
+            Kind::File(_) | Kind::Chunk(_) | Kind::FileAck(_) | Kind::FileCancel(_) => {
+                return self.file_frame(&from, held, &opened)
+            }
             Kind::Unknown(kind) => {
                 return self.refuse(
                     "unknown_kind",
@@ -801,6 +809,7 @@ impl Pipeline {
             wire_version: opened.version.number(),
             // v1 ids are derived, not the sender's: a receipt could not name them.
             wants_receipts: opened.inner.receipts && opened.version != frame::Version::V1,
+            file: None,
             error: if held {
                 format!("held: the keys of {from} changed; compare fingerprints and trust them to read it")
             } else {
@@ -848,6 +857,52 @@ impl Pipeline {
             }
             Err(e) => {
                 error!(error = %e, "cannot apply a receipt; the broker will deliver it again");
+                Outcome::Failed
+            }
+        }
+    }
+
+    /// A verified frame of a file transfer from `from` ([`crate::files`]).
+    fn file_frame(&self, from: &Username, held: bool, opened: &Opened) -> Outcome {
+        use crate::files::Handled;
+        if held {
+            return self.refuse(
+                "file_untrusted",
+                &format!("a file frame from {from} under keys not trusted yet"),
+            );
+        }
+        if from == &self.identity.user {
+            return Outcome::Ignored;
+        }
+        let files = &self.files;
+        let handled = match opened.inner.kind() {
+            Kind::File(offer) => files.offer(
+                from.as_str(),
+                self.identity.user.as_str(),
+                offer,
+                opened.version.number(),
+                opened.inner.receipts,
+                opened.inner.timestamp,
+            ),
+            Kind::Chunk(chunk) => {
+                let handled = files.chunk(from.as_str(), chunk);
+                if matches!(handled, Handled::Stored) {
+                    self.stats
+                        .chunks_received
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                }
+                handled
+            }
+            Kind::FileAck(report) => files.ack(from.as_str(), report),
+            Kind::FileCancel(c) => files.cancelled(from.as_str(), c),
+            _ => Handled::Ignored,
+        };
+        match handled {
+            Handled::Stored => Outcome::Stored,
+            Handled::Ignored => Outcome::Ignored,
+            Handled::Refused(reason, detail) => self.refuse(reason, &detail),
+            Handled::Failed(e) => {
+                error!(error = %e, "cannot keep a file frame; the broker will deliver it again");
                 Outcome::Failed
             }
         }

@@ -47,6 +47,10 @@ pub struct Stats {
     /// Presence frames received and applied; presence frames queued.
     presence_received: AtomicU64,
     presence_sent: AtomicU64,
+    /// File chunks handed to the broker.
+    pub chunks_sent: AtomicU64,
+    /// File chunks received and written.
+    pub chunks_received: AtomicU64,
     log_window: Mutex<HashMap<String, (Instant, u32)>>,
 }
 
@@ -178,6 +182,8 @@ pub struct Parts {
     pub client_id: String,
     /// Turns true when the daemon stops.
     pub shutdown: watch::Receiver<bool>,
+    /// File transfers.
+    pub files: crate::files::Files,
 }
 
 /// The daemon's service; clones share it.
@@ -264,6 +270,8 @@ impl Service {
             receipts_sent: p.stats.receipts_sent.load(Ordering::Relaxed),
             presence_received: p.stats.presence_received.load(Ordering::Relaxed),
             presence_sent: p.stats.presence_sent.load(Ordering::Relaxed),
+            file_chunks_sent: p.stats.chunks_sent.load(Ordering::Relaxed),
+            file_chunks_received: p.stats.chunks_received.load(Ordering::Relaxed),
             broker_protocol: p
                 .transport
                 .protocol()
@@ -682,10 +690,159 @@ impl Service {
     ) -> Result<Vec<rpc::Message>, ServiceError> {
         let peer = parse_user(peer, "peer")?;
         let before = (!before_id.is_empty()).then_some(before_id);
-        Ok(self
+        let mut messages = self
             .p()
             .store
-            .history(peer.as_str(), limit as usize, before)?)
+            .history(peer.as_str(), limit as usize, before)?;
+        self.p().files.refresh(&mut messages);
+        Ok(messages)
+    }
+
+    /// Starts sending a file to `to`: checks the recipient first (a legacy contact cannot
+    /// receive files, and nothing is kept then), then opens the upload.
+    pub async fn begin_file(
+        &self,
+        to: &str,
+        name: &str,
+        media_type: &str,
+    ) -> Result<FileUpload, ServiceError> {
+        let to = parse_user(to, "recipient")?;
+        // Only the last component: a path given as a name must not reach the peer.
+        let name = std::path::Path::new(name.trim())
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        nes_proto::files::check_name(&name)
+            .map_err(|e| ServiceError::InvalidArgument(format!("bad file name: {e}")))?;
+        let media_type = match media_type.trim() {
+            "" => nes_proto::files::guess_media_type(&name).to_owned(),
+            m => {
+                nes_proto::files::check_media_type(m)
+                    .map_err(|e| ServiceError::InvalidArgument(format!("bad media type: {e}")))?;
+                m.to_owned()
+            }
+        };
+        let recipient = self.recipient(to.clone(), false).await?;
+        if recipient.version == Version::V1 {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "{to} is a legacy contact (the original client), which cannot receive files; nothing was sent"
+            )));
+        }
+        Ok(FileUpload {
+            upload: self.p().files.begin_upload()?,
+            to,
+            name,
+            media_type,
+        })
+    }
+
+    /// Ends an upload: the file message is stored QUEUED with its offer in the outbox,
+    /// and the transfer starts.
+    pub async fn finish_file(&self, file: FileUpload) -> Result<rpc::Message, ServiceError> {
+        let FileUpload {
+            upload,
+            to,
+            name,
+            media_type,
+        } = file;
+        let id = upload.id().to_owned();
+        let (size, sha256, path) = tokio::task::spawn_blocking(move || upload.finish())
+            .await
+            .map_err(|e| ServiceError::Internal(format!("storing the file: {e}")))??;
+        let offer = nes_proto::files::FileOffer {
+            id: id.clone(),
+            name,
+            size,
+            sha256,
+            media_type,
+            chunk_size: nes_proto::files::MAX_CHUNK_BYTES,
+            probe: 1,
+        };
+        let recipient = self.recipient(to.clone(), false).await?;
+        let ready = ReadyToSeal {
+            recipient,
+            text: String::new(),
+            body: Some(Body::File(offer.clone())),
+            timestamp_ms: now_ms(),
+        };
+        let identity = self.p().identity.clone();
+        let sealed = tokio::task::spawn_blocking(move || {
+            seal_frame(&identity, &ready).map(|s| (s, ready.timestamp_ms))
+        })
+        .await
+        .map_err(|e| ServiceError::Internal(format!("sealing failed: {e}")))?;
+        let (sealed, timestamp_ms) = match sealed {
+            Ok(s) => s,
+            Err(e) => {
+                let _ = std::fs::remove_file(&path);
+                return Err(e);
+            }
+        };
+        let transfer = crate::store::Transfer::new(
+            true,
+            to.as_str(),
+            nes_proto::files::FileOffer { probe: 0, ..offer },
+        );
+        let message = rpc::Message {
+            id: id.clone(),
+            from: self.user().to_string(),
+            to: to.to_string(),
+            peer: to.to_string(),
+            direction: Direction::Outgoing as i32,
+            text: String::new(),
+            timestamp_ms,
+            stored_at_ms: 0,
+            state: MessageState::Queued as i32,
+            read: true,
+            wire_version: sealed.version.number(),
+            error: String::new(),
+            wants_receipts: true,
+            file: Some(transfer.info(&path.display().to_string())),
+        };
+        let outbox = OutboxRecord {
+            peer: to.to_string(),
+            id: sealed.id,
+            exactly_once: false,
+            frame: sealed.frame,
+        };
+        let store = &self.p().store;
+        let stored = store.insert_outgoing_file(message, outbox, &transfer)?;
+        store.commit().await?;
+        self.p().stats.add_sealed(sealed.version.number());
+        self.p().outbox_wake.notify_one();
+        self.p().files.start(&id, 1);
+        info!(to = %to, %id, size, "sending a file");
+        Ok(stored)
+    }
+
+    /// File messages (one peer's, or all), oldest first.
+    pub async fn files(&self, peer: &str) -> Result<Vec<rpc::Message>, ServiceError> {
+        let peer = if peer.trim().is_empty() {
+            String::new()
+        } else {
+            parse_user(peer, "peer")?.to_string()
+        };
+        self.p().files.list(&peer)
+    }
+
+    /// One file message, with its progress.
+    pub async fn get_file(&self, id: &str) -> Result<rpc::Message, ServiceError> {
+        self.p().files.message(id.trim())
+    }
+
+    /// The path of a complete file, to stream to a frontend.
+    pub async fn file_path(&self, id: &str) -> Result<std::path::PathBuf, ServiceError> {
+        self.p().files.readable(id.trim())
+    }
+
+    /// Cancels a transfer; the peer is told.
+    pub async fn cancel_file(&self, id: &str) -> Result<rpc::Message, ServiceError> {
+        self.p().files.cancel(id.trim()).await
+    }
+
+    /// `max_file_size`.
+    pub fn max_file_size(&self) -> u64 {
+        self.p().files.max_size()
     }
 
     /// All conversations, most recent first.
@@ -1030,6 +1187,7 @@ impl Service {
 }
 
 /// Where a frame to a contact goes, and how it is sealed.
+#[derive(Clone)]
 struct Recipient {
     to: Username,
     version: Version,
@@ -1037,6 +1195,101 @@ struct Recipient {
     prekey: Option<Arc<nes_proto::v3::SignedPrekey>>,
     certificate: Option<Arc<nes_proto::v3::CertificateSecret>>,
     to_key: nes_proto::PublicKey,
+}
+
+/// A file being uploaded to be sent ([`Service::begin_file`]).
+pub struct FileUpload {
+    /// The bytes so far.
+    pub upload: crate::files::Upload,
+    to: Username,
+    name: String,
+    media_type: String,
+}
+
+impl crate::files::Sender for Service {
+    fn connected(&self) -> bool {
+        self.p().transport.is_connected()
+    }
+
+    async fn queue_controls(
+        &self,
+        peer: &str,
+        due: Vec<crate::files::Due>,
+    ) -> Result<(), ServiceError> {
+        let to = parse_user(peer, "peer")?;
+        let recipient = self.recipient(to, false).await?;
+        if recipient.version == Version::V1 {
+            return Ok(());
+        }
+        let now = now_ms();
+        let ready = due
+            .into_iter()
+            .map(|d| {
+                (
+                    (),
+                    ReadyToSeal {
+                        recipient: recipient.clone(),
+                        text: String::new(),
+                        body: Some(Body::from(d)),
+                        timestamp_ms: now,
+                    },
+                )
+            })
+            .collect();
+        let mut records = Vec::new();
+        for ((), record) in self.seal_controls(ready).await? {
+            records.push(record?);
+        }
+        self.p().store.queue_frames(records)?;
+        self.p().outbox_wake.notify_one();
+        Ok(())
+    }
+
+    async fn send_chunks(
+        &self,
+        peer: &str,
+        chunks: Vec<nes_proto::files::FileChunk>,
+    ) -> Result<(), ServiceError> {
+        let to = parse_user(peer, "peer")?;
+        let recipient = self.recipient(to, false).await?;
+        if recipient.version == Version::V1 {
+            return Err(ServiceError::FailedPrecondition(format!(
+                "{peer} is a legacy contact now: it cannot receive files"
+            )));
+        }
+        let now = now_ms();
+        let ready = chunks
+            .into_iter()
+            .map(|c| {
+                (
+                    (),
+                    ReadyToSeal {
+                        recipient: recipient.clone(),
+                        text: String::new(),
+                        body: Some(Body::Chunk(c)),
+                        timestamp_ms: now,
+                    },
+                )
+            })
+            .collect();
+        let topic = nes_proto::username::topic_of(peer);
+        for ((), record) in self.seal_controls(ready).await? {
+            let record = record?;
+            // Not through the outbox: a chunk lost on the way is made again from the file.
+            let token = crate::mqtt::Token {
+                seq: crate::outbox::NO_SEQ,
+                peer: record.peer,
+                id: record.id,
+            };
+            self.p()
+                .transport
+                .publish(token, topic.clone(), false, record.frame)
+                .await
+                .map_err(ServiceError::Unavailable)?;
+            self.p().stats.chunks_sent.fetch_add(1, Ordering::Relaxed);
+        }
+        Ok(())
+    }
 }
 
 /// A checked send (a text, a receipt, a presence), waiting to be sealed.
@@ -1052,6 +1305,21 @@ struct ReadyToSeal {
 enum Body {
     Receipt(nes_proto::inner::Receipt),
     Presence(nes_proto::inner::PresenceBody),
+    File(nes_proto::files::FileOffer),
+    Chunk(nes_proto::files::FileChunk),
+    FileAck(nes_proto::files::FileAck),
+    FileCancel(nes_proto::files::FileCancel),
+}
+
+impl From<crate::files::Due> for Body {
+    fn from(d: crate::files::Due) -> Body {
+        use crate::files::Due;
+        match d {
+            Due::Ack(_, a) => Body::FileAck(a),
+            Due::Cancel(_, c) => Body::FileCancel(c),
+            Due::Probe(_, o) => Body::File(o),
+        }
+    }
 }
 
 impl ReadyToSeal {
@@ -1060,6 +1328,10 @@ impl ReadyToSeal {
         self.body.as_ref().map(|b| match b {
             Body::Receipt(r) => Control::Receipt(r),
             Body::Presence(p) => Control::Presence(p),
+            Body::File(f) => Control::File(f),
+            Body::Chunk(c) => Control::Chunk(c),
+            Body::FileAck(a) => Control::FileAck(a),
+            Body::FileCancel(c) => Control::FileCancel(c),
         })
     }
 }
@@ -1083,6 +1355,7 @@ fn seal_one(identity: &Identity, ready: ReadyToSeal) -> Result<Prepared, Service
         wire_version: sealed.version.number(),
         error: String::new(),
         wants_receipts: sealed.version != Version::V1,
+        file: None,
     };
     let outbox = OutboxRecord {
         peer: to.to_string(),
@@ -1106,7 +1379,7 @@ fn seal_frame(identity: &Identity, ready: &ReadyToSeal) -> Result<frame::Sealed,
     } = &ready.recipient;
     let draft = Draft {
         control: ready.control(),
-        wants_receipts: ready.body.is_none(),
+        wants_receipts: matches!(ready.body, None | Some(Body::File(_))),
         from: &identity.user,
         to,
         text: &ready.text,

@@ -20,6 +20,7 @@
 //! | `p` peer | [`PeerPresence`]: the peer's presence as last heard (see "Presence") |
 //! | `k` peer | empty — the peer speaks kinds (it asked for receipts, or sent a receipt or presence) |
 //! | `n/presence` | [`OwnPresence`]: this identity's presence as set |
+//! | `f` file id | [`Transfer`]: a file transfer, beside its message (see `files`) |
 //! | `e` cursor | the [`rpc::Event`] (prost) — the event log |
 //! | `n/seq` | the next message sequence number |
 //! | `n/store` | the store id: 8 random bytes, made once (see "Cursors") |
@@ -91,6 +92,9 @@
 //! fixture is never made again with newer code; a release that changes a record adds a
 //! fixture of its own beside the old ones.
 
+mod files;
+
+pub use files::{Ending, Transfer, TransferState};
 use nes_proto::inner::{ReceiptState, MAX_RECEIPT_IDS};
 use nes_proto::now_ms;
 use nes_proto::rpc::{self, event::Kind, Direction, Event, MessageState};
@@ -726,11 +730,33 @@ impl Store {
     /// Returns `None` for a duplicate: the conversation already has that id.
     pub fn insert_incoming(
         &self,
+        message: rpc::Message,
+        held_frame: Option<Vec<u8>>,
+    ) -> StoreResult<Option<rpc::Message>> {
+        self.insert_incoming_with(message, held_frame, None)
+    }
+
+    /// Stores an incoming file message and its transfer record together. `None` for a
+    /// duplicate id. Its delivery receipt is owed only once the file is complete.
+    pub fn insert_incoming_file(
+        &self,
+        message: rpc::Message,
+        transfer: &Transfer,
+    ) -> StoreResult<Option<rpc::Message>> {
+        self.insert_incoming_with(message, None, Some(transfer))
+    }
+
+    fn insert_incoming_with(
+        &self,
         mut message: rpc::Message,
         held_frame: Option<Vec<u8>>,
+        transfer: Option<&Transfer>,
     ) -> StoreResult<Option<rpc::Message>> {
         let data = &self.inner.data;
         let mut c = self.change();
+        if let Some(t) = transfer {
+            Store::add_transfer(&mut c, t);
+        }
         let peer = message.peer.clone();
         let idk = peer_key(P_ID, &peer, message.id.as_bytes());
         if data.contains_key(&idk)? {
@@ -761,7 +787,10 @@ impl Store {
         if message.wants_receipts && !data.contains_key(&capable)? {
             c.batch.insert(capable, &[]);
         }
-        if message.wants_receipts && message.state == MessageState::Received as i32 {
+        if message.wants_receipts
+            && message.state == MessageState::Received as i32
+            && message.file.is_none()
+        {
             c.batch.insert(
                 receipt_key(&peer, ReceiptState::Delivered, seq),
                 message.id.as_bytes(),
@@ -775,11 +804,34 @@ impl Store {
     /// Stores an outgoing message (state QUEUED) and its sealed frame in the outbox.
     pub fn insert_outgoing(
         &self,
+        message: rpc::Message,
+        outbox: OutboxRecord,
+    ) -> StoreResult<rpc::Message> {
+        self.insert_outgoing_with(message, outbox, None)
+    }
+
+    /// Stores an outgoing file message (its offer queued in the outbox) and its transfer
+    /// record together.
+    pub fn insert_outgoing_file(
+        &self,
+        message: rpc::Message,
+        outbox: OutboxRecord,
+        transfer: &Transfer,
+    ) -> StoreResult<rpc::Message> {
+        self.insert_outgoing_with(message, outbox, Some(transfer))
+    }
+
+    fn insert_outgoing_with(
+        &self,
         mut message: rpc::Message,
         outbox: OutboxRecord,
+        transfer: Option<&Transfer>,
     ) -> StoreResult<rpc::Message> {
         let data = &self.inner.data;
         let mut c = self.change();
+        if let Some(t) = transfer {
+            Store::add_transfer(&mut c, t);
+        }
         let peer = message.peer.clone();
         let idk = peer_key(P_ID, &peer, message.id.as_bytes());
         if data.contains_key(&idk)? {
@@ -1829,6 +1881,7 @@ mod tests {
             wire_version: 2,
             error: String::new(),
             wants_receipts: false,
+            file: None,
         }
     }
 

@@ -191,19 +191,29 @@ impl Draft<'_> {
             timestamp: self.timestamp_ms,
             message: self.text.to_owned(),
             // The original (v1) knows no kinds: nothing of them goes into a v1 frame.
-            kind: control.map(|c| {
-                match c {
-                    Control::Receipt(_) => crate::inner::KIND_RECEIPT,
-                    Control::Presence(_) => crate::inner::KIND_PRESENCE,
-                }
-                .to_owned()
-            }),
+            kind: control.map(|c| c.kind().to_owned()),
             receipt: match control {
                 Some(Control::Receipt(r)) => Some(r.clone()),
                 _ => None,
             },
             presence: match control {
                 Some(Control::Presence(p)) => Some(p.clone()),
+                _ => None,
+            },
+            file: match control {
+                Some(Control::File(f)) => Some(f.clone()),
+                _ => None,
+            },
+            chunk: match control {
+                Some(Control::Chunk(c)) => Some(c.clone()),
+                _ => None,
+            },
+            file_ack: match control {
+                Some(Control::FileAck(a)) => Some(a.clone()),
+                _ => None,
+            },
+            file_cancel: match control {
+                Some(Control::FileCancel(c)) => Some(c.clone()),
                 _ => None,
             },
             receipts: self.wants_receipts && id.is_some(),

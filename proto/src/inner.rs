@@ -17,6 +17,9 @@
 //!   "note":TEXT,"expires":<unix ms>}` (`"message":""`): the sender's presence, until
 //!   `expires` (later than `timestamp`, at most [`MAX_PRESENCE_TTL_MS`] after it; 0 with
 //!   offline); the note at most [`MAX_PRESENCE_NOTE`] bytes.
+//! - `"kind":"file"`, `"kind":"file_chunk"`, `"kind":"file_ack"`, `"kind":"file_cancel"`
+//!   with `"file"`, `"chunk"`, `"file_ack"`, `"file_cancel"` bodies: a file and its
+//!   transfer ([`crate::files`]).
 //! - `"receipts":true` on a text: its sender understands receipts and asks for them
 //!   (releases before receipts ignore the field; they are never sent receipts).
 //!
@@ -24,6 +27,7 @@
 //! refuse it by name instead of showing it as an empty text; a known kind whose fields
 //! are malformed does not parse.
 
+use crate::files::{FileAck, FileCancel, FileChunk, FileOffer};
 use serde::Deserialize;
 
 /// Length of a v2 message id in bytes (before base64url).
@@ -52,6 +56,18 @@ pub struct Inner {
     /// Inner `presence`, with `"kind":"presence"`.
     #[serde(default)]
     pub presence: Option<PresenceBody>,
+    /// Inner `file`, with `"kind":"file"`.
+    #[serde(default)]
+    pub file: Option<FileOffer>,
+    /// Inner `chunk`, with `"kind":"file_chunk"`.
+    #[serde(default)]
+    pub chunk: Option<FileChunk>,
+    /// Inner `file_ack`, with `"kind":"file_ack"`.
+    #[serde(default)]
+    pub file_ack: Option<FileAck>,
+    /// Inner `file_cancel`, with `"kind":"file_cancel"`.
+    #[serde(default)]
+    pub file_cancel: Option<FileCancel>,
     /// Inner `receipts`: the sender asks for receipts (see "Kinds").
     #[serde(default)]
     pub receipts: bool,
@@ -140,6 +156,28 @@ pub enum Control<'a> {
     Receipt(&'a Receipt),
     /// A presence.
     Presence(&'a PresenceBody),
+    /// A file offer (or a probe: the offer again).
+    File(&'a FileOffer),
+    /// A chunk of a file.
+    Chunk(&'a FileChunk),
+    /// A receiver's progress.
+    FileAck(&'a FileAck),
+    /// A cancellation.
+    FileCancel(&'a FileCancel),
+}
+
+impl Control<'_> {
+    /// Its `"kind"` on the wire.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Control::Receipt(_) => KIND_RECEIPT,
+            Control::Presence(_) => KIND_PRESENCE,
+            Control::File(_) => crate::files::KIND_FILE,
+            Control::Chunk(_) => crate::files::KIND_FILE_CHUNK,
+            Control::FileAck(_) => crate::files::KIND_FILE_ACK,
+            Control::FileCancel(_) => crate::files::KIND_FILE_CANCEL,
+        }
+    }
 }
 
 /// The kind of an inner message (see "Kinds").
@@ -151,6 +189,14 @@ pub enum Kind<'a> {
     Receipt(&'a Receipt),
     /// The sender's presence.
     Presence(&'a PresenceBody),
+    /// A file offer.
+    File(&'a FileOffer),
+    /// A chunk of a file.
+    Chunk(&'a FileChunk),
+    /// How far the receiver of a file got.
+    FileAck(&'a FileAck),
+    /// A transfer stopped by the other side.
+    FileCancel(&'a FileCancel),
     /// A kind this code does not know (a later release's): refused by name.
     Unknown(&'a str),
 }
@@ -199,6 +245,37 @@ impl Inner {
                 ));
             }
         }
+        use crate::files as f;
+        match inner.kind.as_deref() {
+            Some(f::KIND_FILE) => inner
+                .file
+                .as_ref()
+                .ok_or("a file without its `file` field")?
+                .check()?,
+            Some(f::KIND_FILE_CHUNK) => f::check_ref(
+                &inner
+                    .chunk
+                    .as_ref()
+                    .ok_or("a chunk without its `chunk` field")?
+                    .file,
+            )?,
+            Some(f::KIND_FILE_ACK) => f::check_ref(
+                &inner
+                    .file_ack
+                    .as_ref()
+                    .ok_or("a file_ack without its `file_ack` field")?
+                    .file,
+            )?,
+            Some(f::KIND_FILE_CANCEL) => {
+                let c = inner
+                    .file_cancel
+                    .as_ref()
+                    .ok_or("a file_cancel without its `file_cancel` field")?;
+                f::check_ref(&c.file)?;
+                f::check_reason(&c.reason)?;
+            }
+            _ => {}
+        }
         Ok(inner)
     }
 
@@ -211,6 +288,22 @@ impl Inner {
                 .presence
                 .as_ref()
                 .map_or(Kind::Unknown(KIND_PRESENCE), Kind::Presence),
+            (Some(crate::files::KIND_FILE), _) if self.file.is_some() => self
+                .file
+                .as_ref()
+                .map_or(Kind::Unknown(KIND_TEXT), Kind::File),
+            (Some(crate::files::KIND_FILE_CHUNK), _) if self.chunk.is_some() => self
+                .chunk
+                .as_ref()
+                .map_or(Kind::Unknown(KIND_TEXT), Kind::Chunk),
+            (Some(crate::files::KIND_FILE_ACK), _) if self.file_ack.is_some() => self
+                .file_ack
+                .as_ref()
+                .map_or(Kind::Unknown(KIND_TEXT), Kind::FileAck),
+            (Some(crate::files::KIND_FILE_CANCEL), _) if self.file_cancel.is_some() => self
+                .file_cancel
+                .as_ref()
+                .map_or(Kind::Unknown(KIND_TEXT), Kind::FileCancel),
             (Some(other), _) => Kind::Unknown(other),
         }
     }
@@ -254,6 +347,46 @@ impl Inner {
             push_go_string(&mut out, &p.note);
             out.push_str(",\"expires\":");
             out.push_str(&p.expires.to_string());
+            out.push('}');
+        }
+        if let Some(f) = &self.file {
+            out.push_str(",\"file\":{\"id\":");
+            push_go_string(&mut out, &f.id);
+            out.push_str(",\"name\":");
+            push_go_string(&mut out, &f.name);
+            out.push_str(&format!(",\"size\":{},\"sha256\":", f.size));
+            push_go_string(&mut out, &f.sha256);
+            out.push_str(",\"media_type\":");
+            push_go_string(&mut out, &f.media_type);
+            out.push_str(&format!(",\"chunk_size\":{}", f.chunk_size));
+            if f.probe != 0 {
+                out.push_str(&format!(",\"probe\":{}", f.probe));
+            }
+            out.push('}');
+        }
+        if let Some(c) = &self.chunk {
+            out.reserve(c.data.len() * 4 / 3 + 96);
+            out.push_str(",\"chunk\":{\"file\":");
+            push_go_string(&mut out, &c.file);
+            out.push_str(&format!(",\"index\":{},\"data\":\"", c.index));
+            // base64url needs no JSON escaping.
+            out.push_str(&crate::b64::encode(&c.data));
+            out.push_str("\"}");
+        }
+        if let Some(a) = &self.file_ack {
+            out.push_str(",\"file_ack\":{\"file\":");
+            push_go_string(&mut out, &a.file);
+            out.push_str(&format!(",\"have\":{}", a.have));
+            if a.probe != 0 {
+                out.push_str(&format!(",\"probe\":{}", a.probe));
+            }
+            out.push('}');
+        }
+        if let Some(c) = &self.file_cancel {
+            out.push_str(",\"file_cancel\":{\"file\":");
+            push_go_string(&mut out, &c.file);
+            out.push_str(",\"reason\":");
+            push_go_string(&mut out, &c.reason);
             out.push('}');
         }
         if self.receipts {
@@ -306,6 +439,10 @@ mod tests {
             kind: None,
             receipt: None,
             presence: None,
+            file: None,
+            chunk: None,
+            file_ack: None,
+            file_cancel: None,
             receipts: false,
         };
         assert_eq!(
@@ -346,6 +483,10 @@ mod tests {
                 ids: vec![ID.into(), "AQEBAQEBAQEBAQEBAQEBAQ==".into()],
             }),
             presence: None,
+            file: None,
+            chunk: None,
+            file_ack: None,
+            file_cancel: None,
             receipts: false,
         };
         let json = String::from_utf8(inner.to_go_json()).unwrap();
@@ -405,6 +546,10 @@ mod tests {
                 note: "at <lunch>".into(),
                 expires: 61_000,
             }),
+            file: None,
+            chunk: None,
+            file_ack: None,
+            file_cancel: None,
             receipts: false,
         };
         let json = String::from_utf8(inner.to_go_json()).unwrap();
@@ -475,5 +620,122 @@ mod tests {
         )
         .unwrap();
         assert_eq!(stray.kind(), Kind::Text);
+    }
+
+    #[test]
+    fn the_file_kinds_round_trip_and_are_checked() {
+        use crate::files::*;
+        let base = || Inner {
+            from: "alice".into(),
+            to: "bob".into(),
+            timestamp: 5,
+            message: String::new(),
+            id: Some(ID.into()),
+            kind: None,
+            receipt: None,
+            presence: None,
+            file: None,
+            chunk: None,
+            file_ack: None,
+            file_cancel: None,
+            receipts: false,
+        };
+        let offer = FileOffer {
+            id: ID.into(),
+            name: "r<e>port.pdf".into(),
+            size: 3000,
+            sha256: "0f".repeat(32),
+            media_type: "application/pdf".into(),
+            chunk_size: 1024,
+            probe: 9,
+        };
+        let all = [
+            Inner {
+                kind: Some(KIND_FILE.into()),
+                file: Some(offer.clone()),
+                receipts: true,
+                ..base()
+            },
+            Inner {
+                kind: Some(KIND_FILE_CHUNK.into()),
+                chunk: Some(FileChunk {
+                    file: ID.into(),
+                    index: 2,
+                    data: vec![1, 2, 3],
+                }),
+                ..base()
+            },
+            Inner {
+                kind: Some(KIND_FILE_ACK.into()),
+                file_ack: Some(FileAck {
+                    file: ID.into(),
+                    have: 2,
+                    probe: 9,
+                }),
+                ..base()
+            },
+            Inner {
+                kind: Some(KIND_FILE_CANCEL.into()),
+                file_cancel: Some(FileCancel {
+                    file: ID.into(),
+                    reason: "too_large".into(),
+                }),
+                ..base()
+            },
+        ];
+        for inner in &all {
+            let json = inner.to_go_json();
+            assert_eq!(
+                &Inner::parse(&json).unwrap(),
+                inner,
+                "{}",
+                String::from_utf8_lossy(&json)
+            );
+        }
+        let json = String::from_utf8(all[0].to_go_json()).unwrap();
+        assert!(json.contains(r#""kind":"file","file":{"id":"AAAAAAAAAAAAAAAAAAAAAA==","name":"r\u003ce\u003eport.pdf","size":3000,"#), "{json}");
+        assert!(
+            matches!(Inner::parse(json.as_bytes()).unwrap().kind(), Kind::File(o) if o.probe == 9)
+        );
+        let json = String::from_utf8(all[1].to_go_json()).unwrap();
+        assert!(
+            json.ends_with(
+                r#""chunk":{"file":"AAAAAAAAAAAAAAAAAAAAAA==","index":2,"data":"AQID"}}"#
+            ),
+            "{json}"
+        );
+
+        let head =
+            r#""from":"a","to":"b","timestamp":1,"message":"","id":"AAAAAAAAAAAAAAAAAAAAAA==""#;
+        for (body, why) in [
+            (r#","kind":"file""#, "no file field"),
+            (
+                r#","kind":"file","file":{"id":"AAAAAAAAAAAAAAAAAAAAAA==","name":"../x","size":1,"sha256":"0000000000000000000000000000000000000000000000000000000000000000","media_type":"a/b","chunk_size":1024}"#,
+                "a path as name",
+            ),
+            (
+                r#","kind":"file_chunk","chunk":{"file":"short","index":0,"data":"AQID"}"#,
+                "bad file id",
+            ),
+            (
+                r#","kind":"file_chunk","chunk":{"file":"AAAAAAAAAAAAAAAAAAAAAA==","index":0,"data":"AQI"}"#,
+                "unpadded data",
+            ),
+            (
+                r#","kind":"file_chunk","chunk":{"file":"AAAAAAAAAAAAAAAAAAAAAA==","index":-1,"data":"AQID"}"#,
+                "negative index",
+            ),
+            (
+                r#","kind":"file_ack","file_ack":{"file":"AAAAAAAAAAAAAAAAAAAAAA=="}"#,
+                "no have",
+            ),
+            (
+                r#","kind":"file_cancel","file_cancel":{"file":"AAAAAAAAAAAAAAAAAAAAAA==","reason":"Bad Reason"}"#,
+                "reason",
+            ),
+        ] {
+            let json = format!("{{{head}{body}}}");
+            assert!(Inner::parse(json.as_bytes()).is_err(), "{why}: {json}");
+        }
     }
 }

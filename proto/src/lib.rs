@@ -28,6 +28,7 @@
 
 pub mod answer;
 pub mod b64;
+pub mod files;
 pub mod frame;
 pub mod inner;
 pub mod keys;
@@ -135,6 +136,19 @@ pub mod names {
             Ok(P::Invisible) => "invisible",
             Ok(P::Offline) => "offline",
             Ok(P::Unspecified) | Err(_) => "unknown",
+        }
+    }
+
+    /// `sending`, `receiving`, `complete`, `cancelled`, `failed` (`unknown` otherwise).
+    pub fn file_state_name(state: i32) -> &'static str {
+        use crate::rpc::FileState as F;
+        match F::try_from(state) {
+            Ok(F::Sending) => "sending",
+            Ok(F::Receiving) => "receiving",
+            Ok(F::Complete) => "complete",
+            Ok(F::Cancelled) => "cancelled",
+            Ok(F::Failed) => "failed",
+            Ok(F::Unspecified) | Err(_) => "unknown",
         }
     }
 

@@ -171,6 +171,10 @@ fn inner(from: &str, to: &str, ts: i64, text: &str) -> Vec<u8> {
         kind: None,
         receipt: None,
         presence: None,
+        file: None,
+        chunk: None,
+        file_ack: None,
+        file_cancel: None,
         receipts: false,
         from: from.into(),
         to: to.into(),
@@ -484,6 +488,10 @@ fn certificate_and_signature_refusals() {
         kind: None,
         receipt: None,
         presence: None,
+        file: None,
+        chunk: None,
+        file_ack: None,
+        file_cancel: None,
         receipts: false,
         from: "alice".into(),
         to: "bob".into(),
@@ -850,4 +858,53 @@ fn the_fuzz_seeds_still_open_with_the_fuzz_prekey() {
         seen += 1;
     }
     assert!(seen >= 3, "{seen} seeds");
+}
+
+/// The largest chunk of a file fits a frame, in v3 (the larger: certificate and
+/// signature inside) and in v2, and opens to the same bytes.
+#[test]
+fn a_full_file_chunk_fits_the_frame_limit_in_v3_and_v2() {
+    use nes_proto::files::{FileChunk, MAX_CHUNK_BYTES};
+    use nes_proto::inner::{Control, Kind};
+    let w = world();
+    let (alice, bob) = (user("alice"), user("bob"));
+    let chunk = FileChunk {
+        file: b64::encode(&[7u8; 16]),
+        index: 12,
+        data: (0..MAX_CHUNK_BYTES).map(|i| (i % 251) as u8).collect(),
+    };
+    let draft = Draft {
+        control: Some(Control::Chunk(&chunk)),
+        wants_receipts: false,
+        from: &alice,
+        to: &bob,
+        text: "",
+        timestamp_ms: NOW,
+    };
+    let v3 = v3::seal(&draft, w.bob_prekey.signed(), &w.alice_cert, NOW)
+        .unwrap()
+        .frame;
+    assert!(
+        v3.len() <= nes_proto::frame::MAX_FRAME_BYTES,
+        "{}",
+        v3.len()
+    );
+    let opened = open_bob(w, &v3).unwrap();
+    assert!(matches!(opened.inner.kind(), Kind::Chunk(c) if *c == chunk));
+    let v2 = nes_proto::frame::seal(
+        nes_proto::frame::Version::V2,
+        &draft,
+        w.bob_message.public_key(),
+        &w.alice_sign,
+    )
+    .unwrap()
+    .frame;
+    assert!(v2.len() < v3.len());
+    let opened = open_bob(w, &v2).unwrap();
+    assert!(matches!(opened.inner.kind(), Kind::Chunk(c) if c.data == chunk.data));
+    eprintln!(
+        "full chunk: v3 frame {} bytes, v2 {} bytes",
+        v3.len(),
+        v2.len()
+    );
 }

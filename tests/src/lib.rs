@@ -35,7 +35,7 @@
 
 pub mod frontends;
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, ensure, Context, Result};
 use nes_proto::rpc::messenger_client::MessengerClient;
 use nes_proto::rpc::{self, Event, EventsRequest, StatusRequest};
 use nes_proto::{PrivateKey, Username};
@@ -1068,6 +1068,117 @@ pub async fn connect(socket: &Path) -> Result<Client> {
         }))
         .await?;
     Ok(MessengerClient::new(channel))
+}
+
+/// Sends the file at `path` over SendFile (64 KiB pieces) and returns its message.
+pub async fn send_file(client: &mut Client, to: &str, path: &Path) -> Result<rpc::Message> {
+    use rpc::send_file_request::Part;
+    use tokio::io::AsyncReadExt;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let mut file = tokio::fs::File::open(path).await?;
+    let header = rpc::SendFileRequest {
+        part: Some(Part::Header(rpc::FileHeader {
+            to: to.to_owned(),
+            name,
+            media_type: String::new(),
+        })),
+    };
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    tx.send(header).await?;
+    let pump = tokio::spawn(async move {
+        loop {
+            let mut buf = vec![0u8; 64 * 1024];
+            let n = file.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<_, anyhow::Error>(());
+            }
+            buf.truncate(n);
+            let part = rpc::SendFileRequest {
+                part: Some(Part::Data(buf)),
+            };
+            if tx.send(part).await.is_err() {
+                return Ok(());
+            }
+        }
+    });
+    let reply = client
+        .send_file(tokio_stream::wrappers::ReceiverStream::new(rx))
+        .await;
+    pump.await??;
+    reply?
+        .into_inner()
+        .message
+        .ok_or_else(|| anyhow!("SendFile answered no message"))
+}
+
+/// A file message by file id, with its progress.
+pub async fn get_file(client: &mut Client, id: &str) -> Result<rpc::Message> {
+    Ok(client
+        .get_file(rpc::GetFileRequest { id: id.to_owned() })
+        .await?
+        .into_inner())
+}
+
+/// Waits until the file `id` is in `state` (failing at once on another end state).
+pub async fn wait_file(client: &Client, id: &str, want: rpc::FileState) -> Result<rpc::Message> {
+    let what = format!(
+        "file {id} {}",
+        nes_proto::names::file_state_name(want as i32)
+    );
+    eventually(&what, Duration::from_secs(120), || {
+        let (mut c, id) = (client.clone(), id.to_owned());
+        async move {
+            let m = get_file(&mut c, &id).await?;
+            let state = m.file.as_ref().map(|f| f.state).unwrap_or_default();
+            if state == want as i32 {
+                return Ok(Some(m));
+            }
+            let active = [
+                rpc::FileState::Sending as i32,
+                rpc::FileState::Receiving as i32,
+            ];
+            ensure!(
+                active.contains(&state),
+                "file {id} ended {} instead: {:?}",
+                nes_proto::names::file_state_name(state),
+                m.file
+            );
+            Ok(None)
+        }
+    })
+    .await
+}
+
+/// A file of `size` random bytes under `dir`, and its SHA-256 (hex).
+pub fn random_file(dir: &Path, name: &str, size: usize) -> Result<(PathBuf, String)> {
+    use rand::RngCore;
+    use sha2::Digest;
+    let path = dir.join(name);
+    let mut f = std::io::BufWriter::new(std::fs::File::create(&path)?);
+    let mut hasher = sha2::Sha256::new();
+    let mut left = size;
+    let mut buf = vec![0u8; 1 << 20];
+    while left > 0 {
+        let n = left.min(buf.len());
+        rand::thread_rng().fill_bytes(&mut buf[..n]);
+        hasher.update(&buf[..n]);
+        std::io::Write::write_all(&mut f, &buf[..n])?;
+        left -= n;
+    }
+    std::io::Write::flush(&mut f)?;
+    Ok((path, hex::encode(hasher.finalize())))
+}
+
+/// The SHA-256 (hex) of a file.
+pub fn sha256_file(path: &Path) -> Result<String> {
+    use sha2::Digest;
+    let mut f = std::fs::File::open(path).with_context(|| path.display().to_string())?;
+    let mut hasher = sha2::Sha256::new();
+    std::io::copy(&mut f, &mut hasher)?;
+    Ok(hex::encode(hasher.finalize()))
 }
 
 /// Sends one message and returns it (state QUEUED or later).

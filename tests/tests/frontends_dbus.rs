@@ -322,7 +322,7 @@ async fn nesd_serves_without_a_session_bus_and_says_so_once() -> Result<()> {
 }
 
 /// Every member the hand-written introspection XML declared before nesd used zbus's
-/// object server (copied from it), and those added since (receipts and presence), as
+/// object server (copied from it), and those added since (receipts, presence, files), as
 /// `busctl introspect` shows them: (interface, member, kind, signature, result for a
 /// method, flags).
 const DECLARED: &[(&str, &str, &str, &str, &str, &str)] = &[
@@ -335,6 +335,8 @@ const DECLARED: &[(&str, &str, &str, &str, &str, &str)] = &[
     (DEST, ".SetPresence", "method", "ss", "s", "-"),
     (DEST, ".GetPresence", "method", "s", "ssx", "-"),
     (DEST, ".PresenceChanged", "signal", "sss", "-", "-"),
+    (DEST, ".SendFile", "method", "ss", "s", "-"),
+    (DEST, ".FileReceived", "signal", "sssts", "-", "-"),
     (DEST, ".User", "property", "s", "", "const"),
     (DEST, ".Connected", "property", "b", "", "emits-change"),
     (DEST, ".Unread", "property", "t", "", "emits-change"),
@@ -408,6 +410,8 @@ const DECLARED_ARGS: &[&str] = &[
     "SetPresence(in s status, in s note, out s status);",
     "GetPresence(in s user, out s status, out s note, out x last_seen);",
     "PresenceChanged(s user, s status, s note);",
+    "SendFile(in s recipient, in s path, out s id);",
+    "FileReceived(s id, s from, s name, t size, s path);",
     "@org.freedesktop.DBus.Property.EmitsChangedSignal(\"const\") readonly s User = 'bob';",
     "readonly b Connected = true;",
     "readonly t Unread = 0;",

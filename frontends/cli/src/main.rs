@@ -4,7 +4,7 @@
 //! - offline tools that need no daemon (`generate`, `prekey new`, `frame seal`, `frame open`,
 //!   `import-legacy`, `config`, `completions`, `man`), which work on files directly;
 //! - thin clients of `nesd` over its gRPC socket (`status`, `register`, `send`, `history`,
-//!   `listen`, `chat`, `contacts`), which hold no state and no keys. They connect through
+//!   `listen`, `chat`, `contacts`, `files`, `file`), which hold no state and no keys. They connect through
 //!   the `nes-client` crate, which finds the socket and sorts failures.
 //!
 //! Each command is one module under `cmd/`; `output` formats messages for people and
@@ -18,6 +18,7 @@
 mod cmd;
 mod error;
 mod output;
+mod progress;
 
 use clap::{Parser, Subcommand};
 use error::CliError;
@@ -62,7 +63,7 @@ pub enum Command {
     Register(cmd::register::Args),
     /// Show or set this identity's presence (online, away, busy, invisible).
     Presence(cmd::presence::Args),
-    /// Send a message: `nes send PEER TEXT`, `... | nes send PEER`, or `--batch`.
+    /// Send a message: `nes send PEER TEXT`, `... | nes send PEER`, `--file PATH`, or `--batch`.
     Send(cmd::send::Args),
     /// Show a conversation (or, without PEER, the list of conversations).
     History(cmd::history::Args),
@@ -70,6 +71,11 @@ pub enum Command {
     Listen(cmd::listen::Args),
     /// Interactive terminal chat with one peer.
     Chat(cmd::chat::Args),
+    /// List the files sent and received (one peer's, or everyone's).
+    Files(cmd::files::Args),
+    /// Save a received file to disk, or cancel a transfer: `nes file save|cancel ID`.
+    #[command(subcommand)]
+    File(cmd::file::FileCommand),
     /// List contacts, show their key fingerprints, trust changed keys, mark legacy.
     Contacts(cmd::contacts::Args),
     /// Show or change the config file (~/.config/nes/config.toml).
@@ -129,6 +135,8 @@ fn main() -> ExitCode {
         Command::Listen(args) => block_on(cmd::listen::run(&ctx, args)),
         Command::Chat(args) => block_on(cmd::chat::run(&ctx, args)),
         Command::Contacts(args) => block_on(cmd::contacts::run(&ctx, args)),
+        Command::Files(args) => block_on(cmd::files::run(&ctx, args)),
+        Command::File(command) => block_on(cmd::file::run(&ctx, command)),
         Command::Version => block_on(cmd::version::run(&ctx)),
     };
     match result {

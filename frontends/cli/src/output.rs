@@ -11,10 +11,12 @@
 //! `timestamp` is the sender's inner timestamp (Unix ms); `cursor` only on `listen` (an
 //! opaque string naming the daemon's store and the event: give it back to `--since`);
 //! `error` only when the daemon gave one (failed or held messages). The text appears
-//! once, as `message`.
+//! once, as `message`. A file message has an empty `message` and a `file` object:
+//! `{"id","name","size","sha256","media_type","state","transferred"}`, plus `path` once
+//! the file is complete here and `error` when its transfer failed or was cancelled.
 
 use crate::error::CliError;
-use nes_proto::rpc::{Direction, Message, MessageState};
+use nes_proto::rpc::{Direction, FileInfo, FileState, Message, MessageState};
 use std::io::Write;
 
 /// One message as a JSON line, fields in this order (a struct, so the order is the
@@ -36,7 +38,63 @@ pub struct MessageLine<'a> {
     #[serde(skip_serializing_if = "Option::is_none")]
     error: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
+    file: Option<FileJson<'a>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
     cursor: Option<&'a str>,
+}
+
+/// The `file` object of a file message's JSON line.
+#[derive(Debug, serde::Serialize)]
+pub struct FileJson<'a> {
+    id: &'a str,
+    name: &'a str,
+    size: u64,
+    sha256: &'a str,
+    media_type: &'a str,
+    state: &'static str,
+    transferred: u64,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    path: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    error: Option<&'a str>,
+}
+
+fn file_json(f: &FileInfo) -> FileJson<'_> {
+    FileJson {
+        id: &f.id,
+        name: &f.name,
+        size: f.size,
+        sha256: &f.sha256,
+        media_type: &f.media_type,
+        state: file_state_name(f.state),
+        transferred: f.transferred,
+        path: (!f.path.is_empty()).then_some(f.path.as_str()),
+        error: (!f.error.is_empty()).then_some(f.error.as_str()),
+    }
+}
+
+/// A file for people: `[file] report.pdf (1.2 MB)`, with its state while not complete.
+pub fn file_text(f: &FileInfo) -> String {
+    use nes_client::display::line;
+    let size = nes_proto::files::human_size(f.size);
+    let state = match FileState::try_from(f.state) {
+        Ok(FileState::Complete) => String::new(),
+        Ok(FileState::Sending | FileState::Receiving) => format!(
+            " {} {}%",
+            file_state_name(f.state),
+            percent(f.transferred, f.size)
+        ),
+        _ => format!(" {}", file_state_name(f.state)),
+    };
+    format!("[file] {} ({size}){state}", line(&f.name))
+}
+
+/// Whole percent of `size` that `done` is (100 for an empty file).
+pub fn percent(done: u64, size: u64) -> u64 {
+    done.min(size)
+        .saturating_mul(100)
+        .checked_div(size)
+        .unwrap_or(100)
 }
 
 /// The JSON line of one message; `cursor` is added for event-stream output.
@@ -54,12 +112,13 @@ pub fn message_json<'a>(message: &'a Message, cursor: Option<&'a str>) -> Messag
         stored_at: message.stored_at_ms,
         wire_version: message.wire_version,
         error: (!message.error.is_empty()).then_some(message.error.as_str()),
+        file: message.file.as_ref().map(file_json),
         cursor,
     }
 }
 
 // The names every frontend and the D-Bus API show: one definition, in nes-proto.
-pub use nes_proto::names::{direction_name, state_name};
+pub use nes_proto::names::{direction_name, file_state_name, state_name};
 
 /// A short mark of an outgoing message's delivery state, as chat and history show it:
 /// `…` queued, `✓` sent (the broker has it), `✓✓` delivered (the recipient's nesd stored
@@ -107,10 +166,21 @@ pub fn message_line(message: &Message) -> String {
         local_time(message.timestamp_ms),
         line(&message.from),
         line(&message.to),
-        line(&message.text),
+        message_body(message),
         mark,
         error
     )
+}
+
+/// What a message says, escaped for the terminal: its text, or for a file
+/// `[file] report.pdf (1.2 MB)` with its state when not complete and why it stopped.
+pub fn message_body(message: &Message) -> String {
+    use nes_client::display::line;
+    match &message.file {
+        Some(f) if f.error.is_empty() => file_text(f),
+        Some(f) => format!("{} ({})", file_text(f), line(&f.error)),
+        None => line(&message.text),
+    }
 }
 
 /// Writes one line to stdout and flushes it, so a reader of a pipe sees each line as it
@@ -160,7 +230,92 @@ mod tests {
             wire_version: 2,
             error: String::new(),
             wants_receipts: true,
+            file: None,
         }
+    }
+
+    #[test]
+    fn a_file_message_carries_its_file_object_and_a_short_line() {
+        let mut m = sample();
+        m.text = String::new();
+        m.file = Some(FileInfo {
+            id: m.id.clone(),
+            name: "report\u{1b}.pdf".into(),
+            size: 1_200_000,
+            sha256: "ab".repeat(32),
+            media_type: "application/pdf".into(),
+            state: FileState::Receiving as i32,
+            path: String::new(),
+            transferred: 600_000,
+            error: String::new(),
+        });
+        let v: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&message_json(&m, None)).unwrap()).unwrap();
+        assert_eq!(v["message"], "");
+        assert_eq!(v["file"]["state"], "receiving");
+        assert_eq!(v["file"]["size"], 1_200_000);
+        assert!(v["file"].get("path").is_none(), "no path before complete");
+        let text = message_line(&m);
+        assert!(
+            text.ends_with("alice → bob: [file] report\\u{1b}.pdf (1.2 MB) receiving 50%"),
+            "{text}"
+        );
+        assert!(!text.contains('\u{1b}'), "no escape reaches the terminal");
+        if let Some(f) = m.file.as_mut() {
+            f.state = FileState::Complete as i32;
+            f.path = "/data/files/00".into();
+            f.transferred = f.size;
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(&serde_json::to_string(&message_json(&m, None)).unwrap()).unwrap();
+        assert_eq!(v["file"]["path"], "/data/files/00");
+        assert!(
+            message_line(&m).ends_with("(1.2 MB)"),
+            "{}",
+            message_line(&m)
+        );
+        let v = serde_json::to_value(message_json(&m, None)).unwrap();
+        let mut keys: Vec<&str> = v["file"]
+            .as_object()
+            .unwrap()
+            .keys()
+            .map(String::as_str)
+            .collect();
+        keys.sort_unstable();
+        assert_eq!(
+            keys,
+            [
+                "id",
+                "media_type",
+                "name",
+                "path",
+                "sha256",
+                "size",
+                "state",
+                "transferred"
+            ],
+            "no error while there is none"
+        );
+        assert_eq!(v["file"]["media_type"], "application/pdf");
+        assert_eq!(v["file"]["transferred"], 1_200_000);
+        if let Some(f) = m.file.as_mut() {
+            f.state = FileState::Cancelled as i32;
+            f.path = String::new();
+            f.error = "cancelled_by_sender".into();
+        }
+        let v = serde_json::to_value(message_json(&m, None)).unwrap();
+        assert_eq!(v["file"]["state"], "cancelled");
+        assert_eq!(v["file"]["error"], "cancelled_by_sender");
+        assert!(v["file"].get("path").is_none());
+        assert!(
+            message_line(&m).ends_with("(1.2 MB) cancelled (cancelled_by_sender)"),
+            "{}",
+            message_line(&m)
+        );
+        assert!(serde_json::to_string(&message_json(&sample(), None))
+            .unwrap()
+            .find("\"file\"")
+            .is_none());
     }
 
     #[test]
@@ -188,6 +343,13 @@ mod tests {
         assert_eq!(v["cursor"], "3f9a0c1d2e4b5a67-42-9c1e33ab");
         assert!(v.get("error").is_none());
         assert_eq!(line.matches("line 2").count(), 1, "the text appears once");
+    }
+
+    #[test]
+    fn percents() {
+        assert_eq!(percent(0, 0), 100);
+        assert_eq!(percent(1, 3), 33);
+        assert_eq!(percent(5, 3), 100);
     }
 
     #[test]

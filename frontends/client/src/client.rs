@@ -5,14 +5,17 @@
 //! that need more control.
 
 use crate::error::Error;
+use futures::stream::{BoxStream, StreamExt};
 use nes_proto::rpc::messenger_client::MessengerClient;
 use nes_proto::rpc::{
-    Contact, ContactsRequest, Conversation, ConversationsRequest, Event, EventsRequest,
-    HistoryRequest, LookupContactRequest, MarkReadRequest, Message, RegisterReply, RegisterRequest,
-    SendReply, SendRequest, SetContactLegacyRequest, StatusReply, StatusRequest,
+    send_file_request, Contact, ContactsRequest, Conversation, ConversationsRequest, Event,
+    EventsRequest, FileData, FileHeader, FilesRequest, GetFileRequest, HistoryRequest,
+    LookupContactRequest, MarkReadRequest, Message, RegisterReply, RegisterRequest,
+    SendFileRequest, SendReply, SendRequest, SetContactLegacyRequest, StatusReply, StatusRequest,
     TrustContactRequest,
 };
 use std::path::{Path, PathBuf};
+use tokio::io::{AsyncRead, AsyncReadExt};
 use tonic::transport::{Channel, Endpoint, Uri};
 
 /// Messages asked for per `History` call by [`Client::history`].
@@ -20,6 +23,11 @@ pub const HISTORY_PAGE: u32 = 256;
 /// The largest reply accepted: [`HISTORY_PAGE`] messages of 128 KiB text and their
 /// fields fit with room to spare.
 pub const MAX_REPLY_BYTES: usize = 64 * 1024 * 1024;
+
+/// Bytes per `SendFile` data request made by [`Client::send_file`]: the size nesd's
+/// `ReadFile` pieces have too, far below gRPC's message limit, and small enough that an
+/// upload holds one piece in memory at a time whatever the file's size.
+pub const FILE_PIECE: usize = 64 * 1024;
 
 /// A connection to one nesd.
 #[derive(Clone, Debug)]
@@ -269,11 +277,168 @@ impl Client {
         self.unpack(reply)
     }
 
+    /// `SendFile`: sends `reader`'s bytes to `to` as a file called `name` (`media_type`
+    /// empty: nesd guesses from the name) and returns the stored message (QUEUED, its
+    /// transfer running in the daemon). The reader is streamed in pieces of
+    /// [`FILE_PIECE`] bytes, never read whole; `on_progress` hears the total of bytes
+    /// handed to nesd so far after each piece.
+    ///
+    /// A failure to read is [`Error::Read`], and the call is then abandoned rather than
+    /// ended: an ended stream would make nesd store and send a truncated file.
+    pub async fn send_file(
+        &mut self,
+        to: &str,
+        name: &str,
+        media_type: &str,
+        reader: impl AsyncRead + Unpin + Send + 'static,
+        mut on_progress: impl FnMut(u64),
+    ) -> Result<Message, Error> {
+        let header = SendFileRequest {
+            part: Some(send_file_request::Part::Header(FileHeader {
+                to: to.into(),
+                name: name.into(),
+                media_type: media_type.into(),
+            })),
+        };
+        // The request stream runs inside the transport; it reports back through this
+        // channel, so `on_progress` needs to be neither Send nor 'static.
+        let (report, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        let requests = futures::stream::once(async move { header }).chain(pieces(reader, report));
+        // A handle of its own (a clone shares the connection), so `self` stays free to map
+        // the reply below.
+        let mut rpc = self.rpc.clone();
+        let call = rpc.send_file(requests);
+        tokio::pin!(call);
+        let reply = loop {
+            tokio::select! {
+                reply = &mut call => break reply,
+                Some(upload) = reports.recv() => match upload {
+                    Upload::Sent(total) => on_progress(total),
+                    // Returning drops `call`: the stream is reset, nesd discards the part.
+                    Upload::Failed(err) => return Err(Error::Read(err)),
+                },
+            }
+        };
+        // Pieces read before the reply came: the caller's total ends at the file's size.
+        while let Ok(Upload::Sent(total)) = reports.try_recv() {
+            on_progress(total);
+        }
+        let reply: SendReply = self.unpack(reply)?;
+        if !reply.error.is_empty() {
+            return Err(Error::Rpc {
+                code: tonic::Code::from_i32(reply.code),
+                message: reply.error,
+            });
+        }
+        reply.message.ok_or_else(|| Error::Rpc {
+            code: tonic::Code::Internal,
+            message: "nesd accepted the file but did not return its message".into(),
+        })
+    }
+
+    /// `Files`: the messages that carry a file, with `peer` (empty: everyone's), oldest
+    /// first.
+    pub async fn files(&mut self, peer: &str) -> Result<Vec<Message>, Error> {
+        let reply = self.rpc.files(FilesRequest { peer: peer.into() }).await;
+        Ok(self.unpack(reply)?.messages)
+    }
+
+    /// `GetFile`: one file message by its id, with its transfer's progress.
+    pub async fn get_file(&mut self, id: &str) -> Result<Message, Error> {
+        let reply = self.rpc.get_file(file_request(id)).await;
+        self.unpack(reply)
+    }
+
+    /// `ReadFile`: the bytes of a complete file, in pieces of up to 64 KiB, each failure
+    /// mapped like every other call's (FAILED_PRECONDITION while it is not complete).
+    pub async fn read_file(
+        &mut self,
+        id: &str,
+    ) -> Result<BoxStream<'static, Result<FileData, Error>>, Error> {
+        let reply = self.rpc.read_file(file_request(id)).await;
+        let socket = self.socket.clone();
+        let stream = self.unpack(reply)?;
+        Ok(stream
+            .map(move |piece| piece.map_err(|s| Error::from_status(s, &socket)))
+            .boxed())
+    }
+
+    /// `CancelFile`: stops a transfer in either direction; returns the message as it is
+    /// now.
+    pub async fn cancel_file(&mut self, id: &str) -> Result<Message, Error> {
+        let reply = self.rpc.cancel_file(file_request(id)).await;
+        self.unpack(reply)
+    }
+
     fn unpack<T>(&self, reply: Result<tonic::Response<T>, tonic::Status>) -> Result<T, Error> {
         reply
             .map(tonic::Response::into_inner)
             .map_err(|s| self.error(s))
     }
+}
+
+fn file_request(id: &str) -> GetFileRequest {
+    GetFileRequest { id: id.into() }
+}
+
+/// What the request stream of [`Client::send_file`] tells the caller.
+#[derive(Debug)]
+enum Upload {
+    /// This many bytes in all have been handed to the transport.
+    Sent(u64),
+    /// Reading failed; the stream will never end.
+    Failed(std::io::Error),
+}
+
+/// The data requests of an upload: `reader` in pieces of [`FILE_PIECE`] bytes, reading
+/// the next one only when the transport asks for it (so memory stays at one piece).
+/// The stream ends at the reader's end; after a read error it reports the error and
+/// stays pending forever, so the upload is never taken as complete.
+fn pieces(
+    reader: impl AsyncRead + Unpin + Send + 'static,
+    report: tokio::sync::mpsc::UnboundedSender<Upload>,
+) -> impl futures::Stream<Item = SendFileRequest> + Send + 'static {
+    futures::stream::unfold(
+        (reader, report, 0u64),
+        |(mut reader, report, total)| async move {
+            let mut piece = vec![0u8; FILE_PIECE];
+            let n = match read_piece(&mut reader, &mut piece).await {
+                Ok(0) => return None,
+                Ok(n) => n,
+                Err(err) => {
+                    let _ = report.send(Upload::Failed(err));
+                    return std::future::pending().await;
+                }
+            };
+            piece.truncate(n);
+            let total = total + n as u64;
+            // The caller may have stopped listening (it returned): nothing to tell then.
+            let _ = report.send(Upload::Sent(total));
+            let request = SendFileRequest {
+                part: Some(send_file_request::Part::Data(piece)),
+            };
+            Some((request, (reader, report, total)))
+        },
+    )
+}
+
+/// Fills `buf` as far as the reader gives (a pipe hands out a few KiB per read), so
+/// pieces are full-sized except the last; 0 only at the end. An interrupted read is
+/// tried again.
+async fn read_piece(
+    reader: &mut (impl AsyncRead + Unpin),
+    buf: &mut [u8],
+) -> std::io::Result<usize> {
+    let mut filled = 0;
+    while filled < buf.len() {
+        match reader.read(&mut buf[filled..]).await {
+            Ok(0) => break,
+            Ok(n) => filled += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(filled)
 }
 
 /// A listener that runs as another user (neither this user nor root).
@@ -340,6 +505,75 @@ fn connect_error(err: &tonic::transport::Error, socket: &Path) -> Error {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn uploads_go_in_full_pieces_and_report_their_total() {
+        let data: Vec<u8> = (0..(FILE_PIECE * 2 + 10)).map(|i| i as u8).collect();
+        // A slow reader that hands out 1000 bytes at a time, as a pipe does.
+        let reader = slow_reader(data.clone(), 1000);
+        let (report, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        let requests: Vec<SendFileRequest> = pieces(reader, report).collect().await;
+        let sizes: Vec<usize> = requests
+            .iter()
+            .map(|r| match &r.part {
+                Some(send_file_request::Part::Data(d)) => d.len(),
+                other => panic!("{other:?}"),
+            })
+            .collect();
+        assert_eq!(sizes, vec![FILE_PIECE, FILE_PIECE, 10]);
+        let mut totals = Vec::new();
+        while let Ok(Upload::Sent(t)) = reports.try_recv() {
+            totals.push(t);
+        }
+        assert_eq!(totals.last(), Some(&(data.len() as u64)));
+        let joined: Vec<u8> = requests
+            .into_iter()
+            .filter_map(|r| match r.part {
+                Some(send_file_request::Part::Data(d)) => Some(d),
+                _ => None,
+            })
+            .flatten()
+            .collect();
+        assert_eq!(joined, data);
+    }
+
+    #[tokio::test]
+    async fn a_read_error_never_ends_the_upload() {
+        struct Broken;
+        impl AsyncRead for Broken {
+            fn poll_read(
+                self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                _: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                std::task::Poll::Ready(Err(std::io::Error::other("disk on fire")))
+            }
+        }
+        let (report, mut reports) = tokio::sync::mpsc::unbounded_channel();
+        let mut stream = Box::pin(pieces(Broken, report));
+        let next = tokio::time::timeout(std::time::Duration::from_millis(100), stream.next());
+        assert!(next.await.is_err(), "the stream must stay pending, not end");
+        assert!(matches!(reports.try_recv(), Ok(Upload::Failed(_))));
+    }
+
+    /// A reader over `data` that returns at most `step` bytes per read.
+    fn slow_reader(data: Vec<u8>, step: usize) -> impl AsyncRead + Unpin + Send + 'static {
+        struct Slow(std::io::Cursor<Vec<u8>>, usize);
+        impl AsyncRead for Slow {
+            fn poll_read(
+                mut self: std::pin::Pin<&mut Self>,
+                _: &mut std::task::Context<'_>,
+                buf: &mut tokio::io::ReadBuf<'_>,
+            ) -> std::task::Poll<std::io::Result<()>> {
+                let step = self.1.min(buf.remaining());
+                let mut chunk = vec![0u8; step];
+                let n = std::io::Read::read(&mut self.0, &mut chunk)?;
+                buf.put_slice(&chunk[..n]);
+                std::task::Poll::Ready(Ok(()))
+            }
+        }
+        Slow(std::io::Cursor::new(data), step)
+    }
 
     #[tokio::test]
     async fn missing_socket_is_not_running() {

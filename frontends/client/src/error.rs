@@ -53,6 +53,10 @@ pub enum Error {
         /// The OS error.
         reason: String,
     },
+    /// Reading a file to send failed (`Client::send_file`); the upload was abandoned,
+    /// so nesd kept nothing of it. Exit 1.
+    #[error("cannot read the file to send: {0}")]
+    Read(#[source] std::io::Error),
 }
 
 impl Error {

@@ -15,6 +15,11 @@
 //! copy) is refused, never waited on ([`is_refused_cursor`]). [`Feed::open`] then fails,
 //! as a reconnect does later; a feed made with [`Feed::open_or_now`] instead starts again
 //! from the daemon's newest event and says so ([`FeedItem::Restarted`]).
+//!
+//! The feed hands out every kind of event alike, once each, by cursor (a file's `message`
+//! event when it is stored, and its `file` events as its transfer ends, are distinct
+//! entries of the log); which of them to show is each frontend's decision (an incoming
+//! file is shown from its `file` event saying complete, never from its `message`).
 
 use crate::client::Client;
 use crate::error::Error;

@@ -5,6 +5,10 @@
 //! the freedesktop notification service (notify-rust, async API): the sender as summary,
 //! the text (escaped, truncated) as body, app name "NES".
 //!
+//! - A file shows once, when all of it has arrived (the daemon's `file` event saying
+//!   complete): "alice sent report.pdf (1.2 MB)". The message that stored it while its
+//!   bytes were still coming shows nothing, or every file would notify twice. Mute and
+//!   DND apply to files as to texts.
 //! - Mute single contacts (`--mute alice`, or `notify_mute = ["alice"]` in the config
 //!   file) or everything (`--dnd`, or `notify_dnd = true`); the file is read again per
 //!   message, so `nes config set notify_dnd true` works at once.
@@ -27,7 +31,7 @@ mod state;
 use clap::Parser;
 use nes_client::error::exit;
 use nes_client::{Client, Feed, FeedItem};
-use nes_proto::rpc::{event, Direction, Message, MessageState};
+use nes_proto::rpc::{event, Direction, Event, FileState, Message, MessageState};
 use policy::{FileSettings, Policy};
 use std::path::PathBuf;
 use std::process::ExitCode;
@@ -189,11 +193,9 @@ async fn run(args: Args) -> Result<(), Failure> {
             }
             _ => continue,
         };
-        if let Some(event::Kind::Message(message)) = &event.kind {
-            if is_shown_kind(message) {
-                let policy = Policy::merge(&flags, args.body_max, &FileSettings::read(&config));
-                handle(message, &policy, markup, args.expire_ms, args.print).await;
-            }
+        if let Some(shown) = to_show(&event) {
+            let policy = Policy::merge(&flags, args.body_max, &FileSettings::read(&config));
+            handle(&shown, &policy, markup, args.expire_ms, args.print).await;
         }
         save_cursor(&state_path, feed.position());
     }
@@ -217,6 +219,45 @@ async fn connect(socket: &std::path::Path, wait: bool) -> Result<Client, Failure
     }
 }
 
+/// What one notification is about: the message, and the text its body shows.
+#[derive(Debug, PartialEq)]
+struct Shown<'e> {
+    message: &'e Message,
+    /// Unescaped: [`handle`] escapes and cuts it.
+    text: String,
+    /// The freedesktop category hint.
+    category: &'static str,
+}
+
+/// The notification an event asks for, if any: an incoming text message stored
+/// verified, or an incoming file once complete (see the module docs).
+fn to_show(event: &Event) -> Option<Shown<'_>> {
+    match &event.kind {
+        Some(event::Kind::Message(m)) if m.file.is_none() && is_shown_kind(m) => Some(Shown {
+            message: m,
+            text: m.text.clone(),
+            category: "im.received",
+        }),
+        Some(event::Kind::File(m)) if m.direction == Direction::Incoming as i32 => {
+            let file = m.file.as_ref()?;
+            (file.state == FileState::Complete as i32).then(|| Shown {
+                message: m,
+                text: file_text(&m.from, &file.name, file.size),
+                category: "transfer.complete",
+            })
+        }
+        _ => None,
+    }
+}
+
+/// The body of a file's notification: `alice sent report.pdf (1.2 MB)`.
+fn file_text(from: &str, name: &str, size: u64) -> String {
+    format!(
+        "{from} sent {name} ({})",
+        nes_proto::files::human_size(size)
+    )
+}
+
 /// Incoming, verified messages: the ones a person is told about (held ones wait until
 /// their sender's new keys are trusted, and come again then).
 fn is_shown_kind(message: &Message) -> bool {
@@ -225,12 +266,13 @@ fn is_shown_kind(message: &Message) -> bool {
 }
 
 async fn handle(
-    message: &Message,
+    shown: &Shown<'_>,
     policy: &Policy,
     markup: bool,
     expire_ms: Option<u32>,
     print: bool,
 ) {
+    let message = shown.message;
     if !policy.shows(&message.from) {
         let why = if policy.dnd {
             "do not disturb"
@@ -243,7 +285,7 @@ async fn handle(
         }
         return;
     }
-    let text = policy::body(&message.text, policy.body_max);
+    let text = policy::body(&shown.text, policy.body_max);
     let body = if markup {
         policy::escape_markup(&text)
     } else {
@@ -256,7 +298,7 @@ async fn handle(
         .summary(&summary)
         .body(&body)
         .icon("mail-message-new")
-        .hint(notify_rust::Hint::Category("im.received".into()));
+        .hint(notify_rust::Hint::Category(shown.category.into()));
     if let Some(ms) = expire_ms {
         notification.timeout(notify_rust::Timeout::Milliseconds(ms));
     }
@@ -302,6 +344,73 @@ mod tests {
     #[test]
     fn flags_are_consistent() {
         Args::command().debug_assert();
+    }
+
+    fn file_event(direction: Direction, state: FileState, stored: bool) -> Event {
+        let m = Message {
+            from: "alice".into(),
+            direction: direction as i32,
+            state: MessageState::Received as i32,
+            file: Some(nes_proto::rpc::FileInfo {
+                name: "report.pdf".into(),
+                size: 1_200_000,
+                state: state as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Event {
+            kind: Some(if stored {
+                event::Kind::Message(m)
+            } else {
+                event::Kind::File(m)
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_file_notifies_once_when_complete() {
+        // Stored while its bytes come: nothing.
+        let stored = file_event(Direction::Incoming, FileState::Receiving, true);
+        assert_eq!(to_show(&stored), None);
+        let done = file_event(Direction::Incoming, FileState::Complete, false);
+        let shown = to_show(&done).expect("a notification");
+        assert_eq!(shown.text, "alice sent report.pdf (1.2 MB)");
+        assert_eq!(shown.message.from, "alice");
+        assert_eq!(shown.category, "transfer.complete");
+        for state in [FileState::Cancelled, FileState::Failed] {
+            assert_eq!(
+                to_show(&file_event(Direction::Incoming, state, false)),
+                None
+            );
+        }
+        // Files this identity sent: never.
+        assert_eq!(
+            to_show(&file_event(Direction::Outgoing, FileState::Complete, false)),
+            None
+        );
+        // The body goes through the same escaping and cut as a text's.
+        let text = file_text("alice", "evil\x1b[2J.pdf", 5);
+        assert_eq!(text, "alice sent evil\x1b[2J.pdf (5 B)");
+        assert!(!policy::body(&file_text("alice", "a\u{1b}b", 5), 200).contains('\u{1b}'));
+    }
+
+    #[test]
+    fn texts_notify_with_their_text() {
+        let ev = Event {
+            kind: Some(event::Kind::Message(Message {
+                from: "alice".into(),
+                text: "hi".into(),
+                direction: Direction::Incoming as i32,
+                state: MessageState::Received as i32,
+                ..Default::default()
+            })),
+            ..Default::default()
+        };
+        let shown = to_show(&ev).expect("a notification");
+        assert_eq!(shown.text, "hi");
+        assert_eq!(shown.category, "im.received");
     }
 
     #[test]

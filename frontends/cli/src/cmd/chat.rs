@@ -2,7 +2,13 @@
 //!
 //! The screen: a title bar (who, the daemon's broker connection, the peer's key state),
 //! the conversation (scrollback from `History`, then live from the event stream), and an
-//! input line. Enter sends; PageUp/PageDown scroll; Esc, Ctrl-C or Ctrl-D leave.
+//! input line. Enter sends; PageUp/PageDown scroll; Esc, Ctrl-C, Ctrl-D or `/quit` leave.
+//! `/file PATH` sends a file (`~/` is the home directory): it uploads in the background,
+//! so the chat goes on meanwhile, and a refusal shows as a `*` line as for texts.
+//!
+//! Files show as `[file] report.pdf (1.2 MB)`, with the state while not complete. An
+//! incoming file appears once all of it has arrived (the daemon's `file` event), never
+//! while it is still coming; `nes file save ID` copies it out (the id is in `nes files`).
 //!
 //! Everything shown comes from nesd: the chat keeps no state of its own, so several
 //! `nes chat` windows and `nes listen`s at once show the same conversation. Messages
@@ -17,12 +23,12 @@
 //! an older copy), the chat goes on from the daemon's newest event and says so.
 
 use crate::error::{user, CliError};
-use crate::output::state_mark;
+use crate::output::{message_body, state_mark};
 use crate::Ctx;
 use futures::StreamExt;
 use nes_client::display::line;
 use nes_client::{Feed, FeedItem};
-use nes_proto::rpc::{event, Direction, Event, Message, MessageState, TrustState};
+use nes_proto::rpc::{event, Direction, Event, FileState, Message, MessageState, TrustState};
 use ratatui::crossterm::event::{
     Event as TermEvent, EventStream, KeyCode, KeyEvent, KeyEventKind, KeyModifiers,
 };
@@ -31,6 +37,7 @@ use ratatui::layout::{Constraint, Layout};
 use ratatui::style::{Color, Style};
 use ratatui::text::{Line, Span};
 use ratatui::widgets::{Block, Borders, Paragraph};
+use std::path::PathBuf;
 use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 
 #[derive(clap::Args, Debug)]
@@ -73,7 +80,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
             "cannot look up {peer}'s keys right now (key server unreachable?)"
         ));
     }
-    for message in history {
+    for message in history.into_iter().filter(|m| !super::file::is_arriving(m)) {
         chat.upsert(message);
     }
     if chat.key_changed {
@@ -113,6 +120,9 @@ async fn ui(
 ) -> Result<(), CliError> {
     let mut terminal = TerminalGuard::enter()?;
     let mut keys = EventStream::new();
+    // Uploads run in tasks of their own (a large file takes a while); each tells how it
+    // ended here. The sender is kept, so `recv` never ends.
+    let (uploaded, mut uploads) = tokio::sync::mpsc::unbounded_channel();
     loop {
         terminal.draw(chat)?;
         tokio::select! {
@@ -122,6 +132,9 @@ async fn ui(
                         Action::None => {}
                         Action::Quit => return Ok(()),
                         Action::Send(text) => send(ctx, client, chat, &text).await,
+                        Action::SendFile(path) => {
+                            start_upload(client.clone(), chat, path, uploaded.clone()).await
+                        }
                     }
                 }
                 Some(Ok(_)) => {}
@@ -159,7 +172,69 @@ async fn ui(
                 }
                 None => return Ok(()),
             },
+            Some(done) = uploads.recv() => match done {
+                Ok(message) => chat.upsert(message),
+                Err(why) => chat.system(why),
+            },
         }
+    }
+}
+
+/// Starts sending the file at `path` to the chat's peer in a task of its own; how it
+/// ends comes back on `done` (the stored message, or the line saying why not).
+async fn start_upload(
+    mut client: nes_client::Client,
+    chat: &mut Chat,
+    path: PathBuf,
+    done: tokio::sync::mpsc::UnboundedSender<Result<Message, String>>,
+) {
+    let shown = path.display().to_string();
+    let (file, name, size) = match open_upload(&path).await {
+        Ok(opened) => opened,
+        Err(why) => return chat.system(format!("not sent: {shown}: {why}")),
+    };
+    chat.system(format!(
+        "sending {} ({})…",
+        name,
+        nes_proto::files::human_size(size)
+    ));
+    let peer = chat.peer.clone();
+    tokio::spawn(async move {
+        let result = client
+            .send_file(&peer, &name, "", file, |_| {})
+            .await
+            .map_err(|e| format!("not sent: {name}: {e}"));
+        let _ = done.send(result);
+    });
+}
+
+/// Opens a file for `/file`: a regular file with a name nesd accepts; its name and size.
+async fn open_upload(path: &std::path::Path) -> Result<(tokio::fs::File, String, u64), String> {
+    let name = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .ok_or("no file name to send it under")?
+        .to_string();
+    nes_proto::files::check_name(&name)?;
+    let file = tokio::fs::File::open(path)
+        .await
+        .map_err(|e| e.to_string())?;
+    let meta = file.metadata().await.map_err(|e| e.to_string())?;
+    if !meta.is_file() {
+        return Err("not a regular file".into());
+    }
+    Ok((file, name, meta.len()))
+}
+
+/// The path typed after `/file`: `~/` (or `~` alone) is the home directory.
+fn upload_path(typed: &str) -> PathBuf {
+    let home = || std::env::var_os("HOME").map(PathBuf::from);
+    match typed {
+        "~" => home().unwrap_or_else(|| typed.into()),
+        _ => match (typed.strip_prefix("~/"), home()) {
+            (Some(rest), Some(home)) => home.join(rest),
+            _ => typed.into(),
+        },
     }
 }
 
@@ -207,10 +282,15 @@ pub enum Action {
     Quit,
     /// Send this text.
     Send(String),
+    /// Send this file (`/file PATH`).
+    SendFile(PathBuf),
 }
 
 /// One line of the conversation.
 #[derive(Debug, Clone)]
+// Nearly every entry is a message (a file's carries its FileInfo inline); boxing it to
+// shrink the rare system lines would add an allocation per message for nothing.
+#[allow(clippy::large_enum_variant)]
 enum Entry {
     Message(Message),
     System(String),
@@ -274,8 +354,24 @@ impl Chat {
     /// caller marks it read).
     pub fn apply(&mut self, event: Event) -> bool {
         match event.kind {
+            // An incoming file is stored before its bytes come: it shows once complete (and
+            // history leaves it out until then, too).
+            Some(event::Kind::Message(message)) if super::file::is_arriving(&message) => false,
             Some(event::Kind::Message(message)) if message.peer == self.peer => {
                 let incoming = message.direction == Direction::Incoming as i32;
+                self.upsert(message);
+                incoming
+            }
+            Some(event::Kind::File(message)) if message.peer == self.peer => {
+                let incoming = message.direction == Direction::Incoming as i32;
+                let complete = message
+                    .file
+                    .as_ref()
+                    .is_some_and(|f| f.state == FileState::Complete as i32);
+                // An incoming file that never completed was never shown: nothing to say.
+                if incoming && !complete {
+                    return false;
+                }
                 self.upsert(message);
                 incoming
             }
@@ -376,6 +472,13 @@ impl Chat {
                 if text == "/quit" {
                     return Action::Quit;
                 }
+                if let Some(rest) = command_arg(&text, "/file") {
+                    if rest.is_empty() {
+                        self.system("usage: /file PATH (sends that file to the chat)".into());
+                        return Action::None;
+                    }
+                    return Action::SendFile(upload_path(rest));
+                }
                 if !text.trim().is_empty() {
                     return Action::Send(text);
                 }
@@ -424,9 +527,9 @@ impl Chat {
                         } else {
                             format!(" ({})", line(&m.error))
                         };
-                        (line(&m.text), format!(" {}{error}", state_mark(m.state)))
+                        (message_body(m), format!(" {}{error}", state_mark(m.state)))
                     } else {
-                        (line(&m.text), String::new())
+                        (message_body(m), String::new())
                     };
                     (format!("{time} {who}: "), text, style, mark)
                 }
@@ -458,6 +561,17 @@ impl Chat {
             " nes chat: {} ⇄ {}{presence}  [{link}]{keys}  Esc to leave ",
             self.me, self.peer
         )
+    }
+}
+
+/// The argument of a chat command: `/file x` → `x` for `/file`; `None` when `text` is not
+/// that command (`/filex` is not `/file`).
+fn command_arg<'t>(text: &'t str, command: &str) -> Option<&'t str> {
+    let rest = text.trim().strip_prefix(command)?;
+    match rest.chars().next() {
+        None => Some(""),
+        Some(c) if c.is_whitespace() => Some(rest.trim()),
+        Some(_) => None,
     }
 }
 
@@ -557,7 +671,7 @@ impl TerminalGuard {
 
                 let input_block = Block::default()
                     .borders(Borders::ALL)
-                    .title(" message (Enter to send) ");
+                    .title(" message (Enter to send; /file PATH sends a file; /quit) ");
                 let inner = input_block.inner(input);
                 // Show the end of a long input, keeping the cursor in view.
                 let before: String = chat.input.chars().take(chat.cursor).collect();
@@ -741,6 +855,102 @@ mod tests {
             ),
             "{rows:?}"
         );
+    }
+
+    fn file_msg(id: &str, direction: Direction, state: FileState) -> Message {
+        let mut m = if direction == Direction::Incoming {
+            msg(id, "bob", "alice", direction)
+        } else {
+            msg(id, "alice", "bob", direction)
+        };
+        m.text = String::new();
+        m.file = Some(nes_proto::rpc::FileInfo {
+            id: id.into(),
+            name: "report.pdf".into(),
+            size: 1_200_000,
+            transferred: 300_000,
+            state: state as i32,
+            ..Default::default()
+        });
+        m
+    }
+
+    #[test]
+    fn files_show_as_lines_and_incoming_ones_once_complete() {
+        let mut chat = Chat::new("alice".into(), "bob".into(), true);
+        let ev = |cursor, kind| Event {
+            cursor,
+            kind: Some(kind),
+            ..Default::default()
+        };
+        // Stored while its bytes come: not shown yet.
+        assert!(!chat.apply(ev(
+            1,
+            event::Kind::Message(file_msg("f", Direction::Incoming, FileState::Receiving))
+        )));
+        assert!(chat.entries.is_empty());
+        // Complete: shown, and counts as an incoming message (marked read).
+        assert!(chat.apply(ev(
+            2,
+            event::Kind::File(file_msg("f", Direction::Incoming, FileState::Complete))
+        )));
+        // One that never completed stays unshown.
+        assert!(!chat.apply(ev(
+            3,
+            event::Kind::File(file_msg("g", Direction::Incoming, FileState::Cancelled))
+        )));
+        // Ours: shown when queued, its line updated by the file event.
+        chat.apply(ev(
+            4,
+            event::Kind::Message(file_msg("h", Direction::Outgoing, FileState::Sending)),
+        ));
+        let rows: Vec<String> = chat.rows(200).iter().map(|l| l.to_string()).collect();
+        assert_eq!(rows.len(), 2, "{rows:?}");
+        assert!(
+            rows[0].ends_with("bob: [file] report.pdf (1.2 MB)"),
+            "{rows:?}"
+        );
+        assert!(
+            rows[1].ends_with("alice: [file] report.pdf (1.2 MB) sending 25% …"),
+            "{rows:?}"
+        );
+        let mut failed = file_msg("h", Direction::Outgoing, FileState::Failed);
+        if let Some(f) = failed.file.as_mut() {
+            f.error = "too_large".into();
+        }
+        chat.apply(ev(5, event::Kind::File(failed)));
+        let rows: Vec<String> = chat.rows(200).iter().map(|l| l.to_string()).collect();
+        assert!(
+            rows[1].contains("[file] report.pdf (1.2 MB) failed (too_large)"),
+            "{rows:?}"
+        );
+    }
+
+    #[test]
+    fn the_file_command() {
+        let mut chat = Chat::new("alice".into(), "bob".into(), true);
+        let enter = |chat: &mut Chat, text: &str| {
+            for c in text.chars() {
+                chat.key(key(KeyCode::Char(c)));
+            }
+            chat.key(key(KeyCode::Enter))
+        };
+        assert_eq!(
+            enter(&mut chat, "/file /tmp/report.pdf"),
+            Action::SendFile("/tmp/report.pdf".into())
+        );
+        assert_eq!(enter(&mut chat, "/file"), Action::None);
+        assert!(matches!(chat.entries.last(), Some(Entry::System(t)) if t.contains("usage")));
+        // Not the command: sent as text.
+        assert_eq!(
+            enter(&mut chat, "/files are great"),
+            Action::Send("/files are great".into())
+        );
+        assert_eq!(command_arg("/file  a b ", "/file"), Some("a b"));
+        if let Some(home) = std::env::var_os("HOME") {
+            assert_eq!(upload_path("~/x.txt"), PathBuf::from(home).join("x.txt"));
+        }
+        assert_eq!(upload_path("x~/y"), PathBuf::from("x~/y"));
     }
 
     #[test]

@@ -135,6 +135,10 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
         "tell contacts when you read their messages: true (default); false: only delivery",
     ),
     (
+        "max_file_size",
+        "largest file sent or received: 100MiB (default), 512K, or bytes",
+    ),
+    (
         "notify_mute",
         "nes-notify: users whose messages show no notification",
     ),

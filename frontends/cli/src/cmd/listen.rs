@@ -19,6 +19,16 @@
 //!   (the recipient's receipts), failed. With `--json`:
 //!   `{"event":"state","id":..,"peer":..,"state":"delivered","cursor":..}` (plus `error`
 //!   when it failed). State lines do not count towards `--count` and run no `--exec`.
+//! - Files: an incoming file is shown once, when all of it has arrived (the daemon's
+//!   `file` event saying complete), as a message line (`[file] report.pdf (1.2 MB)`; in
+//!   JSON with its `file` object, whose `path` is where nesd keeps it). Before that it
+//!   is not shown: it is no file yet. `--from` and `--count` apply as to any message;
+//!   `--exec` gets an empty stdin and `NES_FILE_NAME`, `NES_FILE_SIZE`, `NES_FILE_PATH`
+//!   (and `nes file save $NES_ID` copies it out). With `--outgoing`, a file sent shows
+//!   when queued, as a text does, and each end of its transfer as a state line:
+//!   `to bob: <id> [file] report.pdf complete`, in JSON
+//!   `{"event":"file","id":..,"peer":..,"state":"complete","file":{..},"cursor":..}`
+//!   (`state` is the file's: complete, cancelled or failed).
 //!
 //! Messages held because the sender's keys changed are not shown until trusted. A
 //! restarted daemon is waited for and the stream resumes by cursor. A closed stdout
@@ -29,7 +39,9 @@ use crate::output::{message_json, message_line, print_json, print_line, state_ma
 use crate::Ctx;
 use nes_client::feed::{cursor_number, is_refused_cursor};
 use nes_client::{Feed, FeedItem};
-use nes_proto::rpc::{event, Direction, Event, Message, MessageState, MessageStateChanged};
+use nes_proto::rpc::{
+    event, Direction, Event, FileState, Message, MessageState, MessageStateChanged,
+};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
@@ -67,37 +79,53 @@ pub struct Filter {
     pub outgoing: bool,
 }
 
-impl Filter {
-    /// The state change of an outgoing message in `event`, when outgoing messages are
-    /// asked for.
-    pub fn state_change<'e>(&self, event: &'e Event) -> Option<&'e MessageStateChanged> {
-        match &event.kind {
-            Some(event::Kind::StateChanged(change)) if self.outgoing => Some(change),
-            _ => None,
-        }
-    }
+/// What `listen` does with one event ([`Filter::classify`]).
+#[derive(Debug, PartialEq)]
+pub enum Shown<'e> {
+    /// Print it as a message (and count it, run `--exec`).
+    Message(&'e Message),
+    /// Print a state line of an outgoing message (`--outgoing`).
+    State(&'e MessageStateChanged),
+    /// Print a state line of an outgoing file's transfer (`--outgoing`).
+    FileState(&'e Message),
+}
 
-    /// The message of `event` to show, if any: stored incoming messages (not held ones),
-    /// and outgoing ones when asked; `--from` applies to the sender.
-    pub fn select<'e>(&self, event: &'e Event) -> Option<&'e Message> {
-        let Some(event::Kind::Message(message)) = &event.kind else {
-            return None;
-        };
-        let incoming = message.direction == Direction::Incoming as i32;
-        let show = if incoming {
-            message.state == MessageState::Received as i32
-        } else {
-            self.outgoing && message.direction == Direction::Outgoing as i32
-        };
-        if !show {
-            return None;
-        }
+impl Filter {
+    /// What to show of `event`, if anything:
+    /// - a stored incoming message (not a held one), and an outgoing one when asked;
+    /// - an incoming file only from its `file` event saying complete, never from the
+    ///   `message` event that stored it while it was still arriving (so it shows once,
+    ///   and only as a file there is);
+    /// - with `--outgoing`, state changes of outgoing messages and files.
+    ///
+    /// `--from` applies to the sender of messages.
+    pub fn classify<'e>(&self, event: &'e Event) -> Option<Shown<'e>> {
+        let outgoing = |m: &Message| m.direction == Direction::Outgoing as i32;
+        let incoming = |m: &Message| m.direction == Direction::Incoming as i32;
+        let shown = match &event.kind {
+            Some(event::Kind::StateChanged(change)) if self.outgoing => {
+                return Some(Shown::State(change))
+            }
+            Some(event::Kind::Message(m)) if incoming(m) && m.file.is_none() => {
+                (m.state == MessageState::Received as i32).then_some(m)
+            }
+            Some(event::Kind::Message(m)) if outgoing(m) && self.outgoing => Some(m),
+            Some(event::Kind::File(m)) if incoming(m) => m
+                .file
+                .as_ref()
+                .is_some_and(|f| f.state == FileState::Complete as i32)
+                .then_some(m),
+            Some(event::Kind::File(m)) if outgoing(m) && self.outgoing => {
+                return Some(Shown::FileState(m))
+            }
+            _ => None,
+        }?;
         if let Some(from) = &self.from {
-            if &message.from != from {
+            if &shown.from != from {
                 return None;
             }
         }
-        Some(message)
+        Some(Shown::Message(shown))
     }
 }
 
@@ -160,19 +188,15 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
             }
             _ => continue,
         };
-        if let Some(change) = filter.state_change(&event) {
-            if print {
-                let cursor = event_cursor(&event);
-                if args.json {
-                    print_json(&state_json(change, &cursor))?;
-                } else {
-                    print_line(&state_line(change))?;
+        let message = match filter.classify(&event) {
+            None => continue,
+            Some(Shown::Message(message)) => message,
+            Some(state) => {
+                if print {
+                    print_state(&state, &event_cursor(&event), args.json)?;
                 }
+                continue;
             }
-            continue;
-        }
-        let Some(message) = filter.select(&event) else {
-            continue;
         };
         if print {
             if args.json {
@@ -189,6 +213,66 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
             return Ok(());
         }
     }
+}
+
+/// Prints a state line (of a message or a file), as JSON or for people.
+fn print_state(shown: &Shown<'_>, cursor: &str, json: bool) -> Result<(), CliError> {
+    match (shown, json) {
+        (Shown::State(change), true) => print_json(&state_json(change, cursor)),
+        (Shown::State(change), false) => print_line(&state_line(change)),
+        (Shown::FileState(message), true) => print_json(&file_state_json(message, cursor)),
+        (Shown::FileState(message), false) => print_line(&file_state_line(message)),
+        (Shown::Message(_), _) => Ok(()),
+    }
+}
+
+/// An outgoing file's state change as a JSON line: the file's state, and its object.
+fn file_state_json(message: &Message, cursor: &str) -> serde_json::Value {
+    let line = message_json(message, None);
+    let file = serde_json::to_value(&line)
+        .ok()
+        .and_then(|v| v.get("file").cloned())
+        .unwrap_or_default();
+    let state = message.file.as_ref().map(|f| f.state).unwrap_or_default();
+    let mut v = serde_json::json!({
+        "event": "file",
+        "id": message.id,
+        "peer": message.peer,
+        "state": crate::output::file_state_name(state),
+        "file": file,
+        "cursor": cursor,
+    });
+    if let Some(error) = message
+        .file
+        .as_ref()
+        .map(|f| &f.error)
+        .filter(|e| !e.is_empty())
+    {
+        v["error"] = error.clone().into();
+    }
+    v
+}
+
+/// An outgoing file's state change for people: `to bob: <id> [file] report.pdf complete`.
+fn file_state_line(message: &Message) -> String {
+    let (name, state, error) = match &message.file {
+        Some(f) => (
+            f.name.as_str(),
+            crate::output::file_state_name(f.state),
+            f.error.as_str(),
+        ),
+        None => ("", "unknown", ""),
+    };
+    let mut line = format!(
+        "to {}: {} [file] {} {state}",
+        nes_client::display::line(&message.peer),
+        message.id,
+        nes_client::display::line(name),
+    );
+    if !error.is_empty() {
+        line.push_str(&format!(" ({})", nes_client::display::line(error)));
+    }
+    line
 }
 
 /// A state change as a JSON line.
@@ -285,7 +369,7 @@ pub fn exec_env(
     cursor: &str,
     socket: &std::path::Path,
 ) -> Vec<(&'static str, String)> {
-    vec![
+    let mut env = vec![
         ("NES_FROM", message.from.clone()),
         ("NES_TO", message.to.clone()),
         ("NES_PEER", message.peer.clone()),
@@ -297,7 +381,13 @@ pub fn exec_env(
             crate::output::direction_name(message.direction).to_string(),
         ),
         ("NES_SOCKET", socket.display().to_string()),
-    ]
+    ];
+    if let Some(f) = &message.file {
+        env.push(("NES_FILE_NAME", f.name.clone()));
+        env.push(("NES_FILE_SIZE", f.size.to_string()));
+        env.push(("NES_FILE_PATH", f.path.clone()));
+    }
+    env
 }
 
 /// Runs the `--exec` command for one message and waits for it. Its failure is reported
@@ -336,6 +426,126 @@ async fn run_exec(command: &str, message: &Message, cursor: &str, ctx: &Ctx) {
 mod tests {
     use super::*;
     use nes_proto::rpc::MessageStateChanged;
+
+    // The decisions the tests below look at one at a time.
+    impl Filter {
+        fn select<'e>(&self, event: &'e Event) -> Option<&'e Message> {
+            match self.classify(event) {
+                Some(Shown::Message(m)) => Some(m),
+                _ => None,
+            }
+        }
+
+        fn state_change<'e>(&self, event: &'e Event) -> Option<&'e MessageStateChanged> {
+            match self.classify(event) {
+                Some(Shown::State(change)) => Some(change),
+                _ => None,
+            }
+        }
+    }
+
+    /// An event about a file `from` sent (incoming unless `from` is bob, this identity):
+    /// kind `message` when `stored`, else kind `file`.
+    fn file_event(cursor: u64, from: &str, state: FileState, stored: bool) -> Event {
+        let direction = if from == "bob" {
+            Direction::Outgoing
+        } else {
+            Direction::Incoming
+        };
+        let message = Message {
+            id: format!("id{cursor}"),
+            from: from.into(),
+            to: if from == "bob" { "alice" } else { "bob" }.into(),
+            peer: if from == "bob" { "alice" } else { from }.into(),
+            direction: direction as i32,
+            state: if from == "bob" {
+                MessageState::Queued
+            } else {
+                MessageState::Received
+            } as i32,
+            file: Some(nes_proto::rpc::FileInfo {
+                id: format!("id{cursor}"),
+                name: "report.pdf".into(),
+                size: 1_200_000,
+                state: state as i32,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        Event {
+            cursor,
+            kind: Some(if stored {
+                event::Kind::Message(message)
+            } else {
+                event::Kind::File(message)
+            }),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn an_incoming_file_shows_once_when_complete() {
+        let f = Filter::default();
+        // Stored while arriving: not shown.
+        assert_eq!(
+            f.classify(&file_event(1, "alice", FileState::Receiving, true)),
+            None
+        );
+        // Its transfer ends: shown when complete, as a message.
+        let done = file_event(2, "alice", FileState::Complete, false);
+        assert!(matches!(f.classify(&done), Some(Shown::Message(m)) if m.id == "id2"));
+        for state in [FileState::Cancelled, FileState::Failed] {
+            assert_eq!(f.classify(&file_event(3, "alice", state, false)), None);
+        }
+        // --from applies to files too.
+        let only_carol = Filter {
+            from: Some("carol".into()),
+            ..Filter::default()
+        };
+        assert_eq!(only_carol.classify(&done), None);
+    }
+
+    #[test]
+    fn outgoing_files_with_outgoing_only() {
+        let queued = file_event(1, "bob", FileState::Sending, true);
+        let complete = file_event(2, "bob", FileState::Complete, false);
+        let f = Filter::default();
+        assert_eq!(f.classify(&queued), None);
+        assert_eq!(f.classify(&complete), None);
+        let f = Filter {
+            outgoing: true,
+            ..Filter::default()
+        };
+        assert!(matches!(f.classify(&queued), Some(Shown::Message(_))));
+        let Some(Shown::FileState(m)) = f.classify(&complete) else {
+            panic!("a file state line");
+        };
+        assert_eq!(
+            file_state_line(m),
+            "to alice: id2 [file] report.pdf complete"
+        );
+        let v = file_state_json(m, "c-9");
+        assert_eq!(v["event"], "file");
+        assert_eq!(v["state"], "complete");
+        assert_eq!(v["file"]["name"], "report.pdf");
+        assert_eq!(v["cursor"], "c-9");
+        assert!(v.get("error").is_none());
+    }
+
+    #[test]
+    fn exec_environment_of_a_file() {
+        let mut ev = file_event(5, "alice", FileState::Complete, false);
+        let Some(event::Kind::File(m)) = &mut ev.kind else {
+            unreachable!()
+        };
+        if let Some(f) = m.file.as_mut() {
+            f.path = "/data/files/x".into();
+        }
+        let env = exec_env(m, "5", std::path::Path::new("/s.sock"));
+        assert!(env.contains(&("NES_FILE_NAME", "report.pdf".into())));
+        assert!(env.contains(&("NES_FILE_SIZE", "1200000".into())));
+        assert!(env.contains(&("NES_FILE_PATH", "/data/files/x".into())));
+    }
 
     fn message_event(cursor: u64, from: &str, direction: Direction, state: MessageState) -> Event {
         Event {

@@ -4,6 +4,8 @@ pub mod chat;
 pub mod completions;
 pub mod config;
 pub mod contacts;
+pub mod file;
+pub mod files;
 pub mod frame;
 pub mod generate;
 pub mod history;

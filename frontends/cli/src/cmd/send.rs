@@ -10,9 +10,19 @@
 //!   in input order, through the `SendStream` RPC. A bad line gets an error result and
 //!   the batch goes on; the exit code is 1 if any line failed. Blank lines are skipped.
 //!
-//! A single send prints the message id (or the stored message as JSON with `--json`).
-//! With `--wait` it returns only once the broker has acknowledged the message (exit 0)
-//! or the daemon gave up on it (exit 1).
+//! - `nes send PEER --file PATH [--file PATH ...]`: each file as a message of its own,
+//!   in order, streamed to nesd in 64 KiB pieces (`SendFile`); `--file -` reads stdin
+//!   and needs `--name NAME`, the name the recipient sees. `--media-type` sets the
+//!   media type of every file sent (default: nesd guesses from the name). No TEXT with
+//!   `--file`: a text goes as a message of its own. Every file is opened before the
+//!   first is sent, so a mistyped path sends nothing.
+//!
+//! A single send prints the message id (or the stored message as JSON with `--json`;
+//! a file's with its `file` object), a file send one line per file. With `--wait` a
+//! text returns only once the broker has acknowledged the message (exit 0) or the
+//! daemon gave up on it (exit 1); files only once the recipient has every byte (exit 0)
+//! or the transfer was cancelled or failed (exit 1, saying why). When stderr is a
+//! terminal, a progress bar shows the upload and then the transfer.
 
 use crate::error::{usage, user, CliError};
 use crate::output::{message_json, print_json, print_line, state_name, strip_one_newline};
@@ -21,7 +31,8 @@ use nes_client::{Feed, FeedItem};
 use nes_proto::rpc::{event, MessageState, SendReply, SendRequest};
 use serde_json::Value;
 use std::io::{IsTerminal, Read};
-use tokio::io::AsyncBufReadExt;
+use std::path::{Path, PathBuf};
+use tokio::io::{AsyncBufReadExt, AsyncRead};
 
 #[derive(clap::Args, Debug)]
 pub struct Args {
@@ -37,13 +48,26 @@ pub struct Args {
     /// Send as a v1 frame on QoS 2, for a peer on the original client.
     #[arg(long)]
     pub legacy: bool,
+    /// Send this file, as a message of its own (repeatable: sent in order). `-` reads
+    /// stdin (then --name is needed). No TEXT with it.
+    #[arg(long = "file", value_name = "PATH", conflicts_with_all = ["message", "legacy"])]
+    pub files: Vec<PathBuf>,
+    /// The name the recipient sees: needed for `--file -`; with one file, instead of its
+    /// own name.
+    #[arg(long, value_name = "NAME", requires = "files")]
+    pub name: Option<String>,
+    /// The media type of the files sent, e.g. application/pdf (default: guessed from the
+    /// name).
+    #[arg(long, value_name = "TYPE", requires = "files")]
+    pub media_type: Option<String>,
     /// Read JSON lines {"to":..,"message":..} on stdin; write one result line per input line.
-    #[arg(long, conflicts_with_all = ["words", "to", "message", "wait", "json"])]
+    #[arg(long, conflicts_with_all = ["words", "to", "message", "wait", "json", "files"])]
     pub batch: bool,
     /// Print the stored message as a JSON line instead of its id.
     #[arg(long)]
     pub json: bool,
-    /// Wait until the broker acknowledged the message (exit 1 if it failed).
+    /// Wait until the broker acknowledged the message (exit 1 if it failed); for a file,
+    /// until the recipient has all of it (exit 1 if cancelled or failed).
     #[arg(long)]
     pub wait: bool,
 }
@@ -51,6 +75,9 @@ pub struct Args {
 pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     if args.batch {
         return batch(ctx, args.legacy).await;
+    }
+    if !args.files.is_empty() {
+        return send_files(ctx, &args).await;
     }
     let (peer, text) = recipient_and_text(&args)?;
     let text = match text {
@@ -103,6 +130,160 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
         return Err(user(format!("sending to {peer} failed: {}", message.error)));
     }
     Ok(())
+}
+
+/// One file of `--file`, before it is opened.
+#[derive(Debug, PartialEq, Eq)]
+pub struct FileToSend {
+    /// Where the bytes come from: `None` for stdin.
+    pub path: Option<PathBuf>,
+    /// The name the recipient sees.
+    pub name: String,
+}
+
+/// Sorts out the `--file`s and `--name`: stdin at most once and only with a name, a
+/// name for one file only, and a name for every file that can be sent under it (the
+/// rules of `nes_proto::files::check_name`, which nesd applies too).
+pub fn plan_files(files: &[PathBuf], name: Option<&str>) -> Result<Vec<FileToSend>, CliError> {
+    let stdin = |p: &PathBuf| p.as_os_str() == "-";
+    let from_stdin = files.iter().filter(|p| stdin(p)).count();
+    if from_stdin > 1 {
+        return Err(usage("stdin can be read only once: give `--file -` once"));
+    }
+    if from_stdin == 1 && name.is_none() {
+        return Err(usage(
+            "--file - reads the file from stdin: give the name the recipient sees with --name NAME",
+        ));
+    }
+    if name.is_some() && from_stdin == 0 && files.len() > 1 {
+        return Err(usage(
+            "--name names one file: with several --file, use it only for `--file -`",
+        ));
+    }
+    files
+        .iter()
+        .map(|path| {
+            let is_stdin = stdin(path);
+            // --name goes to stdin's file, or else to the one file given.
+            let name = match name {
+                Some(name) if is_stdin || from_stdin == 0 => name.to_string(),
+                _ => own_name(path)?,
+            };
+            let path = (!is_stdin).then(|| path.clone());
+            nes_proto::files::check_name(&name)
+                .map_err(|e| user(format!("cannot send a file named {name:?}: {e}")))?;
+            Ok(FileToSend { path, name })
+        })
+        .collect()
+}
+
+/// The name a file is sent under by default: the last part of its path.
+fn own_name(path: &Path) -> Result<String, CliError> {
+    path.file_name()
+        .and_then(|n| n.to_str())
+        .map(String::from)
+        .ok_or_else(|| {
+            user(format!(
+                "{}: no file name to send it under (give one with --name)",
+                path.display()
+            ))
+        })
+}
+
+/// A file opened for sending, and its size when known (not for stdin).
+struct Opened {
+    file: FileToSend,
+    reader: Box<dyn AsyncRead + Unpin + Send>,
+    size: Option<u64>,
+}
+
+/// Opens a file of `--file` (a regular file, or stdin).
+async fn open(file: FileToSend) -> Result<Opened, CliError> {
+    let Some(path) = &file.path else {
+        if std::io::stdin().is_terminal() {
+            eprintln!("nes: reading {} from stdin; Ctrl-D ends it", file.name);
+        }
+        return Ok(Opened {
+            file,
+            reader: Box::new(tokio::io::stdin()),
+            size: None,
+        });
+    };
+    let cannot = |e: std::io::Error| user(format!("cannot send {}: {e}", path.display()));
+    let opened = tokio::fs::File::open(path).await.map_err(cannot)?;
+    let meta = opened.metadata().await.map_err(cannot)?;
+    if !meta.is_file() {
+        return Err(user(format!(
+            "cannot send {}: not a regular file",
+            path.display()
+        )));
+    }
+    Ok(Opened {
+        size: Some(meta.len()),
+        reader: Box::new(opened),
+        file,
+    })
+}
+
+/// `nes send PEER --file PATH...`: see the module docs.
+async fn send_files(ctx: &Ctx, args: &Args) -> Result<(), CliError> {
+    let (typed, text) = recipient_and_text(args)?;
+    if text.is_some() {
+        return Err(usage(
+            "with --file, give no TEXT: each file is a message of its own (send the text with another `nes send`)",
+        ));
+    }
+    let peer = typed.to_lowercase();
+    nes_proto::Username::parse(&peer)
+        .map_err(|e| user(format!("cannot send to {typed:?}: {e}")))?;
+    let mut opened = Vec::new();
+    for file in plan_files(&args.files, args.name.as_deref())? {
+        opened.push(open(file).await?);
+    }
+    let media_type = args.media_type.as_deref().unwrap_or("");
+
+    let mut client = ctx.client().await?;
+    let mut sent = Vec::new();
+    for Opened { file, reader, size } in opened {
+        let bar = crate::progress::bytes(size, &file.name);
+        let result = client
+            .send_file(&peer, &file.name, media_type, reader, |n| {
+                bar.set_position(n)
+            })
+            .await;
+        bar.finish_and_clear();
+        let message = result.map_err(|e| match e.is_not_running() {
+            true => CliError::from(e),
+            false => user(format!(
+                "cannot send {} to {peer}: {e}",
+                nes_client::display::line(&file.name)
+            )),
+        })?;
+        if args.json {
+            print_json(&message_json(&message, None))?;
+        } else {
+            print_line(&message.id)?;
+        }
+        sent.push(message);
+    }
+    if !args.wait {
+        return Ok(());
+    }
+    // Each transfer runs in nesd meanwhile; every one is waited for, and every failure
+    // told, before the exit code says whether all arrived.
+    let mut failed = Vec::new();
+    for message in sent {
+        if let Err(err) = super::file::wait_transfer(ctx, &mut client, message).await {
+            match err {
+                CliError::User(why) => failed.push(why),
+                other => return Err(other),
+            }
+        }
+    }
+    match failed.is_empty() {
+        true => Ok(()),
+        false => Err(user(failed.join("; "))),
+    }
 }
 
 /// Whether an outgoing state is one `--wait` stops at: the broker has it (sent, or
@@ -444,9 +625,87 @@ mod tests {
             to: to.map(String::from),
             message: message.map(String::from),
             legacy: false,
+            files: Vec::new(),
+            name: None,
+            media_type: None,
             batch: false,
             json: false,
             wait: false,
+        }
+    }
+
+    #[test]
+    fn files_to_send() {
+        let paths = |ps: &[&str]| ps.iter().map(PathBuf::from).collect::<Vec<_>>();
+        assert_eq!(
+            plan_files(&paths(&["/tmp/a.pdf", "b.txt"]), None).unwrap(),
+            vec![
+                FileToSend {
+                    path: Some("/tmp/a.pdf".into()),
+                    name: "a.pdf".into()
+                },
+                FileToSend {
+                    path: Some("b.txt".into()),
+                    name: "b.txt".into()
+                },
+            ]
+        );
+        // One file, renamed.
+        assert_eq!(
+            plan_files(&paths(&["/tmp/a.pdf"]), Some("report.pdf")).unwrap()[0].name,
+            "report.pdf"
+        );
+        // Stdin needs a name; the name then goes to stdin only.
+        assert!(matches!(
+            plan_files(&paths(&["-"]), None),
+            Err(CliError::Usage(_))
+        ));
+        assert_eq!(
+            plan_files(&paths(&["a.txt", "-"]), Some("notes.txt")).unwrap(),
+            vec![
+                FileToSend {
+                    path: Some("a.txt".into()),
+                    name: "a.txt".into()
+                },
+                FileToSend {
+                    path: None,
+                    name: "notes.txt".into()
+                },
+            ]
+        );
+        assert!(matches!(
+            plan_files(&paths(&["-", "-"]), Some("x")),
+            Err(CliError::Usage(_))
+        ));
+        assert!(matches!(
+            plan_files(&paths(&["a", "b"]), Some("x")),
+            Err(CliError::Usage(_))
+        ));
+        // Names nesd would refuse are refused here (exit 1), as is a path without one.
+        assert!(matches!(
+            plan_files(&paths(&["-"]), Some("../x")),
+            Err(CliError::User(_))
+        ));
+        assert!(matches!(
+            plan_files(&paths(&["/"]), None),
+            Err(CliError::User(_))
+        ));
+    }
+
+    #[test]
+    fn file_flags_parse() {
+        use clap::Parser;
+        let parse = |line: &[&str]| crate::Cli::try_parse_from(line);
+        assert!(parse(&["nes", "send", "bob", "--file", "a", "--file", "b"]).is_ok());
+        // --name and --media-type only with --file; --file not with -m, --batch, --legacy.
+        for bad in [
+            &["nes", "send", "bob", "hi", "--name", "x"][..],
+            &["nes", "send", "bob", "--file", "a", "-m", "hi"],
+            &["nes", "send", "--batch", "--file", "a"],
+            &["nes", "send", "bob", "--file", "a", "--legacy"],
+        ] {
+            let err = parse(bad).unwrap_err();
+            assert_eq!(err.exit_code(), 2, "{bad:?}");
         }
     }
 
