@@ -44,7 +44,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use tokio::sync::{watch, Notify};
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 /// Chunks sent and not yet reported by the receiver, at most (4 MiB of 128 KiB chunks).
 pub const WINDOW_CHUNKS: u64 = 32;
@@ -57,6 +57,10 @@ pub const PROBE_AFTER: Duration = Duration::from_secs(3);
 pub const PROBE_MAX: Duration = Duration::from_secs(60);
 /// Incoming transfers at once, at most (more offers are refused `busy`).
 pub const MAX_INCOMING: usize = 16;
+/// An incoming transfer without a chunk for this long no longer counts against
+/// [`MAX_INCOMING`]: it is failed and its partial file deleted when room is needed (a
+/// contact cannot block every other file by starting 16 and sending nothing).
+pub const STALLED_AFTER_MS: i64 = 24 * 3600 * 1000;
 /// Chunks read and sealed per task of the blocking pool.
 const SEAL_BATCH: u64 = 4;
 /// How often the pump looks at the transfers without a wake.
@@ -350,11 +354,8 @@ impl Files {
                 ),
             );
         }
-        let active = match store.transfers() {
-            Ok(all) => all
-                .iter()
-                .filter(|t| !t.outgoing && t.state == TransferState::Active)
-                .count(),
+        let active = match self.active_incoming() {
+            Ok(n) => n,
             Err(e) => return e.into(),
         };
         if active >= MAX_INCOMING {
@@ -451,6 +452,7 @@ impl Files {
         lock(&self.inner.dirty).insert(partial);
         let before = t.have;
         t.set_chunk(chunk.index);
+        t.touched_ms = nes_proto::now_ms();
         if t.have == t.offer.chunks() {
             return self.complete(t);
         }
@@ -461,6 +463,28 @@ impl Files {
             self.owe(Due::Ack(from.to_owned(), ack(&chunk.file, t.have, 0)));
         }
         Handled::Stored
+    }
+
+    /// Incoming transfers still going; stalled ones ([`STALLED_AFTER_MS`]) are failed
+    /// here and do not count.
+    fn active_incoming(&self) -> Result<usize, crate::store::StoreError> {
+        let now = nes_proto::now_ms();
+        let mut active = 0;
+        for mut t in self.inner.store.transfers()? {
+            if t.outgoing || t.state != TransferState::Active {
+                continue;
+            }
+            if now.saturating_sub(t.touched_ms) < STALLED_AFTER_MS {
+                active += 1;
+                continue;
+            }
+            t.state = TransferState::Failed;
+            t.error = "stalled: no data for a day".into();
+            self.stop(&t);
+            info!(from = %t.peer, id = %t.offer.id, "a stalled incoming file given up");
+            self.inner.store.end_transfer(&t, Ending::default())?;
+        }
+        Ok(active)
     }
 
     /// Every chunk is in: hashed against the offer; kept, or thrown away.
@@ -822,7 +846,11 @@ impl Files {
         }
         let ids: Vec<String> = lock(&self.inner.pumps).keys().cloned().collect();
         for id in ids {
-            self.pump_one(sender, &id).await?;
+            // One transfer's trouble (its peer now legacy, its keys changed) must not
+            // hold up the others: it is tried again at the next step.
+            if let Err(e) = self.pump_one(sender, &id).await {
+                debug!(%id, error = %e, "file transfer waits");
+            }
         }
         Ok(())
     }
@@ -1118,6 +1146,39 @@ mod tests {
             0
         );
         assert!(matches!(&files.take_due()[..], [Due::Cancel(_, c)] if c.reason == "too_large"));
+    }
+
+    #[test]
+    fn a_stalled_incoming_file_makes_room_for_a_new_one() {
+        let (_dir, store, files) = setup(1 << 20);
+        let bytes = vec![1u8; 2048];
+        let ids: Vec<String> = (0..=MAX_INCOMING as u8)
+            .map(|i| nes_proto::b64::encode(&[i; 16]))
+            .collect();
+        for id in &ids[..MAX_INCOMING] {
+            assert!(matches!(
+                files.offer("alice", "bob", &offer_of(&bytes, id), 3, true, 1),
+                Handled::Stored
+            ));
+        }
+        let last = offer_of(&bytes, &ids[MAX_INCOMING]);
+        assert!(matches!(
+            files.offer("alice", "bob", &last, 3, true, 1),
+            Handled::Refused("file_busy", _)
+        ));
+        // The first one went quiet a day ago.
+        let mut t = store.transfer(&ids[0]).unwrap().unwrap();
+        t.touched_ms -= STALLED_AFTER_MS + 1;
+        store.put_transfer(&t).unwrap();
+        assert!(matches!(
+            files.offer("alice", "bob", &last, 3, true, 1),
+            Handled::Stored
+        ));
+        assert_eq!(
+            store.transfer(&ids[0]).unwrap().unwrap().state,
+            TransferState::Failed
+        );
+        assert!(!files.partial_of(&ids[0]).unwrap().exists());
     }
 
     #[test]

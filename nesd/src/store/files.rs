@@ -55,6 +55,9 @@ pub struct Transfer {
     /// Why it was cancelled or failed.
     #[serde(default)]
     pub error: String,
+    /// When it last moved (Unix ms): made, or a chunk stored.
+    #[serde(default)]
+    pub touched_ms: i64,
 }
 
 impl Transfer {
@@ -74,6 +77,7 @@ impl Transfer {
                 hex::encode(vec![0u8; bytes])
             },
             error: String::new(),
+            touched_ms: nes_proto::now_ms(),
         }
     }
 
