@@ -68,6 +68,7 @@ pub fn status_json(s: &StatusReply, socket: &str) -> serde_json::Value {
         "prekeys_lost": s.prekeys_lost,
         "receipts": {"received": s.receipts_received, "sent": s.receipts_sent},
         "presence": {"received": s.presence_received, "sent": s.presence_sent},
+        "file_chunks": {"received": s.file_chunks_received, "sent": s.file_chunks_sent},
         "socket": socket,
     })
 }
@@ -130,6 +131,10 @@ pub fn status_text(s: &StatusReply, socket: &str) -> Vec<String> {
         format!(
             "presence:   received {}   sent {} (contacts' presence frames, and ours to them)",
             s.presence_received, s.presence_sent
+        ),
+        format!(
+            "files:      chunks received {}   sent {} (up to 128 KiB each, since the start)",
+            s.file_chunks_received, s.file_chunks_sent
         ),
         format!("prekey:     {}", prekey_text(s)),
     ];
@@ -253,6 +258,8 @@ mod tests {
             prekeys_lost: vec!["carol".into(), "bob\u{1b}[2J".into()],
             receipts_received: 4,
             receipts_sent: 5,
+            file_chunks_received: 6,
+            file_chunks_sent: 7,
             ..Default::default()
         };
         let text = status_text(&s, "/s").join("\n");
@@ -264,6 +271,8 @@ mod tests {
         assert_eq!(v["prekeys_lost"][0], "carol");
         assert!(text.contains("receipts:   received 4   sent 5"), "{text}");
         assert_eq!(v["receipts"]["sent"], 5);
+        assert!(text.contains("chunks received 6   sent 7"), "{text}");
+        assert_eq!(v["file_chunks"]["sent"], 7);
         let quiet = status_text(&StatusReply::default(), "/s").join("\n");
         assert!(!quiet.contains("LOST"), "{quiet}");
     }
