@@ -11,6 +11,8 @@
 //! - A file over bob's `max_file_size` is refused with nothing kept; one cancelled by its
 //!   sender while the receiver is down ends cancelled on both sides with nothing kept; a
 //!   legacy contact cannot be sent a file (exit 1, nothing sent).
+//! - nes-notify (dunst) says "alice sent report.pdf (1.2 MB)" once it is complete;
+//!   `nes send --file --wait` draws its bar on a terminal (tmux) and nothing on a pipe.
 
 use anyhow::{ensure, Context, Result};
 use nes_e2e::frontends::{json_lines, nes, nes_chat, run_nes, Lines, SessionBus};
@@ -101,6 +103,11 @@ async fn a_20_mib_file_arrives_whole_once_in_json_dbus_and_chat() -> Result<()> 
     .expect_code(0)?;
     let sent = json_lines(&out.stdout.lines().map(str::to_owned).collect::<Vec<_>>())?;
     ensure!(sent.len() == 1, "one line per file: {}", out.stdout);
+    ensure!(
+        out.stderr.is_empty(),
+        "no progress bar off a terminal: {}",
+        out.stderr
+    );
     let id = sent[0]["id"].as_str().context("an id")?.to_owned();
     ensure!(sent[0]["file"]["name"] == "big.bin", "{}", out.stdout);
     ensure!(sent[0]["file"]["sha256"] == sha.as_str(), "{}", out.stdout);
@@ -456,5 +463,47 @@ async fn nes_notify_says_who_sent_which_file_once_it_is_complete() -> Result<()>
         shown.len() == 1 && shown[0].2 == "alice sent report.pdf (1.2 MB)",
         "one notification, when complete: {shown:?}"
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn send_file_wait_draws_a_progress_bar_on_a_terminal_until_bob_has_it() -> Result<()> {
+    use nes_e2e::frontends::Tmux;
+    let w = World::start().await?;
+    let (_alice_id, alice, _a) = w.connected_user("alice").await?;
+    let (_bob_id, mut bob, _b) = w.connected_user("bob").await?;
+    let dir = tempfile::tempdir()?;
+    let home = tempfile::tempdir()?;
+    let (path, _) = random_file(dir.path(), "bar.bin", 2 * MIB)?;
+    // bob is down: the transfer waits, and so does `--wait`, with its bar on the screen.
+    bob.stop().await?;
+    let env = vec![
+        ("NES_SOCKET", alice.socket().display().to_string()),
+        ("HOME", home.path().display().to_string()),
+        (
+            "XDG_CONFIG_HOME",
+            home.path().join(".config").display().to_string(),
+        ),
+        ("LANG", "C.UTF-8".to_string()),
+    ];
+    let command = format!(
+        "'{}' send bob --file '{}' --wait; echo EXIT=$?; sleep 60",
+        bin("nes")?.display(),
+        path.display()
+    );
+    let term = Tmux::start(&command, &env, 120, 20).await?;
+    let screen = term
+        .wait_for("bar.bin")
+        .await
+        .with_context(|| alice.log_tail(30))?;
+    ensure!(screen.contains('%'), "a bar with its percentage: {screen}");
+    ensure!(!screen.contains("EXIT="), "still waiting for bob: {screen}");
+    bob.start_again().await?;
+    let screen = term
+        .wait_for("EXIT=0")
+        .await
+        .with_context(|| alice.log_tail(30))?;
+    // Done: the bar is cleared, the file message's id stays.
+    ensure!(!screen.contains("bar.bin ["), "{screen}");
     Ok(())
 }
