@@ -738,4 +738,32 @@ mod tests {
             assert!(Inner::parse(json.as_bytes()).is_err(), "{why}: {json}");
         }
     }
+
+    /// The fuzz target `inner_parse` starts from these (proto/fuzz/seeds/inner_parse):
+    /// each parses, to the kind its name says, and writes back to itself.
+    #[test]
+    fn the_inner_parse_fuzz_seeds_parse_to_their_kinds() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("fuzz/seeds/inner_parse");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            let bytes = std::fs::read(&path).unwrap();
+            let inner = Inner::parse(bytes.trim_ascii_end()).unwrap();
+            let name = path.file_stem().unwrap().to_string_lossy().into_owned();
+            let kind = match inner.kind() {
+                Kind::Text => "text",
+                Kind::Receipt(_) => KIND_RECEIPT,
+                Kind::Presence(_) => KIND_PRESENCE,
+                Kind::File(_) => crate::files::KIND_FILE,
+                Kind::Chunk(_) => crate::files::KIND_FILE_CHUNK,
+                Kind::FileAck(_) => crate::files::KIND_FILE_ACK,
+                Kind::FileCancel(_) => crate::files::KIND_FILE_CANCEL,
+                Kind::Unknown(k) => panic!("{name}: unknown kind {k}"),
+            };
+            assert_eq!(kind, name, "{}", path.display());
+            assert_eq!(Inner::parse(&inner.to_go_json()).unwrap(), inner);
+            seen += 1;
+        }
+        assert!(seen >= 7, "{seen} seeds");
+    }
 }
