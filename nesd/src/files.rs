@@ -329,10 +329,9 @@ impl Files {
                 }
                 let chunks = t.offer.chunks();
                 self.owe(match t.state {
-                    TransferState::Active => Due::Ack(
-                        from.to_owned(),
-                        ack(&offer.id, t.have.min(chunks.saturating_sub(1)), offer.probe),
-                    ),
+                    TransferState::Active => {
+                        Due::Ack(from.to_owned(), ack(&offer.id, t.have, offer.probe))
+                    }
                     TransferState::Complete => {
                         Due::Ack(from.to_owned(), ack(&offer.id, chunks, offer.probe))
                     }

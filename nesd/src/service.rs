@@ -535,6 +535,37 @@ impl Service {
         .map_err(|e| ServiceError::Internal(format!("sealing failed: {e}")))
     }
 
+    /// Seals frames of a file transfer to `peer`, one task for them all, in the version
+    /// it gets; `None` for a legacy contact (v1 carries no kinds).
+    async fn seal_file_frames(
+        &self,
+        peer: &str,
+        bodies: Vec<Body>,
+    ) -> Result<Option<Vec<OutboxRecord>>, ServiceError> {
+        let recipient = self.recipient(parse_user(peer, "peer")?, false).await?;
+        if recipient.version == Version::V1 {
+            return Ok(None);
+        }
+        let now = now_ms();
+        let ready = bodies
+            .into_iter()
+            .map(|body| {
+                let ready = ReadyToSeal {
+                    recipient: recipient.clone(),
+                    text: String::new(),
+                    body: Some(body),
+                    timestamp_ms: now,
+                };
+                ((), ready)
+            })
+            .collect();
+        let mut records = Vec::new();
+        for ((), record) in self.seal_controls(ready).await? {
+            records.push(record?);
+        }
+        Ok(Some(records))
+    }
+
     /// Logs the presences that ran out (see [`Store::expire_presences`]).
     pub async fn expire_presences(&self) -> Result<(), ServiceError> {
         let store = &self.p().store;
@@ -1216,30 +1247,12 @@ impl crate::files::Sender for Service {
         peer: &str,
         due: Vec<crate::files::Due>,
     ) -> Result<(), ServiceError> {
-        let to = parse_user(peer, "peer")?;
-        let recipient = self.recipient(to, false).await?;
-        if recipient.version == Version::V1 {
+        let Some(records) = self
+            .seal_file_frames(peer, due.into_iter().map(Body::from).collect())
+            .await?
+        else {
             return Ok(());
-        }
-        let now = now_ms();
-        let ready = due
-            .into_iter()
-            .map(|d| {
-                (
-                    (),
-                    ReadyToSeal {
-                        recipient: recipient.clone(),
-                        text: String::new(),
-                        body: Some(Body::from(d)),
-                        timestamp_ms: now,
-                    },
-                )
-            })
-            .collect();
-        let mut records = Vec::new();
-        for ((), record) in self.seal_controls(ready).await? {
-            records.push(record?);
-        }
+        };
         self.p().store.queue_frames(records)?;
         self.p().outbox_wake.notify_one();
         Ok(())
@@ -1250,31 +1263,16 @@ impl crate::files::Sender for Service {
         peer: &str,
         chunks: Vec<nes_proto::files::FileChunk>,
     ) -> Result<(), ServiceError> {
-        let to = parse_user(peer, "peer")?;
-        let recipient = self.recipient(to, false).await?;
-        if recipient.version == Version::V1 {
+        let Some(records) = self
+            .seal_file_frames(peer, chunks.into_iter().map(Body::Chunk).collect())
+            .await?
+        else {
             return Err(ServiceError::FailedPrecondition(format!(
                 "{peer} is a legacy contact now: it cannot receive files"
             )));
-        }
-        let now = now_ms();
-        let ready = chunks
-            .into_iter()
-            .map(|c| {
-                (
-                    (),
-                    ReadyToSeal {
-                        recipient: recipient.clone(),
-                        text: String::new(),
-                        body: Some(Body::Chunk(c)),
-                        timestamp_ms: now,
-                    },
-                )
-            })
-            .collect();
+        };
         let topic = nes_proto::username::topic_of(peer);
-        for ((), record) in self.seal_controls(ready).await? {
-            let record = record?;
+        for record in records {
             // Not through the outbox: a chunk lost on the way is made again from the file.
             let token = crate::mqtt::Token {
                 seq: crate::outbox::NO_SEQ,

@@ -51,26 +51,43 @@ pub struct Inner {
     #[serde(default)]
     pub kind: Option<String>,
     /// Inner `receipt`, with `"kind":"receipt"`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub receipt: Option<Receipt>,
     /// Inner `presence`, with `"kind":"presence"`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub presence: Option<PresenceBody>,
     /// Inner `file`, with `"kind":"file"`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub file: Option<FileOffer>,
     /// Inner `chunk`, with `"kind":"file_chunk"`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub chunk: Option<FileChunk>,
     /// Inner `file_ack`, with `"kind":"file_ack"`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub file_ack: Option<FileAck>,
     /// Inner `file_cancel`, with `"kind":"file_cancel"`.
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient")]
     pub file_cancel: Option<FileCancel>,
     /// Inner `receipts`: the sender asks for receipts (see "Kinds").
-    #[serde(default)]
+    #[serde(default, deserialize_with = "lenient_flag")]
     pub receipts: bool,
+}
+
+/// A kind's body: `None` unless it is one. A field of that name on a message of another
+/// kind, in a shape this code does not know, is ignored like any unknown field (readers
+/// "ignore unknown fields"); on a message of that kind, `Inner::parse` refuses it.
+fn lenient<'de, D, T>(d: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: serde::de::DeserializeOwned,
+{
+    let raw = Box::<serde_json::value::RawValue>::deserialize(d)?;
+    Ok(serde_json::from_str(raw.get()).ok())
+}
+
+/// `receipts`: true only when it is `true`.
+fn lenient_flag<'de, D: serde::Deserializer<'de>>(d: D) -> Result<bool, D::Error> {
+    Ok(lenient::<D, bool>(d)?.unwrap_or(false))
 }
 
 /// Most ids one receipt acknowledges.
@@ -216,7 +233,7 @@ impl Inner {
             let receipt = inner
                 .receipt
                 .as_ref()
-                .ok_or("a receipt without its `receipt` field")?;
+                .ok_or("a receipt without a valid `receipt` field")?;
             if receipt.ids.is_empty() || receipt.ids.len() > MAX_RECEIPT_IDS {
                 return Err(format!(
                     "a receipt names {} ids; 1 to {MAX_RECEIPT_IDS} are allowed",
@@ -231,7 +248,7 @@ impl Inner {
             let p = inner
                 .presence
                 .as_ref()
-                .ok_or("a presence without its `presence` field")?;
+                .ok_or("a presence without a valid `presence` field")?;
             if p.note.len() > MAX_PRESENCE_NOTE {
                 return Err(format!(
                     "a presence note of {} bytes; at most {MAX_PRESENCE_NOTE}",
@@ -250,27 +267,27 @@ impl Inner {
             Some(f::KIND_FILE) => inner
                 .file
                 .as_ref()
-                .ok_or("a file without its `file` field")?
+                .ok_or("a file without a valid `file` field")?
                 .check()?,
             Some(f::KIND_FILE_CHUNK) => f::check_ref(
                 &inner
                     .chunk
                     .as_ref()
-                    .ok_or("a chunk without its `chunk` field")?
+                    .ok_or("a chunk without a valid `chunk` field")?
                     .file,
             )?,
             Some(f::KIND_FILE_ACK) => f::check_ref(
                 &inner
                     .file_ack
                     .as_ref()
-                    .ok_or("a file_ack without its `file_ack` field")?
+                    .ok_or("a file_ack without a valid `file_ack` field")?
                     .file,
             )?,
             Some(f::KIND_FILE_CANCEL) => {
                 let c = inner
                     .file_cancel
                     .as_ref()
-                    .ok_or("a file_cancel without its `file_cancel` field")?;
+                    .ok_or("a file_cancel without a valid `file_cancel` field")?;
                 f::check_ref(&c.file)?;
                 f::check_reason(&c.reason)?;
             }
@@ -765,5 +782,21 @@ mod tests {
             seen += 1;
         }
         assert!(seen >= 7, "{seen} seeds");
+    }
+
+    /// Readers ignore fields they do not know: on a text, a field that happens to have the
+    /// name of a kind's body (another client's, or a later release's) changes nothing.
+    #[test]
+    fn a_kind_body_on_another_kind_is_an_unknown_field() {
+        let text = Inner::parse(
+            br#"{"from":"a","to":"b","timestamp":1,"message":"m","file":5,"chunk":"x","receipt":[1],"presence":{"status":"dancing"},"file_ack":null,"file_cancel":{},"receipts":"yes"}"#,
+        )
+        .unwrap();
+        assert_eq!(text.kind(), Kind::Text);
+        assert_eq!((text.file, text.chunk, text.receipts), (None, None, false));
+        assert!(Inner::parse(
+            br#"{"from":"a","to":"b","timestamp":1,"message":"","kind":"file","file":5}"#
+        )
+        .is_err());
     }
 }

@@ -97,17 +97,7 @@ impl Client {
             legacy,
         };
         let reply = self.rpc.send(request).await;
-        let reply: SendReply = self.unpack(reply)?;
-        if !reply.error.is_empty() {
-            return Err(Error::Rpc {
-                code: tonic::Code::from_i32(reply.code),
-                message: reply.error,
-            });
-        }
-        reply.message.ok_or_else(|| Error::Rpc {
-            code: tonic::Code::Internal,
-            message: "nesd accepted the message but did not return it".into(),
-        })
+        sent_message(self.unpack(reply)?, "the message")
     }
 
     /// `History`: the last `limit` messages (0: all) with `peer`, oldest first. Asks for
@@ -323,17 +313,7 @@ impl Client {
         while let Ok(Upload::Sent(total)) = reports.try_recv() {
             on_progress(total);
         }
-        let reply: SendReply = self.unpack(reply)?;
-        if !reply.error.is_empty() {
-            return Err(Error::Rpc {
-                code: tonic::Code::from_i32(reply.code),
-                message: reply.error,
-            });
-        }
-        reply.message.ok_or_else(|| Error::Rpc {
-            code: tonic::Code::Internal,
-            message: "nesd accepted the file but did not return its message".into(),
-        })
+        sent_message(self.unpack(reply)?, "the file")
     }
 
     /// `Files`: the messages that carry a file, with `peer` (empty: everyone's), oldest
@@ -439,6 +419,20 @@ async fn read_piece(
         }
     }
     Ok(filled)
+}
+
+/// The message of a Send or SendFile reply, or the refusal it carries.
+fn sent_message(reply: SendReply, what: &str) -> Result<Message, Error> {
+    if !reply.error.is_empty() {
+        return Err(Error::Rpc {
+            code: tonic::Code::from_i32(reply.code),
+            message: reply.error,
+        });
+    }
+    reply.message.ok_or_else(|| Error::Rpc {
+        code: tonic::Code::Internal,
+        message: format!("nesd accepted {what} but did not return its message"),
+    })
 }
 
 /// A listener that runs as another user (neither this user nor root).
