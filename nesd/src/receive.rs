@@ -12,10 +12,10 @@
 //! ```
 //!
 //! - Decryption runs on tokio's blocking pool: frames that arrive together are decrypted
-//!   together, [`DECRYPT_CHUNK`] per task, with [`DECRYPT_AHEAD`] chunks in parallel per
-//!   lane; results are consumed strictly in arrival order within a lane, so messages of
-//!   one sender are stored in the order they came (a sender whose frames change version,
-//!   v2 to v3, may have the first v3 one overtake the last v2 ones).
+//!   together, [`DECRYPT_CHUNK`] per task, with [`DECRYPT_AHEAD`] (RSA) or [`CHEAP_AHEAD`]
+//!   chunks in parallel per lane; results are consumed strictly in arrival order within a
+//!   lane, so messages of one sender are stored in the order they came (a sender whose
+//!   frames change version, v2 to v3, may have the first v3 one overtake the last v2 ones).
 //! - Lanes: opening a v1 or v2 frame costs an RSA private operation (~0.8 ms here), a v3
 //!   frame does not ([`frame::needs_private_rsa`]). Anyone who knows this identity's
 //!   public key can seal v2 frames to it from made-up senders, and they cannot be told
@@ -33,8 +33,9 @@
 //!   `bad_sender`, `duplicate`, `wrong_topic`), logged without frame content, and
 //!   acknowledged: it would be refused again.
 //! - The ordered path never waits for the key server. A frame from a sender whose keys
-//!   are not in memory is *parked* in the store (flushed, then acknowledged) and a
-//!   background lookup is queued ([`KeyCache::keys_for_frame`]); when it is done the
+//!   are not in memory is *parked* in the store (the batch's parked frames in one write,
+//!   flushed with the rest, then acknowledged) and a background lookup is queued
+//!   ([`KeyCache::keys_for_frame`]); when it is done the
 //!   sender's parked frames are tried again at once, and every [`RETRY_WAITING`] those
 //!   whose lookup could not complete (key server down, 429). Later frames of that sender
 //!   wait behind it, so per-sender order holds, while frames of known contacts keep
@@ -69,8 +70,13 @@ use tracing::{debug, error, info};
 /// Frames that arrive together are decrypted together in one blocking task, up to this
 /// many (one thread hand-off per chunk instead of one per frame).
 pub const DECRYPT_CHUNK: usize = 8;
-/// Chunks decrypting ahead of the one being stored (they run in parallel).
+/// RSA chunks decrypting ahead of the one being stored (they run in parallel; more
+/// would only hold more frames back from the inbox, as two keep both cores busy).
 pub const DECRYPT_AHEAD: usize = 2;
+/// Cheap chunks decrypting ahead: enough for a whole batch, so that everything the broker
+/// has in flight to nesd (mosquitto's `max_inflight_messages`, 20 by default) is decrypted
+/// at once and stored with one flush, however it was split into chunks.
+pub const CHEAP_AHEAD: usize = MAX_BATCH / DECRYPT_CHUNK;
 /// How long frames left in the inbox by the last run wait, at start, for the broker to
 /// send again the older frames that run had not acknowledged.
 const INBOX_HOLD_AT_START: Duration = Duration::from_secs(3);
@@ -86,6 +92,8 @@ static PARK_LOG: (std::sync::atomic::AtomicU64, std::sync::atomic::AtomicU64) = 
     std::sync::atomic::AtomicU64::new(0),
     std::sync::atomic::AtomicU64::new(0),
 );
+/// [`Pipeline::process`]'s `parking` for a parked frame tried again.
+const RETRYING: Option<&HashSet<Username>> = None;
 /// Most senders with parked frames looked at in one [`RETRY_WAITING`] round.
 const RETRY_SENDERS: usize = 4096;
 
@@ -117,8 +125,10 @@ enum Outcome {
     Refused,
     /// Our own message to ourselves: ack, nothing to store or count.
     Ignored,
-    /// Parked until the sender's keys can be fetched: flush, then ack.
-    Parked,
+    /// To be parked until the sender's keys can be fetched (with why, for the log):
+    /// parked with the rest of its batch in one write ([`Store::park_all`]), then flush,
+    /// then ack.
+    Park(Username, &'static str),
     /// (Retrying a parked frame) the key server still cannot be reached: keep it.
     StillWaiting,
     /// The store failed: do not ack, the broker will deliver it again.
@@ -169,7 +179,7 @@ impl Pipeline {
         // duplicate check and the per-sender rules see one frame at a time.
         let (cheap_in, cheap_rx) = mpsc::unbounded_channel::<Incoming>();
         let (rsa_in, rsa_rx) = mpsc::unbounded_channel::<Incoming>();
-        let (cheap_tx, mut cheap) = mpsc::channel::<Pending>(DECRYPT_AHEAD);
+        let (cheap_tx, mut cheap) = mpsc::channel::<Pending>(CHEAP_AHEAD);
         let (rsa_tx, mut rsa) = mpsc::channel::<Pending>(DECRYPT_AHEAD);
         let mut stop = shutdown.clone();
         let routing = tokio::spawn(async move {
@@ -207,25 +217,31 @@ impl Pipeline {
                     // Here, between batches, so that parked frames and new ones of the same
                     // sender are never stored out of order.
                     if self.store.waiting_len() > 0 {
+                        let mut drops = Vec::new();
                         for from in self.store.waiting_senders(RETRY_SENDERS) {
-                            self.retry_sender(&from, false).await;
+                            self.retry_sender(&from, false, &mut drops).await;
                         }
+                        self.forget_parked(&drops);
                     }
                     continue;
                 }
                 Some(first) = resolved.recv() => {
+                    // Each name once: its refused frames are forgotten after the round.
                     let mut names = vec![first];
                     while names.len() < MAX_BATCH {
                         match resolved.try_recv() {
-                            Ok(n) => names.push(n),
+                            Ok(n) if !names.contains(&n) => names.push(n),
+                            Ok(_) => {}
                             Err(_) => break,
                         }
                     }
+                    let mut drops = Vec::new();
                     for from in names {
                         if self.store.has_waiting(from.as_str()).unwrap_or(true) {
-                            self.retry_sender(from.as_str(), true).await;
+                            self.retry_sender(from.as_str(), true, &mut drops).await;
                         }
                     }
+                    self.forget_parked(&drops);
                     continue;
                 }
                 p = rsa.recv() => match p { Some(p) => p, None => break },
@@ -441,7 +457,10 @@ impl Pipeline {
         let mut to_unspill = Vec::new();
         let mut from_broker = 0;
         let mut stored = 0u64;
-        let mut parked = 0u64;
+        // Frames to park, in arrival order, and their senders: a later frame of a sender
+        // in here parks behind it, as behind one parked already.
+        let mut to_park: Vec<(Username, &'static str, Item)> = Vec::new();
+        let mut parking: HashSet<Username> = HashSet::new();
         for (items, job) in batch {
             from_broker += items.iter().filter(|i| i.spilled.is_none()).count();
             let results = match job.await {
@@ -457,14 +476,14 @@ impl Pipeline {
                 }
             };
             for (item, decrypted) in items.into_iter().zip(results) {
-                match self.process(&item.publish, decrypted, false).await {
+                match self.process(&item.publish, decrypted, Some(&parking)).await {
                     Outcome::Stored => {
                         stored += 1;
                         done_with(item, &mut to_ack, &mut to_unspill);
                     }
-                    Outcome::Parked => {
-                        parked += 1;
-                        done_with(item, &mut to_ack, &mut to_unspill);
+                    Outcome::Park(from, why) => {
+                        parking.insert(from.clone());
+                        to_park.push((from, why, item));
                     }
                     Outcome::Refused | Outcome::Ignored => {
                         done_with(item, &mut to_ack, &mut to_unspill)
@@ -474,6 +493,7 @@ impl Pipeline {
                 }
             }
         }
+        let parked = self.park(to_park, &mut to_ack, &mut to_unspill);
         if stored + parked > 0 {
             // Chunks written in this batch reach the disk before the flush that lets
             // their frames be acknowledged.
@@ -498,30 +518,54 @@ impl Pipeline {
         from_broker
     }
 
-    /// Parks a frame until its sender's keys are known (or refuses it when too many of
-    /// that sender are parked already).
-    fn park(&self, from: &Username, publish: &Incoming, why: &str) -> Outcome {
-        match self.store.park(from.as_str(), &publish.payload) {
-            Ok(Parked::Kept { evicted }) => {
-                debug!(from = %from, "parking a frame: {why}");
-                self.log_parked(from);
-                if let Some(who) = evicted {
-                    self.stats.refuse(
-                        "parked_evicted",
-                        &format!("the oldest parked frame (claimed sender {who}) made room"),
+    /// Parks a batch's frames until their senders' keys are known, in one write (or
+    /// refuses those of a sender with too many parked already); answers how many it kept.
+    /// Kept and refused frames are done (acknowledged after the flush); if the write
+    /// fails none is, and the broker delivers them again.
+    fn park(
+        &self,
+        frames: Vec<(Username, &'static str, Item)>,
+        to_ack: &mut Vec<Incoming>,
+        to_unspill: &mut Vec<u64>,
+    ) -> u64 {
+        if frames.is_empty() {
+            return 0;
+        }
+        let payloads: Vec<(&str, &[u8])> = frames
+            .iter()
+            .map(|(from, _, item)| (from.as_str(), item.publish.payload.as_ref()))
+            .collect();
+        let answers = match self.store.park_all(&payloads) {
+            Ok(a) => a,
+            Err(e) => {
+                error!(error = %e, frames = frames.len(), "cannot park frames; the broker will deliver them again");
+                return 0;
+            }
+        };
+        let mut kept = 0;
+        for ((from, why, item), answer) in frames.into_iter().zip(answers) {
+            match answer {
+                Parked::Kept { evicted } => {
+                    kept += 1;
+                    debug!(from = %from, "parking a frame: {why}");
+                    self.log_parked(&from);
+                    if let Some(who) = evicted {
+                        self.stats.refuse(
+                            "parked_evicted",
+                            &format!("the oldest parked frame (claimed sender {who}) made room"),
+                        );
+                    }
+                }
+                Parked::TooManyFromSender => {
+                    self.refuse(
+                        "parked_too_many",
+                        &format!("too many frames of {from} wait for its keys ({why})"),
                     );
                 }
-                Outcome::Parked
             }
-            Ok(Parked::TooManyFromSender) => self.refuse(
-                "parked_too_many",
-                &format!("too many frames of {from} wait for its keys ({why})"),
-            ),
-            Err(e) => {
-                error!(error = %e, "cannot park a frame; the broker will deliver it again");
-                Outcome::Failed
-            }
+            done_with(item, to_ack, to_unspill);
         }
+        kept
     }
 
     fn refuse(&self, reason: &str, detail: &str) -> Outcome {
@@ -546,11 +590,13 @@ impl Pipeline {
     /// Tries the parked frames of `from` again, in order, when its keys are known now (or
     /// refuses them all at once when the key server does not know it); a sender whose keys
     /// still cannot be fetched keeps its frames parked (and, unless `just_looked_up`, gets
-    /// a lookup queued).
-    async fn retry_sender(&self, from: &str, just_looked_up: bool) {
+    /// a lookup queued). Frames refused unopened go to `drops`, forgotten together by
+    /// [`Pipeline::forget_parked`] (one write for a round of names, not one per frame).
+    async fn retry_sender(&self, from: &str, just_looked_up: bool, drops: &mut Vec<Waiting>) {
         let Ok(user) = Username::parse(from) else {
             // Cannot happen (parked frames have a parsed sender); do not keep it forever.
             self.drop_parked(
+                drops,
                 from,
                 "bad_sender",
                 "the parked frame's sender is not a username",
@@ -566,6 +612,7 @@ impl Pipeline {
             }
             FrameKeys::NotFound => {
                 self.drop_parked(
+                    drops,
                     from,
                     "unknown_sender",
                     &format!("{from} is not registered at the key server"),
@@ -574,6 +621,7 @@ impl Pipeline {
             }
             FrameKeys::BadAnswer(reason) => {
                 self.drop_parked(
+                    drops,
                     from,
                     "keyserver_bad_answer",
                     &format!("no keys for {from}: {reason}"),
@@ -617,13 +665,13 @@ impl Pipeline {
                 continue;
             }
             let publish = Incoming::local(topic.clone(), std::mem::take(&mut w.frame));
-            match self.process(&publish, decrypted, true).await {
+            match self.process(&publish, decrypted, RETRYING).await {
                 Outcome::Stored => {
                     stored += 1;
                     done.push(w);
                 }
                 Outcome::Refused | Outcome::Ignored => done.push(w),
-                Outcome::StillWaiting | Outcome::Failed | Outcome::Parked => {
+                Outcome::StillWaiting | Outcome::Failed | Outcome::Park(..) => {
                     blocked.insert(w.from.clone());
                 }
             }
@@ -655,7 +703,7 @@ impl Pipeline {
 
     /// Refuses every parked frame of `from` without opening them (the answer is the same
     /// for all: the sender is unknown or its keys unusable).
-    fn drop_parked(&self, from: &str, reason: &str, detail: &str) {
+    fn drop_parked(&self, drops: &mut Vec<Waiting>, from: &str, reason: &str, detail: &str) {
         let waiting = match self.store.waiting_of(from, usize::MAX) {
             Ok(w) => w,
             Err(e) => {
@@ -665,18 +713,29 @@ impl Pipeline {
         };
         for w in waiting {
             self.stats.refuse(reason, detail);
-            if let Err(e) = self.store.unpark(&w.from, w.seq) {
-                error!(error = %e, "cannot forget a parked frame");
-            }
+            drops.push(w);
         }
     }
 
+    /// Forgets parked frames refused by [`Pipeline::drop_parked`]. If that fails they are
+    /// refused again (and counted again) at the next round or start.
+    fn forget_parked(&self, drops: &[Waiting]) {
+        let keys: Vec<(&str, u64)> = drops.iter().map(|w| (w.from.as_str(), w.seq)).collect();
+        if let Err(e) = self.store.unpark_all(&keys) {
+            error!(error = %e, frames = keys.len(), "cannot forget parked frames");
+        }
+    }
+
+    /// One frame through the receiving rules. `parking`: senders whose earlier frames are
+    /// about to be parked (they are not in the store yet); [`RETRYING`] when this is a
+    /// parked frame tried again, which never parks again.
     async fn process(
         &self,
         publish: &Incoming,
         decrypted: Result<Decrypted, FrameError>,
-        retry: bool,
+        parking: Option<&HashSet<Username>>,
     ) -> Outcome {
+        let retry = parking.is_none();
         let me = &self.identity.user;
         let size = publish.payload.len();
         if publish.topic != me.topic() {
@@ -693,12 +752,13 @@ impl Pipeline {
             Ok(u) => u,
             Err(_) => return self.refuse("bad_sender", "the inner `from` is not a username"),
         };
-        if !retry {
+        if let Some(parking) = parking {
+            if parking.contains(&from) {
+                return Outcome::Park(from, "behind earlier frames of the same sender");
+            }
             match self.store.has_waiting(from.as_str()) {
                 Ok(false) => {}
-                Ok(true) => {
-                    return self.park(&from, publish, "behind earlier frames of the same sender")
-                }
+                Ok(true) => return Outcome::Park(from, "behind earlier frames of the same sender"),
                 Err(e) => {
                     error!(error = %e, "cannot read the parked frames");
                     return Outcome::Failed;
@@ -719,9 +779,7 @@ impl Pipeline {
                 )
             }
             FrameKeys::Waiting if retry => return Outcome::StillWaiting,
-            FrameKeys::Waiting => {
-                return self.park(&from, publish, "waiting for a key server lookup")
-            }
+            FrameKeys::Waiting => return Outcome::Park(from, "waiting for a key server lookup"),
             FrameKeys::Known(contact) => match self.verify(&from, &contact, &decrypted).await {
                 Some(found) => found,
                 None => return self.refuse("signature", &format!("claimed sender {from}")),

@@ -1424,42 +1424,72 @@ impl Store {
     /// dropped; with [`MAX_WAITING_PER_SENDER`] of this sender nothing is kept. Durable
     /// after the next [`Store::commit_all`].
     pub fn park(&self, from: &str, frame: &[u8]) -> StoreResult<Parked> {
+        let mut answers = self.park_all(&[(from, frame)])?;
+        Ok(answers.pop().unwrap_or(Parked::TooManyFromSender))
+    }
+
+    /// [`Store::park`] for several frames, in order, written as one change: a flood of
+    /// frames from unknown senders costs one write per batch, not one per frame. One
+    /// answer per frame.
+    pub fn park_all(&self, frames: &[(&str, &[u8])]) -> StoreResult<Vec<Parked>> {
         let mut index = self.park_index();
-        if index
-            .per_sender
-            .get(from)
-            .is_some_and(|n| *n >= MAX_WAITING_PER_SENDER)
-        {
-            return Ok(Parked::TooManyFromSender);
-        }
-        let oldest = if index.by_seq.len() as u64 >= MAX_WAITING {
-            index
-                .by_seq
-                .iter()
-                .next()
-                .map(|(seq, who)| (*seq, who.clone()))
-        } else {
-            None
-        };
         let mut c = self.change();
-        let seq = c.seq();
-        c.batch
-            .insert(peer_key(P_WAITING, from, &seq.to_be_bytes()), frame);
-        if let Some((old_seq, who)) = &oldest {
+        // Applied to the index as decided (each frame's limits see the ones before it),
+        // undone if the write fails.
+        let mut added: Vec<(String, u64)> = Vec::new();
+        let mut evicted: Vec<(String, u64)> = Vec::new();
+        let mut answers = Vec::with_capacity(frames.len());
+        for (from, frame) in frames {
+            if index
+                .per_sender
+                .get(*from)
+                .is_some_and(|n| *n >= MAX_WAITING_PER_SENDER)
+            {
+                answers.push(Parked::TooManyFromSender);
+                continue;
+            }
+            let oldest = if index.by_seq.len() as u64 >= MAX_WAITING {
+                index
+                    .by_seq
+                    .iter()
+                    .next()
+                    .map(|(seq, who)| (*seq, who.clone()))
+            } else {
+                None
+            };
+            let seq = c.seq();
             c.batch
-                .remove(peer_key(P_WAITING, who, &old_seq.to_be_bytes()));
+                .insert(peer_key(P_WAITING, from, &seq.to_be_bytes()), *frame);
+            index.add(from, seq);
+            added.push(((*from).to_owned(), seq));
+            if let Some((old_seq, who)) = &oldest {
+                c.batch
+                    .remove(peer_key(P_WAITING, who, &old_seq.to_be_bytes()));
+                index.remove(who, *old_seq);
+                evicted.push((who.clone(), *old_seq));
+            }
+            answers.push(Parked::Kept {
+                evicted: oldest.map(|(_, who)| who),
+            });
         }
-        c.apply(&self.inner.data)?;
-        index.add(from, seq);
-        if let Some((old_seq, who)) = &oldest {
-            index.remove(who, *old_seq);
+        if added.is_empty() {
+            return Ok(answers);
+        }
+        if let Err(e) = c.apply(&self.inner.data) {
+            for (who, seq) in &added {
+                index.remove(who, *seq);
+            }
+            for (who, seq) in &evicted {
+                if !added.iter().any(|(_, s)| s == seq) {
+                    index.add(who, *seq);
+                }
+            }
+            return Err(e);
         }
         self.inner
             .waiting_len
             .store(index.by_seq.len() as u64, Ordering::Release);
-        Ok(Parked::Kept {
-            evicted: oldest.map(|(_, who)| who),
-        })
+        Ok(answers)
     }
 
     /// The frames of `from` waiting for its keys, in arrival order, at most `limit`.
@@ -1524,11 +1554,23 @@ impl Store {
 
     /// Forgets a waiting frame once it was stored or refused.
     pub fn unpark(&self, from: &str, seq: u64) -> StoreResult<()> {
+        self.unpark_all(&[(from, seq)])
+    }
+
+    /// [`Store::unpark`] for several frames, as one write.
+    pub fn unpark_all(&self, frames: &[(&str, u64)]) -> StoreResult<()> {
+        if frames.is_empty() {
+            return Ok(());
+        }
         let mut index = self.park_index();
-        self.inner
-            .data
-            .remove(peer_key(P_WAITING, from, &seq.to_be_bytes()))?;
-        index.remove(from, seq);
+        let mut batch = sled::Batch::default();
+        for (from, seq) in frames {
+            batch.remove(peer_key(P_WAITING, from, &seq.to_be_bytes()));
+        }
+        self.inner.data.apply_batch(batch)?;
+        for (from, seq) in frames {
+            index.remove(from, *seq);
+        }
         self.inner
             .waiting_len
             .store(index.by_seq.len() as u64, Ordering::Release);
@@ -2043,6 +2085,75 @@ mod tests {
         assert_eq!(store.waiting_len(), MAX_WAITING);
         assert!(store.has_waiting("carol").unwrap());
         assert!(!store.has_waiting("bob").unwrap());
+    }
+
+    #[tokio::test]
+    async fn frames_parked_together_keep_each_limit_in_order_and_survive_a_reopen() {
+        let tmp = tempfile::tempdir().unwrap();
+        {
+            let store = open_in_test(tmp.path());
+            // Fill one sender to one short of its cap, then a batch that crosses it: the
+            // batch's own frames count against the cap as they come.
+            let first: Vec<Vec<u8>> = (0..MAX_WAITING_PER_SENDER - 1)
+                .map(|i| format!("d{i}").into_bytes())
+                .collect();
+            let first: Vec<(&str, &[u8])> = first.iter().map(|f| ("dave", f.as_slice())).collect();
+            assert!(store
+                .park_all(&first)
+                .unwrap()
+                .iter()
+                .all(|p| *p == Parked::Kept { evicted: None }));
+            let answers = store
+                .park_all(&[
+                    ("alice", b"a1"),
+                    ("dave", b"last one"),
+                    ("dave", b"one too many"),
+                    ("alice", b"a2"),
+                ])
+                .unwrap();
+            assert_eq!(
+                answers,
+                vec![
+                    Parked::Kept { evicted: None },
+                    Parked::Kept { evicted: None },
+                    Parked::TooManyFromSender,
+                    Parked::Kept { evicted: None },
+                ]
+            );
+            assert_eq!(store.waiting_len(), u64::from(MAX_WAITING_PER_SENDER) + 2);
+            store.commit_all().await.unwrap();
+        }
+        let store = open_in_test(tmp.path());
+        let alice = store.waiting_of("alice", 10).unwrap();
+        let frames: Vec<&[u8]> = alice.iter().map(|w| w.frame.as_slice()).collect();
+        assert_eq!(frames, vec![&b"a1"[..], &b"a2"[..]], "in arrival order");
+        let dave = store.waiting_of("dave", 1000).unwrap();
+        assert_eq!(dave.len(), MAX_WAITING_PER_SENDER as usize);
+        assert_eq!(dave.last().unwrap().frame, b"last one");
+        // Forgotten together, counted down together; an unknown key changes nothing.
+        let keys: Vec<(&str, u64)> = dave
+            .iter()
+            .map(|w| ("dave", w.seq))
+            .chain([("alice", alice[0].seq), ("nobody", 1)])
+            .collect();
+        store.unpark_all(&keys).unwrap();
+        assert_eq!(store.waiting_len(), 1);
+        assert!(!store.has_waiting("dave").unwrap());
+        assert_eq!(store.waiting_of("alice", 10).unwrap()[0].frame, b"a2");
+        // The global cap within one batch: each frame past it evicts the oldest.
+        let flood: Vec<String> = (0..MAX_WAITING).map(|i| format!("flood{i}")).collect();
+        let flood: Vec<(&str, &[u8])> = flood.iter().map(|n| (n.as_str(), &b"f"[..])).collect();
+        let answers = store.park_all(&flood).unwrap();
+        assert_eq!(store.waiting_len(), MAX_WAITING);
+        assert_eq!(
+            answers.last().unwrap(),
+            &Parked::Kept {
+                evicted: Some("alice".into())
+            },
+            "alice's frame was the oldest"
+        );
+        assert!(!store.has_waiting("alice").unwrap());
+        assert!(store.has_waiting("flood0").unwrap());
     }
 
     #[tokio::test]
