@@ -212,19 +212,10 @@ impl Pipeline {
             let first = tokio::select! {
                 biased;
                 _ = crate::stopped(&mut shutdown) => break,
-                p = cheap.recv() => match p { Some(p) => p, None => break },
-                _ = retry.tick() => {
-                    // Here, between batches, so that parked frames and new ones of the same
-                    // sender are never stored out of order.
-                    if self.store.waiting_len() > 0 {
-                        let mut drops = Vec::new();
-                        for from in self.store.waiting_senders(RETRY_SENDERS) {
-                            self.retry_sender(&from, false, &mut drops).await;
-                        }
-                        self.forget_parked(&drops);
-                    }
-                    continue;
-                }
+                // Finished lookups and the retry round before frames: under a flood the
+                // lanes never run dry, and a real sender's parked frame must be tried as
+                // soon as its keys are in (before it ages out of the parking area). Names
+                // come at most at the lookup rate, so frames are not starved either.
                 Some(first) = resolved.recv() => {
                     // Each name once: its refused frames are forgotten after the round.
                     let mut names = vec![first];
@@ -244,6 +235,19 @@ impl Pipeline {
                     self.forget_parked(&drops);
                     continue;
                 }
+                _ = retry.tick() => {
+                    // Here, between batches, so that parked frames and new ones of the same
+                    // sender are never stored out of order.
+                    if self.store.waiting_len() > 0 {
+                        let mut drops = Vec::new();
+                        for from in self.store.waiting_senders(RETRY_SENDERS) {
+                            self.retry_sender(&from, false, &mut drops).await;
+                        }
+                        self.forget_parked(&drops);
+                    }
+                    continue;
+                }
+                p = cheap.recv() => match p { Some(p) => p, None => break },
                 p = rsa.recv() => match p { Some(p) => p, None => break },
             };
             let mut frames = first.0.len();
@@ -592,7 +596,7 @@ impl Pipeline {
     /// still cannot be fetched keeps its frames parked (and, unless `just_looked_up`, gets
     /// a lookup queued). Frames refused unopened go to `drops`, forgotten together by
     /// [`Pipeline::forget_parked`] (one write for a round of names, not one per frame).
-    async fn retry_sender(&self, from: &str, just_looked_up: bool, drops: &mut Vec<Waiting>) {
+    async fn retry_sender(&self, from: &str, just_looked_up: bool, drops: &mut Vec<(String, u64)>) {
         let Ok(user) = Username::parse(from) else {
             // Cannot happen (parked frames have a parsed sender); do not keep it forever.
             self.drop_parked(
@@ -703,24 +707,20 @@ impl Pipeline {
 
     /// Refuses every parked frame of `from` without opening them (the answer is the same
     /// for all: the sender is unknown or its keys unusable).
-    fn drop_parked(&self, drops: &mut Vec<Waiting>, from: &str, reason: &str, detail: &str) {
-        let waiting = match self.store.waiting_of(from, usize::MAX) {
-            Ok(w) => w,
-            Err(e) => {
-                error!(error = %e, "cannot read the parked frames");
-                return;
-            }
-        };
-        for w in waiting {
+    fn drop_parked(&self, drops: &mut Vec<(String, u64)>, from: &str, reason: &str, detail: &str) {
+        for seq in self.store.waiting_seqs(from) {
             self.stats.refuse(reason, detail);
-            drops.push(w);
+            drops.push((from.to_owned(), seq));
         }
     }
 
     /// Forgets parked frames refused by [`Pipeline::drop_parked`]. If that fails they are
     /// refused again (and counted again) at the next round or start.
-    fn forget_parked(&self, drops: &[Waiting]) {
-        let keys: Vec<(&str, u64)> = drops.iter().map(|w| (w.from.as_str(), w.seq)).collect();
+    fn forget_parked(&self, drops: &[(String, u64)]) {
+        let keys: Vec<(&str, u64)> = drops
+            .iter()
+            .map(|(from, seq)| (from.as_str(), *seq))
+            .collect();
         if let Err(e) = self.store.unpark_all(&keys) {
             error!(error = %e, frames = keys.len(), "cannot forget parked frames");
         }

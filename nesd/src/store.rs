@@ -264,20 +264,23 @@ pub enum Parked {
 #[derive(Default)]
 struct ParkIndex {
     by_seq: std::collections::BTreeMap<u64, String>,
-    per_sender: std::collections::HashMap<String, u32>,
+    per_sender: std::collections::HashMap<String, std::collections::BTreeSet<u64>>,
 }
 
 impl ParkIndex {
     fn add(&mut self, from: &str, seq: u64) {
         self.by_seq.insert(seq, from.to_owned());
-        *self.per_sender.entry(from.to_owned()).or_insert(0) += 1;
+        self.per_sender
+            .entry(from.to_owned())
+            .or_default()
+            .insert(seq);
     }
 
     fn remove(&mut self, from: &str, seq: u64) {
         if self.by_seq.remove(&seq).is_some() {
-            if let Some(n) = self.per_sender.get_mut(from) {
-                *n -= 1;
-                if *n == 0 {
+            if let Some(seqs) = self.per_sender.get_mut(from) {
+                seqs.remove(&seq);
+                if seqs.is_empty() {
                     self.per_sender.remove(from);
                 }
             }
@@ -1443,7 +1446,7 @@ impl Store {
             if index
                 .per_sender
                 .get(*from)
-                .is_some_and(|n| *n >= MAX_WAITING_PER_SENDER)
+                .is_some_and(|seqs| seqs.len() >= MAX_WAITING_PER_SENDER as usize)
             {
                 answers.push(Parked::TooManyFromSender);
                 continue;
@@ -1545,6 +1548,16 @@ impl Store {
             });
         }
         Ok(out)
+    }
+
+    /// The arrival numbers of the frames of `from` waiting for its keys, in order, from
+    /// memory (to forget them unread: [`Store::unpark_all`]).
+    pub fn waiting_seqs(&self, from: &str) -> Vec<u64> {
+        self.park_index()
+            .per_sender
+            .get(from)
+            .map(|seqs| seqs.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     /// Whether frames of `from` are waiting (a new one must then wait behind them).
@@ -2127,6 +2140,11 @@ mod tests {
         let alice = store.waiting_of("alice", 10).unwrap();
         let frames: Vec<&[u8]> = alice.iter().map(|w| w.frame.as_slice()).collect();
         assert_eq!(frames, vec![&b"a1"[..], &b"a2"[..]], "in arrival order");
+        assert_eq!(
+            store.waiting_seqs("alice"),
+            alice.iter().map(|w| w.seq).collect::<Vec<_>>(),
+            "the index, rebuilt at open, knows the same frames"
+        );
         let dave = store.waiting_of("dave", 1000).unwrap();
         assert_eq!(dave.len(), MAX_WAITING_PER_SENDER as usize);
         assert_eq!(dave.last().unwrap().frame, b"last one");
