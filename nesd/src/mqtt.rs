@@ -1004,6 +1004,53 @@ impl Loop {
         }
     }
 
+    /// After a connection error: forgets what rumqttc wrote into its buffer for the broken
+    /// connection and could not send. rumqttc's v5 state keeps that buffer across the
+    /// error (its v4 state clears it in `clean()`, its v5 one does not), and a failed write
+    /// leaves its bytes in it, so the next connection's first write would send them ahead
+    /// of everything else: a publish whose write failed as the broker went away would reach
+    /// the broker before the older unacknowledged ones rumqttc sends again from `pending`
+    /// (out of order at the recipient), and the broker's PUBACK of it would find its
+    /// slot empty ("unsolicited": one more reconnect). Nothing in the buffer is lost by
+    /// this: publishes and PUBRELs are in `pending` too, our acknowledgements of incoming
+    /// publishes are answered by the broker sending those again, and the rest (PINGREQ,
+    /// SUBSCRIBE, DISCONNECT) was for the broken connection.
+    fn discard_unsent(&mut self) {
+        if let Loop::V5(l) = self {
+            if !l.state.write.is_empty() {
+                debug!(
+                    bytes = l.state.write.len(),
+                    "dropping what the broken connection left unsent (sent again from the session)"
+                );
+                l.state.write.clear();
+            }
+        }
+    }
+
+    /// The publishes rumqttc will send again, in order: pkid and outbox sequence number
+    /// (when the tracker knows it). For the log.
+    fn resend_order(&self, seq: impl Fn(u16) -> Option<u64>) -> Vec<(u16, Option<u64>)> {
+        let pkids: Vec<u16> = match self {
+            Loop::V311(l) => l
+                .pending
+                .iter()
+                .filter_map(|r| match r {
+                    rumqttc::Request::Publish(p) => Some(p.pkid),
+                    _ => None,
+                })
+                .collect(),
+            Loop::V5(l) => l
+                .pending
+                .iter()
+                .filter_map(|r| match r {
+                    v5::Request::Publish(p) => Some(p.pkid),
+                    _ => None,
+                })
+                .collect(),
+        };
+        pkids.into_iter().map(|pkid| (pkid, seq(pkid))).collect()
+    }
+
     /// After a connection error: the pkids of our publishes rumqttc still holds, to send
     /// again (moved to `pending`) or with an acknowledgement read before the error and not
     /// reported yet (buffered events). Only MQTT 5 refuses publishes.
@@ -1266,6 +1313,7 @@ async fn run(
                 }
             }
             Ok(Ev::Written(pkid)) => {
+                trace!(pkid, "publish out");
                 let ds = lock(&tracker).written(pkid);
                 for d in ds {
                     let _ = deliveries.send(d);
@@ -1329,6 +1377,11 @@ async fn run(
                         }
                     }
                 }
+                // rumqttc's v5 state would send what the broken connection left unsent in
+                // its write buffer first on the next one, ahead of the re-sends below (the
+                // reordering the soak test saw at a broker restart): see
+                // `Loop::discard_unsent`.
+                active.discard_unsent();
                 // rumqttc's v5 state collects what it re-sends by pkid slot from 0, not
                 // from the oldest unacknowledged one as its v4 state does, so publishes in
                 // flight across a pkid wrap-around would go out again out of order (and
@@ -1336,6 +1389,10 @@ async fn run(
                 {
                     let tracker = lock(&tracker);
                     active.order_pending(|pkid| tracker.seq_of(pkid));
+                    if tracing::enabled!(tracing::Level::TRACE) {
+                        let order = active.resend_order(|pkid| tracker.seq_of(pkid));
+                        trace!(?order, "to send again (pkid, outbox seq)");
+                    }
                 }
                 let refusal = match &failure.kind {
                     FailureKind::PublishRefused(why) => {
@@ -1565,6 +1622,145 @@ mod tests {
             most_waiting <= MAX_BACKLOG + 64,
             "the loop kept reading: {most_waiting} frames waited"
         );
+        shutdown_tx.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    /// The frame index in a test publish's payload (`frame <i> ...`) and its DUP flag,
+    /// from an MQTT 5 PUBLISH (`header`, `body` as [`read_packet`] returns them).
+    fn v5_publish_index(header: u8, body: &[u8]) -> (u64, bool) {
+        let topic = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        let mut at = 2 + topic + 2; // topic, pkid (QoS 1)
+        let mut properties = 0usize;
+        let mut shift = 0;
+        loop {
+            let b = body[at];
+            at += 1;
+            properties |= usize::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let payload = std::str::from_utf8(&body[at + properties..][..16]).unwrap();
+        let index = payload
+            .strip_prefix("frame ")
+            .and_then(|r| r.split(' ').next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        (index, header & 0x08 != 0)
+    }
+
+    /// An MQTT 5 broker that lets the first connection choke: it reads the first
+    /// PUBLISH, stops reading (so the client's next write blocks on full buffers) and
+    /// resets the connection, which makes that write fail with its bytes still in
+    /// rumqttc's buffer. On the next connections it acknowledges everything and reports
+    /// each PUBLISH (frame index, DUP).
+    async fn choking_broker(listener: TcpListener, publishes: mpsc::UnboundedSender<(u64, bool)>) {
+        let mut first = true;
+        while let Ok((stream, _)) = listener.accept().await {
+            let choke = std::mem::replace(&mut first, false);
+            let publishes = publishes.clone();
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = tokio::io::split(stream);
+                let Ok((header, _)) = read_packet(&mut rd).await else {
+                    return;
+                };
+                if header >> 4 != 1 || wr.write_all(&[0x20, 3, 1, 0, 0]).await.is_err() {
+                    return;
+                }
+                while let Ok((header, body)) = read_packet(&mut rd).await {
+                    let answer: Vec<u8> = match header >> 4 {
+                        3 if choke => break,
+                        3 => {
+                            let _ = publishes.send(v5_publish_index(header, &body));
+                            let topic = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                            vec![0x40, 2, body[2 + topic], body[3 + topic]]
+                        }
+                        8 => vec![0x90, 4, body[0], body[1], 0, 1],
+                        12 => vec![0xd0, 0],
+                        _ => continue,
+                    };
+                    if wr.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+                if choke {
+                    // Let the client fill the socket buffers and block in a write.
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    let stream = rd.unsplit(wr);
+                    let _ = stream.set_zero_linger(); // close with RST
+                }
+            });
+        }
+    }
+
+    /// rumqttc's v5 state keeps the bytes of a write that failed and, unless nesd drops
+    /// them, sends them first on the next connection: ahead of the older unacknowledged
+    /// publishes it sends again, so the broker (and the recipient) would get them out of
+    /// order. After a failed write the next connection sends everything in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_failed_with_the_connection_goes_again_in_order() {
+        // A small receive buffer on the broker's side (inherited by the accepted socket)
+        // so the client's writes block soon.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let listener = socket.listen(16).unwrap();
+        let (publishes_tx, mut publishes) = mpsc::unbounded_channel();
+        tokio::spawn(choking_broker(listener, publishes_tx));
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let (incoming_tx, _incoming) = mpsc::unbounded_channel();
+        let (deliveries_tx, mut deliveries) = mpsc::unbounded_channel();
+        let config = MqttConfig {
+            protocol: BrokerProtocol::V5,
+            ..auto_config(port)
+        };
+        let (transport, task) = Transport::start(config, incoming_tx, deliveries_tx, shutdown);
+        wait_up(&transport).await;
+        // 40 frames of 200 KiB: far more than the socket buffers hold (4 MiB at most here).
+        let n = 40u64;
+        for i in 1..=n {
+            let mut frame = format!("frame {i} ").into_bytes();
+            frame.resize(200 * 1024, b'.');
+            transport
+                .publish(t(i), "nes/bob/message".into(), false, frame)
+                .await
+                .unwrap();
+        }
+        let mut order = Vec::new();
+        let mut seen = HashSet::new();
+        while seen.len() < n as usize {
+            let (i, dup) = tokio::time::timeout(Duration::from_secs(60), publishes.recv())
+                .await
+                .expect("the frames did not all arrive after the reconnect")
+                .unwrap();
+            if seen.insert(i) {
+                order.push((i, dup));
+            }
+        }
+        let indices: Vec<u64> = order.iter().map(|(i, _)| *i).collect();
+        assert_eq!(
+            indices,
+            (1..=n).collect::<Vec<_>>(),
+            "the frames reached the broker out of order (index, DUP): {order:?}"
+        );
+        let mut delivered = HashSet::new();
+        while delivered.len() < n as usize {
+            match tokio::time::timeout(Duration::from_secs(30), deliveries.recv())
+                .await
+                .expect("not every frame was reported delivered")
+                .unwrap()
+            {
+                Delivery::Delivered(token) => {
+                    delivered.insert(token.seq);
+                }
+                Delivery::Sent(_) => {}
+                Delivery::Refused(token, why) => panic!("{token:?} refused: {why}"),
+            }
+        }
         shutdown_tx.send(true).unwrap();
         task.await.unwrap();
     }
