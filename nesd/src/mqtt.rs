@@ -8,7 +8,10 @@
 //! - Incoming publishes reach the pipeline as [`Incoming`] (rumqttc's v4 and v5 publishes
 //!   are different types) and are acknowledged by hand ([`Transport::ack`]), which the
 //!   pipeline does only after the message is stored and flushed: a crash in between makes
-//!   the broker deliver it again, and the store's duplicate check drops the copy.
+//!   the broker deliver it again, and the store's duplicate check drops the copy. Only
+//!   the connection a publish came on acknowledges it: after a reconnect the broker sends
+//!   it again, and that copy is the one acknowledged (mosquitto would count a second
+//!   PUBACK as room for one more message and send newer ones ahead of older ones).
 //! - The event loop never waits for the pipeline, and the pipeline never waits for the
 //!   event loop: rumqttc writes our acknowledgements only while its loop is polled, and
 //!   a broker may send any number of unacknowledged messages (mosquitto does not always
@@ -793,6 +796,11 @@ impl Transport {
     /// messages at the recipient in the soak over MQTT 5 (a broker restart: messages
     /// 238..281 after 282..289 by the broker's packet ids). If the session was not kept,
     /// the old packet id means nothing on the new connection, or another message.
+    ///
+    /// One window is left: an acknowledgement handed to rumqttc between rumqttc's noticing
+    /// the broken connection (it moves its request channel into its re-send queue then)
+    /// and the loop's seeing the error stays in the channel and goes out on the next
+    /// connection.
     pub fn ack(&self, incoming: &Incoming) {
         let Some(ack) = incoming.ack else { return };
         let mut overflow = lock(&self.flow.overflow);
