@@ -31,7 +31,7 @@
 //! # broker_key = "~/.config/nes/client.key"       # ... and its key
 //! # broker_user = "alice"
 //! # broker_password_file = "~/.config/nes/broker-password"   # mode 600; or NES_BROKER_PASSWORD
-//! # broker_protocol = "auto"          # "5", "3.1.1" (the default for now), or auto: MQTT 5 where the broker speaks it
+//! # broker_protocol = "auto"          # the default: MQTT 5 where the broker speaks it, else 3.1.1; or "5", "3.1.1"
 //! # broker_session_expiry_secs = 2592000   # MQTT 5: the broker keeps the session 30 days
 //! ```
 //!
@@ -103,9 +103,8 @@ pub struct Cli {
     /// The broker password from `NES_BROKER_PASSWORD` (never a flag: flags show in `ps`).
     #[arg(skip = std::env::var("NES_BROKER_PASSWORD").ok().filter(|p| !p.is_empty()).map(Secret))]
     pub broker_password: Option<Secret>,
-    /// The MQTT version to speak: 5, 3.1.1, or auto (MQTT 5, falling back to 3.1.1 when
-    /// the broker does not answer an MQTT 5 CONNECT) [default: 3.1.1 for now, see
-    /// nesd/README.md "MQTT 5 and 3.1.1"].
+    /// The MQTT version to speak: auto (MQTT 5, falling back to 3.1.1 when the broker does
+    /// not answer an MQTT 5 CONNECT), 5 or 3.1.1 [default: auto].
     #[arg(
         long = "broker-protocol",
         env = "NES_BROKER_PROTOCOL",
@@ -228,16 +227,13 @@ pub enum KeyPolicy {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
 pub enum BrokerProtocol {
     /// MQTT 5 where the broker speaks it, else 3.1.1 (decided at the first connection that
-    /// gets an answer, then kept for the run).
+    /// gets an answer, then kept for the run). The default.
+    #[default]
     Auto,
     /// MQTT 5 only.
     #[value(name = "5")]
     V5,
-    /// MQTT 3.1.1 only: the default for now. Over MQTT 5, about one run in eight of the
-    /// soak test (tests/tests/soak.rs) sees one message arrive after the next one at a
-    /// broker restart; until that is found, MQTT 5 is opt-in (nesd/README.md "MQTT 5 and
-    /// 3.1.1").
-    #[default]
+    /// MQTT 3.1.1 only.
     #[value(name = "3.1.1")]
     V311,
 }
@@ -1262,7 +1258,7 @@ mod tests {
         let base = "user = \"bob\"\nkeyserver = \"https://ks\"\n";
         write_config(tmp.path(), base);
         let c = Config::resolve(cli(&[]), &d).unwrap();
-        assert_eq!(c.broker_protocol, BrokerProtocol::V311);
+        assert_eq!(c.broker_protocol, BrokerProtocol::Auto);
         assert_eq!(c.broker_session_expiry_secs, DEFAULT_SESSION_EXPIRY_SECS);
         for (text, want) in [
             ("\"3.1.1\"", BrokerProtocol::V311),

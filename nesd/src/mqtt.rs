@@ -8,7 +8,10 @@
 //! - Incoming publishes reach the pipeline as [`Incoming`] (rumqttc's v4 and v5 publishes
 //!   are different types) and are acknowledged by hand ([`Transport::ack`]), which the
 //!   pipeline does only after the message is stored and flushed: a crash in between makes
-//!   the broker deliver it again, and the store's duplicate check drops the copy.
+//!   the broker deliver it again, and the store's duplicate check drops the copy. Only
+//!   the connection a publish came on acknowledges it: after a reconnect the broker sends
+//!   it again, and that copy is the one acknowledged (mosquitto would count a second
+//!   PUBACK as room for one more message and send newer ones ahead of older ones).
 //! - The event loop never waits for the pipeline, and the pipeline never waits for the
 //!   event loop: rumqttc writes our acknowledgements only while its loop is polled, and
 //!   a broker may send any number of unacknowledged messages (mosquitto does not always
@@ -304,12 +307,16 @@ impl Version {
     }
 }
 
-/// How an incoming publish is acknowledged: its packet id and QoS.
+/// How an incoming publish is acknowledged: its packet id and QoS, and the connection it
+/// came on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ack {
     pkid: u16,
     /// QoS 2 (PUBREC) rather than QoS 1 (PUBACK).
     exactly_once: bool,
+    /// The number of the connection it came on (the loop counts CONNACKs from 1). Only
+    /// that connection acknowledges it; see [`Transport::ack`].
+    connection: u64,
 }
 
 /// A publish from the broker as the pipeline sees it, whatever the MQTT version.
@@ -342,6 +349,7 @@ impl Incoming {
         let ack = (p.qos != rumqttc::QoS::AtMostOnce).then_some(Ack {
             pkid: p.pkid,
             exactly_once: p.qos == rumqttc::QoS::ExactlyOnce,
+            connection: 0,
         });
         Incoming {
             topic: p.topic,
@@ -356,6 +364,7 @@ impl Incoming {
         let ack = (p.qos != QoS::AtMostOnce).then_some(Ack {
             pkid: p.pkid,
             exactly_once: p.qos == QoS::ExactlyOnce,
+            connection: 0,
         });
         Incoming {
             // A topic that is not UTF-8 cannot be ours: the pipeline refuses it as
@@ -647,18 +656,35 @@ struct Flow {
     backlog: std::sync::atomic::AtomicUsize,
     /// The pipeline handled some frames.
     progress: tokio::sync::Notify,
+    /// The connection whose publishes may be acknowledged: the one up now, 0 while none is
+    /// (see [`Transport::ack`]). Changed under `overflow`'s lock.
+    acking: std::sync::atomic::AtomicU64,
 }
 
 impl Flow {
-    /// Moves queued acknowledgements into rumqttc's channel while there is room.
+    /// Moves queued acknowledgements into rumqttc's channel while there is room, dropping
+    /// those of an earlier connection.
     fn drain(&self, client: &Client) {
         let mut overflow = lock(&self.overflow);
         while let Some(ack) = overflow.front() {
-            if !client.try_ack(*ack) {
+            if self.current(ack) && !client.try_ack(*ack) {
                 break;
             }
             overflow.pop_front();
         }
+    }
+
+    /// Whether `ack` is for a publish of the connection up now.
+    fn current(&self, ack: &Ack) -> bool {
+        ack.connection != 0
+            && ack.connection == self.acking.load(std::sync::atomic::Ordering::Acquire)
+    }
+
+    /// Publishes of `connection` (0: none) may be acknowledged from now on.
+    fn ack_for(&self, connection: u64) {
+        let _overflow = lock(&self.overflow);
+        self.acking
+            .store(connection, std::sync::atomic::Ordering::Release);
     }
 
     fn backlog(&self) -> usize {
@@ -758,9 +784,33 @@ impl Transport {
     /// Acknowledges an incoming publish (after it is stored). Never waits: what does
     /// not fit in rumqttc's channel now is queued, in order, for the event loop. Does
     /// nothing for a frame that needs no acknowledgement ([`Incoming::local`], QoS 0).
+    ///
+    /// Nor for a publish of an earlier connection: the broker sends every publish that
+    /// connection left unacknowledged again on the next one (same packet id, DUP; both
+    /// MQTT versions require it of a session that is kept), and that copy is acknowledged
+    /// when the pipeline has handled it (as a duplicate). Acknowledging both would
+    /// acknowledge one packet id twice, and mosquitto (2.0.11, and still 2.0.20) counts
+    /// every PUBACK as a free slot in the client's window, even one for a packet id it no
+    /// longer holds: the window grows past what is free, and a message that arrives then
+    /// goes to the client at once, ahead of the older ones queued for it. That reordered
+    /// messages at the recipient in the soak over MQTT 5 (a broker restart: messages
+    /// 238..281 after 282..289 by the broker's packet ids). If the session was not kept,
+    /// the old packet id means nothing on the new connection, or another message.
+    ///
+    /// One window is left: an acknowledgement handed to rumqttc between rumqttc's noticing
+    /// the broken connection (it moves its request channel into its re-send queue then)
+    /// and the loop's seeing the error stays in the channel and goes out on the next
+    /// connection.
     pub fn ack(&self, incoming: &Incoming) {
         let Some(ack) = incoming.ack else { return };
         let mut overflow = lock(&self.flow.overflow);
+        if !self.flow.current(&ack) {
+            trace!(
+                pkid = ack.pkid,
+                "not acknowledging a publish of an earlier connection (the broker sends it again)"
+            );
+            return;
+        }
         if overflow.is_empty() {
             // A publish came in, so a version was decided and this is its client.
             if let Some(client) = self.client.borrow().as_ref() {
@@ -1004,6 +1054,81 @@ impl Loop {
         }
     }
 
+    /// After a connection error: forgets what rumqttc wrote into its buffer for the broken
+    /// connection and could not send. rumqttc's v5 state keeps that buffer across the
+    /// error (its v4 state clears it in `clean()`, its v5 one does not), and a failed write
+    /// leaves its bytes in it, so the next connection's first write would send them ahead
+    /// of everything else: a publish whose write failed as the broker went away would reach
+    /// the broker before the older unacknowledged ones rumqttc sends again from `pending`
+    /// (out of order at the recipient), and the broker's PUBACK of it would find its
+    /// slot empty ("unsolicited": one more reconnect). Nothing in the buffer is lost by
+    /// this: publishes and PUBRELs are in `pending` too, our acknowledgements of incoming
+    /// publishes are answered by the broker sending those again, and the rest (PINGREQ,
+    /// SUBSCRIBE, DISCONNECT) was for the broken connection.
+    fn discard_unsent(&mut self) {
+        if let Loop::V5(l) = self {
+            if !l.state.write.is_empty() {
+                debug!(
+                    bytes = l.state.write.len(),
+                    "dropping what the broken connection left unsent (sent again from the session)"
+                );
+                l.state.write.clear();
+            }
+        }
+    }
+
+    /// After a connection error: drops our acknowledgements of incoming publishes that
+    /// rumqttc moved from its channel to `pending` for the next connection. They were
+    /// for publishes of the broken one, which the broker sends again (see
+    /// [`Transport::ack`]).
+    fn drop_acks(&mut self) {
+        let dropped = match self {
+            Loop::V311(l) => {
+                let before = l.pending.len();
+                l.pending.retain(|r| {
+                    !matches!(r, rumqttc::Request::PubAck(_) | rumqttc::Request::PubRec(_))
+                });
+                before - l.pending.len()
+            }
+            Loop::V5(l) => {
+                let before = l.pending.len();
+                l.pending
+                    .retain(|r| !matches!(r, v5::Request::PubAck(_) | v5::Request::PubRec(_)));
+                before - l.pending.len()
+            }
+        };
+        if dropped > 0 {
+            trace!(
+                dropped,
+                "acknowledgements for the broken connection not sent (the broker sends those publishes again)"
+            );
+        }
+    }
+
+    /// The publishes rumqttc will send again, in order: pkid and outbox sequence number
+    /// (when the tracker knows it). For the log.
+    fn resend_order(&self, seq: impl Fn(u16) -> Option<u64>) -> Vec<(u16, Option<u64>)> {
+        let pkids: Vec<u16> = match self {
+            Loop::V311(l) => l
+                .pending
+                .iter()
+                .filter_map(|r| match r {
+                    rumqttc::Request::Publish(p) => Some(p.pkid),
+                    _ => None,
+                })
+                .collect(),
+            Loop::V5(l) => l
+                .pending
+                .iter()
+                .filter_map(|r| match r {
+                    v5::Request::Publish(p) => Some(p.pkid),
+                    _ => None,
+                })
+                .collect(),
+        };
+        pkids.into_iter().map(|pkid| (pkid, seq(pkid))).collect()
+    }
+
     /// After a connection error: the pkids of our publishes rumqttc still holds, to send
     /// again (moved to `pending`) or with an acknowledgement read before the error and not
     /// reported yet (buffered events). Only MQTT 5 refuses publishes.
@@ -1170,6 +1295,9 @@ async fn run(
     let mut subscribed = false;
     // A CONNACK was read on this connection.
     let mut connected = false;
+    // CONNACKs read so far: the number of the connection up now (or the last one), which
+    // tags its publishes (`Ack::connection`).
+    let mut connection_number = 0u64;
     // This connection reads up to MQTT's maximum to get past one oversized packet.
     let mut draining = false;
     // The oversized publish read while draining, until its acknowledgement is written.
@@ -1196,6 +1324,10 @@ async fn run(
         match event {
             Ok(Ev::ConnAck { session_present }) => {
                 connected = true;
+                // Publishes rumqttc read on the last connection and reports only now came
+                // before this CONNACK: they keep that connection's number.
+                connection_number += 1;
+                flow.ack_for(connection_number);
                 if !decided {
                     decided = true;
                     fallback = None;
@@ -1229,7 +1361,10 @@ async fn run(
                     ));
                 }
             }
-            Ok(Ev::Publish(publish)) => {
+            Ok(Ev::Publish(mut publish)) => {
+                if let Some(ack) = &mut publish.ack {
+                    ack.connection = connection_number;
+                }
                 trace!(
                     pkid = publish.ack.map(|a| a.pkid),
                     bytes = publish.payload.len(),
@@ -1266,6 +1401,7 @@ async fn run(
                 }
             }
             Ok(Ev::Written(pkid)) => {
+                trace!(pkid, "publish out");
                 let ds = lock(&tracker).written(pkid);
                 for d in ds {
                     let _ = deliveries.send(d);
@@ -1284,6 +1420,11 @@ async fn run(
             }
             Ok(Ev::Disconnected | Ev::Other) => {}
             Err(mut failure) => {
+                // Nothing acknowledges a publish of the broken connection any more (see
+                // `Transport::ack`), nor do the acknowledgements rumqttc took from its
+                // channel for it go out on the next one.
+                flow.ack_for(0);
+                active.drop_acks();
                 let in_connect = !std::mem::replace(&mut connected, false);
                 if in_connect && failure.kind == FailureKind::NoConnAck {
                     match (decided, fallback.take()) {
@@ -1329,6 +1470,11 @@ async fn run(
                         }
                     }
                 }
+                // rumqttc's v5 state would send what the broken connection left unsent in
+                // its write buffer first on the next one, ahead of the re-sends below (the
+                // reordering the soak test saw at a broker restart): see
+                // `Loop::discard_unsent`.
+                active.discard_unsent();
                 // rumqttc's v5 state collects what it re-sends by pkid slot from 0, not
                 // from the oldest unacknowledged one as its v4 state does, so publishes in
                 // flight across a pkid wrap-around would go out again out of order (and
@@ -1336,6 +1482,10 @@ async fn run(
                 {
                     let tracker = lock(&tracker);
                     active.order_pending(|pkid| tracker.seq_of(pkid));
+                    if tracing::enabled!(tracing::Level::TRACE) {
+                        let order = active.resend_order(|pkid| tracker.seq_of(pkid));
+                        trace!(?order, "to send again (pkid, outbox seq)");
+                    }
                 }
                 let refusal = match &failure.kind {
                     FailureKind::PublishRefused(why) => {
@@ -1569,6 +1719,255 @@ mod tests {
         task.await.unwrap();
     }
 
+    /// The frame index in a test publish's payload (`frame <i> ...`) and its DUP flag,
+    /// from an MQTT 5 PUBLISH (`header`, `body` as [`read_packet`] returns them).
+    fn v5_publish_index(header: u8, body: &[u8]) -> (u64, bool) {
+        let topic = usize::from(u16::from_be_bytes([body[0], body[1]]));
+        let mut at = 2 + topic + 2; // topic, pkid (QoS 1)
+        let mut properties = 0usize;
+        let mut shift = 0;
+        loop {
+            let b = body[at];
+            at += 1;
+            properties |= usize::from(b & 0x7f) << shift;
+            shift += 7;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let payload = std::str::from_utf8(&body[at + properties..][..16]).unwrap();
+        let index = payload
+            .strip_prefix("frame ")
+            .and_then(|r| r.split(' ').next())
+            .unwrap()
+            .parse()
+            .unwrap();
+        (index, header & 0x08 != 0)
+    }
+
+    /// An MQTT 5 broker that lets the first connection choke: it reads the first
+    /// PUBLISH, stops reading (so the client's next write blocks on full buffers) and
+    /// resets the connection, which makes that write fail with its bytes still in
+    /// rumqttc's buffer. On the next connections it acknowledges everything and reports
+    /// each PUBLISH (frame index, DUP).
+    async fn choking_broker(listener: TcpListener, publishes: mpsc::UnboundedSender<(u64, bool)>) {
+        let mut first = true;
+        while let Ok((stream, _)) = listener.accept().await {
+            let choke = std::mem::replace(&mut first, false);
+            let publishes = publishes.clone();
+            tokio::spawn(async move {
+                let (mut rd, mut wr) = tokio::io::split(stream);
+                let Ok((header, _)) = read_packet(&mut rd).await else {
+                    return;
+                };
+                if header >> 4 != 1 || wr.write_all(&[0x20, 3, 1, 0, 0]).await.is_err() {
+                    return;
+                }
+                while let Ok((header, body)) = read_packet(&mut rd).await {
+                    let answer: Vec<u8> = match header >> 4 {
+                        3 if choke => break,
+                        3 => {
+                            let _ = publishes.send(v5_publish_index(header, &body));
+                            let topic = usize::from(u16::from_be_bytes([body[0], body[1]]));
+                            vec![0x40, 2, body[2 + topic], body[3 + topic]]
+                        }
+                        8 => vec![0x90, 4, body[0], body[1], 0, 1],
+                        12 => vec![0xd0, 0],
+                        _ => continue,
+                    };
+                    if wr.write_all(&answer).await.is_err() {
+                        return;
+                    }
+                }
+                if choke {
+                    // Let the client fill the socket buffers and block in a write.
+                    tokio::time::sleep(Duration::from_millis(1500)).await;
+                    let stream = rd.unsplit(wr);
+                    let _ = stream.set_zero_linger(); // close with RST
+                }
+            });
+        }
+    }
+
+    /// rumqttc's v5 state keeps the bytes of a write that failed and, unless nesd drops
+    /// them, sends them first on the next connection: ahead of the older unacknowledged
+    /// publishes it sends again, so the broker (and the recipient) would get them out of
+    /// order. After a failed write the next connection sends everything in order.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_write_that_failed_with_the_connection_goes_again_in_order() {
+        // A small receive buffer on the broker's side (inherited by the accepted socket)
+        // so the client's writes block soon.
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let port = socket.local_addr().unwrap().port();
+        let listener = socket.listen(16).unwrap();
+        let (publishes_tx, mut publishes) = mpsc::unbounded_channel();
+        tokio::spawn(choking_broker(listener, publishes_tx));
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let (incoming_tx, _incoming) = mpsc::unbounded_channel();
+        let (deliveries_tx, mut deliveries) = mpsc::unbounded_channel();
+        let config = MqttConfig {
+            protocol: BrokerProtocol::V5,
+            ..auto_config(port)
+        };
+        let (transport, task) = Transport::start(config, incoming_tx, deliveries_tx, shutdown);
+        wait_up(&transport).await;
+        // 40 frames of 200 KiB: far more than the socket buffers hold (4 MiB at most here).
+        let n = 40u64;
+        for i in 1..=n {
+            let mut frame = format!("frame {i} ").into_bytes();
+            frame.resize(200 * 1024, b'.');
+            transport
+                .publish(t(i), "nes/bob/message".into(), false, frame)
+                .await
+                .unwrap();
+        }
+        let mut order = Vec::new();
+        let mut seen = HashSet::new();
+        while seen.len() < n as usize {
+            let (i, dup) = tokio::time::timeout(Duration::from_secs(60), publishes.recv())
+                .await
+                .expect("the frames did not all arrive after the reconnect")
+                .unwrap();
+            if seen.insert(i) {
+                order.push((i, dup));
+            }
+        }
+        let indices: Vec<u64> = order.iter().map(|(i, _)| *i).collect();
+        assert_eq!(
+            indices,
+            (1..=n).collect::<Vec<_>>(),
+            "the frames reached the broker out of order (index, DUP): {order:?}"
+        );
+        let mut delivered = HashSet::new();
+        while delivered.len() < n as usize {
+            match tokio::time::timeout(Duration::from_secs(30), deliveries.recv())
+                .await
+                .expect("not every frame was reported delivered")
+                .unwrap()
+            {
+                Delivery::Delivered(token) => {
+                    delivered.insert(token.seq);
+                }
+                Delivery::Sent(_) => {}
+                Delivery::Refused(token, why) => panic!("{token:?} refused: {why}"),
+            }
+        }
+        shutdown_tx.send(true).unwrap();
+        task.await.unwrap();
+    }
+
+    /// An MQTT 5 broker whose first connection sends one publish (pkid 7) and ends, as a
+    /// broker that goes away does; the second sends it again (DUP) with one more (pkid 8),
+    /// as a kept session does, and reports each PUBACK until the one for pkid 8.
+    async fn resending_broker(listener: TcpListener, acks: mpsc::UnboundedSender<u16>) {
+        let publish = |pkid: u8, dup: bool| {
+            let topic = b"nes/me_/message";
+            let payload = format!("frame {pkid}");
+            let mut p = vec![if dup { 0x3a } else { 0x32 }, 0];
+            p.extend_from_slice(&(topic.len() as u16).to_be_bytes());
+            p.extend_from_slice(topic);
+            p.extend_from_slice(&[0, pkid, 0]); // pkid, no properties
+            p.extend_from_slice(payload.as_bytes());
+            p[1] = (p.len() - 2) as u8;
+            p
+        };
+        for first in [true, false] {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let (mut rd, mut wr) = tokio::io::split(stream);
+            let Ok((1, _)) = read_packet(&mut rd).await.map(|(h, b)| (h >> 4, b)) else {
+                return;
+            };
+            let session_present = u8::from(!first);
+            wr.write_all(&[0x20, 3, session_present, 0, 0])
+                .await
+                .unwrap();
+            let sent = if first {
+                publish(7, false)
+            } else {
+                [publish(7, true), publish(8, false)].concat()
+            };
+            wr.write_all(&sent).await.unwrap();
+            while let Ok((header, body)) = read_packet(&mut rd).await {
+                match header >> 4 {
+                    4 => {
+                        let pkid = u16::from_be_bytes([body[0], body[1]]);
+                        let _ = acks.send(pkid);
+                        if pkid == 8 {
+                            std::future::pending::<()>().await;
+                        }
+                    }
+                    8 => {
+                        let suback = [0x90, 4, body[0], body[1], 0, 1];
+                        wr.write_all(&suback).await.unwrap();
+                        if first {
+                            // Gone before the client acknowledges anything.
+                            break;
+                        }
+                    }
+                    12 => wr.write_all(&[0xd0, 0]).await.unwrap(),
+                    _ => {}
+                }
+            }
+        }
+    }
+
+    /// A publish that the broker sends again on the next connection is acknowledged
+    /// once: its copy of the broken connection is not (see [`Transport::ack`]).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_publish_sent_again_is_acknowledged_once() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let (acks_tx, mut acks) = mpsc::unbounded_channel();
+        tokio::spawn(resending_broker(listener, acks_tx));
+        let (shutdown_tx, shutdown) = watch::channel(false);
+        let (incoming_tx, mut incoming) = mpsc::unbounded_channel();
+        let (deliveries_tx, _deliveries) = mpsc::unbounded_channel();
+        let config = MqttConfig {
+            protocol: BrokerProtocol::V5,
+            ..auto_config(port)
+        };
+        let (transport, task) = Transport::start(config, incoming_tx, deliveries_tx, shutdown);
+        let mut got = Vec::new();
+        for _ in 0..3 {
+            let p = tokio::time::timeout(Duration::from_secs(30), incoming.recv())
+                .await
+                .expect("no publish")
+                .unwrap();
+            got.push(p);
+        }
+        let [old, again, newer] = <[Incoming; 3]>::try_from(got).unwrap();
+        assert_eq!(
+            (old.dup, again.dup, newer.dup),
+            (false, true, false),
+            "{old:?} {again:?} {newer:?}"
+        );
+        assert_eq!(old.payload, again.payload);
+        // The pipeline handles them in order, the old copy first (stored), the copy sent
+        // again next (a duplicate).
+        for p in [&old, &again, &newer] {
+            transport.ack(p);
+        }
+        let mut got = Vec::new();
+        while got.last() != Some(&8) {
+            let pkid = tokio::time::timeout(Duration::from_secs(30), acks.recv())
+                .await
+                .expect("the acknowledgements did not arrive")
+                .unwrap();
+            got.push(pkid);
+        }
+        assert_eq!(
+            got,
+            vec![7, 8],
+            "PUBACKs the broker got on the second connection"
+        );
+        shutdown_tx.send(true).unwrap();
+        task.await.unwrap();
+    }
+
     fn t(n: u64) -> Token {
         Token {
             seq: n,
@@ -1663,6 +2062,7 @@ mod tests {
             ack: Some(Ack {
                 pkid: 1,
                 exactly_once: false,
+                connection: 1,
             }),
         };
         assert!(frame.remaining_length(Version::V5) + 5 <= MAX_PACKET_SIZE_V5 as usize);

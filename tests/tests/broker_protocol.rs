@@ -1,7 +1,8 @@
 //! Which MQTT version nesd speaks (issue 14 item 5): MQTT 5 where the broker speaks it,
 //! else 3.1.1.
 //!
-//! - Against mosquitto 2 (which speaks 5) nesd uses MQTT 5, and says so in Status.
+//! - Against mosquitto 2 (which speaks 5) nesd uses MQTT 5 by default, and says so in
+//!   Status.
 //! - A broker that speaks only 3.1.1: the private mosquitto speaks 5, so the test puts a
 //!   small TCP proxy in front of it that answers an MQTT 5 CONNECT as a 3.1.1 broker does
 //!   (CONNACK `20 02 00 01`, unacceptable protocol version, then close) and passes 3.1.1
@@ -104,8 +105,8 @@ fn the_proxy_reads_protocol_levels() {
     assert_eq!(protocol_level(&[0x30, 0]), None);
 }
 
-/// `broker_protocol = "auto"`: MQTT 5 where the broker speaks it (the default is 3.1.1 for
-/// now, see nesd/README.md "MQTT 5").
+/// `broker_protocol = "auto"` (the default), said out loud: MQTT 5 where the broker speaks
+/// it, else 3.1.1.
 const AUTO: [&str; 2] = ["--broker-protocol", "auto"];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -181,8 +182,9 @@ async fn messages_flow_through_a_broker_that_speaks_only_3_1_1() -> Result<()> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mosquitto_gets_mqtt_5() -> Result<()> {
     let w = World::start().await?;
-    let (_alice_id, alice) = w.user_with("alice", AUTO).await?;
-    let (_bob_id, bob) = w.user_with("bob", AUTO).await?;
+    // nesd's default (auto): no --broker-protocol.
+    let (_alice_id, alice) = w.user("alice").await?;
+    let (_bob_id, bob) = w.user("bob").await?;
     let mut a = alice.client().await?;
     let mut b = bob.client().await?;
     for (c, who) in [(&a, "alice"), (&b, "bob")] {

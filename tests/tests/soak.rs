@@ -12,6 +12,14 @@
 //! NES_SOAK_MESSAGES=10000 cargo test -p nes-e2e --release --test soak -- --nocapture
 //! ```
 //!
+//! `NES_SOAK_PROTOCOL` (`5`, `3.1.1` or `auto`) is the MQTT version both daemons speak
+//! (their `--broker-protocol`); without it they use nesd's default. The harness clears
+//! `NES_*` from nesd's environment, so the test reads these and passes them on. To find
+//! out why a run failed: `NES_SOAK_LOG` is both daemons' `NES_LOG` (e.g.
+//! `info,nesd=debug,nesd::mqtt=trace`: every packet id written, acknowledged and sent
+//! again) and `NES_SOAK_LOG_DIR` a directory the run leaves both daemons' logs and the
+//! broker's in (`alice.log`, `bob.log`, `mosquitto.log`).
+//!
 //! How a sender copes with its daemon being killed: Send answers once the message is
 //! stored, so an error means "maybe stored". The sender waits for the daemon to come
 //! back, looks for the text in its own history, and sends again only when it is not
@@ -177,6 +185,7 @@ fn tally(
     };
     let mut seen = vec![0usize; sent_ids.len()];
     let mut last: Option<usize> = None;
+    let mut last_id = String::new();
     for m in receiver
         .iter()
         .filter(|m| m.direction == Direction::Incoming as i32 && m.from == from)
@@ -197,11 +206,12 @@ fn tally(
             t.out_of_order += 1;
             // What a failing run needs to find the cause: which message came where.
             eprintln!(
-                "soak: {from}->{to} out of order: message {i} after {last:?} (id {}, timestamp {}, stored_at {})",
+                "soak: {from}->{to} out of order: message {i} after {last:?} (id {}, timestamp {}, stored_at {}; the one before: id {last_id})",
                 m.id, m.timestamp_ms, m.stored_at_ms
             );
         }
         last = Some(i);
+        last_id.clone_from(&m.id);
     }
     t.lost = seen.iter().filter(|&&n| n == 0).count();
     let mut outgoing = HashMap::new();
@@ -262,14 +272,43 @@ async fn messages_survive_broker_restarts_and_kill_9_exactly_once_in_order() -> 
     let faults = schedule(n);
     let started = Instant::now();
 
+    let protocol: Vec<String> = match std::env::var("NES_SOAK_PROTOCOL") {
+        Ok(v) if !v.trim().is_empty() => vec!["--broker-protocol".into(), v.trim().into()],
+        _ => Vec::new(),
+    };
+
     let mut w = World::start().await?;
-    let (_alice_id, mut alice) = w.user("alice").await?;
-    let (_bob_id, mut bob) = w.user("bob").await?;
+    let start_user = |name: &'static str| {
+        let (w, protocol) = (&w, &protocol);
+        async move {
+            let id = Identity::generate(name)?;
+            id.register(&w.keyserver).await?;
+            let mut b = Nesd::builder(&id, &w.broker, &w.keyserver).args(protocol);
+            if let Ok(log) = std::env::var("NES_SOAK_LOG") {
+                b = b.env("NES_LOG", log);
+            }
+            anyhow::Ok((id, b.start().await?))
+        }
+    };
+    let (_alice_id, mut alice) = start_user("alice").await?;
+    let (_bob_id, mut bob) = start_user("bob").await?;
     let (a_sock, b_sock) = (alice.socket(), bob.socket());
     {
         let (mut a, mut b) = (client_at(&a_sock).await?, client_at(&b_sock).await?);
         for c in [&a, &b] {
             wait_connected(c).await?;
+        }
+        let speaks = status(&mut a).await?.broker_protocol;
+        eprintln!("soak: the daemons speak MQTT {speaks}");
+        for c in [&mut a, &mut b] {
+            let s = status(c).await?.broker_protocol;
+            ensure!(s == speaks, "the daemons speak MQTT {speaks} and {s}");
+            if let [_, want] = protocol.as_slice() {
+                ensure!(
+                    want == "auto" || *want == s,
+                    "NES_SOAK_PROTOCOL={want}, but nesd speaks MQTT {s}"
+                );
+            }
         }
         // Both have published their v3 prekeys, so every message of the run is v3: a
         // sender whose messages move from v2 to v3 mid-stream may see the first v3 ones
@@ -433,6 +472,16 @@ async fn messages_survive_broker_restarts_and_kill_9_exactly_once_in_order() -> 
         status(&mut b.clone()).await?.refused,
         status(&mut a.clone()).await?.refused,
     );
+    if let Ok(dir) = std::env::var("NES_SOAK_LOG_DIR") {
+        std::fs::create_dir_all(&dir)?;
+        for (who, nesd) in [("alice", &alice), ("bob", &bob)] {
+            std::fs::copy(nesd.log_path(), Path::new(&dir).join(format!("{who}.log")))?;
+        }
+        std::fs::write(
+            Path::new(&dir).join("mosquitto.log"),
+            w.broker.log_tail(100_000),
+        )?;
+    }
     if !(ab.clean() && ba.clean()) {
         eprintln!(
             "---- alice's nesd log ----\n{}\n---- bob's nesd log ----\n{}",

@@ -94,7 +94,7 @@ pub const KNOWN_KEYS: &[(&str, &str)] = &[
     ),
     (
         "broker_protocol",
-        "MQTT version: 3.1.1 (the default for now), auto (5 where the broker speaks it) or 5",
+        "MQTT version: auto (the default: 5 where the broker speaks it, else 3.1.1), 5 or 3.1.1",
     ),
     (
         "broker_session_expiry_secs",
