@@ -1245,15 +1245,28 @@ pub async fn wait_status(
     what: &str,
     ok: impl Fn(&rpc::StatusReply) -> bool,
 ) -> Result<rpc::StatusReply> {
-    eventually(what, TIMEOUT, || {
+    // The last answer, so that a timeout says where the daemon stood.
+    let last = std::sync::Mutex::new(None::<rpc::StatusReply>);
+    let waited = eventually(what, TIMEOUT, || {
         let mut c = client.clone();
         let ok = &ok;
+        let last = &last;
         async move {
             let s = status(&mut c).await?;
-            Ok(ok(&s).then_some(s))
+            if ok(&s) {
+                return Ok(Some(s));
+            }
+            *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(s);
+            Ok(None)
         }
     })
-    .await
+    .await;
+    waited.map_err(
+        |e| match last.into_inner().unwrap_or_else(|e| e.into_inner()) {
+            Some(s) => e.context(format!("last status: {s:?}")),
+            None => e,
+        },
+    )
 }
 
 /// Waits until the daemon says it is connected to the broker (its MQTT session is up).
