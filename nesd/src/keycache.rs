@@ -22,7 +22,8 @@
 //!   across an HTTP call.
 //!
 //! Records live in the `contacts` tree of the store's database (prost-encoded
-//! [`ContactRecord`]); parsed keys are kept in memory so a message costs no PEM parsing.
+//! [`ContactRecord`]), written through the store ([`Store::save_contact`]) so that a
+//! contact and the events its change logs are one atomic change; parsed keys are kept in memory so a message costs no PEM parsing.
 
 use crate::config::KeyPolicy;
 use crate::keyserver::{FetchError, Fetched, KeySource};
@@ -423,7 +424,6 @@ pub struct KeyCache {
 
 struct Inner {
     source: Arc<dyn KeySource>,
-    tree: sled::Tree,
     store: Store,
     policy: KeyPolicy,
     ttl: Duration,
@@ -459,10 +459,8 @@ impl KeyCache {
         policy: KeyPolicy,
         ttl: Duration,
     ) -> Result<KeyCache, StoreError> {
-        let tree = store.tree("contacts")?;
         let mut mem = HashMap::new();
-        for kv in tree.iter() {
-            let (_, v) = kv?;
+        for (_, v) in store.contact_records()? {
             let record = ContactRecord::decode(&v[..])?;
             match contact_from_record(&record) {
                 Some(c) => {
@@ -488,7 +486,6 @@ impl KeyCache {
         Ok(KeyCache {
             inner: Arc::new(Inner {
                 source,
-                tree,
                 store,
                 policy,
                 ttl,
@@ -893,15 +890,16 @@ impl KeyCache {
     }
 
     async fn save(&self, contact: Contact, events: Vec<Kind>) -> Result<Arc<Contact>, StoreError> {
-        self.inner
-            .tree
-            .insert(contact.username.as_str(), contact.record().encode_to_vec())?;
+        // The record and its events in one atomic change (the store's).
+        let logs = !events.is_empty();
+        self.inner.store.save_contact(
+            contact.username.as_str(),
+            contact.record().encode_to_vec(),
+            events,
+        )?;
         let contact = Arc::new(contact);
         lock(&self.inner.mem).insert(contact.username.to_string(), contact.clone());
-        if !events.is_empty() {
-            for kind in events {
-                self.inner.store.log_event(kind)?;
-            }
+        if logs {
             self.inner.store.commit().await?;
         }
         Ok(contact)

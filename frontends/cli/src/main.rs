@@ -8,8 +8,10 @@
 //!   the `nes-client` crate, which finds the socket and sorts failures.
 //!
 //! Each command is one module under `cmd/`; `output` formats messages for people and
-//! for scripts (JSON lines). `main` parses flags, runs the command and turns its error
-//! into the exit code of frontends/README.md in one place: 0 success, 1 an error the user can fix,
+//! for scripts (JSON lines); `username` is the one parser of username arguments, so
+//! commands receive a checked `nes_proto::Username`. `main` parses flags, runs the
+//! command and turns its error into the exit code of frontends/README.md in one place:
+//! 0 success, 1 an error the user can fix (also a bad username, though clap found it),
 //! 2 bad usage (clap), 3 the daemon is not running. A closed stdout (`nes listen | head`)
 //! is a normal exit.
 
@@ -19,6 +21,7 @@ mod cmd;
 mod error;
 mod output;
 mod progress;
+mod username;
 
 use clap::{Parser, Subcommand};
 use error::CliError;
@@ -117,7 +120,14 @@ impl Ctx {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        // A bad username is a mistake in a value, fixable (exit 1), not bad usage (2).
+        Err(err) => match username::refused(&err) {
+            Some(message) => return error::user(message).report(),
+            None => err.exit(),
+        },
+    };
     let ctx = Ctx::new(cli.socket.as_deref(), cli.config.clone());
     let result = match cli.command {
         Command::Generate(args) => cmd::generate::run(args),
@@ -164,5 +174,87 @@ mod tests {
     #[test]
     fn flags_are_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn usernames_are_parsed_by_clap_in_any_case() {
+        let cli = Cli::try_parse_from(["nes", "send", "-t", " Bob", "hi"]).unwrap();
+        let Command::Send(args) = cli.command else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!(args.to.unwrap().as_str(), "bob");
+        let cli = Cli::try_parse_from(["nes", "history", "Bob"]).unwrap();
+        let Command::History(args) = cli.command else {
+            panic!("{:?}", cli.command)
+        };
+        assert_eq!(args.peer.unwrap().as_str(), "bob");
+        // Other clap errors stay clap's: bad usage (exit 2), --help and --version (0).
+        for (line, code) in [
+            (&["nes", "send", "--bogus"][..], 2),
+            (&["nes", "send", "-t"], 2),
+            (&["nes", "send", "--help"], 0),
+            (&["nes", "--version"], 0),
+        ] {
+            let err = Cli::try_parse_from(line).unwrap_err();
+            assert!(username::refused(&err).is_none(), "{line:?}");
+            assert_eq!(err.exit_code(), code, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn bad_usernames_are_refused_with_the_commands_messages() {
+        let why = "invalid username \"B@d!\": use 3 to 32 characters";
+        for (line, message) in [
+            (
+                &["nes", "send", "-t", "B@d!", "hi"][..],
+                "cannot send to \"B@d!\": ",
+            ),
+            (
+                &["nes", "chat", "-t", "B@d!"],
+                "cannot chat with \"B@d!\": ",
+            ),
+            (
+                &["nes", "history", "B@d!"],
+                "no conversation with \"B@d!\": ",
+            ),
+            (&["nes", "files", "B@d!"], "no files with \"B@d!\": "),
+            (&["nes", "listen", "--from", "B@d!"], "--from \"B@d!\": "),
+            (&["nes", "contacts", "show", "B@d!"], "\"B@d!\": "),
+            (&["nes", "contacts", "trust", "B@d!"], "\"B@d!\": "),
+            (&["nes", "contacts", "legacy", "B@d!", "on"], "\"B@d!\": "),
+            (
+                &["nes", "import-legacy", "-u", "B@d!"],
+                "cannot import \"B@d!\": ",
+            ),
+            (&["nes", "generate", "--user", "B@d!"], ""),
+            (&["nes", "prekey", "new", "--user", "B@d!"], ""),
+            (
+                &["nes", "frame", "seal", "--from", "B@d!", "--to", "bob"],
+                "--from: ",
+            ),
+            (
+                &["nes", "frame", "seal", "--from", "bob", "--to", "B@d!"],
+                "--to: ",
+            ),
+            (
+                &["nes", "frame", "open", "--sender-key", "s", "--me", "B@d!"],
+                "--me: ",
+            ),
+        ] {
+            let err = Cli::try_parse_from(line).unwrap_err();
+            assert_eq!(
+                err.kind(),
+                clap::error::ErrorKind::ValueValidation,
+                "{line:?}"
+            );
+            let source = std::error::Error::source(&err).expect("a source");
+            assert!(source.is::<nes_proto::UsernameError>(), "{line:?}");
+            // main says this after `nes: ` and exits 1 (error::user).
+            let said = username::refused(&err).unwrap_or_else(|| panic!("{line:?}: {err}"));
+            assert!(
+                said.starts_with(&format!("{message}{why}")),
+                "{line:?}: {said}"
+            );
+        }
     }
 }

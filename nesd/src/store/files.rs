@@ -8,11 +8,12 @@
 //! after a crash the two always agree. Progress (chunks stored, chunks acknowledged) is
 //! written to the record alone.
 
-use super::{peer_key, receipt_key, Change, Store, StoreResult, P_MSG};
+use super::{
+    decode_message, encode_message, peer_key, receipt_key, Change, Store, StoreResult, P_MSG,
+};
 use nes_proto::files::FileOffer;
 use nes_proto::inner::ReceiptState;
 use nes_proto::rpc::{self, event::Kind, Direction, FileState, MessageState};
-use prost::Message as _;
 use serde::{Deserialize, Serialize};
 
 /// Prefix of transfer records.
@@ -240,7 +241,7 @@ impl Store {
             self.apply_with_outbox(c, leaving, 0)?;
             return Ok(None);
         };
-        let mut message = rpc::Message::decode(&bytes[..])?;
+        let mut message = decode_message(&bytes)?;
         if let Some(state) = ending.outgoing_state {
             if message.direction == Direction::Outgoing as i32
                 && super::advances(message.state(), state)
@@ -249,7 +250,7 @@ impl Store {
             }
         }
         message.file = Some(t.info(&ending.path));
-        c.batch.insert(key, message.encode_to_vec());
+        c.batch.insert(key, encode_message(&message));
         if ending.owe_delivery && message.wants_receipts {
             c.batch.insert(
                 receipt_key(&t.peer, ReceiptState::Delivered, seq),

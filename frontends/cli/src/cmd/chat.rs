@@ -24,6 +24,7 @@
 
 use crate::error::{user, CliError};
 use crate::output::{message_body, state_mark};
+use crate::username::UsernameParser;
 use crate::Ctx;
 use futures::StreamExt;
 use nes_client::display::line;
@@ -43,17 +44,15 @@ use unicode_width::{UnicodeWidthChar, UnicodeWidthStr};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The peer to chat with.
-    #[arg(short = 't', long = "to", value_name = "PEER")]
-    pub to: String,
+    #[arg(short = 't', long = "to", value_name = "PEER", value_parser = UsernameParser)]
+    pub to: nes_proto::Username,
     /// How many stored messages to show first.
     #[arg(long, default_value_t = 500, value_name = "N")]
     pub scrollback: u32,
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
-    let peer = args.to.trim().to_lowercase();
-    nes_proto::Username::parse(&peer)
-        .map_err(|e| user(format!("cannot chat with {:?}: {e}", args.to)))?;
+    let peer = args.to.to_string();
     let mut client = ctx.client().await?;
     let status = client.status().await?;
     // An unknown peer is refused here, before the screen is taken over.

@@ -8,10 +8,12 @@
 //!   keys it shows (and the daemon refuses if they changed again in between);
 //! - `nes contacts legacy USER on|off`: send to USER as v1 frames (original client).
 
-use crate::error::{user, CliError};
+use crate::error::CliError;
 use crate::output::{local_time, print_json, print_line};
+use crate::username::UsernameParser;
 use crate::Ctx;
 use nes_proto::rpc::{Contact, TrustState};
+use nes_proto::Username;
 use serde_json::json;
 
 #[derive(clap::Args, Debug)]
@@ -35,7 +37,8 @@ pub enum ContactsCommand {
     /// Show one contact with its key fingerprints.
     Show {
         /// The contact's username.
-        user: String,
+        #[arg(value_parser = UsernameParser)]
+        user: Username,
         /// Ask the key server again even if the cached keys are fresh.
         #[arg(long)]
         refresh: bool,
@@ -49,7 +52,8 @@ pub enum ContactsCommand {
     /// Accept a contact's new keys after a key change.
     Trust {
         /// The contact's username.
-        user: String,
+        #[arg(value_parser = UsernameParser)]
+        user: Username,
         /// Accept only if the new message key has this fingerprint (hex SHA-256).
         #[arg(long, value_name = "FP", requires = "sign_key")]
         message_key: Option<String>,
@@ -60,7 +64,8 @@ pub enum ContactsCommand {
     /// Mark a contact as using the original client (messages go out as v1 frames).
     Legacy {
         /// The contact's username.
-        user: String,
+        #[arg(value_parser = UsernameParser)]
+        user: Username,
         /// on: send v1 frames; off: send v2 (the default).
         #[arg(value_parser = ["on", "off"])]
         state: String,
@@ -96,8 +101,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
             pem,
             json,
         } => {
-            let name = username(&name)?;
-            let c = client.lookup_contact(&name, refresh).await?;
+            let c = client.lookup_contact(name.as_str(), refresh).await?;
             if json {
                 return print_json(&contact_json(&c, pem));
             }
@@ -111,8 +115,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
             message_key,
             sign_key,
         } => {
-            let name = username(&name)?;
-            let c = client.lookup_contact(&name, true).await?;
+            let c = client.lookup_contact(name.as_str(), true).await?;
             if c.trust != TrustState::KeyChanged as i32 && message_key.is_none() {
                 print_line(&format!("{name}'s keys have not changed; nothing to trust"))?;
                 return Ok(());
@@ -127,21 +130,16 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
             print_line(&format!(
                 "trusting {name}'s new keys: message sha256:{m}, sign sha256:{s}"
             ))?;
-            let c = client.trust_contact(&name, &m, &s).await?;
+            let c = client.trust_contact(name.as_str(), &m, &s).await?;
             print_line(&contact_line(&c))
         }
         ContactsCommand::Legacy { user: name, state } => {
-            let name = username(&name)?;
-            let c = client.set_contact_legacy(&name, state == "on").await?;
+            let c = client
+                .set_contact_legacy(name.as_str(), state == "on")
+                .await?;
             print_line(&contact_line(&c))
         }
     }
-}
-
-fn username(typed: &str) -> Result<String, CliError> {
-    let name = typed.trim().to_lowercase();
-    nes_proto::Username::parse(&name).map_err(|e| user(format!("{typed:?}: {e}")))?;
-    Ok(name)
 }
 
 /// Accepts `sha256:AB:CD...`, upper case or colons; the API wants plain lower hex.

@@ -6,8 +6,9 @@
 //! `nes file cancel`. `--json`: the JSON line of each message, as `nes history --json`
 //! prints it (with its `file` object).
 
-use crate::error::{user, CliError};
+use crate::error::CliError;
 use crate::output::{file_state_name, local_time, message_json, percent, print_json, print_line};
+use crate::username::UsernameParser;
 use crate::Ctx;
 use nes_client::display::line;
 use nes_proto::rpc::{Direction, FileState, Message};
@@ -15,24 +16,18 @@ use nes_proto::rpc::{Direction, FileState, Message};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// Only the files exchanged with this peer.
-    pub peer: Option<String>,
+    #[arg(value_parser = UsernameParser)]
+    pub peer: Option<nes_proto::Username>,
     /// JSON lines, one message object (with its `file`) per file.
     #[arg(long)]
     pub json: bool,
 }
 
 pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
-    let peer = match &args.peer {
-        Some(typed) => {
-            let peer = typed.trim().to_lowercase();
-            nes_proto::Username::parse(&peer)
-                .map_err(|e| user(format!("no files with {typed:?}: {e}")))?;
-            peer
-        }
-        None => String::new(),
-    };
+    // Everyone's files: no peer.
+    let peer = args.peer.as_ref().map_or("", |p| p.as_str());
     let mut client = ctx.client().await?;
-    let messages = client.files(&peer).await?;
+    let messages = client.files(peer).await?;
     for message in &messages {
         if args.json {
             print_json(&message_json(message, None))?;
@@ -41,7 +36,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
         }
     }
     if messages.is_empty() && !args.json {
-        match peer.as_str() {
+        match peer {
             "" => eprintln!("nes: no files yet"),
             peer => eprintln!("nes: no files with {peer} yet"),
         }

@@ -10,6 +10,7 @@
 //! for v1/v2 frames, the message key `DIR/keys/<user>-rsa-message`).
 
 use crate::error::{usage, user, CliError};
+use crate::username::UsernameParser;
 use nes_proto::frame::{self, Draft, Version};
 use nes_proto::keys::{key_files, KEYS_DIR, MESSAGE_KEY_SUFFIX};
 use nes_proto::v3::{KeyDir, SignedPrekey};
@@ -28,11 +29,11 @@ pub enum FrameCommand {
 #[derive(clap::Args, Debug)]
 pub struct SealArgs {
     /// Sender username (inner `from`).
-    #[arg(long)]
-    pub from: String,
+    #[arg(long, value_parser = UsernameParser)]
+    pub from: Username,
     /// Recipient username (inner `to`).
-    #[arg(long)]
-    pub to: String,
+    #[arg(long, value_parser = UsernameParser)]
+    pub to: Username,
     /// The recipient's message public key (PEM file; v1 and v2).
     #[arg(long, value_name = "PUB", required_unless_present = "v3")]
     pub to_key: Option<PathBuf>,
@@ -72,8 +73,8 @@ pub struct OpenArgs {
     #[arg(long, value_name = "PUB")]
     pub sender_key: PathBuf,
     /// Refuse the frame unless its inner `to` is this user.
-    #[arg(long, value_name = "USER")]
-    pub me: Option<String>,
+    #[arg(long, value_name = "USER", value_parser = UsernameParser)]
+    pub me: Option<Username>,
 }
 
 pub fn run(command: FrameCommand) -> Result<(), CliError> {
@@ -84,10 +85,8 @@ pub fn run(command: FrameCommand) -> Result<(), CliError> {
 }
 
 fn seal(args: SealArgs) -> Result<(), CliError> {
-    let from = Username::parse(&args.from).map_err(|e| user(format!("--from: {e}")))?;
-    let to = Username::parse(&args.to).map_err(|e| user(format!("--to: {e}")))?;
     if args.v3 {
-        return seal_v3(args, &from, &to);
+        return seal_v3(args);
     }
     let (Some(to_key), Some(sign_key)) = (&args.to_key, &args.sign_key) else {
         return Err(usage(
@@ -104,8 +103,8 @@ fn seal(args: SealArgs) -> Result<(), CliError> {
     let draft = Draft {
         control: None,
         wants_receipts: false,
-        from: &from,
-        to: &to,
+        from: &args.from,
+        to: &args.to,
         text: &text,
         timestamp_ms: nes_proto::now_ms(),
     };
@@ -114,7 +113,8 @@ fn seal(args: SealArgs) -> Result<(), CliError> {
     print_line(&sealed.frame)
 }
 
-fn seal_v3(args: SealArgs, from: &Username, to: &Username) -> Result<(), CliError> {
+fn seal_v3(args: SealArgs) -> Result<(), CliError> {
+    let (from, to) = (&args.from, &args.to);
     let (Some(prekey_file), Some(to_sign_key), Some(data_dir)) =
         (&args.to_prekey, &args.to_sign_key, &args.data_dir)
     else {
@@ -188,10 +188,7 @@ fn open(args: OpenArgs) -> Result<(), CliError> {
     let key = PrivateKey::read(key).map_err(|e| user(format!("--key: {e}")))?;
     let sender =
         PublicKey::read(&args.sender_key).map_err(|e| user(format!("--sender-key: {e}")))?;
-    let me = match &args.me {
-        Some(me) => Some(Username::parse(me).map_err(|e| user(format!("--me: {e}")))?),
-        None => None,
-    };
+    let me = &args.me;
     let mut input = Vec::new();
     // Read one byte past the limit so an oversized frame is refused, not truncated.
     std::io::stdin()
@@ -215,10 +212,7 @@ fn open_from_dir(args: OpenArgs) -> Result<(), CliError> {
     let data_dir = args.data_dir.as_deref().unwrap_or(Path::new("."));
     let sender =
         PublicKey::read(&args.sender_key).map_err(|e| user(format!("--sender-key: {e}")))?;
-    let me = match &args.me {
-        Some(me) => Some(Username::parse(me).map_err(|e| user(format!("--me: {e}")))?),
-        None => None,
-    };
+    let me = &args.me;
     let message_key = match &args.key {
         Some(path) => Some(PrivateKey::read(path).map_err(|e| user(format!("--key: {e}")))?),
         None => match message_key_file(data_dir, me.as_ref())? {

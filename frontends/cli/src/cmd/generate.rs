@@ -6,6 +6,7 @@
 //! overwritten without `--force`: losing a private key loses every message sealed to it.
 
 use crate::error::{user, CliError};
+use crate::username::UsernameParser;
 use nes_proto::keys::{write_private_file, DEFAULT_BITS};
 use nes_proto::{PrivateKey, Username};
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
@@ -14,8 +15,8 @@ use std::path::{Path, PathBuf};
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The identity's username (3-32 of a-z, 0-9, '_', '-').
-    #[arg(short = 'u', long, env = "NES_USER")]
-    pub user: String,
+    #[arg(short = 'u', long, env = "NES_USER", value_parser = UsernameParser)]
+    pub user: Username,
     /// RSA modulus size: 2048, 3072 or 4096.
     #[arg(short = 's', long, default_value_t = DEFAULT_BITS)]
     pub size: usize,
@@ -28,7 +29,7 @@ pub struct Args {
 }
 
 pub fn run(args: Args) -> Result<(), CliError> {
-    let name = Username::parse(&args.user).map_err(|e| user(e.to_string()))?;
+    let name = args.user;
     let data_dir = match args.data_dir {
         Some(dir) => dir,
         None => default_data_dir()?,

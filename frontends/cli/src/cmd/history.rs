@@ -5,8 +5,9 @@
 //! as `nes chat` does when opened), which sends read receipts to senders that asked for
 //! them unless `read_receipts = false`; `--keep-unread` leaves them unread.
 
-use crate::error::{user, CliError};
+use crate::error::CliError;
 use crate::output::{local_time, message_json, message_line, print_json, print_line};
+use crate::username::UsernameParser;
 use crate::Ctx;
 use nes_proto::rpc::{Direction, MessageState};
 use serde_json::json;
@@ -14,7 +15,8 @@ use serde_json::json;
 #[derive(clap::Args, Debug)]
 pub struct Args {
     /// The conversation's peer (none: list conversations).
-    pub peer: Option<String>,
+    #[arg(value_parser = UsernameParser)]
+    pub peer: Option<nes_proto::Username>,
     /// Only the last N messages.
     #[arg(short = 'n', long, value_name = "N")]
     pub last: Option<u32>,
@@ -31,14 +33,11 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     let Some(peer) = args.peer else {
         return conversations(&mut client, args.json).await;
     };
-    let typed = peer;
-    let peer = typed.trim().to_lowercase();
-    nes_proto::Username::parse(&peer)
-        .map_err(|e| user(format!("no conversation with {typed:?}: {e}")))?;
+    let peer = peer.as_str();
     if args.last == Some(0) {
         return Ok(());
     }
-    let messages = client.history(&peer, args.last.unwrap_or(0)).await?;
+    let messages = client.history(peer, args.last.unwrap_or(0)).await?;
     for message in &messages {
         if args.json {
             print_json(&message_json(message, None))?;
@@ -55,7 +54,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
             && !m.read
     });
     if let (Some(m), false) = (newest_unread, args.keep_unread) {
-        client.mark_read(&peer, &m.id).await?;
+        client.mark_read(peer, &m.id).await?;
     }
     Ok(())
 }

@@ -18,6 +18,7 @@
 use crate::cmd::generate::{default_data_dir, key_files, make_private_dir};
 use crate::error::{user, CliError};
 use crate::output::print_line;
+use crate::username::{refusal, username, UsernameParser};
 use crate::Ctx;
 use nes_proto::keys::write_private_file;
 use nes_proto::{PrivateKey, PublicKey, Username};
@@ -30,8 +31,8 @@ pub struct Args {
     #[arg(long, value_name = "DIR")]
     pub from: Option<PathBuf>,
     /// The identity to import (default: from the original config, or the only one there).
-    #[arg(short = 'u', long)]
-    pub user: Option<String>,
+    #[arg(short = 'u', long, value_parser = UsernameParser)]
+    pub user: Option<Username>,
     /// Data directory to copy the keys into (default: ~/.local/share/nes).
     #[arg(short = 'd', long, env = "NES_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -56,12 +57,18 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
         Err(e) => return Err(user(format!("{}: {e}", from.join("config").display()))),
     };
-    let name = match args.user.or_else(|| legacy_user(&legacy)) {
+    // -u was parsed by clap; a name from the original's config or folder is parsed here,
+    // with the same parser and message.
+    let name = match args.user {
         Some(name) => name,
-        None => only_identity(&from)?,
+        None => {
+            let name = match legacy_user(&legacy) {
+                Some(name) => name,
+                None => only_identity(&from)?,
+            };
+            username(&name).map_err(|e| user(refusal("import-legacy", "user", &name, &e)))?
+        }
     };
-    let name =
-        Username::parse(name.trim()).map_err(|e| user(format!("cannot import {name:?}: {e}")))?;
 
     // Read and check everything before writing anything.
     let keys = read_legacy_keys(&from, &name)?;

@@ -36,12 +36,14 @@
 
 use crate::error::{usage, user, CliError};
 use crate::output::{message_json, message_line, print_json, print_line, state_mark, state_name};
+use crate::username::UsernameParser;
 use crate::Ctx;
 use nes_client::feed::{cursor_number, is_refused_cursor};
 use nes_client::{Feed, FeedItem};
 use nes_proto::rpc::{
     event, Direction, Event, FileState, Message, MessageState, MessageStateChanged,
 };
+use nes_proto::Username;
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
@@ -51,8 +53,8 @@ pub struct Args {
     #[arg(long)]
     pub json: bool,
     /// Only messages from this user.
-    #[arg(short = 'f', long, value_name = "USER")]
-    pub from: Option<String>,
+    #[arg(short = 'f', long, value_name = "USER", value_parser = UsernameParser)]
+    pub from: Option<Username>,
     /// Stop after N messages.
     #[arg(short = 'n', long, value_name = "N")]
     pub count: Option<u64>,
@@ -73,8 +75,8 @@ pub struct Args {
 /// Which messages of the event stream `listen` shows.
 #[derive(Debug, Default, Clone)]
 pub struct Filter {
-    /// Only from this (lower-case) user.
-    pub from: Option<String>,
+    /// Only from this user.
+    pub from: Option<Username>,
     /// Also outgoing messages.
     pub outgoing: bool,
 }
@@ -121,7 +123,7 @@ impl Filter {
             _ => None,
         }?;
         if let Some(from) = &self.from {
-            if &shown.from != from {
+            if shown.from != from.as_str() {
                 return None;
             }
         }
@@ -133,14 +135,6 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     if args.count == Some(0) {
         return Ok(());
     }
-    let from = match &args.from {
-        Some(f) => {
-            let name = f.trim().to_lowercase();
-            nes_proto::Username::parse(&name).map_err(|e| user(format!("--from {f:?}: {e}")))?;
-            Some(name)
-        }
-        None => None,
-    };
     let deadline = match args.timeout {
         Some(s) if s.is_finite() && s >= 0.0 => {
             Some(tokio::time::Instant::now() + Duration::from_secs_f64(s))
@@ -153,7 +147,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
         None => None,
     };
     let filter = Filter {
-        from,
+        from: args.from,
         outgoing: args.outgoing,
     };
     let print = args.json || args.exec.is_none();
@@ -499,7 +493,7 @@ mod tests {
         }
         // --from applies to files too.
         let only_carol = Filter {
-            from: Some("carol".into()),
+            from: Some("carol".parse().unwrap()),
             ..Filter::default()
         };
         assert_eq!(only_carol.classify(&done), None);
@@ -625,7 +619,7 @@ mod tests {
     #[test]
     fn outgoing_and_from_filters() {
         let f = Filter {
-            from: Some("alice".into()),
+            from: Some("alice".parse().unwrap()),
             outgoing: true,
         };
         assert!(f

@@ -9,6 +9,7 @@
 
 use crate::cmd::generate::{default_data_dir, key_files};
 use crate::error::{user, CliError};
+use crate::username::UsernameParser;
 use nes_proto::v3::KeyDir;
 use nes_proto::{PrivateKey, Username};
 use std::io::Write;
@@ -24,8 +25,8 @@ pub enum PrekeyCommand {
 #[derive(clap::Args, Debug)]
 pub struct NewArgs {
     /// The identity's username.
-    #[arg(short = 'u', long, env = "NES_USER")]
-    pub user: String,
+    #[arg(short = 'u', long, env = "NES_USER", value_parser = UsernameParser)]
+    pub user: Username,
     /// Data directory holding the identity's keys (default: ~/.local/share/nes).
     #[arg(short = 'd', long, env = "NES_DATA_DIR", value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -42,7 +43,7 @@ pub fn run(command: PrekeyCommand) -> Result<(), CliError> {
 }
 
 fn new(args: NewArgs) -> Result<(), CliError> {
-    let name = Username::parse(&args.user).map_err(|e| user(e.to_string()))?;
+    let name = args.user;
     let data_dir = match args.data_dir {
         Some(dir) => dir,
         None => default_data_dir()?,

@@ -26,9 +26,11 @@
 
 use crate::error::{usage, user, CliError};
 use crate::output::{message_json, print_json, print_line, state_name, strip_one_newline};
+use crate::username::{refusal, username, UsernameParser};
 use crate::Ctx;
 use nes_client::{Feed, FeedItem};
 use nes_proto::rpc::{event, MessageState, SendReply, SendRequest};
+use nes_proto::Username;
 use serde_json::Value;
 use std::io::{IsTerminal, Read};
 use std::path::{Path, PathBuf};
@@ -40,8 +42,8 @@ pub struct Args {
     #[arg(value_name = "PEER [TEXT]", num_args = 0..)]
     pub words: Vec<String>,
     /// The recipient (the original client's flag).
-    #[arg(short = 't', long = "to", value_name = "PEER")]
-    pub to: Option<String>,
+    #[arg(short = 't', long = "to", value_name = "PEER", value_parser = UsernameParser)]
+    pub to: Option<Username>,
     /// The text (the original client's flag).
     #[arg(short = 'm', long = "message", value_name = "TEXT")]
     pub message: Option<String>,
@@ -85,10 +87,6 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
         None => read_stdin_text()?,
     };
     check_text(&text)?;
-    let typed = peer;
-    let peer = typed.to_lowercase();
-    nes_proto::Username::parse(&peer)
-        .map_err(|e| user(format!("cannot send to {typed:?}: {e}")))?;
 
     let mut client = ctx.client().await?;
     // Subscribe before sending so no state change can slip past --wait.
@@ -96,7 +94,7 @@ pub async fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
         true => Some(Feed::open(&ctx.socket, None).await?),
         false => None,
     };
-    let message = client.send(&peer, &text, args.legacy).await?;
+    let message = client.send(peer.as_str(), &text, args.legacy).await?;
     if args.json {
         print_json(&message_json(&message, None))?;
     } else {
@@ -227,15 +225,12 @@ async fn open(file: FileToSend) -> Result<Opened, CliError> {
 
 /// `nes send PEER --file PATH...`: see the module docs.
 async fn send_files(ctx: &Ctx, args: &Args) -> Result<(), CliError> {
-    let (typed, text) = recipient_and_text(args)?;
+    let (peer, text) = recipient_and_text(args)?;
     if text.is_some() {
         return Err(usage(
             "with --file, give no TEXT: each file is a message of its own (send the text with another `nes send`)",
         ));
     }
-    let peer = typed.to_lowercase();
-    nes_proto::Username::parse(&peer)
-        .map_err(|e| user(format!("cannot send to {typed:?}: {e}")))?;
     let mut opened = Vec::new();
     for file in plan_files(&args.files, args.name.as_deref())? {
         opened.push(open(file).await?);
@@ -247,7 +242,7 @@ async fn send_files(ctx: &Ctx, args: &Args) -> Result<(), CliError> {
     for Opened { file, reader, size } in opened {
         let bar = crate::progress::bytes(size, &file.name);
         let result = client
-            .send_file(&peer, &file.name, media_type, reader, |n| {
+            .send_file(peer.as_str(), &file.name, media_type, reader, |n| {
                 bar.set_position(n)
             })
             .await;
@@ -293,13 +288,19 @@ fn is_final(state: i32) -> bool {
 }
 
 /// Sorts the positional words and `-t`/`-m` into recipient and (maybe) text.
-fn recipient_and_text(args: &Args) -> Result<(String, Option<String>), CliError> {
+///
+/// `-t` was parsed by clap; a positional PEER cannot be (with `-t`, every word is text),
+/// so it is parsed here, with the same parser and the same message.
+fn recipient_and_text(args: &Args) -> Result<(Username, Option<String>), CliError> {
     let mut words = args.words.iter();
     let peer = match &args.to {
         Some(to) => to.clone(),
-        None => words.next().cloned().ok_or_else(|| {
-            usage("send needs a recipient: `nes send PEER [TEXT]`, `nes send -t PEER -m TEXT` or `nes send --batch`")
-        })?,
+        None => {
+            let typed = words.next().ok_or_else(|| {
+                usage("send needs a recipient: `nes send PEER [TEXT]`, `nes send -t PEER -m TEXT` or `nes send --batch`")
+            })?;
+            username(typed).map_err(|e| user(refusal("send", "words", typed, &e)))?
+        }
     };
     let rest: Vec<&String> = words.collect();
     let text = match (&args.message, rest.is_empty()) {
@@ -317,7 +318,7 @@ fn recipient_and_text(args: &Args) -> Result<(String, Option<String>), CliError>
         ),
         (None, true) => None,
     };
-    Ok((peer.trim().to_string(), text))
+    Ok((peer, text))
 }
 
 /// Refuses an empty (or whitespace-only) message before bothering the daemon.
@@ -622,7 +623,7 @@ mod tests {
     fn args(words: &[&str], to: Option<&str>, message: Option<&str>) -> Args {
         Args {
             words: words.iter().map(|s| s.to_string()).collect(),
-            to: to.map(String::from),
+            to: to.map(|t| username(t).unwrap()),
             message: message.map(String::from),
             legacy: false,
             files: Vec::new(),
@@ -711,26 +712,38 @@ mod tests {
 
     #[test]
     fn forms_of_recipient_and_text() {
+        let bob = username("bob").unwrap();
         assert_eq!(
             recipient_and_text(&args(&["bob", "hi", "there"], None, None)).unwrap(),
-            ("bob".into(), Some("hi there".into()))
+            (bob.clone(), Some("hi there".into()))
         );
         assert_eq!(
-            recipient_and_text(&args(&["Bob"], None, None)).unwrap(),
-            ("Bob".into(), None)
+            recipient_and_text(&args(&[" Bob"], None, None)).unwrap(),
+            (bob.clone(), None)
         );
         assert_eq!(
             recipient_and_text(&args(&[], Some("bob"), Some("hi"))).unwrap(),
-            ("bob".into(), Some("hi".into()))
+            (bob.clone(), Some("hi".into()))
         );
+        // With -t, every word is text, even one that is no username.
         assert_eq!(
-            recipient_and_text(&args(&["hi", "you"], Some("bob"), None)).unwrap(),
-            ("bob".into(), Some("hi you".into()))
+            recipient_and_text(&args(&["hi!", "you"], Some("bob"), None)).unwrap(),
+            (bob.clone(), Some("hi! you".into()))
         );
         assert_eq!(
             recipient_and_text(&args(&["bob"], None, Some("x"))).unwrap(),
-            ("bob".into(), Some("x".into()))
+            (bob, Some("x".into()))
         );
+        // A bad positional PEER is refused as clap refuses a bad -t: exit 1, named.
+        match recipient_and_text(&args(&["B@d!", "hi"], None, None)) {
+            Err(CliError::User(message)) => {
+                assert!(
+                    message.starts_with("cannot send to \"B@d!\": invalid username"),
+                    "{message}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
         assert!(matches!(
             recipient_and_text(&args(&[], None, None)),
             Err(CliError::Usage(_))

@@ -1,0 +1,370 @@
+//! Messages and conversations: the records of both directions (`c`), the id index (`i`),
+//! the per-conversation counters (`s`) and the unread set (`u`).
+
+use super::*;
+
+/// Counters of one conversation.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Summary {
+    /// Messages stored.
+    #[prost(uint64, tag = "1")]
+    pub total: u64,
+    /// Incoming messages not read.
+    #[prost(uint64, tag = "2")]
+    pub unread: u64,
+}
+
+impl Store {
+    /// Stores a verified incoming message (state RECEIVED, or HELD with its frame).
+    /// Returns `None` for a duplicate: the conversation already has that id.
+    pub fn insert_incoming(
+        &self,
+        message: rpc::Message,
+        held_frame: Option<Vec<u8>>,
+    ) -> StoreResult<Option<rpc::Message>> {
+        self.insert_incoming_with(message, held_frame, None)
+    }
+
+    /// Stores an incoming file message and its transfer record together. `None` for a
+    /// duplicate id. Its delivery receipt is owed only once the file is complete.
+    pub fn insert_incoming_file(
+        &self,
+        message: rpc::Message,
+        transfer: &Transfer,
+    ) -> StoreResult<Option<rpc::Message>> {
+        self.insert_incoming_with(message, None, Some(transfer))
+    }
+
+    fn insert_incoming_with(
+        &self,
+        mut message: rpc::Message,
+        held_frame: Option<Vec<u8>>,
+        transfer: Option<&Transfer>,
+    ) -> StoreResult<Option<rpc::Message>> {
+        let data = &self.inner.data;
+        let mut c = self.change();
+        if let Some(t) = transfer {
+            Store::add_transfer(&mut c, t);
+        }
+        let peer = message.peer.clone();
+        let idk = peer_key(P_ID, &peer, message.id.as_bytes());
+        if data.contains_key(&idk)? {
+            return Ok(None);
+        }
+        let seq = c.seq();
+        message.stored_at_ms = now_ms();
+        let mut summary = self.summary(&peer)?;
+        summary.total += 1;
+        let unread = message.state == MessageState::Received as i32 && !message.read;
+        if unread {
+            summary.unread += 1;
+            c.batch
+                .insert(peer_key(P_UNREAD, &peer, &seq.to_be_bytes()), &[]);
+        }
+        if let Some(frame) = held_frame {
+            c.batch
+                .insert(peer_key(P_HELD, &peer, &seq.to_be_bytes()), frame);
+        }
+        c.batch.insert(
+            peer_key(P_MSG, &peer, &seq.to_be_bytes()),
+            encode_message(&message),
+        );
+        c.batch.insert(idk, &seq.to_be_bytes());
+        c.batch.insert(summary_key(&peer), summary.encode_to_vec());
+        // Read before written: every message of a contact asks, the mark is written once.
+        let capable = peer_key(P_CAPABLE, &peer, &[]);
+        if message.wants_receipts && !data.contains_key(&capable)? {
+            c.batch.insert(capable, &[]);
+        }
+        if message.wants_receipts
+            && message.state == MessageState::Received as i32
+            && message.file.is_none()
+        {
+            c.batch.insert(
+                receipt_key(&peer, ReceiptState::Delivered, seq),
+                message.id.as_bytes(),
+            );
+        }
+        c.event(Kind::Message(message.clone()));
+        c.apply(data)?;
+        Ok(Some(message))
+    }
+
+    /// Stores an outgoing message (state QUEUED) and its sealed frame in the outbox.
+    pub fn insert_outgoing(
+        &self,
+        message: rpc::Message,
+        outbox: OutboxRecord,
+    ) -> StoreResult<rpc::Message> {
+        self.insert_outgoing_with(message, outbox, None)
+    }
+
+    /// Stores an outgoing file message (its offer queued in the outbox) and its transfer
+    /// record together.
+    pub fn insert_outgoing_file(
+        &self,
+        message: rpc::Message,
+        outbox: OutboxRecord,
+        transfer: &Transfer,
+    ) -> StoreResult<rpc::Message> {
+        self.insert_outgoing_with(message, outbox, Some(transfer))
+    }
+
+    fn insert_outgoing_with(
+        &self,
+        mut message: rpc::Message,
+        outbox: OutboxRecord,
+        transfer: Option<&Transfer>,
+    ) -> StoreResult<rpc::Message> {
+        let data = &self.inner.data;
+        let mut c = self.change();
+        if let Some(t) = transfer {
+            Store::add_transfer(&mut c, t);
+        }
+        let peer = message.peer.clone();
+        let idk = peer_key(P_ID, &peer, message.id.as_bytes());
+        if data.contains_key(&idk)? {
+            return Err(StoreError::IdTaken(message.id));
+        }
+        let seq = c.seq();
+        message.stored_at_ms = now_ms();
+        let mut summary = self.summary(&peer)?;
+        summary.total += 1;
+        c.batch.insert(
+            peer_key(P_MSG, &peer, &seq.to_be_bytes()),
+            encode_message(&message),
+        );
+        c.batch.insert(idk, &seq.to_be_bytes());
+        c.batch.insert(summary_key(&peer), summary.encode_to_vec());
+        c.batch.insert(&outbox_key(seq)[..], outbox.encode_to_vec());
+        c.event(Kind::Message(message.clone()));
+        c.apply(data)?;
+        self.inner.outbox_len.fetch_add(1, Ordering::AcqRel);
+        Ok(message)
+    }
+
+    /// Moves an outgoing message on (SENT, DELIVERED, READ, FAILED). States only move
+    /// forward; every one of them takes it out of the outbox. Returns the updated message,
+    /// or `None` when nothing changed.
+    pub fn set_outgoing_state(
+        &self,
+        peer: &str,
+        id: &str,
+        state: MessageState,
+        error: &str,
+    ) -> StoreResult<Option<rpc::Message>> {
+        let mut c = self.change();
+        let Some((message, leaves_outbox)) = self.advance(&mut c, peer, id, state, error)? else {
+            return Ok(None);
+        };
+        self.apply_with_outbox(c, leaves_outbox, 0)?;
+        Ok(Some(message))
+    }
+
+    /// Adds moving one outgoing message to `state` to the change `c`: the record, the
+    /// outbox entry leaving, the event. `None` when it does not move; else the message and
+    /// how many outbox entries leave (0 or 1).
+    pub(super) fn advance(
+        &self,
+        c: &mut Change<'_>,
+        peer: &str,
+        id: &str,
+        state: MessageState,
+        error: &str,
+    ) -> StoreResult<Option<(rpc::Message, u64)>> {
+        let data = &self.inner.data;
+        let Some(seq) = self.seq_of(peer, id)? else {
+            return Ok(None);
+        };
+        let key = peer_key(P_MSG, peer, &seq.to_be_bytes());
+        let Some(bytes) = data.get(&key)? else {
+            return Ok(None);
+        };
+        let mut message = decode_message(&bytes)?;
+        if message.direction != Direction::Outgoing as i32 || !advances(message.state(), state) {
+            return Ok(None);
+        }
+        message.state = state as i32;
+        message.error = error.to_owned();
+        c.batch.insert(key, encode_message(&message));
+        let leaves_outbox = data.contains_key(outbox_key(seq))?;
+        if leaves_outbox {
+            c.batch.remove(&outbox_key(seq));
+        }
+        c.event(Kind::StateChanged(rpc::MessageStateChanged {
+            id: id.to_owned(),
+            peer: peer.to_owned(),
+            state: state as i32,
+            error: error.to_owned(),
+        }));
+        Ok(Some((message, u64::from(leaves_outbox))))
+    }
+
+    /// One message by conversation and id.
+    pub fn message(&self, peer: &str, id: &str) -> StoreResult<Option<rpc::Message>> {
+        let Some(seq) = self.seq_of(peer, id)? else {
+            return Ok(None);
+        };
+        match self
+            .inner
+            .data
+            .get(peer_key(P_MSG, peer, &seq.to_be_bytes()))?
+        {
+            Some(bytes) => Ok(Some(decode_message(&bytes)?)),
+            None => Ok(None),
+        }
+    }
+
+    /// The conversation with `peer`, oldest first: the last `limit` (0: all) messages
+    /// stored before `before_id` (when given).
+    pub fn history(
+        &self,
+        peer: &str,
+        limit: usize,
+        before_id: Option<&str>,
+    ) -> StoreResult<Vec<rpc::Message>> {
+        let end = match before_id {
+            Some(id) => match self.seq_of(peer, id)? {
+                Some(seq) => peer_key(P_MSG, peer, &seq.to_be_bytes()),
+                None => {
+                    return Err(StoreError::UnknownId {
+                        peer: peer.to_owned(),
+                        id: id.to_owned(),
+                    })
+                }
+            },
+            None => {
+                let mut k = peer_key(P_MSG, peer, &[]);
+                k.push(0xff); // after every 8-byte seq of this peer
+                k
+            }
+        };
+        let start = peer_key(P_MSG, peer, &[]);
+        let limit = if limit == 0 { usize::MAX } else { limit };
+        let mut out = Vec::new();
+        for kv in self.inner.data.range(start..end).rev().take(limit) {
+            let (_, v) = kv?;
+            out.push(decode_message(&v)?);
+        }
+        out.reverse();
+        Ok(out)
+    }
+
+    /// Every conversation with its counters and newest message, most recent first.
+    pub fn conversations(&self) -> StoreResult<Vec<rpc::Conversation>> {
+        let mut found = Vec::new();
+        for kv in self.inner.data.scan_prefix([P_SUMMARY]) {
+            let (k, v) = kv?;
+            let peer = String::from_utf8_lossy(&k[1..]).into_owned();
+            let summary = Summary::decode(&v[..])?;
+            let last = self
+                .inner
+                .data
+                .scan_prefix(peer_key(P_MSG, &peer, &[]))
+                .next_back()
+                .transpose()?;
+            let (seq, last) = match last {
+                Some((k, v)) => (
+                    be_u64(&k[k.len() - 8..]).unwrap_or(0),
+                    Some(decode_message(&v)?),
+                ),
+                None => (0, None),
+            };
+            found.push((
+                seq,
+                rpc::Conversation {
+                    peer,
+                    unread: summary.unread,
+                    total: summary.total,
+                    last,
+                },
+            ));
+        }
+        found.sort_by_key(|f| std::cmp::Reverse(f.0));
+        Ok(found.into_iter().map(|(_, c)| c).collect())
+    }
+
+    /// Total unread incoming messages.
+    pub fn unread_total(&self) -> StoreResult<u64> {
+        let mut total = 0u64;
+        for kv in self.inner.data.scan_prefix([P_SUMMARY]) {
+            let (_, v) = kv?;
+            total = total.saturating_add(Summary::decode(&v[..])?.unread);
+        }
+        Ok(total)
+    }
+
+    /// Marks incoming messages of `peer` read: all, or up to and including `up_to_id`;
+    /// with `read_receipts`, those whose sender asked for receipts owe a read receipt.
+    /// Returns how many changed.
+    pub fn mark_read(
+        &self,
+        peer: &str,
+        up_to_id: Option<&str>,
+        read_receipts: bool,
+    ) -> StoreResult<u64> {
+        let data = &self.inner.data;
+        let mut c = self.change();
+        let last = match up_to_id {
+            Some(id) => match self.seq_of(peer, id)? {
+                Some(seq) => seq,
+                None => {
+                    return Err(StoreError::UnknownId {
+                        peer: peer.to_owned(),
+                        id: id.to_owned(),
+                    })
+                }
+            },
+            None => u64::MAX,
+        };
+        let mut marked = 0u64;
+        for kv in data
+            .range(peer_key(P_UNREAD, peer, &[])..=peer_key(P_UNREAD, peer, &last.to_be_bytes()))
+        {
+            let (k, _) = kv?;
+            let seq_bytes = &k[k.len() - 8..];
+            let mkey = peer_key(P_MSG, peer, seq_bytes);
+            if let Some(bytes) = data.get(&mkey)? {
+                let mut message = decode_message(&bytes)?;
+                message.read = true;
+                if read_receipts && message.wants_receipts {
+                    let seq = be_u64(seq_bytes).unwrap_or(0);
+                    c.batch.insert(
+                        receipt_key(peer, ReceiptState::Read, seq),
+                        message.id.as_bytes(),
+                    );
+                }
+                c.batch.insert(mkey, encode_message(&message));
+            }
+            c.batch.remove(k);
+            marked += 1;
+        }
+        if marked == 0 {
+            return Ok(0);
+        }
+        let mut summary = self.summary(peer)?;
+        summary.unread = summary.unread.saturating_sub(marked);
+        c.batch.insert(summary_key(peer), summary.encode_to_vec());
+        c.event(Kind::MarkedRead(rpc::MarkedRead {
+            peer: peer.to_owned(),
+            unread: summary.unread,
+        }));
+        c.apply(data)?;
+        Ok(marked)
+    }
+
+    pub(super) fn summary(&self, peer: &str) -> StoreResult<Summary> {
+        match self.inner.data.get(summary_key(peer))? {
+            Some(v) => Ok(Summary::decode(&v[..])?),
+            None => Ok(Summary::default()),
+        }
+    }
+
+    pub(super) fn seq_of(&self, peer: &str, id: &str) -> StoreResult<Option<u64>> {
+        Ok(self
+            .inner
+            .data
+            .get(peer_key(P_ID, peer, id.as_bytes()))?
+            .and_then(|v| be_u64(&v)))
+    }
+}
