@@ -294,9 +294,11 @@ impl ServeConfig {
 
 /// Parses a duration: a sequence of `<number><unit>` with units `ms`, `s`, `m`, `h`, `d`
 /// (`1h30m`, `24h`, `500ms`), or a bare number of seconds.
-pub fn parse_duration(text: &str) -> Result<Duration, String> {
+pub fn parse_duration(text: &str) -> Result<Duration, BadDuration> {
     let text = text.trim();
-    let bad = || format!("{text:?} is not a duration: use e.g. 24h, 10m, 90s, 500ms");
+    let bad = || BadDuration {
+        text: text.to_owned(),
+    };
     if text.is_empty() {
         return Err(bad());
     }
@@ -332,6 +334,17 @@ pub fn parse_duration(text: &str) -> Result<Duration, String> {
             .ok_or_else(bad)?;
     }
     Ok(total)
+}
+
+/// Why [`parse_duration`] refused a duration (a flag or a config value): one failure,
+/// which the message explains with examples. A type rather than a string so that clap
+/// and [`ConfigError`] take it as an error. Not nes-proto's `parse_duration`, which
+/// reads a single unit, no `ms`, and refuses zero (prekey periods).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{text:?} is not a duration: use e.g. 24h, 10m, 90s, 500ms")]
+pub struct BadDuration {
+    /// The text, trimmed.
+    pub text: String,
 }
 
 fn read_file(path: &Path) -> Result<FileConfig, ConfigError> {

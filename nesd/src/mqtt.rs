@@ -563,7 +563,7 @@ impl Client {
         topic: String,
         exactly_once: bool,
         frame: Vec<u8>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RequestError> {
         match self {
             Client::V311(c) => {
                 let qos = if exactly_once {
@@ -571,9 +571,7 @@ impl Client {
                 } else {
                     rumqttc::QoS::AtLeastOnce
                 };
-                c.publish(topic, qos, false, frame)
-                    .await
-                    .map_err(|e| e.to_string())
+                Ok(c.publish(topic, qos, false, frame).await?)
             }
             Client::V5(c) => {
                 let qos = if exactly_once {
@@ -581,9 +579,7 @@ impl Client {
                 } else {
                     v5::mqttbytes::QoS::AtLeastOnce
                 };
-                c.publish(topic, qos, false, frame)
-                    .await
-                    .map_err(|e| e.to_string())
+                Ok(c.publish(topic, qos, false, frame).await?)
             }
         }
     }
@@ -616,23 +612,53 @@ impl Client {
         }
     }
 
-    async fn subscribe(&self, topic: String) -> Result<(), String> {
+    async fn subscribe(&self, topic: String) -> Result<(), RequestError> {
         match self {
-            Client::V311(c) => c
-                .subscribe(topic, rumqttc::QoS::AtLeastOnce)
-                .await
-                .map_err(|e| e.to_string()),
-            Client::V5(c) => c
-                .subscribe(topic, v5::mqttbytes::QoS::AtLeastOnce)
-                .await
-                .map_err(|e| e.to_string()),
+            Client::V311(c) => Ok(c.subscribe(topic, rumqttc::QoS::AtLeastOnce).await?),
+            Client::V5(c) => Ok(c.subscribe(topic, v5::mqttbytes::QoS::AtLeastOnce).await?),
         }
     }
 
-    fn try_disconnect(&self) -> Result<(), String> {
+    fn try_disconnect(&self) -> Result<(), RequestError> {
         match self {
-            Client::V311(c) => c.try_disconnect().map_err(|e| e.to_string()),
-            Client::V5(c) => c.try_disconnect().map_err(|e| e.to_string()),
+            Client::V311(c) => Ok(c.try_disconnect()?),
+            Client::V5(c) => Ok(c.try_disconnect()?),
+        }
+    }
+}
+
+/// Why a request (a publish, the subscription, a disconnect) was not handed to rumqttc's
+/// event loop. A type rather than rumqttc's two `ClientError`s (one per MQTT version) so
+/// that callers see one error, named for what went wrong, and so that it does not carry
+/// the refused request: a publish's would hold the frame, which must stay out of logs.
+/// The messages are rumqttc's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum RequestError {
+    /// No client yet: `auto` has not decided which MQTT version the broker speaks.
+    #[error("no MQTT version decided yet (never connected)")]
+    NoVersionYet,
+    /// The event loop's request channel is closed: the loop has stopped.
+    #[error("Failed to send mqtt requests to eventloop")]
+    LoopStopped,
+    /// A request that does not wait (`try_`) found the channel full or closed.
+    #[error("Failed to send mqtt requests to eventloop")]
+    NotQueued,
+}
+
+impl From<rumqttc::ClientError> for RequestError {
+    fn from(e: rumqttc::ClientError) -> Self {
+        match e {
+            rumqttc::ClientError::Request(_) => RequestError::LoopStopped,
+            rumqttc::ClientError::TryRequest(_) => RequestError::NotQueued,
+        }
+    }
+}
+
+impl From<v5::ClientError> for RequestError {
+    fn from(e: v5::ClientError) -> Self {
+        match e {
+            v5::ClientError::Request(_) => RequestError::LoopStopped,
+            v5::ClientError::TryRequest(_) => RequestError::NotQueued,
         }
     }
 }
@@ -765,11 +791,11 @@ impl Transport {
         topic: String,
         exactly_once: bool,
         frame: Vec<u8>,
-    ) -> Result<(), String> {
+    ) -> Result<(), RequestError> {
         // Cloned out: the watch's lock must not be held across the await below.
         let client = self.client.borrow().clone();
         let Some(client) = client else {
-            return Err("no MQTT version decided yet (never connected)".into());
+            return Err(RequestError::NoVersionYet);
         };
         // Register before handing over: the event loop may write it at once.
         lock(&self.tracker).enqueue(token);

@@ -400,7 +400,7 @@ impl PeerPrekeys {
         let value = match self.keyserver.fetch_prekey(user).await {
             Ok(Some(body)) => match check(&body, user, sign_key, now) {
                 Ok(p) => PeerPrekey::Valid(Arc::new(p)),
-                Err(why) => PeerPrekey::Failed(why),
+                Err(why) => PeerPrekey::Failed(why.to_string()),
             },
             Ok(None) => PeerPrekey::None { lost: had },
             Err(FetchError::RateLimited(_)) => {
@@ -457,16 +457,32 @@ fn check(
     user: &Username,
     sign_key: &PublicKey,
     now: i64,
-) -> Result<SignedPrekey, String> {
-    let p = SignedPrekey::parse(body.trim_ascii())
-        .map_err(|e| format!("the key server's prekey is malformed: {e}"))?;
-    p.verify_for(user, sign_key).map_err(|e| {
-        format!("the key server's prekey does not verify under the pinned sign key: {e}")
-    })?;
+) -> Result<SignedPrekey, FetchedPrekeyError> {
+    let p = SignedPrekey::parse(body.trim_ascii()).map_err(FetchedPrekeyError::Malformed)?;
+    p.verify_for(user, sign_key)
+        .map_err(FetchedPrekeyError::Unverified)?;
     p.prekey()
         .check_valid(now)
-        .map_err(|e| format!("the key server's prekey is not valid now: {e}"))?;
+        .map_err(FetchedPrekeyError::NotValid)?;
     Ok(p)
+}
+
+/// Why a prekey fetched from the key server is not used (the contact is then sent v2,
+/// and [`PeerPrekey::Failed`] keeps the message): one variant per check of [`check`],
+/// so that its tests, and any caller that comes to need it, tell a forged prekey from
+/// an expired one without reading the message. The message embeds the check's error
+/// (it is no `source`, so a printer of error chains does not repeat it).
+#[derive(Debug, thiserror::Error)]
+enum FetchedPrekeyError {
+    /// It does not parse as a signed prekey.
+    #[error("the key server's prekey is malformed: {0}")]
+    Malformed(nes_proto::v3::V3Error),
+    /// It does not verify under the contact's pinned sign key, or names someone else.
+    #[error("the key server's prekey does not verify under the pinned sign key: {0}")]
+    Unverified(nes_proto::v3::V3Error),
+    /// It is not valid now (expired, or not valid yet).
+    #[error("the key server's prekey is not valid now: {0}")]
+    NotValid(nes_proto::v3::V3Error),
 }
 
 #[cfg(test)]
@@ -488,14 +504,27 @@ mod tests {
         let p = PrekeySecret::generate(&alice, now - 1000, now + 3_600_000, &sign).expect("prekey");
         let body = p.signed().as_bytes().to_vec();
         assert!(check(&body, &alice, sign.public_key(), now).is_ok());
-        assert!(check(&body, &alice, other.public_key(), now)
-            .expect_err("wrong key")
-            .contains("pinned"));
-        assert!(check(&body, &mallory, sign.public_key(), now).is_err());
-        assert!(check(&body, &alice, sign.public_key(), now + 7_200_000)
-            .expect_err("expired")
-            .contains("not valid"));
-        assert!(check(b"{}", &alice, sign.public_key(), now).is_err());
+        let wrong_key = check(&body, &alice, other.public_key(), now).expect_err("wrong key");
+        assert!(
+            matches!(wrong_key, FetchedPrekeyError::Unverified(_))
+                && wrong_key.to_string().contains("pinned"),
+            "{wrong_key}"
+        );
+        assert!(matches!(
+            check(&body, &mallory, sign.public_key(), now),
+            Err(FetchedPrekeyError::Unverified(_))
+        ));
+        let expired =
+            check(&body, &alice, sign.public_key(), now + 7_200_000).expect_err("expired");
+        assert!(
+            matches!(expired, FetchedPrekeyError::NotValid(_))
+                && expired.to_string().contains("not valid"),
+            "{expired}"
+        );
+        assert!(matches!(
+            check(b"{}", &alice, sign.public_key(), now),
+            Err(FetchedPrekeyError::Malformed(_))
+        ));
     }
 
     #[test]

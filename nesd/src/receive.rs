@@ -74,7 +74,7 @@ pub const DECRYPT_CHUNK: usize = 8;
 /// would only hold more frames back from the inbox, as two keep both cores busy).
 pub const DECRYPT_AHEAD: usize = 2;
 /// Cheap chunks decrypting ahead: enough for a whole batch, so that everything the broker
-/// has in flight to nesd (mosquitto's `max_inflight_messages`, 20 by default) is decrypted
+/// has in flight to nesd (one window, however wide the broker lets it run) is decrypted
 /// at once and stored with one flush, however it was split into chunks.
 pub const CHEAP_AHEAD: usize = MAX_BATCH / DECRYPT_CHUNK;
 /// How long frames left in the inbox by the last run wait, at start, for the broker to

@@ -1283,7 +1283,7 @@ impl crate::files::Sender for Service {
                 .transport
                 .publish(token, topic.clone(), false, record.frame)
                 .await
-                .map_err(ServiceError::Unavailable)?;
+                .map_err(|e| ServiceError::Unavailable(e.to_string()))?;
             self.p().stats.chunks_sent.fetch_add(1, Ordering::Relaxed);
         }
         Ok(())

@@ -76,19 +76,18 @@ impl FileOffer {
     }
 
     /// Checks every field (see the module docs).
-    pub fn check(&self) -> Result<(), String> {
+    pub fn check(&self) -> Result<(), FileError> {
         if !crate::inner::is_message_id(&self.id) {
-            return Err("a file id is not 16 bytes of base64url".into());
+            return Err(FileError::BadId);
         }
         check_name(&self.name)?;
         if self.size > MAX_OFFER_SIZE {
-            return Err(format!("a file of {} bytes; at most 2^40", self.size));
+            return Err(FileError::TooLarge { size: self.size });
         }
         if !(MIN_CHUNK_BYTES..=MAX_CHUNK_BYTES).contains(&self.chunk_size) {
-            return Err(format!(
-                "a chunk size of {}; {MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES} bytes",
-                self.chunk_size
-            ));
+            return Err(FileError::ChunkSize {
+                chunk_size: self.chunk_size,
+            });
         }
         if self.sha256.len() != 64
             || !self
@@ -96,36 +95,79 @@ impl FileOffer {
                 .bytes()
                 .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
         {
-            return Err("a file hash that is not 64 lower-case hex digits".into());
+            return Err(FileError::BadHash);
         }
         check_media_type(&self.media_type)
     }
 }
 
+/// Why a field of a file kind (an offer, or the file id and reason of the others) was
+/// refused: [`FileOffer::check`] and the checks of [`crate::inner::Inner::parse`], and
+/// the name and media type nesd is asked to send. Its own type so that a caller can
+/// tell a bad name from a bad media type without reading the message; the messages
+/// are shown to users and logged.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum FileError {
+    /// A file id (`id` of an offer, `file` of the others) is not a v2 message id.
+    #[error("a file id is not 16 bytes of base64url")]
+    BadId,
+    /// A name empty or over [`MAX_NAME_BYTES`].
+    #[error("a file name of {len} bytes; 1 to {MAX_NAME_BYTES}")]
+    NameLength {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A name that is `.` or `..`.
+    #[error("a file name that is . or ..")]
+    DotName,
+    /// A name with `/`, `\` or a control character (line separators included).
+    #[error("a file name with a slash or a control character")]
+    NameCharacter,
+    /// An offer over [`MAX_OFFER_SIZE`].
+    #[error("a file of {size} bytes; at most 2^40")]
+    TooLarge {
+        /// The size it announces.
+        size: u64,
+    },
+    /// A chunk size outside [`MIN_CHUNK_BYTES`]..=[`MAX_CHUNK_BYTES`].
+    #[error("a chunk size of {chunk_size}; {MIN_CHUNK_BYTES} to {MAX_CHUNK_BYTES} bytes")]
+    ChunkSize {
+        /// The chunk size it names.
+        chunk_size: u32,
+    },
+    /// `sha256` is not 64 lower-case hex digits.
+    #[error("a file hash that is not 64 lower-case hex digits")]
+    BadHash,
+    /// A media type that is not `type/subtype` of token characters, or too long.
+    #[error("a media type that is not type/subtype")]
+    MediaType,
+    /// A cancellation reason that is not 1 to [`MAX_REASON_BYTES`] of `[a-z_]`.
+    #[error("a cancellation reason that is not a short lower-case word")]
+    BadReason,
+}
+
 /// Checks a file name: 1 to [`MAX_NAME_BYTES`] bytes, no `/` or `\`, no control
 /// characters, not `.` or `..`: it is shown to users and becomes a file name on save.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), FileError> {
     if name.is_empty() || name.len() > MAX_NAME_BYTES {
-        return Err(format!(
-            "a file name of {} bytes; 1 to {MAX_NAME_BYTES}",
-            name.len()
-        ));
+        return Err(FileError::NameLength { len: name.len() });
     }
     if name == "." || name == ".." {
-        return Err("a file name that is . or ..".into());
+        return Err(FileError::DotName);
     }
     if name
         .chars()
         .any(|c| c == '/' || c == '\\' || c.is_control() || matches!(c, '\u{2028}' | '\u{2029}'))
     {
-        return Err("a file name with a slash or a control character".into());
+        return Err(FileError::NameCharacter);
     }
     Ok(())
 }
 
 /// Checks a media type: `type/subtype` of token characters, at most
 /// [`MAX_MEDIA_TYPE_BYTES`] bytes.
-pub fn check_media_type(media_type: &str) -> Result<(), String> {
+pub fn check_media_type(media_type: &str) -> Result<(), FileError> {
     let token = |s: &str| {
         !s.is_empty()
             && s.bytes()
@@ -133,7 +175,7 @@ pub fn check_media_type(media_type: &str) -> Result<(), String> {
     };
     match media_type.split_once('/') {
         Some((t, s)) if media_type.len() <= MAX_MEDIA_TYPE_BYTES && token(t) && token(s) => Ok(()),
-        _ => Err("a media type that is not type/subtype".into()),
+        _ => Err(FileError::MediaType),
     }
 }
 
@@ -187,21 +229,21 @@ fn b64_bytes<'de, D: Deserializer<'de>>(d: D) -> Result<Vec<u8>, D::Error> {
 }
 
 /// Checks the file kinds' common fields (the file ids and reasons).
-pub(crate) fn check_ref(file: &str) -> Result<(), String> {
+pub(crate) fn check_ref(file: &str) -> Result<(), FileError> {
     if crate::inner::is_message_id(file) {
         Ok(())
     } else {
-        Err("a file id is not 16 bytes of base64url".into())
+        Err(FileError::BadId)
     }
 }
 
 /// Checks a cancellation's reason: 1 to [`MAX_REASON_BYTES`] of `[a-z_]`.
-pub(crate) fn check_reason(reason: &str) -> Result<(), String> {
+pub(crate) fn check_reason(reason: &str) -> Result<(), FileError> {
     if reason.is_empty()
         || reason.len() > MAX_REASON_BYTES
         || !reason.bytes().all(|b| b.is_ascii_lowercase() || b == b'_')
     {
-        return Err("a cancellation reason that is not a short lower-case word".into());
+        return Err(FileError::BadReason);
     }
     Ok(())
 }
@@ -211,22 +253,53 @@ pub const DEFAULT_MAX_FILE_SIZE: u64 = 100 * 1024 * 1024;
 
 /// Parses a size: a number of bytes, or a number with `K`, `M`, `G` (powers of 1024;
 /// `KiB`, `MiB`, `GiB`, `KB`, `MB`, `GB` and lower case mean the same), e.g. `100MiB`.
-pub fn parse_size(text: &str) -> Result<u64, String> {
+pub fn parse_size(text: &str) -> Result<u64, SizeError> {
     let t = text.trim();
     let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
     let (number, unit) = t.split_at(split);
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a size (e.g. 100MiB, 512K, 1048576)"))?;
+    let n: u64 = number.parse().map_err(|_| SizeError::NotASize {
+        text: text.to_owned(),
+    })?;
     let mult: u64 = match unit.trim().to_ascii_lowercase().as_str() {
         "" | "b" => 1,
         "k" | "kb" | "kib" => 1 << 10,
         "m" | "mb" | "mib" => 1 << 20,
         "g" | "gb" | "gib" => 1 << 30,
-        _ => return Err(format!("{text:?}: unknown unit (K, M, G)")),
+        _ => {
+            return Err(SizeError::UnknownUnit {
+                text: text.to_owned(),
+            })
+        }
     };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("{text:?} is too large"))
+    n.checked_mul(mult).ok_or_else(|| SizeError::TooLarge {
+        text: text.to_owned(),
+    })
+}
+
+/// Why [`parse_size`] refused a size (`max_file_size`, `--max-file-size`): a setting's
+/// own error, apart from [`FileError`] (a file's fields), so that a configuration
+/// error never reads as a refused file. The messages quote the text as given.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SizeError {
+    /// It does not start with a number.
+    #[error("{text:?} is not a size (e.g. 100MiB, 512K, 1048576)")]
+    NotASize {
+        /// The text as given.
+        text: String,
+    },
+    /// The number is followed by something other than K, M, G (KiB, KB, ...) or B.
+    #[error("{text:?}: unknown unit (K, M, G)")]
+    UnknownUnit {
+        /// The text as given.
+        text: String,
+    },
+    /// More bytes than a `u64` holds.
+    #[error("{text:?} is too large")]
+    TooLarge {
+        /// The text as given.
+        text: String,
+    },
 }
 
 /// A size for people: `1.2 MB` (powers of 1000, as file managers show them).
@@ -443,6 +516,45 @@ mod tests {
         assert_eq!(human_size(1_200_000), "1.2 MB");
         assert_eq!(human_size(999), "999 B");
         assert_eq!(human_size(20 << 20), "21.0 MB");
+    }
+
+    #[test]
+    fn refusals_say_what_they_said_as_strings() {
+        let name = |n: &str| check_name(n).unwrap_err().to_string();
+        assert_eq!(name(""), "a file name of 0 bytes; 1 to 255");
+        assert_eq!(name(".."), "a file name that is . or ..");
+        assert_eq!(
+            name("a/b"),
+            "a file name with a slash or a control character"
+        );
+        let chunk = FileOffer {
+            chunk_size: 1,
+            ..offer()
+        };
+        assert_eq!(
+            chunk.check().unwrap_err(),
+            FileError::ChunkSize { chunk_size: 1 }
+        );
+        assert_eq!(
+            chunk.check().unwrap_err().to_string(),
+            "a chunk size of 1; 1024 to 131072 bytes"
+        );
+        assert_eq!(
+            check_media_type("pdf").unwrap_err().to_string(),
+            "a media type that is not type/subtype"
+        );
+        assert_eq!(
+            parse_size("ten").unwrap_err().to_string(),
+            r#""ten" is not a size (e.g. 100MiB, 512K, 1048576)"#
+        );
+        assert_eq!(
+            parse_size("5 parsecs").unwrap_err().to_string(),
+            r#""5 parsecs": unknown unit (K, M, G)"#
+        );
+        assert!(matches!(
+            parse_size("99999999999999G"),
+            Err(SizeError::TooLarge { .. })
+        ));
     }
 
     #[test]

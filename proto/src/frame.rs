@@ -474,7 +474,7 @@ fn decrypt_v1(outer: Outer, key: &PrivateKey) -> Result<Decrypted, FrameError> {
         .and_then(|bytes| {
             Inner::parse(&bytes)
                 .map(|inner| (bytes, inner))
-                .map_err(FrameError::Inner)
+                .map_err(|e| FrameError::Inner(e.to_string()))
         });
     if unwrapped.unwrapped != 1 {
         return Err(FrameError::Decrypt);
@@ -522,7 +522,7 @@ fn decrypt_v2(outer: Outer, key: &PrivateKey) -> Result<Decrypted, FrameError> {
         return Err(FrameError::Inner("signature length past the end".into()));
     }
     let (signature, inner_bytes) = rest.split_at(sig_len);
-    let inner = Inner::parse(inner_bytes).map_err(FrameError::Inner)?;
+    let inner = Inner::parse(inner_bytes).map_err(|e| FrameError::Inner(e.to_string()))?;
     let id = inner
         .id
         .clone()

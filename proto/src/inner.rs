@@ -27,7 +27,7 @@
 //! refuse it by name instead of showing it as an empty text; a known kind whose fields
 //! are malformed does not parse.
 
-use crate::files::{FileAck, FileCancel, FileChunk, FileOffer};
+use crate::files::{FileAck, FileCancel, FileChunk, FileError, FileOffer};
 use serde::Deserialize;
 
 /// Length of a v2 message id in bytes (before base64url).
@@ -227,39 +227,33 @@ pub const KIND_TEXT: &str = "text";
 
 impl Inner {
     /// Parses inner JSON bytes, and checks the fields of its kind.
-    pub fn parse(bytes: &[u8]) -> Result<Self, String> {
-        let inner: Inner = serde_json::from_slice(bytes).map_err(|e| e.to_string())?;
+    pub fn parse(bytes: &[u8]) -> Result<Self, InnerError> {
+        let inner: Inner = serde_json::from_slice(bytes)?;
         if inner.kind.as_deref() == Some(KIND_RECEIPT) {
             let receipt = inner
                 .receipt
                 .as_ref()
-                .ok_or("a receipt without a valid `receipt` field")?;
+                .ok_or(InnerError::BadBody { field: "receipt" })?;
             if receipt.ids.is_empty() || receipt.ids.len() > MAX_RECEIPT_IDS {
-                return Err(format!(
-                    "a receipt names {} ids; 1 to {MAX_RECEIPT_IDS} are allowed",
-                    receipt.ids.len()
-                ));
+                return Err(InnerError::ReceiptIdCount {
+                    count: receipt.ids.len(),
+                });
             }
             if !receipt.ids.iter().all(|id| is_message_id(id)) {
-                return Err("a receipt id is not 16 bytes of base64url".into());
+                return Err(InnerError::ReceiptId);
             }
         }
         if inner.kind.as_deref() == Some(KIND_PRESENCE) {
             let p = inner
                 .presence
                 .as_ref()
-                .ok_or("a presence without a valid `presence` field")?;
+                .ok_or(InnerError::BadBody { field: "presence" })?;
             if p.note.len() > MAX_PRESENCE_NOTE {
-                return Err(format!(
-                    "a presence note of {} bytes; at most {MAX_PRESENCE_NOTE}",
-                    p.note.len()
-                ));
+                return Err(InnerError::PresenceNoteLength { len: p.note.len() });
             }
             let lasts = p.expires.saturating_sub(inner.timestamp);
             if p.status != PresenceStatus::Offline && !(1..=MAX_PRESENCE_TTL_MS).contains(&lasts) {
-                return Err(format!(
-                    "a presence that expires {lasts} ms after its timestamp; 1 ms to a day"
-                ));
+                return Err(InnerError::PresenceExpiry { lasts });
             }
         }
         use crate::files as f;
@@ -267,27 +261,26 @@ impl Inner {
             Some(f::KIND_FILE) => inner
                 .file
                 .as_ref()
-                .ok_or("a file without a valid `file` field")?
+                .ok_or(InnerError::BadBody { field: "file" })?
                 .check()?,
             Some(f::KIND_FILE_CHUNK) => f::check_ref(
                 &inner
                     .chunk
                     .as_ref()
-                    .ok_or("a chunk without a valid `chunk` field")?
+                    .ok_or(InnerError::BadBody { field: "chunk" })?
                     .file,
             )?,
             Some(f::KIND_FILE_ACK) => f::check_ref(
                 &inner
                     .file_ack
                     .as_ref()
-                    .ok_or("a file_ack without a valid `file_ack` field")?
+                    .ok_or(InnerError::BadBody { field: "file_ack" })?
                     .file,
             )?,
             Some(f::KIND_FILE_CANCEL) => {
-                let c = inner
-                    .file_cancel
-                    .as_ref()
-                    .ok_or("a file_cancel without a valid `file_cancel` field")?;
+                let c = inner.file_cancel.as_ref().ok_or(InnerError::BadBody {
+                    field: "file_cancel",
+                })?;
                 f::check_ref(&c.file)?;
                 f::check_reason(&c.reason)?;
             }
@@ -412,6 +405,51 @@ impl Inner {
         out.push('}');
         out.into_bytes()
     }
+}
+
+/// Why [`Inner::parse`] refused inner JSON: it is not an inner message, or it is of a
+/// known kind whose body is missing or out of bounds. A kind this code does not know is
+/// no error (it parses, as [`Kind::Unknown`], and the receiver refuses it by name). A
+/// type of its own so that a caller can tell malformed JSON from a bad body by variant,
+/// not by message; frames carry its message in [`crate::frame::FrameError::Inner`]
+/// (counted `bad_inner`).
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum InnerError {
+    /// Not a JSON object with the inner fields (serde_json's message).
+    #[error(transparent)]
+    Json(#[from] serde_json::Error),
+    /// A known kind whose body field is absent or of a shape this code does not read.
+    #[error("a {field} without a valid `{field}` field")]
+    BadBody {
+        /// The body's field, which is also the kind's name (`chunk` for `file_chunk`).
+        field: &'static str,
+    },
+    /// A receipt of no ids, or of more than [`MAX_RECEIPT_IDS`].
+    #[error("a receipt names {count} ids; 1 to {MAX_RECEIPT_IDS} are allowed")]
+    ReceiptIdCount {
+        /// How many it names.
+        count: usize,
+    },
+    /// A receipt id that is not a v2 message id.
+    #[error("a receipt id is not 16 bytes of base64url")]
+    ReceiptId,
+    /// A presence note over [`MAX_PRESENCE_NOTE`] bytes.
+    #[error("a presence note of {len} bytes; at most {MAX_PRESENCE_NOTE}")]
+    PresenceNoteLength {
+        /// Its length in bytes.
+        len: usize,
+    },
+    /// A presence (not offline) that expires at or before its timestamp, or more than
+    /// [`MAX_PRESENCE_TTL_MS`] after it.
+    #[error("a presence that expires {lasts} ms after its timestamp; 1 ms to a day")]
+    PresenceExpiry {
+        /// `expires - timestamp`, in ms.
+        lasts: i64,
+    },
+    /// A field of a file kind ([`crate::files`]).
+    #[error(transparent)]
+    File(#[from] FileError),
 }
 
 /// Whether `id` is a v2 message id: 16 bytes, base64url with padding.
@@ -605,6 +643,26 @@ mod tests {
             let json = format!("{{{head}{body}}}");
             assert!(Inner::parse(json.as_bytes()).is_err(), "{why}: {json}");
         }
+        let why = |body: &str| {
+            Inner::parse(format!("{{{head}{body}}}").as_bytes())
+                .unwrap_err()
+                .to_string()
+        };
+        assert_eq!(why(""), "a presence without a valid `presence` field");
+        assert_eq!(
+            why(r#","presence":{"status":"online","expires":1000}"#),
+            "a presence that expires 0 ms after its timestamp; 1 ms to a day"
+        );
+        assert!(matches!(
+            Inner::parse(
+                br#"{"from":"a","to":"b","timestamp":1,"message":"","kind":"file_chunk"}"#
+            ),
+            Err(InnerError::BadBody { field: "chunk" })
+        ));
+        assert!(matches!(
+            Inner::parse(b"not json"),
+            Err(InnerError::Json(_))
+        ));
         let offline = format!(r#"{{{head},"presence":{{"status":"offline"}}}}"#);
         assert!(matches!(
             Inner::parse(offline.as_bytes()).unwrap().kind(),

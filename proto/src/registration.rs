@@ -45,7 +45,7 @@ pub enum RegistrationError {
         /// The start of what was sent.
         preview: String,
         /// What is wrong with it.
-        why: String,
+        why: EmailError,
     },
     /// A key is not an RSA public key of 2048..=4096 bits in PEM.
     #[error("{field}: {why}; send an RSA public key of 2048 to 4096 bits as PEM \"PUBLIC KEY\"")]
@@ -71,6 +71,20 @@ impl RegistrationError {
             Self::SameKeys => "same_keys",
         }
     }
+}
+
+/// What is wrong with a registration's e-mail address ([`RegistrationError::Email`]):
+/// its own type so that the length limit, which is ours, stays apart from what the
+/// address parser refused.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum EmailError {
+    /// Over [`MAX_EMAIL`] bytes.
+    #[error("longer than {MAX_EMAIL} characters")]
+    TooLong,
+    /// Not an addr-spec with a dotted domain (the parser's message).
+    #[error(transparent)]
+    Invalid(#[from] email_address::Error),
 }
 
 #[derive(Deserialize, Serialize)]
@@ -118,15 +132,15 @@ impl Registration {
 }
 
 /// An addr-spec (RFC 5322: no display name, no IP-literal domain, a domain with a dot).
-fn check_email(text: &str) -> Result<(), String> {
+fn check_email(text: &str) -> Result<(), EmailError> {
     if text.len() > MAX_EMAIL {
-        return Err(format!("longer than {MAX_EMAIL} characters"));
+        return Err(EmailError::TooLong);
     }
     let options = Options::default()
         .with_required_tld()
         .without_domain_literal()
         .without_display_text();
-    EmailAddress::parse_with_options(text, options).map_err(|e| e.to_string())?;
+    EmailAddress::parse_with_options(text, options)?;
     Ok(())
 }
 

@@ -99,17 +99,23 @@ impl Error {
     pub fn code(&self) -> Option<tonic::Code> {
         match self {
             Error::Rpc { code, .. } => Some(*code),
-            _ => None,
+            // Every variant by name: a new one must say whether it carries a code.
+            Error::NotRunning { .. }
+            | Error::Untrusted { .. }
+            | Error::Socket { .. }
+            | Error::Read(_) => None,
         }
     }
 
     /// The exit code of frontends/README.md: 3 for "not running", 1 otherwise. Every
     /// frontend maps a failed call through this.
     pub fn exit_code(&self) -> u8 {
-        if self.is_not_running() {
-            exit::NO_DAEMON
-        } else {
-            exit::USER
+        match self {
+            Error::NotRunning { .. } => exit::NO_DAEMON,
+            // Every variant by name: a new one must choose its exit code here.
+            Error::Rpc { .. } | Error::Untrusted { .. } | Error::Socket { .. } | Error::Read(_) => {
+                exit::USER
+            }
         }
     }
 }

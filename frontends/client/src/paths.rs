@@ -182,7 +182,7 @@ pub fn check_socket(socket: &Path) -> Result<(), Error> {
         folder_uid: folder.uid(),
         folder_mode: folder.mode(),
     };
-    judge(&found, dir, me).map_err(fail)
+    judge(&found, dir, me).map_err(|why| fail(why.to_string()))
 }
 
 /// The owner and mode of the socket and of its folder, as [`judge`] sees them.
@@ -194,15 +194,14 @@ struct Found {
 }
 
 /// The rules of [`check_socket`] on what was found; `Err` says why in a sentence.
-fn judge(found: &Found, dir: &Path, me: u32) -> Result<(), String> {
+fn judge(found: &Found, dir: &Path, me: u32) -> Result<(), Distrust> {
     let trusted = |uid: u32| uid == me || uid == 0;
-    let you = you(me);
     if !trusted(found.folder_uid) {
-        return Err(format!(
-            "its folder {} belongs to {}, not to {you}: whoever owns it can put a socket of their own there and read what you send",
-            dir.display(),
-            user_name(found.folder_uid)
-        ));
+        return Err(Distrust::FolderOwner {
+            dir: dir.to_path_buf(),
+            owner: user_name(found.folder_uid),
+            you: you(me),
+        });
     }
     let writable = match found.folder_mode & 0o022 {
         0 => None,
@@ -211,19 +210,53 @@ fn judge(found: &Found, dir: &Path, me: u32) -> Result<(), String> {
         _ => Some("its group and every user"),
     };
     if let Some(who) = writable {
-        return Err(format!(
-            "its folder {} is writable by {who} (mode {:04o}): anyone who can write there can put a socket of their own in its place; keep it mode 0700",
-            dir.display(),
-            found.folder_mode & 0o7777
-        ));
+        return Err(Distrust::FolderWritable {
+            dir: dir.to_path_buf(),
+            who,
+            mode: found.folder_mode & 0o7777,
+        });
     }
     if !trusted(found.socket_uid) {
-        return Err(format!(
-            "it belongs to {}, not to {you}: another user's program may be listening there to read what you send; point --socket or NES_SOCKET at your own daemon's socket",
-            user_name(found.socket_uid)
-        ));
+        return Err(Distrust::SocketOwner {
+            owner: user_name(found.socket_uid),
+            you: you(me),
+        });
     }
     Ok(())
+}
+
+/// Why [`judge`] refuses a socket: one variant per rule, so the tests name the rule
+/// that refused; the message becomes the reason of [`Error::Untrusted`].
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+enum Distrust {
+    /// The folder belongs to another user (not root).
+    #[error("its folder {} belongs to {owner}, not to {you}: whoever owns it can put a socket of their own there and read what you send", dir.display())]
+    FolderOwner {
+        /// The socket's folder.
+        dir: PathBuf,
+        /// Its owner, as [`user_name`] says it.
+        owner: String,
+        /// This user, as [`you`] says it.
+        you: String,
+    },
+    /// The folder is writable by its group or by every user (sticky or not).
+    #[error("its folder {} is writable by {who} (mode {mode:04o}): anyone who can write there can put a socket of their own in its place; keep it mode 0700", dir.display())]
+    FolderWritable {
+        /// The socket's folder.
+        dir: PathBuf,
+        /// `its group`, `every user` or both.
+        who: &'static str,
+        /// The folder's permission bits.
+        mode: u32,
+    },
+    /// The socket belongs to another user (not root).
+    #[error("it belongs to {owner}, not to {you}: another user's program may be listening there to read what you send; point --socket or NES_SOCKET at your own daemon's socket")]
+    SocketOwner {
+        /// Its owner, as [`user_name`] says it.
+        owner: String,
+        /// This user, as [`you`] says it.
+        you: String,
+    },
 }
 
 /// `name (uid N)` from /etc/passwd, or `uid N` when the name is not known.
@@ -390,18 +423,22 @@ mod tests {
     fn another_users_socket_or_folder_is_refused() {
         let dir = Path::new("/tmp/nes-4242001");
         let why = judge(&found(OTHER, ME, 0o700), dir, ME).unwrap_err();
+        assert!(matches!(why, Distrust::SocketOwner { .. }), "{why}");
+        let why = why.to_string();
         assert!(
             why.contains("belongs to uid 4242002") && why.contains("not to you (uid 4242001)"),
             "{why}"
         );
         let why = judge(&found(ME, OTHER, 0o700), dir, ME).unwrap_err();
+        assert!(matches!(why, Distrust::FolderOwner { .. }), "{why}");
         assert!(
-            why.contains("its folder /tmp/nes-4242001 belongs to uid 4242002"),
+            why.to_string()
+                .contains("its folder /tmp/nes-4242001 belongs to uid 4242002"),
             "{why}"
         );
         let why = judge(&found(OTHER, OTHER, 0o700), dir, ME).unwrap_err();
         assert!(
-            why.contains("its folder"),
+            matches!(why, Distrust::FolderOwner { .. }),
             "the folder is named first: {why}"
         );
     }
@@ -409,15 +446,29 @@ mod tests {
     #[test]
     fn a_folder_others_can_write_is_refused() {
         let dir = Path::new("/tmp");
-        let why = judge(&found(ME, 0, 0o1777), dir, ME).unwrap_err();
+        let why = judge(&found(ME, 0, 0o1777), dir, ME)
+            .unwrap_err()
+            .to_string();
         assert!(
             why.contains("writable by its group and every user (mode 1777)"),
             "even sticky: {why}"
         );
-        let why = judge(&found(ME, ME, 0o770), dir, ME).unwrap_err();
+        let why = judge(&found(ME, ME, 0o770), dir, ME)
+            .unwrap_err()
+            .to_string();
         assert!(why.contains("writable by its group (mode 0770)"), "{why}");
         let why = judge(&found(ME, ME, 0o702), dir, ME).unwrap_err();
-        assert!(why.contains("writable by every user"), "{why}");
+        assert!(
+            matches!(
+                why,
+                Distrust::FolderWritable {
+                    who: "every user",
+                    ..
+                }
+            ),
+            "{why}"
+        );
+        assert!(why.to_string().contains("writable by every user"), "{why}");
     }
 
     #[test]

@@ -191,15 +191,16 @@ mod tests {
 
 /// Parses a rotation or grace period as `90s`, `30m`, `12h`, `7d` (a bare number is
 /// seconds), for `nes prekey new --rotation` and nesd's `prekey_rotation`/`prekey_grace`.
-pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
+pub fn parse_duration(text: &str) -> Result<std::time::Duration, DurationError> {
     let text = text.trim();
     let (number, unit) = match text.find(|c: char| !c.is_ascii_digit()) {
         Some(i) => text.split_at(i),
         None => (text, "s"),
     };
-    let n: u64 = number
-        .parse()
-        .map_err(|_| format!("{text:?} is not a duration like 7d, 12h, 30m or 90s"))?;
+    let not_a_duration = || DurationError::NotADuration {
+        text: text.to_owned(),
+    };
+    let n: u64 = number.parse().map_err(|_| not_a_duration())?;
     let secs = match unit {
         "s" => Some(n),
         "m" => n.checked_mul(60),
@@ -207,11 +208,27 @@ pub fn parse_duration(text: &str) -> Result<std::time::Duration, String> {
         "d" => n.checked_mul(86_400),
         _ => None,
     }
-    .ok_or_else(|| format!("{text:?} is not a duration like 7d, 12h, 30m or 90s"))?;
+    .ok_or_else(not_a_duration)?;
     if secs == 0 {
-        return Err("a duration must be longer than zero".into());
+        return Err(DurationError::Zero);
     }
     Ok(std::time::Duration::from_secs(secs))
+}
+
+/// Why [`parse_duration`] refused a period (a flag or a setting, never wire data): a
+/// type of its own so that clap and the config readers get an error, not a string.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum DurationError {
+    /// Not a number with one of the units `s`, `m`, `h`, `d` (or it overflows).
+    #[error("{text:?} is not a duration like 7d, 12h, 30m or 90s")]
+    NotADuration {
+        /// The text, trimmed.
+        text: String,
+    },
+    /// A period of zero.
+    #[error("a duration must be longer than zero")]
+    Zero,
 }
 
 #[cfg(test)]
@@ -227,5 +244,10 @@ mod duration_tests {
         for bad in ["", "0", "7w", "d", "-1d", "1.5h"] {
             assert!(parse_duration(bad).is_err(), "{bad:?}");
         }
+        assert_eq!(
+            parse_duration(" 7w ").unwrap_err().to_string(),
+            r#""7w" is not a duration like 7d, 12h, 30m or 90s"#
+        );
+        assert_eq!(parse_duration("0d"), Err(super::DurationError::Zero));
     }
 }

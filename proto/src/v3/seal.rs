@@ -254,7 +254,7 @@ pub(crate) fn decrypt(outer: Outer, prekeys: &dyn Prekeys) -> Result<Decrypted, 
     let (s, inner_bytes) = rest.split_at(ED25519_SIGNATURE_BYTES);
     SignedCertificate::parse(c)
         .map_err(|e| FrameError::Certificate(format!("bad certificate: {e}")))?;
-    let inner = Inner::parse(inner_bytes).map_err(FrameError::Inner)?;
+    let inner = Inner::parse(inner_bytes).map_err(|e| FrameError::Inner(e.to_string()))?;
     let id = inner
         .id
         .clone()

@@ -173,7 +173,7 @@ async fn ui(
             },
             Some(done) = uploads.recv() => match done {
                 Ok(message) => chat.upsert(message),
-                Err(why) => chat.system(why),
+                Err(why) => chat.system(why.to_string()),
             },
         }
     }
@@ -185,7 +185,7 @@ async fn start_upload(
     mut client: nes_client::Client,
     chat: &mut Chat,
     path: PathBuf,
-    done: tokio::sync::mpsc::UnboundedSender<Result<Message, String>>,
+    done: tokio::sync::mpsc::UnboundedSender<Result<Message, UploadFailed>>,
 ) {
     let shown = path.display().to_string();
     let (file, name, size) = match open_upload(&path).await {
@@ -202,27 +202,53 @@ async fn start_upload(
         let result = client
             .send_file(&peer, &name, "", file, |_| {})
             .await
-            .map_err(|e| format!("not sent: {name}: {e}"));
+            .map_err(|error| UploadFailed { name, error });
         let _ = done.send(result);
     });
 }
 
+/// A `/file` upload that nesd did not take: the line the chat shows.
+#[derive(Debug, thiserror::Error)]
+#[error("not sent: {name}: {error}")]
+struct UploadFailed {
+    /// The name it was sent under.
+    name: String,
+    /// What the call to nesd said (shown in the line, so no `source`).
+    error: nes_client::Error,
+}
+
 /// Opens a file for `/file`: a regular file with a name nesd accepts; its name and size.
-async fn open_upload(path: &std::path::Path) -> Result<(tokio::fs::File, String, u64), String> {
+async fn open_upload(path: &std::path::Path) -> Result<(tokio::fs::File, String, u64), OpenError> {
     let name = path
         .file_name()
         .and_then(|n| n.to_str())
-        .ok_or("no file name to send it under")?
+        .ok_or(OpenError::NoName)?
         .to_string();
     nes_proto::files::check_name(&name)?;
-    let file = tokio::fs::File::open(path)
-        .await
-        .map_err(|e| e.to_string())?;
-    let meta = file.metadata().await.map_err(|e| e.to_string())?;
+    let file = tokio::fs::File::open(path).await?;
+    let meta = file.metadata().await?;
     if !meta.is_file() {
-        return Err("not a regular file".into());
+        return Err(OpenError::NotAFile);
     }
     Ok((file, name, meta.len()))
+}
+
+/// Why [`open_upload`] refused a path: shown after `not sent: PATH: `. A type so that
+/// each refusal is named once, not spelled at each `return`.
+#[derive(Debug, thiserror::Error)]
+enum OpenError {
+    /// The path has no last component that is UTF-8 (`/`, `..`, or not Unicode).
+    #[error("no file name to send it under")]
+    NoName,
+    /// The name breaks the rules of [`nes_proto::files::check_name`].
+    #[error(transparent)]
+    Name(#[from] nes_proto::files::FileError),
+    /// Opening it or reading its metadata failed.
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A directory, a device or a pipe.
+    #[error("not a regular file")]
+    NotAFile,
 }
 
 /// The path typed after `/file`: `~/` (or `~` alone) is the home directory.
