@@ -631,17 +631,16 @@ impl Client {
 /// event loop. A type rather than rumqttc's two `ClientError`s (one per MQTT version) so
 /// that callers see one error, named for what went wrong, and so that it does not carry
 /// the refused request: a publish's would hold the frame, which must stay out of logs.
-/// The messages are rumqttc's.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum RequestError {
     /// No client yet: `auto` has not decided which MQTT version the broker speaks.
     #[error("no MQTT version decided yet (never connected)")]
     NoVersionYet,
     /// The event loop's request channel is closed: the loop has stopped.
-    #[error("Failed to send mqtt requests to eventloop")]
+    #[error("the MQTT event loop has stopped")]
     LoopStopped,
     /// A request that does not wait (`try_`) found the channel full or closed.
-    #[error("Failed to send mqtt requests to eventloop")]
+    #[error("the MQTT event loop's request queue is full or closed")]
     NotQueued,
 }
 
