@@ -66,6 +66,21 @@
 //! broadcast, so a client never sees a cursor that a crash could take back; callers
 //! commit before acknowledging a frame to the broker or answering a Send.
 //!
+//! # Group commit
+//! sled 0.34 writes and syncs its log buffer on every `apply_batch` (it rolls the buffer
+//! before each batch), so one batch per message per step cost a `pwrite` and a waiting
+//! `sync_file_range` each: about four per message at a sender, two at a receiver, a
+//! quarter of the daemons' CPU (docs/BENCHMARKS.md). So a change is not applied to sled
+//! on its own: it joins the *pending group* in memory, and [`Store::commit`] applies the
+//! whole group as one sled batch, then flushes. Atomicity holds (each change is wholly in
+//! the group or not; the group is applied all or nothing), and so does durability (only
+//! a commit made anything durable before, and a commit still does). Reads see every change
+//! made so far: inside a change through [`Change::get`] (the change's own writes, then the
+//! group's, then sled's); outside one, the store applies the group first (`Store::data`).
+//! A group is also applied once it holds [`PENDING_MAX_BYTES`] or is [`PENDING_MAX_AGE`]
+//! old. A change that writes the key cache's tree applies the group first, then itself in
+//! one transaction over both trees, so the order of changes on disk is the order made.
+//!
 //! # Cursors
 //! Clients see an event's position as a *log cursor*, `<store id>-<cursor>-<tag>`: the
 //! store id (16 hex digits, random, made when the store is created, or at the first open
@@ -143,11 +158,13 @@ use rand::RngCore;
 use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionResult, TransactionError};
 use sled::Transactional;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 use tokio::sync::broadcast;
+use tracing::error;
 
 /// Live events kept for subscribers that are behind; past this a subscriber lags and is
 /// told to resume by cursor.
@@ -233,17 +250,89 @@ struct Inner {
     parked: Mutex<ParkIndex>,
     inbox: Mutex<InboxCount>,
 }
+impl Drop for Inner {
+    /// The last handle is gone: the pending group goes to sled (whose own drop flushes
+    /// it), as every change did before group commit. Nothing was promised durable that a
+    /// commit did not make so; this keeps a store dropped without a final flush (a test,
+    /// a tool) from losing what its reads saw.
+    fn drop(&mut self) {
+        let w = self.writer.get_mut().unwrap_or_else(|e| e.into_inner());
+        if let Err(e) = w.pending.apply(&self.data) {
+            error!(error = %e, "cannot apply the store's pending changes at close");
+        }
+    }
+}
+
 struct Writer {
     next_seq: u64,
     next_cursor: u64,
     unreleased: VecDeque<Arc<Event>>,
+    /// Changes made since the group was last applied to sled (see "Group commit").
+    pending: Pending,
+}
+
+/// Writes of changes not yet applied to sled, newest value per key (`None`: removed).
+#[derive(Default)]
+struct Pending {
+    writes: BTreeMap<Vec<u8>, Option<sled::IVec>>,
+    /// Bytes of keys and values held, for the bound.
+    bytes: usize,
+    /// When the oldest of them was made.
+    since: Option<Instant>,
+}
+
+/// The pending group is applied to sled once it holds this much, however soon a commit
+/// comes (a bound on memory; one frame is at most 256 KiB).
+const PENDING_MAX_BYTES: usize = 8 * 1024 * 1024;
+/// ... or once it is this old: writes nobody commits (an acknowledged receipt leaving the
+/// outbox) still reach sled, and with sled's own flush the disk, as they did before.
+const PENDING_MAX_AGE: Duration = Duration::from_millis(200);
+
+impl Pending {
+    fn get(&self, key: &[u8]) -> Option<&Option<sled::IVec>> {
+        self.writes.get(key)
+    }
+
+    fn put(&mut self, key: Vec<u8>, value: Option<sled::IVec>) {
+        self.bytes += key.len() + value.as_ref().map_or(0, |v| v.len());
+        self.since.get_or_insert_with(Instant::now);
+        self.writes.insert(key, value);
+    }
+
+    fn is_due(&self) -> bool {
+        self.bytes >= PENDING_MAX_BYTES
+            || self.since.is_some_and(|t| t.elapsed() >= PENDING_MAX_AGE)
+    }
+
+    /// Applies the group to sled as one atomic batch. On failure the writes stay pending
+    /// (the next commit tries again, and reports the error meanwhile).
+    fn apply(&mut self, data: &sled::Tree) -> StoreResult<()> {
+        if self.writes.is_empty() {
+            return Ok(());
+        }
+        let mut batch = sled::Batch::default();
+        for (k, v) in &self.writes {
+            match v {
+                Some(v) => batch.insert(k.as_slice(), v.clone()),
+                None => batch.remove(k.as_slice()),
+            }
+        }
+        data.apply_batch(batch)?;
+        *self = Pending::default();
+        Ok(())
+    }
 }
 
 /// One atomic change being built under the writer lock.
+///
+/// Reads made while building it ([`Change::get`]) see this change's own writes, then
+/// the pending group's, then sled's: exactly what sled would hold had every change been
+/// applied on its own.
 struct Change<'a> {
     store_id: &'a str,
     w: MutexGuard<'a, Writer>,
-    batch: sled::Batch,
+    data: &'a sled::Tree,
+    writes: BTreeMap<Vec<u8>, Option<sled::IVec>>,
     /// The key cache's tree, and what this change writes there (see `contacts`).
     contacts_tree: &'a sled::Tree,
     contacts: Option<sled::Batch>,
@@ -252,12 +341,47 @@ struct Change<'a> {
     events: Vec<Arc<Event>>,
 }
 
-impl Change<'_> {
+impl<'a> Change<'a> {
+    /// sled's tree with the pending group applied, for a scan made while building this
+    /// change. Only before the change writes anything: its own writes are not in sled.
+    fn settled(&mut self) -> StoreResult<&'a sled::Tree> {
+        debug_assert!(self.writes.is_empty(), "a scan after the change wrote");
+        self.w.pending.apply(self.data)?;
+        Ok(self.data)
+    }
+
     fn seq(&mut self) -> u64 {
         let seq = self.next_seq;
         self.next_seq += 1;
-        self.batch.insert(K_NEXT_SEQ, &self.next_seq.to_be_bytes());
+        let next = self.next_seq.to_be_bytes();
+        self.insert(K_NEXT_SEQ, &next[..]);
         seq
+    }
+
+    /// Writes `key` = `value` in this change.
+    fn insert(&mut self, key: impl AsRef<[u8]>, value: impl Into<sled::IVec>) {
+        self.writes
+            .insert(key.as_ref().to_vec(), Some(value.into()));
+    }
+
+    /// Removes `key` in this change.
+    fn remove(&mut self, key: impl AsRef<[u8]>) {
+        self.writes.insert(key.as_ref().to_vec(), None);
+    }
+
+    /// The value of `key` as this change sees it (its own writes, the pending group's,
+    /// then sled's).
+    fn get(&self, key: impl AsRef<[u8]>) -> StoreResult<Option<sled::IVec>> {
+        let key = key.as_ref();
+        if let Some(v) = self.writes.get(key).or_else(|| self.w.pending.get(key)) {
+            return Ok(v.clone());
+        }
+        Ok(self.data.get(key)?)
+    }
+
+    /// Whether `key` holds a value, as this change sees it.
+    fn contains(&self, key: impl AsRef<[u8]>) -> StoreResult<bool> {
+        Ok(self.get(key)?.is_some())
     }
 
     fn event(&mut self, kind: Kind) -> Arc<Event> {
@@ -271,22 +395,42 @@ impl Change<'_> {
         // Stored without its log cursor: that is derived from the stored bytes.
         let record = encode_event(&event);
         event.log_cursor = log_cursor(self.store_id, event.cursor, &record);
-        self.batch.insert(&event_key(event.cursor)[..], record);
+        self.insert(event_key(event.cursor), record);
         let event = Arc::new(event);
         self.events.push(event.clone());
         event
     }
 
-    /// Applies the change: one batch, or, when it saves contacts too, one sled
-    /// transaction over both trees (still all or nothing).
-    fn apply(mut self, data: &sled::Tree) -> StoreResult<()> {
+    /// Applies the change: into the pending group (see "Group commit"), applied to
+    /// sled with the next commit; or, when it saves contacts too, the group and then this
+    /// change as one sled transaction over both trees (still all or nothing, in order).
+    fn apply(mut self) -> StoreResult<()> {
         match self.contacts.take() {
-            None => data.apply_batch(self.batch)?,
+            None => {
+                for (k, v) in std::mem::take(&mut self.writes) {
+                    self.w.pending.put(k, v);
+                }
+                if self.w.pending.is_due() {
+                    // Applied here or at the next commit: this change is in the group
+                    // either way, so a failure now is reported by that commit.
+                    if let Err(e) = self.w.pending.apply(self.data) {
+                        error!(error = %e, "cannot apply the store's pending changes; the next commit tries again");
+                    }
+                }
+            }
             Some(contacts) => {
-                let both = (data, self.contacts_tree);
+                self.w.pending.apply(self.data)?;
+                let mut batch = sled::Batch::default();
+                for (k, v) in std::mem::take(&mut self.writes) {
+                    match v {
+                        Some(v) => batch.insert(k, v),
+                        None => batch.remove(k),
+                    }
+                }
+                let both = (self.data, self.contacts_tree);
                 both.transaction(
                     |(d, c)| -> ConflictableTransactionResult<(), std::convert::Infallible> {
-                        d.apply_batch(&self.batch)?;
+                        d.apply_batch(&batch)?;
                         c.apply_batch(&contacts)?;
                         Ok(())
                     },
@@ -299,7 +443,8 @@ impl Change<'_> {
         }
         self.w.next_seq = self.next_seq;
         self.w.next_cursor = self.next_cursor;
-        self.w.unreleased.extend(self.events);
+        let events = std::mem::take(&mut self.events);
+        self.w.unreleased.extend(events);
         Ok(())
     }
 }
@@ -346,6 +491,7 @@ impl Store {
                     next_seq: next_seq.max(1),
                     next_cursor: last_cursor + 1,
                     unreleased: VecDeque::new(),
+                    pending: Pending::default(),
                 }),
                 events,
                 released: AtomicU64::new(last_cursor),
@@ -358,15 +504,14 @@ impl Store {
     }
 
     fn change(&self) -> Change<'_> {
-        // A panic while holding the lock cannot leave a half-applied batch (batches are
-        // atomic), so a poisoned lock is safe to keep using.
-        let w = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let w = self.writer();
         Change {
             store_id: &self.inner.store_id,
             next_seq: w.next_seq,
             next_cursor: w.next_cursor,
             w,
-            batch: sled::Batch::default(),
+            data: &self.inner.data,
+            writes: BTreeMap::new(),
             contacts_tree: &self.inner.contacts,
             contacts: None,
             events: Vec::new(),
@@ -404,7 +549,7 @@ impl Store {
     /// Flushes to disk even when no event was logged (parked frames log none), then
     /// publishes the events written so far.
     pub async fn commit_all(&self) -> StoreResult<()> {
-        let upto = self.last_logged();
+        let upto = self.settle()?;
         self.inner.db.flush_async().await?;
         self.release(upto);
         Ok(())
@@ -412,24 +557,41 @@ impl Store {
 
     /// The cursor of the newest event written, durable or not.
     fn last_logged(&self) -> u64 {
-        self.inner
-            .writer
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .next_cursor
-            - 1
+        self.writer().next_cursor - 1
     }
 
     /// Flushes synchronously (at shutdown).
     pub fn flush(&self) -> StoreResult<()> {
-        let upto = self.last_logged();
+        let upto = self.settle()?;
         self.inner.db.flush()?;
         self.release(upto);
         Ok(())
     }
 
+    /// Applies the pending group to sled (one batch); answers the cursor of the newest
+    /// event it holds.
+    fn settle(&self) -> StoreResult<u64> {
+        let mut w = self.writer();
+        w.pending.apply(&self.inner.data)?;
+        Ok(w.next_cursor - 1)
+    }
+
+    /// The data tree for a read outside a change: the pending group applied first, so
+    /// the read sees every change made so far. (Inside a change, [`Change::get`].)
+    fn data(&self) -> StoreResult<&sled::Tree> {
+        self.settle()?;
+        Ok(&self.inner.data)
+    }
+
+    fn writer(&self) -> MutexGuard<'_, Writer> {
+        // A panic while holding the lock cannot leave a half-applied batch (batches are
+        // atomic, and the pending group is only replaced once applied), so a poisoned
+        // lock is safe to keep using.
+        self.inner.writer.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
     fn release(&self, upto: u64) {
-        let mut w = self.inner.writer.lock().unwrap_or_else(|e| e.into_inner());
+        let mut w = self.writer();
         while w.unreleased.front().is_some_and(|e| e.cursor <= upto) {
             if let Some(event) = w.unreleased.pop_front() {
                 self.inner.released.store(event.cursor, Ordering::Release);

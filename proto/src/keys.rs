@@ -28,8 +28,10 @@ use rsa::pkcs8::{
 use rsa::traits::PublicKeyParts;
 use rsa::{BigUint, RsaPrivateKey, RsaPublicKey};
 use sha2::{Digest, Sha256};
+use std::collections::VecDeque;
 use std::fmt;
 use std::path::Path;
+use std::sync::{Arc, Mutex};
 use zeroize::Zeroizing;
 
 /// Smallest RSA modulus accepted, ours or a peer's.
@@ -82,9 +84,23 @@ pub enum KeyError {
 pub struct PublicKey {
     rsa: RsaPublicKey,
     spki_der: Vec<u8>,
-    pkcs1_der: Vec<u8>,
     encrypting: PublicEncryptingKey,
+    /// The key parsed once for each PSS check (AWS-LC keeps its Montgomery context with
+    /// it): parsing it for every signature cost more than the check's own arithmetic.
+    pss_salt_32: signature::ParsedPublicKey,
+    pss_salt_max: signature::ParsedPublicKey,
+    /// Documents this key has verified ([`PublicKey::verify_pss_digest_salt_once`]),
+    /// shared by clones.
+    verified: Arc<Mutex<VecDeque<[u8; 32]>>>,
 }
+
+/// Documents remembered per key as verified: a sender has one or two signing certificates
+/// live at a time.
+const VERIFIED_KEPT: usize = 16;
+
+/// v1's signatures (the original's): PSS with the largest salt that fits.
+const RSA_PSS_MAX_SALT: signature::RsaParameters =
+    signature::RSA_PSS_2048_8192_SHA256.with_pss_salt_length(RsaPssSaltLength::Max);
 
 /// An RSA private key (a `<user>-rsa-message` or `<user>-rsa-sign` file). Never leaves
 /// nesd; `Debug` does not print it.
@@ -160,11 +176,19 @@ impl PublicKey {
             .into_vec();
         let encrypting = PublicEncryptingKey::from_der(&spki_der)
             .map_err(|e| KeyError::Backend(e.to_string()))?;
+        let parsed = |alg: &'static signature::RsaParameters| {
+            signature::ParsedPublicKey::new(alg, &pkcs1_der)
+                .map_err(|e| KeyError::Backend(e.to_string()))
+        };
+        let pss_salt_32 = parsed(&signature::RSA_PSS_2048_8192_SHA256)?;
+        let pss_salt_max = parsed(&RSA_PSS_MAX_SALT)?;
         Ok(Self {
             rsa,
             spki_der,
-            pkcs1_der,
             encrypting,
+            pss_salt_32,
+            pss_salt_max,
+            verified: Arc::default(),
         })
     }
 
@@ -225,9 +249,39 @@ impl PublicKey {
 
     /// RSA-PSS-SHA-256 with a 32-byte salt (v2 and our key server's answers).
     pub(crate) fn verify_pss_digest_salt(&self, message: &[u8], sig: &[u8]) -> bool {
-        signature::UnparsedPublicKey::new(&signature::RSA_PSS_2048_8192_SHA256, &self.pkcs1_der)
-            .verify(message, sig)
-            .is_ok()
+        self.pss_salt_32.verify_sig(message, sig).is_ok()
+    }
+
+    /// [`Self::verify_pss_digest_salt`] for a document that comes again and again (a
+    /// sender's signing certificate rides in every v3 frame): the check is a pure function
+    /// of this key and the bytes, so a document it passed once (remembered by the SHA-256
+    /// of its bytes and signature) passes again without the RSA arithmetic. Only passes
+    /// are remembered, at most [`VERIFIED_KEPT`], the oldest forgotten first.
+    pub(crate) fn verify_pss_digest_salt_once(&self, message: &[u8], sig: &[u8]) -> bool {
+        let digest: [u8; 32] = Sha256::new()
+            .chain_update((message.len() as u64).to_be_bytes())
+            .chain_update(message)
+            .chain_update(sig)
+            .finalize()
+            .into();
+        // A poisoned lock holds a plain list of digests, still valid.
+        let seen = |v: &Mutex<VecDeque<[u8; 32]>>| {
+            v.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .contains(&digest)
+        };
+        if seen(&self.verified) {
+            return true;
+        }
+        if !self.verify_pss_digest_salt(message, sig) {
+            return false;
+        }
+        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified.len() >= VERIFIED_KEPT {
+            verified.pop_front();
+        }
+        verified.push_back(digest);
+        true
     }
 
     /// RSA-PSS-SHA-256 accepting any salt length, as Go's `PSSSaltLengthAuto` does: what
@@ -237,12 +291,7 @@ impl PublicKey {
     pub(crate) fn verify_pss_any_salt(&self, message: &[u8], sig: &[u8]) -> bool {
         // Fast path: the original always signs with the maximum salt, which AWS-LC can
         // check at its own speed; any other length takes the general (slower) path.
-        const MAX_SALT: signature::RsaParameters =
-            signature::RSA_PSS_2048_8192_SHA256.with_pss_salt_length(RsaPssSaltLength::Max);
-        if signature::UnparsedPublicKey::new(&MAX_SALT, &self.pkcs1_der)
-            .verify(message, sig)
-            .is_ok()
-        {
+        if self.pss_salt_max.verify_sig(message, sig).is_ok() {
             return true;
         }
         self.verify_pss_recovered_salt(message, sig)
@@ -610,6 +659,31 @@ mod tests {
                 assert_eq!(public.to_pem(), pub_pem, "SPKI PEM round trip");
             }
         }
+    }
+
+    #[test]
+    fn a_remembered_pass_is_only_for_the_same_bytes_and_key() {
+        let key = PrivateKey::from_pem(&vector("keys/alice-rsa-sign")).unwrap();
+        let other = PrivateKey::from_pem(&vector("keys/bob-rsa-sign")).unwrap();
+        let public = key.public_key().clone();
+        let doc = b"a certificate";
+        let sig = key.sign_pss(doc).unwrap();
+        assert!(public.verify_pss_digest_salt_once(doc, &sig));
+        // Remembered: a clone shares it, and it still answers the same.
+        assert!(public.clone().verify_pss_digest_salt_once(doc, &sig));
+        // Not for other bytes, another signature, or another key.
+        assert!(!public.verify_pss_digest_salt_once(b"a certificatf", &sig));
+        let mut bad = sig.clone();
+        bad[10] ^= 1;
+        assert!(!public.verify_pss_digest_salt_once(doc, &bad));
+        assert!(!other.public_key().verify_pss_digest_salt_once(doc, &sig));
+        // Bounded: many passes keep at most VERIFIED_KEPT.
+        for i in 0..VERIFIED_KEPT + 4 {
+            let d = format!("doc {i}");
+            let s = key.sign_pss(d.as_bytes()).unwrap();
+            assert!(public.verify_pss_digest_salt_once(d.as_bytes(), &s));
+        }
+        assert_eq!(public.verified.lock().unwrap().len(), VERIFIED_KEPT);
     }
 
     #[test]

@@ -29,6 +29,6 @@ impl Store {
         for kind in events {
             c.event(kind);
         }
-        c.apply(&self.inner.data)
+        c.apply()
     }
 }

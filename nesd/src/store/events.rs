@@ -64,7 +64,7 @@ impl Store {
         if last == 0 {
             return Ok(format!("{}-0-{START_TAG}", self.inner.store_id));
         }
-        match self.inner.data.get(event_key(last))? {
+        match self.data()?.get(event_key(last))? {
             Some(record) => Ok(log_cursor(&self.inner.store_id, last, &record)),
             // Cannot happen (released events are stored); the bare number still resumes.
             None => Ok(last.to_string()),
@@ -117,8 +117,7 @@ impl Store {
             seq,
         };
         let record = self
-            .inner
-            .data
+            .data()?
             .get(event_key(seq))
             .map_err(StoreError::from)?
             .ok_or_else(other)?;
@@ -136,8 +135,7 @@ impl Store {
         }
         let mut out = Vec::new();
         for kv in self
-            .inner
-            .data
+            .data()?
             .range(event_key(after + 1)..=event_key(released))
             .take(limit)
         {
@@ -153,7 +151,7 @@ impl Store {
     pub fn log_event(&self, kind: Kind) -> StoreResult<Arc<Event>> {
         let mut c = self.change();
         let event = c.event(kind);
-        c.apply(&self.inner.data)?;
+        c.apply()?;
         Ok(event)
     }
 }

@@ -188,7 +188,7 @@ fn file_key(id: &str) -> Vec<u8> {
 impl Store {
     /// The transfer of file `id`.
     pub fn transfer(&self, id: &str) -> StoreResult<Option<Transfer>> {
-        match self.inner.data.get(file_key(id))? {
+        match self.data()?.get(file_key(id))? {
             Some(v) => Ok(serde_json::from_slice(&v).ok()),
             None => Ok(None),
         }
@@ -197,7 +197,7 @@ impl Store {
     /// Every transfer, by file id.
     pub fn transfers(&self) -> StoreResult<Vec<Transfer>> {
         let mut out = Vec::new();
-        for kv in self.inner.data.scan_prefix([P_FILE]) {
+        for kv in self.data()?.scan_prefix([P_FILE]) {
             let (_, v) = kv?;
             if let Ok(t) = serde_json::from_slice::<Transfer>(&v) {
                 out.push(t);
@@ -209,35 +209,33 @@ impl Store {
     /// Records progress (not flushed: the caller commits).
     pub fn put_transfer(&self, t: &Transfer) -> StoreResult<()> {
         let mut c = self.change();
-        c.batch.insert(file_key(&t.offer.id), encode(t));
-        c.apply(&self.inner.data)
+        c.insert(file_key(&t.offer.id), encode(t));
+        c.apply()
     }
 
     /// Adds a new transfer record to a change (with its message).
     pub(super) fn add_transfer(c: &mut Change<'_>, t: &Transfer) {
-        c.batch.insert(file_key(&t.offer.id), encode(t));
+        c.insert(file_key(&t.offer.id), encode(t));
     }
 
     /// A transfer ended (complete, cancelled, failed): the record, the message's file
     /// info (and state), and a `file` event, in one batch. Returns the message as it is
     /// now (`None` when it is not stored).
     pub fn end_transfer(&self, t: &Transfer, ending: Ending) -> StoreResult<Option<rpc::Message>> {
-        let data = &self.inner.data;
         let mut c = self.change();
-        c.batch.insert(file_key(&t.offer.id), encode(t));
+        c.insert(file_key(&t.offer.id), encode(t));
         let mut leaving = 0;
         if let Some(state) = ending.outgoing_state {
             if let Some((_, left)) = self.advance(&mut c, &t.peer, &t.offer.id, state, "")? {
                 leaving = left;
             }
         }
-        let Some(seq) = self.seq_of(&t.peer, &t.offer.id)? else {
+        let Some(seq) = c.seq_of(&t.peer, &t.offer.id)? else {
             self.apply_with_outbox(c, leaving, 0)?;
             return Ok(None);
         };
         let key = peer_key(P_MSG, &t.peer, &seq.to_be_bytes());
-        // The state the advance above wrote, if any, is in the batch, not yet in the tree.
-        let Some(bytes) = data.get(&key)? else {
+        let Some(bytes) = c.get(&key)? else {
             self.apply_with_outbox(c, leaving, 0)?;
             return Ok(None);
         };
@@ -250,9 +248,9 @@ impl Store {
             }
         }
         message.file = Some(t.info(&ending.path));
-        c.batch.insert(key, encode_message(&message));
+        c.insert(key, encode_message(&message));
         if ending.owe_delivery && message.wants_receipts {
-            c.batch.insert(
+            c.insert(
                 receipt_key(&t.peer, ReceiptState::Delivered, seq),
                 message.id.as_bytes(),
             );

@@ -18,11 +18,12 @@ impl Store {
     /// Messages of `peer` held because its keys changed, oldest first.
     pub fn held(&self, peer: &str) -> StoreResult<Vec<Held>> {
         let mut out = Vec::new();
-        for kv in self.inner.data.scan_prefix(peer_key(P_HELD, peer, &[])) {
+        let data = self.data()?;
+        for kv in data.scan_prefix(peer_key(P_HELD, peer, &[])) {
             let (k, frame) = kv?;
             let seq_bytes = &k[k.len() - 8..];
             let seq = be_u64(seq_bytes).unwrap_or(0);
-            if let Some(bytes) = self.inner.data.get(peer_key(P_MSG, peer, seq_bytes))? {
+            if let Some(bytes) = data.get(peer_key(P_MSG, peer, seq_bytes))? {
                 out.push(Held {
                     seq,
                     message: decode_message(&bytes)?,
@@ -41,10 +42,9 @@ impl Store {
         seq: u64,
         text: String,
     ) -> StoreResult<Option<rpc::Message>> {
-        let data = &self.inner.data;
         let mut c = self.change();
         let key = peer_key(P_MSG, peer, &seq.to_be_bytes());
-        let Some(bytes) = data.get(&key)? else {
+        let Some(bytes) = c.get(&key)? else {
             return Ok(None);
         };
         let mut message = decode_message(&bytes)?;
@@ -55,39 +55,37 @@ impl Store {
         message.text = text;
         message.error.clear();
         message.read = false;
-        let mut summary = self.summary(peer)?;
+        let mut summary = c.summary(peer)?;
         summary.unread += 1;
-        c.batch.insert(key, encode_message(&message));
-        c.batch.remove(peer_key(P_HELD, peer, &seq.to_be_bytes()));
-        c.batch
-            .insert(peer_key(P_UNREAD, peer, &seq.to_be_bytes()), &[]);
-        c.batch.insert(summary_key(peer), summary.encode_to_vec());
+        c.insert(key, encode_message(&message));
+        c.remove(peer_key(P_HELD, peer, &seq.to_be_bytes()));
+        c.insert(peer_key(P_UNREAD, peer, &seq.to_be_bytes()), &[]);
+        c.insert(summary_key(peer), summary.encode_to_vec());
         if message.wants_receipts {
-            c.batch.insert(
+            c.insert(
                 receipt_key(peer, ReceiptState::Delivered, seq),
                 message.id.as_bytes(),
             );
         }
         c.event(Kind::Message(message.clone()));
-        c.apply(data)?;
+        c.apply()?;
         Ok(Some(message))
     }
 
     /// Deletes a held message that does not verify under the trusted keys.
     pub fn drop_held(&self, peer: &str, seq: u64) -> StoreResult<()> {
-        let data = &self.inner.data;
         let mut c = self.change();
         let key = peer_key(P_MSG, peer, &seq.to_be_bytes());
-        let Some(bytes) = data.get(&key)? else {
+        let Some(bytes) = c.get(&key)? else {
             return Ok(());
         };
         let message = decode_message(&bytes)?;
-        let mut summary = self.summary(peer)?;
+        let mut summary = c.summary(peer)?;
         summary.total = summary.total.saturating_sub(1);
-        c.batch.remove(key);
-        c.batch.remove(peer_key(P_ID, peer, message.id.as_bytes()));
-        c.batch.remove(peer_key(P_HELD, peer, &seq.to_be_bytes()));
-        c.batch.insert(summary_key(peer), summary.encode_to_vec());
-        c.apply(data)
+        c.remove(key);
+        c.remove(peer_key(P_ID, peer, message.id.as_bytes()));
+        c.remove(peer_key(P_HELD, peer, &seq.to_be_bytes()));
+        c.insert(summary_key(peer), summary.encode_to_vec());
+        c.apply()
     }
 }

@@ -101,10 +101,10 @@ impl Store {
         let mut seqs = Vec::with_capacity(frames.len());
         for frame in frames {
             let seq = c.seq();
-            c.batch.insert(inbox_key(seq).as_slice(), *frame);
+            c.insert(inbox_key(seq).as_slice(), *frame);
             seqs.push(seq);
         }
-        c.apply(&self.inner.data)?;
+        c.apply()?;
         for frame in frames {
             count.add(frame);
         }
@@ -119,8 +119,7 @@ impl Store {
         let mut out = Vec::new();
         let from = inbox_key(after.saturating_add(1));
         for kv in self
-            .inner
-            .data
+            .data()?
             .range(from.as_slice()..)
             .take_while(|kv| {
                 kv.as_ref()
@@ -148,7 +147,11 @@ impl Store {
     /// Forgets an inbox frame once it was handled and what it became is flushed.
     pub fn inbox_remove(&self, seq: u64) -> StoreResult<()> {
         let mut count = self.inbox_count();
-        if let Some(old) = self.inner.data.remove(inbox_key(seq).as_slice())? {
+        let mut c = self.change();
+        let key = inbox_key(seq);
+        if let Some(old) = c.get(key)? {
+            c.remove(key);
+            c.apply()?;
             count.remove(&old);
         }
         Ok(())

@@ -41,52 +41,49 @@ impl Store {
         held_frame: Option<Vec<u8>>,
         transfer: Option<&Transfer>,
     ) -> StoreResult<Option<rpc::Message>> {
-        let data = &self.inner.data;
         let mut c = self.change();
         if let Some(t) = transfer {
             Store::add_transfer(&mut c, t);
         }
         let peer = message.peer.clone();
         let idk = peer_key(P_ID, &peer, message.id.as_bytes());
-        if data.contains_key(&idk)? {
+        if c.contains(&idk)? {
             return Ok(None);
         }
         let seq = c.seq();
         message.stored_at_ms = now_ms();
-        let mut summary = self.summary(&peer)?;
+        let mut summary = c.summary(&peer)?;
         summary.total += 1;
         let unread = message.state == MessageState::Received as i32 && !message.read;
         if unread {
             summary.unread += 1;
-            c.batch
-                .insert(peer_key(P_UNREAD, &peer, &seq.to_be_bytes()), &[]);
+            c.insert(peer_key(P_UNREAD, &peer, &seq.to_be_bytes()), &[]);
         }
         if let Some(frame) = held_frame {
-            c.batch
-                .insert(peer_key(P_HELD, &peer, &seq.to_be_bytes()), frame);
+            c.insert(peer_key(P_HELD, &peer, &seq.to_be_bytes()), frame);
         }
-        c.batch.insert(
+        c.insert(
             peer_key(P_MSG, &peer, &seq.to_be_bytes()),
             encode_message(&message),
         );
-        c.batch.insert(idk, &seq.to_be_bytes());
-        c.batch.insert(summary_key(&peer), summary.encode_to_vec());
+        c.insert(idk, &seq.to_be_bytes());
+        c.insert(summary_key(&peer), summary.encode_to_vec());
         // Read before written: every message of a contact asks, the mark is written once.
         let capable = peer_key(P_CAPABLE, &peer, &[]);
-        if message.wants_receipts && !data.contains_key(&capable)? {
-            c.batch.insert(capable, &[]);
+        if message.wants_receipts && !c.contains(&capable)? {
+            c.insert(capable, &[]);
         }
         if message.wants_receipts
             && message.state == MessageState::Received as i32
             && message.file.is_none()
         {
-            c.batch.insert(
+            c.insert(
                 receipt_key(&peer, ReceiptState::Delivered, seq),
                 message.id.as_bytes(),
             );
         }
         c.event(Kind::Message(message.clone()));
-        c.apply(data)?;
+        c.apply()?;
         Ok(Some(message))
     }
 
@@ -116,29 +113,28 @@ impl Store {
         outbox: OutboxRecord,
         transfer: Option<&Transfer>,
     ) -> StoreResult<rpc::Message> {
-        let data = &self.inner.data;
         let mut c = self.change();
         if let Some(t) = transfer {
             Store::add_transfer(&mut c, t);
         }
         let peer = message.peer.clone();
         let idk = peer_key(P_ID, &peer, message.id.as_bytes());
-        if data.contains_key(&idk)? {
+        if c.contains(&idk)? {
             return Err(StoreError::IdTaken(message.id));
         }
         let seq = c.seq();
         message.stored_at_ms = now_ms();
-        let mut summary = self.summary(&peer)?;
+        let mut summary = c.summary(&peer)?;
         summary.total += 1;
-        c.batch.insert(
+        c.insert(
             peer_key(P_MSG, &peer, &seq.to_be_bytes()),
             encode_message(&message),
         );
-        c.batch.insert(idk, &seq.to_be_bytes());
-        c.batch.insert(summary_key(&peer), summary.encode_to_vec());
-        c.batch.insert(&outbox_key(seq)[..], outbox.encode_to_vec());
+        c.insert(idk, &seq.to_be_bytes());
+        c.insert(summary_key(&peer), summary.encode_to_vec());
+        c.insert(&outbox_key(seq)[..], outbox.encode_to_vec());
         c.event(Kind::Message(message.clone()));
-        c.apply(data)?;
+        c.apply()?;
         self.inner.outbox_len.fetch_add(1, Ordering::AcqRel);
         Ok(message)
     }
@@ -172,12 +168,11 @@ impl Store {
         state: MessageState,
         error: &str,
     ) -> StoreResult<Option<(rpc::Message, u64)>> {
-        let data = &self.inner.data;
-        let Some(seq) = self.seq_of(peer, id)? else {
+        let Some(seq) = c.seq_of(peer, id)? else {
             return Ok(None);
         };
         let key = peer_key(P_MSG, peer, &seq.to_be_bytes());
-        let Some(bytes) = data.get(&key)? else {
+        let Some(bytes) = c.get(&key)? else {
             return Ok(None);
         };
         let mut message = decode_message(&bytes)?;
@@ -186,10 +181,10 @@ impl Store {
         }
         message.state = state as i32;
         message.error = error.to_owned();
-        c.batch.insert(key, encode_message(&message));
-        let leaves_outbox = data.contains_key(outbox_key(seq))?;
+        c.insert(key, encode_message(&message));
+        let leaves_outbox = c.contains(outbox_key(seq))?;
         if leaves_outbox {
-            c.batch.remove(&outbox_key(seq));
+            c.remove(outbox_key(seq));
         }
         c.event(Kind::StateChanged(rpc::MessageStateChanged {
             id: id.to_owned(),
@@ -206,8 +201,7 @@ impl Store {
             return Ok(None);
         };
         match self
-            .inner
-            .data
+            .data()?
             .get(peer_key(P_MSG, peer, &seq.to_be_bytes()))?
         {
             Some(bytes) => Ok(Some(decode_message(&bytes)?)),
@@ -242,7 +236,7 @@ impl Store {
         let start = peer_key(P_MSG, peer, &[]);
         let limit = if limit == 0 { usize::MAX } else { limit };
         let mut out = Vec::new();
-        for kv in self.inner.data.range(start..end).rev().take(limit) {
+        for kv in self.data()?.range(start..end).rev().take(limit) {
             let (_, v) = kv?;
             out.push(decode_message(&v)?);
         }
@@ -253,13 +247,12 @@ impl Store {
     /// Every conversation with its counters and newest message, most recent first.
     pub fn conversations(&self) -> StoreResult<Vec<rpc::Conversation>> {
         let mut found = Vec::new();
-        for kv in self.inner.data.scan_prefix([P_SUMMARY]) {
+        let data = self.data()?;
+        for kv in data.scan_prefix([P_SUMMARY]) {
             let (k, v) = kv?;
             let peer = String::from_utf8_lossy(&k[1..]).into_owned();
             let summary = Summary::decode(&v[..])?;
-            let last = self
-                .inner
-                .data
+            let last = data
                 .scan_prefix(peer_key(P_MSG, &peer, &[]))
                 .next_back()
                 .transpose()?;
@@ -287,7 +280,7 @@ impl Store {
     /// Total unread incoming messages.
     pub fn unread_total(&self) -> StoreResult<u64> {
         let mut total = 0u64;
-        for kv in self.inner.data.scan_prefix([P_SUMMARY]) {
+        for kv in self.data()?.scan_prefix([P_SUMMARY]) {
             let (_, v) = kv?;
             total = total.saturating_add(Summary::decode(&v[..])?.unread);
         }
@@ -303,10 +296,9 @@ impl Store {
         up_to_id: Option<&str>,
         read_receipts: bool,
     ) -> StoreResult<u64> {
-        let data = &self.inner.data;
         let mut c = self.change();
         let last = match up_to_id {
-            Some(id) => match self.seq_of(peer, id)? {
+            Some(id) => match c.seq_of(peer, id)? {
                 Some(seq) => seq,
                 None => {
                     return Err(StoreError::UnknownId {
@@ -318,6 +310,9 @@ impl Store {
             None => u64::MAX,
         };
         let mut marked = 0u64;
+        // The scan below needs every change made so far in sled (this one has written
+        // nothing yet).
+        let data = c.settled()?;
         for kv in data
             .range(peer_key(P_UNREAD, peer, &[])..=peer_key(P_UNREAD, peer, &last.to_be_bytes()))
         {
@@ -329,41 +324,51 @@ impl Store {
                 message.read = true;
                 if read_receipts && message.wants_receipts {
                     let seq = be_u64(seq_bytes).unwrap_or(0);
-                    c.batch.insert(
+                    c.insert(
                         receipt_key(peer, ReceiptState::Read, seq),
                         message.id.as_bytes(),
                     );
                 }
-                c.batch.insert(mkey, encode_message(&message));
+                c.insert(mkey, encode_message(&message));
             }
-            c.batch.remove(k);
+            c.remove(k);
             marked += 1;
         }
         if marked == 0 {
             return Ok(0);
         }
-        let mut summary = self.summary(peer)?;
+        let mut summary = c.summary(peer)?;
         summary.unread = summary.unread.saturating_sub(marked);
-        c.batch.insert(summary_key(peer), summary.encode_to_vec());
+        c.insert(summary_key(peer), summary.encode_to_vec());
         c.event(Kind::MarkedRead(rpc::MarkedRead {
             peer: peer.to_owned(),
             unread: summary.unread,
         }));
-        c.apply(data)?;
+        c.apply()?;
         Ok(marked)
     }
 
+    /// The sequence number of message `id` in the conversation with `peer`.
+    pub(super) fn seq_of(&self, peer: &str, id: &str) -> StoreResult<Option<u64>> {
+        Ok(self
+            .data()?
+            .get(peer_key(P_ID, peer, id.as_bytes()))?
+            .and_then(|v| be_u64(&v)))
+    }
+}
+
+impl Change<'_> {
+    /// The counters of the conversation with `peer`, as this change sees them.
     pub(super) fn summary(&self, peer: &str) -> StoreResult<Summary> {
-        match self.inner.data.get(summary_key(peer))? {
+        match self.get(summary_key(peer))? {
             Some(v) => Ok(Summary::decode(&v[..])?),
             None => Ok(Summary::default()),
         }
     }
 
+    /// [`Store::seq_of`], as this change sees it.
     pub(super) fn seq_of(&self, peer: &str, id: &str) -> StoreResult<Option<u64>> {
         Ok(self
-            .inner
-            .data
             .get(peer_key(P_ID, peer, id.as_bytes()))?
             .and_then(|v| be_u64(&v)))
     }

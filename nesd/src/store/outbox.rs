@@ -39,7 +39,7 @@ impl Store {
         let len = &self.inner.outbox_len;
         len.fetch_sub(leaving, Ordering::AcqRel);
         len.fetch_add(adding, Ordering::AcqRel);
-        if let Err(e) = c.apply(&self.inner.data) {
+        if let Err(e) = c.apply() {
             len.fetch_add(leaving, Ordering::AcqRel);
             len.fetch_sub(adding, Ordering::AcqRel);
             return Err(e);
@@ -51,10 +51,10 @@ impl Store {
     /// with it (a receipt, or a message a receipt moved on first): it leaves the outbox.
     pub fn outbox_forget(&self, seq: u64) -> StoreResult<()> {
         let mut c = self.change();
-        if !self.inner.data.contains_key(outbox_key(seq))? {
+        if !c.contains(outbox_key(seq))? {
             return Ok(());
         }
-        c.batch.remove(&outbox_key(seq));
+        c.remove(outbox_key(seq));
         self.apply_with_outbox(c, 1, 0)
     }
 
@@ -67,7 +67,7 @@ impl Store {
         let n = records.len() as u64;
         for record in records {
             let seq = c.seq();
-            c.batch.insert(&outbox_key(seq)[..], record.encode_to_vec());
+            c.insert(&outbox_key(seq)[..], record.encode_to_vec());
         }
         self.apply_with_outbox(c, 0, n)
     }
@@ -76,7 +76,7 @@ impl Store {
     pub fn outbox_after(&self, after: u64, limit: usize) -> StoreResult<Vec<(u64, OutboxRecord)>> {
         let mut out = Vec::new();
         let start = outbox_key(after.saturating_add(1));
-        for kv in self.inner.data.range(start..).take(limit) {
+        for kv in self.data()?.range(start..).take(limit) {
             let (k, v) = kv?;
             if k.first() != Some(&P_OUTBOX) {
                 break;

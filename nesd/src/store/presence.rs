@@ -58,7 +58,7 @@ impl Store {
     /// Peers known to speak kinds (the ones presence goes to), in name order.
     pub fn capable_peers(&self) -> StoreResult<Vec<String>> {
         let mut out = Vec::new();
-        for kv in self.inner.data.scan_prefix([P_CAPABLE]) {
+        for kv in self.data()?.scan_prefix([P_CAPABLE]) {
             let (k, _) = kv?;
             if let Some(peer) = k.get(1..k.len().saturating_sub(1)) {
                 out.push(String::from_utf8_lossy(peer).into_owned());
@@ -81,7 +81,7 @@ impl Store {
     ) -> StoreResult<Option<rpc::Presence>> {
         let key = peer_key(P_PRESENCE, peer, &[]);
         let mut c = self.change();
-        let old = match self.inner.data.get(&key)? {
+        let old = match c.get(&key)? {
             Some(v) => Some(PeerPresence::decode(&v[..])?),
             None => None,
         };
@@ -104,23 +104,21 @@ impl Store {
                 before.status != shown.status || before.note != shown.note
             }
         };
-        c.batch.insert(key, new.encode_to_vec());
-        c.batch.insert(peer_key(P_CAPABLE, peer, &[]), &[]);
+        c.insert(key, new.encode_to_vec());
+        c.insert(peer_key(P_CAPABLE, peer, &[]), &[]);
         if changed {
             c.event(Kind::Presence(shown.clone()));
         }
-        c.apply(&self.inner.data)?;
+        c.apply()?;
         Ok(Some(shown))
     }
 
     /// A peer's presence as shown now (`None`: it never told any).
     pub fn peer_presence(&self, peer: &str) -> StoreResult<Option<rpc::Presence>> {
-        Ok(
-            match self.inner.data.get(peer_key(P_PRESENCE, peer, &[]))? {
-                Some(v) => Some(PeerPresence::decode(&v[..])?.shown(peer, now_ms())),
-                None => None,
-            },
-        )
+        Ok(match self.data()?.get(peer_key(P_PRESENCE, peer, &[]))? {
+            Some(v) => Some(PeerPresence::decode(&v[..])?.shown(peer, now_ms())),
+            None => None,
+        })
     }
 
     /// Logs a presence event (offline, expired) for each peer whose presence ran out by
@@ -128,7 +126,8 @@ impl Store {
     pub fn expire_presences(&self, now: i64) -> StoreResult<Vec<rpc::Presence>> {
         let mut c = self.change();
         let mut out = Vec::new();
-        for kv in self.inner.data.scan_prefix([P_PRESENCE]) {
+        // The scan needs every change made so far in sled (this one has written nothing).
+        for kv in c.settled()?.scan_prefix([P_PRESENCE]) {
             let (k, v) = kv?;
             let mut p = PeerPresence::decode(&v[..])?;
             if p.expiry_logged
@@ -139,20 +138,20 @@ impl Store {
             }
             let peer = String::from_utf8_lossy(&k[1..k.len().saturating_sub(1)]).into_owned();
             p.expiry_logged = true;
-            c.batch.insert(k, p.encode_to_vec());
+            c.insert(k, p.encode_to_vec());
             let shown = p.shown(&peer, now);
             c.event(Kind::Presence(shown.clone()));
             out.push(shown);
         }
         if !out.is_empty() {
-            c.apply(&self.inner.data)?;
+            c.apply()?;
         }
         Ok(out)
     }
 
     /// This identity's presence as set (online when never set).
     pub fn own_presence(&self) -> StoreResult<OwnPresence> {
-        Ok(match self.inner.data.get(K_OWN_PRESENCE)? {
+        Ok(match self.data()?.get(K_OWN_PRESENCE)? {
             Some(v) => OwnPresence::decode(&v[..])?,
             None => OwnPresence {
                 status: rpc::PresenceStatus::Online as i32,
@@ -164,13 +163,13 @@ impl Store {
     /// Sets this identity's presence and logs it as an event (username empty).
     pub fn set_own_presence(&self, own: &OwnPresence) -> StoreResult<()> {
         let mut c = self.change();
-        c.batch.insert(K_OWN_PRESENCE, own.encode_to_vec());
+        c.insert(K_OWN_PRESENCE, own.encode_to_vec());
         c.event(Kind::Presence(rpc::Presence {
             username: String::new(),
             status: own.status,
             note: own.note.clone(),
             ..Default::default()
         }));
-        c.apply(&self.inner.data)
+        c.apply()
     }
 }

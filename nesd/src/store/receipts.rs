@@ -32,9 +32,9 @@ impl Store {
         };
         let mut c = self.change();
         let capable = peer_key(P_CAPABLE, peer, &[]);
-        let known = self.inner.data.contains_key(&capable)?;
+        let known = c.contains(&capable)?;
         if !known {
-            c.batch.insert(capable, &[]);
+            c.insert(capable, &[]);
         }
         let (mut moved, mut leaving) = (0u64, 0u64);
         for id in ids {
@@ -53,7 +53,7 @@ impl Store {
     /// ids, at most `limit` groups.
     pub fn receipts_due(&self, limit: usize) -> StoreResult<Vec<ReceiptsDue>> {
         let mut out: Vec<ReceiptsDue> = Vec::new();
-        for kv in self.inner.data.scan_prefix([P_RECEIPT]) {
+        for kv in self.data()?.scan_prefix([P_RECEIPT]) {
             let (k, id) = kv?;
             let Some(zero) = k.iter().position(|&b| b == 0) else {
                 continue;
@@ -95,9 +95,9 @@ impl Store {
     pub fn queue_receipt(&self, due: &ReceiptsDue, record: OutboxRecord) -> StoreResult<()> {
         let mut c = self.change();
         let seq = c.seq();
-        c.batch.insert(&outbox_key(seq)[..], record.encode_to_vec());
+        c.insert(&outbox_key(seq)[..], record.encode_to_vec());
         for k in &due.keys {
-            c.batch.remove(&k[..]);
+            c.remove(&k[..]);
         }
         self.apply_with_outbox(c, 0, 1)
     }
@@ -107,13 +107,15 @@ impl Store {
     pub fn drop_receipts(&self, due: &ReceiptsDue) -> StoreResult<()> {
         let mut c = self.change();
         for k in &due.keys {
-            c.batch.remove(&k[..]);
+            c.remove(&k[..]);
         }
-        c.apply(&self.inner.data)
+        c.apply()
     }
 
     /// Whether any receipt is owed.
     pub fn receipts_owed(&self) -> bool {
-        self.inner.data.scan_prefix([P_RECEIPT]).next().is_some()
+        // A store that cannot be read owes nothing it could send.
+        self.data()
+            .is_ok_and(|data| data.scan_prefix([P_RECEIPT]).next().is_some())
     }
 }

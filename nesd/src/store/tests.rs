@@ -1055,3 +1055,110 @@ async fn a_contact_and_the_events_it_logs_are_one_change_that_survives_a_reopen(
     );
     assert_eq!(store.events_after(0, 10).unwrap().len(), 1);
 }
+
+/// The rows of the data tree as sled holds them, the pending group aside.
+fn in_sled(store: &Store) -> usize {
+    store.inner.data.iter().count()
+}
+
+#[tokio::test]
+async fn changes_wait_in_one_group_that_reads_see_and_a_commit_applies_at_once() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let store = open_in_test(tmp.path());
+        store.commit_all().await.unwrap();
+        let rows = in_sled(&store);
+        // Three messages of one conversation, and a copy of the first: nothing reaches
+        // sled, yet each change sees the ones before it (the duplicate, the counters).
+        for id in ["m1", "m2", "m3"] {
+            let stored = store
+                .insert_incoming(incoming(id, "alice", id), None)
+                .unwrap();
+            assert!(stored.is_some(), "{id} stored");
+        }
+        assert!(store
+            .insert_incoming(incoming("m1", "alice", "again"), None)
+            .unwrap()
+            .is_none());
+        let (m, o) = outgoing("o1", "alice");
+        store.insert_outgoing(m, o).unwrap();
+        assert!(matches!(
+            store.insert_outgoing(outgoing("o1", "alice").0, outgoing("o1", "alice").1),
+            Err(StoreError::IdTaken(_))
+        ));
+        assert_eq!(in_sled(&store), rows, "the group waits in memory");
+        assert_eq!(
+            store.last_cursor(),
+            0,
+            "no event is released before the commit"
+        );
+        // A read outside a change applies the group first, as one batch.
+        let conversations = store.conversations().unwrap();
+        assert_eq!(conversations[0].total, 4);
+        assert_eq!(conversations[0].unread, 3);
+        assert!(in_sled(&store) > rows);
+        // The next changes wait again until the commit, which releases all events.
+        store.mark_read("alice", Some("m2"), false).unwrap();
+        store
+            .set_outgoing_state("alice", "o1", MessageState::Sent, "")
+            .unwrap()
+            .expect("moved");
+        assert_eq!(store.outbox_len(), 0);
+        store.commit().await.unwrap();
+        assert_eq!(store.last_cursor(), 6, "4 messages, a read mark, a state");
+    }
+    let store = open_in_test(tmp.path());
+    let history = store.history("alice", 0, None).unwrap();
+    let ids: Vec<&str> = history.iter().map(|m| m.id.as_str()).collect();
+    assert_eq!(ids, ["m1", "m2", "m3", "o1"]);
+    assert_eq!(history[3].state, MessageState::Sent as i32);
+    assert_eq!(store.conversations().unwrap()[0].unread, 1);
+    assert!(store.outbox_after(0, 10).unwrap().is_empty());
+    assert_eq!(store.events_after(0, 100).unwrap().len(), 6);
+}
+
+#[tokio::test]
+async fn a_group_nobody_commits_reaches_sled_when_old_or_when_the_store_closes() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let store = open_in_test(tmp.path());
+        store.commit_all().await.unwrap();
+        let rows = in_sled(&store);
+        store
+            .insert_incoming(incoming("m1", "alice", "one"), None)
+            .unwrap();
+        assert_eq!(in_sled(&store), rows);
+        std::thread::sleep(PENDING_MAX_AGE);
+        // The next change finds the group old enough and applies it with itself.
+        store
+            .insert_incoming(incoming("m2", "alice", "two"), None)
+            .unwrap();
+        assert!(in_sled(&store) > rows, "applied once old");
+        store
+            .insert_incoming(incoming("m3", "alice", "three"), None)
+            .unwrap();
+        // Dropped without a commit: what reads saw is not thrown away.
+    }
+    let store = open_in_test(tmp.path());
+    assert_eq!(store.history("alice", 0, None).unwrap().len(), 3);
+}
+
+#[tokio::test]
+async fn a_contact_saved_after_waiting_changes_lands_after_them() {
+    let tmp = tempfile::tempdir().unwrap();
+    {
+        let store = open_in_test(tmp.path());
+        store
+            .insert_incoming(incoming("m1", "carol", "hi"), None)
+            .unwrap();
+        // The contact's transaction applies the waiting group first, then itself.
+        store
+            .save_contact("carol", b"pinned".to_vec(), Vec::new())
+            .unwrap();
+        assert_eq!(store.history("carol", 0, None).unwrap().len(), 1);
+        store.commit().await.unwrap();
+    }
+    let store = open_in_test(tmp.path());
+    assert_eq!(store.history("carol", 0, None).unwrap().len(), 1);
+    assert_eq!(store.contact_records().unwrap().len(), 1);
+}

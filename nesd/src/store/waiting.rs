@@ -126,13 +126,11 @@ impl Store {
                 None
             };
             let seq = c.seq();
-            c.batch
-                .insert(peer_key(P_WAITING, from, &seq.to_be_bytes()), *frame);
+            c.insert(peer_key(P_WAITING, from, &seq.to_be_bytes()), *frame);
             index.add(from, seq);
             added.push(((*from).to_owned(), seq));
             if let Some((old_seq, who)) = &oldest {
-                c.batch
-                    .remove(peer_key(P_WAITING, who, &old_seq.to_be_bytes()));
+                c.remove(peer_key(P_WAITING, who, &old_seq.to_be_bytes()));
                 index.remove(who, *old_seq);
                 evicted.push((who.clone(), *old_seq));
             }
@@ -143,7 +141,7 @@ impl Store {
         if added.is_empty() {
             return Ok(answers);
         }
-        if let Err(e) = c.apply(&self.inner.data) {
+        if let Err(e) = c.apply() {
             for (who, seq) in &added {
                 index.remove(who, *seq);
             }
@@ -164,8 +162,7 @@ impl Store {
     pub fn waiting_of(&self, from: &str, limit: usize) -> StoreResult<Vec<Waiting>> {
         let mut out = Vec::new();
         for kv in self
-            .inner
-            .data
+            .data()?
             .scan_prefix(peer_key(P_WAITING, from, &[]))
             .take(limit)
         {
@@ -201,7 +198,7 @@ impl Store {
     /// `limit`.
     pub fn waiting(&self, limit: usize) -> StoreResult<Vec<Waiting>> {
         let mut out = Vec::new();
-        for kv in self.inner.data.scan_prefix([P_WAITING]).take(limit) {
+        for kv in self.data()?.scan_prefix([P_WAITING]).take(limit) {
             let (k, frame) = kv?;
             let Some((from, seq)) = waiting_key(&k) else {
                 continue;
@@ -241,11 +238,11 @@ impl Store {
             return Ok(());
         }
         let mut index = self.park_index();
-        let mut batch = sled::Batch::default();
+        let mut c = self.change();
         for (from, seq) in frames {
-            batch.remove(peer_key(P_WAITING, from, &seq.to_be_bytes()));
+            c.remove(peer_key(P_WAITING, from, &seq.to_be_bytes()));
         }
-        self.inner.data.apply_batch(batch)?;
+        c.apply()?;
         for (from, seq) in frames {
             index.remove(from, *seq);
         }

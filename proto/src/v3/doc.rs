@@ -360,7 +360,8 @@ impl SignedCertificate {
     /// Checks the RSA-PSS-SHA-256 (salt 32) signature over the `"certificate"` bytes as
     /// they stand, with the owner's (pinned) sign key.
     pub fn verify(&self, sign_key: &PublicKey) -> Result<(), V3Error> {
-        if sign_key.verify_pss_digest_salt(&self.bytes[self.body.clone()], &self.signature) {
+        // Once per certificate and key: the same certificate rides in every frame.
+        if sign_key.verify_pss_digest_salt_once(&self.bytes[self.body.clone()], &self.signature) {
             Ok(())
         } else {
             Err(V3Error::Signature {

@@ -30,7 +30,7 @@ use aes_gcm::aead::{Aead, Payload};
 use aes_gcm::{Aes256Gcm, KeyInit, Nonce};
 use aws_lc_rs::agreement;
 use aws_lc_rs::digest;
-use aws_lc_rs::kem::{Ciphertext, DecapsulationKey, EncapsulationKey, ML_KEM_768};
+use aws_lc_rs::kem::{Ciphertext, EncapsulationKey, ML_KEM_768};
 use aws_lc_rs::signature::{UnparsedPublicKey, ED25519};
 use rand::RngCore;
 use zeroize::Zeroizing;
@@ -211,17 +211,15 @@ pub(crate) fn decrypt(outer: Outer, prekeys: &dyn Prekeys) -> Result<Decrypted, 
     let secret = prekeys
         .prekey(&prekey_id)
         .ok_or(FrameError::UnknownPrekey)?;
-    let dk = DecapsulationKey::new(&ML_KEM_768, secret.mlkem768_secret())
-        .map_err(|_| FrameError::Decrypt)?;
+    let keys = secret.opening_keys();
     // ML-KEM rejects implicitly: a tampered `kem` gives another secret, and the tag fails.
-    let ss_m = dk
+    let ss_m = keys
+        .mlkem768
         .decapsulate(Ciphertext::from(kem.as_slice()))
-        .map_err(|_| FrameError::Decrypt)?;
-    let x = agreement::PrivateKey::from_private_key(&agreement::X25519, secret.x25519_secret())
         .map_err(|_| FrameError::Decrypt)?;
     let static_public = secret.prekey().x25519;
     let k = agreement::agree(
-        &x,
+        &keys.x25519,
         agreement::UnparsedPublicKey::new(&agreement::X25519, &ek),
         FrameError::Decrypt,
         |ss_x| Ok(combine(ss_m.as_ref(), ss_x, &ek, &static_public)),

@@ -51,6 +51,27 @@ pub struct PrekeySecret {
     signed: SignedPrekey,
     x25519: Zeroizing<[u8; X25519_BYTES]>,
     mlkem768: Zeroizing<Vec<u8>>,
+    /// Both private keys parsed once (AWS-LC holds them, and clears them when dropped):
+    /// parsing the X25519 one computes its public key, a scalar multiplication that every
+    /// frame opened would otherwise repeat.
+    keys: OpeningKeys,
+}
+
+/// The parsed private keys of a prekey (see [`PrekeySecret`]).
+pub(crate) struct OpeningKeys {
+    pub(crate) x25519: agreement::PrivateKey,
+    pub(crate) mlkem768: DecapsulationKey,
+}
+
+impl OpeningKeys {
+    fn parse(x25519: &[u8; X25519_BYTES], mlkem768: &[u8]) -> Result<Self, V3Error> {
+        Ok(Self {
+            x25519: agreement::PrivateKey::from_private_key(&agreement::X25519, x25519)
+                .map_err(|_| V3Error::Crypto("X25519 private key refused"))?,
+            mlkem768: DecapsulationKey::new(&ML_KEM_768, mlkem768)
+                .map_err(|_| V3Error::Crypto("ML-KEM-768 decapsulation key refused"))?,
+        })
+    }
 }
 
 /// A signing certificate with its private seed: what signs our v3 frames.
@@ -126,10 +147,12 @@ impl PrekeySecret {
             mlkem768: ek.as_ref().to_vec(),
         };
         let signed = SignedPrekey::sign(prekey, sign_key)?;
+        let keys = OpeningKeys::parse(&x25519, &mlkem768)?;
         Ok(Self {
             signed,
             x25519,
             mlkem768,
+            keys,
         })
     }
 
@@ -148,10 +171,17 @@ impl PrekeySecret {
         self.signed.prekey().id
     }
 
+    /// The private keys, parsed.
+    pub(crate) fn opening_keys(&self) -> &OpeningKeys {
+        &self.keys
+    }
+
+    #[cfg(test)]
     pub(crate) fn x25519_secret(&self) -> &[u8; X25519_BYTES] {
         &self.x25519
     }
 
+    #[cfg(test)]
     pub(crate) fn mlkem768_secret(&self) -> &[u8] {
         &self.mlkem768
     }
@@ -214,10 +244,12 @@ impl PrekeySecret {
                 "the ML-KEM decapsulation key does not match the prekey".into(),
             ));
         }
+        let keys = OpeningKeys::parse(&x25519, &mlkem768)?;
         Ok(Self {
             signed,
             x25519,
             mlkem768,
+            keys,
         })
     }
 }
