@@ -42,7 +42,6 @@
 use clap::Parser;
 use nes_proto::Username;
 use serde::Deserialize;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -317,8 +316,9 @@ pub enum SizeSetting {
     Text(String),
 }
 
-/// The fields of the config file that nesd reads. Others are ignored (the frontends share
-/// the file).
+/// The fields of the config file that nesd reads, exactly the keys the shared table
+/// `nes_client::settings` says nesd reads (a test keeps them so). Others are ignored: the
+/// frontends share the file.
 #[derive(Debug, Default, Deserialize)]
 pub struct FileConfig {
     /// `user`
@@ -369,9 +369,6 @@ pub struct FileConfig {
     pub max_file_size: Option<SizeSetting>,
     /// `log`
     pub log: Option<String>,
-    /// Everything else (for the frontends).
-    #[serde(flatten)]
-    pub other: BTreeMap<String, toml::Value>,
 }
 
 /// Where the XDG defaults point (injected so tests do not depend on the environment).
@@ -927,6 +924,51 @@ mod tests {
     fn write_config(root: &Path, text: &str) {
         std::fs::create_dir_all(root.join(".config/nes")).unwrap();
         std::fs::write(root.join(".config/nes/config.toml"), text).unwrap();
+    }
+
+    /// The field names serde's derive gives a struct: what it asks a deserializer for.
+    fn field_names<'de, T: Deserialize<'de>>() -> Vec<&'static str> {
+        struct Names<'a>(&'a mut Vec<&'static str>);
+        impl<'de> serde::Deserializer<'de> for Names<'_> {
+            type Error = serde::de::value::Error;
+            fn deserialize_any<V: serde::de::Visitor<'de>>(
+                self,
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                Err(serde::de::Error::custom("not a struct"))
+            }
+            fn deserialize_struct<V: serde::de::Visitor<'de>>(
+                self,
+                _: &'static str,
+                fields: &'static [&'static str],
+                _: V,
+            ) -> Result<V::Value, Self::Error> {
+                self.0.extend_from_slice(fields);
+                Err(serde::de::Error::custom("names taken"))
+            }
+            serde::forward_to_deserialize_any! {
+                bool i8 i16 i32 i64 i128 u8 u16 u32 u64 u128 f32 f64 char str string bytes
+                byte_buf option unit unit_struct newtype_struct seq tuple tuple_struct map
+                enum identifier ignored_any
+            }
+        }
+        let mut names = Vec::new();
+        let _ = T::deserialize(Names(&mut names));
+        names
+    }
+
+    #[test]
+    fn the_file_fields_are_the_settings_the_shared_table_says_nesd_reads() {
+        use nes_client::settings::{self, Reader};
+        let mut fields = field_names::<FileConfig>();
+        fields.sort_unstable();
+        let mut table: Vec<&str> = settings::read_by(Reader::Nesd).collect();
+        table.sort_unstable();
+        assert!(!fields.is_empty());
+        assert_eq!(
+            fields, table,
+            "FileConfig and nes_client::settings disagree"
+        );
     }
 
     #[test]

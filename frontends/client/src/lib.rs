@@ -7,6 +7,7 @@
 //! | module | holds |
 //! |---|---|
 //! | [`paths`] | where the socket and the config file are (`--socket` > `NES_SOCKET` > config > XDG) |
+//! | [`settings`] | the config file's settings, defined once: keys, help, types, who reads them |
 //! | [`error`] | [`Error`]: "daemon not running" (exit 3) vs. an error the user can fix (exit 1) |
 //! | [`client`] | [`Client`]: connect over the Unix socket, one method per RPC |
 //! | [`feed`] | [`Feed`]: the event stream that survives a daemon restart, resuming by cursor |
@@ -31,6 +32,7 @@ pub mod display;
 pub mod error;
 pub mod feed;
 pub mod paths;
+pub mod settings;
 
 pub use client::Client;
 pub use error::Error;

@@ -28,7 +28,7 @@ pub const SOCKET_NAME: &str = "nesd.sock";
 pub fn socket_path(explicit: Option<&Path>, config: Option<&Path>) -> PathBuf {
     let config_socket = explicit
         .is_none()
-        .then(|| config_value(&config_path(config), "socket"))
+        .then(|| config_value(&config_path(config), crate::settings::SOCKET))
         .flatten()
         .map(|s| expand_home(&s));
     resolve_socket(

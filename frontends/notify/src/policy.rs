@@ -6,6 +6,7 @@
 //! `notify_body_max = 200`. The file is read again for every message, so
 //! `nes config set notify_dnd true` takes effect at once, without a restart.
 
+use nes_client::settings;
 use std::collections::BTreeSet;
 use std::path::Path;
 
@@ -66,7 +67,7 @@ impl FileSettings {
         let Ok(table) = text.parse::<toml::Table>() else {
             return FileSettings::default();
         };
-        let mute = match table.get("notify_mute") {
+        let mute = match table.get(settings::NOTIFY_MUTE) {
             Some(toml::Value::Array(items)) => items
                 .iter()
                 .filter_map(|v| v.as_str().map(String::from))
@@ -82,11 +83,11 @@ impl FileSettings {
         FileSettings {
             mute,
             dnd: table
-                .get("notify_dnd")
+                .get(settings::NOTIFY_DND)
                 .and_then(|v| v.as_bool())
                 .unwrap_or(false),
             body_max: table
-                .get("notify_body_max")
+                .get(settings::NOTIFY_BODY_MAX)
                 .and_then(|v| v.as_integer())
                 .and_then(|n| usize::try_from(n).ok()),
         }

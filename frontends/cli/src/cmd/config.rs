@@ -14,6 +14,7 @@
 use crate::error::{usage, user, CliError};
 use crate::output::print_line;
 use crate::Ctx;
+use nes_client::settings::{self, Kind, SETTINGS};
 use std::path::Path;
 
 #[derive(clap::Args, Debug)]
@@ -69,98 +70,6 @@ pub enum ConfigCommand {
     /// Print the config file's path.
     Path,
 }
-
-/// The settings NES knows, with what they mean. String-valued unless listed in
-/// [`NUMBER_KEYS`] or [`BOOL_KEYS`].
-pub const KNOWN_KEYS: &[(&str, &str)] = &[
-    ("user", "this identity's username"),
-    (
-        "broker",
-        "MQTT broker, mqtt://HOST:PORT (mqtts://HOST:PORT for TLS)",
-    ),
-    (
-        "broker_ca",
-        "with mqtts://: trust only this CA (PEM) instead of the system's roots",
-    ),
-    (
-        "broker_cert",
-        "with mqtts://: a client certificate (PEM) for the broker",
-    ),
-    ("broker_key", "the client certificate's private key (PEM)"),
-    ("broker_user", "user name for the broker"),
-    (
-        "broker_password_file",
-        "file with the broker password (mode 600; or NES_BROKER_PASSWORD)",
-    ),
-    (
-        "broker_protocol",
-        "MQTT version: auto (the default: 5 where the broker speaks it, else 3.1.1), 5 or 3.1.1",
-    ),
-    (
-        "broker_session_expiry_secs",
-        "MQTT 5: seconds the broker keeps the session after nesd disconnects (default 30 days)",
-    ),
-    ("keyserver", "key server base URL"),
-    ("keyserver_key", "the key server's public key file (PEM)"),
-    ("data_dir", "data directory: keys/ and the message store"),
-    ("socket", "nesd's gRPC socket"),
-    ("key_policy", "tofu (default) or always"),
-    (
-        "keyserver_legacy",
-        "true: accept answers of an original PubKey server (no username)",
-    ),
-    ("log", "nesd's log filter, e.g. info or nesd=debug"),
-    (
-        "key_ttl_secs",
-        "seconds before cached contact keys are fetched again",
-    ),
-    (
-        "prekey_rotation",
-        "v3: how often a new prekey is made: 7d (default), 12h, 90s ...",
-    ),
-    (
-        "prekey_grace",
-        "v3: how long an expired prekey is kept for frames still queued: 14d (default)",
-    ),
-    (
-        "send_v3",
-        "v3 to contacts with a prekey: true (default); false: v2 at most",
-    ),
-    (
-        "presence_interval",
-        "how often contacts are told your presence: 30m (default), 90s, 2h ...",
-    ),
-    (
-        "read_receipts",
-        "tell contacts when you read their messages: true (default); false: only delivery",
-    ),
-    (
-        "max_file_size",
-        "largest file sent or received: 100MiB (default), 512K, or bytes",
-    ),
-    (
-        "notify_mute",
-        "nes-notify: users whose messages show no notification",
-    ),
-    (
-        "notify_dnd",
-        "nes-notify: do not disturb (no notifications at all)",
-    ),
-    (
-        "notify_body_max",
-        "nes-notify: longest body shown, in characters (default 200)",
-    ),
-];
-/// Keys whose values are numbers.
-const NUMBER_KEYS: &[&str] = &[
-    "notify_body_max",
-    "key_ttl_secs",
-    "broker_session_expiry_secs",
-];
-/// Keys whose values are true/false.
-const BOOL_KEYS: &[&str] = &["keyserver_legacy", "notify_dnd", "send_v3", "read_receipts"];
-/// Keys whose values are lists of strings (comma-separated on the command line).
-const LIST_KEYS: &[&str] = &["notify_mute"];
 
 pub fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
     let path = ctx.config_path();
@@ -249,12 +158,12 @@ pub fn run(ctx: &Ctx, args: Args) -> Result<(), CliError> {
 
 /// Refuses keys no part of NES reads, listing the ones it does.
 pub fn check_key(key: &str) -> Result<(), CliError> {
-    if KNOWN_KEYS.iter().any(|(k, _)| *k == key) {
+    if settings::find(key).is_some() {
         return Ok(());
     }
-    let known: Vec<String> = KNOWN_KEYS
+    let known: Vec<String> = SETTINGS
         .iter()
-        .map(|(k, help)| format!("  {k:<20} {help}"))
+        .map(|s| format!("  {:<20} {}", s.key, s.help))
         .collect();
     Err(user(format!(
         "unknown setting {key:?} (use --force to write it anyway); known settings:\n{}",
@@ -264,21 +173,23 @@ pub fn check_key(key: &str) -> Result<(), CliError> {
 
 /// The TOML value for a setting given on the command line.
 pub fn typed_value(key: &str, value: &str) -> Result<toml::Value, CliError> {
-    if NUMBER_KEYS.contains(&key) {
+    // A key no part of NES reads (written with --force) is a string.
+    let kind = settings::find(key).map_or(Kind::Text, |s| s.kind);
+    if kind == Kind::Number {
         return value
             .trim()
             .parse::<i64>()
             .map(toml::Value::Integer)
             .map_err(|_| user(format!("{key} takes a whole number, not {value:?}")));
     }
-    if BOOL_KEYS.contains(&key) {
+    if kind == Kind::Bool {
         return match value.trim().to_lowercase().as_str() {
             "true" | "yes" | "on" | "1" => Ok(toml::Value::Boolean(true)),
             "false" | "no" | "off" | "0" => Ok(toml::Value::Boolean(false)),
             _ => Err(user(format!("{key} takes true or false, not {value:?}"))),
         };
     }
-    if LIST_KEYS.contains(&key) {
+    if kind == Kind::List {
         let items = value
             .split(',')
             .map(str::trim)
