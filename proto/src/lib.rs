@@ -51,32 +51,6 @@ pub mod rpc {
     tonic::include_proto!("nes.v1");
 }
 
-/// A presence status as the wire carries it, as the API names it.
-impl From<inner::PresenceStatus> for rpc::PresenceStatus {
-    fn from(s: inner::PresenceStatus) -> Self {
-        match s {
-            inner::PresenceStatus::Online => rpc::PresenceStatus::Online,
-            inner::PresenceStatus::Away => rpc::PresenceStatus::Away,
-            inner::PresenceStatus::Busy => rpc::PresenceStatus::Busy,
-            inner::PresenceStatus::Offline => rpc::PresenceStatus::Offline,
-        }
-    }
-}
-
-impl rpc::PresenceStatus {
-    /// What a contact is told for this status set here: `None` for invisible (nothing
-    /// is told) and for unspecified.
-    pub fn on_the_wire(self) -> Option<inner::PresenceStatus> {
-        match self {
-            rpc::PresenceStatus::Online => Some(inner::PresenceStatus::Online),
-            rpc::PresenceStatus::Away => Some(inner::PresenceStatus::Away),
-            rpc::PresenceStatus::Busy => Some(inner::PresenceStatus::Busy),
-            rpc::PresenceStatus::Offline => Some(inner::PresenceStatus::Offline),
-            rpc::PresenceStatus::Invisible | rpc::PresenceStatus::Unspecified => None,
-        }
-    }
-}
-
 /// The order of an outgoing message's states, for an API number (see
 /// [`model::MessageState::progress`]).
 pub mod states {
