@@ -11,7 +11,7 @@
 //! the same atomic batch, id index, summary and event record the receive pipeline
 //! writes. Prints one JSON line: messages, peers, seconds, messages/s.
 
-use nes_proto::rpc::{self, Direction, MessageState};
+use nesd::model::{Content, Direction, Message, MessageState};
 use nesd::store::Store;
 use std::time::Instant;
 
@@ -33,21 +33,22 @@ fn main() -> anyhow::Result<()> {
     let base_ms = nes_proto::now_ms() - (messages as i64) * 10;
     for i in 0..messages {
         let peer = format!("peer{:04}", i % peers);
-        let message = rpc::Message {
+        let message = Message {
             id: format!("fill-{i:08}"),
             from: peer.clone(),
             to: me.clone(),
             peer,
-            direction: Direction::Incoming as i32,
-            text: format!("message {i} of the store-scale benchmark, a line of ordinary length"),
+            direction: Direction::Incoming,
+            content: Content::Text(format!(
+                "message {i} of the store-scale benchmark, a line of ordinary length"
+            )),
             timestamp_ms: base_ms + (i as i64) * 10,
             stored_at_ms: 0,
-            state: MessageState::Received as i32,
+            state: MessageState::Received,
             read: true,
             wire_version: 2,
             error: String::new(),
             wants_receipts: false,
-            file: None,
         };
         store.insert_incoming(message, None)?;
         if i > 0 && i % 200_000 == 0 {

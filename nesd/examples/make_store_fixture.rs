@@ -22,11 +22,12 @@ mod content;
 use anyhow::{bail, Context as _};
 use content::Msg;
 use futures::future::BoxFuture;
-use nes_proto::rpc::{self, event::Kind, Direction, MessageState};
+use nes_proto::rpc::{Direction, MessageState};
 use nes_proto::{KeyAnswer, PrivateKey, PublicKey, Username};
 use nesd::config::KeyPolicy;
 use nesd::keycache::KeyCache;
 use nesd::keyserver::{FetchError, Fetched, KeySource};
+use nesd::model::{self, ConnectionChanged, Content, EventKind};
 use nesd::store::{OutboxRecord, Parked, Store};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -138,22 +139,27 @@ fn msg(id: &str) -> anyhow::Result<&'static Msg> {
 }
 
 /// The record as first stored: incoming RECEIVED (or HELD) and unread, outgoing QUEUED.
-fn record(m: &Msg) -> rpc::Message {
+/// (`content.rs` names the values as the API does; the store takes the domain's.)
+fn record(m: &Msg) -> model::Message {
     let incoming = m.direction == Direction::Incoming;
-    rpc::Message {
+    model::Message {
         id: m.id.into(),
         from: if incoming { m.peer } else { content::ME }.into(),
         to: if incoming { content::ME } else { m.peer }.into(),
         peer: m.peer.into(),
-        direction: m.direction as i32,
-        text: m.text.into(),
+        direction: if incoming {
+            model::Direction::Incoming
+        } else {
+            model::Direction::Outgoing
+        },
+        content: Content::Text(m.text.into()),
         timestamp_ms: m.timestamp_ms,
         stored_at_ms: 0,
         state: match (incoming, m.state) {
-            (true, MessageState::Held) => MessageState::Held,
-            (true, _) => MessageState::Received,
-            (false, _) => MessageState::Queued,
-        } as i32,
+            (true, MessageState::Held) => model::MessageState::Held,
+            (true, _) => model::MessageState::Received,
+            (false, _) => model::MessageState::Queued,
+        },
         read: !incoming,
         wire_version: m.wire_version,
         error: if m.state == MessageState::Held {
@@ -163,7 +169,6 @@ fn record(m: &Msg) -> rpc::Message {
         },
         // Release 0.1.0 had no receipts (the field reads as false from its records).
         wants_receipts: false,
-        file: None,
     }
 }
 
@@ -195,8 +200,10 @@ fn advance(store: &Store, id: &str, state: MessageState) -> anyhow::Result<()> {
     } else {
         ""
     };
+    let to = model::MessageState::from_api(state as i32)
+        .with_context(|| format!("{state:?} is no state"))?;
     store
-        .set_outgoing_state(m.peer, id, state, error)?
+        .set_outgoing_state(m.peer, id, to, error)?
         .with_context(|| format!("{id} did not move to {state:?}"))?;
     Ok(())
 }
@@ -258,7 +265,7 @@ async fn write(dir: &Path, keys: &Keys) -> anyhow::Result<()> {
         bail!("the frame of {from} was not parked");
     }
     store.spill(&[content::INBOX])?;
-    store.log_event(Kind::Connection(rpc::ConnectionChanged {
+    store.log_event(EventKind::Connection(ConnectionChanged {
         connected: false,
         reason: content::CONNECTION_REASON.into(),
     }))?;

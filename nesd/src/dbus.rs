@@ -2,6 +2,8 @@
 //!
 //! It sits beside [`crate::grpc`] over the same [`Service`] and holds no logic of its
 //! own: each method is one service call, each signal one event of [`Service::events`].
+//! It reads the domain types ([`crate::model`]) directly: D-Bus shows only a few of their
+//! fields, and enumerations by their names ([`MessageState::name`], ...).
 //!
 //! | D-Bus | service |
 //! |---|---|
@@ -36,8 +38,10 @@
 //! joins it like its other tasks.
 
 use crate::error::ServiceError;
+use crate::model::{
+    Content, Direction, Event, EventKind, FileState, Message, MessageState, NewText, PresenceStatus,
+};
 use crate::service::Service;
-use nes_proto::rpc::{self, event::Kind, Direction, MessageState};
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch, Mutex};
 use tracing::{debug, info, warn};
@@ -214,7 +218,7 @@ impl Messenger {
     /// Sends `text` to `recipient`; answers the new message's id.
     #[zbus(out_args("id"))]
     async fn send(&self, recipient: String, text: String) -> Result<String, MessengerError> {
-        let request = rpc::SendRequest {
+        let request = NewText {
             to: recipient,
             text,
             legacy: false,
@@ -259,7 +263,10 @@ impl Messenger {
         Ok(conversations
             .into_iter()
             .map(|c| {
-                let (at, text) = c.last.map(|m| (m.timestamp_ms, m.text)).unwrap_or_default();
+                let (at, text) = c
+                    .last
+                    .map(|m| (m.timestamp_ms, m.text().to_owned()))
+                    .unwrap_or_default();
                 (c.peer, c.unread, c.total, at, text)
             })
             .collect())
@@ -282,13 +289,13 @@ impl Messenger {
     /// answers the status set.
     #[zbus(out_args("status"))]
     async fn set_presence(&self, status: String, note: String) -> Result<String, MessengerError> {
-        let Some(s) = nes_proto::names::presence_of_name(status.trim()) else {
+        let Some(s) = PresenceStatus::settable_of_name(status.trim()) else {
             return Err(MessengerError::from(ServiceError::InvalidArgument(
                 format!("presence {status:?}: online, away, busy or invisible"),
             )));
         };
         let p = self.service.set_presence(s, &note).await?;
-        Ok(nes_proto::names::presence_name(p.status).to_owned())
+        Ok(p.status.name().to_owned())
     }
 
     /// A contact's presence as last heard (`unknown` when it never told one; `offline`
@@ -297,11 +304,7 @@ impl Messenger {
     #[zbus(out_args("status", "note", "last_seen"))]
     async fn get_presence(&self, user: String) -> Result<(String, String, i64), MessengerError> {
         let p = self.service.get_presence(&user).await?;
-        Ok((
-            nes_proto::names::presence_name(p.status).to_owned(),
-            p.note,
-            p.last_seen_ms,
-        ))
+        Ok((p.status.name().to_owned(), p.note, p.last_seen_ms))
     }
 
     /// The user this nesd runs for.
@@ -376,7 +379,7 @@ impl Messenger {
 async fn signals(
     service: Service,
     iface: InterfaceRef<Messenger>,
-    first: mpsc::Receiver<Result<Arc<rpc::Event>, ServiceError>>,
+    first: mpsc::Receiver<Result<Arc<Event>, ServiceError>>,
 ) {
     let mut since = None;
     let mut first = Some(first);
@@ -407,54 +410,48 @@ async fn signals(
 }
 
 /// The signals of one service event, if any.
-async fn signal(iface: &InterfaceRef<Messenger>, event: &rpc::Event) {
+async fn signal(iface: &InterfaceRef<Messenger>, event: &Event) {
     let emitter = iface.signal_emitter();
     let messenger = iface.get().await;
     let result = match &event.kind {
-        // A file is announced once complete (FileReceived), not when its offer arrives.
-        Some(Kind::Message(m))
-            if m.direction == Direction::Incoming as i32
-                && m.state == MessageState::Received as i32
-                && m.file.is_none() =>
+        EventKind::Message(m)
+            if m.direction == Direction::Incoming && m.state == MessageState::Received =>
         {
-            let sent =
-                Messenger::message_received(emitter, &m.id, &m.from, m.timestamp_ms, &m.text).await;
-            unread_changed(&messenger, emitter).await;
-            sent
+            match &m.content {
+                Content::Text(text) => {
+                    let sent =
+                        Messenger::message_received(emitter, &m.id, &m.from, m.timestamp_ms, text)
+                            .await;
+                    unread_changed(&messenger, emitter).await;
+                    sent
+                }
+                // A file is announced once complete (FileReceived), not when its offer
+                // arrives.
+                Content::File(_) => Ok(()),
+            }
         }
-        Some(Kind::MarkedRead(_)) => {
+        EventKind::MarkedRead(_) => {
             unread_changed(&messenger, emitter).await;
             Ok(())
         }
-        Some(Kind::File(m)) if m.direction == Direction::Incoming as i32 => match &m.file {
-            Some(f) if f.state == rpc::FileState::Complete as i32 => {
+        EventKind::File(m) if m.direction == Direction::Incoming => match &m.content {
+            Content::File(f) if f.state == FileState::Complete => {
                 let sent =
                     Messenger::file_received(emitter, &m.id, &m.from, &f.name, f.size, &f.path)
                         .await;
                 unread_changed(&messenger, emitter).await;
                 sent
             }
-            _ => Ok(()),
+            // Not complete yet, or (never logged as a file event) not a file.
+            Content::File(_) | Content::Text(_) => Ok(()),
         },
-        Some(Kind::Presence(p)) => {
-            Messenger::presence_changed(
-                emitter,
-                &p.username,
-                nes_proto::names::presence_name(p.status),
-                &p.note,
-            )
-            .await
+        EventKind::Presence(p) => {
+            Messenger::presence_changed(emitter, &p.username, p.status.name(), &p.note).await
         }
-        Some(Kind::StateChanged(c)) => {
-            Messenger::message_state_changed(
-                emitter,
-                &c.id,
-                &c.peer,
-                nes_proto::names::state_name(c.state),
-            )
-            .await
+        EventKind::StateChanged(c) => {
+            Messenger::message_state_changed(emitter, &c.id, &c.peer, c.state.name()).await
         }
-        Some(Kind::Connection(c)) => {
+        EventKind::Connection(c) => {
             let changed = {
                 let mut last = messenger.last.lock().await;
                 let changed = last.connected != c.connected;
@@ -469,11 +466,10 @@ async fn signal(iface: &InterfaceRef<Messenger>, event: &rpc::Event) {
         }
         // No D-Bus signal for these (the D-Bus API is the small one; gRPC's Events has
         // them all). Named, so that a new kind of event has to decide here.
-        Some(Kind::Message(_))
-        | Some(Kind::File(_))
-        | Some(Kind::KeyChanged(_))
-        | Some(Kind::Contact(_))
-        | None => Ok(()),
+        EventKind::Message(_)
+        | EventKind::File(_)
+        | EventKind::KeyChanged(_)
+        | EventKind::Contact(_) => Ok(()),
     };
     if let Err(e) = result {
         debug!(error = %e, "cannot emit a D-Bus signal");
@@ -499,14 +495,12 @@ async fn unread_changed(messenger: &Messenger, emitter: &SignalEmitter<'_>) {
 }
 
 /// One History row: (id, from, to, timestamp, text, direction, state).
-fn history_row(m: rpc::Message) -> HistoryRow {
-    let direction = nes_proto::names::direction_name(m.direction);
-    let state = nes_proto::names::state_name(m.state);
-    // Held messages are not verified yet: their text is not shown.
-    let text = if m.state == MessageState::Held as i32 {
+fn history_row(m: Message) -> HistoryRow {
+    // Held messages are not verified yet: their text is not shown. A file's row has none.
+    let text = if m.state == MessageState::Held {
         String::new()
     } else {
-        m.text
+        m.text().to_owned()
     };
     (
         m.id,
@@ -514,8 +508,8 @@ fn history_row(m: rpc::Message) -> HistoryRow {
         m.to,
         m.timestamp_ms,
         text,
-        direction.to_owned(),
-        state.to_owned(),
+        m.direction.name().to_owned(),
+        m.state.name().to_owned(),
     )
 }
 
@@ -540,11 +534,11 @@ mod tests {
 
     #[test]
     fn held_rows_hide_the_text() {
-        let m = rpc::Message {
-            text: "secret".into(),
-            state: MessageState::Held as i32,
-            direction: Direction::Incoming as i32,
-            ..Default::default()
+        let m = Message {
+            content: Content::Text("secret".into()),
+            state: MessageState::Held,
+            direction: Direction::Incoming,
+            ..Message::example()
         };
         let row = history_row(m);
         assert_eq!(row.4, "");

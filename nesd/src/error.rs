@@ -42,6 +42,7 @@ impl From<crate::store::StoreError> for ServiceError {
             StoreError::IdTaken(_)
             | StoreError::Sled(_)
             | StoreError::Decode(_)
+            | StoreError::Record(_)
             | StoreError::TooNew { .. }
             | StoreError::DamagedFormat(_) => ServiceError::Internal(e.to_string()),
         }

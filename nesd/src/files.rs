@@ -32,10 +32,10 @@
 //!   until then it is a partial file under `partial/`, shown nowhere as a file.
 
 use crate::error::ServiceError;
+use crate::model::{Content, Direction, Message, MessageState};
 use crate::store::{Ending, Store, Transfer, TransferState};
 use crate::sync::lock;
 use nes_proto::files::{FileAck, FileCancel, FileChunk, FileOffer};
-use nes_proto::rpc::{self, Direction, MessageState};
 use sha2::{Digest, Sha256};
 use std::collections::{HashMap, HashSet};
 use std::io::{Read, Write};
@@ -371,21 +371,20 @@ impl Files {
             return Handled::Failed(format!("cannot create a partial file: {e}"));
         }
         let t = Transfer::new(false, from, signed);
-        let message = rpc::Message {
+        let message = Message {
             id: offer.id.clone(),
             from: from.to_owned(),
             to: me.to_owned(),
             peer: from.to_owned(),
-            direction: Direction::Incoming as i32,
-            text: String::new(),
+            direction: Direction::Incoming,
+            content: Content::File(t.info("")),
             timestamp_ms,
             stored_at_ms: 0,
-            state: MessageState::Received as i32,
+            state: MessageState::Received,
             read: false,
             wire_version,
             error: String::new(),
             wants_receipts,
-            file: Some(t.info("")),
         };
         match store.insert_incoming_file(message, &t) {
             Ok(Some(_)) => {}
@@ -663,7 +662,7 @@ impl Files {
     }
 
     /// This identity's user cancels a transfer (either direction); the peer is told.
-    pub async fn cancel(&self, id: &str) -> Result<rpc::Message, ServiceError> {
+    pub async fn cancel(&self, id: &str) -> Result<Message, ServiceError> {
         let store = &self.inner.store;
         let mut t = store
             .transfer(id)?
@@ -672,7 +671,7 @@ impl Files {
             return Err(ServiceError::FailedPrecondition(format!(
                 "the transfer of {} is over ({})",
                 t.offer.name,
-                nes_proto::names::file_state_name(t.file_state() as i32)
+                t.file_state().name()
             )));
         }
         t.state = TransferState::Cancelled;
@@ -685,7 +684,7 @@ impl Files {
     }
 
     /// A file message by file id, with live progress.
-    pub fn message(&self, id: &str) -> Result<rpc::Message, ServiceError> {
+    pub fn message(&self, id: &str) -> Result<Message, ServiceError> {
         let t = self
             .inner
             .store
@@ -695,29 +694,27 @@ impl Files {
             .ok_or_else(|| ServiceError::NotFound(format!("no message for file {id}")))
     }
 
-    fn message_of(&self, t: &Transfer) -> Result<Option<rpc::Message>, ServiceError> {
+    fn message_of(&self, t: &Transfer) -> Result<Option<Message>, ServiceError> {
         let Some(mut m) = self.inner.store.message(&t.peer, &t.offer.id)? else {
             return Ok(None);
         };
-        let path = m.file.as_ref().map(|f| f.path.clone()).unwrap_or_default();
-        m.file = Some(t.info(&path));
+        with_progress(&mut m, t);
         Ok(Some(m))
     }
 
     /// Refreshes the progress of the file messages among `messages` (history).
-    pub fn refresh(&self, messages: &mut [rpc::Message]) {
-        for m in messages.iter_mut().filter(|m| m.file.is_some()) {
+    pub fn refresh(&self, messages: &mut [Message]) {
+        for m in messages.iter_mut().filter(|m| m.file().is_some()) {
             if let Ok(Some(t)) = self.inner.store.transfer(&m.id) {
                 if t.peer == m.peer {
-                    let path = m.file.as_ref().map(|f| f.path.clone()).unwrap_or_default();
-                    m.file = Some(t.info(&path));
+                    with_progress(m, &t);
                 }
             }
         }
     }
 
     /// File messages (one peer's, or all), oldest first.
-    pub fn list(&self, peer: &str) -> Result<Vec<rpc::Message>, ServiceError> {
+    pub fn list(&self, peer: &str) -> Result<Vec<Message>, ServiceError> {
         let mut out = Vec::new();
         for t in self.inner.store.transfers()? {
             if !peer.is_empty() && t.peer != peer {
@@ -986,6 +983,13 @@ fn hex_id(id: &str) -> Option<String> {
         .map(hex::encode)
 }
 
+/// Shows `t`'s progress in its message `m`, keeping the path the message has (it is set
+/// once, when the file is complete).
+fn with_progress(m: &mut Message, t: &Transfer) {
+    let path = m.file().map(|f| f.path.clone()).unwrap_or_default();
+    m.content = Content::File(t.info(&path));
+}
+
 fn ack(file: &str, have: u64, probe: u64) -> FileAck {
     FileAck {
         file: file.to_owned(),
@@ -1050,11 +1054,8 @@ mod tests {
             Handled::Stored
         ));
         let m = store.message("alice", ID).unwrap().unwrap();
-        assert_eq!(
-            m.file.as_ref().unwrap().state,
-            rpc::FileState::Receiving as i32
-        );
-        assert!(m.file.as_ref().unwrap().path.is_empty(), "not a file yet");
+        assert_eq!(m.file().unwrap().state, crate::model::FileState::Receiving);
+        assert!(m.file().unwrap().path.is_empty(), "not a file yet");
         assert!(matches!(
             files.chunk("alice", &chunk(&bytes, ID, 2)),
             Handled::Stored
@@ -1090,7 +1091,7 @@ mod tests {
             0o600
         );
         let m = store.message("alice", ID).unwrap().unwrap();
-        assert_eq!(m.file.as_ref().unwrap().path, path.display().to_string());
+        assert_eq!(m.file().unwrap().path, path.display().to_string());
         // The first answer echoes the probe; the last reports every chunk.
         let due = files.take_due();
         assert!(matches!(&due[0], Due::Ack(p, a) if p == "alice" && a.have == 0 && a.probe == 7));

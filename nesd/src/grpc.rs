@@ -1,15 +1,22 @@
 //! The gRPC adapter: `nes.v1.Messenger` (tonic) on the Unix socket, over the service.
 //!
-//! Each method unpacks its request, calls [`Service`], and maps [`ServiceError`] to a
-//! status code (see the conventions in `messenger.proto`). No logic lives here beyond
-//! the streaming plumbing of SendStream and Events.
+//! Each method unpacks its request, calls [`Service`], converts what it answers from the
+//! domain types (`convert`, the only place in nesd where they meet the API's generated
+//! types) and maps [`ServiceError`] to a status code (see the conventions in
+//! `messenger.proto`). No logic lives here beyond the streaming plumbing of SendStream
+//! and Events.
+
+mod convert;
 
 use crate::error::ServiceError;
+use crate::model::{self, PresenceStatus};
 use crate::service::Service;
+use convert::all;
 use futures::{Stream, StreamExt};
 use nes_proto::rpc::messenger_server::{Messenger, MessengerServer};
 use nes_proto::rpc::{self, SendReply};
 use std::pin::Pin;
+use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
 use tonic::{Request, Response, Status, Streaming};
@@ -68,10 +75,10 @@ fn code_of(e: &ServiceError) -> tonic::Code {
     }
 }
 
-fn send_reply(result: Result<rpc::Message, ServiceError>) -> SendReply {
+fn send_reply(result: Result<model::Message, ServiceError>) -> SendReply {
     match result {
         Ok(m) => SendReply {
-            message: Some(m),
+            message: Some(m.into()),
             error: String::new(),
             code: 0,
         },
@@ -92,7 +99,7 @@ impl Messenger for GrpcApi {
         _: Request<rpc::StatusRequest>,
     ) -> Result<Response<rpc::StatusReply>, Status> {
         Ok(Response::new(
-            self.service.status().await.map_err(to_status)?,
+            self.service.status().await.map_err(to_status)?.into(),
         ))
     }
 
@@ -102,14 +109,10 @@ impl Messenger for GrpcApi {
     ) -> Result<Response<SendReply>, Status> {
         let message = self
             .service
-            .send(request.into_inner())
+            .send(request.into_inner().into())
             .await
             .map_err(to_status)?;
-        Ok(Response::new(SendReply {
-            message: Some(message),
-            error: String::new(),
-            code: 0,
-        }))
+        Ok(Response::new(send_reply(Ok(message))))
     }
 
     type SendStreamStream = BoxStream<SendReply>;
@@ -133,7 +136,7 @@ impl Messenger for GrpcApi {
                 .ready_chunks(SEND_CHUNK)
                 .map(move |requests| {
                     let s = preparing.clone();
-                    async move { s.prepare_sends(requests).await }
+                    async move { s.prepare_sends(all(requests)).await }
                 })
                 .buffered(SEND_AHEAD)
                 .ready_chunks(SEND_BATCH / SEND_CHUNK);
@@ -165,7 +168,9 @@ impl Messenger for GrpcApi {
             .service
             .events_from(since.as_deref())
             .map_err(to_status)?;
-        let stream = ReceiverStream::new(rx).map(|r| r.map(|e| (*e).clone()).map_err(to_status));
+        // An event goes to every client: each gets its own copy.
+        let stream = ReceiverStream::new(rx)
+            .map(|r| r.map(|e| Arc::unwrap_or_clone(e).into()).map_err(to_status));
         Ok(Response::new(Box::pin(stream)))
     }
 
@@ -179,7 +184,9 @@ impl Messenger for GrpcApi {
             .history(&r.peer, r.limit, &r.before_id)
             .await
             .map_err(to_status)?;
-        Ok(Response::new(rpc::HistoryReply { messages }))
+        Ok(Response::new(rpc::HistoryReply {
+            messages: all(messages),
+        }))
     }
 
     async fn conversations(
@@ -187,7 +194,9 @@ impl Messenger for GrpcApi {
         _: Request<rpc::ConversationsRequest>,
     ) -> Result<Response<rpc::ConversationsReply>, Status> {
         let conversations = self.service.conversations().await.map_err(to_status)?;
-        Ok(Response::new(rpc::ConversationsReply { conversations }))
+        Ok(Response::new(rpc::ConversationsReply {
+            conversations: all(conversations),
+        }))
     }
 
     async fn mark_read(
@@ -208,7 +217,9 @@ impl Messenger for GrpcApi {
         _: Request<rpc::ContactsRequest>,
     ) -> Result<Response<rpc::ContactsReply>, Status> {
         let contacts = self.service.contacts().await.map_err(to_status)?;
-        Ok(Response::new(rpc::ContactsReply { contacts }))
+        Ok(Response::new(rpc::ContactsReply {
+            contacts: all(contacts),
+        }))
     }
 
     async fn lookup_contact(
@@ -220,7 +231,8 @@ impl Messenger for GrpcApi {
             self.service
                 .lookup_contact(&r.username, r.refresh)
                 .await
-                .map_err(to_status)?,
+                .map_err(to_status)?
+                .into(),
         ))
     }
 
@@ -238,7 +250,7 @@ impl Messenger for GrpcApi {
             )
             .await
             .map_err(to_status)?;
-        Ok(Response::new(contact))
+        Ok(Response::new(contact.into()))
     }
 
     async fn set_contact_legacy(
@@ -250,7 +262,8 @@ impl Messenger for GrpcApi {
             self.service
                 .set_contact_legacy(&r.username, r.legacy)
                 .await
-                .map_err(to_status)?,
+                .map_err(to_status)?
+                .into(),
         ))
     }
 
@@ -259,9 +272,11 @@ impl Messenger for GrpcApi {
         request: Request<rpc::RegisterRequest>,
     ) -> Result<Response<rpc::RegisterReply>, Status> {
         let r = request.into_inner();
-        Ok(Response::new(
-            self.service.register(&r.email).await.map_err(to_status)?,
-        ))
+        let message = self.service.register(&r.email).await.map_err(to_status)?;
+        Ok(Response::new(rpc::RegisterReply {
+            username: self.service.user().to_string(),
+            message,
+        }))
     }
 
     async fn set_presence(
@@ -269,13 +284,14 @@ impl Messenger for GrpcApi {
         request: Request<rpc::SetPresenceRequest>,
     ) -> Result<Response<rpc::Presence>, Status> {
         let r = request.into_inner();
-        let status = rpc::PresenceStatus::try_from(r.status)
-            .map_err(|_| Status::invalid_argument("unknown presence status"))?;
+        let status = PresenceStatus::from_api(r.status)
+            .ok_or_else(|| Status::invalid_argument("unknown presence status"))?;
         Ok(Response::new(
             self.service
                 .set_presence(status, &r.note)
                 .await
-                .map_err(to_status)?,
+                .map_err(to_status)?
+                .into(),
         ))
     }
 
@@ -288,7 +304,8 @@ impl Messenger for GrpcApi {
             self.service
                 .get_presence(&r.username)
                 .await
-                .map_err(to_status)?,
+                .map_err(to_status)?
+                .into(),
         ))
     }
 
@@ -326,11 +343,7 @@ impl Messenger for GrpcApi {
             }
         }
         let message = self.service.finish_file(file).await.map_err(to_status)?;
-        Ok(Response::new(SendReply {
-            message: Some(message),
-            error: String::new(),
-            code: 0,
-        }))
+        Ok(Response::new(send_reply(Ok(message))))
     }
 
     async fn files(
@@ -339,7 +352,7 @@ impl Messenger for GrpcApi {
     ) -> Result<Response<rpc::FilesReply>, Status> {
         let r = request.into_inner();
         Ok(Response::new(rpc::FilesReply {
-            messages: self.service.files(&r.peer).await.map_err(to_status)?,
+            messages: all(self.service.files(&r.peer).await.map_err(to_status)?),
         }))
     }
 
@@ -349,7 +362,11 @@ impl Messenger for GrpcApi {
     ) -> Result<Response<rpc::Message>, Status> {
         let r = request.into_inner();
         Ok(Response::new(
-            self.service.get_file(&r.id).await.map_err(to_status)?,
+            self.service
+                .get_file(&r.id)
+                .await
+                .map_err(to_status)?
+                .into(),
         ))
     }
 
@@ -396,7 +413,11 @@ impl Messenger for GrpcApi {
     ) -> Result<Response<rpc::Message>, Status> {
         let r = request.into_inner();
         Ok(Response::new(
-            self.service.cancel_file(&r.id).await.map_err(to_status)?,
+            self.service
+                .cancel_file(&r.id)
+                .await
+                .map_err(to_status)?
+                .into(),
         ))
     }
 }

@@ -27,9 +27,9 @@
 
 use crate::config::KeyPolicy;
 use crate::keyserver::{FetchError, Fetched, KeySource};
+use crate::model::{self, EventKind, KeyChanged, TrustState};
 use crate::store::{Store, StoreError};
 use crate::sync::lock;
-use nes_proto::rpc::{self, event::Kind, TrustState};
 use nes_proto::{now_ms, PublicKey, Username};
 use prost::Message as _;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -247,19 +247,19 @@ impl Contact {
         self.pending.is_some()
     }
 
-    /// The API form (public keys only).
-    pub fn to_rpc(&self) -> rpc::Contact {
+    /// As shown (public keys only).
+    pub fn shown(&self) -> model::Contact {
         let (pm, ps) = match &self.pending {
             Some(p) => (p.message.fingerprint(), p.sign.fingerprint()),
             None => (String::new(), String::new()),
         };
-        rpc::Contact {
+        model::Contact {
             username: self.username.to_string(),
             trust: if self.pending.is_some() {
                 TrustState::KeyChanged
             } else {
                 TrustState::Pinned
-            } as i32,
+            },
             message_key_fingerprint: self.pinned.message.fingerprint(),
             sign_key_fingerprint: self.pinned.sign.fingerprint(),
             pending_message_key_fingerprint: pm,
@@ -802,13 +802,13 @@ impl KeyCache {
                 };
                 if was_changed {
                     info!(%user, "the key server answers the pinned keys again; pending change dropped");
-                    events.push(Kind::Contact(c.to_rpc()));
+                    events.push(EventKind::Contact(c.shown()));
                 }
                 c
             }
             (Decision::Replace, Some(old)) => {
                 warn!(%user, old = %old.pinned.sign.fingerprint(), new = %new.sign.fingerprint(), "keys changed; accepted (policy always)");
-                events.push(Kind::KeyChanged(key_changed(user, &old.pinned, &new)));
+                events.push(EventKind::KeyChanged(key_changed(user, &old.pinned, &new)));
                 let c = Contact {
                     username: user.clone(),
                     pinned: new,
@@ -816,14 +816,14 @@ impl KeyCache {
                     fetched_at_ms: now,
                     legacy,
                 };
-                events.push(Kind::Contact(c.to_rpc()));
+                events.push(EventKind::Contact(c.shown()));
                 c
             }
             (Decision::Hold { new: first_time }, Some(old)) => {
                 if first_time {
                     warn!(%user, old = %old.pinned.sign.fingerprint(), new = %new.sign.fingerprint(),
                         "keys changed at the key server; holding messages until they are trusted");
-                    events.push(Kind::KeyChanged(key_changed(user, &old.pinned, &new)));
+                    events.push(EventKind::KeyChanged(key_changed(user, &old.pinned, &new)));
                 }
                 Contact {
                     username: user.clone(),
@@ -865,7 +865,7 @@ impl KeyCache {
             pending: None,
             ..(*contact).clone()
         };
-        let event = Kind::Contact(c.to_rpc());
+        let event = EventKind::Contact(c.shown());
         Ok(self.save(c, vec![event]).await?)
     }
 
@@ -885,11 +885,15 @@ impl KeyCache {
             legacy,
             ..(*current).clone()
         };
-        let event = Kind::Contact(c.to_rpc());
+        let event = EventKind::Contact(c.shown());
         Ok(self.save(c, vec![event]).await?)
     }
 
-    async fn save(&self, contact: Contact, events: Vec<Kind>) -> Result<Arc<Contact>, StoreError> {
+    async fn save(
+        &self,
+        contact: Contact,
+        events: Vec<EventKind>,
+    ) -> Result<Arc<Contact>, StoreError> {
         // The record and its events in one atomic change (the store's).
         let logs = !events.is_empty();
         self.inner.store.save_contact(
@@ -920,8 +924,8 @@ fn lookup_failure(user: &Username, e: FetchError) -> LookupError {
     }
 }
 
-fn key_changed(user: &Username, old: &KeySet, new: &KeySet) -> rpc::KeyChanged {
-    rpc::KeyChanged {
+fn key_changed(user: &Username, old: &KeySet, new: &KeySet) -> KeyChanged {
+    KeyChanged {
         username: user.to_string(),
         old_message_key: old.message.fingerprint(),
         old_sign_key: old.sign.fingerprint(),
@@ -1054,11 +1058,11 @@ mod tests {
         assert!(c.key_changed());
         assert_eq!(c.pinned.sign, keys(0).1, "pinned keys stay until trusted");
         assert_eq!(c.pending.as_ref().unwrap().sign, keys(1).1);
-        assert_eq!(c.to_rpc().trust, TrustState::KeyChanged as i32);
+        assert_eq!(c.shown().trust, TrustState::KeyChanged);
         let events = store.events_after(0, 10).unwrap();
         assert!(matches!(
             events.last().unwrap().kind,
-            Some(Kind::KeyChanged(_))
+            EventKind::KeyChanged(_)
         ));
         // The same change again is not a new event.
         cache.get(&bob, true).await.unwrap();

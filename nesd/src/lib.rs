@@ -14,16 +14,22 @@
 //! broker ──▶ mqtt.rs ──▶ receive.rs ──▶ keycache.rs, store.rs ──▶ events ──▶ every client
 //! ```
 //!
+//! Inside the adapters everything speaks the domain types of [`model`]: the gRPC adapter
+//! converts them to the API's generated types at its edge (`grpc/convert.rs`, the only
+//! place in nesd that knows both), the D-Bus adapter reads them directly, and the store
+//! converts them to records of its own (`store/records.rs`).
+//!
 //! | module | holds |
 //! |---|---|
 //! | [`config`] | flags, `NES_*` env vars, the TOML file, XDG defaults |
 //! | [`daemon`] | startup checks, wiring, sd_notify, shutdown on SIGTERM/SIGINT |
 //! | [`socket`] | the API socket: live/stale detection, modes, systemd activation |
 //! | [`identity`] | this identity's private keys and the stable device id |
-//! | [`grpc`] | the `nes.v1.Messenger` adapter (tonic) |
-//! | [`dbus`] | the D-Bus adapter: `org.nes.Messenger1` on zbus's object server |
-//! | [`service`] | what the daemon can do: one cloneable handle, async methods |
-//! | [`store`] | messages, conversations, outbox, held messages, the event log |
+//! | [`model`] | the domain types: message and its kind (content), event, contact, presence, conversation, status |
+//! | [`grpc`] | the `nes.v1.Messenger` adapter (tonic); `grpc/convert.rs`: domain types to the API's generated types, the only place they meet |
+//! | [`dbus`] | the D-Bus adapter: `org.nes.Messenger1` on zbus's object server, reading the domain types |
+//! | [`service`] | what the daemon can do: one cloneable handle, async methods over the domain types |
+//! | [`store`] | messages, conversations, outbox, held messages, the event log; `store/records.rs`: domain types to its records |
 //! | [`keycache`] | contacts' keys, TTL, TOFU pinning and key changes |
 //! | [`keyserver`] | HTTP client of the key server, signed answers verified |
 //! | [`receive`] | the receive pipeline: every receiving rule, then store, ack, event |
@@ -67,6 +73,7 @@ pub mod grpc;
 pub mod identity;
 pub mod keycache;
 pub mod keyserver;
+pub mod model;
 pub mod mqtt;
 pub mod outbox;
 pub mod prekeys;

@@ -18,10 +18,10 @@
 //! - A frame whose QoS differs from the one before it (v1 frames go with QoS 2) waits
 //!   until the ones before it are acknowledged: brokers keep order only within a QoS.
 
+use crate::model::MessageState;
 use crate::mqtt::{Delivery, Token, Transport};
 use crate::service::Stats;
 use crate::store::Store;
-use nes_proto::rpc::MessageState;
 use std::sync::Arc;
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{debug, error};
@@ -169,9 +169,9 @@ impl Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::model::{Content, Direction, Message};
     use crate::mqtt::MqttConfig;
     use crate::store::OutboxRecord;
-    use nes_proto::rpc::{self, Direction};
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::{TcpListener, TcpStream};
@@ -229,20 +229,23 @@ mod tests {
         }
     }
 
-    fn queued(i: usize) -> (rpc::Message, OutboxRecord) {
+    fn queued(i: usize) -> (Message, OutboxRecord) {
         let peer = if i % 2 == 0 { "bob" } else { "carol" };
         let id = format!("id{i:02}");
-        let m = rpc::Message {
+        let m = Message {
             id: id.clone(),
             from: "me_".into(),
             to: peer.into(),
             peer: peer.into(),
-            direction: Direction::Outgoing as i32,
-            text: format!("text {i}"),
-            state: MessageState::Queued as i32,
+            direction: Direction::Outgoing,
+            content: Content::Text(format!("text {i}")),
+            timestamp_ms: 0,
+            stored_at_ms: 0,
+            state: MessageState::Queued,
             read: true,
             wire_version: 2,
-            ..Default::default()
+            error: String::new(),
+            wants_receipts: false,
         };
         let frame = format!("frame {i:02}").into_bytes();
         (
@@ -304,7 +307,7 @@ mod tests {
             .history("bob", 0, None)
             .unwrap()
             .iter()
-            .all(|m| m.state == MessageState::Queued as i32));
+            .all(|m| m.state == MessageState::Queued));
 
         let listener = TcpListener::bind(("127.0.0.1", port)).await.unwrap();
         let (published_tx, mut published) = mpsc::unbounded_channel();
@@ -328,7 +331,7 @@ mod tests {
         for peer in ["bob", "carol"] {
             let h = store.history(peer, 0, None).unwrap();
             assert!(
-                h.iter().all(|m| m.state == MessageState::Sent as i32),
+                h.iter().all(|m| m.state == MessageState::Sent),
                 "{peer}: {h:?}"
             );
         }

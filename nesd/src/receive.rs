@@ -52,13 +52,13 @@
 
 use crate::identity::Identity;
 use crate::keycache::{Contact, FrameKeys, KeyCache};
+use crate::model::{Content, Direction, Message, MessageState};
 use crate::mqtt::{Incoming, Transport};
 use crate::prekeys::OwnPrekeys;
 use crate::service::Stats;
 use crate::store::{Parked, Store, Waiting};
 use nes_proto::frame::{self, Decrypted, FrameError, Opened};
 use nes_proto::inner::{Kind, PresenceBody, PresenceStatus, Receipt};
-use nes_proto::rpc::{self, Direction, MessageState};
 use nes_proto::{now_ms, Username};
 use std::collections::{HashSet, VecDeque};
 use std::sync::Arc;
@@ -808,7 +808,7 @@ impl Pipeline {
         if &from == me && !held {
             // A note to self coming back from the broker: the outgoing copy is the record.
             if let Ok(Some(mine)) = self.store.message(me.as_str(), &opened.id) {
-                if mine.direction == Direction::Outgoing as i32 {
+                if mine.direction == Direction::Outgoing {
                     return Outcome::Ignored;
                 }
             }
@@ -844,30 +844,29 @@ impl Pipeline {
                 );
             }
         }
-        let message = rpc::Message {
+        let message = Message {
             id: opened.id.clone(),
             from: from.to_string(),
             to: me.to_string(),
             peer: from.to_string(),
-            direction: Direction::Incoming as i32,
+            direction: Direction::Incoming,
             // A held message shows no text until its sender's new keys are trusted.
-            text: if held {
+            content: Content::Text(if held {
                 String::new()
             } else {
                 opened.inner.message
-            },
+            }),
             timestamp_ms: opened.inner.timestamp,
             stored_at_ms: 0,
             state: if held {
                 MessageState::Held
             } else {
                 MessageState::Received
-            } as i32,
+            },
             read: false,
             wire_version: opened.version.number(),
             // v1 ids are derived, not the sender's: a receipt could not name them.
             wants_receipts: opened.inner.receipts && opened.version != frame::Version::V1,
-            file: None,
             error: if held {
                 format!("held: the keys of {from} changed; compare fingerprints and trust them to read it")
             } else {
@@ -977,7 +976,7 @@ impl Pipeline {
         if from == &self.identity.user {
             return Outcome::Ignored;
         }
-        let status = rpc::PresenceStatus::from(p.status);
+        let status = crate::model::PresenceStatus::from(p.status);
         let expires = if p.status == PresenceStatus::Offline {
             0
         } else {

@@ -1,9 +1,10 @@
 //! The service: what the daemon can do, as one cloneable handle with async methods.
 //!
-//! The frontend adapters ([`crate::grpc`], later `crate::dbus`) translate their protocol
-//! to these calls and [`ServiceError`] back to their error form; they hold no logic of
-//! their own. The service reaches the store, the key cache, the key server and (through
-//! the outbox) the transport.
+//! The frontend adapters ([`crate::grpc`], [`crate::dbus`]) translate their protocol to
+//! these calls and [`ServiceError`] back to their error form; they hold no logic of
+//! their own. The service speaks the domain types of [`crate::model`] (the adapters
+//! convert them at their edge). It reaches the store, the key cache, the key server and
+//! (through the outbox) the transport.
 //!
 //! Sending is two steps so that a stream of sends can seal in parallel and still store
 //! in order: [`Service::prepare_send`] (validate, find keys, seal on the blocking pool)
@@ -13,12 +14,15 @@ use crate::error::ServiceError;
 use crate::identity::Identity;
 use crate::keycache::{Contact, KeyCache, LookupError, TrustError};
 use crate::keyserver::{KeyServer, RegisterError};
+use crate::model::{
+    self, ConnectionChanged, Content, Conversation, Direction, Event, EventKind, Message,
+    MessageState, NewText, OwnPresence, Presence, PresenceStatus, Status,
+};
 use crate::mqtt::{Connection, Transport};
 use crate::prekeys::{OwnPrekeys, PeerPrekey, PeerPrekeys};
 use crate::store::{CursorError, OutboxRecord, Store};
 use crate::sync::lock;
 use nes_proto::frame::{self, Draft, FrameError, Version};
-use nes_proto::rpc::{self, event::Kind, Direction, MessageState};
 use nes_proto::{now_ms, Username};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -200,7 +204,7 @@ struct Inner {
 /// A sealed message ready to be stored.
 #[derive(Debug, Clone)]
 pub struct Prepared {
-    message: rpc::Message,
+    message: Message,
     outbox: OutboxRecord,
 }
 
@@ -230,12 +234,12 @@ impl Service {
     }
 
     /// Status: identity, connection, queue, counters.
-    pub async fn status(&self) -> Result<rpc::StatusReply, ServiceError> {
+    pub async fn status(&self) -> Result<Status, ServiceError> {
         let p = self.p();
         let prekey = p.own_prekeys.state();
-        let sealed = p.stats.sealed();
-        let received = p.stats.received_by_version();
-        Ok(rpc::StatusReply {
+        let [sent_v1, sent_v2, sent_v3] = p.stats.sealed();
+        let [received_v1, received_v2, received_v3] = p.stats.received_by_version();
+        Ok(Status {
             user: p.identity.user.to_string(),
             version: env!("CARGO_PKG_VERSION").to_owned(),
             connected: p.transport.is_connected(),
@@ -259,12 +263,12 @@ impl Service {
             prekey_published: prekey.published,
             prekey_waiting: prekey.waiting_reason,
             prekey_next_try_ms: prekey.next_try_ms,
-            sent_v1: sealed[0],
-            sent_v2: sealed[1],
-            sent_v3: sealed[2],
-            received_v1: received[0],
-            received_v2: received[1],
-            received_v3: received[2],
+            sent_v1,
+            sent_v2,
+            sent_v3,
+            received_v1,
+            received_v2,
+            received_v3,
             prekeys_lost: p.peer_prekeys.lost(),
             receipts_received: p.stats.receipts_received.load(Ordering::Relaxed),
             receipts_sent: p.stats.receipts_sent.load(Ordering::Relaxed),
@@ -285,7 +289,7 @@ impl Service {
     }
 
     /// Seals and queues one message; returns once it is stored (QUEUED).
-    pub async fn send(&self, request: rpc::SendRequest) -> Result<rpc::Message, ServiceError> {
+    pub async fn send(&self, request: NewText) -> Result<Message, ServiceError> {
         let prepared = self.prepare_send(request).await;
         self.commit_sends(vec![prepared])
             .await
@@ -295,7 +299,7 @@ impl Service {
 
     /// Step one of a send: checks the request, finds the recipient's keys, seals (on the
     /// blocking pool).
-    pub async fn prepare_send(&self, request: rpc::SendRequest) -> Result<Prepared, ServiceError> {
+    pub async fn prepare_send(&self, request: NewText) -> Result<Prepared, ServiceError> {
         let mut one = self.prepare_sends(vec![request]).await;
         one.pop()
             .unwrap_or_else(|| Err(ServiceError::Internal("no result".into())))
@@ -306,7 +310,7 @@ impl Service {
     /// request, in order.
     pub async fn prepare_sends(
         &self,
-        requests: Vec<rpc::SendRequest>,
+        requests: Vec<NewText>,
     ) -> Vec<Result<Prepared, ServiceError>> {
         let mut checked = Vec::with_capacity(requests.len());
         for request in requests {
@@ -329,20 +333,21 @@ impl Service {
     }
 
     /// Validates a send and finds the recipient's keys.
-    async fn check_send(&self, request: rpc::SendRequest) -> Result<ReadyToSeal, ServiceError> {
-        let to = parse_user(&request.to, "recipient")?;
-        if request.text.is_empty() {
+    async fn check_send(&self, request: NewText) -> Result<ReadyToSeal, ServiceError> {
+        let NewText { to, text, legacy } = request;
+        let to = parse_user(&to, "recipient")?;
+        if text.is_empty() {
             return Err(ServiceError::InvalidArgument("the message is empty".into()));
         }
-        if request.text.len() > MAX_TEXT_BYTES {
+        if text.len() > MAX_TEXT_BYTES {
             return Err(ServiceError::InvalidArgument(format!(
                 "the message is {} bytes long; the limit is {MAX_TEXT_BYTES}",
-                request.text.len()
+                text.len()
             )));
         }
         Ok(ReadyToSeal {
-            recipient: self.recipient(to, request.legacy).await?,
-            text: request.text,
+            recipient: self.recipient(to, legacy).await?,
+            text,
             body: None,
             timestamp_ms: now_ms(),
         })
@@ -383,10 +388,10 @@ impl Service {
     /// and tells the contacts at once.
     pub async fn set_presence(
         &self,
-        status: rpc::PresenceStatus,
+        status: PresenceStatus,
         note: &str,
-    ) -> Result<rpc::Presence, ServiceError> {
-        use rpc::PresenceStatus as S;
+    ) -> Result<Presence, ServiceError> {
+        use PresenceStatus as S;
         if !matches!(status, S::Online | S::Away | S::Busy | S::Invisible) {
             return Err(ServiceError::InvalidArgument(
                 "a presence is online, away, busy or invisible".into(),
@@ -402,14 +407,14 @@ impl Service {
         }
         let store = &self.p().store;
         let before = store.own_presence()?;
-        let own = crate::store::OwnPresence {
-            status: status as i32,
+        let own = OwnPresence {
+            status,
             note: note.to_owned(),
         };
         store.set_own_presence(&own)?;
         store.commit().await?;
         // Going invisible is told once, as offline; while invisible nothing is sent.
-        let went_invisible = status == S::Invisible && before.status != S::Invisible as i32;
+        let went_invisible = status == S::Invisible && before.status != S::Invisible;
         if status != S::Invisible || went_invisible {
             self.announce_presence(went_invisible).await?;
         }
@@ -417,24 +422,15 @@ impl Service {
     }
 
     /// A contact's presence as last heard, or (empty `username`) this identity's own.
-    pub async fn get_presence(&self, username: &str) -> Result<rpc::Presence, ServiceError> {
+    pub async fn get_presence(&self, username: &str) -> Result<Presence, ServiceError> {
         let store = &self.p().store;
         if username.trim().is_empty() {
-            let own = store.own_presence()?;
-            return Ok(rpc::Presence {
-                username: self.user().to_string(),
-                status: own.status,
-                note: own.note,
-                ..Default::default()
-            });
+            return Ok(store.own_presence()?.shown(self.user().as_str()));
         }
         let user = parse_user(username, "username")?;
         Ok(store
             .peer_presence(user.as_str())?
-            .unwrap_or_else(|| rpc::Presence {
-                username: user.to_string(),
-                ..Default::default()
-            }))
+            .unwrap_or_else(|| Presence::unknown(user.as_str())))
     }
 
     /// Tells every contact that speaks kinds this identity's presence: as set (lasting
@@ -447,10 +443,7 @@ impl Service {
         let store = &self.p().store;
         let own = store.own_presence()?;
         let now = now_ms();
-        let told = rpc::PresenceStatus::try_from(own.status)
-            .ok()
-            .and_then(rpc::PresenceStatus::on_the_wire);
-        let body = match told {
+        let body = match own.status.on_the_wire() {
             _ if offline => PresenceBody {
                 status: W::Offline,
                 note: String::new(),
@@ -683,9 +676,9 @@ impl Service {
     pub async fn commit_sends(
         &self,
         items: Vec<Result<Prepared, ServiceError>>,
-    ) -> Vec<Result<rpc::Message, ServiceError>> {
+    ) -> Vec<Result<Message, ServiceError>> {
         let store = &self.p().store;
-        let mut results: Vec<Result<rpc::Message, ServiceError>> = items
+        let mut results: Vec<Result<Message, ServiceError>> = items
             .into_iter()
             .map(|item| {
                 item.and_then(|p| {
@@ -718,7 +711,7 @@ impl Service {
         peer: &str,
         limit: u32,
         before_id: &str,
-    ) -> Result<Vec<rpc::Message>, ServiceError> {
+    ) -> Result<Vec<Message>, ServiceError> {
         let peer = parse_user(peer, "peer")?;
         let before = (!before_id.is_empty()).then_some(before_id);
         let mut messages = self
@@ -769,7 +762,7 @@ impl Service {
 
     /// Ends an upload: the file message is stored QUEUED with its offer in the outbox,
     /// and the transfer starts.
-    pub async fn finish_file(&self, file: FileUpload) -> Result<rpc::Message, ServiceError> {
+    pub async fn finish_file(&self, file: FileUpload) -> Result<Message, ServiceError> {
         let FileUpload {
             upload,
             to,
@@ -814,21 +807,20 @@ impl Service {
             to.as_str(),
             nes_proto::files::FileOffer { probe: 0, ..offer },
         );
-        let message = rpc::Message {
+        let message = Message {
             id: id.clone(),
             from: self.user().to_string(),
             to: to.to_string(),
             peer: to.to_string(),
-            direction: Direction::Outgoing as i32,
-            text: String::new(),
+            direction: Direction::Outgoing,
+            content: Content::File(transfer.info(&path.display().to_string())),
             timestamp_ms,
             stored_at_ms: 0,
-            state: MessageState::Queued as i32,
+            state: MessageState::Queued,
             read: true,
             wire_version: sealed.version.number(),
             error: String::new(),
             wants_receipts: true,
-            file: Some(transfer.info(&path.display().to_string())),
         };
         let outbox = OutboxRecord {
             peer: to.to_string(),
@@ -847,7 +839,7 @@ impl Service {
     }
 
     /// File messages (one peer's, or all), oldest first.
-    pub async fn files(&self, peer: &str) -> Result<Vec<rpc::Message>, ServiceError> {
+    pub async fn files(&self, peer: &str) -> Result<Vec<Message>, ServiceError> {
         let peer = if peer.trim().is_empty() {
             String::new()
         } else {
@@ -857,7 +849,7 @@ impl Service {
     }
 
     /// One file message, with its progress.
-    pub async fn get_file(&self, id: &str) -> Result<rpc::Message, ServiceError> {
+    pub async fn get_file(&self, id: &str) -> Result<Message, ServiceError> {
         self.p().files.message(id.trim())
     }
 
@@ -867,7 +859,7 @@ impl Service {
     }
 
     /// Cancels a transfer; the peer is told.
-    pub async fn cancel_file(&self, id: &str) -> Result<rpc::Message, ServiceError> {
+    pub async fn cancel_file(&self, id: &str) -> Result<Message, ServiceError> {
         self.p().files.cancel(id.trim()).await
     }
 
@@ -877,7 +869,7 @@ impl Service {
     }
 
     /// All conversations, most recent first.
-    pub async fn conversations(&self) -> Result<Vec<rpc::Conversation>, ServiceError> {
+    pub async fn conversations(&self) -> Result<Vec<Conversation>, ServiceError> {
         Ok(self.p().store.conversations()?)
     }
 
@@ -896,7 +888,7 @@ impl Service {
 
     /// Every cached contact, with the version it gets as far as known without asking the
     /// key server.
-    pub async fn contacts(&self) -> Result<Vec<rpc::Contact>, ServiceError> {
+    pub async fn contacts(&self) -> Result<Vec<model::Contact>, ServiceError> {
         Ok(self
             .p()
             .keys
@@ -912,7 +904,7 @@ impl Service {
         &self,
         username: &str,
         refresh: bool,
-    ) -> Result<rpc::Contact, ServiceError> {
+    ) -> Result<model::Contact, ServiceError> {
         let user = parse_user(username, "username")?;
         let contact = self
             .p()
@@ -931,8 +923,8 @@ impl Service {
         Ok(self.contact_with_version(&contact, prekey.as_ref()))
     }
 
-    /// `contact` for the API, with what is cached about its prekey.
-    fn shown_contact(&self, contact: &Contact) -> rpc::Contact {
+    /// `contact` as shown, with what is cached about its prekey.
+    fn shown_contact(&self, contact: &Contact) -> model::Contact {
         let prekey = self.p().peer_prekeys.cached(&contact.username);
         self.contact_with_version(contact, prekey.as_ref())
     }
@@ -948,9 +940,13 @@ impl Service {
         }
     }
 
-    fn contact_with_version(&self, contact: &Contact, prekey: Option<&PeerPrekey>) -> rpc::Contact {
+    fn contact_with_version(
+        &self,
+        contact: &Contact,
+        prekey: Option<&PeerPrekey>,
+    ) -> model::Contact {
         let (version, reason) = version_and_reason(contact.legacy, self.v3_off(), prekey);
-        rpc::Contact {
+        model::Contact {
             frame_version: version,
             frame_version_reason: reason,
             prekey_lost: !contact.legacy && matches!(prekey, Some(PeerPrekey::None { lost: true })),
@@ -959,7 +955,7 @@ impl Service {
                 .store
                 .peer_presence(contact.username.as_str())
                 .unwrap_or_default(),
-            ..contact.to_rpc()
+            ..contact.shown()
         }
     }
 
@@ -969,7 +965,7 @@ impl Service {
         username: &str,
         message_fp: &str,
         sign_fp: &str,
-    ) -> Result<rpc::Contact, ServiceError> {
+    ) -> Result<model::Contact, ServiceError> {
         let user = parse_user(username, "username")?;
         let contact = self
             .p()
@@ -1045,7 +1041,7 @@ impl Service {
         &self,
         username: &str,
         legacy: bool,
-    ) -> Result<rpc::Contact, ServiceError> {
+    ) -> Result<model::Contact, ServiceError> {
         let user = parse_user(username, "username")?;
         let contact = self
             .p()
@@ -1056,8 +1052,9 @@ impl Service {
         Ok(self.shown_contact(&contact))
     }
 
-    /// Registers this identity's public keys with the key server.
-    pub async fn register(&self, email: &str) -> Result<rpc::RegisterReply, ServiceError> {
+    /// Registers this identity's public keys with the key server; answers what the key
+    /// server said, for the user.
+    pub async fn register(&self, email: &str) -> Result<String, ServiceError> {
         let email = email.trim();
         let plausible = email.len() <= 254
             && email
@@ -1087,10 +1084,7 @@ impl Service {
             })?;
         // The account becomes active once its mail link is followed: retry from now.
         self.p().own_prekeys.publish_soon();
-        Ok(rpc::RegisterReply {
-            username: identity.user.to_string(),
-            message,
-        })
+        Ok(message)
     }
 
     /// The event stream for a client: like [`Service::events`], after the cursor the
@@ -1102,7 +1096,7 @@ impl Service {
     pub fn events_from(
         &self,
         since: Option<&str>,
-    ) -> Result<mpsc::Receiver<Result<Arc<rpc::Event>, ServiceError>>, ServiceError> {
+    ) -> Result<mpsc::Receiver<Result<Arc<Event>, ServiceError>>, ServiceError> {
         let Some(since) = since else {
             return Ok(self.events(None));
         };
@@ -1119,10 +1113,7 @@ impl Service {
     /// The event stream: with `since`, the logged events after that cursor, then live
     /// events, without gap or repeat. A client that falls too far behind gets a
     /// ResourceExhausted error and the stream ends; it resumes with the last cursor.
-    pub fn events(
-        &self,
-        since: Option<u64>,
-    ) -> mpsc::Receiver<Result<Arc<rpc::Event>, ServiceError>> {
+    pub fn events(&self, since: Option<u64>) -> mpsc::Receiver<Result<Arc<Event>, ServiceError>> {
         // Subscribe before reading the log: whatever is logged after the read is then
         // certain to come through the live channel (events go live only once durable,
         // and the log read stops at the last durable cursor).
@@ -1196,7 +1187,7 @@ impl Service {
             if up != was_up {
                 was_up = up;
                 let store = &self.p().store;
-                let kind = Kind::Connection(rpc::ConnectionChanged {
+                let kind = EventKind::Connection(ConnectionChanged {
                     connected: up,
                     reason,
                 });
@@ -1339,21 +1330,20 @@ impl ReadyToSeal {
 fn seal_one(identity: &Identity, ready: ReadyToSeal) -> Result<Prepared, ServiceError> {
     let sealed = seal_frame(identity, &ready)?;
     let to = ready.recipient.to;
-    let message = rpc::Message {
+    let message = Message {
         id: sealed.id.clone(),
         from: identity.user.to_string(),
         to: to.to_string(),
         peer: to.to_string(),
-        direction: Direction::Outgoing as i32,
-        text: ready.text,
+        direction: Direction::Outgoing,
+        content: Content::Text(ready.text),
         timestamp_ms: ready.timestamp_ms,
         stored_at_ms: 0,
-        state: MessageState::Queued as i32,
+        state: MessageState::Queued,
         read: true,
         wire_version: sealed.version.number(),
         error: String::new(),
         wants_receipts: sealed.version != Version::V1,
-        file: None,
     };
     let outbox = OutboxRecord {
         peer: to.to_string(),

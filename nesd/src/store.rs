@@ -24,9 +24,9 @@
 //! | `w` sender `\0` seq | a frame waiting for its sender's keys (the key server was down) |
 //! | `x` seq | a frame received but not yet decrypted: the *inbox* (see [`Store::spill`]) |
 //! | `r` peer `\0` state seq | a message id: a receipt owed to `peer` (see "Receipts") |
-//! | `p` peer | [`PeerPresence`]: the peer's presence as last heard (see "Presence") |
+//! | `p` peer | a presence record: the peer's presence as last heard (see "Presence") |
 //! | `k` peer | empty — the peer speaks kinds (it asked for receipts, or sent a receipt or presence) |
-//! | `n/presence` | [`OwnPresence`]: this identity's presence as set |
+//! | `n/presence` | a presence record: this identity's presence as set |
 //! | `f` file id | [`Transfer`]: a file transfer, beside its message (see `files`) |
 //! | `e` cursor | an event record (`records`, prost) — the event log |
 //! | `n/seq` | the next message sequence number |
@@ -109,9 +109,11 @@
 //! the state changes it logged then, under their old names). sled's own file format is sled's: its `conf` names its version.
 //!
 //! The records are the store's own (`records`), not the API's generated types: formats
-//! 1 and 2 stored `rpc::Message` and `rpc::Event` themselves, and the records keep those
-//! field numbers, so old stores read as they are; a change to the API now changes only
-//! the conversions in `records`, which name every field of both sides.
+//! 1 and 2 stored the API's `Message` and `Event` themselves, and the records keep those
+//! field numbers (and those enumeration numbers), so old stores read as they are. The
+//! store's methods take and return the domain types of [`crate::model`]; `records`
+//! converts them, naming every field of both sides, so a change to the API is no change
+//! here at all, and a change to a domain type does not compile until `records` decides.
 //!
 //! # Old stores
 //! A store written by an earlier release opens in a later one. The test
@@ -144,15 +146,15 @@ use inbox::InboxCount;
 pub use inbox::{Spilled, MAX_INBOX, MAX_INBOX_BYTES};
 pub use messages::Summary;
 pub use outbox::OutboxRecord;
-pub use presence::{OwnPresence, PeerPresence};
 pub use receipts::ReceiptsDue;
+pub use records::RecordError;
 use records::{decode_event, decode_message, encode_event, encode_message};
 use waiting::ParkIndex;
 pub use waiting::{Parked, Waiting, MAX_WAITING, MAX_WAITING_PER_SENDER};
 
+use crate::model::{Direction, Event, EventKind, MessageState};
 use nes_proto::inner::{ReceiptState, MAX_RECEIPT_IDS};
 use nes_proto::now_ms;
-use nes_proto::rpc::{self, event::Kind, Direction, Event, MessageState};
 use prost::Message as _;
 use rand::RngCore;
 use sha2::{Digest, Sha256};
@@ -201,6 +203,9 @@ pub enum StoreError {
     /// A record does not decode.
     #[error("message store: damaged record: {0}")]
     Decode(#[from] prost::DecodeError),
+    /// A record decodes but holds what no record of this format holds.
+    #[error("message store: damaged record: {0}")]
+    Record(#[from] RecordError),
     /// A message id that is not in the conversation.
     #[error("no message {id} in the conversation with {peer}")]
     UnknownId {
@@ -384,12 +389,12 @@ impl<'a> Change<'a> {
         Ok(self.get(key)?.is_some())
     }
 
-    fn event(&mut self, kind: Kind) -> Arc<Event> {
+    fn event(&mut self, kind: EventKind) -> Arc<Event> {
         let mut event = Event {
             cursor: self.next_cursor,
             at_ms: now_ms(),
-            kind: Some(kind),
-            ..Default::default()
+            log_cursor: String::new(),
+            kind,
         };
         self.next_cursor += 1;
         // Stored without its log cursor: that is derived from the stored bytes.
@@ -606,10 +611,9 @@ impl Store {
 /// delivered, read (a receipt may overtake the broker's acknowledgement), or from queued
 /// to failed.
 fn advances(from: MessageState, to: MessageState) -> bool {
-    use nes_proto::states::progress;
     match to {
         MessageState::Failed => from == MessageState::Queued,
-        _ => progress(from as i32) > 0 && progress(to as i32) > progress(from as i32),
+        _ => from.progress() > 0 && to.progress() > from.progress(),
     }
 }
 
@@ -619,15 +623,14 @@ fn convert_format_1(data: &sled::Tree) -> StoreResult<u64> {
     for kv in data.scan_prefix([P_MSG]) {
         let (k, v) = kv?;
         let mut m = decode_message(&v)?;
-        if m.direction != Direction::Outgoing as i32 {
+        if m.direction != Direction::Outgoing {
             continue;
         }
-        let state = match MessageState::try_from(m.state) {
-            Ok(MessageState::Sent) => MessageState::Queued,
-            Ok(MessageState::Delivered) => MessageState::Sent,
+        m.state = match m.state {
+            MessageState::Sent => MessageState::Queued,
+            MessageState::Delivered => MessageState::Sent,
             _ => continue,
         };
-        m.state = state as i32;
         batch.insert(k, encode_message(&m));
     }
     batch.insert(K_FORMAT, &2u64.to_be_bytes());

@@ -13,6 +13,7 @@
 //! | [`username`] | valid usernames and their topics | everywhere |
 //! | [`b64`] | Go's `base64.URLEncoding` | every binary field |
 //! | [`rpc`] | the gRPC API (`proto/nes/v1/messenger.proto`) | the daemon's Unix socket |
+//! | [`model`] | the values of the message model (direction, states, presence, trust), their names and API values | the API, `--json`, D-Bus |
 //! | [`names`] | API enum values as text (`queued`, `incoming`, ...) | `--json`, D-Bus |
 //!
 //! A frame flows: sender `frame::seal` → broker → recipient `frame::decrypt` (its own
@@ -32,6 +33,7 @@ pub mod files;
 pub mod frame;
 pub mod inner;
 pub mod keys;
+pub mod model;
 pub mod registration;
 pub mod username;
 pub mod v3;
@@ -49,130 +51,68 @@ pub mod rpc {
     tonic::include_proto!("nes.v1");
 }
 
-/// A presence status as the wire carries it, as the API names it.
-impl From<inner::PresenceStatus> for rpc::PresenceStatus {
-    fn from(s: inner::PresenceStatus) -> Self {
-        match s {
-            inner::PresenceStatus::Online => rpc::PresenceStatus::Online,
-            inner::PresenceStatus::Away => rpc::PresenceStatus::Away,
-            inner::PresenceStatus::Busy => rpc::PresenceStatus::Busy,
-            inner::PresenceStatus::Offline => rpc::PresenceStatus::Offline,
-        }
-    }
-}
-
-impl rpc::PresenceStatus {
-    /// What a contact is told for this status set here: `None` for invisible (nothing
-    /// is told) and for unspecified.
-    pub fn on_the_wire(self) -> Option<inner::PresenceStatus> {
-        match self {
-            rpc::PresenceStatus::Online => Some(inner::PresenceStatus::Online),
-            rpc::PresenceStatus::Away => Some(inner::PresenceStatus::Away),
-            rpc::PresenceStatus::Busy => Some(inner::PresenceStatus::Busy),
-            rpc::PresenceStatus::Offline => Some(inner::PresenceStatus::Offline),
-            rpc::PresenceStatus::Invisible | rpc::PresenceStatus::Unspecified => None,
-        }
-    }
-}
-
-/// The order of an outgoing message's states.
+/// The order of an outgoing message's states, for an API number (see
+/// [`model::MessageState::progress`]).
 pub mod states {
-    use crate::rpc::MessageState;
+    use crate::model::MessageState;
 
     /// How far an outgoing message got: queued 1, sent to the broker 2, delivered 3,
-    /// read 4; 0 for every other state (failed, incoming ones).
+    /// read 4; 0 for every other state (failed, incoming ones, unknown numbers).
     pub fn progress(state: i32) -> u8 {
-        match MessageState::try_from(state) {
-            Ok(MessageState::Queued) => 1,
-            Ok(MessageState::Sent) => 2,
-            Ok(MessageState::Delivered) => 3,
-            Ok(MessageState::Read) => 4,
-            _ => 0,
-        }
+        MessageState::from_api(state).map_or(0, MessageState::progress)
     }
 
     /// Whether the broker has acknowledged an outgoing message (sent, delivered or read).
     pub fn reached_broker(state: i32) -> bool {
-        progress(state) >= 2
+        MessageState::from_api(state).is_some_and(MessageState::reached_broker)
     }
 }
 
-/// The names of API enum values as people and scripts see them (`--json`, D-Bus, text):
-/// one definition for the CLI, nes-notify and nesd's D-Bus adapter.
+/// The names of API enum values as people and scripts see them (`--json`, D-Bus, text),
+/// for the numbers API messages carry: one definition (the [`model`] values' names) for
+/// the CLI, nes-notify and nesd's D-Bus adapter.
 pub mod names {
-    use crate::rpc::{Direction, MessageState};
+    use crate::model::{Direction, FileState, MessageState, PresenceStatus};
+
+    /// What a number no value of this build stands for (or unspecified) is called.
+    const UNKNOWN: &str = "unknown";
 
     /// `incoming` / `outgoing` (`unknown` for a value this build does not know).
     pub fn direction_name(direction: i32) -> &'static str {
-        match Direction::try_from(direction) {
-            Ok(Direction::Incoming) => "incoming",
-            Ok(Direction::Outgoing) => "outgoing",
-            Ok(Direction::Unspecified) | Err(_) => "unknown",
-        }
+        Direction::from_api(direction).map_or(UNKNOWN, Direction::name)
     }
 
     /// `queued`, `sent`, `delivered`, `read`, `failed`, `received`, `held` (`unknown`
     /// otherwise).
     pub fn state_name(state: i32) -> &'static str {
-        match MessageState::try_from(state) {
-            Ok(MessageState::Queued) => "queued",
-            Ok(MessageState::Sent) => "sent",
-            Ok(MessageState::Delivered) => "delivered",
-            Ok(MessageState::Read) => "read",
-            Ok(MessageState::Failed) => "failed",
-            Ok(MessageState::Received) => "received",
-            Ok(MessageState::Held) => "held",
-            Ok(MessageState::Unspecified) | Err(_) => "unknown",
-        }
+        MessageState::from_api(state).map_or(UNKNOWN, MessageState::name)
     }
 
     /// `online`, `away`, `busy`, `invisible`, `offline` (`unknown` when never heard of).
     pub fn presence_name(status: i32) -> &'static str {
-        use crate::rpc::PresenceStatus as P;
-        match P::try_from(status) {
-            Ok(P::Online) => "online",
-            Ok(P::Away) => "away",
-            Ok(P::Busy) => "busy",
-            Ok(P::Invisible) => "invisible",
-            Ok(P::Offline) => "offline",
-            Ok(P::Unspecified) | Err(_) => "unknown",
-        }
+        PresenceStatus::from_api(status).map_or(UNKNOWN, PresenceStatus::name)
     }
 
     /// `sending`, `receiving`, `complete`, `cancelled`, `failed` (`unknown` otherwise).
     pub fn file_state_name(state: i32) -> &'static str {
-        use crate::rpc::FileState as F;
-        match F::try_from(state) {
-            Ok(F::Sending) => "sending",
-            Ok(F::Receiving) => "receiving",
-            Ok(F::Complete) => "complete",
-            Ok(F::Cancelled) => "cancelled",
-            Ok(F::Failed) => "failed",
-            Ok(F::Unspecified) | Err(_) => "unknown",
-        }
+        FileState::from_api(state).map_or(UNKNOWN, FileState::name)
     }
 
     /// The status a user can set by name: online, away, busy, invisible.
     pub fn presence_of_name(name: &str) -> Option<crate::rpc::PresenceStatus> {
-        use crate::rpc::PresenceStatus as P;
-        Some(match name {
-            "online" => P::Online,
-            "away" => P::Away,
-            "busy" => P::Busy,
-            "invisible" => P::Invisible,
-            _ => return None,
-        })
+        PresenceStatus::settable_of_name(name).map(Into::into)
     }
 
     #[cfg(test)]
     mod tests {
         use super::*;
+        use crate::rpc;
 
         #[test]
         fn every_value_has_its_name() {
-            assert_eq!(state_name(MessageState::Held as i32), "held");
+            assert_eq!(state_name(rpc::MessageState::Held as i32), "held");
             assert_eq!(state_name(99), "unknown");
-            assert_eq!(direction_name(Direction::Outgoing as i32), "outgoing");
+            assert_eq!(direction_name(rpc::Direction::Outgoing as i32), "outgoing");
             assert_eq!(direction_name(-1), "unknown");
         }
     }

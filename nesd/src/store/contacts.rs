@@ -21,7 +21,12 @@ impl Store {
 
     /// Saves the record of the contact `name` and logs `events` in one atomic change; the
     /// events go out once committed ([`Store::commit`]).
-    pub fn save_contact(&self, name: &str, record: Vec<u8>, events: Vec<Kind>) -> StoreResult<()> {
+    pub fn save_contact(
+        &self,
+        name: &str,
+        record: Vec<u8>,
+        events: Vec<EventKind>,
+    ) -> StoreResult<()> {
         let mut c = self.change();
         let mut batch = sled::Batch::default();
         batch.insert(name.as_bytes(), record);

@@ -148,7 +148,7 @@ impl Store {
     }
 
     /// Logs an event that is not a message change (key changed, contact, connection).
-    pub fn log_event(&self, kind: Kind) -> StoreResult<Arc<Event>> {
+    pub fn log_event(&self, kind: EventKind) -> StoreResult<Arc<Event>> {
         let mut c = self.change();
         let event = c.event(kind);
         c.apply()?;

@@ -4,16 +4,16 @@
 //! signed offer, how far it got and its state. The file's bytes are never here: they are
 //! files under the data directory ([`crate::files`]). A transfer record is written in
 //! the same batch as its message when the message is stored, and in the same batch as
-//! the message's new [`rpc::FileInfo`] and its `file` event when the transfer ends, so
+//! the message's new [`FileInfo`] and its `file` event when the transfer ends, so
 //! after a crash the two always agree. Progress (chunks stored, chunks acknowledged) is
 //! written to the record alone.
 
 use super::{
     decode_message, encode_message, peer_key, receipt_key, Change, Store, StoreResult, P_MSG,
 };
+use crate::model::{Content, Direction, EventKind, FileInfo, FileState, Message, MessageState};
 use nes_proto::files::FileOffer;
 use nes_proto::inner::ReceiptState;
-use nes_proto::rpc::{self, event::Kind, Direction, FileState, MessageState};
 use serde::{Deserialize, Serialize};
 
 /// Prefix of transfer records.
@@ -152,14 +152,14 @@ impl Transfer {
     }
 
     /// What a message says about its file, with `path` once it is there.
-    pub fn info(&self, path: &str) -> rpc::FileInfo {
-        rpc::FileInfo {
+    pub fn info(&self, path: &str) -> FileInfo {
+        FileInfo {
             id: self.offer.id.clone(),
             name: self.offer.name.clone(),
             size: self.offer.size,
             sha256: self.offer.sha256.clone(),
             media_type: self.offer.media_type.clone(),
-            state: self.file_state() as i32,
+            state: self.file_state(),
             path: path.to_owned(),
             transferred: self.transferred(),
             error: self.error.clone(),
@@ -221,7 +221,7 @@ impl Store {
     /// A transfer ended (complete, cancelled, failed): the record, the message's file
     /// info (and state), and a `file` event, in one batch. Returns the message as it is
     /// now (`None` when it is not stored).
-    pub fn end_transfer(&self, t: &Transfer, ending: Ending) -> StoreResult<Option<rpc::Message>> {
+    pub fn end_transfer(&self, t: &Transfer, ending: Ending) -> StoreResult<Option<Message>> {
         let mut c = self.change();
         c.insert(file_key(&t.offer.id), encode(t));
         let mut leaving = 0;
@@ -241,13 +241,11 @@ impl Store {
         };
         let mut message = decode_message(&bytes)?;
         if let Some(state) = ending.outgoing_state {
-            if message.direction == Direction::Outgoing as i32
-                && super::advances(message.state(), state)
-            {
-                message.state = state as i32;
+            if message.direction == Direction::Outgoing && super::advances(message.state, state) {
+                message.state = state;
             }
         }
-        message.file = Some(t.info(&ending.path));
+        message.content = Content::File(t.info(&ending.path));
         c.insert(key, encode_message(&message));
         if ending.owe_delivery && message.wants_receipts {
             c.insert(
@@ -255,7 +253,7 @@ impl Store {
                 message.id.as_bytes(),
             );
         }
-        c.event(Kind::File(message.clone()));
+        c.event(EventKind::File(message.clone()));
         self.apply_with_outbox(c, leaving, 0)?;
         Ok(Some(message))
     }

@@ -2,14 +2,15 @@
 //! frame until the user trusts the new keys or drops them.
 
 use super::*;
+use crate::model::{Content, Message};
 
 /// A held message and the frame to open again once its sender's keys are trusted.
 #[derive(Debug, Clone)]
 pub struct Held {
     /// Its sequence number.
     pub seq: u64,
-    /// The stored record (state HELD, no text).
-    pub message: rpc::Message,
+    /// The stored message (state HELD, an empty text).
+    pub message: Message,
     /// The frame as received.
     pub frame: Vec<u8>,
 }
@@ -36,23 +37,18 @@ impl Store {
 
     /// Releases a held message after its sender's new keys were trusted and it verified:
     /// it becomes RECEIVED with its text (and owes its delivery receipt now, if asked).
-    pub fn release_held(
-        &self,
-        peer: &str,
-        seq: u64,
-        text: String,
-    ) -> StoreResult<Option<rpc::Message>> {
+    pub fn release_held(&self, peer: &str, seq: u64, text: String) -> StoreResult<Option<Message>> {
         let mut c = self.change();
         let key = peer_key(P_MSG, peer, &seq.to_be_bytes());
         let Some(bytes) = c.get(&key)? else {
             return Ok(None);
         };
         let mut message = decode_message(&bytes)?;
-        if message.state != MessageState::Held as i32 {
+        if message.state != MessageState::Held {
             return Ok(None);
         }
-        message.state = MessageState::Received as i32;
-        message.text = text;
+        message.state = MessageState::Received;
+        message.content = Content::Text(text);
         message.error.clear();
         message.read = false;
         let mut summary = c.summary(peer)?;
@@ -67,7 +63,7 @@ impl Store {
                 message.id.as_bytes(),
             );
         }
-        c.event(Kind::Message(message.clone()));
+        c.event(EventKind::Message(message.clone()));
         c.apply()?;
         Ok(Some(message))
     }

@@ -2,6 +2,7 @@
 //! the per-conversation counters (`s`) and the unread set (`u`).
 
 use super::*;
+use crate::model::{Conversation, MarkedRead, Message, StateChanged};
 
 /// Counters of one conversation.
 #[derive(Clone, PartialEq, prost::Message)]
@@ -19,9 +20,9 @@ impl Store {
     /// Returns `None` for a duplicate: the conversation already has that id.
     pub fn insert_incoming(
         &self,
-        message: rpc::Message,
+        message: Message,
         held_frame: Option<Vec<u8>>,
-    ) -> StoreResult<Option<rpc::Message>> {
+    ) -> StoreResult<Option<Message>> {
         self.insert_incoming_with(message, held_frame, None)
     }
 
@@ -29,18 +30,18 @@ impl Store {
     /// duplicate id. Its delivery receipt is owed only once the file is complete.
     pub fn insert_incoming_file(
         &self,
-        message: rpc::Message,
+        message: Message,
         transfer: &Transfer,
-    ) -> StoreResult<Option<rpc::Message>> {
+    ) -> StoreResult<Option<Message>> {
         self.insert_incoming_with(message, None, Some(transfer))
     }
 
     fn insert_incoming_with(
         &self,
-        mut message: rpc::Message,
+        mut message: Message,
         held_frame: Option<Vec<u8>>,
         transfer: Option<&Transfer>,
-    ) -> StoreResult<Option<rpc::Message>> {
+    ) -> StoreResult<Option<Message>> {
         let mut c = self.change();
         if let Some(t) = transfer {
             Store::add_transfer(&mut c, t);
@@ -54,7 +55,7 @@ impl Store {
         message.stored_at_ms = now_ms();
         let mut summary = c.summary(&peer)?;
         summary.total += 1;
-        let unread = message.state == MessageState::Received as i32 && !message.read;
+        let unread = message.state == MessageState::Received && !message.read;
         if unread {
             summary.unread += 1;
             c.insert(peer_key(P_UNREAD, &peer, &seq.to_be_bytes()), &[]);
@@ -73,26 +74,23 @@ impl Store {
         if message.wants_receipts && !c.contains(&capable)? {
             c.insert(capable, &[]);
         }
+        // A file's receipt is owed once its transfer completes (`end_transfer`).
         if message.wants_receipts
-            && message.state == MessageState::Received as i32
-            && message.file.is_none()
+            && message.state == MessageState::Received
+            && message.content.whole_on_arrival()
         {
             c.insert(
                 receipt_key(&peer, ReceiptState::Delivered, seq),
                 message.id.as_bytes(),
             );
         }
-        c.event(Kind::Message(message.clone()));
+        c.event(EventKind::Message(message.clone()));
         c.apply()?;
         Ok(Some(message))
     }
 
     /// Stores an outgoing message (state QUEUED) and its sealed frame in the outbox.
-    pub fn insert_outgoing(
-        &self,
-        message: rpc::Message,
-        outbox: OutboxRecord,
-    ) -> StoreResult<rpc::Message> {
+    pub fn insert_outgoing(&self, message: Message, outbox: OutboxRecord) -> StoreResult<Message> {
         self.insert_outgoing_with(message, outbox, None)
     }
 
@@ -100,19 +98,19 @@ impl Store {
     /// record together.
     pub fn insert_outgoing_file(
         &self,
-        message: rpc::Message,
+        message: Message,
         outbox: OutboxRecord,
         transfer: &Transfer,
-    ) -> StoreResult<rpc::Message> {
+    ) -> StoreResult<Message> {
         self.insert_outgoing_with(message, outbox, Some(transfer))
     }
 
     fn insert_outgoing_with(
         &self,
-        mut message: rpc::Message,
+        mut message: Message,
         outbox: OutboxRecord,
         transfer: Option<&Transfer>,
-    ) -> StoreResult<rpc::Message> {
+    ) -> StoreResult<Message> {
         let mut c = self.change();
         if let Some(t) = transfer {
             Store::add_transfer(&mut c, t);
@@ -133,7 +131,7 @@ impl Store {
         c.insert(idk, &seq.to_be_bytes());
         c.insert(summary_key(&peer), summary.encode_to_vec());
         c.insert(&outbox_key(seq)[..], outbox.encode_to_vec());
-        c.event(Kind::Message(message.clone()));
+        c.event(EventKind::Message(message.clone()));
         c.apply()?;
         self.inner.outbox_len.fetch_add(1, Ordering::AcqRel);
         Ok(message)
@@ -148,7 +146,7 @@ impl Store {
         id: &str,
         state: MessageState,
         error: &str,
-    ) -> StoreResult<Option<rpc::Message>> {
+    ) -> StoreResult<Option<Message>> {
         let mut c = self.change();
         let Some((message, leaves_outbox)) = self.advance(&mut c, peer, id, state, error)? else {
             return Ok(None);
@@ -167,7 +165,7 @@ impl Store {
         id: &str,
         state: MessageState,
         error: &str,
-    ) -> StoreResult<Option<(rpc::Message, u64)>> {
+    ) -> StoreResult<Option<(Message, u64)>> {
         let Some(seq) = c.seq_of(peer, id)? else {
             return Ok(None);
         };
@@ -176,27 +174,27 @@ impl Store {
             return Ok(None);
         };
         let mut message = decode_message(&bytes)?;
-        if message.direction != Direction::Outgoing as i32 || !advances(message.state(), state) {
+        if message.direction != Direction::Outgoing || !advances(message.state, state) {
             return Ok(None);
         }
-        message.state = state as i32;
+        message.state = state;
         message.error = error.to_owned();
         c.insert(key, encode_message(&message));
         let leaves_outbox = c.contains(outbox_key(seq))?;
         if leaves_outbox {
             c.remove(outbox_key(seq));
         }
-        c.event(Kind::StateChanged(rpc::MessageStateChanged {
+        c.event(EventKind::StateChanged(StateChanged {
             id: id.to_owned(),
             peer: peer.to_owned(),
-            state: state as i32,
+            state,
             error: error.to_owned(),
         }));
         Ok(Some((message, u64::from(leaves_outbox))))
     }
 
     /// One message by conversation and id.
-    pub fn message(&self, peer: &str, id: &str) -> StoreResult<Option<rpc::Message>> {
+    pub fn message(&self, peer: &str, id: &str) -> StoreResult<Option<Message>> {
         let Some(seq) = self.seq_of(peer, id)? else {
             return Ok(None);
         };
@@ -216,7 +214,7 @@ impl Store {
         peer: &str,
         limit: usize,
         before_id: Option<&str>,
-    ) -> StoreResult<Vec<rpc::Message>> {
+    ) -> StoreResult<Vec<Message>> {
         let end = match before_id {
             Some(id) => match self.seq_of(peer, id)? {
                 Some(seq) => peer_key(P_MSG, peer, &seq.to_be_bytes()),
@@ -245,7 +243,7 @@ impl Store {
     }
 
     /// Every conversation with its counters and newest message, most recent first.
-    pub fn conversations(&self) -> StoreResult<Vec<rpc::Conversation>> {
+    pub fn conversations(&self) -> StoreResult<Vec<Conversation>> {
         let mut found = Vec::new();
         let data = self.data()?;
         for kv in data.scan_prefix([P_SUMMARY]) {
@@ -265,7 +263,7 @@ impl Store {
             };
             found.push((
                 seq,
-                rpc::Conversation {
+                Conversation {
                     peer,
                     unread: summary.unread,
                     total: summary.total,
@@ -340,7 +338,7 @@ impl Store {
         let mut summary = c.summary(peer)?;
         summary.unread = summary.unread.saturating_sub(marked);
         c.insert(summary_key(peer), summary.encode_to_vec());
-        c.event(Kind::MarkedRead(rpc::MarkedRead {
+        c.event(EventKind::MarkedRead(MarkedRead {
             peer: peer.to_owned(),
             unread: summary.unread,
         }));

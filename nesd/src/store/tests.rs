@@ -1,39 +1,43 @@
 //! The store's tests: each family of records, the format versions, cursors.
 
 use super::events::START_TAG;
+use super::records::Stored;
 use super::*;
+use crate::model::{Content, MarkedRead, Message, OwnPresence, PresenceStatus};
 
-fn incoming(id: &str, from: &str, text: &str) -> rpc::Message {
-    rpc::Message {
+fn incoming(id: &str, from: &str, text: &str) -> Message {
+    Message {
         id: id.into(),
         from: from.into(),
         to: "me_".into(),
         peer: from.into(),
-        direction: Direction::Incoming as i32,
-        text: text.into(),
+        direction: Direction::Incoming,
+        content: Content::Text(text.into()),
         timestamp_ms: 1,
         stored_at_ms: 0,
-        state: MessageState::Received as i32,
+        state: MessageState::Received,
         read: false,
         wire_version: 2,
         error: String::new(),
         wants_receipts: false,
-        file: None,
     }
 }
 
-fn outgoing(id: &str, to: &str) -> (rpc::Message, OutboxRecord) {
-    let m = rpc::Message {
+fn outgoing(id: &str, to: &str) -> (Message, OutboxRecord) {
+    let m = Message {
         id: id.into(),
         from: "me_".into(),
         to: to.into(),
         peer: to.into(),
-        direction: Direction::Outgoing as i32,
-        text: format!("text {id}"),
-        state: MessageState::Queued as i32,
+        direction: Direction::Outgoing,
+        content: Content::Text(format!("text {id}")),
+        timestamp_ms: 0,
+        stored_at_ms: 0,
+        state: MessageState::Queued,
         read: true,
         wire_version: 2,
-        ..Default::default()
+        error: String::new(),
+        wants_receipts: false,
     };
     let o = OutboxRecord {
         peer: to.into(),
@@ -280,7 +284,7 @@ async fn incoming_is_stored_once_and_counted_unread() {
     assert_eq!(live.try_recv().unwrap().cursor, 2);
     let h = store.history("bob", 0, None).unwrap();
     assert_eq!(h.len(), 1);
-    assert_eq!(h[0].text, "1");
+    assert_eq!(h[0].text(), "1");
     assert_eq!(store.unread_total().unwrap(), 2);
     assert_eq!(store.mark_read("bob", None, false).unwrap(), 1);
     assert_eq!(store.mark_read("bob", None, false).unwrap(), 0);
@@ -304,12 +308,12 @@ async fn history_pages_backwards_and_conversations_sort_by_recency() {
     }
     let last = store.history("bob", 3, None).unwrap();
     assert_eq!(
-        last.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
+        last.iter().map(|m| m.text()).collect::<Vec<_>>(),
         ["1997", "1998", "1999"]
     );
     let before = store.history("bob", 2, Some("id1997")).unwrap();
     assert_eq!(
-        before.iter().map(|m| m.text.as_str()).collect::<Vec<_>>(),
+        before.iter().map(|m| m.text()).collect::<Vec<_>>(),
         ["1995", "1996"]
     );
     assert!(matches!(
@@ -324,7 +328,7 @@ async fn history_pages_backwards_and_conversations_sort_by_recency() {
     assert_eq!(convs[0].peer, "bob");
     assert_eq!(convs[0].total, 2000);
     assert_eq!(convs[0].unread, 2000);
-    assert_eq!(convs[0].last.as_ref().unwrap().text, "1999");
+    assert_eq!(convs[0].last.as_ref().unwrap().text(), "1999");
     assert_eq!(convs[1].total, 4);
     assert_eq!(store.mark_read("bob", Some("id9"), false).unwrap(), 10);
     assert_eq!(store.conversations().unwrap()[0].unread, 1990);
@@ -373,7 +377,7 @@ async fn outbox_keeps_order_and_states_only_move_forward() {
     assert_eq!(store.outbox_len(), 3);
     assert_eq!(store.outbox_after(0, 100).unwrap()[0].1.id, "o2");
     let h = store.history("carol", 0, None).unwrap();
-    assert_eq!(h[0].state, MessageState::Failed as i32);
+    assert_eq!(h[0].state, MessageState::Failed);
     assert_eq!(h[0].error, "no keys");
 }
 
@@ -618,7 +622,7 @@ async fn a_store_from_before_store_ids_gets_one_and_keeps_its_data() {
     }
     let store = open_in_test(tmp.path());
     let id = store.store_id().to_owned();
-    assert_eq!(store.history("bob", 0, None).unwrap()[0].text, "1");
+    assert_eq!(store.history("bob", 0, None).unwrap()[0].text(), "1");
     assert_eq!(store.last_cursor(), 1);
     assert_eq!(
         store.resolve_since("1").unwrap(),
@@ -697,13 +701,15 @@ async fn a_store_without_a_format_version_is_format_1_and_gets_one() {
         store.commit().await.unwrap();
         // As release 0.1.0 wrote it.
         store.inner.data.remove(K_FORMAT).unwrap();
-        // Format 1's outgoing states: 2 "handed to MQTT", 3 "acknowledged by the broker".
-        for (id, old) in [
-            ("o-handed", 2),
-            ("o-acked", 3),
-            ("o-failed", 4),
-            ("o-queued", 1),
+        // Format 1's outgoing states: 2 "handed to MQTT", 3 "acknowledged by the broker",
+        // written as the values that have those numbers.
+        for (id, old, number) in [
+            ("o-handed", MessageState::Sent, 2),
+            ("o-acked", MessageState::Delivered, 3),
+            ("o-failed", MessageState::Failed, 4),
+            ("o-queued", MessageState::Queued, 1),
         ] {
+            assert_eq!(old.number(), number);
             let (mut m, o) = outgoing(id, "bob");
             store.insert_outgoing(m.clone(), o).unwrap();
             let seq = store.seq_of("bob", id).unwrap().unwrap();
@@ -713,7 +719,7 @@ async fn a_store_without_a_format_version_is_format_1_and_gets_one() {
                 .data
                 .insert(
                     peer_key(P_MSG, "bob", &seq.to_be_bytes()),
-                    m.encode_to_vec(),
+                    encode_message(&m),
                 )
                 .unwrap();
         }
@@ -726,15 +732,15 @@ async fn a_store_without_a_format_version_is_format_1_and_gets_one() {
         store.inner.data.get(K_FORMAT).unwrap().as_deref(),
         Some(&2u64.to_be_bytes()[..])
     );
-    assert_eq!(store.history("bob", 0, None).unwrap()[0].text, "1");
+    assert_eq!(store.history("bob", 0, None).unwrap()[0].text(), "1");
     let state = |id: &str| store.message("bob", id).unwrap().unwrap().state;
-    assert_eq!(state("o-handed"), MessageState::Queued as i32);
-    assert_eq!(state("o-acked"), MessageState::Sent as i32);
-    assert_eq!(state("o-failed"), MessageState::Failed as i32);
-    assert_eq!(state("o-queued"), MessageState::Queued as i32);
+    assert_eq!(state("o-handed"), MessageState::Queued);
+    assert_eq!(state("o-acked"), MessageState::Sent);
+    assert_eq!(state("o-failed"), MessageState::Failed);
+    assert_eq!(state("o-queued"), MessageState::Queued);
     assert_eq!(
         store.message("bob", "a").unwrap().unwrap().state,
-        MessageState::Received as i32,
+        MessageState::Received,
         "incoming messages keep their state"
     );
     // A damaged record is refused, not taken for a version.
@@ -751,7 +757,7 @@ async fn a_store_without_a_format_version_is_format_1_and_gets_one() {
 async fn receipts_are_owed_with_the_message_and_the_read_mark_and_queued_once() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open_in_test(tmp.path());
-    let asks = |id: &str| rpc::Message {
+    let asks = |id: &str| Message {
         wants_receipts: true,
         ..incoming(id, "bob", "hi")
     };
@@ -761,8 +767,8 @@ async fn receipts_are_owed_with_the_message_and_the_read_mark_and_queued_once() 
         .insert_incoming(incoming("b3", "bob", "no receipts asked"), None)
         .unwrap();
     store.insert_incoming(asks("c1"), None).unwrap().unwrap();
-    let held = rpc::Message {
-        state: MessageState::Held as i32,
+    let held = Message {
+        state: MessageState::Held,
         ..asks("h1")
     };
     store
@@ -821,13 +827,13 @@ async fn many_owed_receipts_go_in_groups_of_at_most_max_receipt_ids() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open_in_test(tmp.path());
     for i in 0..MAX_RECEIPT_IDS + 10 {
-        let m = rpc::Message {
+        let m = Message {
             wants_receipts: true,
             ..incoming(&format!("m{i:04}"), "bob", "hi")
         };
         store.insert_incoming(m, None).unwrap();
     }
-    let m = rpc::Message {
+    let m = Message {
         wants_receipts: true,
         ..incoming("x", "carol", "hi")
     };
@@ -902,29 +908,26 @@ async fn receipts_move_only_the_peers_messages_and_only_forward() {
         .unwrap()
         .is_none());
     let m = store.message("bob", "o1").unwrap().unwrap();
-    assert_eq!(m.state, MessageState::Read as i32);
+    assert_eq!(m.state, MessageState::Read);
     store.commit().await.unwrap();
     let events = store.events_after(0, 100).unwrap();
-    let states: Vec<i32> = events
+    let states: Vec<MessageState> = events
         .iter()
         .filter_map(|e| match &e.kind {
-            Some(Kind::StateChanged(c)) => Some(c.state),
+            EventKind::StateChanged(c) => Some(c.state),
             _ => None,
         })
         .collect();
-    assert_eq!(
-        states,
-        [MessageState::Delivered as i32, MessageState::Read as i32]
-    );
+    assert_eq!(states, [MessageState::Delivered, MessageState::Read]);
 }
 
 #[tokio::test]
 async fn presence_keeps_the_newest_expires_once_and_marks_capable_peers() {
-    use rpc::PresenceStatus as P;
+    use PresenceStatus as P;
     let tmp = tempfile::tempdir().unwrap();
     let store = open_in_test(tmp.path());
     assert!(store.capable_peers().unwrap().is_empty());
-    let asks = rpc::Message {
+    let asks = Message {
         wants_receipts: true,
         ..incoming("m1", "carol", "hi")
     };
@@ -941,7 +944,7 @@ async fn presence_keeps_the_newest_expires_once_and_marks_capable_peers() {
         .unwrap();
     assert_eq!(
         (p.status, p.note.as_str(), p.expired),
-        (P::Away as i32, "lunch", false)
+        (P::Away, "lunch", false)
     );
     assert_eq!(store.capable_peers().unwrap(), ["bob", "carol"]);
     // An older one (a replay) changes nothing; a newer one does.
@@ -949,10 +952,7 @@ async fn presence_keeps_the_newest_expires_once_and_marks_capable_peers() {
         .set_peer_presence("bob", P::Online, "", now - 20, now + 60_000)
         .unwrap()
         .is_none());
-    assert_eq!(
-        store.peer_presence("bob").unwrap().unwrap().status,
-        P::Away as i32
-    );
+    assert_eq!(store.peer_presence("bob").unwrap().unwrap().status, P::Away);
     // A refresh with the same status logs no event.
     store.commit().await.unwrap();
     let before = store.last_cursor();
@@ -970,24 +970,24 @@ async fn presence_keeps_the_newest_expires_once_and_marks_capable_peers() {
     let later = now + 5;
     let gone = store.expire_presences(later).unwrap();
     assert_eq!(gone.len(), 1);
-    assert_eq!((gone[0].status, gone[0].expired), (P::Offline as i32, true));
+    assert_eq!((gone[0].status, gone[0].expired), (P::Offline, true));
     assert!(store.expire_presences(later + 1).unwrap().is_empty());
     let shown = store.peer_presence("bob").unwrap().unwrap();
     assert_eq!(shown.last_seen_ms, now - 1);
     assert!(store.peer_presence("zed").unwrap().is_none());
 
     // Own presence: online until set, kept across a reopen.
-    assert_eq!(store.own_presence().unwrap().status, P::Online as i32);
+    assert_eq!(store.own_presence().unwrap().status, P::Online);
     store
         .set_own_presence(&OwnPresence {
-            status: P::Invisible as i32,
+            status: P::Invisible,
             note: "x".into(),
         })
         .unwrap();
     store.commit().await.unwrap();
     drop(store);
     let store = open_in_test(tmp.path());
-    assert_eq!(store.own_presence().unwrap().status, P::Invisible as i32);
+    assert_eq!(store.own_presence().unwrap().status, P::Invisible);
 }
 
 #[tokio::test]
@@ -995,10 +995,10 @@ async fn held_messages_are_released_or_dropped() {
     let tmp = tempfile::tempdir().unwrap();
     let store = open_in_test(tmp.path());
     let mut m = incoming("h1", "carol", "");
-    m.state = MessageState::Held as i32;
+    m.state = MessageState::Held;
     store.insert_incoming(m, Some(b"frame1".to_vec())).unwrap();
     let mut m = incoming("h2", "carol", "");
-    m.state = MessageState::Held as i32;
+    m.state = MessageState::Held;
     store.insert_incoming(m, Some(b"frame2".to_vec())).unwrap();
     assert_eq!(
         store.unread_total().unwrap(),
@@ -1012,12 +1012,12 @@ async fn held_messages_are_released_or_dropped() {
         .release_held("carol", held[0].seq, "hello".into())
         .unwrap()
         .unwrap();
-    assert_eq!(released.state, MessageState::Received as i32);
+    assert_eq!(released.state, MessageState::Received);
     store.drop_held("carol", held[1].seq).unwrap();
     assert!(store.held("carol").unwrap().is_empty());
     let h = store.history("carol", 0, None).unwrap();
     assert_eq!(h.len(), 1);
-    assert_eq!(h[0].text, "hello");
+    assert_eq!(h[0].text(), "hello");
     assert_eq!(store.unread_total().unwrap(), 1);
     assert_eq!(store.conversations().unwrap()[0].total, 1);
 }
@@ -1029,7 +1029,7 @@ async fn a_contact_and_the_events_it_logs_are_one_change_that_survives_a_reopen(
         let store = open_in_test(tmp.path());
         assert!(store.contact_records().unwrap().is_empty());
         let before = store.last_cursor();
-        let event = Kind::MarkedRead(rpc::MarkedRead {
+        let event = EventKind::MarkedRead(MarkedRead {
             peer: "carol".into(),
             unread: 0,
         });
@@ -1046,7 +1046,7 @@ async fn a_contact_and_the_events_it_logs_are_one_change_that_survives_a_reopen(
         assert_eq!(store.last_cursor(), before + 1);
         let events = store.events_after(before, 10).unwrap();
         assert_eq!(events.len(), 1);
-        assert_eq!(events[0].kind, Some(event));
+        assert_eq!(events[0].kind, event);
     }
     let store = open_in_test(tmp.path());
     assert_eq!(
@@ -1111,7 +1111,7 @@ async fn changes_wait_in_one_group_that_reads_see_and_a_commit_applies_at_once()
     let history = store.history("alice", 0, None).unwrap();
     let ids: Vec<&str> = history.iter().map(|m| m.id.as_str()).collect();
     assert_eq!(ids, ["m1", "m2", "m3", "o1"]);
-    assert_eq!(history[3].state, MessageState::Sent as i32);
+    assert_eq!(history[3].state, MessageState::Sent);
     assert_eq!(store.conversations().unwrap()[0].unread, 1);
     assert!(store.outbox_after(0, 10).unwrap().is_empty());
     assert_eq!(store.events_after(0, 100).unwrap().len(), 6);
