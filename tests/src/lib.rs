@@ -95,6 +95,12 @@ pub fn free_port() -> Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
+/// Locks a test's shared state; a panic in another task leaves plain data behind, still
+/// usable, so a poisoned lock is taken as it is.
+pub fn lock<T>(m: &std::sync::Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// Polls `check` every 100 ms until it returns `Some`, for at most `timeout`. Errors of
 /// `check` count as "not yet" and the last one is reported on timeout.
 pub async fn eventually<T, F, Fut>(what: &str, timeout: Duration, mut check: F) -> Result<T>

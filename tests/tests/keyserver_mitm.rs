@@ -107,10 +107,6 @@ impl Drop for Proxy {
     }
 }
 
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|e| e.into_inner())
-}
-
 /// One request: read it, forward (or not), answer, close.
 async fn serve(
     mut stream: TcpStream,

@@ -550,22 +550,8 @@ pub fn files_under(dir: &Path) -> Vec<PathBuf> {
     out
 }
 
-/// Polls `check` every 100 ms until it returns true, panicking after `timeout`. The
-/// arguments come in the order of the end-to-end tests' `nes_e2e::eventually`.
-pub async fn eventually<F, Fut>(what: &str, timeout: Duration, mut check: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if check().await {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("not within {timeout:?}: {what}");
-}
+/// One polling helper for every test in the workspace.
+pub use nes_e2e::eventually;
 
 /// Asserts `r` has `status` and a JSON error body with `code`; returns the body.
 pub async fn assert_error(r: reqwest::Response, status: u16, code: &str) -> serde_json::Value {
