@@ -24,9 +24,9 @@
 //! Records live in the `contacts` tree of the store's database (prost-encoded
 //! [`ContactRecord`]), written through the store ([`Store::save_contact`]) so that a
 //! contact and the events its change logs are one atomic change; parsed keys are kept in memory so a message costs no PEM parsing.
-//! A contact's record is parsed at its first use, not when the cache opens: parsing two
-//! PEM keys costs ~10 µs per contact (~15 ms at the daemon's start for 1,000 contacts,
-//! measured), and most contacts are not needed in the first moments of a run.
+//! A contact's record is parsed at its first use, not when the cache opens: parsing its
+//! two PEM keys costs ~13 µs (11% of a start with 1,000 contacts, ~13 ms, in a profile of
+//! it: docs/BENCHMARKS.md), and most contacts are not needed in the first moments of a run.
 
 use crate::config::KeyPolicy;
 use crate::keyserver::{FetchError, Fetched, KeySource};
