@@ -4,7 +4,9 @@
 //! Order matters for the one-line errors: data directory, keys, key server key, socket
 //! (refuse a live daemon before touching its store), store, then the tasks. Shutdown
 //! stops accepting API calls, stops the pipeline and the outbox, disconnects from the
-//! broker and flushes the store; the socket file is removed last.
+//! broker and closes the store (flushed, and reopened once so that sled writes the
+//! snapshot the next start reads: see "Start and close" in `store`); the socket file is
+//! removed last.
 
 use crate::config::Config;
 use crate::identity::{self, Identity, IdentityError};
@@ -16,13 +18,13 @@ use crate::prekeys::{OwnPrekeys, PeerPrekeys};
 use crate::receive::Pipeline;
 use crate::service::{Parts, Service, Stats};
 use crate::socket::{self, SocketError};
-use crate::store::{Store, StoreError};
+use crate::store::{Closed, Store, StoreError};
 use crate::{dbus, grpc};
 use nes_proto::PublicKey;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::Path;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::{error, info, warn};
 
@@ -91,6 +93,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     };
 
     let store_path = config.data_dir.join(format!("store-{user}"));
+    let opening = Instant::now();
     let store = Store::open(&store_path).map_err(|e| DaemonError::Store {
         path: store_path.display().to_string(),
         reason: match e {
@@ -101,6 +104,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             e => e.to_string(),
         },
     })?;
+    // Most of the start (see "Start and close" in `store`): logged to tell a slow one.
+    info!(
+        ms = opening.elapsed().as_millis() as u64,
+        "message store open"
+    );
     let device = identity::device_id(&config.data_dir).map_err(|e| DaemonError::DataDir {
         path: config.data_dir.display().to_string(),
         reason: format!("device id: {e}"),
@@ -304,8 +312,20 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
             warn!(task = name, "did not stop in time");
         }
     }
-    if let Err(e) = store.flush() {
-        error!(error = %e, "cannot flush the store");
+    // The last handles on the store are this function's: once they are gone the store can
+    // close with a fresh snapshot, so that the next start does not replay today's log.
+    // (A blocking call on the runtime: nothing else runs any more.)
+    drop(service);
+    let closing = Instant::now();
+    match store.close() {
+        Ok(Closed::Snapshot) => {
+            info!(ms = closing.elapsed().as_millis() as u64, "store closed")
+        }
+        Ok(Closed::StillInUse) => warn!(
+            "the store was flushed but is still in use by a task that did not stop: \
+             the next start reads its log since this start"
+        ),
+        Err(e) => error!(error = %e, "cannot close the store"),
     }
     drop(socket);
     info!("stopped");

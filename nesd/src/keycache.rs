@@ -24,6 +24,9 @@
 //! Records live in the `contacts` tree of the store's database (prost-encoded
 //! [`ContactRecord`]), written through the store ([`Store::save_contact`]) so that a
 //! contact and the events its change logs are one atomic change; parsed keys are kept in memory so a message costs no PEM parsing.
+//! A contact's record is parsed at its first use, not when the cache opens: parsing its
+//! two PEM keys costs ~13 µs (11% of a start with 1,000 contacts, ~13 ms, in a profile of
+//! it: docs/BENCHMARKS.md), and most contacts are not needed in the first moments of a run.
 
 use crate::config::KeyPolicy;
 use crate::keyserver::{FetchError, Fetched, KeySource};
@@ -416,6 +419,35 @@ impl From<StoreError> for TrustError {
     }
 }
 
+/// A contact in memory: parsed at its first use.
+enum Cached {
+    /// The stored record, its keys not parsed yet.
+    Stored(ContactRecord),
+    /// Parsed.
+    Parsed(Arc<Contact>),
+}
+
+/// The contact `name` from `mem`, parsing its record if this is its first use; a record
+/// that does not parse is dropped from memory (and stays in the store, as before).
+fn take_parsed(mem: &mut HashMap<String, Cached>, name: &str) -> Option<Arc<Contact>> {
+    let entry = mem.get_mut(name)?;
+    let contact = match entry {
+        Cached::Parsed(c) => return Some(c.clone()),
+        Cached::Stored(record) => contact_from_record(record).map(Arc::new),
+    };
+    match contact {
+        Some(c) => {
+            *entry = Cached::Parsed(c.clone());
+            Some(c)
+        }
+        None => {
+            warn!(user = %name, "dropping a damaged key cache entry");
+            mem.remove(name);
+            None
+        }
+    }
+}
+
 /// The key cache; clones share it.
 #[derive(Clone)]
 pub struct KeyCache {
@@ -428,7 +460,7 @@ struct Inner {
     policy: KeyPolicy,
     ttl: Duration,
     me: Arc<Contact>,
-    mem: Mutex<HashMap<String, Arc<Contact>>>,
+    mem: Mutex<HashMap<String, Cached>>,
     /// Serialises changes of contacts (never held across a key server request).
     write_lock: tokio::sync::Mutex<()>,
     /// Recent failed fetches (for [`FAILED_FETCH_BACKOFF`]), and how they failed.
@@ -459,15 +491,13 @@ impl KeyCache {
         policy: KeyPolicy,
         ttl: Duration,
     ) -> Result<KeyCache, StoreError> {
+        // Decoded now (a record that does not decode fails the open, as any damaged
+        // record of the store does); the keys are parsed at first use (module docs).
         let mut mem = HashMap::new();
-        for (_, v) in store.contact_records()? {
+        for (name, v) in store.contact_records()? {
             let record = ContactRecord::decode(&v[..])?;
-            match contact_from_record(&record) {
-                Some(c) => {
-                    mem.insert(c.username.to_string(), Arc::new(c));
-                }
-                None => warn!(user = %record.username, "dropping a damaged key cache entry"),
-            }
+            // The tree's key: the name as `save` wrote it, the one lookups ask for.
+            mem.insert(name, Cached::Stored(record));
         }
         let own = KeySet {
             message_pem: my_message_key.to_pem(),
@@ -508,12 +538,19 @@ impl KeyCache {
         if user == &self.inner.me.username {
             return Some(self.inner.me.clone());
         }
-        lock(&self.inner.mem).get(user.as_str()).cloned()
+        take_parsed(&mut lock(&self.inner.mem), user.as_str())
     }
 
     /// Every cached contact, by name.
     pub fn list(&self) -> Vec<Arc<Contact>> {
-        let mut all: Vec<_> = lock(&self.inner.mem).values().cloned().collect();
+        let mut all: Vec<_> = {
+            let mut mem = lock(&self.inner.mem);
+            let names: Vec<String> = mem.keys().cloned().collect();
+            names
+                .iter()
+                .filter_map(|name| take_parsed(&mut mem, name))
+                .collect()
+        };
         all.sort_by(|a, b| a.username.cmp(&b.username));
         all
     }
@@ -902,7 +939,10 @@ impl KeyCache {
             events,
         )?;
         let contact = Arc::new(contact);
-        lock(&self.inner.mem).insert(contact.username.to_string(), contact.clone());
+        lock(&self.inner.mem).insert(
+            contact.username.to_string(),
+            Cached::Parsed(contact.clone()),
+        );
         if logs {
             self.inner.store.commit().await?;
         }
@@ -1238,6 +1278,59 @@ mod tests {
             cache.keys_for_frame(&carol, true),
             FrameKeys::Known(_)
         ));
+    }
+
+    #[tokio::test]
+    async fn stored_contacts_are_parsed_at_first_use_and_a_damaged_one_is_dropped() {
+        let (tmp, store, fake, cache) = setup(KeyPolicy::Tofu, Duration::from_secs(3600));
+        let bob = Username::parse("bob").unwrap();
+        cache.get(&bob, false).await.unwrap();
+        let mut damaged = cache.cached(&bob).unwrap().record();
+        damaged.username = "mallory".into();
+        if let Some(keys) = damaged.pinned.as_mut() {
+            keys.sign_pem = "not a key".into();
+        }
+        store
+            .save_contact("mallory", damaged.encode_to_vec(), Vec::new())
+            .unwrap();
+        store.flush().unwrap();
+        drop((cache, store));
+
+        let store = crate::store::open_in_test(tmp.path());
+        let (m, s) = keys(2).clone();
+        let me = Username::parse("me_").unwrap();
+        let cache = KeyCache::open(
+            store,
+            fake.clone(),
+            &me,
+            m,
+            s,
+            KeyPolicy::Tofu,
+            Duration::from_secs(3600),
+        )
+        .unwrap();
+        let mem = |name: &str| match lock(&cache.inner.mem).get(name) {
+            Some(Cached::Stored(_)) => "stored",
+            Some(Cached::Parsed(_)) => "parsed",
+            None => "absent",
+        };
+        assert_eq!((mem("bob"), mem("mallory")), ("stored", "stored"));
+        let calls = fake.calls.load(Ordering::SeqCst);
+        assert_eq!(cache.cached(&bob).unwrap().pinned.sign, keys(0).1);
+        assert_eq!(mem("bob"), "parsed");
+        assert!(cache.cached(&Username::parse("mallory").unwrap()).is_none());
+        assert_eq!(mem("mallory"), "absent");
+        let listed: Vec<String> = cache
+            .list()
+            .iter()
+            .map(|c| c.username.to_string())
+            .collect();
+        assert_eq!(listed, ["bob"]);
+        assert_eq!(
+            fake.calls.load(Ordering::SeqCst),
+            calls,
+            "all from the store"
+        );
     }
 
     #[test]

@@ -40,6 +40,30 @@
 //! conversation is one short reverse range scan however many messages are stored.
 //! Usernames cannot contain `\0`, so `peer \0` never prefixes another peer's keys.
 //!
+//! # Start and close
+//! Opening the store is most of a daemon's start. What it reads:
+//!
+//! - sled's recovery: its latest snapshot of the page table (`snap.*`, about 6 MB at
+//!   1,000,000 messages), a header per 512 KiB segment of the log, and **every log entry
+//!   written since that snapshot**, which it applies and then writes a new snapshot.
+//!   sled 0.34 writes snapshots only while opening a database (`snapshot_after_ops` does
+//!   nothing in this version), so without more the first start after a busy run replays
+//!   all of it: ~1 s per 1,000,000 messages (docs/BENCHMARKS.md). Segments no page uses
+//!   any more are zeroed at every open.
+//! - then this module: the format version, `n/seq`, the newest event (one reverse seek),
+//!   and the short prefixes it counts in memory: the outbox (`q`), parked frames (`w`),
+//!   the inbox (`x`); the store id. None of them grows with the number of messages.
+//! - the key cache ([`crate::keycache`]): the `contacts` tree, decoded; keys are parsed
+//!   at a contact's first use.
+//!
+//! So that the next start reads a fresh snapshot instead of the log, a clean shutdown
+//! closes the store with [`Store::close`]: a flush, then the database is dropped and
+//! opened once more, which replays the log since this run's start (the cost moves from
+//! the next start to this shutdown) and writes the snapshot. After a crash (SIGKILL, power
+//! loss) that did not happen: the next start replays everything written since the last
+//! start, as before; nothing is lost either way (every change was one atomic batch,
+//! flushed before it was acknowledged).
+//!
 //! # Receipts
 //! A message stored RECEIVED whose sender asked for receipts (`wants_receipts`) owes its
 //! sender a delivery receipt, and, when marked read with read receipts on, a read
@@ -161,7 +185,7 @@ use sha2::{Digest, Sha256};
 use sled::transaction::{ConflictableTransactionResult, TransactionError};
 use sled::Transactional;
 use std::collections::{BTreeMap, VecDeque};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
@@ -240,6 +264,8 @@ pub struct Store {
 }
 
 struct Inner {
+    /// The store's directory (for [`Store::close`]).
+    path: PathBuf,
     db: sled::Db,
     data: sled::Tree,
     /// The key cache's records (see `contacts`).
@@ -459,11 +485,7 @@ impl Store {
     /// than [`FORMAT_VERSION`] is refused ([`StoreError::TooNew`]) before anything is
     /// written to it.
     pub fn open(path: &Path) -> StoreResult<Store> {
-        let db = sled::Config::new()
-            .path(path)
-            .cache_capacity(64 * 1024 * 1024)
-            .flush_every_ms(Some(500))
-            .open()?;
+        let db = sled_config(path).open()?;
         let data = db.open_tree("data")?;
         let contacts = db.open_tree(contacts::TREE)?;
         // First, before anything is written.
@@ -487,6 +509,7 @@ impl Store {
         let (events, _) = broadcast::channel(EVENT_BROADCAST_CAPACITY);
         Ok(Store {
             inner: Arc::new(Inner {
+                path: path.to_owned(),
                 db,
                 data,
                 contacts,
@@ -595,6 +618,24 @@ impl Store {
         self.inner.writer.lock().unwrap_or_else(|e| e.into_inner())
     }
 
+    /// Closes the store as a clean shutdown should (see "Start and close" in the module
+    /// docs): flushes it, lets go of the database, and opens it once more, which makes
+    /// sled write a snapshot of its page table, so that the next start reads that instead
+    /// of every log entry written since this one. Only the last handle closes the store:
+    /// while another one is alive the store is flushed and stays open
+    /// ([`Closed::StillInUse`]).
+    pub fn close(self) -> StoreResult<Closed> {
+        self.flush()?;
+        let inner = match Arc::try_unwrap(self.inner) {
+            Ok(inner) => inner,
+            Err(_) => return Ok(Closed::StillInUse),
+        };
+        let path = inner.path.clone();
+        drop(inner);
+        drop(reopen_when_unlocked(&path)?);
+        Ok(Closed::Snapshot)
+    }
+
     fn release(&self, upto: u64) {
         let mut w = self.writer();
         while w.unreleased.front().is_some_and(|e| e.cursor <= upto) {
@@ -603,6 +644,47 @@ impl Store {
                 // No subscriber is fine: the log has it.
                 let _ = self.inner.events.send(event);
             }
+        }
+    }
+}
+
+/// What [`Store::close`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Closed {
+    /// Closed with a fresh snapshot: the next start reads only the log written after it.
+    Snapshot,
+    /// Flushed only: another handle on the store was still alive (a task that did not
+    /// stop), so the database stayed open; the next start replays the log since the last
+    /// open (as after a crash).
+    StillInUse,
+}
+
+/// The database's settings: the same at every open.
+fn sled_config(path: &Path) -> sled::Config {
+    sled::Config::new()
+        .path(path)
+        .cache_capacity(64 * 1024 * 1024)
+        .flush_every_ms(Some(500))
+}
+
+/// How long [`Store::close`] waits for sled to let go of the database's lock.
+const UNLOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
+/// Opens the database at `path` again right after this process closed it, waiting while
+/// sled still holds its lock: the last I/O tasks of the closed database release the file a
+/// moment after the last handle is dropped.
+fn reopen_when_unlocked(path: &Path) -> StoreResult<sled::Db> {
+    let deadline = std::time::Instant::now() + UNLOCK_WAIT;
+    loop {
+        match sled_config(path).open() {
+            // sled reports its lock only in the message of an I/O error.
+            Err(sled::Error::Io(e))
+                if e.to_string().contains("could not acquire lock")
+                    && std::time::Instant::now() < deadline =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            result => return Ok(result?),
         }
     }
 }

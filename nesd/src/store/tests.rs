@@ -422,6 +422,44 @@ async fn reopening_keeps_counters_cursor_and_outbox() {
 }
 
 /// Copies a (closed) store directory, as a backup would.
+/// The log position of sled's newest snapshot in `dir` (0 when none): sled names each
+/// `snap.<position, 16 hex digits>`.
+fn snapshot_position(dir: &Path) -> u64 {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|e| {
+            let name = e.unwrap().file_name().into_string().ok()?;
+            u64::from_str_radix(name.strip_prefix("snap.")?, 16).ok()
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+#[tokio::test]
+async fn closing_leaves_a_snapshot_so_the_next_open_replays_nothing() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open_in_test(tmp.path());
+    for i in 0..300 {
+        store
+            .insert_incoming(incoming(&format!("m{i}"), "bob", "hello"), None)
+            .unwrap();
+    }
+    store.commit().await.unwrap();
+    let before = snapshot_position(tmp.path());
+    // While another handle is alive the store is only flushed.
+    let other = store.clone();
+    assert_eq!(store.close().unwrap(), Closed::StillInUse);
+    assert_eq!(snapshot_position(tmp.path()), before);
+    assert_eq!(other.close().unwrap(), Closed::Snapshot);
+    let after = snapshot_position(tmp.path());
+    assert!(after > before, "a newer snapshot: {before} -> {after}");
+    // Nothing was lost, and the snapshot covers the whole log: this open found nothing to
+    // replay, so it wrote no newer one.
+    let store = open_in_test(tmp.path());
+    assert_eq!(store.history("bob", 0, None).unwrap().len(), 300);
+    assert_eq!(snapshot_position(tmp.path()), after);
+}
+
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir_all(to).unwrap();
     for entry in std::fs::read_dir(from).unwrap() {
