@@ -314,7 +314,7 @@ struct Pending {
 
 /// The pending group is applied to sled once it holds this much, however soon a commit
 /// comes (a bound on memory; one frame is at most 256 KiB).
-const PENDING_MAX_BYTES: usize = 8 * 1024 * 1024;
+const PENDING_MAX_BYTES: usize = 1024 * 1024;
 /// ... or once it is this old: writes nobody commits (an acknowledged receipt leaving the
 /// outbox) still reach sled, and with sled's own flush the disk, as they did before.
 const PENDING_MAX_AGE: Duration = Duration::from_millis(200);
