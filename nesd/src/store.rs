@@ -61,8 +61,8 @@
 //! opened once more, which replays the log since this run's start (the cost moves from
 //! the next start to this shutdown) and writes the snapshot. After a crash (SIGKILL, power
 //! loss) that did not happen: the next start replays everything written since the last
-//! start, as before; nothing is lost either way (every change was one atomic batch,
-//! flushed before it was acknowledged).
+//! start, as before; nothing is lost either way (every change is atomic, and was flushed
+//! by a commit before it was acknowledged).
 //!
 //! # Receipts
 //! A message stored RECEIVED whose sender asked for receipts (`wants_receipts`) owes its
@@ -341,17 +341,22 @@ impl Pending {
         if self.writes.is_empty() {
             return Ok(());
         }
-        let mut batch = sled::Batch::default();
-        for (k, v) in &self.writes {
-            match v {
-                Some(v) => batch.insert(k.as_slice(), v.clone()),
-                None => batch.remove(k.as_slice()),
-            }
-        }
-        data.apply_batch(batch)?;
+        data.apply_batch(to_batch(&self.writes))?;
         *self = Pending::default();
         Ok(())
     }
+}
+
+/// The sled batch that makes `writes` (`None`: a removal).
+fn to_batch(writes: &BTreeMap<Vec<u8>, Option<sled::IVec>>) -> sled::Batch {
+    let mut batch = sled::Batch::default();
+    for (k, v) in writes {
+        match v {
+            Some(v) => batch.insert(k.as_slice(), v.clone()),
+            None => batch.remove(k.as_slice()),
+        }
+    }
+    batch
 }
 
 /// One atomic change being built under the writer lock.
@@ -451,13 +456,7 @@ impl<'a> Change<'a> {
             }
             Some(contacts) => {
                 self.w.pending.apply(self.data)?;
-                let mut batch = sled::Batch::default();
-                for (k, v) in std::mem::take(&mut self.writes) {
-                    match v {
-                        Some(v) => batch.insert(k, v),
-                        None => batch.remove(k),
-                    }
-                }
+                let batch = to_batch(&self.writes);
                 let both = (self.data, self.contacts_tree);
                 both.transaction(
                     |(d, c)| -> ConflictableTransactionResult<(), std::convert::Infallible> {

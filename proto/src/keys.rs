@@ -264,19 +264,16 @@ impl PublicKey {
             .chain_update(sig)
             .finalize()
             .into();
-        // A poisoned lock holds a plain list of digests, still valid.
-        let seen = |v: &Mutex<VecDeque<[u8; 32]>>| {
-            v.lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .contains(&digest)
-        };
-        if seen(&self.verified) {
+        // A poisoned lock holds a plain list of digests, still valid. Not held across
+        // the RSA check, which other threads' frames need not wait for.
+        let verified = || self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        if verified().contains(&digest) {
             return true;
         }
         if !self.verify_pss_digest_salt(message, sig) {
             return false;
         }
-        let mut verified = self.verified.lock().unwrap_or_else(|e| e.into_inner());
+        let mut verified = verified();
         if verified.len() >= VERIFIED_KEPT {
             verified.pop_front();
         }
