@@ -20,6 +20,7 @@
 //! lookup_rate = 50           # key server lookups per second for senders not yet known
 //! prekey_rotation = "7d"         # v3: a new prekey and certificate this often (or seconds)
 //! prekey_grace = "14d"           # v3: keep a prekey's private parts this long after it expires
+//! event_retention = "30d"        # the event log keeps this long for clients to resume from
 //! send_v3 = true                 # false: v2 at most (v3 frames are still received)
 //! presence_interval = "30m"     # presence is told again this often; lasts 1.5x this
 //! read_receipts = true           # false: contacts are not told when you read (delivery receipts still go)
@@ -53,6 +54,8 @@ pub const DEFAULT_KEY_TTL: Duration = Duration::from_secs(3600);
 pub const DEFAULT_PREKEY_ROTATION: Duration = Duration::from_secs(7 * 86_400);
 /// Default `prekey_grace`: 14 days.
 pub const DEFAULT_PREKEY_GRACE: Duration = Duration::from_secs(14 * 86_400);
+/// Default `event_retention`: 30 days (see "Retention" in [`crate::store`]).
+pub const DEFAULT_EVENT_RETENTION: Duration = Duration::from_secs(30 * 86_400);
 /// Default `broker_session_expiry_secs`: 30 days, as `persistent_client_expiration` in
 /// docs/BROKER.md. MQTT 5 ends a session at disconnect unless told otherwise.
 pub const DEFAULT_SESSION_EXPIRY_SECS: u32 = 30 * 86_400;
@@ -177,6 +180,15 @@ pub struct Cli {
         value_parser = nes_proto::v3::parse_duration
     )]
     pub prekey_grace: Option<Duration>,
+    /// How long the event log keeps events, for clients that resume from a cursor (as
+    /// --prekey-rotation) [default: 30d]; messages stay in the history regardless.
+    #[arg(
+        long = "event-retention",
+        env = "NES_EVENT_RETENTION",
+        value_name = "DURATION",
+        value_parser = nes_proto::v3::parse_duration
+    )]
+    pub event_retention: Option<Duration>,
     /// Send v3 to contacts with a valid prekey; false: v2 at most (to compare, or to stay
     /// on RSA while a problem with v3 is looked into). v3 frames are received either way
     /// [default: true].
@@ -359,6 +371,8 @@ pub struct FileConfig {
     pub prekey_rotation: Option<DurationSetting>,
     /// `prekey_grace`: as `prekey_rotation`
     pub prekey_grace: Option<DurationSetting>,
+    /// `event_retention`: as `prekey_rotation`
+    pub event_retention: Option<DurationSetting>,
     /// `send_v3`
     pub send_v3: Option<bool>,
     /// `read_receipts`
@@ -534,6 +548,9 @@ pub struct Config {
     pub prekey_rotation: Duration,
     /// v3: private parts are kept this long after their `expires`.
     pub prekey_grace: Duration,
+    /// Events older than this are removed from the log (see "Retention" in
+    /// [`crate::store`]).
+    pub event_retention: Duration,
     /// v3 to contacts with a valid prekey (else v2 at most).
     pub send_v3: bool,
     /// Send read receipts.
@@ -705,6 +722,15 @@ impl Config {
                 .unwrap_or(DEFAULT_PREKEY_GRACE),
         };
 
+        let event_retention = match cli.event_retention {
+            Some(d) => d,
+            None => DurationSetting::read(file.event_retention.as_ref(), "event_retention")?
+                .unwrap_or(DEFAULT_EVENT_RETENTION),
+        };
+        if event_retention < Duration::from_secs(1) {
+            return Err(ConfigError::Invalid("event_retention: at least 1s".into()));
+        }
+
         Ok(Config {
             user,
             broker,
@@ -732,6 +758,7 @@ impl Config {
             },
             prekey_rotation,
             prekey_grace,
+            event_retention,
             send_v3: cli.send_v3.or(file.send_v3).unwrap_or(true),
             read_receipts: cli.read_receipts.or(file.read_receipts).unwrap_or(true),
             presence_interval,

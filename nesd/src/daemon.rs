@@ -229,6 +229,11 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
     let connection_task = tokio::spawn(service.clone().watch_connection());
     let presence_task = tokio::spawn(crate::presence::run(service.clone(), shutdown.clone()));
     let files_task = tokio::spawn(crate::files::run(files, service.clone(), shutdown.clone()));
+    let retention_task = tokio::spawn(crate::retention::run(
+        store.clone(),
+        config.event_retention,
+        shutdown.clone(),
+    ));
     let receipts_task = tokio::spawn(crate::receipts::run(
         service.clone(),
         receipts_wake,
@@ -300,6 +305,7 @@ pub async fn run(config: Config) -> Result<(), DaemonError> {
         ("receipts", receipts_task),
         ("files", files_task),
         ("presence", presence_task),
+        ("retention", retention_task),
         ("connection", connection_task),
         ("mqtt", mqtt_task),
         // Last: releases the bus name and closes the connection.

@@ -38,6 +38,7 @@
 //! | [`receipts`] | seals and queues the delivery and read receipts this daemon owes |
 //! | [`files`] | files in chunks: uploads, the sender's pump, the receiver's partial files |
 //! | [`presence`] | tells contacts this identity's presence; notices theirs running out |
+//! | [`retention`] | prunes the event log past `event_retention` |
 //! | [`mqtt`] | the persistent MQTT session (rumqttc; MQTT 5, or 3.1.1 where the broker speaks only that), manual acks, reconnects |
 //! | [`sync`] | the one lock helper for in-memory maps |
 //!
@@ -80,6 +81,7 @@ pub mod prekeys;
 pub mod presence;
 pub mod receipts;
 pub mod receive;
+pub mod retention;
 pub mod service;
 pub mod socket;
 pub mod store;

@@ -1104,7 +1104,7 @@ impl Service {
             CursorError::Store(e) => ServiceError::from(e),
             e @ CursorError::Malformed { .. } => ServiceError::InvalidArgument(e.to_string()),
             e => ServiceError::FailedPrecondition(format!(
-                "{e}. Drop the cursor to start from now, or resume from 0 to get every stored event"
+                "{e}. Drop the cursor to start from now, or resume from 0 to get every event the log holds"
             )),
         })?;
         Ok(self.events(Some(after)))

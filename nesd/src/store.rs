@@ -32,6 +32,7 @@
 //! | `n/seq` | the next message sequence number |
 //! | `n/store` | the store id: 8 random bytes, made once (see "Cursors") |
 //! | `n/format` | the format version, big-endian u64 (see "Format version") |
+//! | `n/pruned` | the newest event removed from the log: cursor (big-endian u64) and tag (see "Retention") |
 //!
 //! The key cache's records are a second tree of the same database, `contacts` (name →
 //! record); a change that writes one is a sled transaction over both trees.
@@ -116,6 +117,18 @@
 //! restored older copy that has logged other events since). The tag is computed from the
 //! stored bytes rather than stored, so events logged before log cursors existed have one
 //! too. A bare number (the cursors of before) is checked against the last event only.
+//!
+//! # Retention
+//! The log would otherwise keep a copy of every message forever (about a third of the
+//! store's bytes). [`Store::prune_events`] removes the events logged before a time, oldest
+//! first, never the newest one; nesd runs it every hour with `event_retention` (30 days
+//! by default). The messages themselves stay (history is never pruned). What a client
+//! may bring back changes with it: a cursor older than the newest removed event would
+//! skip the events removed after it, so it is refused ([`CursorError::Pruned`], saying
+//! how to go on) instead of resuming with a silent gap; the newest removed event's cursor
+//! and tag are kept (`n/pruned`), so a client that stopped exactly there (it saw every
+//! event up to it) resumes, checked as any other. `0` still means "everything the log
+//! holds".
 //!
 //! # Format version
 //! The records' format (this module's keys and values, and the key cache's `contacts`
@@ -212,6 +225,7 @@ const K_OWN_PRESENCE: &[u8] = b"n/presence";
 const K_NEXT_SEQ: &[u8] = b"n/seq";
 const K_STORE_ID: &[u8] = b"n/store";
 const K_FORMAT: &[u8] = b"n/format";
+const K_PRUNED: &[u8] = b"n/pruned";
 
 /// The store format this code reads and writes (see "Format version" in the module docs).
 /// 1: release 0.1.0's format, the first.

@@ -1,6 +1,7 @@
 //! Cursors that do not belong to the daemon's log are refused, never waited on (issue 17):
 //! a cursor of a store that was re-created, a cursor beyond the last event, and a cursor
-//! of a store that was restored from an older copy. Each goes through the gRPC stream
+//! of a store that was restored from an older copy, and a cursor older than the event
+//! log keeps (`event_retention`). Each goes through the gRPC stream
 //! (FAILED_PRECONDITION and a message), `nes listen --since` (exit 1, a message that says
 //! what happened and what to do) and nes-notify (it says so once and shows the next
 //! message, seen in dunst's history). After each, no message is hidden: the next one
@@ -495,5 +496,77 @@ async fn a_restored_older_copy_of_the_store_refuses_cursors_it_never_logged() ->
     let line = format!("shown alice {}: the last one", last.id);
     while notify.next().await? != line {}
     desktop.wait_shown("alice", "the last one").await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cursor_older_than_the_event_retention_is_refused_and_nothing_is_hidden() -> Result<()> {
+    let world = World::start().await?;
+    let (_alice, alice_d) = world.user("alice").await?;
+    // Events older than 2 s are removed, checked every second.
+    let (_bob, bob_d) = world.user_with("bob", ["--event-retention", "2s"]).await?;
+    let desktop = Desktop::start().await?;
+    let home = tempfile::tempdir()?;
+    let (h, state) = (home.path(), home.path().join("notify.cursor"));
+    let mut alice = alice_d.client().await?;
+    let mut bob_c = bob_d.client().await?;
+
+    // Two messages: a script keeps the cursor of the first, nes-notify of the second.
+    let first = arrives(&mut alice, &bob_d, h, "0", "r1").await?;
+    let start = status(&mut bob_c).await?.last_log_cursor;
+    let mut notify = notifier(&bob_d, h, &desktop, &state)?;
+    subscribed(&notify).await?;
+    let second = arrives(&mut alice, &bob_d, h, &start, "r2").await?;
+    assert!(notify.next().await?.ends_with(": r2"));
+    notify.kill().await?;
+    // A third, so that the second is not the newest event (the newest always stays).
+    send(&mut alice, "bob", "r3").await?;
+    wait_history(&bob_c, "alice", 3, |_| true).await?;
+
+    // The log keeps only its newest event once the retention has passed.
+    eventually("the log to be pruned", TIMEOUT, || async {
+        let out = listen_since(&bob_d, h, &first).await?;
+        Ok((out.code == 1).then_some(out))
+    })
+    .await
+    .and_then(|out| refused(out, "older than the event log keeps"))?;
+    grpc_refuses(
+        &bob_c,
+        since_cursor(&first),
+        "older than the event log keeps",
+    )
+    .await?;
+    // The messages stay in the history.
+    let out = run_nes(&bob_d.socket(), h, &["history", "alice", "--json"], b"")
+        .await?
+        .expect_code(0)?;
+    for text in ["r1", "r2", "r3"] {
+        assert!(
+            out.stdout.contains(&format!("\"{text}\"")),
+            "{}",
+            out.stdout
+        );
+    }
+    // nes-notify with the second message's cursor, once that is removed too: says so
+    // once, starts from now, shows the next one.
+    eventually(
+        "the second message's event to be pruned",
+        TIMEOUT,
+        || async {
+            let out = listen_since(&bob_d, h, &second).await?;
+            Ok((out.code == 1).then_some(()))
+        },
+    )
+    .await?;
+    std::fs::write(&state, format!("{second}\n"))?;
+    let mut notify = notifier(&bob_d, h, &desktop, &state)?;
+    let log = subscribed(&notify).await?;
+    assert!(
+        log.contains("nesd refused the stored cursor") && log.contains("event_retention"),
+        "{log}"
+    );
+    let four = send(&mut alice, "bob", "r4").await?;
+    assert_eq!(notify.next().await?, format!("shown alice {}: r4", four.id));
+    desktop.wait_shown("alice", "r4").await?;
     Ok(())
 }

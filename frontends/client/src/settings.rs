@@ -178,6 +178,12 @@ pub const SETTINGS: &[Setting] = &[
         "v3: how long an expired prekey is kept for frames still queued: 14d (default)",
     ),
     setting(
+        "event_retention",
+        Kind::Text,
+        NESD,
+        "how long the event log keeps events for clients to resume from: 30d (default)",
+    ),
+    setting(
         "send_v3",
         Kind::Bool,
         NESD,

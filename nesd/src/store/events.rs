@@ -41,9 +41,49 @@ pub enum CursorError {
         /// The number in it.
         seq: u64,
     },
+    /// Events after the cursor were removed by retention: resuming would skip them.
+    #[error("cursor {cursor} is older than the event log keeps (`event_retention`): the events up to {pruned} were removed, so resuming from it would skip some; the messages themselves are still in the history (`nes history`)")]
+    Pruned {
+        /// What was given.
+        cursor: String,
+        /// The newest removed event.
+        pruned: u64,
+    },
     /// The store could not be read.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// The most events one pruning change removes: keeps the writer lock short (a few
+/// milliseconds) however much there is to remove; [`Store::prune_events`] goes on in the
+/// next change.
+pub(super) const PRUNE_BATCH: usize = 2000;
+
+/// The newest event removed by retention (`n/pruned`, see "Retention").
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct PrunedMark {
+    cursor: u64,
+    tag: String,
+}
+
+impl PrunedMark {
+    fn encode(&self) -> Vec<u8> {
+        let mut v = self.cursor.to_be_bytes().to_vec();
+        v.extend_from_slice(self.tag.as_bytes());
+        v
+    }
+
+    /// `None` for bytes no mark has (the record is damaged).
+    fn decode(bytes: &[u8]) -> Option<Self> {
+        let (cursor, tag) = bytes.split_at_checked(8)?;
+        let tag = std::str::from_utf8(tag).ok()?;
+        (tag.len() == START_TAG.len() && tag.bytes().all(|b| b.is_ascii_hexdigit())).then(|| {
+            PrunedMark {
+                cursor: u64::from_be_bytes(cursor.try_into().unwrap_or_default()),
+                tag: tag.to_owned(),
+            }
+        })
+    }
 }
 
 /// The tag of a stored event record (see "Cursors").
@@ -88,8 +128,17 @@ impl Store {
                 Ok(seq)
             }
         };
+        let pruned = self.pruned_mark()?;
+        // Resuming after `seq` skips nothing only if every event after it is still here.
+        let kept = |seq: u64| match &pruned {
+            Some(mark) if seq != 0 && seq < mark.cursor => Err(CursorError::Pruned {
+                cursor: cursor.to_owned(),
+                pruned: mark.cursor,
+            }),
+            _ => Ok(seq),
+        };
         if let Ok(seq) = cursor.parse::<u64>() {
-            return beyond(seq);
+            return kept(beyond(seq)?);
         }
         let malformed = || CursorError::Malformed {
             cursor: cursor.to_owned(),
@@ -108,7 +157,7 @@ impl Store {
                 store: self.inner.store_id.clone(),
             });
         }
-        beyond(seq)?;
+        kept(beyond(seq)?)?;
         if seq == 0 {
             return Ok(0);
         }
@@ -116,6 +165,14 @@ impl Store {
             cursor: cursor.to_owned(),
             seq,
         };
+        if let Some(mark) = pruned.filter(|m| m.cursor == seq) {
+            // Its record is gone; its tag was kept for this.
+            return if mark.tag == tag {
+                Ok(seq)
+            } else {
+                Err(other())
+            };
+        }
         let record = self
             .data()?
             .get(event_key(seq))
@@ -145,6 +202,59 @@ impl Store {
             out.push(Arc::new(event));
         }
         Ok(out)
+    }
+
+    /// The newest event retention removed, if any.
+    fn pruned_mark(&self) -> StoreResult<Option<PrunedMark>> {
+        match self.data()?.get(K_PRUNED)? {
+            None => Ok(None),
+            Some(v) => PrunedMark::decode(&v)
+                .map(Some)
+                .ok_or_else(|| StoreError::Record(RecordError::DamagedMark("n/pruned"))),
+        }
+    }
+
+    /// Removes the durable events logged before `before_ms` (Unix ms), oldest first, and
+    /// never the newest one (it is where "from now" starts), in changes of at most
+    /// [`PRUNE_BATCH`]; keeps the newest removed one's cursor and tag (see "Retention").
+    /// Returns how many were removed. The removals reach the disk with the next commit;
+    /// a crash before that only means they are removed again.
+    pub fn prune_events(&self, before_ms: i64) -> StoreResult<usize> {
+        let mut total = 0;
+        loop {
+            let newest = self.last_cursor();
+            let mut c = self.change();
+            let data = c.settled()?;
+            let mut removed = Vec::new();
+            let mut mark = None;
+            for kv in data
+                .range(event_key(0)..event_key(newest))
+                .take(PRUNE_BATCH)
+            {
+                let (k, v) = kv?;
+                let event = decode_event(&v)?;
+                if event.at_ms >= before_ms {
+                    break;
+                }
+                mark = Some(PrunedMark {
+                    cursor: event.cursor,
+                    tag: event_tag(&v),
+                });
+                removed.push(k);
+            }
+            let Some(mark) = mark else {
+                return Ok(total);
+            };
+            for k in &removed {
+                c.remove(k);
+            }
+            c.insert(K_PRUNED, mark.encode());
+            c.apply()?;
+            total += removed.len();
+            if removed.len() < PRUNE_BATCH {
+                return Ok(total);
+            }
+        }
     }
 
     /// Logs an event that is not a message change (key changed, contact, connection).

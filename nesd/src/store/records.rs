@@ -39,6 +39,9 @@ pub enum RecordError {
     /// A logged event that says nothing.
     #[error("an event without a kind")]
     NoKind,
+    /// A bookkeeping record of the store (named) that holds what none of its kind holds.
+    #[error("the {0} record holds what none of its kind holds")]
+    DamagedMark(&'static str),
 }
 
 /// A stored message, in either direction (`c` and `h` records, and inside events).

@@ -580,6 +580,100 @@ async fn log_cursors_name_their_store_and_event() {
 }
 
 #[tokio::test]
+async fn retention_removes_old_events_keeps_messages_and_refuses_cursors_that_would_skip() {
+    let tmp = tempfile::tempdir().unwrap();
+    let store = open_in_test(tmp.path());
+    let id = store.store_id().to_owned();
+    for i in 0..5 {
+        store
+            .insert_incoming(incoming(&format!("m{i}"), "bob", "t"), None)
+            .unwrap();
+    }
+    store.commit().await.unwrap();
+    let logged = store.events_after(0, 10).unwrap();
+    assert_eq!(logged.len(), 5);
+    // Nothing is older than the epoch.
+    assert_eq!(store.prune_events(0).unwrap(), 0);
+    assert_eq!(store.events_after(0, 10).unwrap().len(), 5);
+
+    // Everything is older than a second from now; the newest event stays.
+    assert_eq!(store.prune_events(now_ms() + 1000).unwrap(), 4);
+    let kept = store.events_after(0, 10).unwrap();
+    assert_eq!(kept.len(), 1);
+    assert_eq!(kept[0].log_cursor, logged[4].log_cursor);
+    assert_eq!(
+        store.prune_events(now_ms() + 1000).unwrap(),
+        0,
+        "the newest stays"
+    );
+    assert_eq!(
+        store.history("bob", 100, None).unwrap().len(),
+        5,
+        "the messages stay"
+    );
+    assert_eq!(store.last_log_cursor().unwrap(), logged[4].log_cursor);
+
+    let check = |store: &Store| {
+        // The newest removed event's cursor resumes: nothing after it is gone.
+        assert_eq!(store.resolve_since(&logged[3].log_cursor).unwrap(), 4);
+        assert_eq!(store.resolve_since("4").unwrap(), 4);
+        assert_eq!(store.resolve_since(&logged[4].log_cursor).unwrap(), 5);
+        // Older ones would skip removed events.
+        for old in [
+            logged[2].log_cursor.as_str(),
+            logged[0].log_cursor.as_str(),
+            "3",
+            "1",
+        ] {
+            let e = refusal(store, old);
+            assert!(
+                matches!(e, CursorError::Pruned { pruned: 4, .. }),
+                "{old}: {e}"
+            );
+            assert!(e.to_string().contains("event_retention"), "{e}");
+        }
+        // The kept tag still tells a restored copy's event 4 from this one.
+        let wrong_tag = format!("{id}-4-{START_TAG}");
+        assert!(matches!(
+            refusal(store, &wrong_tag),
+            CursorError::OtherEvent { seq: 4, .. }
+        ));
+        // 0 is "everything the log holds".
+        assert_eq!(store.resolve_since("0").unwrap(), 0);
+        assert_eq!(store.events_after(0, 10).unwrap().len(), 1);
+    };
+    check(&store);
+    store.commit_all().await.unwrap();
+    drop(store);
+    let store = open_in_test(tmp.path());
+    check(&store);
+
+    // A large backlog goes in several changes, and the mark follows the newest removed.
+    for i in 0..(2 * events::PRUNE_BATCH + 10) {
+        store
+            .insert_incoming(incoming(&format!("n{i}"), "carol", "t"), None)
+            .unwrap();
+    }
+    store.commit().await.unwrap();
+    let last = store.last_cursor();
+    let newest = store.last_log_cursor().unwrap();
+    assert_eq!(
+        store.prune_events(now_ms() + 1000).unwrap(),
+        2 * events::PRUNE_BATCH + 10
+    );
+    assert_eq!(store.events_after(0, 10).unwrap().len(), 1);
+    assert_eq!(store.last_log_cursor().unwrap(), newest);
+    assert!(matches!(
+        refusal(&store, &logged[3].log_cursor),
+        CursorError::Pruned { pruned, .. } if pruned == last - 1
+    ));
+    assert_eq!(
+        store.resolve_since(&(last - 1).to_string()).unwrap(),
+        last - 1
+    );
+}
+
+#[tokio::test]
 async fn a_restored_older_copy_refuses_cursors_it_never_logged() {
     let tmp = tempfile::tempdir().unwrap();
     let (live_dir, backup) = (tmp.path().join("store"), tmp.path().join("backup"));
