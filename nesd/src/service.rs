@@ -1124,24 +1124,9 @@ impl Service {
         tokio::spawn(async move {
             let mut last = 0u64;
             if let Some(since) = since {
-                last = since;
-                loop {
-                    let batch = match store.events_after(last, 256) {
-                        Ok(b) => b,
-                        Err(e) => {
-                            let _ = tx.send(Err(ServiceError::Internal(e.to_string()))).await;
-                            return;
-                        }
-                    };
-                    if batch.is_empty() {
-                        break;
-                    }
-                    for event in batch {
-                        last = event.cursor;
-                        if tx.send(Ok(event)).await.is_err() {
-                            return;
-                        }
-                    }
+                match replay(&store, since, &tx).await {
+                    Some(l) => last = l,
+                    None => return,
                 }
             }
             loop {
@@ -1457,6 +1442,49 @@ fn lookup_error(e: LookupError) -> ServiceError {
     }
 }
 
+/// Sends the logged events after `since` to a client, oldest first; answers the cursor of
+/// the last one sent (`since` when none), or `None` when the client went away or was told
+/// of an error (the stream ends there).
+///
+/// The log has no holes but the ones retention makes at its old end, so a replay that
+/// meets one lost events to pruning while it ran (they were past `event_retention` when it
+/// started): the client is told, as a refused cursor would be, rather than left with a
+/// silent gap. From 0 ("everything the log holds") the first event may be any.
+async fn replay(
+    store: &Store,
+    since: u64,
+    tx: &mpsc::Sender<Result<Arc<Event>, ServiceError>>,
+) -> Option<u64> {
+    let mut last = since;
+    let mut next = (since > 0).then_some(since + 1);
+    loop {
+        let batch = match store.events_after(last, 256) {
+            Ok(b) => b,
+            Err(e) => {
+                let _ = tx.send(Err(ServiceError::Internal(e.to_string()))).await;
+                return None;
+            }
+        };
+        if batch.is_empty() {
+            return Some(last);
+        }
+        for event in batch {
+            if next.is_some_and(|n| event.cursor != n) {
+                let e = ServiceError::FailedPrecondition(format!(
+                    "the events after {last} were removed from the log (`event_retention`) while this client replayed them; the messages are still in the history (`nes history`). Resume from now (no cursor), or from 0 for every event the log holds"
+                ));
+                let _ = tx.send(Err(e)).await;
+                return None;
+            }
+            next = Some(event.cursor + 1);
+            last = event.cursor;
+            if tx.send(Ok(event)).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1476,6 +1504,58 @@ mod tests {
         assert_eq!((v, why.contains("older NES")), (2, true));
         let failed = PeerPrekey::Failed("boom".into());
         assert_eq!(version_and_reason(false, None, Some(&failed)).0, 2);
+    }
+
+    #[tokio::test]
+    async fn a_replay_that_meets_a_pruned_hole_says_so_instead_of_skipping_it() {
+        use crate::model::{Content, Direction, Message, MessageState};
+        let tmp = tempfile::tempdir().unwrap();
+        let store = crate::store::open_in_test(tmp.path());
+        for i in 0..5 {
+            let m = Message {
+                id: format!("m{i}"),
+                from: "bob".into(),
+                to: "me_".into(),
+                peer: "bob".into(),
+                direction: Direction::Incoming,
+                content: Content::Text("t".into()),
+                timestamp_ms: 1,
+                stored_at_ms: 0,
+                state: MessageState::Received,
+                read: false,
+                wire_version: 2,
+                error: String::new(),
+                wants_receipts: false,
+            };
+            store.insert_incoming(m, None).unwrap();
+        }
+        store.commit().await.unwrap();
+        let replayed = |since: u64| {
+            let store = store.clone();
+            async move {
+                let (tx, mut rx) = mpsc::channel(16);
+                let last = replay(&store, since, &tx).await;
+                drop(tx);
+                let mut got = Vec::new();
+                while let Some(item) = rx.recv().await {
+                    got.push(item.map(|e| e.cursor).map_err(|e| e.to_string()));
+                }
+                (last, got)
+            }
+        };
+        // Whole: every event after the cursor, in order.
+        assert_eq!(replayed(2).await, (Some(5), vec![Ok(3), Ok(4), Ok(5)]));
+        // Events 1-4 pruned (as if while a client that had seen event 1 replayed).
+        assert_eq!(store.prune_events(nes_proto::now_ms() + 1000).unwrap(), 4);
+        let (last, got) = replayed(1).await;
+        assert_eq!(last, None, "the stream ends");
+        assert_eq!(got.len(), 1, "{got:?}");
+        let why = got[0].as_ref().unwrap_err();
+        assert!(why.contains("were removed from the log"), "{why}");
+        // From 0 the log starts where it starts.
+        assert_eq!(replayed(0).await, (Some(5), vec![Ok(5)]));
+        // From the newest removed one, nothing is missing.
+        assert_eq!(replayed(4).await, (Some(5), vec![Ok(5)]));
     }
 
     #[test]
