@@ -227,6 +227,10 @@ impl Feed {
                             continue;
                         }
                         err if err.is_not_running() => return Ok(FeedItem::Disconnected(err)),
+                        // The log lost events ahead of this replay (retention): resubscribing
+                        // from here is refused the same way, and a recovering feed then
+                        // starts from now and says so (the branch above).
+                        err if self.recover && is_refused_cursor(&err) => continue,
                         Error::Rpc {
                             code: tonic::Code::Unavailable,
                             ..
