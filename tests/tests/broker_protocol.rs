@@ -10,6 +10,8 @@
 //!   flow both ways; with `5` forced it reports why it cannot connect.
 //! - MQTT 5 brokers refuse publishes they do not allow (an ACL): that message becomes
 //!   FAILED with the broker's reason, and the next ones still go.
+//! - nesd's connection to the broker has Nagle's algorithm off (TCP_NODELAY; the patch in
+//!   vendor/rumqttc): read off the running daemon's socket itself.
 
 use anyhow::{Context, Result};
 use nes_e2e::*;
@@ -326,6 +328,68 @@ async fn a_publish_the_broker_refuses_is_failed_and_later_sends_go() -> Result<(
     anyhow::ensure!(
         h.len() == 1 && h[0].state == MessageState::Failed as i32,
         "carol's conversation: {h:?}"
+    );
+    Ok(())
+}
+
+/// The TCP sockets of process `pid` connected to 127.0.0.1:`port`, as fds of this process
+/// (pidfd_getfd: the same sockets, not copies of their options).
+fn sockets_to(pid: u32, port: u16) -> Result<Vec<std::os::fd::OwnedFd>> {
+    use rustix::process::{pidfd_getfd, pidfd_open, Pid, PidfdFlags, PidfdGetfdFlags};
+    let mut inodes = std::collections::HashMap::new();
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        let target = target.to_string_lossy().into_owned();
+        if let Some(inode) = target
+            .strip_prefix("socket:[")
+            .and_then(|t| t.strip_suffix(']'))
+        {
+            let fd: i32 = entry.file_name().to_string_lossy().parse()?;
+            inodes.insert(inode.to_owned(), fd);
+        }
+    }
+    let pid = Pid::from_raw(i32::try_from(pid)?).context("pid 0")?;
+    let pidfd = pidfd_open(pid, PidfdFlags::empty())?;
+    let mut found = Vec::new();
+    for line in std::fs::read_to_string("/proc/net/tcp")?.lines().skip(1) {
+        // sl local_address rem_address st ... inode (10th field)
+        let f: Vec<&str> = line.split_whitespace().collect();
+        let remote_port = f
+            .get(2)
+            .and_then(|a| a.split(':').nth(1))
+            .and_then(|p| u16::from_str_radix(p, 16).ok());
+        if remote_port == Some(port) {
+            if let Some(fd) = f.get(9).and_then(|inode| inodes.get(*inode)) {
+                found.push(pidfd_getfd(&pidfd, *fd, PidfdGetfdFlags::empty())?);
+            }
+        }
+    }
+    Ok(found)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nesd_talks_to_the_broker_with_nagle_off() -> Result<()> {
+    let world = World::start().await?;
+    let (_alice, alice_d) = world.user("alice").await?;
+    wait_connected(&alice_d.client().await?).await?;
+    let port = world.broker.port();
+
+    // The check itself can fail: a plain connection has Nagle on.
+    let plain = std::net::TcpStream::connect(("127.0.0.1", port))?;
+    let ours = sockets_to(std::process::id(), port)?;
+    assert_eq!(ours.len(), 1, "this process's one connection");
+    assert!(!rustix::net::sockopt::tcp_nodelay(&ours[0])?);
+    drop(plain);
+
+    let pid = alice_d.pid().context("alice's nesd runs")?;
+    let theirs = sockets_to(pid, port)?;
+    assert_eq!(theirs.len(), 1, "nesd's one broker connection");
+    assert!(
+        rustix::net::sockopt::tcp_nodelay(&theirs[0])?,
+        "TCP_NODELAY is set on nesd's broker connection"
     );
     Ok(())
 }
