@@ -60,19 +60,64 @@ pub struct Certificate {
 /// A signed prekey document, with its exact bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedPrekey {
-    bytes: Vec<u8>,
-    body: Range<usize>,
-    signature: Vec<u8>,
+    doc: Document,
     prekey: Prekey,
 }
 
 /// A signed certificate document, with its exact bytes.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SignedCertificate {
+    doc: Document,
+    certificate: Certificate,
+}
+
+/// What both signed documents are: the bytes as they stand, where the signed object lies
+/// in them, and the raw RSA signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Document {
     bytes: Vec<u8>,
     body: Range<usize>,
     signature: Vec<u8>,
-    certificate: Certificate,
+}
+
+impl Document {
+    /// The document `bytes`, whose signed object `what` serde found as `body` and whose
+    /// signature field holds `signature`.
+    fn parsed(
+        bytes: &[u8],
+        body: &RawValue,
+        signature: &str,
+        what: &'static str,
+    ) -> Result<Self, V3Error> {
+        let body = range_in(bytes, body.get())
+            .ok_or_else(|| V3Error::Json(format!("{what} out of range")))?;
+        let signature = b64::decode(signature).ok_or(V3Error::Base64 { field: "signature" })?;
+        Ok(Self {
+            bytes: bytes.to_vec(),
+            body,
+            signature,
+        })
+    }
+
+    /// `{"<name>":<body>,"signature":..}`, signed with the identity's RSA sign key.
+    fn signed(name: &str, body: &str, sign_key: &PrivateKey) -> Result<Self, V3Error> {
+        let signature = sign_key.sign_pss(body.as_bytes())?;
+        let head = format!("{{\"{name}\":");
+        let start = head.len();
+        let text = format!(
+            "{head}{body},\"signature\":\"{}\"}}",
+            b64::encode(&signature)
+        );
+        Ok(Self {
+            bytes: text.into_bytes(),
+            body: start..start + body.len(),
+            signature,
+        })
+    }
+
+    fn body(&self) -> &[u8] {
+        &self.bytes[self.body.clone()]
+    }
 }
 
 #[derive(Deserialize)]
@@ -166,16 +211,6 @@ fn push_common(out: &mut String, username: &Username, id: &KeyId, created: i64, 
     out.push_str(&expires.to_string());
 }
 
-fn envelope(name: &str, body: &str, signature: &[u8]) -> (Vec<u8>, Range<usize>) {
-    let head = format!("{{\"{name}\":");
-    let start = head.len();
-    let text = format!(
-        "{head}{body},\"signature\":\"{}\"}}",
-        b64::encode(signature)
-    );
-    (text.into_bytes(), start..start + body.len())
-}
-
 impl Prekey {
     /// The compact JSON the signature covers, keys in DESIGN's order.
     pub fn to_json(&self) -> String {
@@ -262,36 +297,21 @@ impl SignedPrekey {
     pub fn parse(bytes: &[u8]) -> Result<Self, V3Error> {
         check_size(bytes)?;
         let env: PrekeyEnvelope<'_> = serde_json::from_slice(bytes).map_err(json)?;
-        let body =
-            range_in(bytes, env.prekey.get()).ok_or(V3Error::Json("prekey out of range".into()))?;
-        let signature =
-            b64::decode(&env.signature).ok_or(V3Error::Base64 { field: "signature" })?;
-        let prekey = Prekey::from_json(&bytes[body.clone()])?;
-        Ok(Self {
-            bytes: bytes.to_vec(),
-            body,
-            signature,
-            prekey,
-        })
+        let doc = Document::parsed(bytes, env.prekey, &env.signature, "prekey")?;
+        let prekey = Prekey::from_json(doc.body())?;
+        Ok(Self { doc, prekey })
     }
 
     /// Signs `prekey` with the identity's RSA sign key and builds the document.
     pub fn sign(prekey: Prekey, sign_key: &PrivateKey) -> Result<Self, V3Error> {
-        let body = prekey.to_json();
-        let signature = sign_key.sign_pss(body.as_bytes())?;
-        let (bytes, range) = envelope("prekey", &body, &signature);
-        Ok(Self {
-            bytes,
-            body: range,
-            signature,
-            prekey,
-        })
+        let doc = Document::signed("prekey", &prekey.to_json(), sign_key)?;
+        Ok(Self { doc, prekey })
     }
 
     /// Checks the RSA-PSS-SHA-256 (salt 32) signature over the `"prekey"` bytes as they
     /// stand, with the owner's (pinned) sign key.
     pub fn verify(&self, sign_key: &PublicKey) -> Result<(), V3Error> {
-        if sign_key.verify_pss_digest_salt(&self.bytes[self.body.clone()], &self.signature) {
+        if sign_key.verify_pss_digest_salt(self.doc.body(), &self.doc.signature) {
             Ok(())
         } else {
             Err(V3Error::Signature { what: "prekey" })
@@ -312,17 +332,17 @@ impl SignedPrekey {
 
     /// The whole document exactly as parsed or built.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+        &self.doc.bytes
     }
 
     /// The signed `"prekey"` object's bytes.
     pub fn body_bytes(&self) -> &[u8] {
-        &self.bytes[self.body.clone()]
+        self.doc.body()
     }
 
     /// The raw RSA signature.
     pub fn signature(&self) -> &[u8] {
-        &self.signature
+        &self.doc.signature
     }
 }
 
@@ -331,37 +351,22 @@ impl SignedCertificate {
     pub fn parse(bytes: &[u8]) -> Result<Self, V3Error> {
         check_size(bytes)?;
         let env: CertificateEnvelope<'_> = serde_json::from_slice(bytes).map_err(json)?;
-        let body = range_in(bytes, env.certificate.get())
-            .ok_or(V3Error::Json("certificate out of range".into()))?;
-        let signature =
-            b64::decode(&env.signature).ok_or(V3Error::Base64 { field: "signature" })?;
-        let certificate = Certificate::from_json(&bytes[body.clone()])?;
-        Ok(Self {
-            bytes: bytes.to_vec(),
-            body,
-            signature,
-            certificate,
-        })
+        let doc = Document::parsed(bytes, env.certificate, &env.signature, "certificate")?;
+        let certificate = Certificate::from_json(doc.body())?;
+        Ok(Self { doc, certificate })
     }
 
     /// Signs `certificate` with the identity's RSA sign key and builds the document.
     pub fn sign(certificate: Certificate, sign_key: &PrivateKey) -> Result<Self, V3Error> {
-        let body = certificate.to_json();
-        let signature = sign_key.sign_pss(body.as_bytes())?;
-        let (bytes, range) = envelope("certificate", &body, &signature);
-        Ok(Self {
-            bytes,
-            body: range,
-            signature,
-            certificate,
-        })
+        let doc = Document::signed("certificate", &certificate.to_json(), sign_key)?;
+        Ok(Self { doc, certificate })
     }
 
     /// Checks the RSA-PSS-SHA-256 (salt 32) signature over the `"certificate"` bytes as
     /// they stand, with the owner's (pinned) sign key.
     pub fn verify(&self, sign_key: &PublicKey) -> Result<(), V3Error> {
         // Once per certificate and key: the same certificate rides in every frame.
-        if sign_key.verify_pss_digest_salt_once(&self.bytes[self.body.clone()], &self.signature) {
+        if sign_key.verify_pss_digest_salt_once(self.doc.body(), &self.doc.signature) {
             Ok(())
         } else {
             Err(V3Error::Signature {
@@ -383,17 +388,17 @@ impl SignedCertificate {
 
     /// The whole document exactly as parsed or built (a frame's `C`).
     pub fn as_bytes(&self) -> &[u8] {
-        &self.bytes
+        &self.doc.bytes
     }
 
     /// The signed `"certificate"` object's bytes.
     pub fn body_bytes(&self) -> &[u8] {
-        &self.bytes[self.body.clone()]
+        self.doc.body()
     }
 
     /// The raw RSA signature.
     pub fn signature(&self) -> &[u8] {
-        &self.signature
+        &self.doc.signature
     }
 }
 
