@@ -1508,25 +1508,10 @@ mod tests {
 
     #[tokio::test]
     async fn a_replay_that_meets_a_pruned_hole_says_so_instead_of_skipping_it() {
-        use crate::model::{Content, Direction, Message, MessageState};
         let tmp = tempfile::tempdir().unwrap();
         let store = crate::store::open_in_test(tmp.path());
         for i in 0..5 {
-            let m = Message {
-                id: format!("m{i}"),
-                from: "bob".into(),
-                to: "me_".into(),
-                peer: "bob".into(),
-                direction: Direction::Incoming,
-                content: Content::Text("t".into()),
-                timestamp_ms: 1,
-                stored_at_ms: 0,
-                state: MessageState::Received,
-                read: false,
-                wire_version: 2,
-                error: String::new(),
-                wants_receipts: false,
-            };
+            let m = crate::store::incoming(&format!("m{i}"), "bob", "t");
             store.insert_incoming(m, None).unwrap();
         }
         store.commit().await.unwrap();

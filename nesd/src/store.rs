@@ -846,6 +846,26 @@ pub(crate) fn open_in_test(path: &Path) -> Store {
         .unwrap_or_else(|e| panic!("cannot open the store at {}: {e}", path.display()))
 }
 
+/// A text `from` stored as received, for tests.
+#[cfg(test)]
+pub(crate) fn incoming(id: &str, from: &str, text: &str) -> crate::model::Message {
+    crate::model::Message {
+        id: id.into(),
+        from: from.into(),
+        to: "me_".into(),
+        peer: from.into(),
+        direction: Direction::Incoming,
+        content: crate::model::Content::Text(text.into()),
+        timestamp_ms: 1,
+        stored_at_ms: 0,
+        state: MessageState::Received,
+        read: false,
+        wire_version: 2,
+        error: String::new(),
+        wants_receipts: false,
+    }
+}
+
 /// Runs `open` again while it fails because sled's lock of a store just dropped in this
 /// process is still held (see [`open_in_test`]).
 #[cfg(test)]

@@ -226,7 +226,7 @@ impl Store {
             let mut c = self.change();
             let data = c.settled()?;
             let mut removed = Vec::new();
-            let mut mark = None;
+            let mut newest_removed = None;
             for kv in data
                 .range(event_key(0)..event_key(newest))
                 .take(PRUNE_BATCH)
@@ -236,14 +236,15 @@ impl Store {
                 if event.at_ms >= before_ms {
                     break;
                 }
-                mark = Some(PrunedMark {
-                    cursor: event.cursor,
-                    tag: event_tag(&v),
-                });
+                newest_removed = Some((event.cursor, v));
                 removed.push(k);
             }
-            let Some(mark) = mark else {
+            let Some((cursor, record)) = newest_removed else {
                 return Ok(total);
+            };
+            let mark = PrunedMark {
+                cursor,
+                tag: event_tag(&record),
             };
             for k in &removed {
                 c.remove(k);

@@ -5,24 +5,6 @@ use super::records::Stored;
 use super::*;
 use crate::model::{Content, MarkedRead, Message, OwnPresence, PresenceStatus};
 
-fn incoming(id: &str, from: &str, text: &str) -> Message {
-    Message {
-        id: id.into(),
-        from: from.into(),
-        to: "me_".into(),
-        peer: from.into(),
-        direction: Direction::Incoming,
-        content: Content::Text(text.into()),
-        timestamp_ms: 1,
-        stored_at_ms: 0,
-        state: MessageState::Received,
-        read: false,
-        wire_version: 2,
-        error: String::new(),
-        wants_receipts: false,
-    }
-}
-
 fn outgoing(id: &str, to: &str) -> (Message, OutboxRecord) {
     let m = Message {
         id: id.into(),
