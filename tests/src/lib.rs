@@ -941,6 +941,21 @@ impl Nesd {
         self.spawn().await
     }
 
+    /// Starts it again as [`Nesd::start_again`] does, with `args` added to its flags for
+    /// this start and every later one (flags it did not have: nesd refuses a flag twice).
+    pub async fn start_again_with<I, S>(&mut self, args: I) -> Result<()>
+    where
+        I: IntoIterator<Item = S>,
+        S: AsRef<OsStr>,
+    {
+        if self.child.is_some() {
+            bail!("nesd for {} is still running", self.name);
+        }
+        self.args
+            .extend(args.into_iter().map(|a| a.as_ref().to_owned()));
+        self.spawn().await
+    }
+
     /// Runs the nesd binary with these arguments and environment (not as a daemon,
     /// [`isolated`] like every nesd here) and returns its exit code and stderr: for
     /// startup error checks.

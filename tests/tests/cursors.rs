@@ -5,14 +5,17 @@
 //! (FAILED_PRECONDITION and a message), `nes listen --since` (exit 1, a message that says
 //! what happened and what to do) and nes-notify (it says so once and shows the next
 //! message, seen in dunst's history). After each, no message is hidden: the next one
-//! arrives on every path.
+//! arrives on every path. A replay that retention cuts while it runs ends the same way
+//! (`nes_client::Feed`, both the feed that stops and the one that recovers).
 
 use anyhow::{ensure, Context, Result};
+use nes_client::{Feed, FeedItem};
 use nes_e2e::frontends::{
     json_lines, nes, nes_notify, run_nes, Dunst, Lines, Outcome, SessionBus, Xvfb,
 };
 use nes_e2e::{
-    copy_dir, eventually, send, status, wait_history, Client, EventStream, Nesd, World, TIMEOUT,
+    copy_dir, eventually, send, status, wait_history, wait_status, Client, EventStream, Nesd,
+    World, TIMEOUT,
 };
 use nes_proto::rpc::{self, EventsRequest};
 use std::path::Path;
@@ -568,5 +571,143 @@ async fn a_cursor_older_than_the_event_retention_is_refused_and_nothing_is_hidde
     let four = send(&mut alice, "bob", "r4").await?;
     assert_eq!(notify.next().await?, format!("shown alice {}: r4", four.id));
     desktop.wait_shown("alice", "r4").await?;
+    Ok(())
+}
+
+/// The next item of a feed, within [`TIMEOUT`].
+async fn feed_next(
+    feed: &mut Feed,
+    what: &str,
+) -> Result<std::result::Result<FeedItem, nes_client::Error>> {
+    tokio::time::timeout(TIMEOUT, feed.next())
+        .await
+        .with_context(|| format!("timed out waiting for {what}"))
+}
+
+/// A replay that retention cuts while it runs (the client read slowly, and the events it
+/// had not read yet were removed) ends with a refusal, never with a silent jump over the
+/// removed events: a feed that stops on a refused cursor (`nes listen --since`) fails,
+/// and a recovering one (nes-notify, `nes chat`) says so once and goes on from now.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_cut_by_the_event_retention_ends_in_a_refusal_and_a_recovering_feed_goes_on_from_now(
+) -> Result<()> {
+    // More event bytes than one stream holds in flight (the daemon's buffer, a batch read
+    // from the log, HTTP/2's windows: a few MiB), so that most of the replay is still in
+    // the log when the clients stop reading.
+    const BACKLOG: usize = 1500;
+    let filler = "x".repeat(8 * 1024);
+    let world = World::start().await?;
+    let (_alice, alice_d) = world.user("alice").await?;
+    let (_bob, mut bob_d) = world.user("bob").await?;
+    let home = tempfile::tempdir()?;
+    let mut alice = alice_d.client().await?;
+    let batch: String = (0..BACKLOG)
+        .map(|i| format!("{{\"to\":\"bob\",\"message\":\"backlog {i} {filler}\"}}\n"))
+        .collect();
+    run_nes(
+        &alice_d.socket(),
+        home.path(),
+        &["send", "--batch"],
+        batch.as_bytes(),
+    )
+    .await?
+    .expect_code(0)?;
+    let bob_c = bob_d.client().await?;
+    wait_status(&bob_c, "bob to store the backlog", |s| {
+        s.received >= BACKLOG as u64
+    })
+    .await?;
+    // bob again, now keeping events for 10 s: its first pruning comes 5 s after the start
+    // and removes the whole backlog, which is older than 10 s by then.
+    bob_d.stop().await?;
+    tokio::time::sleep(std::time::Duration::from_secs(11)).await;
+    bob_d.start_again_with(["--event-retention", "10s"]).await?;
+    let socket = bob_d.socket();
+
+    // Two clients replay the log from its start and read one event each.
+    let mut stops = Feed::open(&socket, Some("0")).await?;
+    let (mut recovers, refused) = Feed::open_or_now(&socket, Some("0")).await?;
+    ensure!(refused.is_none(), "0 is accepted: {refused:?}");
+    let mut first = 0;
+    for feed in [&mut stops, &mut recovers] {
+        match feed_next(feed, "the replay's first event").await?? {
+            FeedItem::Event(e) => first = e.cursor,
+            other => anyhow::bail!("the replay's first event, not {other:?}"),
+        }
+    }
+    // The backlog goes while they do not read.
+    eventually("bob to prune the backlog", TIMEOUT, || async {
+        Ok(bob_d
+            .log()
+            .contains("removed events older than event_retention")
+            .then_some(()))
+    })
+    .await?;
+
+    // Each reads on: what was already on its way, in order, then the refusal.
+    let mut handed = [1usize, 1];
+    let mut outcome = Vec::new();
+    for (i, feed) in [&mut stops, &mut recovers].into_iter().enumerate() {
+        let mut last = first;
+        loop {
+            match feed_next(feed, &format!("feed {i} after cursor {last}")).await? {
+                Ok(FeedItem::Event(e)) => {
+                    ensure!(
+                        e.cursor == last + 1,
+                        "no gap and no repeat: {} after {last}",
+                        e.cursor
+                    );
+                    last = e.cursor;
+                    handed[i] += 1;
+                }
+                // The recovering feed says so and starts from now; the other one fails.
+                Ok(FeedItem::Restarted(why)) if i == 1 => {
+                    outcome.push(why);
+                    break;
+                }
+                Err(e) if i == 0 => {
+                    outcome.push(e.to_string());
+                    break;
+                }
+                other => anyhow::bail!("feed {i}: {other:?} after cursor {last}"),
+            }
+        }
+    }
+    eprintln!("events handed out before the refusal: {handed:?} of {BACKLOG}");
+    for (n, why) in handed.iter().zip(&outcome) {
+        ensure!(
+            *n < BACKLOG,
+            "the replay was cut: {n} of {BACKLOG} events handed out"
+        );
+        ensure!(why.contains("event_retention"), "says why: {why}");
+    }
+    ensure!(
+        outcome[0].contains("while this client replayed them"),
+        "the stopping feed fails with the daemon's reason: {}",
+        outcome[0]
+    );
+
+    // The recovering feed goes on with what comes next; the messages stay in the history.
+    let after = send(&mut alice, "bob", "after the cut").await?;
+    loop {
+        match feed_next(&mut recovers, "the message after the cut").await?? {
+            FeedItem::Event(e) => match e.kind {
+                Some(rpc::event::Kind::Message(m)) if m.id == after.id => break,
+                _ => continue,
+            },
+            other => anyhow::bail!("the next message, not {other:?}"),
+        }
+    }
+    // (Read a page at a time, as the frontends do: the whole of it is over gRPC's 4 MiB.)
+    let history = nes_client::Client::connect(&socket)
+        .await?
+        .history("alice", 0)
+        .await?;
+    ensure!(
+        history.len() == BACKLOG + 1 && history.last().is_some_and(|m| m.id == after.id),
+        "the history keeps all {} messages: {}",
+        BACKLOG + 1,
+        history.len()
+    );
     Ok(())
 }
