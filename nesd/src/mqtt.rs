@@ -177,6 +177,10 @@ pub enum TlsSetupError {
     /// rustls refused the client certificate and key.
     #[error("client certificate: {0}")]
     ClientCert(String),
+    /// rustls found no protocol version the crypto provider supports (aws-lc-rs supports
+    /// both TLS 1.2 and 1.3: a broken build).
+    #[error("TLS: {0}")]
+    Provider(String),
 }
 
 /// The TLS client settings: trust only `ca` (PEM) when given, else the system's roots;
@@ -219,15 +223,27 @@ pub fn tls_config(
             }
         }
         None => {
-            let system = rustls_native_certs::load_native_certs()
-                .map_err(|e| TlsSetupError::SystemRoots(e.to_string()))?;
-            roots.add_parsable_certificates(system);
+            // Certificates that load are used even if others fail to (an unreadable file
+            // in the system's directory); none at all is an error that names the failures.
+            let system = rustls_native_certs::load_native_certs();
+            roots.add_parsable_certificates(system.certs);
             if roots.is_empty() {
-                return Err(TlsSetupError::SystemRoots("none found".into()));
+                let why = match system.errors.first() {
+                    Some(e) => e.to_string(),
+                    None => "none found".into(),
+                };
+                return Err(TlsSetupError::SystemRoots(why));
             }
         }
     }
-    let builder = ClientConfig::builder().with_root_certificates(roots);
+    // aws-lc-rs, named: ring is in the build too (reqwest's TLS), so rustls has no single
+    // default provider to pick.
+    let builder = ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| TlsSetupError::Provider(e.to_string()))?
+    .with_root_certificates(roots);
     match client {
         Some((cert, key)) => {
             let chain = certs(cert)?;
@@ -417,9 +433,10 @@ pub enum Delivery {
 /// their pkid for a new publish before PUBCOMP. When rumqttc finds a pkid still in use
 /// ("collision", only with brokers that acknowledge out of order) it reports
 /// `AwaitAck(pkid)`, and writes the packet when the old one is acknowledged, reporting the
-/// write *before* the acknowledgement. A refusal (MQTT 5) is reported by no event at all:
-/// rumqttc frees the pkid and drops the connection, so [`Tracker::refused`] learns it from
-/// the pkids rumqttc still holds.
+/// write *before* the acknowledgement. A refusal (MQTT 5) is a PUBACK or PUBREC with a
+/// failure code ([`Tracker::refused_one`]); the connection stays up. A publish over the
+/// broker's Maximum Packet Size is reported by no event at all: rumqttc drops it with the
+/// connection, so [`Tracker::refused`] learns it from the pkids rumqttc still holds.
 #[derive(Debug, Default)]
 pub struct Tracker {
     queued: VecDeque<Token>,
@@ -500,11 +517,22 @@ impl Tracker {
         self.releasing.remove(&pkid).map(Delivery::Delivered)
     }
 
-    /// The broker refused publishes (MQTT 5 PUBACK or PUBREC failure code) and rumqttc
-    /// dropped the connection. `held` are the pkids rumqttc still holds (to send again, or
-    /// with an acknowledgement it has yet to report): every pkid in flight that is not
-    /// among them was refused. Without this the tracker would take the next frame written
-    /// under that pkid for a re-send of the refused one.
+    /// The broker refused the publish under `pkid` (MQTT 5: a PUBACK, or a PUBREC for QoS
+    /// 2, with a failure code). rumqttc has freed the pkid; it will not send it again.
+    pub fn refused_one(&mut self, pkid: u16, reason: &str) -> Option<Delivery> {
+        if self.skip_ack.remove(&pkid) {
+            return None;
+        }
+        self.inflight
+            .remove(&pkid)
+            .map(|token| Delivery::Refused(token, reason.to_owned()))
+    }
+
+    /// rumqttc dropped the connection with publishes it will not send again (one over the
+    /// broker's Maximum Packet Size). `held` are the pkids rumqttc still holds (to send
+    /// again, or with an acknowledgement it has yet to report): every pkid in flight that
+    /// is not among them was refused. Without this the tracker would take the next frame
+    /// written under that pkid for a re-send of the refused one.
     pub fn refused(&mut self, held: &HashSet<u16>, reason: &str) -> Vec<Delivery> {
         let mut gone: Vec<u16> = self
             .inflight
@@ -882,6 +910,8 @@ enum Ev {
     PubAck(u16),
     /// PUBREC of our QoS 2 publish.
     PubRec(u16),
+    /// MQTT 5: a PUBACK or PUBREC of our publish with a failure code (its name).
+    PublishRefused { pkid: u16, why: String },
     /// PUBCOMP of our QoS 2 publish.
     PubComp(u16),
     /// rumqttc wrote our publish with this pkid.
@@ -919,8 +949,6 @@ enum FailureKind {
     Refused { bad_version: bool },
     /// A packet over the cap, of this size.
     Oversized(usize),
-    /// MQTT 5: the broker refused one of our publishes (why).
-    PublishRefused(String),
     /// MQTT 5: one of our publishes is over the broker's Maximum Packet Size (why);
     /// rumqttc dropped it, unsent, with the connection.
     TooLargeForBroker(String),
@@ -939,7 +967,14 @@ impl Failure {
                 rumqttc::mqttbytes::Error::PayloadSizeLimitExceeded(n),
             )) => FailureKind::Oversized(*n),
             E::NetworkTimeout | E::NotConnAck(_) => FailureKind::NoConnAck,
-            E::Io(io) => io_kind(io),
+            // rumqttc reads and writes through a codec: a socket's errors come back as
+            // the codec's, and a connection closed by the peer as `ConnectionAborted`.
+            E::MqttState(rumqttc::StateError::ConnectionAborted) => FailureKind::NoConnAck,
+            E::Io(io)
+            | E::MqttState(rumqttc::StateError::Io(io))
+            | E::MqttState(rumqttc::StateError::Deserialization(rumqttc::mqttbytes::Error::Io(
+                io,
+            ))) => io_kind(io),
             _ => FailureKind::Other,
         };
         Failure {
@@ -960,19 +995,17 @@ impl Failure {
                 pkt_size,
                 ..
             })) => FailureKind::Oversized(*pkt_size),
-            E::MqttState(S::PubAckFail { reason }) => {
-                FailureKind::PublishRefused(format!("{reason:?}"))
-            }
-            E::MqttState(S::PubRecFail { reason }) => {
-                FailureKind::PublishRefused(format!("{reason:?}"))
-            }
             E::MqttState(S::OutgoingPacketTooLarge { pkt_size, max }) => {
                 FailureKind::TooLargeForBroker(format!(
                     "{pkt_size} bytes, over the broker's maximum packet size of {max}"
                 ))
             }
             E::Timeout(_) | E::NotConnAck(_) => FailureKind::NoConnAck,
-            E::Io(io) => io_kind(io),
+            // As for 3.1.1 above.
+            E::MqttState(S::ConnectionAborted) => FailureKind::NoConnAck,
+            E::Io(io)
+            | E::MqttState(S::Io(io))
+            | E::MqttState(S::Deserialization(v5::mqttbytes::Error::Io(io))) => io_kind(io),
             _ => FailureKind::Other,
         };
         Failure {
@@ -1076,29 +1109,6 @@ impl Loop {
             });
             l.pending.extend(publishes);
             l.pending.extend(others);
-        }
-    }
-
-    /// After a connection error: forgets what rumqttc wrote into its buffer for the broken
-    /// connection and could not send. rumqttc's v5 state keeps that buffer across the
-    /// error (its v4 state clears it in `clean()`, its v5 one does not), and a failed write
-    /// leaves its bytes in it, so the next connection's first write would send them ahead
-    /// of everything else: a publish whose write failed as the broker went away would reach
-    /// the broker before the older unacknowledged ones rumqttc sends again from `pending`
-    /// (out of order at the recipient), and the broker's PUBACK of it would find its
-    /// slot empty ("unsolicited": one more reconnect). Nothing in the buffer is lost by
-    /// this: publishes and PUBRELs are in `pending` too, our acknowledgements of incoming
-    /// publishes are answered by the broker sending those again, and the rest (PINGREQ,
-    /// SUBSCRIBE, DISCONNECT) was for the broken connection.
-    fn discard_unsent(&mut self) {
-        if let Loop::V5(l) = self {
-            if !l.state.write.is_empty() {
-                debug!(
-                    bytes = l.state.write.len(),
-                    "dropping what the broken connection left unsent (sent again from the session)"
-                );
-                l.state.write.clear();
-            }
         }
     }
 
@@ -1221,12 +1231,40 @@ fn ev_v5(e: v5::Event) -> Ev {
         // rumqttc reports a refused subscription as an error, so a SUBACK here is success.
         v5::Event::Incoming(Packet::SubAck(_)) => Ev::SubAck { ok: true },
         v5::Event::Incoming(Packet::Publish(p)) => Ev::Publish(Incoming::from_v5(p)),
-        v5::Event::Incoming(Packet::PubAck(a)) => Ev::PubAck(a.pkid),
-        v5::Event::Incoming(Packet::PubRec(r)) => Ev::PubRec(r.pkid),
+        // rumqttc counts these two codes as success, and so does MQTT 5 (the message was
+        // accepted; nobody is subscribed right now).
+        v5::Event::Incoming(Packet::PubAck(a)) => match a.reason {
+            packet5::PubAckReason::Success | packet5::PubAckReason::NoMatchingSubscribers => {
+                Ev::PubAck(a.pkid)
+            }
+            reason => Ev::PublishRefused {
+                pkid: a.pkid,
+                why: format!("{reason:?}"),
+            },
+        },
+        v5::Event::Incoming(Packet::PubRec(r)) => match r.reason {
+            packet5::PubRecReason::Success | packet5::PubRecReason::NoMatchingSubscribers => {
+                Ev::PubRec(r.pkid)
+            }
+            reason => Ev::PublishRefused {
+                pkid: r.pkid,
+                why: format!("{reason:?}"),
+            },
+        },
         v5::Event::Incoming(Packet::PubComp(c)) => Ev::PubComp(c.pkid),
         v5::Event::Incoming(_) => Ev::Other,
         v5::Event::Outgoing(o) => ev_outgoing(o),
     }
+}
+
+/// The TCP options of a broker connection: without Nagle's algorithm. An MQTT client
+/// writes small packets and waits for answers; with Nagle on, a PUBLISH written while an
+/// earlier small write (a PUBACK, a receipt) is unacknowledged waits for the broker's
+/// delayed ACK, up to 40 ms on Linux (the tail of `./scripts/bench` section 4 was that).
+/// rumqttc leaves it on unless told.
+fn network_options(mut options: rumqttc::NetworkOptions) -> rumqttc::NetworkOptions {
+    options.set_tcp_nodelay(true);
+    options
 }
 
 /// A 3.1.1 client and its loop.
@@ -1246,7 +1284,8 @@ fn session_v4(config: &MqttConfig, security: &Security) -> (Client, Loop) {
     if let Some((user, password)) = &security.login {
         options.set_credentials(user.clone(), password.clone());
     }
-    let (client, eventloop) = rumqttc::AsyncClient::new(options, REQUEST_CHANNEL);
+    let (client, mut eventloop) = rumqttc::AsyncClient::new(options, REQUEST_CHANNEL);
+    eventloop.set_network_options(network_options(eventloop.network_options()));
     (Client::V311(client), Loop::V311(eventloop))
 }
 
@@ -1275,6 +1314,7 @@ fn session_v5(config: &MqttConfig, security: &Security) -> (Client, Loop) {
     if let Some((user, password)) = &security.login {
         options.set_credentials(user.clone(), password.clone());
     }
+    options.set_network_options(network_options(options.network_options()));
     let (client, eventloop) = v5::AsyncClient::new(options, REQUEST_CHANNEL);
     (Client::V5(client), Loop::V5(eventloop))
 }
@@ -1419,6 +1459,16 @@ async fn run(
                 }
             }
             Ok(Ev::PubRec(pkid)) => lock(&tracker).pubrec(pkid),
+            Ok(Ev::PublishRefused { pkid, why }) => {
+                let refused =
+                    lock(&tracker).refused_one(pkid, &format!("the broker refused it ({why})"));
+                if let Some(d) = refused {
+                    if let Delivery::Refused(token, why) = &d {
+                        warn!(to = %token.peer, id = %token.id, reason = %why, "a message cannot go through this broker; it is FAILED");
+                    }
+                    let _ = deliveries.send(d);
+                }
+            }
             Ok(Ev::PubComp(pkid)) => {
                 let d = lock(&tracker).pubcomp(pkid);
                 if let Some(d) = d {
@@ -1495,11 +1545,6 @@ async fn run(
                         }
                     }
                 }
-                // rumqttc's v5 state would send what the broken connection left unsent in
-                // its write buffer first on the next one, ahead of the re-sends below (the
-                // reordering the soak test saw at a broker restart): see
-                // `Loop::discard_unsent`.
-                active.discard_unsent();
                 // rumqttc's v5 state collects what it re-sends by pkid slot from 0, not
                 // from the oldest unacknowledged one as its v4 state does, so publishes in
                 // flight across a pkid wrap-around would go out again out of order (and
@@ -1513,9 +1558,6 @@ async fn run(
                     }
                 }
                 let refusal = match &failure.kind {
-                    FailureKind::PublishRefused(why) => {
-                        Some(format!("the broker refused it ({why})"))
-                    }
                     FailureKind::TooLargeForBroker(why) => {
                         Some(format!("too large for the broker ({why})"))
                     }

@@ -10,8 +10,8 @@
 //!   flow both ways; with `5` forced it reports why it cannot connect.
 //! - MQTT 5 brokers refuse publishes they do not allow (an ACL): that message becomes
 //!   FAILED with the broker's reason, and the next ones still go.
-//! - nesd's connection to the broker has Nagle's algorithm off (TCP_NODELAY; the patch in
-//!   vendor/rumqttc): read off the running daemon's socket itself.
+//! - nesd's connection to the broker has Nagle's algorithm off (TCP_NODELAY, rumqttc's
+//!   `NetworkOptions`): read off the running daemon's socket itself.
 
 use anyhow::{Context, Result};
 use nes_e2e::*;
@@ -309,8 +309,14 @@ async fn a_publish_the_broker_refuses_is_failed_and_later_sends_go() -> Result<(
         failed.error
     );
 
-    // The session is back, and the tracker still knows which frame is which: the next
-    // messages are sent, delivered and received.
+    // A refusal is an answer, not a broken connection: the session stays up.
+    anyhow::ensure!(
+        !alice.log().contains("lost the broker connection"),
+        "the refusal cost a reconnect:\n{}",
+        alice.log_tail(30)
+    );
+    // The tracker still knows which frame is which: the next messages are sent,
+    // delivered and received.
     for text in ["after the refusal", "and another"] {
         let sent = send(&mut a, "bob", text).await?;
         wait_history(&b, "alice", 1, |m: &rpc::Message| m.text == text)
@@ -373,8 +379,16 @@ fn sockets_to(pid: u32, port: u16) -> Result<Vec<std::os::fd::OwnedFd>> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn nesd_talks_to_the_broker_with_nagle_off() -> Result<()> {
     let world = World::start().await?;
+    // MQTT 5 (what `auto` picks with mosquitto 2) and 3.1.1: rumqttc has a client of each.
     let (_alice, alice_d) = world.user("alice").await?;
-    wait_connected(&alice_d.client().await?).await?;
+    let (_bob, bob_d) = world
+        .user_with("bob", ["--broker-protocol", "3.1.1"])
+        .await?;
+    for d in [&alice_d, &bob_d] {
+        wait_connected(&d.client().await?).await?;
+    }
+    anyhow::ensure!(status(&mut alice_d.client().await?).await?.broker_protocol == "5");
+    anyhow::ensure!(status(&mut bob_d.client().await?).await?.broker_protocol == "3.1.1");
     let port = world.broker.port();
 
     // The check itself can fail: a plain connection has Nagle on.
@@ -384,12 +398,14 @@ async fn nesd_talks_to_the_broker_with_nagle_off() -> Result<()> {
     assert!(!rustix::net::sockopt::tcp_nodelay(&ours[0])?);
     drop(plain);
 
-    let pid = alice_d.pid().context("alice's nesd runs")?;
-    let theirs = sockets_to(pid, port)?;
-    assert_eq!(theirs.len(), 1, "nesd's one broker connection");
-    assert!(
-        rustix::net::sockopt::tcp_nodelay(&theirs[0])?,
-        "TCP_NODELAY is set on nesd's broker connection"
-    );
+    for d in [&alice_d, &bob_d] {
+        let pid = d.pid().context("nesd runs")?;
+        let theirs = sockets_to(pid, port)?;
+        assert_eq!(theirs.len(), 1, "nesd's one broker connection");
+        assert!(
+            rustix::net::sockopt::tcp_nodelay(&theirs[0])?,
+            "TCP_NODELAY is set on nesd's broker connection ({pid})"
+        );
+    }
     Ok(())
 }

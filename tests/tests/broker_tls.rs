@@ -210,6 +210,10 @@ impl SecureWorld {
             .find(|(u, _)| *u == user)
             .map(|(_, p)| *p)
             .ok_or_else(|| anyhow!("no user {user}"))?;
+        // rumqttc builds the TLS settings of `Simple` with rustls's process-wide provider,
+        // which must be chosen: the build has two (aws-lc-rs and reqwest's ring). Once.
+        let _ =
+            rumqttc::tokio_rustls::rustls::crypto::aws_lc_rs::default_provider().install_default();
         let mut options = MqttOptions::new(
             format!("raw-{user}-{}", free_port()?),
             "localhost",
