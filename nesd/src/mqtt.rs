@@ -1231,29 +1231,33 @@ fn ev_v5(e: v5::Event) -> Ev {
         // rumqttc reports a refused subscription as an error, so a SUBACK here is success.
         v5::Event::Incoming(Packet::SubAck(_)) => Ev::SubAck { ok: true },
         v5::Event::Incoming(Packet::Publish(p)) => Ev::Publish(Incoming::from_v5(p)),
-        // rumqttc counts these two codes as success, and so does MQTT 5 (the message was
-        // accepted; nobody is subscribed right now).
-        v5::Event::Incoming(Packet::PubAck(a)) => match a.reason {
-            packet5::PubAckReason::Success | packet5::PubAckReason::NoMatchingSubscribers => {
-                Ev::PubAck(a.pkid)
-            }
-            reason => Ev::PublishRefused {
-                pkid: a.pkid,
-                why: format!("{reason:?}"),
-            },
-        },
-        v5::Event::Incoming(Packet::PubRec(r)) => match r.reason {
-            packet5::PubRecReason::Success | packet5::PubRecReason::NoMatchingSubscribers => {
-                Ev::PubRec(r.pkid)
-            }
-            reason => Ev::PublishRefused {
-                pkid: r.pkid,
-                why: format!("{reason:?}"),
-            },
-        },
+        v5::Event::Incoming(Packet::PubAck(a)) => {
+            use packet5::PubAckReason as R;
+            let ok = matches!(a.reason, R::Success | R::NoMatchingSubscribers);
+            answered(a.pkid, ok, a.reason, Ev::PubAck)
+        }
+        v5::Event::Incoming(Packet::PubRec(r)) => {
+            use packet5::PubRecReason as R;
+            let ok = matches!(r.reason, R::Success | R::NoMatchingSubscribers);
+            answered(r.pkid, ok, r.reason, Ev::PubRec)
+        }
         v5::Event::Incoming(Packet::PubComp(c)) => Ev::PubComp(c.pkid),
         v5::Event::Incoming(_) => Ev::Other,
         v5::Event::Outgoing(o) => ev_outgoing(o),
+    }
+}
+
+/// The broker's answer to our MQTT 5 publish `pkid`: `ok` (Success, or
+/// NoMatchingSubscribers: accepted, nobody subscribed right now; rumqttc counts both as
+/// success) is `ack`, anything else a refusal named by its reason code.
+fn answered(pkid: u16, ok: bool, reason: impl std::fmt::Debug, ack: fn(u16) -> Ev) -> Ev {
+    if ok {
+        ack(pkid)
+    } else {
+        Ev::PublishRefused {
+            pkid,
+            why: format!("{reason:?}"),
+        }
     }
 }
 
@@ -1462,12 +1466,7 @@ async fn run(
             Ok(Ev::PublishRefused { pkid, why }) => {
                 let refused =
                     lock(&tracker).refused_one(pkid, &format!("the broker refused it ({why})"));
-                if let Some(d) = refused {
-                    if let Delivery::Refused(token, why) = &d {
-                        warn!(to = %token.peer, id = %token.id, reason = %why, "a message cannot go through this broker; it is FAILED");
-                    }
-                    let _ = deliveries.send(d);
-                }
+                report_refused(&deliveries, refused);
             }
             Ok(Ev::PubComp(pkid)) => {
                 let d = lock(&tracker).pubcomp(pkid);
@@ -1575,12 +1574,7 @@ async fn run(
                         refused.extend(tracker.refuse_next(&why));
                     }
                     drop(tracker);
-                    for d in refused {
-                        if let Delivery::Refused(token, why) = &d {
-                            warn!(to = %token.peer, id = %token.id, reason = %why, "a message cannot go through this broker; it is FAILED");
-                        }
-                        let _ = deliveries.send(d);
-                    }
+                    report_refused(&deliveries, refused);
                 }
                 let reason = failure.reason;
                 if draining {
@@ -1634,6 +1628,19 @@ async fn run(
         .await;
     }
     state.send_replace(Connection::Down("stopped".into()));
+}
+
+/// Hands refused frames to the outbox (which marks them FAILED), each with a log line.
+fn report_refused(
+    deliveries: &mpsc::UnboundedSender<Delivery>,
+    refused: impl IntoIterator<Item = Delivery>,
+) {
+    for d in refused {
+        if let Delivery::Refused(token, why) = &d {
+            warn!(to = %token.peer, id = %token.id, reason = %why, "a message cannot go through this broker; it is FAILED");
+        }
+        let _ = deliveries.send(d);
+    }
 }
 
 /// Restores the small cap for the next connection and ends this one (the broker keeps
